@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc -Iserve/_proto=proto \
+	--python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=.
+
+.PHONY: install run test test-fast test-slow lint fmt typecheck proto proto-check bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) examples/hello.py
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests/unit tests/component
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+fmt: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+proto: install
+	$(PROTOC) proto/*.proto
+
+proto-check: install
+	PROTOC='$(PROTOC)' scripts/check_proto.sh
+
+bench: install
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

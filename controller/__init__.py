@@ -1,0 +1,1 @@
+"""serve-controller: goal state, replica lifecycle and replica-set publication."""

@@ -1,0 +1,46 @@
+"""``serve-controller``: the daemon that owns goal state and replicas."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from serve._settings import settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="serve-controller",
+        description=(
+            'Run a serve controller. Prints one JSON line {"event": "ready", ...} on stdout '
+            "when it serves."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (default ephemeral)")
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="goal state, token and logs (default SERVE_STATE_DIR or ~/.serve)",
+    )
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="owned by a driver: stop everything when stdin closes; remove the state dir on exit",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else settings().state_dir
+
+    import uvloop
+
+    from controller.server import ControllerServer
+    from serve._logging import configure
+
+    configure("controller", state_dir / "logs" / "controller.log")
+    server = ControllerServer(
+        host=args.host, port=args.port, state_dir=state_dir, embedded=args.embedded
+    )
+    sys.exit(uvloop.run(server.run()))

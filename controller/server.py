@@ -1,0 +1,161 @@
+"""The controller process: state directory, token, gRPC server, and how it stops.
+
+A standalone controller (an operator's ``serve-controller``) records its address in the state
+directory so drivers find it, and on SIGTERM stops alone: its replicas keep serving and re-link
+to the next controller. An embedded controller (``--embedded``, started by a driver) stops
+everything, replicas included, when its driver closes its stdin or dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+from controller.launcher import LocalProcessLauncher
+from controller.reconciler import Controller
+from controller.servicer import ControllerServicer
+from controller.store import GoalStore
+from serve._proto import controller_pb2_grpc
+from serve._rpc.channel import TlsFiles, new_server
+from serve._settings import settings
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "controller.json"
+TOKEN_FILE = "token"
+LOCK_FILE = "controller.lock"
+STOP_GRACE_S = 1.0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by this user only, atomically."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cluster_token(state_dir: Path) -> str:
+    """The configured token, else the one in the state directory, else a new one stored there."""
+    configured = settings().token
+    path = state_dir / TOKEN_FILE
+    if configured:
+        token = configured
+    else:
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            token = secrets.token_urlsafe(32)
+    _write_private(path, token)
+    return token
+
+
+class ControllerServer:
+    def __init__(self, *, host: str, port: int, state_dir: Path, embedded: bool) -> None:
+        self._host = host
+        self._port = port
+        self._state_dir = state_dir
+        self._embedded = embedded
+        self._stop: asyncio.Event | None = None
+        self._stop_replicas = embedded
+        self._signals = 0
+        self._lock_file: IO[str] | None = None
+
+    def _acquire_lock(self) -> None:
+        self._lock_file = open(self._state_dir / LOCK_FILE, "w")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"Another serve-controller already uses the state directory {self._state_dir}; "
+                "stop it or pass a different --state-dir."
+            ) from None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._acquire_lock()
+        token = cluster_token(self._state_dir)
+        s = settings()
+        tls = (
+            TlsFiles(s.tls_cert, s.tls_key, s.tls_ca)
+            if s.tls_cert and s.tls_key and s.tls_ca
+            else None
+        )
+        server, port = new_server(token, tls, self._host, self._port)
+        advertised = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        address = f"{advertised}:{port}"
+        store = GoalStore(self._state_dir / "state.db")
+        launcher = LocalProcessLauncher(address, token, self._state_dir / "logs")
+        controller = Controller(store=store, launcher=launcher, token=token, tls=tls)
+        servicer = ControllerServicer(controller, on_shutdown=self._request_full_stop)
+        controller_pb2_grpc.add_ControllerServicer_to_server(servicer, server)
+        await controller.start()
+        await server.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal)
+        if self._embedded:
+            self._watch_stdin(loop)
+        _write_private(
+            self._state_dir / RECORD_FILE, json.dumps({"address": address, "pid": os.getpid()})
+        )
+        sys.stdout.write(
+            json.dumps({"event": "ready", "address": address, "pid": os.getpid()}) + "\n"
+        )
+        sys.stdout.flush()
+        logger.info("serve-controller ready at %s (state directory %s)", address, self._state_dir)
+        try:
+            await self._stop.wait()
+            logger.info("Stopping%s", " with all replicas" if self._stop_replicas else "")
+            await controller.aclose(stop_replicas=self._stop_replicas)
+            await server.stop(STOP_GRACE_S)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (self._state_dir / RECORD_FILE).unlink()
+            store.close()
+            if self._embedded:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+        return 0
+
+    def _request_full_stop(self) -> None:
+        assert self._stop is not None
+        self._stop_replicas = True
+        self._stop.set()
+
+    def _on_signal(self) -> None:
+        assert self._stop is not None
+        self._signals += 1
+        if self._signals > 1:
+            logger.warning("Second signal: exiting now")
+            os._exit(1)
+        self._stop.set()
+
+    def _watch_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """An embedded controller stops everything when its driver closes stdin (or dies)."""
+        fd = sys.stdin.fileno()
+
+        def on_readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+                logger.info("The driver is gone (stdin closed)")
+                self._request_full_stop()
+
+        loop.add_reader(fd, on_readable)

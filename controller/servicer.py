@@ -1,0 +1,186 @@
+"""The controller's gRPC servicer: protobuf in and out, ``Controller`` behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from controller.reconciler import Controller, LinkVerdict
+from controller.state import AppGoal
+from serve._models import DeploymentSpec
+from serve._proto import common_pb2, controller_pb2, controller_pb2_grpc
+from serve._rpc.channel import Context
+from serve._rpc.convert import (
+    code_env_from_proto,
+    config_from_proto,
+    deployment_id_from_proto,
+    replica_set_to_proto,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServicer):
+    def __init__(self, controller: Controller, on_shutdown: Callable[[], Any]) -> None:
+        self._controller = controller
+        self._on_shutdown = on_shutdown
+
+    async def Deploy(
+        self, request: controller_pb2.DeployRequest, context: Context
+    ) -> controller_pb2.DeployResponse:
+        if not request.app_name or "#" in request.app_name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Invalid application name {request.app_name!r}: use a non-empty name without '#'.",
+            )
+        try:
+            specs = [
+                DeploymentSpec(
+                    name=d.name,
+                    serialized_callable=d.serialized_callable,
+                    serialized_init_args=d.serialized_init_args,
+                    code_version=d.code_version,
+                    config=config_from_proto(d.config),
+                )
+                for d in request.deployments
+            ]
+            if not specs:
+                raise ValueError("An application needs at least one deployment.")
+            for spec in specs:
+                if not spec.name or "#" in spec.name:
+                    raise ValueError(f"Invalid deployment name {spec.name!r}.")
+                if spec.config.max_ongoing_requests < 1:
+                    raise ValueError(
+                        f"Deployment {spec.name!r}: max_ongoing_requests must be >= 1."
+                    )
+            self._controller.deploy(
+                app_name=request.app_name,
+                route_prefix=request.route_prefix if request.HasField("route_prefix") else None,
+                ingress=request.ingress,
+                specs=specs,
+                code_env=code_env_from_proto(request.code_env),
+            )
+        except (ValueError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return controller_pb2.DeployResponse()
+
+    async def DeleteApplication(
+        self, request: controller_pb2.DeleteApplicationRequest, context: Context
+    ) -> controller_pb2.DeleteApplicationResponse:
+        found = await self._controller.delete(request.app_name, wait=request.wait)
+        return controller_pb2.DeleteApplicationResponse(found=found)
+
+    def _app_status(self, app: AppGoal) -> controller_pb2.ApplicationStatus:
+        status, message = self._controller.app_status(app)
+        views = self._controller.deployment_views(app)
+        msg = controller_pb2.ApplicationStatus(
+            name=app.name,
+            status=status.value,
+            message=message,
+            last_deployed_time_s=app.deployed_at_s,
+            ingress=app.ingress,
+        )
+        if app.route_prefix is not None:
+            msg.route_prefix = app.route_prefix
+        for name, view in views.items():
+            goal = app.deployments[name]
+            dep = msg.deployments.add(
+                name=name,
+                status=view.status.value,
+                status_trigger=view.trigger.value,
+                message=view.message,
+            )
+            dep.replica_states.update(view.replica_states)
+            if goal.last_error is not None and (goal.failed or goal.failures):
+                dep.error.CopyFrom(
+                    common_pb2.ErrorInfo(
+                        message=goal.last_error.message,
+                        traceback=goal.last_error.traceback,
+                        pickled=goal.last_error.pickled,
+                    )
+                )
+        return msg
+
+    async def GetStatus(
+        self, request: controller_pb2.GetStatusRequest, context: Context
+    ) -> controller_pb2.GetStatusResponse:
+        return controller_pb2.GetStatusResponse(
+            applications=[self._app_status(app) for app in self._controller.apps.values()]
+        )
+
+    async def WaitApplication(
+        self, request: controller_pb2.WaitApplicationRequest, context: Context
+    ) -> controller_pb2.WaitApplicationResponse:
+        app = await self._controller.wait_application(request.app_name, request.timeout_s)
+        if app is None:
+            return controller_pb2.WaitApplicationResponse(found=False)
+        return controller_pb2.WaitApplicationResponse(found=True, status=self._app_status(app))
+
+    async def GetApplication(
+        self, request: controller_pb2.GetApplicationRequest, context: Context
+    ) -> controller_pb2.GetApplicationResponse:
+        app = self._controller.apps.get(request.app_name)
+        if app is None or app.deleting:
+            return controller_pb2.GetApplicationResponse(found=False)
+        return controller_pb2.GetApplicationResponse(
+            found=True, ingress=app.ingress, deployments=sorted(app.deployments)
+        )
+
+    async def WatchDeployment(
+        self, request: controller_pb2.WatchDeploymentRequest, context: Context
+    ) -> AsyncIterator[common_pb2.ReplicaSet]:
+        deployment_id = deployment_id_from_proto(request.id)
+        async for replica_set in self._controller.watch(deployment_id):
+            yield replica_set_to_proto(replica_set)
+
+    async def Shutdown(
+        self, request: controller_pb2.ShutdownRequest, context: Context
+    ) -> controller_pb2.ShutdownResponse:
+        await asyncio.gather(
+            *(self._controller.delete(name, wait=True) for name in list(self._controller.apps))
+        )
+        self._on_shutdown()
+        return controller_pb2.ShutdownResponse()
+
+    async def ReportModels(
+        self, request: controller_pb2.ReportModelsRequest, context: Context
+    ) -> controller_pb2.ReportModelsResponse:
+        self._controller.report_models(request.replica_id, frozenset(request.model_ids))
+        return controller_pb2.ReportModelsResponse()
+
+    async def ReportLoad(
+        self, request: controller_pb2.ReportLoadRequest, context: Context
+    ) -> controller_pb2.ReportLoadResponse:
+        self._controller.report_load(
+            deployment_id_from_proto(request.id),
+            request.source_id,
+            request.ongoing,
+            is_handle=request.is_handle,
+        )
+        return controller_pb2.ReportLoadResponse()
+
+    async def Link(
+        self, request: controller_pb2.LinkRequest, context: Context
+    ) -> AsyncIterator[controller_pb2.LinkResponse]:
+        verdict, ended = self._controller.link(
+            replica_id=request.replica_id,
+            address=request.address,
+            pid=request.pid,
+            host=request.host,
+            initialized=request.initialized,
+            code_version=request.code_version,
+            user_config_json=request.user_config_json,
+        )
+        if verdict == LinkVerdict.STOP or ended is None:
+            yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_STOP)
+            return
+        yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_ACCEPTED)
+        try:
+            await ended.wait()
+        finally:
+            self._controller.unlink(request.replica_id, ended)

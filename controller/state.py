@@ -1,0 +1,245 @@
+"""The controller's pure core: goal state, replica records, and the plan between them.
+
+``plan()`` compares what should run (one ``DeploymentGoal`` per deployment) with what runs (one
+``ReplicaRecord`` per replica) and returns actions; ``deployment_status()`` and
+``application_status()`` say how far along that is. No I/O and no asyncio here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+
+from serve._models import (
+    ApplicationStatus,
+    CodeEnv,
+    DeploymentID,
+    DeploymentSpec,
+    DeploymentStatus,
+    DeploymentStatusTrigger,
+    Failure,
+    ReplicaState,
+)
+
+
+class Phase(enum.Enum):
+    """Where a replica is in its life, as the controller tracks it."""
+
+    STARTING = "STARTING"  # process launched, not linked yet
+    INITIALIZING = "INITIALIZING"  # linked; constructor running
+    RUNNING = "RUNNING"  # routable
+    RECONFIGURING = "RECONFIGURING"  # routable; applying a config change
+    STOPPING = "STOPPING"  # draining; not routable
+
+    @property
+    def routable(self) -> bool:
+        return self in (Phase.RUNNING, Phase.RECONFIGURING)
+
+    @property
+    def replica_state(self) -> ReplicaState:
+        return {
+            Phase.STARTING: ReplicaState.STARTING,
+            Phase.INITIALIZING: ReplicaState.STARTING,
+            Phase.RUNNING: ReplicaState.RUNNING,
+            Phase.RECONFIGURING: ReplicaState.UPDATING,
+            Phase.STOPPING: ReplicaState.STOPPING,
+        }[self]
+
+
+@dataclasses.dataclass
+class DeploymentGoal:
+    """What should run for one deployment."""
+
+    deployment_id: DeploymentID
+    spec: DeploymentSpec
+    target_replicas: int
+    failures: int = 0  # constructor failures of this code version
+    ever_running: bool = False  # a replica of this code version reached RUNNING
+    failed: bool = False
+    last_error: Failure | None = None
+    unhealthy_reason: str = ""
+
+    @property
+    def version(self) -> str:
+        return self.spec.code_version
+
+    @property
+    def user_config_json(self) -> bytes | None:
+        return self.spec.config.user_config_json()
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.spec.config.max_ongoing_requests
+
+    def failure_limit(self) -> int:
+        """Constructor failures allowed before the deploy fails (Ray's formula)."""
+        limit = self.spec.config.max_constructor_retry_count
+        return max(1, min(max(self.target_replicas, 1) * 3, limit))
+
+
+@dataclasses.dataclass
+class AppGoal:
+    """One application: its deployments and how it was deployed."""
+
+    name: str
+    ingress: str
+    route_prefix: str | None
+    code_env: CodeEnv
+    deployments: dict[str, DeploymentGoal]
+    deployed_at_s: float  # wall clock, for display only
+    deleting: bool = False
+
+
+@dataclasses.dataclass
+class ReplicaRecord:
+    """One replica process as the controller knows it."""
+
+    replica_id: str
+    deployment_id: DeploymentID
+    code_version: str
+    phase: Phase
+    started_at_s: float  # monotonic
+    pid: int = 0
+    address: str = ""
+    host: str = ""
+    user_config_json: bytes | None = None  # as last applied in the replica
+    max_ongoing_requests: int = 0  # as last applied in the replica
+    model_ids: frozenset[str] = frozenset()
+    health_failures: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StartReplicas:
+    deployment_id: DeploymentID
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StopReplica:
+    replica_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconfigureReplica:
+    replica_id: str
+
+
+Action = StartReplicas | StopReplica | ReconfigureReplica
+
+
+def needs_reconfigure(goal: DeploymentGoal, record: ReplicaRecord) -> bool:
+    return (
+        record.user_config_json != goal.user_config_json
+        or record.max_ongoing_requests != goal.max_ongoing_requests
+    )
+
+
+def _stop_order(record: ReplicaRecord) -> tuple[int, float]:
+    """Stop replicas that serve nothing yet first, then the newest."""
+    return (1 if record.phase.routable else 0, -record.started_at_s)
+
+
+def plan(
+    goals: Mapping[DeploymentID, DeploymentGoal], replicas: Iterable[ReplicaRecord]
+) -> list[Action]:
+    """The actions that move the replicas towards the goals.
+
+    Rolling updates start every replica of the new code version at once and stop an old one
+    for each new one that is RUNNING, so capacity never drops below the target. A deployment
+    whose constructor keeps failing starts nothing more and keeps its old replicas serving.
+    """
+    by_deployment: dict[DeploymentID, list[ReplicaRecord]] = {}
+    actions: list[Action] = []
+    for record in replicas:
+        if record.phase is Phase.STOPPING:
+            continue
+        if record.deployment_id not in goals:
+            actions.append(StopReplica(record.replica_id))
+            continue
+        by_deployment.setdefault(record.deployment_id, []).append(record)
+    for deployment_id, goal in goals.items():
+        records = by_deployment.get(deployment_id, [])
+        current = [r for r in records if r.code_version == goal.version]
+        old = [r for r in records if r.code_version != goal.version]
+        target = goal.target_replicas
+        if len(current) < target and not goal.failed:
+            actions.append(StartReplicas(deployment_id, target - len(current)))
+        elif len(current) > target:
+            for record in sorted(current, key=_stop_order)[: len(current) - target]:
+                actions.append(StopReplica(record.replica_id))
+                current.remove(record)
+        running_current = sum(1 for r in current if r.phase.routable)
+        keep_old = max(0, target - running_current)
+        for record in sorted(old, key=_stop_order)[: max(0, len(old) - keep_old)]:
+            actions.append(StopReplica(record.replica_id))
+        for record in current:
+            if record.phase is Phase.RUNNING and needs_reconfigure(goal, record):
+                actions.append(ReconfigureReplica(record.replica_id))
+    return actions
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentView:
+    """A deployment's status as ``serve.status()`` shows it."""
+
+    status: DeploymentStatus
+    trigger: DeploymentStatusTrigger
+    message: str
+    replica_states: dict[str, int]
+
+
+def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -> DeploymentView:
+    states: dict[str, int] = {}
+    for record in replicas:
+        key = record.phase.replica_state.value
+        states[key] = states.get(key, 0) + 1
+    if goal.failed:
+        detail = goal.last_error.message if goal.last_error else "its replicas failed to start"
+        return DeploymentView(
+            DeploymentStatus.DEPLOY_FAILED,
+            DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+            f"Deployment '{goal.deployment_id.name}' failed to start {goal.failures} time(s) "
+            f"(limit {goal.failure_limit()}): {detail}",
+            states,
+        )
+    current = [
+        r for r in replicas if r.code_version == goal.version and r.phase is not Phase.STOPPING
+    ]
+    ready = [r for r in current if r.phase is Phase.RUNNING and not needs_reconfigure(goal, r)]
+    if goal.unhealthy_reason:
+        return DeploymentView(
+            DeploymentStatus.UNHEALTHY,
+            DeploymentStatusTrigger.HEALTH_CHECK_FAILED,
+            goal.unhealthy_reason,
+            states,
+        )
+    if len(ready) == goal.target_replicas == len(current):
+        return DeploymentView(
+            DeploymentStatus.HEALTHY, DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED, "", states
+        )
+    message = f"{len(ready)}/{goal.target_replicas} replicas ready"
+    if goal.last_error is not None and goal.failures:
+        message += f"; {goal.failures} constructor failure(s), last: {goal.last_error.message}"
+    return DeploymentView(
+        DeploymentStatus.UPDATING, DeploymentStatusTrigger.CONFIG_UPDATE_STARTED, message, states
+    )
+
+
+def application_status(
+    app: AppGoal, views: Mapping[str, DeploymentView]
+) -> tuple[ApplicationStatus, str]:
+    if app.deleting:
+        return ApplicationStatus.DELETING, "Deleting."
+    failed = [name for name, v in views.items() if v.status is DeploymentStatus.DEPLOY_FAILED]
+    if failed:
+        return ApplicationStatus.DEPLOY_FAILED, "\n".join(views[n].message for n in failed)
+    unhealthy = [name for name, v in views.items() if v.status is DeploymentStatus.UNHEALTHY]
+    if unhealthy:
+        return ApplicationStatus.UNHEALTHY, "\n".join(views[n].message for n in unhealthy)
+    if all(v.status is DeploymentStatus.HEALTHY for v in views.values()):
+        return ApplicationStatus.RUNNING, ""
+    waiting = [
+        f"{n}: {v.message}" for n, v in views.items() if v.status is not DeploymentStatus.HEALTHY
+    ]
+    return ApplicationStatus.DEPLOYING, "; ".join(waiting)

@@ -1,0 +1,1 @@
+"""serve-replica: hosts one instance of a user deployment behind a gRPC servicer."""

@@ -1,0 +1,47 @@
+"""``serve-replica``: started by a controller's launcher, one per replica."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve._models import ReplicaID
+from serve._settings import settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="serve-replica",
+        description="Host one replica of a serve deployment (started by serve-controller).",
+    )
+    parser.add_argument("--controller", required=True, help="the controller's host:port")
+    parser.add_argument("--replica-id", required=True, help="app#deployment#tag")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (default ephemeral)")
+    parser.add_argument("--log-file", default=None, help="also write logs to this file")
+    args = parser.parse_args(argv)
+    try:
+        replica_id = ReplicaID.parse(args.replica_id)
+    except ValueError:
+        parser.error(f"--replica-id must look like app#deployment#tag, got {args.replica_id!r}")
+
+    from pathlib import Path
+
+    import uvloop
+
+    from replica.server import ReplicaServer
+    from serve._client import _tls
+    from serve._logging import configure
+
+    configure(f"replica:{replica_id}", Path(args.log_file) if args.log_file else None)
+    s = settings()
+    server = ReplicaServer(
+        replica_id,
+        controller_address=args.controller,
+        host=args.host,
+        port=args.port,
+        token=s.token,
+        tls=_tls(),
+        orphan_timeout_s=s.orphan_timeout_s,
+    )
+    sys.exit(uvloop.run(server.run()))

@@ -1,0 +1,292 @@
+"""Hosts the user object: builds it, finds methods, runs requests, counts them.
+
+Async methods run on the replica's loop; sync methods run in a thread pool so they never block
+the server. Admission is atomic (this runs on one loop): a request is admitted only while
+``ongoing < max_ongoing_requests`` and counts until its user code has really finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from replica.loader import apply_code_env, load_callable, load_init_args
+from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
+from serve._models import CodeEnv, DeploymentSpec, ReplicaID
+from serve._options import DeploymentConfig
+from serve._sync import mailbox
+from serve.exceptions import ServeError
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["async", "sync", "asyncgen", "gen"]
+MAX_SYNC_THREADS = 64
+
+
+def _kind(target: Callable[..., Any]) -> Kind:
+    probe = target
+    if not (inspect.isfunction(probe) or inspect.ismethod(probe) or inspect.isclass(probe)):
+        probe = inspect.getattr_static(type(target), "__call__", target)  # a callable object
+    if inspect.isasyncgenfunction(probe):
+        return "asyncgen"
+    if inspect.isgeneratorfunction(probe):
+        return "gen"
+    if inspect.iscoroutinefunction(probe):
+        return "async"
+    return "sync"
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class Executor:
+    """The user's deployment inside this replica."""
+
+    def __init__(self, replica_id: ReplicaID) -> None:
+        self.replica_id = replica_id
+        self.app_name = replica_id.deployment_id.app_name
+        self.deployment = replica_id.deployment_id.name
+        self.config = DeploymentConfig()
+        self.code_version = ""
+        self.user_config_json: bytes | None = None
+        self.max_ongoing = self.config.max_ongoing_requests
+        self.ongoing = 0
+        self.draining = False
+        self.initialized = False
+        self._target: Any = None
+        self._is_function = False
+        self._methods: dict[str, tuple[Callable[..., Any], Kind]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._slot_freed = asyncio.Event()
+
+    # Lifecycle.
+
+    async def initialize(self, spec: DeploymentSpec, code_env: CodeEnv) -> None:
+        """Build the user object; raises what the user's constructor raises."""
+        apply_code_env(code_env)
+        self.config = spec.config
+        self.max_ongoing = spec.config.max_ongoing_requests
+        self.code_version = spec.code_version
+        target = load_callable(spec.serialized_callable)
+        args, kwargs = load_init_args(spec.serialized_init_args)
+        context = ReplicaContext(
+            app_name=self.app_name,
+            deployment=self.deployment,
+            replica_tag=self.replica_id.unique_id,
+            replica_id=self.replica_id,
+        )
+        set_replica_context(context)
+        if inspect.isclass(target):
+            init = getattr(target, "__init__", None)
+            if init is not None and inspect.iscoroutinefunction(init):
+                obj = target.__new__(target)
+                await init(obj, *args, **kwargs)
+            else:
+                obj = target(*args, **kwargs)
+            self._target = obj
+        else:
+            if args or kwargs:
+                target = functools.partial(target, *args, **kwargs)
+            self._target = target
+            self._is_function = True
+        set_replica_context(
+            ReplicaContext(
+                app_name=self.app_name,
+                deployment=self.deployment,
+                replica_tag=self.replica_id.unique_id,
+                replica_id=self.replica_id,
+                servable_object=self._target,
+            )
+        )
+        user_config = spec.config.user_config_json()
+        if user_config is not None:
+            await self._call_reconfigure(spec.config.user_config)
+        self.user_config_json = user_config
+        self.initialized = True
+
+    async def reconfigure(self, config: DeploymentConfig, user_config_changed: bool) -> None:
+        self.config = config
+        self.max_ongoing = config.max_ongoing_requests
+        if user_config_changed:
+            await self._call_reconfigure(config.user_config)
+            self.user_config_json = config.user_config_json()
+
+    async def _call_reconfigure(self, user_config: Any) -> None:
+        method = getattr(self._target, "reconfigure", None) if not self._is_function else None
+        if method is None:
+            raise ServeError(
+                f"Deployment '{self.deployment}' has a user_config but no "
+                "`reconfigure(self, config)` method to receive it."
+            )
+        await self._run_hook(method, user_config)
+
+    async def check_health(self) -> None:
+        method = getattr(self._target, "check_health", None) if not self._is_function else None
+        if method is not None:
+            await self._run_hook(method)
+
+    async def _run_hook(self, method: Callable[..., Any], *args: Any) -> Any:
+        if _kind(method) == "async":
+            return await method(*args)
+        return await _maybe_await(await self.run_sync(method, *args))
+
+    async def shutdown(self) -> None:
+        """Call the user's ``__del__`` (if any) and stop the thread pool."""
+        target, self._target = self._target, None
+        if target is not None and not self._is_function:
+            deleter = getattr(type(target), "__del__", None)
+            if deleter is not None:
+                try:
+                    await self._run_hook(functools.partial(deleter, target))
+                except Exception:
+                    logger.exception("The deployment's __del__ raised")
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # Requests.
+
+    def admit(self) -> bool:
+        if self.ongoing >= self.max_ongoing:
+            return False
+        self.ongoing += 1
+        self._idle.clear()
+        return True
+
+    def release(self) -> None:
+        self.ongoing -= 1
+        self._slot_freed.set()
+        if self.ongoing <= 0:
+            self.ongoing = 0
+            self._idle.set()
+
+    async def wait_admitted(self) -> None:
+        """Wait for a free slot and take it (broadcast calls, which are never rejected)."""
+        while not self.admit():
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def available_methods(self) -> list[str]:
+        if self._is_function:
+            return ["__call__"]
+        cls = type(self._target)
+        names = []
+        for name in dir(cls):  # lists __call__ only if the class (not type) defines it
+            if name.startswith("_") and name != "__call__":
+                continue
+            if callable(inspect.getattr_static(cls, name, None)):
+                names.append(name)
+        return sorted(names)
+
+    def resolve(self, method_name: str) -> tuple[Callable[..., Any], Kind]:
+        found = self._methods.get(method_name)
+        if found is not None:
+            return found
+        target: Any = None
+        if self._target is None:
+            raise ServeError(f"Replica {self.replica_id} is not initialized.")
+        if self._is_function:
+            if method_name == "__call__":
+                target = self._target
+        elif method_name == "__call__" or not method_name.startswith("_"):
+            target = getattr(self._target, method_name, None)
+        if target is None or not callable(target):
+            raise ServeError(
+                f"Tried to call a method '{method_name}' that does not exist on deployment "
+                f"'{self.deployment}'. Available methods: {self.available_methods()}."
+            )
+        found = (target, _kind(target))
+        self._methods[method_name] = found
+        return found
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a sync callable in the thread pool with the caller's context."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, min(self.max_ongoing, MAX_SYNC_THREADS)),
+                thread_name_prefix="serve-user",
+            )
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        work = self._pool.submit(context.run, fn, *args, **kwargs)
+        try:
+            return await asyncio.wrap_future(work, loop=loop)
+        except asyncio.CancelledError:
+            # A running thread cannot be interrupted: it keeps a slot until it really finishes,
+            # so max_ongoing_requests still bounds the work this replica does.
+            if not work.done():
+                self.ongoing += 1
+                self._idle.clear()
+                box = mailbox(loop)
+                work.add_done_callback(lambda _: box.post(self.release))
+            raise
+
+    async def call(
+        self, method: str, args: Any, kwargs: dict[str, Any], request: RequestContext
+    ) -> Any:
+        """Run a unary request; the caller holds an admission slot."""
+        fn, kind = self.resolve(method)
+        if kind in ("gen", "asyncgen"):
+            raise TypeError(
+                f"Method '{method}' is a generator function. You must use "
+                "`handle.options(stream=True)` to call generators on a deployment."
+            )
+        set_current_request(request)
+        if kind == "async":
+            result = await fn(*args, **kwargs)
+        else:
+            result = await _maybe_await(await self.run_sync(fn, *args, **kwargs))
+        if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            raise TypeError(
+                f"Method '{method}' returned a generator. You must use "
+                "`handle.options(stream=True)` to call generators on a deployment."
+            )
+        return result
+
+    def stream(
+        self, method: str, args: Any, kwargs: dict[str, Any], request: RequestContext
+    ) -> AsyncIterator[Any]:
+        """Run a streaming request, yielding its items."""
+        return self._stream(method, args, kwargs, request)
+
+    async def _stream(
+        self, method: str, args: Any, kwargs: dict[str, Any], request: RequestContext
+    ) -> AsyncIterator[Any]:
+        fn, kind = self.resolve(method)
+        set_current_request(request)
+        if kind == "asyncgen":
+            produced: Any = fn(*args, **kwargs)
+        elif kind == "async":
+            produced = await fn(*args, **kwargs)
+        elif kind == "gen":
+            produced = fn(*args, **kwargs)
+        else:
+            produced = await _maybe_await(await self.run_sync(fn, *args, **kwargs))
+        if inspect.isasyncgen(produced):
+            async for item in produced:
+                yield item
+        elif inspect.isgenerator(produced):
+            sentinel = object()
+            while True:
+                item = await self.run_sync(next, produced, sentinel)
+                if item is sentinel:
+                    break
+                yield item
+        else:
+            raise TypeError(
+                f"Method '{method}' is not a generator, but it was called with "
+                "`handle.options(stream=True)`; call it without stream=True (or make it yield)."
+            )

@@ -1,0 +1,171 @@
+"""The replica process: gRPC server, link to the controller, graceful stop.
+
+The replica links to its controller with a server-streaming ``Link`` call held open for its
+whole life. If the link breaks (the controller crashed), the replica keeps serving and keeps
+re-linking; after ``orphan_timeout_s`` without a controller it exits, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import grpc
+import grpc.aio
+
+from replica.executor import Executor
+from replica.servicer import ReplicaServicer, register
+from serve import _client
+from serve._models import ReplicaID
+from serve._proto import controller_pb2, controller_pb2_grpc
+from serve._rpc.channel import TlsFiles, new_server, open_channel, token_metadata
+from serve._sync import set_home_loop
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 0.5
+
+
+class ReplicaServer:
+    """Owns everything the replica process runs."""
+
+    def __init__(
+        self,
+        replica_id: ReplicaID,
+        *,
+        controller_address: str,
+        host: str,
+        port: int,
+        token: str | None,
+        tls: TlsFiles | None,
+        orphan_timeout_s: float,
+    ) -> None:
+        self.replica_id = replica_id
+        self._controller_address = controller_address
+        self._host = host
+        self._port = port
+        self._token = token
+        self._tls = tls
+        self._orphan_timeout_s = orphan_timeout_s
+        self._stopped: asyncio.Event | None = None
+        self._executor: Executor | None = None
+        self._servicer: ReplicaServicer | None = None
+        self._signals = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        set_home_loop(loop)
+        self._stopped = asyncio.Event()
+        client = _client.ServeClient(
+            self._controller_address, token=self._token, tls=self._tls, owner=None
+        )
+        _client.install(client)
+        executor = self._executor = Executor(self.replica_id)
+        servicer = self._servicer = ReplicaServicer(executor, on_stop=self.drain)
+        server, port = new_server(self._token, self._tls, self._host, self._port)
+        register(server, servicer)
+        await server.start()
+        address = f"{self._host}:{port}"
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal)
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "event": "ready",
+                    "address": address,
+                    "pid": os.getpid(),
+                    "replica_id": str(self.replica_id),
+                }
+            )
+            + "\n"
+        )
+        sys.stdout.flush()
+        link = asyncio.create_task(self._link_loop(address), name="replica:link")
+        try:
+            await self._stopped.wait()
+        finally:
+            link.cancel()
+            await asyncio.gather(link, return_exceptions=True)
+            await servicer.close_sessions()
+            await server.stop(STOP_GRACE_S)
+            await executor.shutdown()
+            await client.aclose()
+        return 0
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            logger.warning("Second signal: exiting now")
+            os._exit(1)
+        timeout_s = self._executor.config.graceful_shutdown_timeout_s if self._executor else 0
+        asyncio.get_running_loop().create_task(self.drain(timeout_s), name="replica:drain")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Reject new requests as retryable, wait for in-flight ones, then stop the process."""
+        executor = self._executor
+        assert executor is not None
+        assert self._stopped is not None
+        executor.draining = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await executor.wait_idle()
+        except TimeoutError:
+            logger.warning(
+                "%d request(s) still running after graceful_shutdown_timeout_s=%s; stopping",
+                executor.ongoing,
+                timeout_s,
+            )
+        abandoned = executor.ongoing
+        self._stopped.set()
+        return abandoned
+
+    async def _link_loop(self, address: str) -> None:
+        assert self._executor is not None
+        assert self._stopped is not None
+        executor = self._executor
+        channel = open_channel(self._controller_address, self._tls)
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        lost_since = time.monotonic()
+        delay_s = 0.1
+        try:
+            while True:
+                request = controller_pb2.LinkRequest(
+                    replica_id=str(self.replica_id),
+                    address=address,
+                    pid=os.getpid(),
+                    host=socket.gethostname(),
+                    initialized=executor.initialized,
+                    code_version=executor.code_version,
+                    user_config_json=executor.user_config_json or b"",
+                )
+                try:
+                    call = stub.Link(request, metadata=token_metadata(self._token))
+                    async for response in call:
+                        if response.action == controller_pb2.LinkResponse.ACTION_STOP:
+                            logger.info("The controller does not want this replica; stopping")
+                            await self.drain(executor.config.graceful_shutdown_timeout_s)
+                            return
+                        lost_since = 0.0
+                        delay_s = 0.1
+                except grpc.aio.AioRpcError as exc:
+                    logger.debug("Link to the controller failed: %s", exc.code().name)
+                now = time.monotonic()
+                if not lost_since:
+                    lost_since = now
+                    logger.warning("Lost the controller at %s", self._controller_address)
+                if now - lost_since > self._orphan_timeout_s:
+                    logger.warning(
+                        "No controller for %.0fs (orphan_timeout_s); exiting", now - lost_since
+                    )
+                    await self.drain(0)
+                    return
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+        finally:
+            await channel.close()

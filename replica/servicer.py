@@ -1,0 +1,360 @@
+"""The replica's gRPC servicer: the Connect data stream plus unary control calls.
+
+Frames are turned into executor calls here and executor outcomes into frames; nothing else in
+the replica sees protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from replica.executor import Executor
+from serve._context import RequestContext
+from serve._models import DeploymentSpec
+from serve._proto import replica_pb2
+from serve._proto.replica_pb2 import (
+    ERROR_KIND_CANCELLED,
+    ERROR_KIND_SYSTEM,
+    ERROR_KIND_USER,
+    FRAME_KIND_ACCEPTED,
+    FRAME_KIND_CANCEL,
+    FRAME_KIND_CREDIT,
+    FRAME_KIND_END,
+    FRAME_KIND_ERROR,
+    FRAME_KIND_ITEM,
+    FRAME_KIND_REJECTED,
+    FRAME_KIND_REQUEST,
+    FRAME_KIND_RESULT,
+    REJECT_REASON_DRAINING,
+    REJECT_REASON_FULL,
+    FrameHeader,
+)
+from serve._rpc.channel import Context
+from serve._rpc.convert import code_env_from_proto, config_from_proto
+from serve._rpc.frames import BatchWriter, FrameError, iter_frames
+from serve._rpc.status import error_info
+from serve._serialization import decode_args, encode
+from serve.exceptions import ServeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STREAM_WINDOW = 64
+
+
+class _SystemError(Exception):
+    """The request could not be run at all (bad payload, unknown method)."""
+
+
+class StreamSession:
+    """One router process's Connect stream: many requests, replies coalesced per write."""
+
+    def __init__(self, executor: Executor, context: Context) -> None:
+        self._executor = executor
+        self._context = context
+        self._writer = BatchWriter()
+        self._wakeup = asyncio.Event()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._cancel_requested: set[int] = set()
+        self._credits: dict[int, int] = {}
+        self._credit_events: dict[int, asyncio.Event] = {}
+        self._closing = False
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write_loop(), name="replica:conn:write")
+        try:
+            while True:
+                message = await self._context.read()
+                if message is grpc.aio.EOF:
+                    break
+                for header, body in iter_frames(message):
+                    self._on_frame(header, body)
+            # The router half-closed: finish what it sent, then end the stream.
+            while self._tasks:
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._flush()
+        except FrameError as exc:
+            await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed batch: {exc}")
+        finally:
+            self._closing = True
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        while self._writer.count:
+            await self._context.write(self._writer.take())
+
+    async def _write_loop(self) -> None:
+        wakeup, writer, context = self._wakeup, self._writer, self._context
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            while writer.count:
+                await context.write(writer.take())
+
+    def _send(self, header: FrameHeader, *body: bytes | memoryview) -> None:
+        self._writer.add(header, *body)
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    def _on_frame(self, header: FrameHeader, body: memoryview) -> None:
+        kind = header.kind
+        if kind == FRAME_KIND_REQUEST:
+            self._on_request(header, body)
+        elif kind == FRAME_KIND_CANCEL:
+            task = self._tasks.get(header.id)
+            if task is not None:
+                self._cancel_requested.add(header.id)
+                task.cancel()
+        elif kind == FRAME_KIND_CREDIT:
+            if header.id in self._credits:
+                self._credits[header.id] += header.credit
+                self._credit_events[header.id].set()
+        else:
+            raise FrameError(f"Unexpected frame kind {kind} from a router.")
+
+    def _on_request(self, header: FrameHeader, body: memoryview) -> None:
+        executor = self._executor
+        frame_id = header.id
+        if executor.draining:
+            self._send(
+                FrameHeader(
+                    kind=FRAME_KIND_REJECTED,
+                    id=frame_id,
+                    ongoing=executor.ongoing,
+                    reject_reason=REJECT_REASON_DRAINING,
+                )
+            )
+            return
+        if header.no_reject:
+            task = asyncio.create_task(self._wait_then_run(header, body), name="replica:broadcast")
+        elif executor.admit():
+            self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
+            task = asyncio.create_task(self._run(header, body), name=f"replica:{header.method}")
+        else:
+            self._send(
+                FrameHeader(
+                    kind=FRAME_KIND_REJECTED,
+                    id=frame_id,
+                    ongoing=executor.ongoing,
+                    reject_reason=REJECT_REASON_FULL,
+                )
+            )
+            return
+        self._tasks[frame_id] = task
+
+    async def _wait_then_run(self, header: FrameHeader, body: memoryview) -> None:
+        """Broadcast calls wait for a slot instead of being rejected."""
+        executor = self._executor
+        await executor.wait_admitted()
+        self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=header.id, ongoing=executor.ongoing))
+        await self._run(header, body)
+
+    async def _run(self, header: FrameHeader, body: memoryview) -> None:
+        """Run one admitted request and send its outcome; releases its slot exactly once."""
+        executor = self._executor
+        frame_id = header.id
+        request = RequestContext(
+            request_id=header.request_id,
+            app_name=executor.app_name,
+            deployment=executor.deployment,
+            method=header.method,
+            multiplexed_model_id=header.model_id,
+        )
+        reply: tuple[FrameHeader, *tuple[bytes, ...]] | None = None
+        try:
+            try:
+                args, kwargs = decode_args(
+                    header.request_codec, body[: header.args_len], body[header.args_len :]
+                )
+            except Exception as exc:
+                raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
+            if header.stream:
+                await self._run_stream(header, args, kwargs, request)
+                reply = (FrameHeader(kind=FRAME_KIND_END, id=frame_id),)
+            else:
+                value = await executor.call(header.method, args, kwargs, request)
+                reply = (
+                    FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id),
+                    encode(header.response_codec, value),
+                )
+        except asyncio.CancelledError:
+            if self._closing or frame_id not in self._cancel_requested:
+                raise
+            self._cancel_children(request)
+            reply = (_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED),)
+        except _SystemError as exc:
+            reply = (_error(frame_id, ServeError(str(exc)), ERROR_KIND_SYSTEM),)
+        except Exception as exc:
+            reply = (_error(frame_id, exc, ERROR_KIND_USER),)
+        finally:
+            executor.release()
+            self._tasks.pop(frame_id, None)
+            self._cancel_requested.discard(frame_id)
+            if reply is not None:
+                reply[0].ongoing = executor.ongoing
+                self._send(*reply)
+
+    async def _run_stream(
+        self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
+    ) -> None:
+        """Send each item as it is produced, pausing when the router's credit runs out."""
+        frame_id = header.id
+        self._credits[frame_id] = header.stream_window or DEFAULT_STREAM_WINDOW
+        event = self._credit_events[frame_id] = asyncio.Event()
+        codec = header.response_codec
+        try:
+            async for item in self._executor.stream(header.method, args, kwargs, request):
+                while self._credits[frame_id] <= 0:
+                    event.clear()
+                    await event.wait()
+                self._credits[frame_id] -= 1
+                self._send(FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), encode(codec, item))
+        finally:
+            del self._credits[frame_id]
+            del self._credit_events[frame_id]
+
+    def _cancel_children(self, request: RequestContext) -> None:
+        for child in list(request.children):
+            child.router.cancel(child)
+
+
+def _error(frame_id: int, exc: BaseException, kind: int) -> FrameHeader:
+    return FrameHeader(
+        kind=FRAME_KIND_ERROR,
+        id=frame_id,
+        error_kind=kind,  # type: ignore[arg-type]
+        error=error_info(exc, with_traceback=kind != ERROR_KIND_CANCELLED),
+    )
+
+
+class ReplicaServicer:
+    """Unary control calls; Connect is registered separately with raw (de)serializers."""
+
+    def __init__(self, executor: Executor, on_stop: Callable[[float], Any]) -> None:
+        self._executor = executor
+        self._on_stop = on_stop
+        self._init_lock = asyncio.Lock()
+        self._sessions: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    async def Connect(self, request_iterator: Any, context: Context) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            await StreamSession(self._executor, context).run()
+        except asyncio.CancelledError:
+            if task not in self._closing:
+                raise
+        finally:
+            self._sessions.discard(task)
+
+    async def close_sessions(self) -> None:
+        """End every Connect stream (at stop, after draining) so routers see it close."""
+        self._closing = set(self._sessions)
+        for task in self._closing:
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def Initialize(
+        self, request: replica_pb2.InitializeRequest, context: Context
+    ) -> replica_pb2.InitializeResponse:
+        async with self._init_lock:
+            if self._executor.initialized:
+                return replica_pb2.InitializeResponse(ok=True)
+            spec = request.spec
+            try:
+                await self._executor.initialize(
+                    DeploymentSpec(
+                        name=spec.name,
+                        serialized_callable=spec.serialized_callable,
+                        serialized_init_args=spec.serialized_init_args,
+                        code_version=spec.code_version,
+                        config=config_from_proto(spec.config),
+                    ),
+                    code_env_from_proto(request.code_env),
+                )
+            except Exception as exc:
+                logger.error("The deployment's constructor failed", exc_info=exc)
+                return replica_pb2.InitializeResponse(ok=False, error=error_info(exc))
+        return replica_pb2.InitializeResponse(ok=True)
+
+    async def Reconfigure(
+        self, request: replica_pb2.ReconfigureRequest, context: Context
+    ) -> replica_pb2.ReconfigureResponse:
+        try:
+            await self._executor.reconfigure(
+                config_from_proto(request.config), request.user_config_changed
+            )
+        except Exception as exc:
+            logger.error("reconfigure() failed", exc_info=exc)
+            return replica_pb2.ReconfigureResponse(ok=False, error=error_info(exc))
+        return replica_pb2.ReconfigureResponse(ok=True)
+
+    async def CheckHealth(
+        self, request: replica_pb2.CheckHealthRequest, context: Context
+    ) -> replica_pb2.CheckHealthResponse:
+        try:
+            await self._executor.check_health()
+        except Exception as exc:
+            return replica_pb2.CheckHealthResponse(ok=False, error=error_info(exc))
+        return replica_pb2.CheckHealthResponse(ok=True)
+
+    async def QueueLength(
+        self, request: replica_pb2.QueueLengthRequest, context: Context
+    ) -> replica_pb2.QueueLengthResponse:
+        executor = self._executor
+        return replica_pb2.QueueLengthResponse(
+            ongoing=executor.ongoing, accepting=not executor.draining
+        )
+
+    async def Stop(
+        self, request: replica_pb2.StopRequest, context: Context
+    ) -> replica_pb2.StopResponse:
+        abandoned = await self._on_stop(request.timeout_s)
+        return replica_pb2.StopResponse(abandoned=abandoned)
+
+
+def register(server: grpc.aio.Server, servicer: ReplicaServicer) -> None:
+    """Register the servicer, with Connect taking and returning raw bytes (see frames.py)."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Connect": grpc.stream_stream_rpc_method_handler(servicer.Connect),
+        "Initialize": grpc.unary_unary_rpc_method_handler(
+            servicer.Initialize,
+            request_deserializer=replica_pb2.InitializeRequest.FromString,
+            response_serializer=replica_pb2.InitializeResponse.SerializeToString,
+        ),
+        "Reconfigure": grpc.unary_unary_rpc_method_handler(
+            servicer.Reconfigure,
+            request_deserializer=replica_pb2.ReconfigureRequest.FromString,
+            response_serializer=replica_pb2.ReconfigureResponse.SerializeToString,
+        ),
+        "CheckHealth": grpc.unary_unary_rpc_method_handler(
+            servicer.CheckHealth,
+            request_deserializer=replica_pb2.CheckHealthRequest.FromString,
+            response_serializer=replica_pb2.CheckHealthResponse.SerializeToString,
+        ),
+        "QueueLength": grpc.unary_unary_rpc_method_handler(
+            servicer.QueueLength,
+            request_deserializer=replica_pb2.QueueLengthRequest.FromString,
+            response_serializer=replica_pb2.QueueLengthResponse.SerializeToString,
+        ),
+        "Stop": grpc.unary_unary_rpc_method_handler(
+            servicer.Stop,
+            request_deserializer=replica_pb2.StopRequest.FromString,
+            response_serializer=replica_pb2.StopResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("serve.v1.Replica", handlers),)
+    )

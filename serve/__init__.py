@@ -1,0 +1,45 @@
+"""Ray Serve's deployment-handle programming model on asyncio and gRPC, without Ray.
+
+``import serve`` stands in for ``from ray import serve``::
+
+    import serve
+
+    @serve.deployment
+    class Hello:
+        def __call__(self, name: str) -> str:
+            return f"Hello {name}!"
+
+    handle = serve.run(Hello.bind())
+    assert handle.remote("world").result() == "Hello world!"
+"""
+
+from serve._api import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    run,
+    shutdown,
+    shutdown_async,
+    start,
+    status,
+)
+from serve._context import get_multiplexed_model_id, get_replica_context
+from serve._deployment import Application, Deployment, deployment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Application",
+    "Deployment",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_multiplexed_model_id",
+    "get_replica_context",
+    "run",
+    "shutdown",
+    "shutdown_async",
+    "start",
+    "status",
+]

@@ -1,0 +1,279 @@
+"""The module-level API: ``serve.run``, ``delete``, ``status``, ``shutdown``, handle lookups."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from serve import _client
+from serve._context import replica_context
+from serve._deployment import Application, BuiltDeployment, build_application
+from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec
+from serve._serialization import dumps_code
+from serve._sync import run_sync
+from serve.exceptions import DeploymentFailedError, ServeError
+from serve.handle import DeploymentHandle
+from serve.schema import ServeStatus
+
+__all__ = [
+    "delete",
+    "get_app_handle",
+    "get_deployment_handle",
+    "run",
+    "shutdown",
+    "shutdown_async",
+    "start",
+    "status",
+]
+
+logger = logging.getLogger("serve")
+
+_PROGRESS_EVERY_S = 5.0
+_MAX_CACHED_HANDLES = 100
+_handles: dict[tuple[str, str], DeploymentHandle[Any]] = {}
+_handles_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _cached_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]:
+    key = (app_name, deployment_name)
+    with _handles_lock:
+        handle = _handles.get(key)
+        if handle is None:
+            if len(_handles) >= _MAX_CACHED_HANDLES:
+                _handles.pop(next(iter(_handles)))
+            handle = _handles[key] = DeploymentHandle(deployment_name, app_name)
+        return handle
+
+
+def _connect(address: str | None = None) -> _client.ServeClient:
+    global _atexit_registered
+    client = _client.connect(address)
+    if client.owner is not None and not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_shutdown_at_exit)
+    return client
+
+
+def start(address: str | None = None, **_ray_options: Any) -> None:
+    """Connect to serve: the controller at ``address`` (or SERVE_ADDRESS), else an embedded one.
+
+    Ray's cluster options (``http_options``, ``proxy_location`` ...) are accepted and ignored.
+    """
+    _connect(address)
+
+
+def _serialize(built: BuiltDeployment) -> DeploymentSpec:
+    name = built.name
+    try:
+        code = dumps_code(built.deployment.func_or_class)
+    except Exception as exc:
+        raise TypeError(f"Could not serialize the code of deployment {name!r}: {exc}") from exc
+    try:
+        init = dumps_code((built.init_args, built.init_kwargs))
+    except ServeError:
+        raise
+    except Exception as exc:
+        raise TypeError(
+            f"Could not serialize the constructor arguments of deployment {name!r}: {exc}"
+        ) from exc
+    version = built.deployment.version or hashlib.sha256(code + init).hexdigest()[:16]
+    return DeploymentSpec(
+        name=name,
+        serialized_callable=code,
+        serialized_init_args=init,
+        code_version=version,
+        config=built.deployment.config,
+    )
+
+
+def run(
+    target: Application,
+    blocking: bool = False,
+    name: str = "default",
+    route_prefix: str | None = "/",
+    logging_config: Any = None,
+    _local_testing_mode: bool = False,
+    external_scaler_enabled: bool = False,
+) -> DeploymentHandle[Any]:
+    """Deploy an application, wait until every replica runs, return its ingress handle.
+
+    Re-running a name updates that application in place: changed code starts new replicas that
+    replace the old ones; a change of ``user_config`` alone calls ``reconfigure`` on the live
+    replicas. Raises ``DeploymentFailedError`` (a ``RuntimeError``) with the replica's traceback
+    if a constructor keeps failing.
+
+    Example::
+
+        handle = serve.run(Ingress.bind(Downstream.bind()), name="hello")
+        assert handle.remote("world").result() == "Hello world!"
+    """
+    if not isinstance(name, str) or not name or "#" in name:
+        raise ValueError(f"Application name must be a non-empty string without '#', got {name!r}.")
+    if route_prefix is not None and not isinstance(route_prefix, str):
+        raise TypeError(f"route_prefix must be a string or None, got {route_prefix!r}.")
+    ingress, built = build_application(target, name, make_handle=DeploymentHandle)
+    specs = [_serialize(b) for b in built]
+    client = _connect()
+    code_env = CodeEnv(cwd=os.getcwd(), sys_path=tuple(p or os.getcwd() for p in sys.path))
+    run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env))
+    handle = _cached_handle(ingress, name)
+    run_sync(_wait_router_ready(handle))
+    if blocking:
+        _block_until_interrupted()
+    return handle
+
+
+async def _deploy(
+    client: _client.ServeClient,
+    name: str,
+    route_prefix: str | None,
+    ingress: str,
+    specs: list[DeploymentSpec],
+    code_env: CodeEnv,
+) -> None:
+    controller = client.controller
+    await controller.deploy(
+        app_name=name, route_prefix=route_prefix, ingress=ingress, specs=specs, code_env=code_env
+    )
+    started = time.monotonic()
+    while True:
+        status = await controller.wait_application(name, timeout_s=_PROGRESS_EVERY_S)
+        if status is None:
+            raise DeploymentFailedError(f"Application {name!r} was deleted while it deployed.")
+        if status.status == ApplicationStatus.RUNNING:
+            return
+        if status.status == ApplicationStatus.DEPLOY_FAILED:
+            error = DeploymentFailedError(
+                f"Deploying application {name!r} failed: {status.message}"
+            )
+            cause = await controller.failure_cause(name)
+            raise error from cause
+        waiting = {
+            d: dict(s.replica_states)
+            for d, s in status.deployments.items()
+            if s.status != "HEALTHY"
+        }
+        logger.info(
+            "Application %r is still deploying after %.0fs: %s",
+            name,
+            time.monotonic() - started,
+            waiting,
+        )
+
+
+async def _wait_router_ready(handle: DeploymentHandle[Any]) -> None:
+    """Let the handle learn its replica set (and queue limit) before the first request."""
+    await handle._router.state().wait_ready()
+
+
+def _block_until_interrupted() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete an application: its replicas drain in-flight requests and stop."""
+    client = _client.current() or _connect()
+    run_sync(client.controller.delete_application(name, wait=_blocking))
+
+
+def status() -> ServeStatus:
+    """Every application's status, its deployments' statuses and replica counts by state."""
+    client = _client.current()
+    if client is None:
+        try:
+            client = _client.connect(start_embedded=False)
+        except ServeError:
+            return ServeStatus()
+    return run_sync(client.controller.status())
+
+
+def get_app_handle(name: str) -> DeploymentHandle[Any]:
+    """The handle of an application's ingress deployment (cached: the same object each call)."""
+    client = _client.current() or _client.connect(start_embedded=False)
+    found = _lookup(client, name)
+    if found is None:
+        raise ServeError(f"Application '{name}' does not exist.")
+    return _cached_handle(found[0], name)
+
+
+def get_deployment_handle(
+    deployment_name: str, app_name: str | None = None
+) -> DeploymentHandle[Any]:
+    """A handle to one deployment; inside a replica ``app_name`` defaults to its own app."""
+    if app_name is None:
+        context = replica_context()
+        if context is None:
+            raise ServeError(
+                "get_deployment_handle() needs app_name outside a deployment; pass "
+                "app_name=... (the name given to serve.run)."
+            )
+        app_name = context.app_name
+    client = _client.current() or _client.connect(start_embedded=False)
+    if replica_context() is None:
+        found = _lookup(client, app_name)
+        if found is None:
+            raise ServeError(f"Application '{app_name}' does not exist.")
+        if deployment_name not in found[1]:
+            raise ServeError(
+                f"Deployment '{deployment_name}' does not exist in application '{app_name}'; "
+                f"it has {sorted(found[1])}."
+            )
+    return _cached_handle(deployment_name, app_name)
+
+
+def _lookup(client: _client.ServeClient, app_name: str) -> tuple[str, list[str]] | None:
+    from serve._sync import is_home_thread
+
+    if is_home_thread():  # inside a replica's event loop: a short blocking lookup
+        from serve._rpc.controller_client import lookup_application_blocking
+
+        return lookup_application_blocking(client, app_name)
+    return run_sync(client.controller.get_application(app_name))
+
+
+def shutdown() -> None:
+    """Delete every application and stop serve (an embedded controller exits with its replicas)."""
+    client = _client.current()
+    if client is None:
+        return
+    owner = client.owner
+    try:
+        run_sync(client.controller.shutdown(), timeout_s=300)
+    except ServeError as exc:
+        logger.warning("Shutting serve down: %s", exc)
+    finally:
+        _client.disconnect()
+        with _handles_lock:
+            _handles.clear()
+        if owner is not None:
+            owner.stop(timeout_s=30)
+
+
+async def shutdown_async() -> None:
+    """Async form of :func:`shutdown`."""
+    import asyncio
+
+    await asyncio.to_thread(shutdown)
+
+
+def _shutdown_at_exit() -> None:
+    client = _client.current()
+    if client is not None and client.owner is not None:
+        try:
+            shutdown()
+        except Exception:
+            logger.exception("Stopping the embedded serve controller at exit failed")
+    from serve._sync import stop_io_thread
+
+    stop_io_thread()

@@ -1,0 +1,241 @@
+"""The process's link to serve: which controller, its token, and every router's shared state.
+
+A driver finds its controller in this order: ``serve.start(address=...)``, ``SERVE_ADDRESS``, a
+standalone controller recorded in the state directory, else an embedded controller it starts and
+owns (it stops, with its replicas, when this process exits or calls ``serve.shutdown()``; a
+killed driver closes the controller's stdin, which stops it too). A replica is handed its
+controller on the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from serve._models import DeploymentID
+from serve._router import DeploymentState
+from serve._rpc.channel import TlsFiles
+from serve._rpc.controller_client import ControllerClient
+from serve._settings import TOKEN_ENV, settings
+from serve._sync import run_sync
+from serve.exceptions import ControllerUnavailableError
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+RECORD_FILE = "controller.json"
+TOKEN_FILE = "token"
+
+
+class ServeClient:
+    """Lives on the home loop. Constructed there by :func:`connect` or by the replica."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None,
+        tls: TlsFiles | None,
+        owner: EmbeddedController | None,
+    ) -> None:
+        self.address = address
+        self.token = token
+        self.tls = tls
+        self.owner = owner
+        self.controller = ControllerClient(address, token=token, tls=tls)
+        self._states: dict[DeploymentID, DeploymentState] = {}
+
+    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+        state = self._states.get(deployment_id)
+        if state is None:
+            state = self._states[deployment_id] = DeploymentState(self, deployment_id)
+        return state
+
+    async def aclose(self) -> None:
+        states = list(self._states.values())
+        self._states.clear()
+        await asyncio.gather(*(s.aclose() for s in states), return_exceptions=True)
+        await self.controller.aclose()
+
+
+class EmbeddedController:
+    """A serve-controller subprocess owned by this driver."""
+
+    def __init__(self) -> None:
+        self.state_dir = Path(tempfile.mkdtemp(prefix="serve-"))
+        self.token = secrets.token_urlsafe(32)
+        env = dict(os.environ)
+        env[TOKEN_ENV] = self.token
+        env.pop("SERVE_ADDRESS", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controller", "--state-dir", str(self.state_dir), "--embedded"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # Ctrl-C in a terminal reaches the driver, not the daemon
+        )
+        try:
+            self.address = str(read_ready_line(self.process, READY_TIMEOUT_S)["address"])
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout_s: float) -> None:
+        """Close its stdin (it shuts down its replicas and exits); kill it after timeout_s."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.cleanup()
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def read_ready_line(process: subprocess.Popen[bytes], timeout_s: float) -> dict[str, object]:
+    """Wait for a daemon's READY JSON line on stdout (bounded), or explain why it never came."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    fd = process.stdout.fileno()
+    buffer = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], min(0.1, max(deadline - time.monotonic(), 0)))
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "ready":
+                    return event
+        elif process.poll() is not None:
+            break
+    code = process.poll()
+    if code is not None:
+        raise ControllerUnavailableError(
+            f"serve-controller exited with code {code} before it was ready; see its log above."
+        )
+    raise ControllerUnavailableError(f"serve-controller was not ready within {timeout_s}s.")
+
+
+def _recorded_controller(state_dir: Path) -> str | None:
+    """The address of a standalone controller recorded in the state directory, if it lives."""
+    try:
+        record = json.loads((state_dir / RECORD_FILE).read_text())
+        pid = int(record["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    address = record.get("address")
+    return address if isinstance(address, str) else None
+
+
+def _token_for(state_dir: Path) -> str | None:
+    configured = settings().token
+    if configured:
+        return configured
+    try:
+        return (state_dir / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _tls() -> TlsFiles | None:
+    s = settings()
+    if s.tls_cert and s.tls_key and s.tls_ca:
+        return TlsFiles(s.tls_cert, s.tls_key, s.tls_ca)
+    return None
+
+
+_lock = threading.Lock()
+_client: ServeClient | None = None
+
+
+def current() -> ServeClient | None:
+    return _client
+
+
+def install(client: ServeClient) -> None:
+    """Make ``client`` the process's client (replicas, at start-up)."""
+    global _client
+    _client = client
+
+
+def connect(address: str | None = None, *, start_embedded: bool = True) -> ServeClient:
+    """The process's client, connecting (or starting an embedded controller) on first use."""
+    global _client
+    with _lock:
+        if _client is not None:
+            if address is not None and address != _client.address:
+                raise ValueError(
+                    f"Already connected to the controller at {_client.address}; call "
+                    "serve.shutdown() before connecting to another one."
+                )
+            return _client
+        s = settings()
+        owner: EmbeddedController | None = None
+        token = _token_for(s.state_dir)
+        found = address or s.address or _recorded_controller(s.state_dir)
+        if found is None:
+            if not start_embedded:
+                raise ControllerUnavailableError(
+                    "No serve controller is running; call serve.run() or serve.start() first."
+                )
+            owner = EmbeddedController()
+            found, token = owner.address, owner.token
+        target: str = found
+        tls = _tls()
+
+        async def build() -> ServeClient:
+            client = ServeClient(target, token=token, tls=tls, owner=owner)
+            await client.controller.wait_ready(timeout_s=10.0)
+            return client
+
+        try:
+            client = run_sync(build())
+        except BaseException:
+            if owner is not None:
+                owner.kill()
+            raise
+        _client = client
+        return client
+
+
+def disconnect(timeout_s: float = 60.0) -> ServeClient | None:
+    """Forget the process's client, closing its routers; returns it (for the owner's cleanup)."""
+    global _client
+    with _lock:
+        client, _client = _client, None
+    if client is not None:
+        with contextlib.suppress(Exception):
+            run_sync(client.aclose(), timeout_s)
+    return client

@@ -1,0 +1,86 @@
+"""Who is running: the replica context (per process) and the request context (per request)."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from serve._models import ReplicaID
+from serve.exceptions import ServeError
+
+if TYPE_CHECKING:
+    from serve._call import Call
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaContext:
+    """What ``serve.get_replica_context()`` returns inside a replica."""
+
+    app_name: str
+    deployment: str
+    replica_tag: str
+    replica_id: ReplicaID
+    servable_object: Any = None
+    rank: int | None = None
+    world_size: int | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class RequestContext:
+    """The request a replica is running; nested handle calls inherit its id and are its children.
+
+    ``children`` lets the replica cancel every request made on behalf of a cancelled one.
+    """
+
+    request_id: str
+    app_name: str = ""
+    deployment: str = ""
+    method: str = ""
+    multiplexed_model_id: str = ""
+    children: set[Call] = dataclasses.field(default_factory=set)
+
+
+_replica_context: ReplicaContext | None = None
+_request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "serve_request_context", default=None
+)
+
+
+def set_replica_context(context: ReplicaContext | None) -> None:
+    global _replica_context
+    _replica_context = context
+
+
+def replica_context() -> ReplicaContext | None:
+    return _replica_context
+
+
+def get_replica_context() -> ReplicaContext:
+    """The context of the replica this code runs in.
+
+    Raises ServeError outside a deployment.
+    """
+    if _replica_context is None:
+        raise ServeError(
+            "`serve.get_replica_context()` may only be called from within a serve deployment."
+        )
+    return _replica_context
+
+
+def current_request() -> RequestContext | None:
+    return _request_context.get()
+
+
+def set_current_request(context: RequestContext | None) -> contextvars.Token[Any]:
+    return _request_context.set(context)
+
+
+def reset_current_request(token: contextvars.Token[Any]) -> None:
+    _request_context.reset(token)
+
+
+def get_multiplexed_model_id() -> str:
+    """The multiplexed model id of the request being served, or ``""`` when it has none."""
+    context = _request_context.get()
+    return context.multiplexed_model_id if context is not None else ""

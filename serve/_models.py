@@ -1,0 +1,159 @@
+"""Internal value types shared by the SDK and both daemons. Frozen; no I/O; no protobuf."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import secrets
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve._options import DeploymentConfig
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeploymentID:
+    """A deployment, named within its application."""
+
+    name: str
+    app_name: str = "default"
+
+    def __str__(self) -> str:
+        return f"{self.app_name}.{self.name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaID:
+    """One replica: ``unique_id`` is a short random tag, unique within its deployment."""
+
+    unique_id: str
+    deployment_id: DeploymentID
+
+    @classmethod
+    def new(cls, deployment_id: DeploymentID) -> ReplicaID:
+        return cls(secrets.token_hex(4), deployment_id)
+
+    @classmethod
+    def parse(cls, full_id: str) -> ReplicaID:
+        app, name, unique = full_id.split("#")
+        return cls(unique, DeploymentID(name, app))
+
+    def to_full_id_str(self) -> str:
+        return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
+
+    def __str__(self) -> str:
+        return self.to_full_id_str()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """A running replica as a router sees it."""
+
+    replica_id: str
+    address: str
+    host: str = ""
+    max_ongoing_requests: int = 5
+    model_ids: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaSet:
+    """The routable state of one deployment at one version."""
+
+    version: int
+    exists: bool
+    replicas: tuple[ReplicaInfo, ...] = ()
+    max_queued_requests: int = -1
+    max_ongoing_requests: int = 5
+    autoscaling: bool = False
+
+
+class ApplicationStatus(enum.StrEnum):
+    NOT_STARTED = "NOT_STARTED"
+    DEPLOYING = "DEPLOYING"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    DELETING = "DELETING"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class DeploymentStatus(enum.StrEnum):
+    UPDATING = "UPDATING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    UPSCALING = "UPSCALING"
+    DOWNSCALING = "DOWNSCALING"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class DeploymentStatusTrigger(enum.StrEnum):
+    UNSPECIFIED = "UNSPECIFIED"
+    CONFIG_UPDATE_STARTED = "CONFIG_UPDATE_STARTED"
+    CONFIG_UPDATE_COMPLETED = "CONFIG_UPDATE_COMPLETED"
+    UPSCALE_COMPLETED = "UPSCALE_COMPLETED"
+    DOWNSCALE_COMPLETED = "DOWNSCALE_COMPLETED"
+    AUTOSCALING = "AUTOSCALING"
+    REPLICA_STARTUP_FAILED = "REPLICA_STARTUP_FAILED"
+    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    DELETING = "DELETING"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class ReplicaState(enum.StrEnum):
+    STARTING = "STARTING"
+    UPDATING = "UPDATING"
+    RECOVERING = "RECOVERING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment as the driver sends it: opaque code bytes plus its config."""
+
+    name: str
+    serialized_callable: bytes
+    serialized_init_args: bytes
+    code_version: str
+    config: DeploymentConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeEnv:
+    """The driver's working directory and import path, mirrored by replicas."""
+
+    cwd: str
+    sys_path: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A failure reported by a replica: readable text plus the pickled exception, if any."""
+
+    message: str
+    traceback: str = ""
+    pickled: bytes = b""

@@ -1,0 +1,332 @@
+"""Deployment and handle options: Ray Serve's names, defaults and validation, in one place.
+
+Every option is checked when it is given (at decoration or ``options()`` time), so a typo or a
+bad value fails where the user wrote it, not later in a replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from serve._serialization import CODEC_NAMES
+from serve.config import AutoscalingConfig
+
+
+class DEFAULT(enum.Enum):
+    """Sentinel meaning "keep the current value" (Ray's ``DEFAULT.VALUE``)."""
+
+    VALUE = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentConfig:
+    """The options of one deployment, validated."""
+
+    num_replicas: int | None = 1  # None when autoscaling
+    max_ongoing_requests: int = 5
+    max_queued_requests: int = -1
+    user_config: Any = None
+    autoscaling_config: AutoscalingConfig | None = None
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 20.0
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    max_constructor_retry_count: int = 20
+    logging_config: Any = None
+
+    def user_config_json(self) -> bytes | None:
+        if self.user_config is None:
+            return None
+        return encode_user_config(self.user_config)
+
+    def initial_replicas(self) -> int:
+        if self.autoscaling_config is not None:
+            return self.autoscaling_config.start_replicas()
+        assert self.num_replicas is not None
+        return self.num_replicas
+
+
+def encode_user_config(value: Any) -> bytes:
+    """Canonical JSON of a user_config: equal configs give equal bytes."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:
+        raise TypeError(
+            f"user_config must be JSON-serializable (dicts with string keys, lists, strings, "
+            f"numbers, booleans, None); {exc}."
+        ) from None
+
+
+# Ray options accepted so that Ray programs run unchanged, but which mean nothing without a Ray
+# cluster (resources, placement). They are validated for type and otherwise ignored.
+_RAY_ACTOR_OPTION_KEYS = frozenset(
+    {
+        "runtime_env",
+        "num_cpus",
+        "num_gpus",
+        "memory",
+        "object_store_memory",
+        "resources",
+        "accelerator_type",
+        "label_selector",
+    }
+)
+
+
+def _bad(name: str, expected: str, value: Any) -> TypeError:
+    return TypeError(f"serve.deployment: {name} must be {expected}, got {value!r}.")
+
+
+def _int(name: str, value: Any, *, minimum: int, allow: tuple[int, ...] = ()) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, "an integer", value)
+    if value not in allow and value < minimum:
+        extra = f" (or {', '.join(map(str, allow))})" if allow else ""
+        raise ValueError(f"serve.deployment: {name} must be >= {minimum}{extra}, got {value}.")
+    return value
+
+
+def _float(name: str, value: Any, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise _bad(name, "a number", value)
+    if positive and value <= 0:
+        raise ValueError(f"serve.deployment: {name} must be > 0, got {value}.")
+    if value < 0:
+        raise ValueError(f"serve.deployment: {name} must be >= 0, got {value}.")
+    return float(value)
+
+
+def _optional_str(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(name, "a string or None", value)
+    return value
+
+
+def _check_name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad("name", "a non-empty string", value)
+    if "#" in value:
+        raise ValueError(f"serve.deployment: name must not contain '#', got {value!r}.")
+    return value
+
+
+def _check_num_replicas(value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value  # type: ignore[no-any-return]
+    return _int("num_replicas", value, minimum=0)
+
+
+def _check_user_config(value: Any) -> Any:
+    if value is not None:
+        encode_user_config(value)
+    return value
+
+
+def _check_autoscaling(value: Any) -> AutoscalingConfig | dict[str, Any] | None:
+    """Keep a dict as given (num_replicas="auto" merges only the keys the user set)."""
+    if value is None or isinstance(value, AutoscalingConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise _bad("autoscaling_config", "a dict or AutoscalingConfig", value)
+    AutoscalingConfig.check_keys(value)
+    return dict(value)
+
+
+def _check_actor_options(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _bad("ray_actor_options", "a dict", value)
+    unknown = sorted(set(value) - _RAY_ACTOR_OPTION_KEYS)
+    if unknown:
+        raise ValueError(
+            f"serve.deployment: ray_actor_options has unknown key(s) {unknown}; valid keys are "
+            f"{sorted(_RAY_ACTOR_OPTION_KEYS)}."
+        )
+    return dict(value)
+
+
+def _check_any_dict(name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is not None and not isinstance(value, Mapping) and not hasattr(value, "__dict__"):
+            raise _bad(name, "a dict or config object", value)
+        return value
+
+    return check
+
+
+def _check_bundles(value: Any) -> Any:
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(b, Mapping) for b in value)
+    ):
+        raise _bad("placement_group_bundles", "a list of dicts", value)
+    return value
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "name": _check_name,
+    "version": lambda v: _optional_str("version", v),
+    "num_replicas": _check_num_replicas,
+    "route_prefix": lambda v: _optional_str("route_prefix", v),
+    "ray_actor_options": _check_actor_options,
+    "placement_group_bundles": _check_bundles,
+    "placement_group_strategy": lambda v: _optional_str("placement_group_strategy", v),
+    "max_replicas_per_node": lambda v: (
+        None if v is None else _int("max_replicas_per_node", v, minimum=1)
+    ),
+    "user_config": _check_user_config,
+    "max_ongoing_requests": lambda v: _int("max_ongoing_requests", v, minimum=1),
+    "max_queued_requests": lambda v: _int("max_queued_requests", v, minimum=1, allow=(-1,)),
+    "autoscaling_config": _check_autoscaling,
+    "graceful_shutdown_wait_loop_s": lambda v: _float(
+        "graceful_shutdown_wait_loop_s", v, positive=False
+    ),
+    "graceful_shutdown_timeout_s": lambda v: _float(
+        "graceful_shutdown_timeout_s", v, positive=False
+    ),
+    "health_check_period_s": lambda v: _float("health_check_period_s", v, positive=True),
+    "health_check_timeout_s": lambda v: _float("health_check_timeout_s", v, positive=True),
+    "logging_config": _check_any_dict("logging_config"),
+    "request_router_config": _check_any_dict("request_router_config"),
+    "max_constructor_retry_count": lambda v: _int("max_constructor_retry_count", v, minimum=1),
+}
+
+DEPLOYMENT_OPTION_NAMES = frozenset(_CHECKS)
+
+
+def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check each given option (DEFAULT entries are dropped) and return the normalized values."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is DEFAULT.VALUE:
+            continue
+        if key not in _CHECKS:
+            raise TypeError(
+                f"serve.deployment got an unexpected option {key!r}; valid options are "
+                f"{sorted(_CHECKS)}."
+            )
+        out[key] = _CHECKS[key](value)
+    return out
+
+
+def build_deployment_config(options: Mapping[str, Any]) -> DeploymentConfig:
+    """Turn validated options into a DeploymentConfig (resolving num_replicas="auto")."""
+    num_replicas = options.get("num_replicas")
+    given = options.get("autoscaling_config")
+    autoscaling: AutoscalingConfig | None = None
+    if num_replicas == "auto":
+        if isinstance(given, AutoscalingConfig):
+            autoscaling = given
+        else:
+            autoscaling = AutoscalingConfig.from_value(
+                {**AutoscalingConfig.default().to_dict(), **(given or {})}
+            )
+        num_replicas = None
+    elif given is not None:
+        autoscaling = AutoscalingConfig.from_value(given)
+        if num_replicas is not None:
+            raise ValueError(
+                "serve.deployment: manually setting num_replicas is not allowed when "
+                "autoscaling_config is provided; remove one of them (or use "
+                'num_replicas="auto").'
+            )
+    elif num_replicas is None:
+        num_replicas = 1
+    kwargs = {
+        f.name: options[f.name]
+        for f in dataclasses.fields(DeploymentConfig)
+        if f.name in options and f.name not in ("num_replicas", "autoscaling_config")
+    }
+    return DeploymentConfig(num_replicas=num_replicas, autoscaling_config=autoscaling, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandleOptions:
+    """Per-call options of a DeploymentHandle (Ray's DynamicHandleOptions)."""
+
+    method_name: str = "__call__"
+    multiplexed_model_id: str = ""
+    stream: bool = False
+    prefer_local_routing: bool = False
+    by_reference: bool = False
+    request_serialization: str = "cloudpickle"
+    response_serialization: str = "cloudpickle"
+
+    def copy_and_update(self, **changes: Any) -> HandleOptions:
+        """A copy with the given (already validated) fields changed; DEFAULT keeps a field."""
+        updates = {k: v for k, v in changes.items() if v is not DEFAULT.VALUE}
+        if not updates:
+            return self
+        return dataclasses.replace(self, **updates)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"handle.options: {name} must be a bool, got {value!r}.")
+    return value
+
+
+def _codec(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"handle.options: {name} must be a string, got {value!r}.")
+    lowered = value.lower()
+    if lowered not in CODEC_NAMES:
+        raise ValueError(
+            f"Unsupported serialization method {value!r} for {name}; choose one of "
+            f"{list(CODEC_NAMES)}."
+        )
+    return lowered
+
+
+def validate_handle_options(
+    *,
+    method_name: Any,
+    multiplexed_model_id: Any,
+    stream: Any,
+    use_new_handle_api: Any,
+    prefer_local_routing: Any,
+    by_reference: Any,
+    request_serialization: Any,
+    response_serialization: Any,
+) -> dict[str, Any]:
+    """Validate ``DeploymentHandle.options()`` arguments; DEFAULT means "unchanged"."""
+    out: dict[str, Any] = {}
+    if method_name is not DEFAULT.VALUE:
+        if not isinstance(method_name, str) or not method_name:
+            raise TypeError(
+                f"handle.options: method_name must be a non-empty string, got {method_name!r}."
+            )
+        out["method_name"] = method_name
+    if multiplexed_model_id is not DEFAULT.VALUE:
+        if not isinstance(multiplexed_model_id, str):
+            raise TypeError(
+                f"handle.options: multiplexed_model_id must be a string, got "
+                f"{multiplexed_model_id!r}."
+            )
+        out["multiplexed_model_id"] = multiplexed_model_id
+    if stream is not DEFAULT.VALUE:
+        out["stream"] = _bool("stream", stream)
+    if use_new_handle_api is not DEFAULT.VALUE:
+        _bool("use_new_handle_api", use_new_handle_api)
+        warnings.warn(
+            "use_new_handle_api no longer has any effect; DeploymentHandle always uses the new "
+            "API.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if prefer_local_routing is not DEFAULT.VALUE:
+        out["prefer_local_routing"] = _bool("_prefer_local_routing", prefer_local_routing)
+    if by_reference is not DEFAULT.VALUE:
+        out["by_reference"] = _bool("_by_reference", by_reference)
+    if request_serialization is not DEFAULT.VALUE:
+        out["request_serialization"] = _codec("request_serialization", request_serialization)
+    if response_serialization is not DEFAULT.VALUE:
+        out["response_serialization"] = _codec("response_serialization", response_serialization)
+    return out

@@ -1,0 +1,557 @@
+"""Routers: queue requests per handle, pick replicas (power of two choices), retry safely.
+
+A ``DeploymentState`` per deployment per process holds what the controller publishes (the replica
+set), the queue-length estimates and the connections; every ``Router`` (one per handle and its
+``options()`` copies) keeps its own FIFO queue and ``max_queued_requests`` count on top of it.
+Everything here runs on the home loop, except ``Router.make_call`` which any thread may call.
+
+A request never reached user code if the replica rejected it, was draining, or its connection
+broke before the admission answer: such a request goes back to the queue in its original place
+and is retried. Once admitted, a lost connection fails it with ``ReplicaDiedError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from serve._call import Call, CallState
+from serve._context import current_request
+from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
+from serve._policy import QueueLengths, backoff_s, choose, probe_deadline_s
+from serve._rpc.connection import ConnectionLost, ReplicaConnection
+from serve._serialization import decode
+from serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaDiedError,
+    RequestCancelledError,
+    ServeError,
+)
+
+if TYPE_CHECKING:
+    from serve._client import ServeClient
+    from serve._options import HandleOptions
+
+logger = logging.getLogger(__name__)
+
+_WATCH_RETRY_MAX_S = 2.0
+STREAM_WINDOW = 64  # stream items a replica may send ahead of the consumer
+
+
+class ReplicaSkipped(ServeError):
+    """A broadcast call could not reach its replica before admission; it is left out."""
+
+
+class DeploymentState:
+    """What one process knows about one deployment: replicas, their load, connections."""
+
+    def __init__(self, client: ServeClient, deployment_id: DeploymentID) -> None:
+        self._client = client
+        self.deployment_id = deployment_id
+        self.replica_set: ReplicaSet | None = None
+        self.routable: list[ReplicaInfo] = []
+        self.queue_lens = QueueLengths()
+        self._replicas: dict[str, ReplicaInfo] = {}
+        self._excluded: set[str] = set()  # broken or draining, until the controller drops them
+        self._connections: dict[str, ReplicaConnection] = {}
+        self._probing: dict[str, asyncio.Task[None]] = {}
+        self._routers: weakref.WeakSet[Router] = weakref.WeakSet()
+        self._ready = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch = asyncio.create_task(self._watch_loop(), name=f"router:watch:{deployment_id}")
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"DeploymentState({self.deployment_id}, routable={len(self.routable)}, "
+            f"connections={len(self._connections)})"
+        )
+
+    def add_router(self, router: Router) -> None:
+        self._routers.add(router)
+        if self.replica_set is not None:
+            router.on_replica_set(self.replica_set)
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def _watch_loop(self) -> None:
+        delay_s = 0.05
+        while True:
+            try:
+                async for replica_set in self._client.controller.watch(self.deployment_id):
+                    self._apply(replica_set)
+                    delay_s = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("Watching %s failed (%s); retrying", self.deployment_id, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, _WATCH_RETRY_MAX_S)
+
+    def _apply(self, replica_set: ReplicaSet) -> None:
+        self.replica_set = replica_set
+        now = time.monotonic()
+        fresh = {r.replica_id: r for r in replica_set.replicas}
+        for replica_id in self._replicas.keys() - fresh.keys():
+            self.queue_lens.forget(replica_id)
+            probe = self._probing.pop(replica_id, None)
+            if probe is not None:
+                probe.cancel()
+        for replica_id in fresh.keys() - self._replicas.keys():
+            # A replica that just became RUNNING has no load yet; its first admission answer
+            # corrects this if another router got there first.
+            self.queue_lens.report(replica_id, 0, now)
+        self._replicas = fresh
+        self._excluded &= fresh.keys()
+        self._recompute()
+        for router in list(self._routers):
+            router.on_replica_set(replica_set)
+        self._ready.set()
+
+    def _recompute(self) -> None:
+        self.routable = [r for r in self._replicas.values() if r.replica_id not in self._excluded]
+
+    def exclude(self, replica_id: str) -> None:
+        """Stop routing to a replica before the controller says so (it broke or is draining)."""
+        if replica_id in self._replicas and replica_id not in self._excluded:
+            self._excluded.add(replica_id)
+            self._recompute()
+
+    def connection(self, replica: ReplicaInfo) -> ReplicaConnection:
+        conn = self._connections.get(replica.replica_id)
+        if conn is None:
+            conn = ReplicaConnection(
+                replica.replica_id,
+                replica.address,
+                token=self._client.token,
+                tls=self._client.tls,
+                on_broken=self._on_broken,
+            )
+            self._connections[replica.replica_id] = conn
+        return conn
+
+    def _on_broken(self, conn: ReplicaConnection, error: ConnectionLost) -> None:
+        if self._connections.get(conn.replica_id) is conn:
+            del self._connections[conn.replica_id]
+        logger.debug("Dropping replica %s: %s", conn.replica_id, error)
+        self.exclude(conn.replica_id)
+        self.queue_lens.forget(conn.replica_id)
+        self._spawn(conn.aclose(), f"router:close:{conn.replica_id}")
+        self.wake()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def wake(self) -> None:
+        """Capacity may have changed: let routers with waiting requests try again."""
+        for router in self._routers:
+            if router.has_pending:
+                router.pump()
+
+    def probe(self, replica: ReplicaInfo, failed_passes: int) -> None:
+        if replica.replica_id in self._probing or self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._probe(replica, probe_deadline_s(failed_passes)),
+            name=f"router:probe:{replica.replica_id}",
+        )
+        self._probing[replica.replica_id] = task
+
+    async def _probe(self, replica: ReplicaInfo, deadline_s: float) -> None:
+        replica_id = replica.replica_id
+        try:
+            ongoing, accepting = await self.connection(replica).queue_length(deadline_s)
+            if replica_id in self._replicas:
+                if accepting:
+                    self.queue_lens.report(replica_id, ongoing, time.monotonic())
+                else:
+                    self.exclude(replica_id)
+        except (TimeoutError, ConnectionLost):
+            pass  # no answer; a broken connection was already reported
+        except Exception:
+            logger.exception("Probing replica %s failed", replica_id)
+        finally:
+            if self._probing.get(replica_id) is asyncio.current_task():
+                del self._probing[replica_id]
+        self.wake()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [self._watch, *self._probing.values(), *self._tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        conns = list(self._connections.values())
+        self._connections.clear()
+        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+        for router in list(self._routers):
+            router.fail_all(ServeError("Serve was shut down; this handle can no longer be used."))
+
+
+class Router:
+    """The request queue of one handle (shared by its ``options()`` copies)."""
+
+    def __init__(self, client: ServeClient, deployment_id: DeploymentID, handle_id: str) -> None:
+        self._client = client
+        self.deployment_id = deployment_id
+        self.handle_id = handle_id
+        self.prefer_local_routing = False
+        self._state: DeploymentState | None = None
+        self._pending: list[tuple[int, Call]] = []
+        self._lock = threading.Lock()
+        self._num_queued = 0
+        self._max_queued = -1
+        self._seq = itertools.count()
+        self._failed_passes = 0
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._pumping = False
+        self._repump = False
+        self._rng = random.Random()
+        self.num_requests = 0
+
+    def __repr__(self) -> str:
+        return f"Router({self.deployment_id}, queued={self._num_queued})"
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def num_queued(self) -> int:
+        return self._num_queued
+
+    # Any thread.
+
+    def make_call(
+        self, options: HandleOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call:
+        """Reserve a queue slot (or raise BackPressureError) and build the request."""
+        limit = self._max_queued
+        with self._lock:
+            if limit != -1 and self._num_queued >= limit:
+                raise BackPressureError(
+                    num_queued_requests=self._num_queued,
+                    max_queued_requests=limit,
+                    deployment=str(self.deployment_id),
+                )
+            self._num_queued += 1
+            self.num_requests += 1
+        try:
+            call = Call(self, next(self._seq), options, args, kwargs, current_request())
+        except BaseException:
+            self._release_slot_count()
+            raise
+        call.holds_queue_slot = True
+        return call
+
+    def _release_slot_count(self) -> None:
+        with self._lock:
+            self._num_queued -= 1
+
+    def _release_slot(self, call: Call) -> None:
+        if call.holds_queue_slot:
+            call.holds_queue_slot = False
+            self._release_slot_count()
+
+    # Home loop.
+
+    def state(self) -> DeploymentState:
+        if self._state is None:
+            self._state = self._client.deployment_state(self.deployment_id)
+            self._state.add_router(self)
+        return self._state
+
+    def on_replica_set(self, replica_set: ReplicaSet) -> None:
+        self._max_queued = replica_set.max_queued_requests
+        if not replica_set.exists:
+            error = DeploymentUnavailableError(
+                str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
+            )
+            for _, call in self._pending:
+                self.finish(call, error=error)
+            self._pending.clear()
+            return
+        self._failed_passes = 0
+        if self._pending:
+            self.pump()
+
+    def submit(self, call: Call) -> None:
+        """Start a request made by make_call: resolve its inputs, then queue it."""
+        if call.parent is not None:
+            call.parent.children.add(call)
+        if call.state == CallState.DONE:
+            return
+        state = self.state()
+        if call.cancelled:
+            self.finish(call, error=RequestCancelledError(call.request_id))
+            return
+        if call.inputs:
+            self._resolve(call)
+            return
+        self._enqueue(call, state)
+
+    def _resolve(self, call: Call) -> None:
+        assert call.inputs is not None
+        remaining = len(call.inputs)
+
+        def on_input_done(_: Any) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining or call.state != CallState.RESOLVING:
+                return
+            for _, upstream in call.inputs or ():
+                error = upstream.completion.error()
+                if error is not None:
+                    self.finish(call, error=error)
+                    return
+            try:
+                call.encode(*call.resolved_arguments())
+            except Exception as exc:
+                self.finish(call, error=exc)
+                return
+            self._enqueue(call, self.state())
+
+        for _, upstream in call.inputs:
+            upstream.completion.add_done_callback(on_input_done)
+
+    def _enqueue(self, call: Call, state: DeploymentState) -> None:
+        replica_set = state.replica_set
+        if replica_set is not None and not replica_set.exists:
+            self.finish(
+                call,
+                error=DeploymentUnavailableError(
+                    str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
+                ),
+            )
+            return
+        call.state = CallState.QUEUED
+        heapq.heappush(self._pending, (call.seq, call))
+        self.pump()
+
+    def pump(self) -> None:
+        """Send waiting requests, oldest first, while a replica can take them."""
+        if self._pumping:
+            self._repump = True
+            return
+        self._pumping = True
+        try:
+            self._repump = True
+            while self._repump:
+                self._repump = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        state = self.state()
+        pending = self._pending
+        rng = self._rng
+        queue_lens = state.queue_lens
+        now = time.monotonic()
+
+        def estimate(replica_id: str) -> int | None:
+            return queue_lens.estimate(replica_id, now)
+
+        while pending:
+            call = pending[0][1]
+            if call.state != CallState.QUEUED:
+                heapq.heappop(pending)
+                continue
+            candidates = state.routable
+            if not candidates:
+                return  # wait for the controller to publish replicas
+            choice = choose(candidates, estimate, rng)
+            for replica in choice.probe:
+                state.probe(replica, self._failed_passes)
+            if choice.replica is None:
+                self._schedule_retry()
+                return
+            heapq.heappop(pending)
+            self._failed_passes = 0
+            self._send(call, choice.replica, state)
+
+    def _schedule_retry(self) -> None:
+        self._failed_passes += 1
+        if self._retry_timer is not None:
+            return
+        delay_s = backoff_s(self._failed_passes)
+        loop = asyncio.get_running_loop()
+        self._retry_timer = loop.call_later(delay_s, self._on_retry_timer)
+
+    def _on_retry_timer(self) -> None:
+        self._retry_timer = None
+        if self._pending:
+            self.pump()
+
+    def _send(self, call: Call, replica: ReplicaInfo, state: DeploymentState) -> None:
+        conn = state.connection(replica)
+        try:
+            call.frame_id = conn.send_request(
+                call,
+                method=call.method,
+                request_codec=call.request_codec,
+                response_codec=call.response_codec,
+                args=call.args_blob,
+                kwargs=call.kwargs_blob,
+                request_id=call.request_id,
+                model_id=call.model_id,
+                stream=call.stream,
+                no_reject=call.no_reject,
+                stream_window=STREAM_WINDOW if call.stream else 0,
+            )
+        except ConnectionLost as exc:
+            state.exclude(replica.replica_id)
+            if call.no_reject:
+                self.finish(call, error=ReplicaSkipped(str(exc)))
+                return
+            call.state = CallState.QUEUED
+            heapq.heappush(self._pending, (call.seq, call))
+            self._repump = True
+            return
+        call.state = CallState.SENT
+        call.replica_id = replica.replica_id
+        call.conn = conn
+        state.queue_lens.sent(replica.replica_id)
+
+    # Replies (home loop), via Call's Exchange methods.
+
+    def on_accepted(self, call: Call, ongoing: int) -> None:
+        queue_lens = self.state().queue_lens
+        queue_lens.answered(call.replica_id)
+        queue_lens.report(call.replica_id, ongoing, time.monotonic())
+        if call.state == CallState.SENT:
+            call.state = CallState.ACCEPTED
+        self._release_slot(call)
+
+    def on_rejected(self, call: Call, ongoing: int, draining: bool) -> None:
+        state = self.state()
+        state.queue_lens.answered(call.replica_id)
+        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
+        if draining:
+            state.exclude(call.replica_id)
+        if call.state == CallState.SENT:
+            call.state = CallState.QUEUED
+            call.conn = None
+            heapq.heappush(self._pending, (call.seq, call))
+        state.wake()
+
+    def on_result(self, call: Call, body: memoryview, ongoing: int) -> None:
+        state = self.state()
+        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
+        if call.state != CallState.DONE:
+            try:
+                value = decode(call.response_codec, body)
+            except Exception as exc:
+                self.finish(call, error=_decode_error(call, exc))
+            else:
+                self.finish(call, value=value)
+        state.wake()
+
+    def on_error(self, call: Call, error: BaseException, cancelled: bool, ongoing: int) -> None:
+        state = self.state()
+        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
+        if call.state == CallState.SENT:  # failed before admission (e.g. undecodable request)
+            state.queue_lens.answered(call.replica_id)
+        self.finish(call, error=RequestCancelledError(call.request_id) if cancelled else error)
+        state.wake()
+
+    def on_item(self, call: Call, body: memoryview) -> None:
+        buffer = call.stream_buffer
+        if buffer is not None and call.state != CallState.DONE:
+            buffer.push(body)
+
+    def on_end(self, call: Call, ongoing: int) -> None:
+        state = self.state()
+        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
+        self.finish(call, value=None)
+        state.wake()
+
+    def on_lost(self, call: Call, error: ConnectionLost) -> None:
+        if call.state == CallState.SENT:
+            self.state().queue_lens.answered(call.replica_id)
+            if call.no_reject:  # a broadcast call belongs to its replica: leave it out
+                self.finish(call, error=ReplicaSkipped(str(error)))
+            elif error.retryable:
+                call.state = CallState.QUEUED
+                call.conn = None
+                heapq.heappush(self._pending, (call.seq, call))
+                return  # the connection's owner wakes routers once it dropped the replica
+            self.finish(call, error=ServeError(str(error)))
+        elif call.state == CallState.ACCEPTED:
+            self.finish(
+                call,
+                error=ReplicaDiedError(
+                    f"Replica {call.replica_id} of {self.deployment_id} died while handling "
+                    f"request {call.request_id} ({call.method}): {error}. The request may have "
+                    "partly run; it was not retried."
+                ),
+            )
+
+    # Outcomes.
+
+    def finish(self, call: Call, *, value: Any = None, error: BaseException | None = None) -> None:
+        if call.state == CallState.DONE:
+            return
+        call.state = CallState.DONE
+        self._release_slot(call)
+        if call.parent is not None:
+            call.parent.children.discard(call)
+        buffer = call.stream_buffer
+        if buffer is not None:
+            buffer.close(error)
+        if error is not None:
+            call.completion.set_exception(error)
+        else:
+            call.completion.set_result(value)
+
+    def cancel(self, call: Call) -> None:
+        """Cancel a request: drop it if still queued, else tell its replica."""
+        call.cancelled = True
+        if call.state == CallState.DONE:
+            return
+        if call.state in (CallState.SENT, CallState.ACCEPTED) and call.conn is not None:
+            call.conn.cancel(call.frame_id)
+        self.finish(call, error=RequestCancelledError(call.request_id))
+
+    def send_to(self, call: Call, replica: ReplicaInfo) -> None:
+        """Send a call to one given replica (broadcast), bypassing the queue."""
+        call.state = CallState.QUEUED
+        self._send(call, replica, self.state())
+
+    def credit(self, call: Call, count: int) -> None:
+        """The consumer of a stream read ``count`` items: the replica may send that many more."""
+        if call.conn is not None and call.state != CallState.DONE:
+            call.conn.credit(call.frame_id, count)
+
+    def decode_item(self, call: Call, body: memoryview) -> Any:
+        try:
+            return decode(call.response_codec, body)
+        except Exception as exc:
+            raise _decode_error(call, exc) from None
+
+    def fail_all(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, []
+        for _, call in pending:
+            self.finish(call, error=error)
+
+
+def _decode_error(call: Call, exc: Exception) -> TypeError:
+    from serve._serialization import CODEC_NAMES
+
+    return TypeError(
+        f"Could not decode the result of {call.method} with the "
+        f"{CODEC_NAMES[call.response_codec]} codec: {exc}"
+    )

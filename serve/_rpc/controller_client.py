@@ -1,0 +1,201 @@
+"""A typed client of the controller service, used by drivers, handles and replicas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import grpc.aio
+
+from serve._models import CodeEnv, DeploymentID, DeploymentSpec, ReplicaSet
+from serve._proto import controller_pb2, controller_pb2_grpc
+from serve._rpc.channel import CHANNEL_OPTIONS, TlsFiles, open_channel, token_metadata
+from serve._rpc.convert import (
+    application_status_from_proto,
+    code_env_to_proto,
+    deployment_id_to_proto,
+    replica_set_from_proto,
+    serve_status_from_proto,
+    spec_to_proto,
+)
+from serve._rpc.status import controller_error, rebuild
+from serve.exceptions import ServeError
+from serve.schema import ApplicationStatusOverview, ServeStatus
+
+# Unary control calls answer in milliseconds; a controller that takes longer is gone.
+CALL_TIMEOUT_S = 10.0
+
+
+class ControllerClient:
+    """One channel to the controller, on the loop that created it."""
+
+    def __init__(self, address: str, *, token: str | None, tls: TlsFiles | None) -> None:
+        self.address = address
+        self._metadata = token_metadata(token)
+        self._channel = open_channel(address, tls)
+        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        try:
+            await self._stub.GetStatus(
+                controller_pb2.GetStatusRequest(),
+                timeout=timeout_s,
+                metadata=self._metadata,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "reach the controller") from None
+
+    async def deploy(
+        self,
+        *,
+        app_name: str,
+        route_prefix: str | None,
+        ingress: str,
+        specs: Sequence[DeploymentSpec],
+        code_env: CodeEnv,
+    ) -> None:
+        request = controller_pb2.DeployRequest(
+            app_name=app_name,
+            ingress=ingress,
+            deployments=[spec_to_proto(s) for s in specs],
+            code_env=code_env_to_proto(code_env),
+        )
+        if route_prefix is not None:
+            request.route_prefix = route_prefix
+        try:
+            await self._stub.Deploy(request, timeout=CALL_TIMEOUT_S, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, f"deploy application {app_name!r}") from None
+
+    async def wait_application(
+        self, app_name: str, timeout_s: float
+    ) -> ApplicationStatusOverview | None:
+        """The application's status once it settles or ``timeout_s`` passes; None if unknown."""
+        try:
+            reply = await self._stub.WaitApplication(
+                controller_pb2.WaitApplicationRequest(app_name=app_name, timeout_s=timeout_s),
+                timeout=timeout_s + CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(
+                exc, self.address, f"wait for application {app_name!r}"
+            ) from None
+        if not reply.found:
+            return None
+        return application_status_from_proto(reply.status)
+
+    async def failure_cause(self, app_name: str) -> BaseException | None:
+        """The exception of the application's last constructor failure, rebuilt, if any."""
+        reply = await self._stub.WaitApplication(
+            controller_pb2.WaitApplicationRequest(app_name=app_name, timeout_s=0),
+            timeout=CALL_TIMEOUT_S,
+            metadata=self._metadata,
+        )
+        for deployment in reply.status.deployments:
+            if deployment.error.traceback or deployment.error.pickled:
+                return rebuild(deployment.error)
+        return None
+
+    async def delete_application(self, app_name: str, *, wait: bool) -> bool:
+        try:
+            reply = await self._stub.DeleteApplication(
+                controller_pb2.DeleteApplicationRequest(app_name=app_name, wait=wait),
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, f"delete application {app_name!r}") from None
+        return reply.found
+
+    async def status(self) -> ServeStatus:
+        try:
+            reply = await self._stub.GetStatus(
+                controller_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT_S, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "get the serve status") from None
+        return serve_status_from_proto(reply)
+
+    async def get_application(self, app_name: str) -> tuple[str, list[str]] | None:
+        """(ingress, deployment names) of an application, or None if there is none."""
+        try:
+            reply = await self._stub.GetApplication(
+                controller_pb2.GetApplicationRequest(app_name=app_name),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, f"look up application {app_name!r}") from None
+        if not reply.found:
+            return None
+        return reply.ingress, list(reply.deployments)
+
+    async def shutdown(self) -> None:
+        try:
+            await self._stub.Shutdown(
+                controller_pb2.ShutdownRequest(), timeout=120, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # it stopped before answering
+                raise controller_error(exc, self.address, "shut down serve") from None
+
+    async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
+        """Replica sets of one deployment: the current one, then each change. Ends on error."""
+        call = self._stub.WatchDeployment(
+            controller_pb2.WatchDeploymentRequest(id=deployment_id_to_proto(deployment_id)),
+            metadata=self._metadata,
+        )
+        try:
+            async for message in call:
+                yield replica_set_from_proto(message)
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, f"watch {deployment_id}") from None
+        finally:
+            call.cancel()
+
+    async def report_load(
+        self, deployment_id: DeploymentID, source_id: str, ongoing: float, *, is_handle: bool
+    ) -> None:
+        await self._stub.ReportLoad(
+            controller_pb2.ReportLoadRequest(
+                id=deployment_id_to_proto(deployment_id),
+                source_id=source_id,
+                ongoing=ongoing,
+                is_handle=is_handle,
+            ),
+            timeout=CALL_TIMEOUT_S,
+            metadata=self._metadata,
+        )
+
+
+def lookup_application_blocking(client: object, app_name: str) -> tuple[str, list[str]] | None:
+    """GetApplication with a short-lived sync channel, for callers on the home loop's thread.
+
+    ``serve.get_app_handle`` is synchronous (as in Ray) and is often called in a deployment's
+    constructor, which runs on the replica's loop; the lookup blocks that loop for one RPC.
+    """
+    address: str = client.address  # type: ignore[attr-defined]
+    token: str | None = client.token  # type: ignore[attr-defined]
+    tls: TlsFiles | None = client.tls  # type: ignore[attr-defined]
+    if tls is not None:
+        channel = grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        reply = stub.GetApplication(
+            controller_pb2.GetApplicationRequest(app_name=app_name),
+            timeout=CALL_TIMEOUT_S,
+            metadata=token_metadata(token),
+        )
+    except grpc.RpcError as exc:
+        raise ServeError(f"Could not look up application {app_name!r}: {exc}") from None
+    finally:
+        channel.close()
+    if not reply.found:
+        return None
+    return reply.ingress, list(reply.deployments)

@@ -1,0 +1,202 @@
+"""Protobuf <-> internal dataclasses, for the SDK and both daemons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from serve._models import (
+    ApplicationStatus,
+    CodeEnv,
+    DeploymentID,
+    DeploymentSpec,
+    DeploymentStatus,
+    DeploymentStatusTrigger,
+    ReplicaInfo,
+    ReplicaSet,
+    ReplicaState,
+)
+from serve._options import DeploymentConfig
+from serve._proto import common_pb2, controller_pb2
+from serve.config import AutoscalingConfig
+from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+
+
+def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
+    msg = common_pb2.DeploymentConfig(
+        num_replicas=config.num_replicas or 0,
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
+        graceful_shutdown_wait_loop_s=config.graceful_shutdown_wait_loop_s,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        max_constructor_retry_count=config.max_constructor_retry_count,
+    )
+    user_config = config.user_config_json()
+    if user_config is not None:
+        msg.user_config_json = user_config
+    auto = config.autoscaling_config
+    if auto is not None:
+        msg.autoscaling.CopyFrom(
+            common_pb2.AutoscalingConfig(
+                min_replicas=auto.min_replicas,
+                max_replicas=auto.max_replicas,
+                target_ongoing_requests=auto.target_ongoing_requests,
+                metrics_interval_s=auto.metrics_interval_s,
+                look_back_period_s=auto.look_back_period_s,
+                upscale_delay_s=auto.upscale_delay_s,
+                downscale_delay_s=auto.downscale_delay_s,
+            )
+        )
+        for name in (
+            "initial_replicas",
+            "upscaling_factor",
+            "downscaling_factor",
+            "downscale_to_zero_delay_s",
+        ):
+            value = getattr(auto, name)
+            if value is not None:
+                setattr(msg.autoscaling, name, value)
+    return msg
+
+
+def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
+    autoscaling: AutoscalingConfig | None = None
+    if msg.HasField("autoscaling"):
+        a = msg.autoscaling
+        autoscaling = AutoscalingConfig(
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            initial_replicas=a.initial_replicas if a.HasField("initial_replicas") else None,
+            target_ongoing_requests=a.target_ongoing_requests,
+            metrics_interval_s=a.metrics_interval_s,
+            look_back_period_s=a.look_back_period_s,
+            upscale_delay_s=a.upscale_delay_s,
+            downscale_delay_s=a.downscale_delay_s,
+            upscaling_factor=a.upscaling_factor if a.HasField("upscaling_factor") else None,
+            downscaling_factor=a.downscaling_factor if a.HasField("downscaling_factor") else None,
+            downscale_to_zero_delay_s=(
+                a.downscale_to_zero_delay_s if a.HasField("downscale_to_zero_delay_s") else None
+            ),
+        )
+    user_config: Any = None
+    if msg.HasField("user_config_json"):
+        user_config = orjson.loads(msg.user_config_json)
+    return DeploymentConfig(
+        num_replicas=None if autoscaling is not None else msg.num_replicas,
+        max_ongoing_requests=msg.max_ongoing_requests,
+        max_queued_requests=msg.max_queued_requests,
+        user_config=user_config,
+        autoscaling_config=autoscaling,
+        graceful_shutdown_wait_loop_s=msg.graceful_shutdown_wait_loop_s,
+        graceful_shutdown_timeout_s=msg.graceful_shutdown_timeout_s,
+        health_check_period_s=msg.health_check_period_s,
+        health_check_timeout_s=msg.health_check_timeout_s,
+        max_constructor_retry_count=msg.max_constructor_retry_count,
+    )
+
+
+def spec_to_proto(spec: DeploymentSpec) -> common_pb2.DeploymentSpec:
+    return common_pb2.DeploymentSpec(
+        name=spec.name,
+        serialized_callable=spec.serialized_callable,
+        serialized_init_args=spec.serialized_init_args,
+        code_version=spec.code_version,
+        config=config_to_proto(spec.config),
+    )
+
+
+def code_env_to_proto(env: CodeEnv) -> common_pb2.CodeEnv:
+    return common_pb2.CodeEnv(cwd=env.cwd, sys_path=list(env.sys_path))
+
+
+def code_env_from_proto(msg: common_pb2.CodeEnv) -> CodeEnv:
+    return CodeEnv(cwd=msg.cwd, sys_path=tuple(msg.sys_path))
+
+
+def deployment_id_to_proto(deployment_id: DeploymentID) -> common_pb2.DeploymentId:
+    return common_pb2.DeploymentId(app=deployment_id.app_name, name=deployment_id.name)
+
+
+def deployment_id_from_proto(msg: common_pb2.DeploymentId) -> DeploymentID:
+    return DeploymentID(msg.name, msg.app)
+
+
+def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
+    return common_pb2.ReplicaSet(
+        version=rs.version,
+        exists=rs.exists,
+        replicas=[
+            common_pb2.ReplicaInfo(
+                replica_id=r.replica_id,
+                address=r.address,
+                host=r.host,
+                max_ongoing_requests=r.max_ongoing_requests,
+                model_ids=sorted(r.model_ids),
+            )
+            for r in rs.replicas
+        ],
+        max_queued_requests=rs.max_queued_requests,
+        max_ongoing_requests=rs.max_ongoing_requests,
+        autoscaling=rs.autoscaling,
+    )
+
+
+def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
+    return ReplicaSet(
+        version=msg.version,
+        exists=msg.exists,
+        replicas=tuple(
+            ReplicaInfo(
+                replica_id=r.replica_id,
+                address=r.address,
+                host=r.host,
+                max_ongoing_requests=r.max_ongoing_requests,
+                model_ids=frozenset(r.model_ids),
+            )
+            for r in msg.replicas
+        ),
+        max_queued_requests=msg.max_queued_requests,
+        max_ongoing_requests=msg.max_ongoing_requests,
+        autoscaling=msg.autoscaling,
+    )
+
+
+def _enum(kind: Any, value: str, default: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        return default
+
+
+def application_status_from_proto(
+    msg: controller_pb2.ApplicationStatus,
+) -> ApplicationStatusOverview:
+    deployments = {
+        d.name: DeploymentStatusOverview(
+            status=_enum(DeploymentStatus, d.status, DeploymentStatus.UPDATING),
+            status_trigger=_enum(
+                DeploymentStatusTrigger, d.status_trigger, DeploymentStatusTrigger.UNSPECIFIED
+            ),
+            replica_states={
+                _enum(ReplicaState, k, k): v for k, v in sorted(d.replica_states.items())
+            },
+            message=d.message,
+        )
+        for d in msg.deployments
+    }
+    return ApplicationStatusOverview(
+        status=_enum(ApplicationStatus, msg.status, ApplicationStatus.NOT_STARTED),
+        message=msg.message,
+        last_deployed_time_s=msg.last_deployed_time_s,
+        deployments=deployments,
+        route_prefix=msg.route_prefix if msg.HasField("route_prefix") else None,
+    )
+
+
+def serve_status_from_proto(msg: controller_pb2.GetStatusResponse) -> ServeStatus:
+    return ServeStatus(
+        applications={a.name: application_status_from_proto(a) for a in msg.applications}
+    )

@@ -1,0 +1,110 @@
+"""The framing of the multiplexed Connect stream.
+
+One gRPC message is a ``serve.v1.Batch`` whose ``frames`` bytes hold a run of frames::
+
+    u32 header_len | u32 body_len | FrameHeader (protobuf) | body (raw bytes)
+
+The Batch wrapper is written and read by hand (tag 0x0A, varint length) so that payloads are
+copied once into the outgoing message and sliced, not copied, out of an incoming one. The result
+is byte-for-byte a valid protobuf ``Batch``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Final
+
+from serve._proto.replica_pb2 import FrameHeader
+
+_LENGTHS: Final = struct.Struct("<II")
+_BATCH_TAG: Final = b"\x0a"  # field 1, wire type 2 (length-delimited)
+MAX_VARINT_BYTES: Final = 10
+
+
+class FrameError(ValueError):
+    """A Connect message that is not a well-formed batch of frames."""
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class BatchWriter:
+    """Accumulates frames; :meth:`take` returns one Batch message with all of them."""
+
+    __slots__ = ("_parts", "_size", "count")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0
+        self.count = 0
+
+    def add(self, header: FrameHeader, *body: bytes | memoryview) -> None:
+        encoded = header.SerializeToString()
+        body_len = 0
+        for part in body:
+            body_len += len(part)
+        self._parts.append(_LENGTHS.pack(len(encoded), body_len))
+        self._parts.append(encoded)
+        self._parts.extend(body)
+        self._size += 8 + len(encoded) + body_len
+        self.count += 1
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def take(self) -> bytes:
+        parts, size = self._parts, self._size
+        self._parts, self._size, self.count = [], 0, 0
+        return b"".join([_BATCH_TAG, _varint(size), *parts])
+
+
+def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
+    """Yield (header, body) for each frame; bodies are zero-copy views of ``message``."""
+    view = memoryview(message)
+    total = len(view)
+    if total == 0:
+        return
+    if view[0] != 0x0A:
+        raise FrameError(f"Not a Batch message: first byte is {view[0]:#04x}, expected 0x0a.")
+    length = shift = 0
+    offset = 1
+    while True:
+        if offset >= total or offset > MAX_VARINT_BYTES:
+            raise FrameError("Truncated Batch length prefix.")
+        byte = view[offset]
+        offset += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    end = offset + length
+    if end != total:
+        raise FrameError(f"Batch length {length} does not match the message ({total - offset}).")
+    while offset < end:
+        if end - offset < 8:
+            raise FrameError("Truncated frame lengths.")
+        header_len, body_len = _LENGTHS.unpack_from(view, offset)
+        offset += 8
+        body_start = offset + header_len
+        body_end = body_start + body_len
+        if body_end > end:
+            raise FrameError(
+                f"Frame of {header_len}+{body_len} bytes overruns the batch ({end - offset} left)."
+            )
+        try:
+            header = FrameHeader.FromString(view[offset:body_start])  # type: ignore[arg-type]
+        except Exception as exc:  # protobuf's DecodeError
+            raise FrameError(f"Undecodable frame header: {exc}") from None
+        yield header, view[body_start:body_end]
+        offset = body_end

@@ -1,0 +1,88 @@
+"""Exceptions across the wire, in one place, both directions.
+
+A user exception travels cloudpickled together with its formatted traceback, whatever the
+response codec. The receiver re-raises the user's own type with a ``RemoteTraceback`` as its
+``__cause__``; if the exception cannot be pickled or rebuilt, it gets a ``RemoteError`` carrying
+the type name, message and traceback text instead.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+
+import cloudpickle
+import grpc
+
+from serve._proto.common_pb2 import ErrorInfo
+from serve.exceptions import (
+    ControllerUnavailableError,
+    RemoteError,
+    RemoteTraceback,
+    ServeError,
+)
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _type_name(exc: BaseException) -> str:
+    kind = type(exc)
+    module = kind.__module__
+    return (
+        kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}"
+    )
+
+
+def error_info(exc: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
+    """Describe an exception for the wire; never raises."""
+    try:
+        text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    except Exception:
+        text = ""
+    try:
+        pickled = cloudpickle.dumps(exc)
+    except Exception:
+        pickled = b""
+    return ErrorInfo(
+        type_name=_type_name(exc), message=_safe_str(exc), traceback=text, pickled=pickled
+    )
+
+
+def rebuild(info: ErrorInfo) -> BaseException:
+    """The exception an ErrorInfo describes, with the remote traceback as its cause."""
+    error: BaseException | None = None
+    if info.pickled:
+        try:
+            loaded = pickle.loads(info.pickled)
+        except Exception:
+            loaded = None
+        if isinstance(loaded, BaseException):
+            error = loaded
+    if error is None:
+        return RemoteError(info.type_name, info.message, info.traceback)
+    if info.traceback:
+        error.__cause__ = RemoteTraceback(info.traceback)
+    return error
+
+
+def controller_error(exc: grpc.aio.AioRpcError, address: str, action: str) -> Exception:
+    """Translate a failed controller RPC into the exception the SDK raises."""
+    code = exc.code()
+    details = exc.details() or ""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ControllerUnavailableError(
+            f"Could not {action}: no serve controller answered at {address} ({details}). "
+            "Start one (serve-controller), or unset SERVE_ADDRESS to use an embedded one."
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ServeError(f"Could not {action}: the controller at {address} refused: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(f"Could not {action}: {details}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ServeError(details)
+    return ServeError(f"Could not {action}: {code.name}: {details}")

@@ -1,0 +1,173 @@
+"""The four payload codecs (``cloudpickle``, ``pickle``, ``msgpack``, ``orjson``).
+
+Args and kwargs are encoded separately with the handle's ``request_serialization``; results and
+stream items with its ``response_serialization``. A value a codec cannot carry raises a
+``TypeError`` naming the codec and the type, before anything is sent. Exceptions never go through
+these codecs (see ``serve/_rpc/status.py``).
+
+What survives a round trip: cloudpickle and pickle keep Python types (pickle needs importable
+classes); msgpack keeps None/bool/int/float/str/bytes/list/dict (tuples come back as lists);
+orjson keeps JSON types (no bytes; tuples come back as lists; dict keys must be strings).
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Final
+
+import cloudpickle
+import msgpack
+import orjson
+
+from serve.exceptions import ServeError
+
+CODEC_NAMES: Final = ("cloudpickle", "pickle", "msgpack", "orjson")
+CLOUDPICKLE: Final = 0
+PICKLE: Final = 1
+MSGPACK: Final = 2
+ORJSON: Final = 3
+CODEC_IDS: Final = {name: i for i, name in enumerate(CODEC_NAMES)}
+
+_PLAIN_TYPES: Final = frozenset({str, bytes, int, float, bool, type(None)})
+_ORJSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
+
+
+def codec_id(name: str) -> int:
+    try:
+        return CODEC_IDS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported serialization method {name!r}; choose one of {list(CODEC_NAMES)}."
+        ) from None
+
+
+def _is_plain(value: Any) -> bool:
+    """True for data the C pickler handles without cloudpickle's by-value machinery."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return True
+    if kind is tuple or kind is list:
+        return all(type(v) in _PLAIN_TYPES for v in value)
+    if kind is dict:
+        return all(type(k) in _PLAIN_TYPES and type(v) in _PLAIN_TYPES for k, v in value.items())
+    return False
+
+
+def _not_serializable(obj: Any) -> Any:
+    from serve.handle import DeploymentResponse, DeploymentResponseGenerator
+
+    if isinstance(obj, DeploymentResponse | DeploymentResponseGenerator):
+        obj.__reduce__()  # raises the "not serializable" ServeError
+    raise TypeError(f"Type is not serializable: {type(obj).__name__}")
+
+
+def _encode_error(codec: int, value: Any, exc: Exception) -> TypeError:
+    hint = (
+        "use request_serialization/response_serialization 'cloudpickle' for arbitrary Python "
+        "objects"
+        if codec in (MSGPACK, ORJSON)
+        else "make the value picklable or pass plain data"
+    )
+    return TypeError(
+        f"The {CODEC_NAMES[codec]} codec cannot encode a value of type "
+        f"{type(value).__name__}: {exc}; {hint}."
+    )
+
+
+def encode(codec: int, value: Any) -> bytes:
+    """Encode one value; raises TypeError naming the codec and type if it cannot."""
+    try:
+        if codec == CLOUDPICKLE:
+            if _is_plain(value):
+                return pickle.dumps(value, protocol=5)
+            return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
+        if codec == PICKLE:
+            return pickle.dumps(value, protocol=5)
+        if codec == MSGPACK:
+            return msgpack.packb(value, use_bin_type=True, default=_not_serializable)  # type: ignore[no-any-return]
+        if codec == ORJSON:
+            return orjson.dumps(value, default=_not_serializable, option=_ORJSON_OPTIONS)
+    except ServeError:
+        raise
+    except RecursionError as exc:
+        raise _encode_error(codec, value, exc) from None
+    except Exception as exc:
+        raise _encode_error(codec, value, exc) from None
+    raise ValueError(f"Unknown codec id {codec}.")
+
+
+def decode(codec: int, data: bytes | memoryview) -> Any:
+    """Decode one value encoded by :func:`encode` with the same codec."""
+    if codec in (CLOUDPICKLE, PICKLE):
+        return pickle.loads(data)
+    if codec == MSGPACK:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if codec == ORJSON:
+        return orjson.loads(data)
+    raise ValueError(f"Unknown codec id {codec}.")
+
+
+def encode_args(codec: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, bytes]:
+    """Encode positional and keyword arguments separately (as Ray does)."""
+    encoded_kwargs = encode(codec, kwargs) if kwargs else b""
+    if not args:
+        return b"", encoded_kwargs
+    if codec in (CLOUDPICKLE, PICKLE):
+        return encode(codec, args), encoded_kwargs
+    return encode(codec, list(args)), encoded_kwargs
+
+
+def decode_args(
+    codec: int, args: bytes | memoryview, kwargs: bytes | memoryview
+) -> tuple[tuple[Any, ...] | list[Any], dict[str, Any]]:
+    decoded_args = decode(codec, args) if len(args) else ()
+    decoded_kwargs = decode(codec, kwargs) if len(kwargs) else {}
+    if not isinstance(decoded_args, tuple | list) or not isinstance(decoded_kwargs, dict):
+        raise TypeError(
+            f"Malformed request payload: args decoded to {type(decoded_args).__name__} and "
+            f"kwargs to {type(decoded_kwargs).__name__}."
+        )
+    return decoded_args, decoded_kwargs
+
+
+def _code_reducer() -> Any:
+    """cloudpickle's code-object reducer, keeping the real file name.
+
+    cloudpickle (3.1+) names by-value code ``<dynamic-code>``, which leaves remote tracebacks
+    without file names or source lines; replicas run on hosts with the same files, so the real
+    name is more useful. Falls back to cloudpickle's own behaviour if its internals change.
+    """
+    import types
+
+    original = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+    if original is None:
+        return None
+
+    def reduce(code: types.CodeType) -> Any:
+        constructor, args = original(code)
+        return constructor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+    return reduce
+
+
+_code_pickler: Any = None
+
+
+def dumps_code(value: Any) -> bytes:
+    """cloudpickle a deployment's class or function (and its init args) for replicas."""
+    global _code_pickler
+    import io
+
+    if _code_pickler is None:
+        import types
+        from collections import ChainMap
+
+        reducer = _code_reducer()
+        table = cloudpickle.Pickler.dispatch_table
+        if reducer is not None:
+            table = ChainMap({types.CodeType: reducer}, table)
+        # The C pickler reads dispatch_table from the class when it is created.
+        _code_pickler = type("_CodePickler", (cloudpickle.Pickler,), {"dispatch_table": table})
+    buffer = io.BytesIO()
+    _code_pickler(buffer, protocol=5).dump(value)
+    return buffer.getvalue()

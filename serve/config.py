@@ -1,0 +1,137 @@
+"""Public configuration objects: Ray Serve's ``AutoscalingConfig`` with its fields and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["AutoscalingConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoscalingConfig:
+    """How a deployment scales between ``min_replicas`` and ``max_replicas``.
+
+    Desired replicas = ceil(total ongoing requests / ``target_ongoing_requests``), clamped to the
+    bounds, applied after ``upscale_delay_s`` / ``downscale_delay_s`` of agreement.
+
+    Example::
+
+        @serve.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+        class Model: ...
+    """
+
+    min_replicas: int = 1
+    initial_replicas: int | None = None
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
+    smoothing_factor: float = 1.0
+    upscale_smoothing_factor: float | None = None
+    downscale_smoothing_factor: float | None = None
+    upscaling_factor: float | None = None
+    downscaling_factor: float | None = None
+    downscale_delay_s: float = 600.0
+    downscale_to_zero_delay_s: float | None = None
+    upscale_delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_int(self, "min_replicas", minimum=0)
+        _check_int(self, "max_replicas", minimum=1)
+        if self.initial_replicas is not None:
+            _check_int(self, "initial_replicas", minimum=0)
+        for name in ("target_ongoing_requests", "metrics_interval_s", "look_back_period_s"):
+            _check_float(self, name, positive=True)
+        for name in ("smoothing_factor",):
+            _check_float(self, name, positive=True)
+        for name in (
+            "upscale_smoothing_factor",
+            "downscale_smoothing_factor",
+            "upscaling_factor",
+            "downscaling_factor",
+        ):
+            if getattr(self, name) is not None:
+                _check_float(self, name, positive=True)
+        for name in ("downscale_delay_s", "upscale_delay_s"):
+            _check_float(self, name, positive=False)
+        if self.downscale_to_zero_delay_s is not None:
+            _check_float(self, "downscale_to_zero_delay_s", positive=False)
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling_config: max_replicas ({self.max_replicas}) must be greater than "
+                f"or equal to min_replicas ({self.min_replicas})."
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"autoscaling_config: initial_replicas ({self.initial_replicas}) must be between "
+                f"min_replicas ({self.min_replicas}) and max_replicas ({self.max_replicas})."
+            )
+
+    @classmethod
+    def default(cls) -> AutoscalingConfig:
+        """The profile ``num_replicas="auto"`` selects (Ray's): 1 to 100 replicas, target 2."""
+        return cls(min_replicas=1, max_replicas=100, target_ongoing_requests=2.0)
+
+    @classmethod
+    def from_value(cls, value: AutoscalingConfig | Mapping[str, Any]) -> AutoscalingConfig:
+        """Accept an ``AutoscalingConfig`` or a dict of its fields; unknown keys are an error."""
+        if isinstance(value, AutoscalingConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"autoscaling_config must be a dict or AutoscalingConfig, got "
+                f"{type(value).__name__}."
+            )
+        data = dict(value)
+        if "target_num_ongoing_requests_per_replica" in data:  # Ray's deprecated spelling
+            data.setdefault(
+                "target_ongoing_requests", data.pop("target_num_ongoing_requests_per_replica")
+            )
+        cls.check_keys(data)
+        return cls(**data)
+
+    @classmethod
+    def check_keys(cls, value: Mapping[str, Any]) -> None:
+        """Reject keys that are not fields, naming the valid ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        fields.add("target_num_ongoing_requests_per_replica")
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(
+                f"autoscaling_config: unknown field(s) {unknown}; valid fields are "
+                f"{sorted(fields)}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def start_replicas(self) -> int:
+        """How many replicas a fresh deployment starts with."""
+        if self.initial_replicas is not None:
+            return self.initial_replicas
+        return self.min_replicas
+
+
+def _check_int(obj: object, name: str, *, minimum: int) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"autoscaling_config: {name} must be an integer, got {type(value).__name__}."
+        )
+    if value < minimum:
+        raise ValueError(f"autoscaling_config: {name} must be >= {minimum}, got {value}.")
+
+
+def _check_float(obj: object, name: str, *, positive: bool) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise TypeError(f"autoscaling_config: {name} must be a number, got {value!r}.")
+    if positive and value <= 0:
+        raise ValueError(f"autoscaling_config: {name} must be > 0, got {value}.")
+    if not positive and value < 0:
+        raise ValueError(f"autoscaling_config: {name} must be >= 0, got {value}.")

@@ -1,0 +1,138 @@
+"""Exceptions raised by the serve SDK.
+
+The tree::
+
+    ServeError                          base class (alias: RayServeException)
+    ├── BackPressureError               a handle's queue is full (max_queued_requests)
+    ├── RequestCancelledError           the request was cancelled by response.cancel()
+    ├── DeploymentUnavailableError      the deployment does not exist or has no replicas to call
+    ├── DeploymentFailedError           serve.run() could not start an application (a RuntimeError)
+    ├── ReplicaDiedError                the replica died after it had admitted the request
+    ├── ControllerUnavailableError      no controller answered (also ConnectionError)
+    └── RemoteError                     a remote exception that could not be rebuilt locally
+
+User exceptions are re-raised as their own type; the remote traceback is attached as
+``__cause__`` (a :class:`RemoteTraceback`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BackPressureError",
+    "ControllerUnavailableError",
+    "DeploymentFailedError",
+    "DeploymentUnavailableError",
+    "RayServeException",
+    "RemoteError",
+    "RemoteTraceback",
+    "ReplicaDiedError",
+    "RequestCancelledError",
+    "ServeError",
+]
+
+
+class ServeError(Exception):
+    """Base class of every error the serve SDK raises on its own behalf."""
+
+
+RayServeException = ServeError
+
+
+class BackPressureError(ServeError):
+    """The handle already holds ``max_queued_requests`` requests waiting for a replica.
+
+    The caller should retry later, or raise the deployment's ``max_queued_requests``.
+    """
+
+    def __init__(
+        self, *, num_queued_requests: int, max_queued_requests: int, deployment: str = ""
+    ) -> None:
+        self.num_queued_requests = num_queued_requests
+        self.max_queued_requests = max_queued_requests
+        self.deployment = deployment
+        where = f" to '{deployment}'" if deployment else ""
+        super().__init__(
+            f"Request{where} dropped due to backpressure "
+            f"(num_queued_requests={num_queued_requests}, "
+            f"max_queued_requests={max_queued_requests}); retry later or raise the limit."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_backpressure,
+            (self.num_queued_requests, self.max_queued_requests, self.deployment),
+        )
+
+
+def _rebuild_backpressure(queued: int, limit: int, deployment: str) -> BackPressureError:
+    return BackPressureError(
+        num_queued_requests=queued, max_queued_requests=limit, deployment=deployment
+    )
+
+
+class RequestCancelledError(ServeError):
+    """The request was cancelled with ``response.cancel()`` (or its parent request was)."""
+
+    def __init__(self, request_id: str | None = None) -> None:
+        self.request_id = request_id
+        super().__init__(f"Request {request_id} was cancelled.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RequestCancelledError, (self.request_id,))
+
+
+class DeploymentUnavailableError(ServeError):
+    """The deployment cannot take requests: it does not exist, or was deleted."""
+
+    def __init__(self, deployment_id: str, reason: str = "") -> None:
+        self.deployment_id = deployment_id
+        self.reason = reason
+        text = f"Deployment '{deployment_id}' is unavailable"
+        super().__init__(f"{text}: {reason}" if reason else f"{text}.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DeploymentUnavailableError, (self.deployment_id, self.reason))
+
+
+class DeploymentFailedError(ServeError, RuntimeError):
+    """An application could not be deployed; the message carries the replica's traceback."""
+
+
+class ReplicaDiedError(ServeError):
+    """The replica died after admitting the request; the request may have partly run.
+
+    Serve never re-runs such a request on its own: retry it yourself if it is idempotent.
+    """
+
+
+class ControllerUnavailableError(ServeError, ConnectionError):
+    """No serve-controller answered at the configured address."""
+
+
+class RemoteError(ServeError):
+    """A remote exception that could not be rebuilt here (unpicklable, or its class is unknown).
+
+    It carries the remote type name, message and formatted traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        super().__init__(f"{type_name}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteError, (self.type_name, self.message, self.traceback))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process; only used as ``__cause__``."""
+
+    def __init__(self, traceback: str) -> None:
+        self.traceback = traceback
+        super().__init__(traceback)
+
+    def __str__(self) -> str:
+        return f"\n\nRemote traceback:\n{self.traceback.rstrip()}"

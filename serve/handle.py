@@ -1,0 +1,351 @@
+"""DeploymentHandle and the responses it returns: thin facades over ``serve._router``.
+
+Example::
+
+    handle: DeploymentHandle = serve.run(app)
+    assert handle.remote("world").result() == "Hello world!"        # from sync code
+    assert await handle.say_hi.remote("world") == "Hello world!"   # from any event loop
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from serve._call import Call, ResponseBase
+from serve._models import DeploymentID
+from serve._options import DEFAULT, HandleOptions, validate_handle_options
+from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
+from serve.exceptions import ServeError
+
+if TYPE_CHECKING:
+    from serve._router import Router
+
+__all__ = [
+    "DeploymentBroadcastResponse",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_UNSET: Any = DEFAULT.VALUE
+CREDIT_EVERY = 32  # stream items consumed before the replica is told it may send more
+
+_NOT_SERIALIZABLE = (
+    "`DeploymentResponse` is not serializable. If you are passing the `DeploymentResponse` in "
+    "a nested object (e.g. a list or dictionary) to a downstream deployment handle call, that "
+    "is no longer supported. Please only pass `DeploymentResponse` objects as top level "
+    "arguments."
+)
+
+
+class _HandleCore:
+    """What a handle shares with its ``options()`` copies: identity and router."""
+
+    __slots__ = ("handle_id", "lock", "prefer_local_routing", "router", "used")
+
+    def __init__(self) -> None:
+        self.handle_id = os.urandom(6).hex()
+        self.lock = threading.Lock()
+        self.router: Router | None = None
+        self.prefer_local_routing = False
+        self.used = False
+
+
+class DeploymentHandle(Generic[T]):
+    """A handle used to make requests to a deployment at runtime.
+
+    Get one from ``serve.run``, ``serve.get_app_handle``, ``serve.get_deployment_handle``, or by
+    binding one application into another's constructor. Handles are safe to use from many
+    threads and event loops at once, and can be pickled into requests.
+
+    Example::
+
+        handle.remote("world").result()                      # call __call__
+        await handle.other_method.remote()                   # call another method
+        handle.options(multiplexed_model_id="m1").remote()   # per-call options
+    """
+
+    def __init__(
+        self,
+        deployment_name: str,
+        app_name: str = "default",
+        *,
+        _options: HandleOptions | None = None,
+        _core: _HandleCore | None = None,
+    ) -> None:
+        self.deployment_id = DeploymentID(deployment_name, app_name)
+        self.handle_options = _options if _options is not None else HandleOptions()
+        self._core = _core if _core is not None else _HandleCore()
+
+    @property
+    def deployment_name(self) -> str:
+        return self.deployment_id.name
+
+    @property
+    def app_name(self) -> str:
+        return self.deployment_id.app_name
+
+    @property
+    def handle_id(self) -> str:
+        return self._core.handle_id
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._core.router is not None
+
+    @property
+    def _router(self) -> Router:
+        router = self._core.router
+        if router is None:
+            with self._core.lock:
+                router = self._core.router
+                if router is None:
+                    from serve import _client
+                    from serve._router import Router
+
+                    client = _client.current() or _client.connect(start_embedded=False)
+                    router = Router(client, self.deployment_id, self._core.handle_id)
+                    router.prefer_local_routing = self._core.prefer_local_routing
+                    self._core.router = router
+        return router
+
+    def running_replicas_populated(self) -> bool:
+        router = self._core.router
+        state = router._state if router is not None else None
+        return bool(state is not None and state.routable)
+
+    def _init(self, *, _prefer_local_routing: bool = False, **_: Any) -> None:
+        """Initialize the router with init-only options (before any use)."""
+        with self._core.lock:
+            if self._core.router is not None or self._core.used:
+                raise RuntimeError(
+                    "Handle already initialized: _init() must be called once, before options() "
+                    "or any request."
+                )
+            self._core.prefer_local_routing = _prefer_local_routing
+        self._router  # noqa: B018 - creates the router now
+
+    def options(
+        self,
+        *,
+        method_name: Any = _UNSET,
+        multiplexed_model_id: Any = _UNSET,
+        stream: Any = _UNSET,
+        use_new_handle_api: Any = _UNSET,
+        _prefer_local_routing: Any = _UNSET,
+        _by_reference: Any = _UNSET,
+        request_serialization: Any = _UNSET,
+        response_serialization: Any = _UNSET,
+    ) -> DeploymentHandle[T]:
+        """A copy of this handle with per-call options changed; the original is unchanged."""
+        changes = validate_handle_options(
+            method_name=method_name,
+            multiplexed_model_id=multiplexed_model_id,
+            stream=stream,
+            use_new_handle_api=use_new_handle_api,
+            prefer_local_routing=_prefer_local_routing,
+            by_reference=_by_reference,
+            request_serialization=request_serialization,
+            response_serialization=response_serialization,
+        )
+        self._core.used = True
+        return DeploymentHandle(
+            self.deployment_name,
+            self.app_name,
+            _options=self.handle_options.copy_and_update(**changes),
+            _core=self._core,
+        )
+
+    def __getattr__(self, name: str) -> DeploymentHandle[T]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the deployment; returns at once with a response (the request runs eagerly).
+
+        Returns a ``DeploymentResponse``, or a ``DeploymentResponseGenerator`` with
+        ``options(stream=True)``. ``DeploymentResponse`` arguments (top level only) are resolved
+        before the request is sent.
+        """
+        router = self._router
+        call = router.make_call(self.handle_options, args, kwargs)
+        post(router.submit, call)
+        if call.stream:
+            return DeploymentResponseGenerator(call)
+        return DeploymentResponse(call)
+
+    def broadcast(self, method_name: str, *args: Any, **kwargs: Any) -> DeploymentBroadcastResponse:
+        """Call ``method_name`` once on every replica running now; no load balancing.
+
+        Ignores ``stream=True``. Meant for rare control operations (cache resets, reloads).
+        """
+        from serve._broadcast import start_broadcast
+
+        router = self._router
+        options = self.handle_options.copy_and_update(method_name=method_name, stream=False)
+        return DeploymentBroadcastResponse(start_broadcast(router, options, args, kwargs))
+
+    def shutdown(self) -> None:
+        """Release this handle's resources (a no-op: routers are shared by the process)."""
+
+    async def shutdown_async(self) -> None:
+        """Async form of :meth:`shutdown`."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handle, (self.deployment_name, self.app_name, self.handle_options))
+
+    def __repr__(self) -> str:
+        return (
+            f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r}, "
+            f"method={self.handle_options.method_name!r})"
+        )
+
+
+def _rebuild_handle(name: str, app: str, options: HandleOptions) -> DeploymentHandle[Any]:
+    return DeploymentHandle(name, app, _options=options)
+
+
+class _ResponseFacade(ResponseBase):
+    __slots__ = ()
+
+    @property
+    def request_id(self) -> str:
+        return self._call.request_id
+
+    def cancel(self) -> None:
+        """Cancel the request (best effort, idempotent); waiters get RequestCancelledError."""
+        call = self._call
+        if not call.cancelled:
+            call.cancelled = True
+            post(call.router.cancel, call)
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise ServeError(_NOT_SERIALIZABLE)
+
+    def _to_object_ref_sync(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "Converting DeploymentResponses to Ray ObjectRefs is not supported: there is no Ray "
+            "object store here. Await the response (or call .result()) instead."
+        )
+
+    async def _to_object_ref(self, *args: Any, **kwargs: Any) -> Any:
+        self._to_object_ref_sync()
+
+
+class DeploymentResponse(_ResponseFacade, Generic[R]):
+    """The future result of a unary ``handle.remote()`` call.
+
+    Await it from any event loop, or call ``result()`` from sync code; both may be repeated.
+    Pass it (top level) to another ``.remote()`` call to compose deployments.
+    """
+
+    __slots__ = ()
+
+    def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> R:
+        """Block until the result is ready; ``TimeoutError`` leaves the request running."""
+        if not _skip_asyncio_check and in_running_loop():
+            raise RuntimeError(SYNC_IN_LOOP_MESSAGE)
+        return self._call.completion.wait_sync(timeout_s)  # type: ignore[no-any-return]
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._call.completion.wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"DeploymentResponse(request_id={self.request_id!r})"
+
+
+class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
+    """The items of a streaming call (``handle.options(stream=True).remote()``).
+
+    Iterate with ``for`` in sync code or ``async for`` on any event loop. Items arrive as the
+    replica yields them; an exception raised mid-stream comes after the items before it.
+    """
+
+    __slots__ = ("_consumed",)
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call)
+        self._consumed = 0
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise TypeError(
+            "`DeploymentResponseGenerator` cannot be awaited directly. Use `async for` or "
+            "`await response.__anext__()` instead."
+        )
+
+    def _taken(self) -> None:
+        self._consumed += 1
+        if self._consumed >= CREDIT_EVERY:
+            count, self._consumed = self._consumed, 0
+            post(self._call.router.credit, self._call, count)
+
+    def __iter__(self) -> Iterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        if in_running_loop():
+            raise RuntimeError(SYNC_IN_LOOP_MESSAGE)
+        buffer = self._call.stream_buffer
+        assert buffer is not None
+        found, body = buffer.get_sync()
+        if not found:
+            raise StopIteration
+        self._taken()
+        return self._call.router.decode_item(self._call, body)  # type: ignore[no-any-return]
+
+    def __aiter__(self) -> AsyncIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        buffer = self._call.stream_buffer
+        assert buffer is not None
+        found, body = await buffer.get()
+        if not found:
+            raise StopAsyncIteration
+        self._taken()
+        return self._call.router.decode_item(self._call, body)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"DeploymentResponseGenerator(request_id={self.request_id!r})"
+
+
+class DeploymentBroadcastResponse:
+    """The results of ``handle.broadcast()``: one per replica that was called."""
+
+    def __init__(self, calls: Completion) -> None:
+        self._calls = calls
+
+    def results(
+        self, *, timeout_s: float | None = None, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Block for every replica's result (order not guaranteed).
+
+        A replica's exception is raised, or returned in the list with ``return_exceptions``.
+        ``TimeoutError`` if not all are done within ``timeout_s``.
+        """
+        if in_running_loop():
+            raise RuntimeError(
+                "Sync methods should not be called from within an `asyncio` event loop. "
+                "Use `await response.results_async()` instead."
+            )
+        from serve._broadcast import gather_sync
+
+        return gather_sync(self._calls, timeout_s, return_exceptions)
+
+    async def results_async(
+        self, *, timeout_s: float | None = None, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Await every replica's result; see :meth:`results`."""
+        from serve._broadcast import gather_async
+
+        return await gather_async(self._calls, timeout_s, return_exceptions)

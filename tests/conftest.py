@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated state directory per session, a shared embedded controller for
+e2e tests, and a check that no serve process outlives the tests."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import kill_tree, serve_processes, wait_for
+
+# Tests must never find an operator's controller in ~/.serve, nor talk to one via SERVE_ADDRESS.
+_STATE_DIR = tempfile.mkdtemp(prefix="serve-test-state-")
+os.environ["SERVE_STATE_DIR"] = _STATE_DIR
+os.environ.pop("SERVE_ADDRESS", None)
+os.environ.pop("SERVE_CLUSTER_TOKEN", None)
+os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
+os.environ.setdefault("SERVE_ORPHAN_TIMEOUT_S", "10")
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Path:
+    return Path(_STATE_DIR)
+
+
+@pytest.fixture(scope="session")
+def serve_session() -> Iterator[None]:
+    """One embedded controller for the e2e tests of this pytest process."""
+    import serve
+
+    serve.start()
+    yield
+    serve.shutdown()
+    try:
+        wait_for(lambda: not serve_processes(), timeout_s=30)
+    finally:
+        for proc in serve_processes():
+            kill_tree(proc.pid)
+
+
+@pytest.fixture
+def serve_instance(serve_session: None) -> Iterator[None]:
+    """The shared controller, with every application deleted after the test."""
+    import serve
+
+    yield
+    for name in list(serve.status().applications):
+        serve.delete(name)

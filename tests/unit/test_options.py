@@ -1,0 +1,198 @@
+"""Deployment and handle options: names, defaults, and clear errors at the call site."""
+
+import pytest
+
+import serve
+from serve._options import DEFAULT, HandleOptions, validate_handle_options
+from serve.config import AutoscalingConfig
+
+
+def _handle_kwargs(**given: object) -> dict[str, object]:
+    names = [
+        "method_name",
+        "multiplexed_model_id",
+        "stream",
+        "use_new_handle_api",
+        "prefer_local_routing",
+        "by_reference",
+        "request_serialization",
+        "response_serialization",
+    ]
+    return {name: given.get(name, DEFAULT.VALUE) for name in names}
+
+
+class Model:
+    def __call__(self) -> int:
+        return 1
+
+
+def test_defaults_match_ray() -> None:
+    d = serve.deployment(Model)
+    assert d.name == "Model"
+    assert d.num_replicas == 1
+    assert d.max_ongoing_requests == 5
+    assert d.max_queued_requests == -1
+    assert d.user_config is None
+    config = d.config
+    assert config.graceful_shutdown_wait_loop_s == 2.0
+    assert config.graceful_shutdown_timeout_s == 20.0
+    assert config.health_check_period_s == 10.0
+    assert config.health_check_timeout_s == 30.0
+    assert config.max_constructor_retry_count == 20
+
+
+def test_decorator_forms() -> None:
+    assert serve.deployment(Model).name == "Model"
+    assert serve.deployment()(Model).name == "Model"
+    assert serve.deployment(name="M", num_replicas=3)(Model).num_replicas == 3
+
+    @serve.deployment
+    def fn(x: int) -> int:
+        return x
+
+    assert fn.name == "fn"
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    [
+        ({"num_replicas": -1}, ValueError, "num_replicas must be >= 0"),
+        ({"num_replicas": "many"}, TypeError, "num_replicas must be an integer"),
+        ({"max_ongoing_requests": 0}, ValueError, "max_ongoing_requests must be >= 1"),
+        ({"max_ongoing_requests": 1.5}, TypeError, "max_ongoing_requests must be an integer"),
+        ({"max_queued_requests": 0}, ValueError, "max_queued_requests must be >= 1 (or -1)"),
+        ({"health_check_period_s": 0}, ValueError, "health_check_period_s must be > 0"),
+        ({"health_check_timeout_s": -1}, ValueError, "health_check_timeout_s must be > 0"),
+        ({"graceful_shutdown_timeout_s": -1}, ValueError, "must be >= 0"),
+        ({"graceful_shutdown_wait_loop_s": "x"}, TypeError, "must be a number"),
+        ({"user_config": {1: object()}}, TypeError, "user_config must be JSON-serializable"),
+        ({"name": ""}, TypeError, "name must be a non-empty string"),
+        ({"name": "a#b"}, ValueError, "must not contain '#'"),
+        ({"ray_actor_options": {"num_cpu": 1}}, ValueError, "unknown key(s) ['num_cpu']"),
+        ({"autoscaling_config": {"min_replica": 1}}, ValueError, "unknown field(s)"),
+        (
+            {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
+            ValueError,
+            "max_replicas (2) must be greater",
+        ),
+        (
+            {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}},
+            ValueError,
+            "num_replicas is not allowed",
+        ),
+    ],
+)
+def test_bad_options_fail_at_decoration(options: dict[str, object], error: type, text: str) -> None:
+    with pytest.raises(error) as info:
+        serve.deployment(**options)(Model)
+    assert text in str(info.value)
+    # ... and the same through .options()
+    with pytest.raises(error):
+        serve.deployment(Model).options(**options)
+
+
+def test_unknown_option_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_concurrency'"):
+        serve.deployment(max_concurrency=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        serve.deployment(Model).options(num_replica=2)  # type: ignore[call-arg]
+
+
+def test_options_returns_a_copy() -> None:
+    base = serve.deployment(num_replicas=2)(Model)
+    other = base.options(name="Other", max_ongoing_requests=10)
+    assert (base.name, base.max_ongoing_requests) == ("Model", 5)
+    assert (other.name, other.max_ongoing_requests, other.num_replicas) == ("Other", 10, 2)
+    auto = base.options(autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+    assert auto.config.num_replicas is None
+    assert auto.config.autoscaling_config == AutoscalingConfig(min_replicas=1, max_replicas=4)
+
+
+def test_num_replicas_auto_uses_ray_defaults() -> None:
+    d = serve.deployment(num_replicas="auto")(Model)
+    auto = d.config.autoscaling_config
+    assert auto is not None
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 100, 2.0)
+    tuned = serve.deployment(num_replicas="auto", autoscaling_config={"max_replicas": 7})(Model)
+    assert tuned.config.autoscaling_config is not None
+    assert tuned.config.autoscaling_config.max_replicas == 7
+    assert tuned.config.autoscaling_config.min_replicas == 1
+
+
+def test_ray_only_options_are_accepted() -> None:
+    d = serve.deployment(
+        ray_actor_options={"num_cpus": 1},
+        placement_group_bundles=[{"CPU": 1}],
+        placement_group_strategy="PACK",
+        max_replicas_per_node=2,
+        version="v1",
+        route_prefix="/x",
+    )(Model)
+    assert d.version == "v1"
+
+
+def test_decorating_something_else_fails() -> None:
+    with pytest.raises(TypeError, match="must decorate a class or a function"):
+        serve.deployment(42)  # type: ignore[call-overload]
+
+
+def test_deployment_cannot_be_called() -> None:
+    with pytest.raises(RuntimeError, match=r"Use `Model.bind\(...\)`"):
+        serve.deployment(Model)()
+
+
+def test_handle_options_defaults_and_copy() -> None:
+    options = HandleOptions()
+    assert (options.method_name, options.multiplexed_model_id, options.stream) == (
+        "__call__",
+        "",
+        False,
+    )
+    assert (options.request_serialization, options.response_serialization) == (
+        "cloudpickle",
+        "cloudpickle",
+    )
+    changed = options.copy_and_update(method_name="m", stream=DEFAULT.VALUE)
+    assert changed.method_name == "m"
+    assert changed.stream is False
+    assert options.method_name == "__call__"
+
+
+def test_handle_options_accept_all_eight_fields() -> None:
+    with pytest.warns(DeprecationWarning, match="use_new_handle_api"):
+        changes = validate_handle_options(
+            **_handle_kwargs(
+                method_name="m",
+                multiplexed_model_id="model-1",
+                stream=True,
+                use_new_handle_api=True,
+                prefer_local_routing=True,
+                by_reference=False,
+                request_serialization="MSGPACK",
+                response_serialization="orjson",
+            )
+        )
+    assert changes == {
+        "method_name": "m",
+        "multiplexed_model_id": "model-1",
+        "stream": True,
+        "prefer_local_routing": True,
+        "by_reference": False,
+        "request_serialization": "msgpack",
+        "response_serialization": "orjson",
+    }
+
+
+@pytest.mark.parametrize(
+    ("given", "error", "text"),
+    [
+        ({"request_serialization": "yaml"}, ValueError, "Unsupported serialization method 'yaml'"),
+        ({"response_serialization": "json"}, ValueError, "choose one of"),
+        ({"stream": "yes"}, TypeError, "stream must be a bool"),
+        ({"method_name": ""}, TypeError, "method_name must be a non-empty string"),
+        ({"multiplexed_model_id": 3}, TypeError, "multiplexed_model_id must be a string"),
+    ],
+)
+def test_bad_handle_options(given: dict[str, object], error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        validate_handle_options(**_handle_kwargs(**given))

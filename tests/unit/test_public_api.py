@@ -1,0 +1,51 @@
+"""The public surface is explicit and guarded."""
+
+import serve
+import serve.config
+import serve.exceptions
+import serve.handle
+import serve.schema
+
+
+def test_serve_all_is_sorted_and_complete() -> None:
+    assert serve.__all__ == sorted(serve.__all__)
+    public = {name for name in dir(serve) if not name.startswith("_")}
+    modules = {"config", "exceptions", "handle", "schema"}
+    assert public - modules == set(serve.__all__)
+
+
+def test_ray_serve_names_exist() -> None:
+    for name in [
+        "deployment",
+        "run",
+        "start",
+        "delete",
+        "status",
+        "shutdown",
+        "shutdown_async",
+        "get_app_handle",
+        "get_deployment_handle",
+        "get_replica_context",
+        "get_multiplexed_model_id",
+        "Application",
+        "Deployment",
+    ]:
+        assert hasattr(serve, name), name
+
+
+def test_public_modules_export_what_they_define() -> None:
+    for module in (serve.handle, serve.exceptions, serve.config, serve.schema):
+        assert module.__all__ == sorted(module.__all__)
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+def test_ray_exception_alias() -> None:
+    assert serve.exceptions.RayServeException is serve.exceptions.ServeError
+    for name in (
+        "BackPressureError",
+        "RequestCancelledError",
+        "DeploymentUnavailableError",
+        "ReplicaDiedError",
+    ):
+        assert issubclass(getattr(serve.exceptions, name), serve.exceptions.ServeError)
