@@ -79,7 +79,8 @@ class Controller:
         self._published: dict[DeploymentID, ReplicaSet] = {}
         self._publish_events: dict[DeploymentID, asyncio.Event] = {}
         self._status_event = asyncio.Event()
-        self._versions = itertools.count(1)
+        # Replica-set versions keep increasing across controller restarts (routers compare them).
+        self._versions = itertools.count(time.time_ns() // 1000)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         # deployment -> source (replica or handle) -> (ongoing or queued, is_handle, when)
@@ -290,6 +291,11 @@ class Controller:
         event = self._publish_events.pop(deployment_id, None)
         if event is not None:
             event.set()
+
+    def published_version(self, deployment_id: DeploymentID) -> int:
+        """The version of the deployment's latest published replica set (0 if none)."""
+        published = self._published.get(deployment_id)
+        return published.version if published is not None else 0
 
     async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
         """The deployment's replica set now, then every change, until cancelled."""

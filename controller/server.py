@@ -25,8 +25,9 @@ from controller.launcher import LocalProcessLauncher
 from controller.reconciler import Controller
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore
-from serve._proto import controller_pb2_grpc
+from serve._proto import controller_pb2
 from serve._rpc.channel import TlsFiles, new_server
+from serve._rpc.service import add_service
 from serve._settings import settings
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class ControllerServer:
         launcher = LocalProcessLauncher(address, token, self._state_dir / "logs")
         controller = Controller(store=store, launcher=launcher, token=token, tls=tls)
         servicer = ControllerServicer(controller, on_shutdown=self._request_full_stop)
-        controller_pb2_grpc.add_ControllerServicer_to_server(servicer, server)
+        add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)
         await controller.start()
         await server.start()
         for signum in (signal.SIGTERM, signal.SIGINT):

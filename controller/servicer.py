@@ -12,8 +12,8 @@ import grpc.aio
 
 from controller.reconciler import Controller, LinkVerdict
 from controller.state import AppGoal
-from serve._models import DeploymentSpec
-from serve._proto import common_pb2, controller_pb2, controller_pb2_grpc
+from serve._models import DeploymentID, DeploymentSpec
+from serve._proto import common_pb2, controller_pb2
 from serve._rpc.channel import Context
 from serve._rpc.convert import (
     code_env_from_proto,
@@ -25,7 +25,9 @@ from serve._rpc.convert import (
 logger = logging.getLogger(__name__)
 
 
-class ControllerServicer(controller_pb2_grpc.ControllerServicer):
+class ControllerServicer:
+    """Implements every method of serve.v1.Controller (registered by serve._rpc.service)."""
+
     def __init__(self, controller: Controller, on_shutdown: Callable[[], Any]) -> None:
         self._controller = controller
         self._on_shutdown = on_shutdown
@@ -119,7 +121,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         app = await self._controller.wait_application(request.app_name, request.timeout_s)
         if app is None:
             return controller_pb2.WaitApplicationResponse(found=False)
-        return controller_pb2.WaitApplicationResponse(found=True, status=self._app_status(app))
+        return controller_pb2.WaitApplicationResponse(
+            found=True,
+            status=self._app_status(app),
+            ingress_set_version=self._controller.published_version(
+                DeploymentID(app.ingress, app.name)
+            ),
+        )
 
     async def GetApplication(
         self, request: controller_pb2.GetApplicationRequest, context: Context

@@ -38,6 +38,7 @@ from serve._proto.replica_pb2 import (
 from serve._rpc.channel import Context
 from serve._rpc.convert import code_env_from_proto, config_from_proto
 from serve._rpc.frames import BatchWriter, FrameError, iter_frames
+from serve._rpc.service import add_service
 from serve._rpc.status import error_info
 from serve._serialization import decode_args, encode
 from serve.exceptions import ServeError
@@ -178,6 +179,10 @@ class StreamSession:
                 )
             except Exception as exc:
                 raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
+            try:
+                executor.resolve(header.method)
+            except ServeError as exc:
+                raise _SystemError(str(exc)) from exc
             if header.stream:
                 await self._run_stream(header, args, kwargs, request)
                 reply = (FrameHeader(kind=FRAME_KIND_END, id=frame_id),)
@@ -326,35 +331,5 @@ class ReplicaServicer:
 
 
 def register(server: grpc.aio.Server, servicer: ReplicaServicer) -> None:
-    """Register the servicer, with Connect taking and returning raw bytes (see frames.py)."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Connect": grpc.stream_stream_rpc_method_handler(servicer.Connect),
-        "Initialize": grpc.unary_unary_rpc_method_handler(
-            servicer.Initialize,
-            request_deserializer=replica_pb2.InitializeRequest.FromString,
-            response_serializer=replica_pb2.InitializeResponse.SerializeToString,
-        ),
-        "Reconfigure": grpc.unary_unary_rpc_method_handler(
-            servicer.Reconfigure,
-            request_deserializer=replica_pb2.ReconfigureRequest.FromString,
-            response_serializer=replica_pb2.ReconfigureResponse.SerializeToString,
-        ),
-        "CheckHealth": grpc.unary_unary_rpc_method_handler(
-            servicer.CheckHealth,
-            request_deserializer=replica_pb2.CheckHealthRequest.FromString,
-            response_serializer=replica_pb2.CheckHealthResponse.SerializeToString,
-        ),
-        "QueueLength": grpc.unary_unary_rpc_method_handler(
-            servicer.QueueLength,
-            request_deserializer=replica_pb2.QueueLengthRequest.FromString,
-            response_serializer=replica_pb2.QueueLengthResponse.SerializeToString,
-        ),
-        "Stop": grpc.unary_unary_rpc_method_handler(
-            servicer.Stop,
-            request_deserializer=replica_pb2.StopRequest.FromString,
-            response_serializer=replica_pb2.StopResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("serve.v1.Replica", handlers),)
-    )
+    """Register the servicer; Connect takes and returns raw bytes (see serve/_rpc/frames.py)."""
+    add_service(server, replica_pb2.DESCRIPTOR, "Replica", servicer, raw=["Connect"])

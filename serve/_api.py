@@ -9,9 +9,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from serve import _client
 from serve._context import replica_context
 from serve._deployment import Application, BuiltDeployment, build_application
 from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec
@@ -20,6 +19,9 @@ from serve._sync import run_sync
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
 from serve.schema import ServeStatus
+
+if TYPE_CHECKING:
+    from serve._client import ServeClient
 
 __all__ = [
     "delete",
@@ -52,7 +54,9 @@ def _cached_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]
         return handle
 
 
-def _connect(address: str | None = None) -> _client.ServeClient:
+def _connect(address: str | None = None) -> ServeClient:
+    from serve import _client
+
     global _atexit_registered
     client = _client.connect(address)
     if client.owner is not None and not _atexit_registered:
@@ -122,33 +126,35 @@ def run(
     specs = [_serialize(b) for b in built]
     client = _connect()
     code_env = CodeEnv(cwd=os.getcwd(), sys_path=tuple(p or os.getcwd() for p in sys.path))
-    run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env))
+    version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env))
     handle = _cached_handle(ingress, name)
-    run_sync(_wait_router_ready(handle))
+    run_sync(_wait_router_ready(handle, version))
     if blocking:
         _block_until_interrupted()
     return handle
 
 
 async def _deploy(
-    client: _client.ServeClient,
+    client: ServeClient,
     name: str,
     route_prefix: str | None,
     ingress: str,
     specs: list[DeploymentSpec],
     code_env: CodeEnv,
-) -> None:
+) -> int:
+    """Deploy and wait until the application runs; returns the ingress replica-set version."""
     controller = client.controller
     await controller.deploy(
         app_name=name, route_prefix=route_prefix, ingress=ingress, specs=specs, code_env=code_env
     )
     started = time.monotonic()
     while True:
-        status = await controller.wait_application(name, timeout_s=_PROGRESS_EVERY_S)
-        if status is None:
+        waited = await controller.wait_application(name, timeout_s=_PROGRESS_EVERY_S)
+        if waited is None:
             raise DeploymentFailedError(f"Application {name!r} was deleted while it deployed.")
+        status, version = waited
         if status.status == ApplicationStatus.RUNNING:
-            return
+            return version
         if status.status == ApplicationStatus.DEPLOY_FAILED:
             error = DeploymentFailedError(
                 f"Deploying application {name!r} failed: {status.message}"
@@ -168,9 +174,13 @@ async def _deploy(
         )
 
 
-async def _wait_router_ready(handle: DeploymentHandle[Any]) -> None:
-    """Let the handle learn its replica set (and queue limit) before the first request."""
-    await handle._router.state().wait_ready()
+async def _wait_router_ready(handle: DeploymentHandle[Any], version: int) -> None:
+    """Let the handle learn the replica set the deploy produced before the first request.
+
+    Without this, a request sent right after ``serve.run`` could still go to a replica of the
+    previous version that is about to drain.
+    """
+    await handle._router.state().wait_version(version)
 
 
 def _block_until_interrupted() -> None:
@@ -183,12 +193,16 @@ def _block_until_interrupted() -> None:
 
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete an application: its replicas drain in-flight requests and stop."""
+    from serve import _client
+
     client = _client.current() or _connect()
     run_sync(client.controller.delete_application(name, wait=_blocking))
 
 
 def status() -> ServeStatus:
     """Every application's status, its deployments' statuses and replica counts by state."""
+    from serve import _client
+
     client = _client.current()
     if client is None:
         try:
@@ -200,6 +214,8 @@ def status() -> ServeStatus:
 
 def get_app_handle(name: str) -> DeploymentHandle[Any]:
     """The handle of an application's ingress deployment (cached: the same object each call)."""
+    from serve import _client
+
     client = _client.current() or _client.connect(start_embedded=False)
     found = _lookup(client, name)
     if found is None:
@@ -211,6 +227,8 @@ def get_deployment_handle(
     deployment_name: str, app_name: str | None = None
 ) -> DeploymentHandle[Any]:
     """A handle to one deployment; inside a replica ``app_name`` defaults to its own app."""
+    from serve import _client
+
     if app_name is None:
         context = replica_context()
         if context is None:
@@ -232,7 +250,7 @@ def get_deployment_handle(
     return _cached_handle(deployment_name, app_name)
 
 
-def _lookup(client: _client.ServeClient, app_name: str) -> tuple[str, list[str]] | None:
+def _lookup(client: ServeClient, app_name: str) -> tuple[str, list[str]] | None:
     from serve._sync import is_home_thread
 
     if is_home_thread():  # inside a replica's event loop: a short blocking lookup
@@ -244,6 +262,8 @@ def _lookup(client: _client.ServeClient, app_name: str) -> tuple[str, list[str]]
 
 def shutdown() -> None:
     """Delete every application and stop serve (an embedded controller exits with its replicas)."""
+    from serve import _client
+
     client = _client.current()
     if client is None:
         return
@@ -268,6 +288,8 @@ async def shutdown_async() -> None:
 
 
 def _shutdown_at_exit() -> None:
+    from serve import _client
+
     client = _client.current()
     if client is not None and client.owner is not None:
         try:

@@ -65,6 +65,7 @@ class DeploymentState:
         self._probing: dict[str, asyncio.Task[None]] = {}
         self._routers: weakref.WeakSet[Router] = weakref.WeakSet()
         self._ready = asyncio.Event()
+        self._version_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch = asyncio.create_task(self._watch_loop(), name=f"router:watch:{deployment_id}")
         self._closed = False
@@ -82,6 +83,12 @@ class DeploymentState:
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
+
+    async def wait_version(self, version: int) -> None:
+        """Wait until a replica set at least this new has been applied."""
+        while self.replica_set is None or self.replica_set.version < version:
+            self._version_waiters.append(fut := asyncio.get_running_loop().create_future())
+            await fut
 
     async def _watch_loop(self) -> None:
         delay_s = 0.05
@@ -116,6 +123,10 @@ class DeploymentState:
         for router in list(self._routers):
             router.on_replica_set(replica_set)
         self._ready.set()
+        waiters, self._version_waiters = self._version_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _recompute(self) -> None:
         self.routable = [r for r in self._replicas.values() if r.replica_id not in self._excluded]

@@ -19,6 +19,7 @@ os.environ.pop("SERVE_ADDRESS", None)
 os.environ.pop("SERVE_CLUSTER_TOKEN", None)
 os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
 os.environ.setdefault("SERVE_ORPHAN_TIMEOUT_S", "10")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from serve._proto import common_pb2 as serve_dot___proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserve/_proto/controller.proto\x12\x08serve.v1\x1a\x19serve/_proto/common.proto\"\xb2\x01\n\rDeployRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x19\n\x0croute_prefix\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x03 \x01(\t\x12-\n\x0b\x64\x65ployments\x18\x04 \x03(\x0b\x32\x18.serve.v1.DeploymentSpec\x12#\n\x08\x63ode_env\x18\x05 \x01(\x0b\x32\x11.serve.v1.CodeEnvB\x0f\n\r_route_prefix\"\x10\n\x0e\x44\x65ployResponse\":\n\x18\x44\x65leteApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"*\n\x19\x44\x65leteApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xfa\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0estatus_trigger\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x45\n\x0ereplica_states\x18\x05 \x03(\x0b\x32-.serve.v1.DeploymentStatus.ReplicaStatesEntry\x12\"\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\x1a\x34\n\x12ReplicaStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xce\x01\n\x11\x41pplicationStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1c\n\x14last_deployed_time_s\x18\x04 \x01(\x01\x12\x19\n\x0croute_prefix\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x06 \x01(\t\x12/\n\x0b\x64\x65ployments\x18\x07 \x03(\x0b\x32\x1a.serve.v1.DeploymentStatusB\x0f\n\r_route_prefix\"F\n\x11GetStatusResponse\x12\x31\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\x1b.serve.v1.ApplicationStatus\"=\n\x16WaitApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"U\n\x17WaitApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12+\n\x06status\x18\x02 \x01(\x0b\x32\x1b.serve.v1.ApplicationStatus\")\n\x15GetApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\"M\n\x16GetApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07ingress\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x03 \x03(\t\"<\n\x16WatchDeploymentRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"\xa5\x01\n\x0bLinkRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ode_version\x18\x06 \x01(\t\x12\x18\n\x10user_config_json\x18\x07 \x01(\x0c\x12\x11\n\tmodel_ids\x18\x08 \x03(\t\"\x85\x01\n\x0cLinkResponse\x12-\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1d.serve.v1.LinkResponse.Action\"F\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_ACCEPTED\x10\x01\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x02\"<\n\x13ReportModelsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\"\x16\n\x14ReportModelsResponse\"\x83\x01\n\x11ReportLoadRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x0f\n\x07ongoing\x18\x03 \x01(\x01\x12\x11\n\tis_handle\x18\x04 \x01(\x08\x12\x13\n\x0bsend_time_s\x18\x05 \x01(\x01\"\x14\n\x12ReportLoadResponse2\xfb\x05\n\nController\x12;\n\x06\x44\x65ploy\x12\x17.serve.v1.DeployRequest\x1a\x18.serve.v1.DeployResponse\x12\\\n\x11\x44\x65leteApplication\x12\".serve.v1.DeleteApplicationRequest\x1a#.serve.v1.DeleteApplicationResponse\x12\x44\n\tGetStatus\x12\x1a.serve.v1.GetStatusRequest\x1a\x1b.serve.v1.GetStatusResponse\x12V\n\x0fWaitApplication\x12 .serve.v1.WaitApplicationRequest\x1a!.serve.v1.WaitApplicationResponse\x12S\n\x0eGetApplication\x12\x1f.serve.v1.GetApplicationRequest\x1a .serve.v1.GetApplicationResponse\x12K\n\x0fWatchDeployment\x12 .serve.v1.WatchDeploymentRequest\x1a\x14.serve.v1.ReplicaSet0\x01\x12\x41\n\x08Shutdown\x12\x19.serve.v1.ShutdownRequest\x1a\x1a.serve.v1.ShutdownResponse\x12\x37\n\x04Link\x12\x15.serve.v1.LinkRequest\x1a\x16.serve.v1.LinkResponse0\x01\x12M\n\x0cReportModels\x12\x1d.serve.v1.ReportModelsRequest\x1a\x1e.serve.v1.ReportModelsResponse\x12G\n\nReportLoad\x12\x1b.serve.v1.ReportLoadRequest\x1a\x1c.serve.v1.ReportLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserve/_proto/controller.proto\x12\x08serve.v1\x1a\x19serve/_proto/common.proto\"\xb2\x01\n\rDeployRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x19\n\x0croute_prefix\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x03 \x01(\t\x12-\n\x0b\x64\x65ployments\x18\x04 \x03(\x0b\x32\x18.serve.v1.DeploymentSpec\x12#\n\x08\x63ode_env\x18\x05 \x01(\x0b\x32\x11.serve.v1.CodeEnvB\x0f\n\r_route_prefix\"\x10\n\x0e\x44\x65ployResponse\":\n\x18\x44\x65leteApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"*\n\x19\x44\x65leteApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xfa\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0estatus_trigger\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x45\n\x0ereplica_states\x18\x05 \x03(\x0b\x32-.serve.v1.DeploymentStatus.ReplicaStatesEntry\x12\"\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\x1a\x34\n\x12ReplicaStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xce\x01\n\x11\x41pplicationStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1c\n\x14last_deployed_time_s\x18\x04 \x01(\x01\x12\x19\n\x0croute_prefix\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x06 \x01(\t\x12/\n\x0b\x64\x65ployments\x18\x07 \x03(\x0b\x32\x1a.serve.v1.DeploymentStatusB\x0f\n\r_route_prefix\"F\n\x11GetStatusResponse\x12\x31\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\x1b.serve.v1.ApplicationStatus\"=\n\x16WaitApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"r\n\x17WaitApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12+\n\x06status\x18\x02 \x01(\x0b\x32\x1b.serve.v1.ApplicationStatus\x12\x1b\n\x13ingress_set_version\x18\x03 \x01(\x04\")\n\x15GetApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\"M\n\x16GetApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07ingress\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x03 \x03(\t\"<\n\x16WatchDeploymentRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"\xa5\x01\n\x0bLinkRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ode_version\x18\x06 \x01(\t\x12\x18\n\x10user_config_json\x18\x07 \x01(\x0c\x12\x11\n\tmodel_ids\x18\x08 \x03(\t\"\x85\x01\n\x0cLinkResponse\x12-\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1d.serve.v1.LinkResponse.Action\"F\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_ACCEPTED\x10\x01\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x02\"<\n\x13ReportModelsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\"\x16\n\x14ReportModelsResponse\"\x83\x01\n\x11ReportLoadRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x0f\n\x07ongoing\x18\x03 \x01(\x01\x12\x11\n\tis_handle\x18\x04 \x01(\x08\x12\x13\n\x0bsend_time_s\x18\x05 \x01(\x01\"\x14\n\x12ReportLoadResponse2\xfb\x05\n\nController\x12;\n\x06\x44\x65ploy\x12\x17.serve.v1.DeployRequest\x1a\x18.serve.v1.DeployResponse\x12\\\n\x11\x44\x65leteApplication\x12\".serve.v1.DeleteApplicationRequest\x1a#.serve.v1.DeleteApplicationResponse\x12\x44\n\tGetStatus\x12\x1a.serve.v1.GetStatusRequest\x1a\x1b.serve.v1.GetStatusResponse\x12V\n\x0fWaitApplication\x12 .serve.v1.WaitApplicationRequest\x1a!.serve.v1.WaitApplicationResponse\x12S\n\x0eGetApplication\x12\x1f.serve.v1.GetApplicationRequest\x1a .serve.v1.GetApplicationResponse\x12K\n\x0fWatchDeployment\x12 .serve.v1.WatchDeploymentRequest\x1a\x14.serve.v1.ReplicaSet0\x01\x12\x41\n\x08Shutdown\x12\x19.serve.v1.ShutdownRequest\x1a\x1a.serve.v1.ShutdownResponse\x12\x37\n\x04Link\x12\x15.serve.v1.LinkRequest\x1a\x16.serve.v1.LinkResponse0\x01\x12M\n\x0cReportModels\x12\x1d.serve.v1.ReportModelsRequest\x1a\x1e.serve.v1.ReportModelsResponse\x12G\n\nReportLoad\x12\x1b.serve.v1.ReportLoadRequest\x1a\x1c.serve.v1.ReportLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,31 +55,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WAITAPPLICATIONREQUEST']._serialized_start=927
   _globals['_WAITAPPLICATIONREQUEST']._serialized_end=988
   _globals['_WAITAPPLICATIONRESPONSE']._serialized_start=990
-  _globals['_WAITAPPLICATIONRESPONSE']._serialized_end=1075
-  _globals['_GETAPPLICATIONREQUEST']._serialized_start=1077
-  _globals['_GETAPPLICATIONREQUEST']._serialized_end=1118
-  _globals['_GETAPPLICATIONRESPONSE']._serialized_start=1120
-  _globals['_GETAPPLICATIONRESPONSE']._serialized_end=1197
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1199
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1259
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1261
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1278
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1280
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1298
-  _globals['_LINKREQUEST']._serialized_start=1301
-  _globals['_LINKREQUEST']._serialized_end=1466
-  _globals['_LINKRESPONSE']._serialized_start=1469
-  _globals['_LINKRESPONSE']._serialized_end=1602
-  _globals['_LINKRESPONSE_ACTION']._serialized_start=1532
-  _globals['_LINKRESPONSE_ACTION']._serialized_end=1602
-  _globals['_REPORTMODELSREQUEST']._serialized_start=1604
-  _globals['_REPORTMODELSREQUEST']._serialized_end=1664
-  _globals['_REPORTMODELSRESPONSE']._serialized_start=1666
-  _globals['_REPORTMODELSRESPONSE']._serialized_end=1688
-  _globals['_REPORTLOADREQUEST']._serialized_start=1691
-  _globals['_REPORTLOADREQUEST']._serialized_end=1822
-  _globals['_REPORTLOADRESPONSE']._serialized_start=1824
-  _globals['_REPORTLOADRESPONSE']._serialized_end=1844
-  _globals['_CONTROLLER']._serialized_start=1847
-  _globals['_CONTROLLER']._serialized_end=2610
+  _globals['_WAITAPPLICATIONRESPONSE']._serialized_end=1104
+  _globals['_GETAPPLICATIONREQUEST']._serialized_start=1106
+  _globals['_GETAPPLICATIONREQUEST']._serialized_end=1147
+  _globals['_GETAPPLICATIONRESPONSE']._serialized_start=1149
+  _globals['_GETAPPLICATIONRESPONSE']._serialized_end=1226
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1228
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1288
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1290
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1307
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1309
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1327
+  _globals['_LINKREQUEST']._serialized_start=1330
+  _globals['_LINKREQUEST']._serialized_end=1495
+  _globals['_LINKRESPONSE']._serialized_start=1498
+  _globals['_LINKRESPONSE']._serialized_end=1631
+  _globals['_LINKRESPONSE_ACTION']._serialized_start=1561
+  _globals['_LINKRESPONSE_ACTION']._serialized_end=1631
+  _globals['_REPORTMODELSREQUEST']._serialized_start=1633
+  _globals['_REPORTMODELSREQUEST']._serialized_end=1693
+  _globals['_REPORTMODELSRESPONSE']._serialized_start=1695
+  _globals['_REPORTMODELSRESPONSE']._serialized_end=1717
+  _globals['_REPORTLOADREQUEST']._serialized_start=1720
+  _globals['_REPORTLOADREQUEST']._serialized_end=1851
+  _globals['_REPORTLOADRESPONSE']._serialized_start=1853
+  _globals['_REPORTLOADRESPONSE']._serialized_end=1873
+  _globals['_CONTROLLER']._serialized_start=1876
+  _globals['_CONTROLLER']._serialized_end=2639
 # @@protoc_insertion_point(module_scope)

@@ -276,7 +276,12 @@ class WaitApplicationResponse(_message.Message):
 
     FOUND_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    INGRESS_SET_VERSION_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
+    ingress_set_version: _builtins.int
+    """Version of the ingress deployment's replica set when the status was taken: a router that
+    has seen this version routes to the replicas the status describes.
+    """
     @_builtins.property
     def status(self) -> Global___ApplicationStatus: ...
     def __init__(
@@ -284,10 +289,11 @@ class WaitApplicationResponse(_message.Message):
         *,
         found: _builtins.bool = ...,
         status: Global___ApplicationStatus | None = ...,
+        ingress_set_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "ingress_set_version", b"ingress_set_version", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,8 +73,9 @@ class ControllerClient:
 
     async def wait_application(
         self, app_name: str, timeout_s: float
-    ) -> ApplicationStatusOverview | None:
-        """The application's status once it settles or ``timeout_s`` passes; None if unknown."""
+    ) -> tuple[ApplicationStatusOverview, int] | None:
+        """(status, ingress replica-set version) once the application settles or ``timeout_s``
+        passes; None if there is no such application."""
         try:
             reply = await self._stub.WaitApplication(
                 controller_pb2.WaitApplicationRequest(app_name=app_name, timeout_s=timeout_s),
@@ -87,7 +88,7 @@ class ControllerClient:
             ) from None
         if not reply.found:
             return None
-        return application_status_from_proto(reply.status)
+        return application_status_from_proto(reply.status), reply.ingress_set_version
 
     async def failure_cause(self, app_name: str) -> BaseException | None:
         """The exception of the application's last constructor failure, rebuilt, if any."""

@@ -313,12 +313,16 @@ def test_cancel_during_execution_cancels_the_user_coroutine() -> None:
     recorder = serve.get_deployment_handle("Recorder", "gate2")
     running = gate.remote("running")
     wait_for(lambda: recorder.count.remote("start:running").result() == 1)
+    signal = serve.get_deployment_handle("Signal", "gate2")
+    wait_for(lambda: signal.num_waiters.remote().result() == 1)
     running.cancel()
     with pytest.raises(RequestCancelledError):
         running.result(timeout_s=10)
     wait_for(lambda: recorder.count.remote("cancelled:running").result() == 1)
+    # The child request the cancelled one was waiting on was cancelled too.
+    wait_for(lambda: signal.num_waiters.remote().result() == 0)
     # The slot was released: the next request runs.
-    serve.get_deployment_handle("Signal", "gate2").send.remote().result()
+    signal.send.remote().result()
     assert gate.remote("next").result(timeout_s=10) == "next"
 
 
@@ -514,3 +518,21 @@ def test_sync_methods_run_off_the_event_loop() -> None:
     assert h.peak.remote().result(timeout_s=10) == 0
     assert time.monotonic() - started < 0.9
     assert slow.result(timeout_s=10) == 1.0
+
+
+def test_handle_copies_share_one_router_and_init_is_once_and_first() -> None:
+    h = serve.run(Echo.bind(), name="router")
+    copy = h.options(multiplexed_model_id="m")
+    assert copy._router is h._router
+    assert h.upper._router is h._router
+    assert h.handle_options.method_name == "__call__"
+    with pytest.raises(RuntimeError, match="already initialized"):
+        h._init(_prefer_local_routing=True)
+    fresh = DeploymentHandle("Echo", "router")
+    fresh._init(_prefer_local_routing=True)
+    assert fresh.is_initialized
+    with pytest.raises(RuntimeError, match="already initialized"):
+        fresh._init()
+    assert fresh.upper.remote("i").result() == "I"
+    with pytest.raises(AttributeError):
+        fresh._private_name  # noqa: B018

@@ -60,6 +60,19 @@ def test_seed_example_runs_as_a_plain_script() -> None:
     assert "RUNNING" in result.stdout
 
 
+def test_a_ray_program_runs_with_only_the_import_changed() -> None:
+    result = subprocess.run(
+        [sys.executable, "examples/ray_compat.py"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=python_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ray-compatible program OK" in result.stdout
+
+
 @contextlib.contextmanager
 def _driver(body: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
     """A driver process that prints one JSON line, then does whatever ``body`` says."""
@@ -140,6 +153,28 @@ def test_shutdown_stops_everything_and_a_new_run_starts_afresh() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_blocking_run_serves_until_interrupted_then_shuts_down() -> None:
+    with _driver(
+        """
+        import psutil, threading, time
+        def report():
+            while len(psutil.Process().children(recursive=True)) < 4:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
+            print(json.dumps({"pids": pids}), flush=True)
+        threading.Thread(target=report, daemon=True).start()
+        serve.run(Ingress.bind(Pid.bind()), blocking=True)
+        """
+    ) as (driver, info):
+        pids = info["pids"]
+        assert isinstance(pids, list)
+        assert len(pids) == 4
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(60) == 0
+        assert not pids_alive(pids)
 
 
 @pytest.fixture

@@ -1,0 +1,332 @@
+"""The Connect stream between a real ReplicaConnection and a real replica servicer (in process).
+
+Admission, rejection, draining, cancellation, flow control and malformed input, frame by frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import cloudpickle
+import grpc
+import grpc.aio
+import pytest
+
+from replica.executor import Executor
+from replica.servicer import ReplicaServicer, register
+from serve._context import set_replica_context
+from serve._models import CodeEnv, DeploymentID, DeploymentSpec, ReplicaID
+from serve._options import DeploymentConfig
+from serve._rpc.channel import new_server
+from serve._rpc.connection import ConnectionLost, ReplicaConnection
+from serve._serialization import CLOUDPICKLE, decode, encode_args
+
+TOKEN = "component-token"
+replica_servers: dict[str, grpc.aio.Server] = {}
+
+
+class Target:
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.gate = asyncio.Event()
+        self.thread_gate = threading.Event()
+        self.produced = 0
+
+    async def wait(self) -> str:
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return "opened"
+
+    def block(self) -> str:
+        self.thread_gate.wait(10)
+        return "unblocked"
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            self.produced += 1
+            yield i
+
+
+class Recorder:
+    """An Exchange that records what the connection reports."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.done = asyncio.Event()
+        self.items: list[Any] = []
+
+    def on_accepted(self, ongoing: int) -> None:
+        self.events.append(("accepted", ongoing))
+
+    def on_rejected(self, ongoing: int, draining: bool) -> None:
+        self.events.append(("rejected", (ongoing, draining)))
+        self.done.set()
+
+    def on_result(self, body: memoryview, ongoing: int) -> None:
+        self.events.append(("result", decode(CLOUDPICKLE, body)))
+        self.done.set()
+
+    def on_error(self, error: BaseException, cancelled: bool, user: bool, ongoing: int) -> None:
+        self.events.append(("error", (type(error).__name__, cancelled, user)))
+        self.done.set()
+
+    def on_item(self, body: memoryview) -> None:
+        self.items.append(decode(CLOUDPICKLE, body))
+
+    def on_end(self, ongoing: int) -> None:
+        self.events.append(("end", ongoing))
+        self.done.set()
+
+    def on_lost(self, error: ConnectionLost) -> None:
+        self.events.append(("lost", error.retryable))
+        self.done.set()
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.events]
+
+
+@pytest.fixture(autouse=True)
+def _no_replica_context() -> Iterator[None]:
+    yield
+    set_replica_context(None)
+
+
+@pytest.fixture
+async def replica() -> AsyncIterator[tuple[Executor, str]]:
+    executor = Executor(ReplicaID("t1", DeploymentID("Target", "component")))
+    spec = DeploymentSpec(
+        "Target",
+        cloudpickle.dumps(Target),
+        cloudpickle.dumps(((), {})),
+        "v1",
+        DeploymentConfig(max_ongoing_requests=2),
+    )
+    await executor.initialize(spec, CodeEnv("", ()))
+    server, port = new_server(TOKEN, None, "127.0.0.1", 0)
+    register(server, ReplicaServicer(executor, on_stop=lambda timeout_s: 0))
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    replica_servers[address] = server
+    try:
+        yield executor, address
+    finally:
+        del replica_servers[address]
+        await server.stop(0)
+
+
+def _connect(address: str, broken: list[ConnectionLost] | None = None) -> ReplicaConnection:
+    return ReplicaConnection(
+        "component#Target#t1",
+        address,
+        token=TOKEN,
+        tls=None,
+        on_broken=lambda conn, error: broken.append(error) if broken is not None else None,
+    )
+
+
+def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, **kw: Any) -> int:
+    stream = kw.pop("_stream", False)
+    window = kw.pop("_window", 0)
+    a, k = encode_args(CLOUDPICKLE, args, kw)
+    return conn.send_request(
+        exchange,
+        method=method,
+        request_codec=CLOUDPICKLE,
+        response_codec=CLOUDPICKLE,
+        args=a,
+        kwargs=k,
+        request_id="r",
+        stream=stream,
+        stream_window=window,
+    )
+
+
+async def _until(predicate: Any, timeout_s: float = 5.0) -> None:
+    """Poll a condition the replica changes (no event to wait on from here)."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def test_accept_then_result_carry_the_ongoing_count(replica: tuple[Executor, str]) -> None:
+    _, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    _send(conn, exchange, "echo", {"x": 1})
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events == [("accepted", 1), ("result", {"x": 1})]
+    await conn.aclose()
+
+
+async def test_admission_rejects_above_max_ongoing(replica: tuple[Executor, str]) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    waiting = [Recorder(), Recorder()]
+    for exchange in waiting:
+        _send(conn, exchange, "wait")
+    await _until(lambda: executor.ongoing == 2)
+    rejected = Recorder()
+    _send(conn, rejected, "wait")
+    await asyncio.wait_for(rejected.done.wait(), 5)
+    assert rejected.events == [("rejected", (2, False))]
+    executor._target.gate.set()
+    for exchange in waiting:
+        await asyncio.wait_for(exchange.done.wait(), 5)
+        assert exchange.events[-1] == ("result", "opened")
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
+async def test_a_draining_replica_rejects_as_retryable(replica: tuple[Executor, str]) -> None:
+    executor, address = replica
+    executor.draining = True
+    conn = _connect(address)
+    exchange = Recorder()
+    _send(conn, exchange, "echo", 1)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events == [("rejected", (0, True))]
+    await conn.aclose()
+
+
+async def test_cancel_frame_cancels_the_user_coroutine(replica: tuple[Executor, str]) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    frame_id = _send(conn, exchange, "wait")
+    await _until(lambda: executor.ongoing == 1)
+    conn.cancel(frame_id)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events[-1] == ("error", ("CancelledError", True, False))
+    assert executor._target.cancelled == 1
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
+async def test_a_cancelled_sync_method_keeps_its_slot_until_its_thread_ends(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    frame_id = _send(conn, exchange, "block")
+    await _until(lambda: executor.ongoing == 1)
+    await asyncio.sleep(0.05)  # let the thread start
+    conn.cancel(frame_id)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events[-1][1][1] is True  # cancelled
+    assert executor.ongoing == 1  # the thread still runs user code
+    executor._target.thread_gate.set()
+    await _until(lambda: executor.ongoing == 0)
+    await conn.aclose()
+
+
+async def test_streams_pause_without_credit(replica: tuple[Executor, str]) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    frame_id = _send(conn, exchange, "count", 100, _stream=True, _window=8)
+    await _until(lambda: len(exchange.items) == 8)
+    await asyncio.sleep(0.2)
+    assert executor._target.produced <= 9  # paused: at most one item ahead of the window
+    assert len(exchange.items) == 8
+    conn.credit(frame_id, 92)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.items == list(range(100))
+    assert exchange.events[-1] == ("end", 0)
+    await conn.aclose()
+
+
+async def test_unknown_method_is_a_system_error(replica: tuple[Executor, str]) -> None:
+    _, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    _send(conn, exchange, "nope")
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events[-1] == ("error", ("ServeError", False, False))
+    await conn.aclose()
+
+
+async def test_undecodable_arguments_are_refused_not_crashed(replica: tuple[Executor, str]) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    conn.send_request(
+        exchange,
+        method="echo",
+        request_codec=CLOUDPICKLE,
+        response_codec=CLOUDPICKLE,
+        args=b"not a pickle",
+        kwargs=b"",
+        request_id="r",
+    )
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events[-1] == ("error", ("ServeError", False, False))
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
+async def test_an_unreachable_replica_loses_requests_as_retryable() -> None:
+    broken: list[ConnectionLost] = []
+    conn = _connect("127.0.0.1:9", broken)
+    exchange = Recorder()
+    _send(conn, exchange, "echo", 1)
+    await asyncio.wait_for(exchange.done.wait(), 10)
+    assert exchange.events == [("lost", True)]
+    assert len(broken) == 1
+    await conn.aclose()
+
+
+async def test_a_replica_dying_mid_request_reports_the_loss_after_acceptance(
+    replica: tuple[Executor, str],
+) -> None:
+    _, address = replica
+    broken: list[ConnectionLost] = []
+    conn = _connect(address, broken)
+    exchange = Recorder()
+    _send(conn, exchange, "wait")
+    await _until(lambda: exchange.kinds() == ["accepted"])
+    await replica_servers[address].stop(0)
+    await asyncio.wait_for(exchange.done.wait(), 10)
+    assert exchange.kinds() == ["accepted", "lost"]
+    assert len(broken) == 1
+    await conn.aclose()
+
+
+async def test_garbage_on_the_stream_ends_it_with_invalid_argument(
+    replica: tuple[Executor, str],
+) -> None:
+    _, address = replica
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream("/serve.v1.Replica/Connect")(
+            metadata=(("serve-token", TOKEN),)
+        )
+        await call.write(b"\x0a\x03xyz")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Malformed batch" in (info.value.details() or "")
+
+
+async def test_many_requests_share_one_stream(replica: tuple[Executor, str]) -> None:
+    executor, address = replica
+    executor.max_ongoing = 1000
+    conn = _connect(address)
+    exchanges = [Recorder() for _ in range(500)]
+    started = time.monotonic()
+    for i, exchange in enumerate(exchanges):
+        _send(conn, exchange, "echo", i)
+    for exchange in exchanges:
+        await asyncio.wait_for(exchange.done.wait(), 10)
+    assert [e.events[-1][1] for e in exchanges] == list(range(500))
+    assert time.monotonic() - started < 10
+    await conn.aclose()

@@ -1,0 +1,124 @@
+"""Bad input on every RPC and port: an error status for the caller, the daemons keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+import serve
+from serve import _client
+from serve._settings import TOKEN_METADATA_KEY
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("serve_instance")]
+
+CONTROLLER_UNARY = [
+    "Deploy",
+    "DeleteApplication",
+    "GetStatus",
+    "WaitApplication",
+    "GetApplication",
+    "Shutdown",
+    "ReportModels",
+    "ReportLoad",
+]
+CONTROLLER_STREAM = ["WatchDeployment", "Link"]
+REPLICA_UNARY = ["Initialize", "Reconfigure", "CheckHealth", "QueueLength", "Stop"]
+# Field 1 with wire type 7 does not exist: no protobuf parser accepts this.
+GARBAGE = b"\x0f" + os.urandom(64)
+
+
+@serve.deployment
+class Ping:
+    def __call__(self) -> str:
+        return "pong"
+
+
+def _targets() -> tuple[str, str, str]:
+    handle = serve.run(Ping.bind(), name="hostile")
+    assert handle.remote().result() == "pong"
+    client = _client.current()
+    assert client is not None
+    assert client.token
+    state = handle._router._state
+    assert state is not None
+    return client.address, state.routable[0].address, client.token
+
+
+async def _call(address: str, method: str, kind: str, payload: bytes, token: str | None) -> Any:
+    metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
+    async with grpc.aio.insecure_channel(address) as channel:
+        if kind == "unary":
+            return await channel.unary_unary(method)(payload, metadata=metadata, timeout=10)
+        if kind == "server_stream":
+            call = channel.unary_stream(method)(payload, metadata=metadata, timeout=10)
+            return [m async for m in call]
+        call = channel.stream_stream(method)(metadata=metadata, timeout=10)
+        await call.write(payload)
+        await call.done_writing()
+        return [m async for m in call]
+
+
+def _calls() -> list[tuple[str, str, str]]:
+    calls = [("controller", f"/serve.v1.Controller/{m}", "unary") for m in CONTROLLER_UNARY]
+    calls += [
+        ("controller", f"/serve.v1.Controller/{m}", "server_stream") for m in CONTROLLER_STREAM
+    ]
+    calls += [("replica", f"/serve.v1.Replica/{m}", "unary") for m in REPLICA_UNARY]
+    calls += [("replica", "/serve.v1.Replica/Connect", "bidi")]
+    return calls
+
+
+def test_calls_without_the_token_are_refused_before_decoding() -> None:
+    controller, replica, _ = _targets()
+
+    async def main() -> None:
+        for target, method, kind in _calls():
+            address = controller if target == "controller" else replica
+            for token in (None, "wrong-token"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _call(address, method, kind, GARBAGE, token)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+                assert "cluster token" in (info.value.details() or "")
+
+    asyncio.run(main())
+    assert serve.get_app_handle("hostile").remote().result() == "pong"
+
+
+def test_garbage_messages_get_an_error_status_and_the_daemons_keep_serving() -> None:
+    controller, replica, token = _targets()
+
+    async def main() -> None:
+        for target, method, kind in _calls():
+            address = controller if target == "controller" else replica
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _call(address, method, kind, GARBAGE, token)
+            assert info.value.code() in (
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ), (method, info.value.code())
+
+    asyncio.run(main())
+    handle = serve.get_app_handle("hostile")
+    assert [handle.remote().result() for _ in range(5)] == ["pong"] * 5
+    assert serve.status().applications["hostile"].status == "RUNNING"
+
+
+def test_raw_bytes_on_the_ports_do_not_disturb_the_daemons() -> None:
+    controller, replica, _ = _targets()
+    for address in (controller, replica):
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(4096))
+            sock.settimeout(5)
+            try:
+                while sock.recv(4096):
+                    pass
+            except (TimeoutError, ConnectionResetError):
+                pass
+    assert serve.get_app_handle("hostile").remote().result() == "pong"
