@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port to bind (default ephemeral)")
     parser.add_argument("--log-file", default=None, help="also write logs to this file")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
     try:
         replica_id = ReplicaID.parse(args.replica_id)
     except ValueError:

@@ -14,8 +14,8 @@ from serve.exceptions import ServeError
 
 if TYPE_CHECKING:
     from serve._options import HandleOptions
-    from serve._router import Router
-    from serve._rpc.connection import ConnectionLost, ReplicaConnection
+    from serve._router import Connection, Router
+    from serve._rpc.connection import ConnectionLost
 
 
 class CallState(enum.IntEnum):
@@ -58,6 +58,7 @@ class Call:
         "model_id",
         "no_reject",
         "parent",
+        "prefer_local",
         "replica_id",
         "request_codec",
         "request_id",
@@ -83,6 +84,7 @@ class Call:
         self.method = options.method_name
         self.model_id = options.multiplexed_model_id
         self.stream = options.stream
+        self.prefer_local = options.prefer_local_routing
         self.no_reject = False
         self.request_codec = codec_id(options.request_serialization)
         self.response_codec = codec_id(options.response_serialization)
@@ -95,7 +97,7 @@ class Call:
         self.completion = Completion()
         self.stream_buffer: ItemQueue | None = ItemQueue() if options.stream else None
         self.replica_id = ""
-        self.conn: ReplicaConnection | None = None
+        self.conn: Connection | None = None
         self.frame_id = 0
         self.args_blob = b""
         self.kwargs_blob = b""

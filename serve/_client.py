@@ -17,16 +17,20 @@ import os
 import secrets
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from serve._models import DeploymentID
+from serve._models import DeploymentID, ReplicaInfo
 from serve._router import DeploymentState
 from serve._rpc.channel import TlsFiles
+from serve._rpc.connection import ConnectionLost, ReplicaConnection
 from serve._rpc.controller_client import ControllerClient
 from serve._settings import TOKEN_ENV, settings
 from serve._sync import run_sync
@@ -55,13 +59,28 @@ class ServeClient:
         self.tls = tls
         self.owner = owner
         self.controller = ControllerClient(address, token=token, tls=tls)
+        self.host = socket.gethostname()
         self._states: dict[DeploymentID, DeploymentState] = {}
 
     def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
         state = self._states.get(deployment_id)
         if state is None:
-            state = self._states[deployment_id] = DeploymentState(self, deployment_id)
+            state = DeploymentState(
+                deployment_id,
+                watch=self.controller.watch,
+                open_connection=self._open_connection,
+                local_host=self.host,
+            )
+            self._states[deployment_id] = state
+            state.start()
         return state
+
+    def _open_connection(
+        self, replica: ReplicaInfo, on_broken: Callable[[Any, ConnectionLost], None]
+    ) -> ReplicaConnection:
+        return ReplicaConnection(
+            replica.replica_id, replica.address, token=self.token, tls=self.tls, on_broken=on_broken
+        )
 
     async def aclose(self) -> None:
         states = list(self._states.values())

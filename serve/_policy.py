@@ -139,3 +139,34 @@ def choose(
     if best is not None:
         return Choice(best, tuple(unknown))
     return Choice(None, tuple(unknown + full))
+
+
+def candidate_tiers(
+    replicas: Sequence[ReplicaInfo],
+    *,
+    model_id: str = "",
+    local_host: str = "",
+    prefer_local: bool = False,
+) -> list[Sequence[ReplicaInfo]]:
+    """The candidate sets one routing pass tries, in order, without sleeping between them.
+
+    With a multiplexed model id: the replicas holding (or loading) the model, then the replicas
+    holding the fewest models, then all. Otherwise, with ``prefer_local``: the replicas on this
+    host, then all. The last tier is always every replica, so a request that cannot be placed in
+    one pass could not be placed by any other request either (the queue stays FIFO).
+    """
+    tiers: list[Sequence[ReplicaInfo]] = []
+    if model_id:
+        holding = [r for r in replicas if model_id in r.model_ids]
+        if holding:
+            tiers.append(holding)
+        fewest = min((len(r.model_ids) for r in replicas), default=0)
+        least_loaded = [r for r in replicas if len(r.model_ids) == fewest]
+        if len(least_loaded) < len(replicas):
+            tiers.append(least_loaded)
+    elif prefer_local and local_host:
+        local = [r for r in replicas if r.host == local_host]
+        if local and len(local) < len(replicas):
+            tiers.append(local)
+    tiers.append(replicas)
+    return tiers

@@ -20,13 +20,20 @@ import random
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from serve._call import Call, CallState
 from serve._context import current_request
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
-from serve._policy import QueueLengths, backoff_s, choose, probe_deadline_s
-from serve._rpc.connection import ConnectionLost, ReplicaConnection
+from serve._policy import (
+    QueueLengths,
+    backoff_s,
+    candidate_tiers,
+    choose,
+    probe_deadline_s,
+)
+from serve._rpc.connection import ConnectionLost
 from serve._serialization import decode
 from serve.exceptions import (
     BackPressureError,
@@ -37,7 +44,6 @@ from serve.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from serve._client import ServeClient
     from serve._options import HandleOptions
 
 logger = logging.getLogger(__name__)
@@ -50,25 +56,76 @@ class ReplicaSkipped(ServeError):
     """A broadcast call could not reach its replica before admission; it is left out."""
 
 
+class Connection(Protocol):
+    """What routers need of a replica connection (a ReplicaConnection, or a fake in tests)."""
+
+    replica_id: str
+    broken: ConnectionLost | None
+
+    def send_request(
+        self,
+        exchange: Any,
+        *,
+        method: str,
+        request_codec: int,
+        response_codec: int,
+        args: bytes,
+        kwargs: bytes,
+        request_id: str,
+        model_id: str = "",
+        stream: bool = False,
+        no_reject: bool = False,
+        stream_window: int = 0,
+    ) -> int: ...
+    def cancel(self, frame_id: int) -> None: ...
+    def credit(self, frame_id: int, count: int) -> None: ...
+    async def queue_length(self, timeout_s: float) -> tuple[int, bool]: ...
+    async def aclose(self) -> None: ...
+
+
+Watch = Callable[[DeploymentID], AsyncIterator[ReplicaSet]]
+OpenConnection = Callable[[ReplicaInfo, Callable[[Any, ConnectionLost], None]], Connection]
+
+
+class StateSource(Protocol):
+    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState: ...
+
+
 class DeploymentState:
     """What one process knows about one deployment: replicas, their load, connections."""
 
-    def __init__(self, client: ServeClient, deployment_id: DeploymentID) -> None:
-        self._client = client
+    def __init__(
+        self,
+        deployment_id: DeploymentID,
+        *,
+        watch: Watch,
+        open_connection: OpenConnection,
+        local_host: str = "",
+    ) -> None:
+        self._watch_source = watch
+        self._open_connection = open_connection
+        self.local_host = local_host
         self.deployment_id = deployment_id
         self.replica_set: ReplicaSet | None = None
         self.routable: list[ReplicaInfo] = []
         self.queue_lens = QueueLengths()
         self._replicas: dict[str, ReplicaInfo] = {}
         self._excluded: set[str] = set()  # broken or draining, until the controller drops them
-        self._connections: dict[str, ReplicaConnection] = {}
+        self._connections: dict[str, Connection] = {}
         self._probing: dict[str, asyncio.Task[None]] = {}
         self._routers: weakref.WeakSet[Router] = weakref.WeakSet()
         self._ready = asyncio.Event()
         self._version_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._watch = asyncio.create_task(self._watch_loop(), name=f"router:watch:{deployment_id}")
+        self._watch: asyncio.Task[None] | None = None
         self._closed = False
+
+    def start(self) -> None:
+        """Start following the controller's replica sets (on the home loop)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(
+                self._watch_loop(), name=f"router:watch:{self.deployment_id}"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -94,8 +151,8 @@ class DeploymentState:
         delay_s = 0.05
         while True:
             try:
-                async for replica_set in self._client.controller.watch(self.deployment_id):
-                    self._apply(replica_set)
+                async for replica_set in self._watch_source(self.deployment_id):
+                    self.apply(replica_set)
                     delay_s = 0.05
             except asyncio.CancelledError:
                 raise
@@ -104,7 +161,8 @@ class DeploymentState:
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, _WATCH_RETRY_MAX_S)
 
-    def _apply(self, replica_set: ReplicaSet) -> None:
+    def apply(self, replica_set: ReplicaSet) -> None:
+        """Take a replica set from the controller (the watch, or a test)."""
         self.replica_set = replica_set
         now = time.monotonic()
         fresh = {r.replica_id: r for r in replica_set.replicas}
@@ -137,20 +195,14 @@ class DeploymentState:
             self._excluded.add(replica_id)
             self._recompute()
 
-    def connection(self, replica: ReplicaInfo) -> ReplicaConnection:
+    def connection(self, replica: ReplicaInfo) -> Connection:
         conn = self._connections.get(replica.replica_id)
         if conn is None:
-            conn = ReplicaConnection(
-                replica.replica_id,
-                replica.address,
-                token=self._client.token,
-                tls=self._client.tls,
-                on_broken=self._on_broken,
-            )
+            conn = self._open_connection(replica, self._on_broken)
             self._connections[replica.replica_id] = conn
         return conn
 
-    def _on_broken(self, conn: ReplicaConnection, error: ConnectionLost) -> None:
+    def _on_broken(self, conn: Connection, error: ConnectionLost) -> None:
         if self._connections.get(conn.replica_id) is conn:
             del self._connections[conn.replica_id]
         logger.debug("Dropping replica %s: %s", conn.replica_id, error)
@@ -201,7 +253,7 @@ class DeploymentState:
         if self._closed:
             return
         self._closed = True
-        tasks = [self._watch, *self._probing.values(), *self._tasks]
+        tasks = [*([self._watch] if self._watch else []), *self._probing.values(), *self._tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -215,7 +267,7 @@ class DeploymentState:
 class Router:
     """The request queue of one handle (shared by its ``options()`` copies)."""
 
-    def __init__(self, client: ServeClient, deployment_id: DeploymentID, handle_id: str) -> None:
+    def __init__(self, client: StateSource, deployment_id: DeploymentID, handle_id: str) -> None:
         self._client = client
         self.deployment_id = deployment_id
         self.handle_id = handle_id
@@ -230,6 +282,7 @@ class Router:
         self._retry_timer: asyncio.TimerHandle | None = None
         self._pumping = False
         self._repump = False
+        self._repump_probe = False
         self._rng = random.Random()
         self.num_requests = 0
 
@@ -350,23 +403,32 @@ class Router:
             return
         call.state = CallState.QUEUED
         heapq.heappush(self._pending, (call.seq, call))
-        self.pump()
+        # The first pass for a request arriving at an idle queue may probe; while a retry is
+        # scheduled, the backoff schedule decides when to probe again.
+        self.pump(probe=self._retry_timer is None)
 
-    def pump(self) -> None:
-        """Send waiting requests, oldest first, while a replica can take them."""
+    def pump(self, probe: bool = False) -> None:
+        """Send waiting requests, oldest first, while a replica can take them.
+
+        Only a ``probe`` pass asks replicas for their load; other passes (after a reply, a probe
+        answer, a new replica set) use what is known, so answers never trigger a probe storm.
+        """
         if self._pumping:
             self._repump = True
+            self._repump_probe |= probe
             return
         self._pumping = True
         try:
             self._repump = True
+            self._repump_probe = probe
             while self._repump:
                 self._repump = False
-                self._pump_once()
+                probing, self._repump_probe = self._repump_probe, False
+                self._pump_once(probing)
         finally:
             self._pumping = False
 
-    def _pump_once(self) -> None:
+    def _pump_once(self, probe: bool) -> None:
         state = self.state()
         pending = self._pending
         rng = self._rng
@@ -384,18 +446,31 @@ class Router:
             candidates = state.routable
             if not candidates:
                 return  # wait for the controller to publish replicas
-            choice = choose(candidates, estimate, rng)
-            for replica in choice.probe:
-                state.probe(replica, self._failed_passes)
-            if choice.replica is None:
+            chosen = None
+            for tier in candidate_tiers(
+                candidates,
+                model_id=call.model_id,
+                local_host=state.local_host,
+                prefer_local=self.prefer_local_routing or call.prefer_local,
+            ):
+                choice = choose(tier, estimate, rng)
+                if probe:
+                    for replica in choice.probe:
+                        state.probe(replica, self._failed_passes)
+                if choice.replica is not None:
+                    chosen = choice.replica
+                    break
+            if chosen is None:
+                if probe:
+                    self._failed_passes += 1
                 self._schedule_retry()
                 return
             heapq.heappop(pending)
             self._failed_passes = 0
-            self._send(call, choice.replica, state)
+            self._send(call, chosen, state)
 
     def _schedule_retry(self) -> None:
-        self._failed_passes += 1
+        """Arrange the next probing pass: at once after one failure, then with backoff."""
         if self._retry_timer is not None:
             return
         delay_s = backoff_s(self._failed_passes)
@@ -405,7 +480,7 @@ class Router:
     def _on_retry_timer(self) -> None:
         self._retry_timer = None
         if self._pending:
-            self.pump()
+            self.pump(probe=True)
 
     def _send(self, call: Call, replica: ReplicaInfo, state: DeploymentState) -> None:
         conn = state.connection(replica)

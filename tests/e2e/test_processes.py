@@ -258,3 +258,26 @@ def test_wrong_address_fails_with_a_clear_error(tmp_path: Path) -> None:
 
 def test_no_serve_process_outlives_this_module() -> None:
     wait_for(lambda: not [p for p in serve_processes() if p.ppid() != os.getpid()], timeout_s=30)
+
+
+@pytest.mark.parametrize("script", ["serve-controller", "serve-replica"])
+def test_console_scripts_exist_and_explain_bad_arguments(script: str) -> None:
+    path = Path(sys.executable).parent / script
+    help_text = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+    assert help_text.returncode == 0
+    assert "--host" in help_text.stdout
+    bad = subprocess.run([path, "--port", "99999"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+    assert "error:" in bad.stderr
+
+
+def test_replica_rejects_a_malformed_replica_id() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "replica", "--controller", "127.0.0.1:1", "--replica-id", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=python_env(),
+    )
+    assert result.returncode == 2
+    assert "--replica-id must look like app#deployment#tag" in result.stderr

@@ -4,7 +4,14 @@ import random
 from collections import Counter
 
 from serve._models import ReplicaInfo
-from serve._policy import QueueLengths, backoff_s, choose, probe_deadline_s, sample_two
+from serve._policy import (
+    QueueLengths,
+    backoff_s,
+    candidate_tiers,
+    choose,
+    probe_deadline_s,
+    sample_two,
+)
 
 
 def replicas(n: int, limit: int = 5) -> list[ReplicaInfo]:
@@ -84,3 +91,42 @@ def test_queue_lengths_estimate_reported_plus_unanswered() -> None:
     assert lens.estimate("r", now=12.5) is None  # expired
     lens.forget("r")
     assert lens.known() == set()
+
+
+def _with_models(*model_sets: set[str], host: str = "") -> list[ReplicaInfo]:
+    return [
+        ReplicaInfo(f"r{i}", f"a{i}", host=host, model_ids=frozenset(models))
+        for i, models in enumerate(model_sets)
+    ]
+
+
+def test_multiplex_tiers_prefer_holders_then_fewest_models_then_all() -> None:
+    pool = _with_models({"a", "b"}, {"b"}, set(), set())
+    tiers = candidate_tiers(pool, model_id="a")
+    assert [[r.replica_id for r in t] for t in tiers] == [
+        ["r0"],
+        ["r2", "r3"],
+        ["r0", "r1", "r2", "r3"],
+    ]
+
+
+def test_multiplex_without_holders_goes_to_the_fewest_models() -> None:
+    pool = _with_models({"a"}, {"b", "c"}, {"d"})
+    tiers = candidate_tiers(pool, model_id="z")
+    assert [[r.replica_id for r in t] for t in tiers] == [["r0", "r2"], ["r0", "r1", "r2"]]
+
+
+def test_multiplex_with_equal_model_counts_is_just_all() -> None:
+    pool = _with_models(set(), set())
+    assert candidate_tiers(pool, model_id="z") == [pool]
+
+
+def test_locality_tiers() -> None:
+    pool = [
+        ReplicaInfo("near", "a", host="me"),
+        ReplicaInfo("far", "b", host="other"),
+    ]
+    tiers = candidate_tiers(pool, local_host="me", prefer_local=True)
+    assert [[r.replica_id for r in t] for t in tiers] == [["near"], ["near", "far"]]
+    assert candidate_tiers(pool, local_host="me", prefer_local=False) == [pool]
+    assert candidate_tiers(pool, local_host="nowhere", prefer_local=True) == [pool]

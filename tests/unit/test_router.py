@@ -1,0 +1,302 @@
+"""The router's queue and choices, driven with fake connections: no sockets, no processes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import pytest
+
+from serve._call import Call, CallState
+from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
+from serve._options import HandleOptions
+from serve._router import DeploymentState, Router
+from serve._rpc.connection import ConnectionLost
+from serve._serialization import CLOUDPICKLE, encode
+from serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaDiedError,
+    RequestCancelledError,
+)
+
+DEP = DeploymentID("Model", "app")
+
+
+class FakeConnection:
+    def __init__(self, replica: ReplicaInfo, on_broken: Any) -> None:
+        self.replica_id = replica.replica_id
+        self.on_broken = on_broken
+        self.broken: ConnectionLost | None = None
+        self.sent: dict[int, tuple[Call, dict[str, Any]]] = {}
+        self.cancelled: list[int] = []
+        self.probe_answer: tuple[int, bool] | None = (0, True)
+        self.probes = 0
+        self._ids = itertools.count(1)
+
+    def send_request(self, exchange: Any, **request: Any) -> int:
+        if self.broken is not None:
+            raise self.broken
+        frame_id = next(self._ids)
+        self.sent[frame_id] = (exchange, request)
+        return frame_id
+
+    def cancel(self, frame_id: int) -> None:
+        self.cancelled.append(frame_id)
+
+    def credit(self, frame_id: int, count: int) -> None:
+        pass
+
+    async def queue_length(self, timeout_s: float) -> tuple[int, bool]:
+        self.probes += 1
+        if self.probe_answer is None:
+            raise TimeoutError
+        return self.probe_answer
+
+    async def aclose(self) -> None:
+        pass
+
+    def calls(self) -> list[Call]:
+        return [call for call, _ in self.sent.values()]
+
+    def break_(self) -> None:
+        self.broken = ConnectionLost("gone")
+        for call, _ in self.sent.values():
+            call.on_lost(self.broken)
+        self.on_broken(self, self.broken)
+
+
+class Fixture:
+    def __init__(self) -> None:
+        self.conns: dict[str, FakeConnection] = {}
+        self.state = DeploymentState(
+            DEP, watch=self._no_watch, open_connection=self._open, local_host="me"
+        )
+        self.router = Router(self, DEP, "h1")
+
+    async def _no_watch(self, deployment_id: DeploymentID) -> Any:
+        raise AssertionError("tests feed replica sets directly")
+        yield
+
+    def _open(self, replica: ReplicaInfo, on_broken: Any) -> FakeConnection:
+        conn = self.conns[replica.replica_id] = FakeConnection(replica, on_broken)
+        return conn
+
+    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+        return self.state
+
+    def publish(self, *replicas: ReplicaInfo, max_queued: int = -1) -> None:
+        self.state.apply(
+            ReplicaSet(version=1, exists=True, replicas=replicas, max_queued_requests=max_queued)
+        )
+
+    def call(self, *args: Any, options: HandleOptions | None = None) -> Call:
+        call = self.router.make_call(options or HandleOptions(), args, {})
+        self.router.submit(call)
+        return call
+
+
+def replica(
+    name: str, limit: int = 5, models: set[str] | None = None, host: str = ""
+) -> ReplicaInfo:
+    return ReplicaInfo(name, f"addr-{name}", host, limit, frozenset(models or ()))
+
+
+def result(call: Call, value: Any, ongoing: int = 0) -> None:
+    call.on_accepted(ongoing + 1)
+    call.on_result(memoryview(encode(CLOUDPICKLE, value)), ongoing)
+
+
+@pytest.fixture
+def f() -> Fixture:
+    return Fixture()
+
+
+async def test_requests_wait_without_replicas_then_go_to_the_first_one(f: Fixture) -> None:
+    calls = [f.call(i) for i in range(3)]
+    assert all(c.state == CallState.QUEUED for c in calls)
+    assert not f.conns
+    f.publish(replica("a"))
+    assert [c.state for c in calls] == [CallState.SENT] * 3
+    result(calls[0], "done")
+    assert await calls[0].completion.wait() == "done"
+
+
+async def test_fifo_when_the_only_replica_takes_one_at_a_time(f: Fixture) -> None:
+    f.publish(replica("a", limit=1))
+    calls = [f.call(i) for i in range(4)]
+    conn = f.conns["a"]
+    for expected in range(4):
+        assert [c.seq for c in conn.calls()][-1] == calls[expected].seq
+        result(calls[expected], expected)
+    assert [c.completion.outcome() for c in calls] == [0, 1, 2, 3]
+
+
+async def test_a_rejected_request_keeps_its_place_in_the_queue(f: Fixture) -> None:
+    f.publish(replica("a", limit=1), replica("b", limit=1))
+    first, second, third = f.call(1), f.call(2), f.call(3)
+    assert third.state == CallState.QUEUED
+    first_replica = first.replica_id
+    first.on_rejected(1, False)  # another router filled that replica first
+    assert first.state == CallState.QUEUED
+    other = second.replica_id
+    assert other != first_replica
+    result(second, "b")
+    # The freed replica takes the rejected (older) request, not the third.
+    assert first.state == CallState.SENT and first.replica_id == other
+    assert third.state == CallState.QUEUED
+
+
+async def test_backpressure_at_max_queued_requests(f: Fixture) -> None:
+    f.publish(replica("a", limit=1), max_queued=2)
+    running = f.call(0)
+    running.on_accepted(1)
+    queued = [f.call(1), f.call(2)]
+    with pytest.raises(BackPressureError) as info:
+        f.call(3)
+    assert info.value.num_queued_requests == 2
+    assert info.value.max_queued_requests == 2
+    assert "num_queued_requests=2, max_queued_requests=2" in str(info.value)
+    result(running, "x")
+    queued[0].on_accepted(1)  # admitted: no longer queued
+    f.call(4)
+
+
+async def test_the_shorter_queue_wins(f: Fixture) -> None:
+    f.publish(replica("a"), replica("b"))
+    f.state.queue_lens.report("a", 4, now=_now())
+    f.state.queue_lens.report("b", 0, now=_now())
+    calls = [f.call(i) for i in range(4)]
+    assert [c.replica_id for c in calls] == ["b", "b", "b", "b"]  # b: 0,1,2,3 unanswered < 4
+    assert f.call(5).replica_id in ("a", "b")
+
+
+async def test_unknown_load_is_probed_then_used(f: Fixture) -> None:
+    f.publish(replica("a"))
+    f.state.queue_lens.forget("a")
+    call = f.call(1)
+    assert call.state == CallState.QUEUED
+    await _until(lambda: call.state == CallState.SENT)
+    assert f.conns["a"].probes == 1
+
+
+async def test_full_replicas_are_probed_with_backoff_until_one_frees(f: Fixture) -> None:
+    f.publish(replica("a", limit=1))
+    f.state.queue_lens.report("a", 1, now=_now())  # full according to the last answer
+    f.conns.clear()
+    f.state.connection(replica("a", limit=1)).probe_answer = (1, True)  # type: ignore[attr-defined]
+    call = f.call(1)
+    await asyncio.sleep(0.2)
+    probes = f.conns["a"].probes
+    assert call.state == CallState.QUEUED
+    assert 2 <= probes <= 8  # backoff: 0, 25, 50, 100 ms ...
+    f.conns["a"].probe_answer = (0, True)
+    await _until(lambda: call.state == CallState.SENT, timeout_s=2)
+
+
+async def test_loss_before_admission_retries_elsewhere(f: Fixture) -> None:
+    f.publish(replica("a", limit=1), replica("b", limit=1))
+    first, second = f.call(1), f.call(2)
+    lost = f.conns[first.replica_id]
+    survivor = "b" if first.replica_id == "a" else "a"
+    result(second, "ok") if second.replica_id == survivor else None
+    lost.break_()
+    assert first.replica_id == survivor
+    assert first.state == CallState.SENT
+    assert f.state.routable == [r for r in f.state.routable if r.replica_id == survivor]
+
+
+async def test_loss_after_admission_is_replica_died(f: Fixture) -> None:
+    f.publish(replica("a"))
+    call = f.call(1)
+    call.on_accepted(1)
+    f.conns["a"].break_()
+    with pytest.raises(ReplicaDiedError, match="was not retried"):
+        await call.completion.wait()
+
+
+async def test_cancel_while_queued_never_sends(f: Fixture) -> None:
+    f.publish(replica("a", limit=1))
+    busy, queued = f.call(1), f.call(2)
+    f.router.cancel(queued)
+    with pytest.raises(RequestCancelledError):
+        await queued.completion.wait()
+    result(busy, "x")
+    assert [c.seq for c in f.conns["a"].calls()] == [busy.seq]
+
+
+async def test_cancel_after_sending_tells_the_replica(f: Fixture) -> None:
+    f.publish(replica("a"))
+    call = f.call(1)
+    call.on_accepted(1)
+    f.router.cancel(call)
+    assert f.conns["a"].cancelled == [call.frame_id]
+    with pytest.raises(RequestCancelledError):
+        await call.completion.wait()
+    call.on_error(asyncio.CancelledError(), True, False, 0)  # the replica's late answer
+    assert f.state.queue_lens.estimate("a", _now()) == 0
+
+
+async def test_a_draining_replica_is_skipped_at_once(f: Fixture) -> None:
+    f.publish(replica("a"), replica("b"))
+    call = f.call(1)
+    draining = call.replica_id
+    call.on_rejected(0, True)
+    assert call.replica_id != draining
+    assert [r.replica_id for r in f.state.routable] == [call.replica_id]
+
+
+async def test_a_deleted_deployment_fails_waiting_requests(f: Fixture) -> None:
+    call = f.call(1)
+    f.state.apply(ReplicaSet(version=2, exists=False))
+    with pytest.raises(DeploymentUnavailableError):
+        await call.completion.wait()
+    with pytest.raises(DeploymentUnavailableError):
+        await f.call(2).completion.wait()
+
+
+async def test_multiplexed_requests_go_to_replicas_holding_the_model(f: Fixture) -> None:
+    f.publish(replica("a", models={"m1"}), replica("b", models={"m2"}), replica("c"))
+    options = HandleOptions(multiplexed_model_id="m2")
+    assert {f.call(i, options=options).replica_id for i in range(4)} == {"b"}
+    fresh = HandleOptions(multiplexed_model_id="new")
+    assert f.call(9, options=fresh).replica_id == "c"  # the replica with the fewest models
+
+
+async def test_busy_model_replicas_spill_to_the_fewest_models(f: Fixture) -> None:
+    f.publish(
+        replica("a", limit=1, models={"m"}),
+        replica("b", limit=1),
+        replica("c", limit=1, models={"x", "y"}),
+    )
+    options = HandleOptions(multiplexed_model_id="m")
+    first, second = f.call(1, options=options), f.call(2, options=options)
+    assert (first.replica_id, second.replica_id) == ("a", "b")
+
+
+async def test_prefer_local_routing(f: Fixture) -> None:
+    f.publish(replica("far", host="other"), replica("near", host="me"))
+    options = HandleOptions(prefer_local_routing=True)
+    assert {f.call(i, options=options).replica_id for i in range(5)} == {"near"}
+
+
+async def test_no_work_is_scheduled_when_idle(f: Fixture) -> None:
+    f.publish(replica("a"))
+    call = f.call(1)
+    result(call, 1)
+    assert f.router._retry_timer is None
+    assert not f.state._probing
+    assert not f.router.has_pending
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+async def _until(predicate: Any, timeout_s: float = 2.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
