@@ -144,7 +144,8 @@ async def test_a_rejected_request_keeps_its_place_in_the_queue(f: Fixture) -> No
     assert other != first_replica
     result(second, "b")
     # The freed replica takes the rejected (older) request, not the third.
-    assert first.state == CallState.SENT and first.replica_id == other
+    assert first.state == CallState.SENT
+    assert first.replica_id == other
     assert third.state == CallState.QUEUED
 
 
