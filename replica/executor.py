@@ -19,6 +19,7 @@ from typing import Any, Literal
 from replica.loader import apply_code_env, load_callable, load_init_args
 from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
 from serve._models import CodeEnv, DeploymentSpec, ReplicaID
+from serve._multiplex import registry as multiplex_registry
 from serve._options import DeploymentConfig
 from serve._sync import mailbox
 from serve.exceptions import ServeError
@@ -142,7 +143,11 @@ class Executor:
         return await _maybe_await(await self.run_sync(method, *args))
 
     async def shutdown(self) -> None:
-        """Call the user's ``__del__`` (if any) and stop the thread pool."""
+        """Unload multiplexed models, call the user's ``__del__`` (if any), stop the pool."""
+        try:
+            await multiplex_registry.unload_all()
+        except Exception:
+            logger.exception("Unloading multiplexed models failed")
         target, self._target = self._target, None
         if target is not None and not self._is_function:
             deleter = getattr(type(target), "__del__", None)

@@ -23,6 +23,7 @@ from replica.executor import Executor
 from replica.servicer import ReplicaServicer, register
 from serve import _client
 from serve._models import ReplicaID
+from serve._multiplex import registry as multiplex_registry
 from serve._proto import controller_pb2, controller_pb2_grpc
 from serve._rpc.channel import TlsFiles, new_server, open_channel, token_metadata
 from serve._sync import set_home_loop
@@ -57,6 +58,9 @@ class ReplicaServer:
         self._executor: Executor | None = None
         self._servicer: ReplicaServicer | None = None
         self._signals = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._report: asyncio.Task[None] | None = None
+        self._reported_models: frozenset[str] = frozenset()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -86,16 +90,22 @@ class ReplicaServer:
             + "\n"
         )
         sys.stdout.flush()
+        self._channel = open_channel(self._controller_address, self._tls)
+        multiplex_registry.set_listener(self._models_changed)
         link = asyncio.create_task(self._link_loop(address), name="replica:link")
         try:
             await self._stopped.wait()
         finally:
-            link.cancel()
-            await asyncio.gather(link, return_exceptions=True)
+            multiplex_registry.set_listener(None)
+            tasks = [link, *([self._report] if self._report else [])]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await servicer.close_sessions()
             await server.stop(STOP_GRACE_S)
             await executor.shutdown()
             await client.aclose()
+            await self._channel.close()
         return 0
 
     def _on_signal(self) -> None:
@@ -125,47 +135,72 @@ class ReplicaServer:
         self._stopped.set()
         return abandoned
 
+    def _models_changed(self, model_ids: frozenset[str]) -> None:
+        """Multiplexed models changed: tell the controller now (one report in flight at a time)."""
+        if self._report is None or self._report.done():
+            self._report = asyncio.get_running_loop().create_task(
+                self._report_models(), name="replica:report-models"
+            )
+
+    async def _report_models(self) -> None:
+        assert self._channel is not None
+        stub = controller_pb2_grpc.ControllerStub(self._channel)
+        while True:
+            current = multiplex_registry.model_ids()
+            if current == self._reported_models:
+                return
+            try:
+                await stub.ReportModels(
+                    controller_pb2.ReportModelsRequest(
+                        replica_id=str(self.replica_id), model_ids=sorted(current)
+                    ),
+                    timeout=5.0,
+                    metadata=token_metadata(self._token),
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("Could not report model ids to the controller: %s", exc.code().name)
+                return  # the next change (or the next link) reports them again
+            self._reported_models = current
+
     async def _link_loop(self, address: str) -> None:
+        """Hold the Link stream; re-link after a loss; exit after orphan_timeout_s alone."""
         assert self._executor is not None
-        assert self._stopped is not None
+        assert self._channel is not None
         executor = self._executor
-        channel = open_channel(self._controller_address, self._tls)
-        stub = controller_pb2_grpc.ControllerStub(channel)
+        stub = controller_pb2_grpc.ControllerStub(self._channel)
         lost_since = time.monotonic()
         delay_s = 0.1
-        try:
-            while True:
-                request = controller_pb2.LinkRequest(
-                    replica_id=str(self.replica_id),
-                    address=address,
-                    pid=os.getpid(),
-                    host=socket.gethostname(),
-                    initialized=executor.initialized,
-                    code_version=executor.code_version,
-                    user_config_json=executor.user_config_json or b"",
+        while True:
+            request = controller_pb2.LinkRequest(
+                replica_id=str(self.replica_id),
+                address=address,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                initialized=executor.initialized,
+                code_version=executor.code_version,
+                user_config_json=executor.user_config_json or b"",
+                model_ids=sorted(multiplex_registry.model_ids()),
+            )
+            try:
+                call = stub.Link(request, metadata=token_metadata(self._token))
+                async for response in call:
+                    if response.action == controller_pb2.LinkResponse.ACTION_STOP:
+                        logger.info("The controller does not want this replica; stopping")
+                        await self.drain(executor.config.graceful_shutdown_timeout_s)
+                        return
+                    lost_since = 0.0
+                    delay_s = 0.1
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("Link to the controller failed: %s", exc.code().name)
+            now = time.monotonic()
+            if not lost_since:
+                lost_since = now
+                logger.warning("Lost the controller at %s", self._controller_address)
+            if now - lost_since > self._orphan_timeout_s:
+                logger.warning(
+                    "No controller for %.0fs (orphan_timeout_s); exiting", now - lost_since
                 )
-                try:
-                    call = stub.Link(request, metadata=token_metadata(self._token))
-                    async for response in call:
-                        if response.action == controller_pb2.LinkResponse.ACTION_STOP:
-                            logger.info("The controller does not want this replica; stopping")
-                            await self.drain(executor.config.graceful_shutdown_timeout_s)
-                            return
-                        lost_since = 0.0
-                        delay_s = 0.1
-                except grpc.aio.AioRpcError as exc:
-                    logger.debug("Link to the controller failed: %s", exc.code().name)
-                now = time.monotonic()
-                if not lost_since:
-                    lost_since = now
-                    logger.warning("Lost the controller at %s", self._controller_address)
-                if now - lost_since > self._orphan_timeout_s:
-                    logger.warning(
-                        "No controller for %.0fs (orphan_timeout_s); exiting", now - lost_since
-                    )
-                    await self.drain(0)
-                    return
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 1.0)
-        finally:
-            await channel.close()
+                await self.drain(0)
+                return
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)

@@ -25,6 +25,7 @@ from serve._api import (
 )
 from serve._context import get_multiplexed_model_id, get_replica_context
 from serve._deployment import Application, Deployment, deployment
+from serve._multiplex import multiplexed
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "multiplexed",
     "run",
     "shutdown",
     "shutdown_async",
