@@ -1,0 +1,404 @@
+"""`make bench`: serve's figures beside the raw grpc.aio floor, measured in the same run.
+
+The machine is shared and noisy, so only same-run ratios mean anything. Prints one table and
+writes bench/results.json (``--out``). ``--quick`` shortens every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import psutil
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import serve  # noqa: E402
+from scripts.bench_routing import routing_cost_us  # noqa: E402
+from serve import _client  # noqa: E402
+
+MB = 1024 * 1024
+OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class Settings:
+    def __init__(self, quick: bool) -> None:
+        scale = 0.3 if quick else 1.0
+        self.latency_n = int(2000 * scale)
+        self.warmup_n = int(300 * scale)
+        self.seconds = 3.0 * scale
+        self.payload_n = max(5, int(30 * scale))
+        self.stream_items = int(20000 * scale)
+        self.memory_requests = int(100_000 * scale)
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6  # noqa: E731
+    return {"p50_us": pick(0.5), "p90_us": pick(0.9), "p99_us": pick(0.99)}
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[Any]], concurrency: int, seconds: float
+) -> float:
+    """Requests per second from ``concurrency`` callers each sending one after another."""
+    stop_at = time.perf_counter() + seconds
+    counts = [0] * concurrency
+
+    async def worker(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            await call()
+            counts[i] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return sum(counts) / (time.perf_counter() - started)
+
+
+# --- the floor ---------------------------------------------------------------------------------
+
+
+def measure_floor(s: Settings) -> dict[str, Any]:
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "bench_floor_server.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        return uvloop.run(_floor_client(port, s))
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(10)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+async def _floor_client(port: int, s: Settings) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:
+        echo = channel.unary_unary("/floor.Floor/Echo")
+        stream = channel.unary_stream("/floor.Floor/Stream")
+        out: dict[str, Any] = {}
+        for _ in range(s.warmup_n):
+            await echo(b"x")
+        samples = []
+        for _ in range(s.latency_n):
+            t = time.perf_counter()
+            await echo(b"x")
+            samples.append(time.perf_counter() - t)
+        out["unary"] = percentiles(samples)
+        out["unary_rps_256"] = await closed_loop(lambda: echo(b"x"), 256, s.seconds)
+        for size in (1, 10):
+            payload = b"x" * (size * MB)
+            await echo(payload)
+            samples = []
+            for _ in range(s.payload_n):
+                t = time.perf_counter()
+                await echo(payload)
+                samples.append(time.perf_counter() - t)
+            out[f"echo_{size}mb"] = percentiles(samples)
+        request = struct.pack("<I", s.stream_items) + b"x"
+        t = time.perf_counter()
+        count = 0
+        async for _ in stream(request):
+            count += 1
+        out["stream_items_per_s"] = count / (time.perf_counter() - t)
+        return out
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+@serve.deployment(max_ongoing_requests=1000)
+class Noop:
+    async def __call__(self, value: Any = None) -> Any:
+        return value
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def items(self, count: int, item: Any) -> Any:
+        for _ in range(count):
+            yield item
+
+
+@serve.deployment(max_ongoing_requests=1000)
+class Caller:
+    """Measures handle latency from inside a deployment (Ray's handle_noop_latency topology)."""
+
+    def __init__(self, noop: Any) -> None:
+        self._noop = noop
+
+    async def measure(self, n: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            await self._noop.remote(b"x")
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await self._noop.remote(b"x")
+            samples.append(time.perf_counter() - t)
+        return samples
+
+
+@serve.deployment(max_ongoing_requests=1000)
+class Ingress:
+    def __init__(self, downstream: Any) -> None:
+        self._downstream = downstream
+
+    async def __call__(self, value: Any) -> Any:
+        return await self._downstream.remote(value)
+
+
+def sync_latency(call: Callable[[], Any], s: Settings) -> dict[str, float]:
+    for _ in range(s.warmup_n):
+        call()
+    samples = []
+    for _ in range(s.latency_n):
+        t = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t)
+    return percentiles(samples)
+
+
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def rss_mb(process: psutil.Process) -> float:
+    return float(process.memory_info().rss) / MB
+
+
+def measure_serve(s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    noop = serve.run(Noop.bind(), name="noop")
+    replica = psutil.Process(noop.pid.remote().result())
+    client = _client.current()
+    assert client is not None
+    assert client.owner is not None
+    controller = psutil.Process(client.owner.process.pid)
+    me = psutil.Process()
+    time.sleep(1.0)
+    out["memory_idle_replica_mb"] = rss_mb(replica)
+    out["memory_controller_mb"] = rss_mb(controller)
+
+    out["L1"] = sync_latency(lambda: noop.remote(b"x").result(), s)
+    caller = serve.run(Caller.bind(Noop.bind()), name="caller")
+    out["L2"] = percentiles(caller.measure.remote(s.latency_n, s.warmup_n).result())
+    ingress = serve.run(Ingress.bind(Noop.bind()), name="compose")
+    out["C1"] = sync_latency(lambda: ingress.remote(b"x").result(), s)
+
+    async def throughput(handle: Any, concurrency: int) -> float:
+        return await closed_loop(lambda: handle.remote(b"x"), concurrency, s.seconds)
+
+    for replicas in (1, 2):
+        handle = (
+            noop if replicas == 1 else serve.run(Noop.options(num_replicas=2).bind(), name="noop2")
+        )
+        for concurrency in (16, 64, 256):
+            if replicas == 1 and concurrency == 256:
+                before_me, before_replica = cpu_s(me), cpu_s(replica)
+                served_before = noop._router.num_requests
+            rps = asyncio.run(throughput(handle, concurrency))
+            out[f"T1_r{replicas}_c{concurrency}_rps"] = rps
+            if replicas == 1 and concurrency == 256:
+                served = noop._router.num_requests - served_before
+                out["cpu_caller_us_per_request"] = (cpu_s(me) - before_me) / served * 1e6
+                out["cpu_replica_us_per_request"] = (cpu_s(replica) - before_replica) / served * 1e6
+
+    async def stream_rate(handle: Any, item: Any) -> float:
+        t = time.perf_counter()
+        count = 0
+        async for _ in handle.options(stream=True).items.remote(s.stream_items, item):
+            count += 1
+        assert count == s.stream_items
+        return count / (time.perf_counter() - t)
+
+    out["S1_items_per_s"] = asyncio.run(stream_rate(noop, b"x"))
+    for size in (1, 10):
+        payload = b"x" * (size * MB)
+        noop.remote(payload).result()
+        samples = []
+        for _ in range(s.payload_n):
+            t = time.perf_counter()
+            noop.remote(payload).result()
+            samples.append(time.perf_counter() - t)
+        out[f"P1_{size}mb"] = percentiles(samples)
+
+    text = "x" * MB
+    for codec in ("cloudpickle", "pickle", "msgpack", "orjson"):
+        handle = noop.options(request_serialization=codec, response_serialization=codec)
+        handle.remote(text).result()
+        samples = []
+        for _ in range(s.payload_n):
+            t = time.perf_counter()
+            handle.remote(text).result()
+            samples.append(time.perf_counter() - t)
+        out[f"codec_{codec}_1mb_str"] = percentiles(samples)
+        out[f"codec_{codec}_stream_items_per_s"] = asyncio.run(stream_rate(handle, {"i": 1}))
+
+    async def many(handle: Any, total: int) -> None:
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            while sent < total:
+                sent += 1
+                await handle.remote(b"x")
+
+        await asyncio.gather(*(worker() for _ in range(64)))
+
+    asyncio.run(many(noop, 20_000))  # warm every pool and cache first
+    before = {"replica": rss_mb(replica), "controller": rss_mb(controller), "driver": rss_mb(me)}
+    asyncio.run(many(noop, s.memory_requests))
+    time.sleep(0.5)
+    after = {"replica": rss_mb(replica), "controller": rss_mb(controller), "driver": rss_mb(me)}
+    for name in before:
+        out[f"memory_growth_{name}_mb"] = after[name] - before[name]
+    out["memory_growth_requests"] = s.memory_requests
+    serve.shutdown()
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def table(
+    floor: dict[str, Any], ours: dict[str, Any], routing: dict[str, float]
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        name: str, value: float, unit: str, floor_value: float | None, target: str = ""
+    ) -> None:
+        ratio = value / floor_value if floor_value else None
+        rows.append(
+            {
+                "name": name,
+                "value": value,
+                "unit": unit,
+                "floor": floor_value,
+                "ratio": ratio,
+                "target": target,
+            }
+        )
+
+    unary = floor["unary"]["p50_us"]
+    row("floor unary echo p50", unary, "us", None)
+    row("floor unary 256 callers", floor["unary_rps_256"], "req/s", None)
+    row("floor stream items", floor["stream_items_per_s"], "items/s", None)
+    for name, target in (("L1", "<= 0.8"), ("L2", ""), ("C1", "")):
+        for q in ("p50", "p90", "p99"):
+            row(
+                f"{name} {q}",
+                ours[name][f"{q}_us"],
+                "us",
+                floor["unary"][f"{q}_us"],
+                target if q == "p50" else "",
+            )
+    row("C1 p50 / L1 p50", ours["C1"]["p50_us"] / ours["L1"]["p50_us"], "x", None, "<= 2")
+    for replicas in (1, 2):
+        for concurrency in (16, 64, 256):
+            key = f"T1_r{replicas}_c{concurrency}_rps"
+            target = ">= 3" if (replicas, concurrency) == (1, 256) else ""
+            row(
+                f"T1 {replicas} replica(s), {concurrency} callers",
+                ours[key],
+                "req/s",
+                floor["unary_rps_256"],
+                target,
+            )
+    row("S1 stream items", ours["S1_items_per_s"], "items/s", floor["stream_items_per_s"], ">= 1")
+    for size in (1, 10):
+        row(
+            f"P1 {size} MB echo p50",
+            ours[f"P1_{size}mb"]["p50_us"],
+            "us",
+            floor[f"echo_{size}mb"]["p50_us"],
+            "<= 1.2",
+        )
+    for codec in ("cloudpickle", "pickle", "msgpack", "orjson"):
+        row(
+            f"codec {codec}: 1 MB str echo p50",
+            ours[f"codec_{codec}_1mb_str"]["p50_us"],
+            "us",
+            floor["echo_1mb"]["p50_us"],
+        )
+        row(
+            f"codec {codec}: stream items",
+            ours[f"codec_{codec}_stream_items_per_s"],
+            "items/s",
+            floor["stream_items_per_s"],
+        )
+    row("CPU per request, caller", ours["cpu_caller_us_per_request"], "us", None)
+    row("CPU per request, replica", ours["cpu_replica_us_per_request"], "us", None)
+    row("memory, idle replica", ours["memory_idle_replica_mb"], "MB", None, "<= 75")
+    row("memory, controller", ours["memory_controller_mb"], "MB", None)
+    for name in ("replica", "controller", "driver"):
+        row(
+            f"memory growth, {name}, {ours['memory_growth_requests']} requests",
+            ours[f"memory_growth_{name}_mb"],
+            "MB",
+            None,
+            "< 5",
+        )
+    for replicas, cost in routing.items():
+        row(f"routing cost, {replicas} replicas", cost, "us/request", None)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'figure':<46} {'value':>12} {'unit':<11} {'vs floor':>9}  target")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        value = r["value"]
+        shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+        print(f"{r['name']:<46} {shown:>12} {r['unit']:<11} {ratio:>9}  {r['target']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter measurements")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
+    s = Settings(args.quick)
+    started = time.monotonic()
+    floor = measure_floor(s)
+    routing = {str(n): routing_cost_us(n, 20_000 if args.quick else 50_000) for n in (1, 8, 64)}
+    ours = measure_serve(s)
+    rows = table(floor, ours, routing)
+    print_table(rows)
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "seconds": time.monotonic() - started,
+        "floor": floor,
+        "serve": ours,
+        "routing_us": routing,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{time.monotonic() - started:.0f}s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Routing cost per request, with fake connections: does it grow with the number of replicas?
+
+Runs a real Router and DeploymentState in-process over N fake replicas (no network), keeping 64
+requests in flight, and reports microseconds of routing work per request (queueing, power of two
+choices, send, admission and completion bookkeeping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+from serve._call import Call
+from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
+from serve._options import HandleOptions
+from serve._router import DeploymentState, Router
+from serve._serialization import CLOUDPICKLE, encode
+
+DEP = DeploymentID("Bench", "bench")
+IN_FLIGHT = 64
+
+
+class _FakeConnection:
+    def __init__(self, replica: ReplicaInfo, on_broken: Any, sent: collections.deque[Call]) -> None:
+        self.replica_id = replica.replica_id
+        self.broken = None
+        self._sent = sent
+        self._next = 0
+
+    def send_request(self, exchange: Call, **request: Any) -> int:
+        self._sent.append(exchange)
+        self._next += 1
+        return self._next
+
+    def cancel(self, frame_id: int) -> None: ...
+
+    def credit(self, frame_id: int, count: int) -> None: ...
+
+    async def queue_length(self, timeout_s: float) -> tuple[int, bool]:
+        return 0, True
+
+    async def aclose(self) -> None: ...
+
+
+async def _measure(replicas: int, requests: int) -> float:
+    sent: collections.deque[Call] = collections.deque()
+
+    async def no_watch(deployment_id: DeploymentID) -> Any:
+        return
+        yield
+
+    state = DeploymentState(
+        DEP,
+        watch=no_watch,
+        open_connection=lambda replica, on_broken: _FakeConnection(replica, on_broken, sent),
+    )
+
+    class Source:
+        def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+            return state
+
+    router = Router(Source(), DEP, "bench")
+    state.apply(
+        ReplicaSet(
+            version=1,
+            exists=True,
+            replicas=tuple(
+                ReplicaInfo(f"r{i}", f"addr{i}", max_ongoing_requests=1000) for i in range(replicas)
+            ),
+        )
+    )
+    options = HandleOptions()
+    result = memoryview(encode(CLOUDPICKLE, None))
+    started = time.perf_counter()
+    for _ in range(requests):
+        call = router.make_call(options, (), {})
+        router.submit(call)
+        if len(sent) >= IN_FLIGHT:
+            done = sent.popleft()
+            done.on_accepted(1)
+            done.on_result(result, 0)
+    while sent:
+        done = sent.popleft()
+        done.on_accepted(1)
+        done.on_result(result, 0)
+    return (time.perf_counter() - started) / requests * 1e6
+
+
+def routing_cost_us(replicas: int, requests: int = 50_000) -> float:
+    """Microseconds of routing work per request over ``replicas`` fake replicas."""
+    return asyncio.run(_measure(replicas, requests))
+
+
+if __name__ == "__main__":
+    for n in (1, 8, 64):
+        print(f"{n:>3} replicas: {routing_cost_us(n):.2f} us/request")
