@@ -281,15 +281,24 @@ class Executor:
         else:
             produced = await _maybe_await(await self.run_sync(fn, *args, **kwargs))
         if inspect.isasyncgen(produced):
-            async for item in produced:
-                yield item
+            try:
+                async for item in produced:
+                    yield item
+            finally:
+                await produced.aclose()  # a stopped stream runs the generator's finally now
         elif inspect.isgenerator(produced):
             sentinel = object()
-            while True:
-                item = await self.run_sync(next, produced, sentinel)
-                if item is sentinel:
-                    break
-                yield item
+            try:
+                while True:
+                    item = await self.run_sync(next, produced, sentinel)
+                    if item is sentinel:
+                        break
+                    yield item
+            finally:
+                try:
+                    await self.run_sync(produced.close)
+                except ValueError:
+                    pass  # still running in a thread after a cancel: it ends with the thread
         else:
             raise TypeError(
                 f"Method '{method}' is not a generator, but it was called with "

@@ -7,6 +7,7 @@ the replica sees protobuf.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,9 @@ class StreamSession:
         self._wakeup = asyncio.Event()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_requested: set[int] = set()
+        # Requests holding an admission slot. The slot is released by the request's own code,
+        # or by its task's done-callback if the task was cancelled before it ever ran.
+        self._holding: set[int] = set()
         self._credits: dict[int, int] = {}
         self._credit_events: dict[int, asyncio.Event] = {}
         self._closing = False
@@ -115,7 +119,7 @@ class StreamSession:
             task = self._tasks.get(header.id)
             if task is not None:
                 self._cancel_requested.add(header.id)
-                task.cancel()
+                task.cancel()  # a task that has not started yet ends in _on_task_done
         elif kind == FRAME_KIND_CREDIT:
             if header.id in self._credits:
                 self._credits[header.id] += header.credit
@@ -139,6 +143,7 @@ class StreamSession:
         if header.no_reject:
             task = asyncio.create_task(self._wait_then_run(header, body), name="replica:broadcast")
         elif executor.admit():
+            self._holding.add(frame_id)
             self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
             task = asyncio.create_task(self._run(header, body), name=f"replica:{header.method}")
         else:
@@ -152,11 +157,31 @@ class StreamSession:
             )
             return
         self._tasks[frame_id] = task
+        task.add_done_callback(functools.partial(self._on_task_done, frame_id))
+
+    def _on_task_done(self, frame_id: int, task: asyncio.Task[None]) -> None:
+        """Every request ends here, whether or not its coroutine ever ran."""
+        self._tasks.pop(frame_id, None)
+        cancelled = frame_id in self._cancel_requested
+        self._cancel_requested.discard(frame_id)
+        if frame_id in self._holding:  # cancelled before it started: _run never released
+            self._holding.discard(frame_id)
+            self._executor.release()
+            if cancelled and not self._closing:
+                error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
+                error.ongoing = self._executor.ongoing
+                self._send(error)
+        elif cancelled and not self._closing and task.cancelled():
+            # A broadcast call cancelled while it waited for a slot: it still gets an answer.
+            error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
+            error.ongoing = self._executor.ongoing
+            self._send(error)
 
     async def _wait_then_run(self, header: FrameHeader, body: memoryview) -> None:
         """Broadcast calls wait for a slot instead of being rejected."""
         executor = self._executor
         await executor.wait_admitted()
+        self._holding.add(header.id)
         self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=header.id, ongoing=executor.ongoing))
         await self._run(header, body)
 
@@ -202,8 +227,8 @@ class StreamSession:
         except Exception as exc:
             reply = (_error(frame_id, exc, ERROR_KIND_USER),)
         finally:
+            self._holding.discard(frame_id)
             executor.release()
-            self._tasks.pop(frame_id, None)
             self._cancel_requested.discard(frame_id)
             if reply is not None:
                 reply[0].ongoing = executor.ongoing

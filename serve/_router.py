@@ -610,7 +610,10 @@ class Router:
             return
         if call.state in (CallState.SENT, CallState.ACCEPTED) and call.conn is not None:
             call.conn.cancel(call.frame_id)
-        self.finish(call, error=RequestCancelledError(call.request_id))
+        error = RequestCancelledError(call.request_id)
+        if call.stream_buffer is not None:
+            call.stream_buffer.close(error, drop=True)  # the next read raises, as in Ray
+        self.finish(call, error=error)
 
     def send_to(self, call: Call, replica: ReplicaInfo) -> None:
         """Send a call to one given replica (broadcast), bypassing the queue."""

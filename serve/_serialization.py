@@ -13,6 +13,7 @@ orjson keeps JSON types (no bytes; tuples come back as lists; dict keys must be 
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any, Final
 
 import cloudpickle
@@ -53,12 +54,34 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
+class _Unencodable(TypeError):
+    """Raised by msgpack's and orjson's ``default`` hook, remembering what it was given."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__(f"no {type(obj).__name__} in this format")
+        self.kind = type(obj).__name__
+
+
 def _not_serializable(obj: Any) -> Any:
     from serve.handle import DeploymentResponse, DeploymentResponseGenerator
 
     if isinstance(obj, DeploymentResponse | DeploymentResponseGenerator):
         obj.__reduce__()  # raises the "not serializable" ServeError
-    raise TypeError(f"Type is not serializable: {type(obj).__name__}")
+    raise _Unencodable(obj)
+
+
+_PICKLE_TYPE = re.compile(r"(?:cannot pickle|Can't pickle) '?<?(?:class )?'?([\w.<>]+)")
+
+
+def _offending_type(value: Any, exc: BaseException) -> str:
+    """The type that could not be encoded (often deep inside ``value``)."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if isinstance(error, _Unencodable):
+            return error.kind
+    found = _PICKLE_TYPE.search(str(exc))
+    if found:
+        return found.group(1).rsplit(".", 1)[-1]
+    return type(value).__name__
 
 
 def _encode_error(codec: int, value: Any, exc: Exception) -> TypeError:
@@ -70,7 +93,7 @@ def _encode_error(codec: int, value: Any, exc: Exception) -> TypeError:
     )
     return TypeError(
         f"The {CODEC_NAMES[codec]} codec cannot encode a value of type "
-        f"{type(value).__name__}: {exc}; {hint}."
+        f"{_offending_type(value, exc)}: {exc}; {hint}."
     )
 
 

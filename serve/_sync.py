@@ -323,12 +323,15 @@ class ItemQueue:
             waiters, self._waiters = self._waiters, None
         _wake_all(waiters)
 
-    def close(self, error: BaseException | None = None) -> None:
-        """Home loop only: no more items; ``error`` is raised after the items already pushed."""
+    def close(self, error: BaseException | None = None, *, drop: bool = False) -> None:
+        """Home loop only: no more items; ``error`` is raised after the items already pushed
+        (or at once, with ``drop``)."""
         with _lock:
             if self._closed:
                 return
             self._closed = True
+            if drop:
+                self._items.clear()
             self._error = error
             waiters, self._waiters = self._waiters, None
         _wake_all(waiters)

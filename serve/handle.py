@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from serve._call import Call, ResponseBase
+from serve._call import Call, CallState, ResponseBase
 from serve._models import DeploymentID
 from serve._options import DEFAULT, HandleOptions, validate_handle_options
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
@@ -314,6 +314,16 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
             raise StopAsyncIteration
         self._taken()
         return self._call.router.decode_item(self._call, body)  # type: ignore[no-any-return]
+
+    def __del__(self) -> None:
+        # A consumer that drops the stream cancels it, so the replica stops producing.
+        call = self._call
+        if not call.cancelled and call.state != CallState.DONE:
+            call.cancelled = True
+            try:
+                post(call.router.cancel, call)
+            except Exception:  # interpreter shutdown: nothing left to cancel
+                pass
 
     def __repr__(self) -> str:
         return f"DeploymentResponseGenerator(request_id={self.request_id!r})"

@@ -39,12 +39,10 @@ class ControllerClient:
         await self._channel.close()
 
     async def wait_ready(self, timeout_s: float) -> None:
+        """Fail fast (within ``timeout_s``) if nothing answers at the address."""
         try:
             await self._stub.GetStatus(
-                controller_pb2.GetStatusRequest(),
-                timeout=timeout_s,
-                metadata=self._metadata,
-                wait_for_ready=True,
+                controller_pb2.GetStatusRequest(), timeout=timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
             raise controller_error(exc, self.address, "reach the controller") from None

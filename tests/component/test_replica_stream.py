@@ -330,3 +330,25 @@ async def test_many_requests_share_one_stream(replica: tuple[Executor, str]) -> 
     assert [e.events[-1][1] for e in exchanges] == list(range(500))
     assert time.monotonic() - started < 10
     await conn.aclose()
+
+
+async def test_cancel_in_the_same_batch_as_its_request_releases_the_slot(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchanges = []
+    for _ in range(200):  # request and cancel land in one batch, before the task ever runs
+        exchange = Recorder()
+        conn.cancel(_send(conn, exchange, "wait"))
+        exchanges.append(exchange)
+    for exchange in exchanges:
+        await asyncio.wait_for(exchange.done.wait(), 5)
+        assert exchange.events[-1][0] in ("error", "rejected")
+    assert any(e.events[-1] == ("error", ("CancelledError", True, False)) for e in exchanges)
+    assert executor.ongoing == 0
+    follow_up = Recorder()
+    _send(conn, follow_up, "echo", "still serving")
+    await asyncio.wait_for(follow_up.done.wait(), 5)
+    assert follow_up.events[-1] == ("result", "still serving")
+    await conn.aclose()
