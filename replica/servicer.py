@@ -144,8 +144,10 @@ class StreamSession:
             task = asyncio.create_task(self._wait_then_run(header, body), name="replica:broadcast")
         elif executor.admit():
             self._holding.add(frame_id)
-            self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
+            # The task's first step is scheduled before the writer wakes, so a method that
+            # finishes without suspending sends ACCEPTED and RESULT in one message.
             task = asyncio.create_task(self._run(header, body), name=f"replica:{header.method}")
+            self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
         else:
             self._send(
                 FrameHeader(
