@@ -38,10 +38,10 @@ from serve._proto.replica_pb2 import (
 )
 from serve._rpc.channel import Context
 from serve._rpc.convert import code_env_from_proto, config_from_proto
-from serve._rpc.frames import BatchWriter, FrameError, iter_frames
+from serve._rpc.frames import BatchWriter, FrameError, read_frames
 from serve._rpc.service import add_service
 from serve._rpc.status import error_info
-from serve._serialization import decode_args, encode
+from serve._serialization import decode_args, encode_buffers
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class StreamSession:
                 message = await self._context.read()
                 if message is grpc.aio.EOF:
                     break
-                for header, body in iter_frames(message):
-                    self._on_frame(header, body)
+                for header, body, buffers in await read_frames(message, self._context.read):
+                    self._on_frame(header, body, buffers)
             # The router half-closed: finish what it sent, then end the stream.
             while self._tasks:
                 await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -96,7 +96,8 @@ class StreamSession:
 
     async def _flush(self) -> None:
         while self._writer.count:
-            await self._context.write(self._writer.take())
+            for message in self._writer.take():
+                await self._context.write(message)
 
     async def _write_loop(self) -> None:
         wakeup, writer, context = self._wakeup, self._writer, self._context
@@ -104,17 +105,20 @@ class StreamSession:
             await wakeup.wait()
             wakeup.clear()
             while writer.count:
-                await context.write(writer.take())
+                for message in writer.take():
+                    await context.write(message)
 
-    def _send(self, header: FrameHeader, *body: bytes | memoryview) -> None:
-        self._writer.add(header, *body)
+    def _send(
+        self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
+    ) -> None:
+        self._writer.add(header, *body, buffers=buffers or ())
         if not self._wakeup.is_set():
             self._wakeup.set()
 
-    def _on_frame(self, header: FrameHeader, body: memoryview) -> None:
+    def _on_frame(self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None) -> None:
         kind = header.kind
         if kind == FRAME_KIND_REQUEST:
-            self._on_request(header, body)
+            self._on_request(header, body, buffers)
         elif kind == FRAME_KIND_CANCEL:
             task = self._tasks.get(header.id)
             if task is not None:
@@ -127,7 +131,9 @@ class StreamSession:
         else:
             raise FrameError(f"Unexpected frame kind {kind} from a router.")
 
-    def _on_request(self, header: FrameHeader, body: memoryview) -> None:
+    def _on_request(
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+    ) -> None:
         executor = self._executor
         frame_id = header.id
         if executor.draining:
@@ -141,12 +147,16 @@ class StreamSession:
             )
             return
         if header.no_reject:
-            task = asyncio.create_task(self._wait_then_run(header, body), name="replica:broadcast")
+            task = asyncio.create_task(
+                self._wait_then_run(header, body, buffers), name="replica:broadcast"
+            )
         elif executor.admit():
             self._holding.add(frame_id)
             # The task's first step is scheduled before the writer wakes, so a method that
             # finishes without suspending sends ACCEPTED and RESULT in one message.
-            task = asyncio.create_task(self._run(header, body), name=f"replica:{header.method}")
+            task = asyncio.create_task(
+                self._run(header, body, buffers), name=f"replica:{header.method}"
+            )
             self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
         else:
             self._send(
@@ -179,15 +189,19 @@ class StreamSession:
             error.ongoing = self._executor.ongoing
             self._send(error)
 
-    async def _wait_then_run(self, header: FrameHeader, body: memoryview) -> None:
+    async def _wait_then_run(
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+    ) -> None:
         """Broadcast calls wait for a slot instead of being rejected."""
         executor = self._executor
         await executor.wait_admitted()
         self._holding.add(header.id)
         self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=header.id, ongoing=executor.ongoing))
-        await self._run(header, body)
+        await self._run(header, body, buffers)
 
-    async def _run(self, header: FrameHeader, body: memoryview) -> None:
+    async def _run(
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+    ) -> None:
         """Run one admitted request and send its outcome; releases its slot exactly once."""
         executor = self._executor
         frame_id = header.id
@@ -199,10 +213,15 @@ class StreamSession:
             multiplexed_model_id=header.model_id,
         )
         reply: tuple[FrameHeader, *tuple[bytes, ...]] | None = None
+        reply_buffers: list[bytes] = []
         try:
             try:
                 args, kwargs = decode_args(
-                    header.request_codec, body[: header.args_len], body[header.args_len :]
+                    header.request_codec,
+                    body[: header.args_len],
+                    body[header.args_len :],
+                    buffers,
+                    header.args_buffer_count,
                 )
             except Exception as exc:
                 raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
@@ -215,10 +234,8 @@ class StreamSession:
                 reply = (FrameHeader(kind=FRAME_KIND_END, id=frame_id),)
             else:
                 value = await executor.call(header.method, args, kwargs, request)
-                reply = (
-                    FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id),
-                    encode(header.response_codec, value),
-                )
+                payload, reply_buffers = encode_buffers(header.response_codec, value)
+                reply = (FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id), payload)
         except asyncio.CancelledError:
             if self._closing or frame_id not in self._cancel_requested:
                 raise
@@ -234,7 +251,7 @@ class StreamSession:
             self._cancel_requested.discard(frame_id)
             if reply is not None:
                 reply[0].ongoing = executor.ongoing
-                self._send(*reply)
+                self._send(*reply, buffers=reply_buffers)
 
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
@@ -250,7 +267,10 @@ class StreamSession:
                     event.clear()
                     await event.wait()
                 self._credits[frame_id] -= 1
-                self._send(FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), encode(codec, item))
+                payload, item_buffers = encode_buffers(codec, item)
+                self._send(
+                    FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
+                )
         finally:
             del self._credits[frame_id]
             del self._credit_events[frame_id]

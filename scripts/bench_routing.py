@@ -80,11 +80,11 @@ async def _measure(replicas: int, requests: int) -> float:
         if len(sent) >= IN_FLIGHT:
             done = sent.popleft()
             done.on_accepted(1)
-            done.on_result(result, 0)
+            done.on_result(result, 0, None)
     while sent:
         done = sent.popleft()
         done.on_accepted(1)
-        done.on_result(result, 0)
+        done.on_result(result, 0, None)
     return (time.perf_counter() - started) / requests * 1e6
 
 

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from serve._context import RequestContext
-from serve._serialization import codec_id, encode_args
+from serve._serialization import EncodedArgs, codec_id
 from serve._sync import Completion, ItemQueue
 from serve.exceptions import ServeError
 
@@ -45,6 +45,8 @@ class Call:
     __slots__ = (
         "args",
         "args_blob",
+        "args_buffer_count",
+        "buffers",
         "cancelled",
         "completion",
         "conn",
@@ -101,6 +103,8 @@ class Call:
         self.frame_id = 0
         self.args_blob = b""
         self.kwargs_blob = b""
+        self.buffers: list[bytes] = []
+        self.args_buffer_count = 0
         self.inputs: list[tuple[int | str, Call]] | None = None
         self.args = args
         self.kwargs = kwargs
@@ -124,7 +128,9 @@ class Call:
             self.inputs.append((where, call))
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.args_blob, self.kwargs_blob = encode_args(self.request_codec, args, kwargs)
+        encoded = EncodedArgs(self.request_codec, args, kwargs)
+        self.args_blob, self.kwargs_blob = encoded.args, encoded.kwargs
+        self.buffers, self.args_buffer_count = encoded.buffers, encoded.args_buffer_count
         self.args = ()
         self.kwargs = {}
 
@@ -154,14 +160,14 @@ class Call:
     def on_rejected(self, ongoing: int, draining: bool) -> None:
         self.router.on_rejected(self, ongoing, draining)
 
-    def on_result(self, body: memoryview, ongoing: int) -> None:
-        self.router.on_result(self, body, ongoing)
+    def on_result(self, body: memoryview, ongoing: int, buffers: list[bytes] | None) -> None:
+        self.router.on_result(self, body, ongoing, buffers)
 
     def on_error(self, error: BaseException, cancelled: bool, user: bool, ongoing: int) -> None:
         self.router.on_error(self, error, cancelled, ongoing)
 
-    def on_item(self, body: memoryview) -> None:
-        self.router.on_item(self, body)
+    def on_item(self, body: memoryview, buffers: list[bytes] | None) -> None:
+        self.router.on_item(self, body, buffers)
 
     def on_end(self, ongoing: int) -> None:
         self.router.on_end(self, ongoing)

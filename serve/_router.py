@@ -76,6 +76,8 @@ class Connection(Protocol):
         stream: bool = False,
         no_reject: bool = False,
         stream_window: int = 0,
+        buffers: list[bytes] | None = None,
+        args_buffer_count: int = 0,
     ) -> int: ...
     def cancel(self, frame_id: int) -> None: ...
     def credit(self, frame_id: int, count: int) -> None: ...
@@ -497,6 +499,8 @@ class Router:
                 stream=call.stream,
                 no_reject=call.no_reject,
                 stream_window=STREAM_WINDOW if call.stream else 0,
+                buffers=call.buffers,
+                args_buffer_count=call.args_buffer_count,
             )
         except ConnectionLost as exc:
             state.exclude(replica.replica_id)
@@ -534,12 +538,14 @@ class Router:
             heapq.heappush(self._pending, (call.seq, call))
         state.wake()
 
-    def on_result(self, call: Call, body: memoryview, ongoing: int) -> None:
+    def on_result(
+        self, call: Call, body: memoryview, ongoing: int, buffers: list[bytes] | None
+    ) -> None:
         state = self.state()
         state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
         if call.state != CallState.DONE:
             try:
-                value = decode(call.response_codec, body)
+                value = decode(call.response_codec, body, buffers)
             except Exception as exc:
                 self.finish(call, error=_decode_error(call, exc))
             else:
@@ -554,10 +560,10 @@ class Router:
         self.finish(call, error=RequestCancelledError(call.request_id) if cancelled else error)
         state.wake()
 
-    def on_item(self, call: Call, body: memoryview) -> None:
+    def on_item(self, call: Call, body: memoryview, buffers: list[bytes] | None) -> None:
         buffer = call.stream_buffer
         if buffer is not None and call.state != CallState.DONE:
-            buffer.push(body)
+            buffer.push((body, buffers))
 
     def on_end(self, call: Call, ongoing: int) -> None:
         state = self.state()
@@ -625,9 +631,9 @@ class Router:
         if call.conn is not None and call.state != CallState.DONE:
             call.conn.credit(call.frame_id, count)
 
-    def decode_item(self, call: Call, body: memoryview) -> Any:
+    def decode_item(self, call: Call, item: tuple[memoryview, list[bytes] | None]) -> Any:
         try:
-            return decode(call.response_codec, body)
+            return decode(call.response_codec, *item)
         except Exception as exc:
             raise _decode_error(call, exc) from None
 

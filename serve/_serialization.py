@@ -28,6 +28,9 @@ PICKLE: Final = 1
 MSGPACK: Final = 2
 ORJSON: Final = 3
 CODEC_IDS: Final = {name: i for i, name in enumerate(CODEC_NAMES)}
+# Buffers at least this large travel out of band (their own gRPC message): never copied into a
+# pickle stream or a batch by the sender, and handed to the receiver's unpickler as received.
+OOB_MIN_BYTES: Final = 256 * 1024
 
 _PLAIN_TYPES: Final = frozenset({str, bytes, int, float, bool, type(None)})
 _ORJSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
@@ -119,10 +122,57 @@ def encode(codec: int, value: Any) -> bytes:
     raise ValueError(f"Unknown codec id {codec}.")
 
 
-def decode(codec: int, data: bytes | memoryview) -> Any:
-    """Decode one value encoded by :func:`encode` with the same codec."""
+def _is_big_bytes(value: Any) -> bool:
+    return type(value) is bytes and len(value) >= OOB_MIN_BYTES
+
+
+def _lift(value: Any) -> Any:
+    """Wrap big top-level bytes (alone, or directly inside a tuple, list or dict) so pickle
+    protocol 5 sends them out of band; pickle never does that for plain bytes by itself."""
+    kind = type(value)
+    if kind is bytes:
+        return pickle.PickleBuffer(value) if len(value) >= OOB_MIN_BYTES else value
+    if kind is tuple or kind is list:
+        if any(_is_big_bytes(v) for v in value):
+            return kind(pickle.PickleBuffer(v) if _is_big_bytes(v) else v for v in value)
+    elif kind is dict and any(_is_big_bytes(v) for v in value.values()):
+        return {k: pickle.PickleBuffer(v) if _is_big_bytes(v) else v for k, v in value.items()}
+    return value
+
+
+def encode_buffers(codec: int, value: Any) -> tuple[bytes, list[bytes]]:
+    """Encode one value; with the pickle codecs, big buffers come back separately, uncopied."""
+    if codec not in (CLOUDPICKLE, PICKLE):
+        return encode(codec, value), []
+    buffers: list[bytes] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        view = buffer.raw()
+        if view.nbytes < OOB_MIN_BYTES:
+            return True  # small: keep it in the pickle stream
+        owner = view.obj
+        if isinstance(owner, bytes) and len(owner) == view.nbytes:
+            buffers.append(owner)  # the caller's own bytes object: no copy
+        else:
+            buffers.append(view.tobytes())  # an array or a slice: gRPC needs bytes
+        return False
+
+    try:
+        if codec == PICKLE or _is_plain(value):
+            data = pickle.dumps(_lift(value), protocol=5, buffer_callback=out_of_band)
+        else:
+            data = cloudpickle.dumps(_lift(value), protocol=5, buffer_callback=out_of_band)
+    except ServeError:
+        raise
+    except Exception as exc:
+        raise _encode_error(codec, value, exc) from None
+    return data, buffers
+
+
+def decode(codec: int, data: bytes | memoryview, buffers: list[bytes] | None = None) -> Any:
+    """Decode one value encoded by :func:`encode` or :func:`encode_buffers`."""
     if codec in (CLOUDPICKLE, PICKLE):
-        return pickle.loads(data)
+        return pickle.loads(data, buffers=buffers)
     if codec == MSGPACK:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     if codec == ORJSON:
@@ -130,21 +180,43 @@ def decode(codec: int, data: bytes | memoryview) -> Any:
     raise ValueError(f"Unknown codec id {codec}.")
 
 
+class EncodedArgs:
+    """Positional and keyword arguments encoded separately (as Ray does), plus big buffers."""
+
+    __slots__ = ("args", "args_buffer_count", "buffers", "kwargs")
+
+    def __init__(self, codec: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args = b""
+        self.buffers: list[bytes] = []
+        if args:
+            pickled = codec in (CLOUDPICKLE, PICKLE)
+            self.args, self.buffers = encode_buffers(codec, args if pickled else list(args))
+        self.args_buffer_count = len(self.buffers)
+        self.kwargs = b""
+        if kwargs:
+            self.kwargs, kwargs_buffers = encode_buffers(codec, kwargs)
+            self.buffers.extend(kwargs_buffers)
+
+
 def encode_args(codec: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, bytes]:
-    """Encode positional and keyword arguments separately (as Ray does)."""
-    encoded_kwargs = encode(codec, kwargs) if kwargs else b""
-    if not args:
-        return b"", encoded_kwargs
-    if codec in (CLOUDPICKLE, PICKLE):
-        return encode(codec, args), encoded_kwargs
-    return encode(codec, list(args)), encoded_kwargs
+    """Encode small positional and keyword arguments, all in band."""
+    encoded = EncodedArgs(codec, args, kwargs)
+    if encoded.buffers:
+        raise ValueError("encode_args is for small arguments; use EncodedArgs.")
+    return encoded.args, encoded.kwargs
 
 
 def decode_args(
-    codec: int, args: bytes | memoryview, kwargs: bytes | memoryview
+    codec: int,
+    args: bytes | memoryview,
+    kwargs: bytes | memoryview,
+    buffers: list[bytes] | None = None,
+    args_buffer_count: int = 0,
 ) -> tuple[tuple[Any, ...] | list[Any], dict[str, Any]]:
-    decoded_args = decode(codec, args) if len(args) else ()
-    decoded_kwargs = decode(codec, kwargs) if len(kwargs) else {}
+    args_buffers = buffers[:args_buffer_count] if buffers else None
+    kwargs_buffers = buffers[args_buffer_count:] if buffers else None
+    decoded_args = decode(codec, args, args_buffers) if len(args) else ()
+    decoded_kwargs = decode(codec, kwargs, kwargs_buffers) if len(kwargs) else {}
     if not isinstance(decoded_args, tuple | list) or not isinstance(decoded_kwargs, dict):
         raise TypeError(
             f"Malformed request payload: args decoded to {type(decoded_args).__name__} and "

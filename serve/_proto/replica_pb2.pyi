@@ -3,8 +3,10 @@
 isort:skip_file
 The serve-replica service: one multiplexed data stream plus unary control calls."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from serve._proto import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -158,6 +160,8 @@ class FrameHeader(_message.Message):
     ERROR_KIND_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
+    BUFFER_LENGTHS_FIELD_NUMBER: _builtins.int
+    ARGS_BUFFER_COUNT_FIELD_NUMBER: _builtins.int
     kind: Global___FrameKind.ValueType
     id: _builtins.int
     """per-connection request number, chosen by the router"""
@@ -182,8 +186,14 @@ class FrameHeader(_message.Message):
     error_kind: Global___ErrorKind.ValueType
     credit: _builtins.int
     """CREDIT"""
+    args_buffer_count: _builtins.int
+    """REQUEST: the first this many buffers belong to the args"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorInfo: ...
+    @_builtins.property
+    def buffer_lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Out-of-band buffers that follow this frame's Batch as raw messages, in order."""
+
     def __init__(
         self,
         *,
@@ -203,10 +213,12 @@ class FrameHeader(_message.Message):
         error_kind: Global___ErrorKind.ValueType = ...,
         error: _common_pb2.ErrorInfo | None = ...,
         credit: _builtins.int = ...,
+        buffer_lengths: _abc.Iterable[_builtins.int] | None = ...,
+        args_buffer_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_len", b"args_len", "credit", b"credit", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

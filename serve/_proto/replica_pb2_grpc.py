@@ -74,6 +74,10 @@ class ReplicaServicer:
         request over it. Each message is a Batch whose `frames` field is a run of length-prefixed
         frames (see serve/_rpc/frames.py): u32 header length, u32 body length, a FrameHeader, then
         the raw body (encoded args and kwargs, a result, or a stream item).
+
+        Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
+        are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
+        Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

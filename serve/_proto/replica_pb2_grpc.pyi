@@ -36,6 +36,10 @@ class ReplicaStub:
     request over it. Each message is a Batch whose `frames` field is a run of length-prefixed
     frames (see serve/_rpc/frames.py): u32 header length, u32 body length, a FrameHeader, then
     the raw body (encoded args and kwargs, a result, or a stream item).
+
+    Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
+    are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
+    Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
     """
     Initialize: _grpc.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]
     """Build the user object. Called once by the controller after the replica links."""
@@ -55,6 +59,10 @@ class ReplicaAsyncStub(ReplicaStub):
     request over it. Each message is a Batch whose `frames` field is a run of length-prefixed
     frames (see serve/_rpc/frames.py): u32 header length, u32 body length, a FrameHeader, then
     the raw body (encoded args and kwargs, a result, or a stream item).
+
+    Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
+    are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
+    Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
     """
     Initialize: _aio.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]  # type: ignore[assignment]
     """Build the user object. Called once by the controller after the replica links."""
@@ -77,6 +85,10 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         request over it. Each message is a Batch whose `frames` field is a run of length-prefixed
         frames (see serve/_rpc/frames.py): u32 header length, u32 body length, a FrameHeader, then
         the raw body (encoded args and kwargs, a result, or a stream item).
+
+        Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
+        are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
+        Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
         """
 
     @_abc_1.abstractmethod

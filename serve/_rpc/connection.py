@@ -34,7 +34,7 @@ from serve._proto.replica_pb2 import (
     QueueLengthResponse,
 )
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
-from serve._rpc.frames import BatchWriter, FrameError, iter_frames
+from serve._rpc.frames import BatchWriter, FrameError, read_frames
 from serve._rpc.status import rebuild
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,9 @@ class Exchange(Protocol):
 
     def on_accepted(self, ongoing: int) -> None: ...
     def on_rejected(self, ongoing: int, draining: bool) -> None: ...
-    def on_result(self, body: memoryview, ongoing: int) -> None: ...
+    def on_result(self, body: memoryview, ongoing: int, buffers: list[bytes] | None) -> None: ...
     def on_error(self, error: BaseException, cancelled: bool, user: bool, ongoing: int) -> None: ...
-    def on_item(self, body: memoryview) -> None: ...
+    def on_item(self, body: memoryview, buffers: list[bytes] | None) -> None: ...
     def on_end(self, ongoing: int) -> None: ...
     def on_lost(self, error: ConnectionLost) -> None: ...
 
@@ -130,6 +130,8 @@ class ReplicaConnection:
         stream: bool = False,
         no_reject: bool = False,
         stream_window: int = 0,
+        buffers: list[bytes] | None = None,
+        args_buffer_count: int = 0,
     ) -> int:
         """Queue a request frame; returns its number on this connection."""
         if self.broken is not None:
@@ -152,9 +154,11 @@ class ReplicaConnection:
                 no_reject=no_reject,
                 request_id=request_id,
                 stream_window=stream_window,
+                args_buffer_count=args_buffer_count,
             ),
             args,
             kwargs,
+            buffers=buffers or (),
         )
         self._kick()
         return frame_id
@@ -188,7 +192,8 @@ class ReplicaConnection:
                 await wakeup.wait()
                 wakeup.clear()
                 while writer.count:
-                    await call.write(writer.take())
+                    for message in writer.take():
+                        await call.write(message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -209,7 +214,7 @@ class ReplicaConnection:
                         f"Replica at {self.address} ended the connection: {code.name}: {details}",
                         retryable=code != grpc.StatusCode.UNAUTHENTICATED,
                     )
-                self._dispatch(message)  # type: ignore[arg-type]
+                self._dispatch(await read_frames(message, call.read))  # type: ignore[arg-type]
         except asyncio.CancelledError:
             raise
         except FrameError as exc:
@@ -217,9 +222,9 @@ class ReplicaConnection:
         except Exception as exc:
             self._fail(_lost(exc, self.address))
 
-    def _dispatch(self, message: bytes) -> None:
+    def _dispatch(self, frames: list[tuple[FrameHeader, memoryview, list[bytes] | None]]) -> None:
         pending = self._pending
-        for header, body in iter_frames(message):
+        for header, body, buffers in frames:
             kind = header.kind
             frame_id = header.id
             exchange = pending.get(frame_id)
@@ -229,11 +234,11 @@ class ReplicaConnection:
                 del pending[frame_id]
             try:
                 if kind == FRAME_KIND_RESULT:
-                    exchange.on_result(body, header.ongoing)
+                    exchange.on_result(body, header.ongoing, buffers)
                 elif kind == FRAME_KIND_ACCEPTED:
                     exchange.on_accepted(header.ongoing)
                 elif kind == FRAME_KIND_ITEM:
-                    exchange.on_item(body)
+                    exchange.on_item(body, buffers)
                 elif kind == FRAME_KIND_END:
                     exchange.on_end(header.ongoing)
                 elif kind == FRAME_KIND_ERROR:

@@ -12,7 +12,7 @@ is byte-for-byte a valid protobuf ``Batch``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 from serve._proto.replica_pb2 import FrameHeader
@@ -39,16 +39,25 @@ def _varint(value: int) -> bytes:
 
 
 class BatchWriter:
-    """Accumulates frames; :meth:`take` returns one Batch message with all of them."""
+    """Accumulates frames; :meth:`take` returns the messages to write, in order.
 
-    __slots__ = ("_parts", "_size", "count")
+    Usually that is one Batch with every frame. A frame with out-of-band buffers ends its Batch
+    and is followed by one raw message per buffer.
+    """
+
+    __slots__ = ("_messages", "_parts", "_size", "count")
 
     def __init__(self) -> None:
         self._parts: list[bytes | memoryview] = []
         self._size = 0
+        self._messages: list[bytes] = []
         self.count = 0
 
-    def add(self, header: FrameHeader, *body: bytes | memoryview) -> None:
+    def add(
+        self, header: FrameHeader, *body: bytes | memoryview, buffers: Sequence[bytes] = ()
+    ) -> None:
+        if buffers:
+            header.buffer_lengths.extend(len(b) for b in buffers)
         encoded = header.SerializeToString()
         body_len = 0
         for part in body:
@@ -58,15 +67,20 @@ class BatchWriter:
         self._parts.extend(body)
         self._size += 8 + len(encoded) + body_len
         self.count += 1
+        if buffers:
+            self._close_batch()
+            self._messages.extend(buffers)
 
-    @property
-    def size(self) -> int:
-        return self._size
+    def _close_batch(self) -> None:
+        if self._parts:
+            self._messages.append(b"".join([_BATCH_TAG, _varint(self._size), *self._parts]))
+            self._parts, self._size = [], 0
 
-    def take(self) -> bytes:
-        parts, size = self._parts, self._size
-        self._parts, self._size, self.count = [], 0, 0
-        return b"".join([_BATCH_TAG, _varint(size), *parts])
+    def take(self) -> list[bytes]:
+        self._close_batch()
+        messages, self._messages = self._messages, []
+        self.count = 0
+        return messages
 
 
 def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
@@ -108,3 +122,29 @@ def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
             raise FrameError(f"Undecodable frame header: {exc}") from None
         yield header, view[body_start:body_end]
         offset = body_end
+
+
+async def read_frames(
+    message: bytes, read: Callable[[], Awaitable[object]]
+) -> list[tuple[FrameHeader, memoryview, list[bytes] | None]]:
+    """The frames of one Batch, each with its out-of-band buffers (read with ``read``)."""
+    frames = list(iter_frames(message))
+    out: list[tuple[FrameHeader, memoryview, list[bytes] | None]] = []
+    last = len(frames) - 1
+    for i, (header, body) in enumerate(frames):
+        buffers: list[bytes] | None = None
+        if header.buffer_lengths:
+            if i != last:
+                raise FrameError("A frame with out-of-band buffers must be the last of its batch.")
+            buffers = []
+            for expected in header.buffer_lengths:
+                data = await read()
+                if not isinstance(data, bytes):
+                    raise FrameError("The stream ended before a frame's out-of-band buffers.")
+                if len(data) != expected:
+                    raise FrameError(
+                        f"An out-of-band buffer of {len(data)} bytes was announced as {expected}."
+                    )
+                buffers.append(data)
+        out.append((header, body, buffers))
+    return out

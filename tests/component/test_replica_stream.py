@@ -72,16 +72,16 @@ class Recorder:
         self.events.append(("rejected", (ongoing, draining)))
         self.done.set()
 
-    def on_result(self, body: memoryview, ongoing: int) -> None:
-        self.events.append(("result", decode(CLOUDPICKLE, body)))
+    def on_result(self, body: memoryview, ongoing: int, buffers: list[bytes] | None) -> None:
+        self.events.append(("result", decode(CLOUDPICKLE, body, buffers)))
         self.done.set()
 
     def on_error(self, error: BaseException, cancelled: bool, user: bool, ongoing: int) -> None:
         self.events.append(("error", (type(error).__name__, cancelled, user)))
         self.done.set()
 
-    def on_item(self, body: memoryview) -> None:
-        self.items.append(decode(CLOUDPICKLE, body))
+    def on_item(self, body: memoryview, buffers: list[bytes] | None) -> None:
+        self.items.append(decode(CLOUDPICKLE, body, buffers))
 
     def on_end(self, ongoing: int) -> None:
         self.events.append(("end", ongoing))

@@ -3,7 +3,7 @@
 import pytest
 
 from serve._proto.replica_pb2 import FRAME_KIND_REQUEST, FRAME_KIND_RESULT, Batch, FrameHeader
-from serve._rpc.frames import BatchWriter, FrameError, iter_frames
+from serve._rpc.frames import BatchWriter, FrameError, iter_frames, read_frames
 
 
 def test_batch_is_valid_protobuf_and_round_trips() -> None:
@@ -11,7 +11,7 @@ def test_batch_is_valid_protobuf_and_round_trips() -> None:
     writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1, method="m", args_len=3), b"abc", b"de")
     writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=2, ongoing=4), b"x" * 300)
     assert writer.count == 2
-    message = writer.take()
+    (message,) = writer.take()
     assert writer.count == 0
     parsed = Batch.FromString(message)  # what any protobuf peer would see
     assert len(parsed.frames) == len(message) - 3  # tag + 2-byte varint
@@ -26,7 +26,7 @@ def test_batch_is_valid_protobuf_and_round_trips() -> None:
 def test_protobuf_encoded_batch_is_accepted() -> None:
     writer = BatchWriter()
     writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=7), b"payload")
-    inner = Batch.FromString(writer.take()).frames
+    inner = Batch.FromString(writer.take()[0]).frames
     assert [h.id for h, _ in iter_frames(Batch(frames=inner).SerializeToString())] == [7]
 
 
@@ -51,3 +51,43 @@ def test_empty_message_has_no_frames() -> None:
 def test_garbage_is_a_frame_error(message: bytes, text: str) -> None:
     with pytest.raises(FrameError, match=text):
         list(iter_frames(message))
+
+
+async def test_out_of_band_buffers_follow_their_frame_as_raw_messages() -> None:
+    big = b"b" * 1000
+    writer = BatchWriter()
+    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1), b"small")
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=2), b"head", buffers=[big, b"cc"])
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=3), b"tail")
+    messages = writer.take()
+    assert len(messages) == 4
+    assert messages[1] is big  # sent as is, never copied into a batch
+    queue = iter(messages[1:])
+
+    async def read() -> object:
+        return next(queue)
+
+    frames = await read_frames(messages[0], read)
+    assert [(h.id, bytes(b), bufs) for h, b, bufs in frames] == [
+        (1, b"small", None),
+        (2, b"head", [big, b"cc"]),
+    ]
+    assert [h.id for h, _, _ in await read_frames(next(queue), read)] == [3]
+
+
+async def test_a_short_or_missing_buffer_is_a_frame_error() -> None:
+    writer = BatchWriter()
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=2), b"head", buffers=[b"abc"])
+    batch, _ = writer.take()
+
+    async def wrong() -> object:
+        return b"ab"
+
+    with pytest.raises(FrameError, match="announced as 3"):
+        await read_frames(batch, wrong)
+
+    async def ended() -> object:
+        return object()  # grpc.aio.EOF
+
+    with pytest.raises(FrameError, match="ended before"):
+        await read_frames(batch, ended)

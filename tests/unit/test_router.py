@@ -105,7 +105,7 @@ def replica(
 
 def result(call: Call, value: Any, ongoing: int = 0) -> None:
     call.on_accepted(ongoing + 1)
-    call.on_result(memoryview(encode(CLOUDPICKLE, value)), ongoing)
+    call.on_result(memoryview(encode(CLOUDPICKLE, value)), ongoing, None)
 
 
 @pytest.fixture

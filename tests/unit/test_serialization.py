@@ -5,7 +5,16 @@ import threading
 
 import pytest
 
-from serve._serialization import CODEC_IDS, decode, decode_args, encode, encode_args
+from serve._serialization import (
+    CODEC_IDS,
+    OOB_MIN_BYTES,
+    EncodedArgs,
+    decode,
+    decode_args,
+    encode,
+    encode_args,
+    encode_buffers,
+)
 
 
 @pytest.mark.parametrize("codec", list(CODEC_IDS))
@@ -66,3 +75,36 @@ def test_malformed_args_payload() -> None:
     cid = CODEC_IDS["pickle"]
     with pytest.raises(TypeError, match="Malformed request payload"):
         decode_args(cid, pickle.dumps(3), b"")
+
+
+@pytest.mark.parametrize("codec", ["cloudpickle", "pickle"])
+def test_big_bytes_travel_out_of_band_without_copies(codec: str) -> None:
+    cid = CODEC_IDS[codec]
+    big = b"x" * (OOB_MIN_BYTES + 1)
+    small = b"y" * 10
+    data, buffers = encode_buffers(cid, (big, small))
+    assert buffers == [big]
+    assert buffers[0] is big
+    assert len(data) < 1000
+    value = decode(cid, data, buffers)
+    assert value[0] is big  # the receiver gets the very buffer it was handed
+    assert value[1] == small
+
+
+def test_msgpack_and_orjson_keep_everything_in_band() -> None:
+    data, buffers = encode_buffers(CODEC_IDS["msgpack"], b"z" * (OOB_MIN_BYTES + 1))
+    assert buffers == []
+    assert len(data) > OOB_MIN_BYTES
+
+
+def test_args_with_big_buffers_split_between_args_and_kwargs() -> None:
+    cid = CODEC_IDS["cloudpickle"]
+    big_a, big_k = b"a" * OOB_MIN_BYTES, b"k" * OOB_MIN_BYTES
+    encoded = EncodedArgs(cid, (big_a,), {"k": big_k})
+    assert encoded.args_buffer_count == 1
+    assert len(encoded.buffers) == 2
+    args, kwargs = decode_args(
+        cid, encoded.args, encoded.kwargs, encoded.buffers, encoded.args_buffer_count
+    )
+    assert args[0] is big_a
+    assert kwargs["k"] is big_k
