@@ -42,6 +42,7 @@ from serve._rpc.frames import BatchWriter, FrameError, read_frames
 from serve._rpc.service import add_service
 from serve._rpc.status import error_info
 from serve._serialization import decode_args, encode_buffers
+from serve._settings import SESSION_METADATA_KEY
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -53,14 +54,48 @@ class _SystemError(Exception):
     """The request could not be run at all (bad payload, unknown method)."""
 
 
-class StreamSession:
-    """One router process's Connect stream: many requests, replies coalesced per write."""
+class _Lane:
+    """Frames going back to one router on one gRPC stream; whatever is queued goes out as one
+    message when the writer is free."""
 
-    def __init__(self, executor: Executor, context: Context) -> None:
+    def __init__(self) -> None:
+        self.writer = BatchWriter()
+        self.wakeup = asyncio.Event()
+
+    def send(
+        self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
+    ) -> None:
+        self.writer.add(header, *body, buffers=buffers or ())
+        if not self.wakeup.is_set():
+            self.wakeup.set()
+
+    async def write_loop(self, context: Context) -> None:
+        wakeup, _writer = self.wakeup, self.writer
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            await self.flush(context)
+
+    async def flush(self, context: Context) -> None:
+        while self.writer.count:
+            for message in self.writer.take():
+                await context.write(message)
+
+
+class StreamSession:
+    """One router process's Connect session: many requests, replies coalesced per write.
+
+    Admission answers go back on the Connect stream. Outcomes go on the session's Results
+    stream when the router opened one (``session_id``), else on Connect too.
+    """
+
+    def __init__(self, executor: Executor, context: Context, session_id: str = "") -> None:
         self._executor = executor
         self._context = context
-        self._writer = BatchWriter()
-        self._wakeup = asyncio.Event()
+        self.session_id = session_id
+        self._control = _Lane()
+        self._outcomes = _Lane() if session_id else self._control
+        self._finished = asyncio.Event()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_requested: set[int] = set()
         # Requests holding an admission slot. The slot is released by the request's own code,
@@ -71,7 +106,9 @@ class StreamSession:
         self._closing = False
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write_loop(), name="replica:conn:write")
+        writer = asyncio.create_task(
+            self._control.write_loop(self._context), name="replica:conn:write"
+        )
         try:
             while True:
                 message = await self._context.read()
@@ -82,7 +119,7 @@ class StreamSession:
             # The router half-closed: finish what it sent, then end the stream.
             while self._tasks:
                 await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            await self._flush()
+            await self._control.flush(self._context)
         except FrameError as exc:
             await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed batch: {exc}")
         finally:
@@ -93,27 +130,33 @@ class StreamSession:
             await asyncio.gather(*tasks, return_exceptions=True)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            self._finished.set()
 
-    async def _flush(self) -> None:
-        while self._writer.count:
-            for message in self._writer.take():
-                await self._context.write(message)
-
-    async def _write_loop(self) -> None:
-        wakeup, writer, context = self._wakeup, self._writer, self._context
-        while True:
-            await wakeup.wait()
-            wakeup.clear()
-            while writer.count:
-                for message in writer.take():
-                    await context.write(message)
+    async def serve_outcomes(self, context: Context) -> None:
+        """Run the Results stream of this session until the session ends."""
+        writer = asyncio.create_task(
+            self._outcomes.write_loop(context), name="replica:conn:results"
+        )
+        try:
+            await self._finished.wait()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            if not self._closing or self._outcomes.writer.count:
+                await self._outcomes.flush(context)
+        finally:
+            writer.cancel()
 
     def _send(
         self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
     ) -> None:
-        self._writer.add(header, *body, buffers=buffers or ())
-        if not self._wakeup.is_set():
-            self._wakeup.set()
+        """An admission answer (ACCEPTED, REJECTED)."""
+        self._control.send(header, *body, buffers=buffers)
+
+    def _send_outcome(
+        self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
+    ) -> None:
+        """An outcome (RESULT, ERROR, ITEM, END)."""
+        self._outcomes.send(header, *body, buffers=buffers)
 
     def _on_frame(self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None) -> None:
         kind = header.kind
@@ -152,12 +195,13 @@ class StreamSession:
             )
         elif executor.admit():
             self._holding.add(frame_id)
-            # The task's first step is scheduled before the writer wakes, so a method that
-            # finishes without suspending sends ACCEPTED and RESULT in one message.
+            # ACCEPTED is handed to gRPC before any user code runs (the writer wakes before the
+            # task's first step): a request whose replica dies without having said ACCEPTED never
+            # reached user code, so retrying it elsewhere can never run it twice.
+            self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
             task = asyncio.create_task(
                 self._run(header, body, buffers), name=f"replica:{header.method}"
             )
-            self._send(FrameHeader(kind=FRAME_KIND_ACCEPTED, id=frame_id, ongoing=executor.ongoing))
         else:
             self._send(
                 FrameHeader(
@@ -182,12 +226,12 @@ class StreamSession:
             if cancelled and not self._closing:
                 error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
                 error.ongoing = self._executor.ongoing
-                self._send(error)
+                self._send_outcome(error)
         elif cancelled and not self._closing and task.cancelled():
             # A broadcast call cancelled while it waited for a slot: it still gets an answer.
             error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
             error.ongoing = self._executor.ongoing
-            self._send(error)
+            self._send_outcome(error)
 
     async def _wait_then_run(
         self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
@@ -251,7 +295,7 @@ class StreamSession:
             self._cancel_requested.discard(frame_id)
             if reply is not None:
                 reply[0].ongoing = executor.ongoing
-                self._send(*reply, buffers=reply_buffers)
+                self._send_outcome(*reply, buffers=reply_buffers)
 
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
@@ -268,7 +312,7 @@ class StreamSession:
                     await event.wait()
                 self._credits[frame_id] -= 1
                 payload, item_buffers = encode_buffers(codec, item)
-                self._send(
+                self._send_outcome(
                     FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
                 )
         finally:
@@ -290,7 +334,9 @@ def _error(frame_id: int, exc: BaseException, kind: int) -> FrameHeader:
 
 
 class ReplicaServicer:
-    """Unary control calls; Connect is registered separately with raw (de)serializers."""
+    """Every method of serve.v1.Replica; Connect and Results move raw frames."""
+
+    SESSION_WAIT_S = 10.0
 
     def __init__(self, executor: Executor, on_stop: Callable[[float], Any]) -> None:
         self._executor = executor
@@ -298,18 +344,60 @@ class ReplicaServicer:
         self._init_lock = asyncio.Lock()
         self._sessions: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[Any]] = set()
+        self._by_id: dict[str, StreamSession] = {}
+        self._session_added = asyncio.Event()
 
     async def Connect(self, request_iterator: Any, context: Context) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._sessions.add(task)
+        session_id = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == SESSION_METADATA_KEY and isinstance(value, str):
+                session_id = value
+        session = StreamSession(self._executor, context, session_id)
+        if session_id:
+            self._by_id[session_id] = session
+            added, self._session_added = self._session_added, asyncio.Event()
+            added.set()
         try:
-            await StreamSession(self._executor, context).run()
+            await session.run()
         except asyncio.CancelledError:
             if task not in self._closing:
                 raise
         finally:
             self._sessions.discard(task)
+            if self._by_id.get(session_id) is session:
+                del self._by_id[session_id]
+
+    async def Results(self, request: replica_pb2.ResultsRequest, context: Context) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            session = await self._find_session(request.session)
+            if session is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"No Connect session {request.session!r}: open Connect with the "
+                    f"{SESSION_METADATA_KEY} metadata first.",
+                )
+            await session.serve_outcomes(context)
+        except asyncio.CancelledError:
+            if task not in self._closing:
+                raise
+        finally:
+            self._sessions.discard(task)
+
+    async def _find_session(self, session_id: str) -> StreamSession | None:
+        """The Connect session with this id; the two streams may arrive in either order."""
+        try:
+            async with asyncio.timeout(self.SESSION_WAIT_S):
+                while session_id not in self._by_id:
+                    await self._session_added.wait()
+        except TimeoutError:
+            return None
+        return self._by_id[session_id]
 
     async def close_sessions(self) -> None:
         """End every Connect stream (at stop, after draining) so routers see it close."""
@@ -379,4 +467,11 @@ class ReplicaServicer:
 
 def register(server: grpc.aio.Server, servicer: ReplicaServicer) -> None:
     """Register the servicer; Connect takes and returns raw bytes (see serve/_rpc/frames.py)."""
-    add_service(server, replica_pb2.DESCRIPTOR, "Replica", servicer, raw=["Connect"])
+    add_service(
+        server,
+        replica_pb2.DESCRIPTOR,
+        "Replica",
+        servicer,
+        raw=["Connect"],
+        raw_responses=["Results"],
+    )

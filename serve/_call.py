@@ -43,6 +43,7 @@ class Call:
     """A request, from ``handle.remote()`` to its outcome (the connection's Exchange)."""
 
     __slots__ = (
+        "answered",
         "args",
         "args_blob",
         "args_buffer_count",
@@ -99,6 +100,7 @@ class Call:
         self.completion = Completion()
         self.stream_buffer: ItemQueue | None = ItemQueue() if options.stream else None
         self.replica_id = ""
+        self.answered = False  # the replica answered admission for the current send
         self.conn: Connection | None = None
         self.frame_id = 0
         self.args_blob = b""

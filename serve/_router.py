@@ -514,21 +514,31 @@ class Router:
         call.state = CallState.SENT
         call.replica_id = replica.replica_id
         call.conn = conn
+        call.answered = False
         state.queue_lens.sent(replica.replica_id)
 
     # Replies (home loop), via Call's Exchange methods.
 
-    def on_accepted(self, call: Call, ongoing: int) -> None:
-        queue_lens = self.state().queue_lens
-        queue_lens.answered(call.replica_id)
-        queue_lens.report(call.replica_id, ongoing, time.monotonic())
+    def _admitted(self, call: Call, state: DeploymentState) -> None:
+        """The replica admitted the call (said ACCEPTED, or already sent its outcome, which can
+        overtake ACCEPTED on the other stream). Idempotent."""
+        if not call.answered:
+            call.answered = True
+            state.queue_lens.answered(call.replica_id)
         if call.state == CallState.SENT:
             call.state = CallState.ACCEPTED
         self._release_slot(call)
 
+    def on_accepted(self, call: Call, ongoing: int) -> None:
+        state = self.state()
+        self._admitted(call, state)
+        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
+
     def on_rejected(self, call: Call, ongoing: int, draining: bool) -> None:
         state = self.state()
-        state.queue_lens.answered(call.replica_id)
+        if not call.answered:
+            call.answered = True
+            state.queue_lens.answered(call.replica_id)
         state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
         if draining:
             state.exclude(call.replica_id)
@@ -542,6 +552,7 @@ class Router:
         self, call: Call, body: memoryview, ongoing: int, buffers: list[bytes] | None
     ) -> None:
         state = self.state()
+        self._admitted(call, state)
         state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
         if call.state != CallState.DONE:
             try:
@@ -554,34 +565,39 @@ class Router:
 
     def on_error(self, call: Call, error: BaseException, cancelled: bool, ongoing: int) -> None:
         state = self.state()
+        self._admitted(call, state)
         state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
-        if call.state == CallState.SENT:  # failed before admission (e.g. undecodable request)
-            state.queue_lens.answered(call.replica_id)
         self.finish(call, error=RequestCancelledError(call.request_id) if cancelled else error)
         state.wake()
 
     def on_item(self, call: Call, body: memoryview, buffers: list[bytes] | None) -> None:
+        if not call.answered:
+            self._admitted(call, self.state())
         buffer = call.stream_buffer
         if buffer is not None and call.state != CallState.DONE:
             buffer.push((body, buffers))
 
     def on_end(self, call: Call, ongoing: int) -> None:
         state = self.state()
+        self._admitted(call, state)
         state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
         self.finish(call, value=None)
         state.wake()
 
     def on_lost(self, call: Call, error: ConnectionLost) -> None:
-        if call.state == CallState.SENT:
+        if not call.answered:
+            call.answered = True
             self.state().queue_lens.answered(call.replica_id)
+        if call.state == CallState.SENT:
             if call.no_reject:  # a broadcast call belongs to its replica: leave it out
                 self.finish(call, error=ReplicaSkipped(str(error)))
             elif error.retryable:
                 call.state = CallState.QUEUED
                 call.conn = None
                 heapq.heappush(self._pending, (call.seq, call))
-                return  # the connection's owner wakes routers once it dropped the replica
-            self.finish(call, error=ServeError(str(error)))
+                # the connection's owner wakes routers once it dropped the replica
+            else:
+                self.finish(call, error=ServeError(str(error)))
         elif call.state == CallState.ACCEPTED:
             self.finish(
                 call,

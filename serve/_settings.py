@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 TOKEN_METADATA_KEY = "serve-token"
+SESSION_METADATA_KEY = "serve-session"  # ties a router's Connect and Results streams together
 TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"

@@ -141,6 +141,25 @@ class Batch(_message.Message):
 Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
+class ResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultsRequest: _TypeAlias = ResultsRequest  # noqa: Y015
+
+@_typing.final
 class FrameHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

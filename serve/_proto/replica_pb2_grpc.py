@@ -39,6 +39,11 @@ class ReplicaStub:
                 request_serializer=serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_replica__pb2.Batch.FromString,
                 _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/serve.v1.Replica/Results',
+                request_serializer=serve_dot___proto_dot_replica__pb2.ResultsRequest.SerializeToString,
+                response_deserializer=serve_dot___proto_dot_replica__pb2.Batch.FromString,
+                _registered_method=True)
         self.Initialize = channel.unary_unary(
                 '/serve.v1.Replica/Initialize',
                 request_serializer=serve_dot___proto_dot_replica__pb2.InitializeRequest.SerializeToString,
@@ -78,6 +83,19 @@ class ReplicaServicer:
         Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
         are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
         Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+
+        A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
+        replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
+        ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
+        lanes let the outcome leave without waiting for that write to complete. Without a session
+        id, everything comes back on Connect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Results(self, request, context):
+        """The outcome lane of a Connect session (raw Batch messages, like Connect).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +141,11 @@ def add_ReplicaServicer_to_server(servicer, server):
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
                     request_deserializer=serve_dot___proto_dot_replica__pb2.Batch.FromString,
+                    response_serializer=serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=serve_dot___proto_dot_replica__pb2.ResultsRequest.FromString,
                     response_serializer=serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
             ),
             'Initialize': grpc.unary_unary_rpc_method_handler(
@@ -177,6 +200,33 @@ class Replica:
             target,
             '/serve.v1.Replica/Connect',
             serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
+            serve_dot___proto_dot_replica__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/serve.v1.Replica/Results',
+            serve_dot___proto_dot_replica__pb2.ResultsRequest.SerializeToString,
             serve_dot___proto_dot_replica__pb2.Batch.FromString,
             options,
             channel_credentials,

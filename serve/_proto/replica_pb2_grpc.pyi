@@ -40,7 +40,15 @@ class ReplicaStub:
     Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
     are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
     Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+
+    A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
+    replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
+    ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
+    lanes let the outcome leave without waiting for that write to complete. Without a session
+    id, everything comes back on Connect.
     """
+    Results: _grpc.UnaryStreamMultiCallable[_replica_pb2.ResultsRequest, _replica_pb2.Batch]
+    """The outcome lane of a Connect session (raw Batch messages, like Connect)."""
     Initialize: _grpc.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]
     """Build the user object. Called once by the controller after the replica links."""
     Reconfigure: _grpc.UnaryUnaryMultiCallable[_replica_pb2.ReconfigureRequest, _replica_pb2.ReconfigureResponse]
@@ -63,7 +71,15 @@ class ReplicaAsyncStub(ReplicaStub):
     Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
     are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
     Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+
+    A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
+    replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
+    ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
+    lanes let the outcome leave without waiting for that write to complete. Without a session
+    id, everything comes back on Connect.
     """
+    Results: _aio.UnaryStreamMultiCallable[_replica_pb2.ResultsRequest, _replica_pb2.Batch]  # type: ignore[assignment]
+    """The outcome lane of a Connect session (raw Batch messages, like Connect)."""
     Initialize: _aio.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]  # type: ignore[assignment]
     """Build the user object. Called once by the controller after the replica links."""
     Reconfigure: _aio.UnaryUnaryMultiCallable[_replica_pb2.ReconfigureRequest, _replica_pb2.ReconfigureResponse]  # type: ignore[assignment]
@@ -89,7 +105,21 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
         are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
         Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+
+        A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
+        replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
+        ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
+        lanes let the outcome leave without waiting for that write to complete. Without a session
+        id, everything comes back on Connect.
         """
+
+    @_abc_1.abstractmethod
+    def Results(
+        self,
+        request: _replica_pb2.ResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_replica_pb2.Batch], _abc.AsyncIterator[_replica_pb2.Batch]]:
+        """The outcome lane of a Connect session (raw Batch messages, like Connect)."""
 
     @_abc_1.abstractmethod
     def Initialize(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -32,14 +33,17 @@ from serve._proto.replica_pb2 import (
     FrameHeader,
     QueueLengthRequest,
     QueueLengthResponse,
+    ResultsRequest,
 )
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
 from serve._rpc.frames import BatchWriter, FrameError, read_frames
 from serve._rpc.status import rebuild
+from serve._settings import SESSION_METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
 CONNECT_METHOD = "/serve.v1.Replica/Connect"
+RESULTS_METHOD = "/serve.v1.Replica/Results"
 QUEUE_LENGTH_METHOD = "/serve.v1.Replica/QueueLength"
 
 
@@ -85,6 +89,7 @@ class ReplicaConnection:
         self._on_broken = on_broken
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
+        self._results: grpc.aio.UnaryStreamCall[ResultsRequest, bytes] | None = None
         self._writer = BatchWriter()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,15 +110,30 @@ class ReplicaConnection:
         return len(self._pending)
 
     def _start(self) -> None:
+        """Open the session: Connect (requests in, admission out) and Results (outcomes)."""
         self._channel = open_channel(self.address, self._tls)
+        session = os.urandom(8).hex()
         connect: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(
             CONNECT_METHOD
         )
-        self._call = connect(metadata=token_metadata(self._token))
+        self._call = connect(
+            metadata=(*token_metadata(self._token), (SESSION_METADATA_KEY, session))
+        )
+        results: grpc.aio.UnaryStreamMultiCallable[ResultsRequest, bytes] = (
+            self._channel.unary_stream(
+                RESULTS_METHOD, request_serializer=ResultsRequest.SerializeToString
+            )
+        )
+        self._results = results(
+            ResultsRequest(session=session), metadata=token_metadata(self._token)
+        )
         self._wakeup = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name=f"conn:write:{self.replica_id}"),
-            asyncio.create_task(self._read_loop(), name=f"conn:read:{self.replica_id}"),
+            asyncio.create_task(self._read_loop(self._call), name=f"conn:read:{self.replica_id}"),
+            asyncio.create_task(
+                self._read_loop(self._results), name=f"conn:results:{self.replica_id}"
+            ),
         ]
 
     def send_request(
@@ -199,9 +219,9 @@ class ReplicaConnection:
         except Exception as exc:
             self._fail(_lost(exc, self.address))
 
-    async def _read_loop(self) -> None:
-        assert self._call is not None
-        call = self._call
+    async def _read_loop(self, call: Any) -> None:
+        """Dispatch what one of the session's two streams brings (either order is fine: an
+        outcome arriving before its admission answer implies it)."""
         try:
             while True:
                 message = await call.read()
@@ -214,7 +234,7 @@ class ReplicaConnection:
                         f"Replica at {self.address} ended the connection: {code.name}: {details}",
                         retryable=code != grpc.StatusCode.UNAUTHENTICATED,
                     )
-                self._dispatch(await read_frames(message, call.read))  # type: ignore[arg-type]
+                self._dispatch(await read_frames(message, call.read))
         except asyncio.CancelledError:
             raise
         except FrameError as exc:
@@ -305,8 +325,9 @@ class ReplicaConnection:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._call is not None:
-            self._call.cancel()
+        for call in (self._call, self._results):
+            if call is not None:
+                call.cancel()
         if self._channel is not None:
             await self._channel.close()
 

@@ -2,11 +2,13 @@
 
 gRPC's own path for an undecodable request is an UNKNOWN status and a logged traceback; here
 the caller gets INVALID_ARGUMENT naming the message type it should have sent, and the daemon logs
-nothing. Methods named in ``raw`` take and return bytes (the Connect stream).
+nothing. Methods named in ``raw`` take and return bytes (the Connect stream); server-streaming
+methods named in ``raw_responses`` parse their request but return bytes (the Results lane).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -53,6 +55,9 @@ def _unary_unary(method: MethodDescriptor, fn: Callable[..., Any]) -> Any:
 
 
 def _unary_stream(method: MethodDescriptor, fn: Callable[..., Any]) -> Any:
+    if not inspect.isasyncgenfunction(fn):  # it writes with context.write() itself
+        return _unary_unary(method, fn)
+
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         if isinstance(request, _Malformed):
             await _refuse(context, method, request.reason)
@@ -69,10 +74,12 @@ def add_service(
     servicer: object,
     *,
     raw: Iterable[str] = (),
+    raw_responses: Iterable[str] = (),
 ) -> None:
     """Add every method of ``service_name`` (implemented by ``servicer``) to ``server``."""
     service = file_descriptor.services_by_name[service_name]
     raw_methods = set(raw)
+    raw_response_methods = set(raw_responses)
     handlers: dict[str, Handler] = {}
     for method in service.methods:
         fn = getattr(servicer, method.name)
@@ -82,7 +89,9 @@ def add_service(
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(fn)
             continue
         parse = _parser(GetMessageClass(method.input_type))
-        serialize = GetMessageClass(method.output_type).SerializeToString
+        serialize: Any = GetMessageClass(method.output_type).SerializeToString
+        if method.name in raw_response_methods:
+            serialize = None
         if method.client_streaming:
             raise ValueError(f"{method.name}: client-streaming methods must be raw")
         if method.server_streaming:
