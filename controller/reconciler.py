@@ -46,6 +46,11 @@ from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
 logger = logging.getLogger(__name__)
 
 TICK_S = 1.0
+HEALTH_TICK_S = 0.1
+UNHEALTHY_AFTER = 3  # consecutive failed health checks
+RECOVERY_WAIT_S = (
+    5.0  # after a restart, how long replicas of the last controller may take to re-link
+)
 LINK_TIMEOUT_S = 60.0  # a launched replica that has not linked by then is replaced
 EXIT_MARGIN_S = 5.0  # after a Stop call, how long the process may take to exit
 SETTLED = (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
@@ -83,6 +88,8 @@ class Controller:
         self._versions = itertools.count(time.time_ns() // 1000)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._checking: set[str] = set()
+        self._recovered = asyncio.Event()
         # deployment -> source (replica or handle) -> (ongoing or queued, is_handle, when)
         self.load: dict[DeploymentID, dict[str, tuple[float, bool, float]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -94,7 +101,53 @@ class Controller:
             self.apps[app.name] = app
         if self.apps:
             logger.info("Recovered %d application(s) from the state directory", len(self.apps))
+        self._expect_previous_replicas()
         self._loop_task = asyncio.create_task(self._reconcile_loop(), name="controller:reconcile")
+        self._spawn(self._health_loop(), "controller:health")
+
+    def _expect_previous_replicas(self) -> None:
+        """Replicas the last controller ran, still alive, are expected to re-link (re-adopted).
+
+        Until they do (or RECOVERY_WAIT_S passes), they count towards their deployment's
+        target, so no duplicates start, and no replica set is published, so routers keep
+        routing on what they knew instead of seeing a half-empty set.
+        """
+        now = time.monotonic()
+        for replica_id, pid, code_version in self._store.load_replicas():
+            try:
+                deployment_id = ReplicaID.parse(replica_id).deployment_id
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, PermissionError):
+                self._store.forget_replica(replica_id)
+                continue
+            self.replicas[replica_id] = ReplicaRecord(
+                replica_id=replica_id,
+                deployment_id=deployment_id,
+                code_version=code_version,
+                phase=Phase.RECOVERING,
+                started_at_s=now,
+                pid=pid,
+            )
+        if self.replicas:
+            logger.info("Waiting for %d replica(s) to re-link", len(self.replicas))
+        else:
+            self._recovered.set()
+
+    def _check_recovery(self, now: float) -> None:
+        if self._recovered.is_set():
+            return
+        recovering = [r for r in self.replicas.values() if r.phase is Phase.RECOVERING]
+        if recovering and now - recovering[0].started_at_s < RECOVERY_WAIT_S:
+            return
+        for record in recovering:
+            logger.warning("Replica %s did not re-link; stopping it", record.replica_id)
+            kill_pid(record.pid)
+            self._forget(record.replica_id)
+        self._recovered.set()
+        for app in self.apps.values():
+            for name in app.deployments:
+                self._publish(DeploymentID(name, app.name))
+        self._changed()
 
     async def aclose(self, *, stop_replicas: bool, timeout_s: float = 30.0) -> None:
         """Stop reconciling; with ``stop_replicas``, stop every replica first."""
@@ -159,6 +212,12 @@ class Controller:
         if app is None or app.deleting:
             return None
         return app.deployments.get(deployment_id.name)
+
+    def _graceful_timeout_s(self, deployment_id: DeploymentID) -> float:
+        """The deployment's graceful_shutdown_timeout_s, also while its app is being deleted."""
+        app = self.apps.get(deployment_id.app_name)
+        goal = app.deployments.get(deployment_id.name) if app is not None else None
+        return goal.spec.config.graceful_shutdown_timeout_s if goal is not None else 20.0
 
     def deploy(
         self,
@@ -299,6 +358,7 @@ class Controller:
 
     async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
         """The deployment's replica set now, then every change, until cancelled."""
+        await self._recovered.wait()
         last: ReplicaSet | None = None
         while True:
             current = self._published.get(deployment_id)
@@ -319,6 +379,7 @@ class Controller:
 
     def _step(self) -> None:
         now = time.monotonic()
+        self._check_recovery(now)
         for late in list(self.replicas.values()):
             if late.phase is Phase.STARTING and now - late.started_at_s > LINK_TIMEOUT_S:
                 self._fail_start(
@@ -372,6 +433,7 @@ class Controller:
             return
         record.pid = process.pid
         self._processes[record.replica_id] = process
+        self._store.save_replica(record.replica_id, process.pid, record.code_version)
         logger.info("Started replica %s (pid %d)", record.replica_id, process.pid)
         code = await process.wait()
         self._on_exit(record, code)
@@ -396,7 +458,8 @@ class Controller:
         self._changed()
 
     def _forget(self, replica_id: str) -> None:
-        self.replicas.pop(replica_id, None)
+        if self.replicas.pop(replica_id, None) is not None:
+            self._store.forget_replica(replica_id)
         self._processes.pop(replica_id, None)
         link = self._links.pop(replica_id, None)
         if link is not None:
@@ -422,10 +485,16 @@ class Controller:
         initialized: bool,
         code_version: str,
         user_config_json: bytes,
+        draining: bool = False,
     ) -> tuple[str, asyncio.Event | None]:
         """A replica linked (or re-linked). Returns the verdict and an event ending the link."""
         record = self.replicas.get(replica_id)
+        if record is not None and record.phase is Phase.RECOVERING:
+            del self.replicas[replica_id]  # re-adopted below, or told to stop
+            record = None
         if record is None:
+            if draining:
+                return LinkVerdict.STOP, None
             return self._adopt(
                 replica_id, address, pid, host, initialized, code_version, user_config_json
             )
@@ -469,8 +538,12 @@ class Controller:
             max_ongoing_requests=goal.max_ongoing_requests,
         )
         self.replicas[replica_id] = record
+        self._store.save_replica(replica_id, pid, code_version)
+        record.next_health_check_s = time.monotonic() + goal.spec.config.health_check_period_s
         goal.ever_running = True
         logger.info("Re-adopted replica %s (pid %d)", replica_id, pid)
+        if not any(r.phase is Phase.RECOVERING for r in self.replicas.values()):
+            self._check_recovery(time.monotonic())
         self._publish(deployment_id)
         self._changed()
         event = self._links[replica_id] = asyncio.Event()
@@ -495,8 +568,11 @@ class Controller:
         if app is None or goal is None or goal.version != record.code_version:
             self._begin_stop(record)
             return
+        config = goal.spec.config
         try:
             failure = await self._client(record).initialize(app.name, goal.spec, app.code_env)
+            if failure is None:  # a replica is only running once it reports healthy
+                failure = await self._client(record).check_health(config.health_check_timeout_s)
         except ReplicaUnreachable as exc:
             failure = Failure(str(exc))
         if (
@@ -513,6 +589,7 @@ class Controller:
         record.phase = Phase.RUNNING
         record.user_config_json = goal.user_config_json
         record.max_ongoing_requests = goal.max_ongoing_requests
+        record.next_health_check_s = time.monotonic() + config.health_check_period_s
         if goal.version == record.code_version:
             goal.ever_running = True
             goal.failures = 0
@@ -547,8 +624,7 @@ class Controller:
         if was_routable:
             self._publish(record.deployment_id)
         if timeout_s is None:
-            goal = self.goal(record.deployment_id)
-            timeout_s = goal.spec.config.graceful_shutdown_timeout_s if goal else 20.0
+            timeout_s = self._graceful_timeout_s(record.deployment_id)
         self._spawn(self._stop(record, timeout_s), f"controller:stop:{record.replica_id}")
         self._changed()
 
@@ -626,6 +702,60 @@ class Controller:
         record.max_ongoing_requests = goal.spec.config.max_ongoing_requests
         self._publish(record.deployment_id)
         self._changed()
+
+    async def _health_loop(self) -> None:
+        """Check each running replica every health_check_period_s (its deployment's)."""
+        while True:
+            await asyncio.sleep(HEALTH_TICK_S)
+            now = time.monotonic()
+            for record in list(self.replicas.values()):
+                if (
+                    record.phase is not Phase.RUNNING
+                    or record.replica_id in self._checking
+                    or now < record.next_health_check_s
+                ):
+                    continue
+                goal = self.goal(record.deployment_id)
+                if goal is None:
+                    continue
+                config = goal.spec.config
+                record.next_health_check_s = now + config.health_check_period_s
+                self._checking.add(record.replica_id)
+                self._spawn(
+                    self._check_health(record, goal, config.health_check_timeout_s),
+                    f"controller:health:{record.replica_id}",
+                )
+
+    async def _check_health(
+        self, record: ReplicaRecord, goal: DeploymentGoal, timeout_s: float
+    ) -> None:
+        try:
+            failure = await self._client(record).check_health(timeout_s)
+        except ReplicaUnreachable as exc:
+            failure = Failure(str(exc))
+        finally:
+            self._checking.discard(record.replica_id)
+        if self.replicas.get(record.replica_id) is not record or not record.phase.routable:
+            return
+        if failure is None:
+            record.health_failures = 0
+            if goal.unhealthy_reason:
+                goal.unhealthy_reason = ""
+                self._changed()
+            return
+        record.health_failures += 1
+        logger.warning(
+            "Replica %s failed a health check (%d in a row): %s",
+            record.replica_id,
+            record.health_failures,
+            failure.message,
+        )
+        if record.health_failures >= UNHEALTHY_AFTER:
+            goal.unhealthy_reason = (
+                f"Replica {record.replica_id} failed {record.health_failures} health checks in "
+                f"a row and was replaced; last failure: {failure.message}"
+            )
+            self._begin_stop(record)
 
     def report_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """A replica's multiplexed models changed: routers learn it with the next set."""

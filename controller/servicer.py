@@ -183,6 +183,7 @@ class ControllerServicer:
             initialized=request.initialized,
             code_version=request.code_version,
             user_config_json=request.user_config_json,
+            draining=request.draining,
         )
         if verdict == LinkVerdict.STOP or ended is None:
             yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_STOP)

@@ -27,6 +27,7 @@ class Phase(enum.Enum):
     """Where a replica is in its life, as the controller tracks it."""
 
     STARTING = "STARTING"  # process launched, not linked yet
+    RECOVERING = "RECOVERING"  # ran under the previous controller; waiting for it to re-link
     INITIALIZING = "INITIALIZING"  # linked; constructor running
     RUNNING = "RUNNING"  # routable
     RECONFIGURING = "RECONFIGURING"  # routable; applying a config change
@@ -40,6 +41,7 @@ class Phase(enum.Enum):
     def replica_state(self) -> ReplicaState:
         return {
             Phase.STARTING: ReplicaState.STARTING,
+            Phase.RECOVERING: ReplicaState.RECOVERING,
             Phase.INITIALIZING: ReplicaState.STARTING,
             Phase.RUNNING: ReplicaState.RUNNING,
             Phase.RECONFIGURING: ReplicaState.UPDATING,
@@ -107,6 +109,7 @@ class ReplicaRecord:
     max_ongoing_requests: int = 0  # as last applied in the replica
     model_ids: frozenset[str] = frozenset()
     health_failures: int = 0
+    next_health_check_s: float = 0.0  # monotonic
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,11 @@ CREATE TABLE IF NOT EXISTS apps (
     version INTEGER NOT NULL,
     document BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replicas (
+    replica_id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    code_version TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deployments (
     app TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -154,6 +159,21 @@ class GoalStore:
                 )
             )
         return apps
+
+    def save_replica(self, replica_id: str, pid: int, code_version: str) -> None:
+        """Remember a replica process, so a restarted controller knows whom to wait for."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?)", (replica_id, pid, code_version)
+            )
+
+    def forget_replica(self, replica_id: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM replicas WHERE replica_id=?", (replica_id,))
+
+    def load_replicas(self) -> list[tuple[str, int, str]]:
+        """(replica id, pid, code version) of every replica the last controller ran."""
+        return list(self._db.execute("SELECT replica_id, pid, code_version FROM replicas"))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

@@ -180,6 +180,7 @@ class ReplicaServer:
                 code_version=executor.code_version,
                 user_config_json=executor.user_config_json or b"",
                 model_ids=sorted(multiplex_registry.model_ids()),
+                draining=executor.draining,
             )
             try:
                 call = stub.Link(request, metadata=token_metadata(self._token))

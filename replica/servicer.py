@@ -61,25 +61,28 @@ class _Lane:
     def __init__(self) -> None:
         self.writer = BatchWriter()
         self.wakeup = asyncio.Event()
+        self.idle = asyncio.Event()  # nothing queued and nothing being written
+        self.idle.set()
 
     def send(
         self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
     ) -> None:
         self.writer.add(header, *body, buffers=buffers or ())
+        self.idle.clear()
         if not self.wakeup.is_set():
             self.wakeup.set()
 
     async def write_loop(self, context: Context) -> None:
-        wakeup, _writer = self.wakeup, self.writer
         while True:
-            await wakeup.wait()
-            wakeup.clear()
+            await self.wakeup.wait()
+            self.wakeup.clear()
             await self.flush(context)
 
     async def flush(self, context: Context) -> None:
         while self.writer.count:
             for message in self.writer.take():
                 await context.write(message)
+        self.idle.set()
 
 
 class StreamSession:
@@ -131,6 +134,11 @@ class StreamSession:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             self._finished.set()
+
+    async def wait_flushed(self) -> None:
+        """Until everything queued for the router has been written (before closing)."""
+        await self._control.idle.wait()
+        await self._outcomes.idle.wait()
 
     async def serve_outcomes(self, context: Context) -> None:
         """Run the Results stream of this session until the session ends."""
@@ -345,6 +353,7 @@ class ReplicaServicer:
         self._sessions: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[Any]] = set()
         self._by_id: dict[str, StreamSession] = {}
+        self._live: set[StreamSession] = set()
         self._session_added = asyncio.Event()
 
     async def Connect(self, request_iterator: Any, context: Context) -> None:
@@ -356,6 +365,7 @@ class ReplicaServicer:
             if key == SESSION_METADATA_KEY and isinstance(value, str):
                 session_id = value
         session = StreamSession(self._executor, context, session_id)
+        self._live.add(session)
         if session_id:
             self._by_id[session_id] = session
             added, self._session_added = self._session_added, asyncio.Event()
@@ -367,6 +377,7 @@ class ReplicaServicer:
                 raise
         finally:
             self._sessions.discard(task)
+            self._live.discard(session)
             if self._by_id.get(session_id) is session:
                 del self._by_id[session_id]
 
@@ -399,8 +410,16 @@ class ReplicaServicer:
             return None
         return self._by_id[session_id]
 
-    async def close_sessions(self) -> None:
-        """End every Connect stream (at stop, after draining) so routers see it close."""
+    async def close_sessions(self, flush_timeout_s: float = 5.0) -> None:
+        """End every stream (at stop, after draining) so routers see them close.
+
+        Replies already queued (results of the last requests) are written first.
+        """
+        try:
+            async with asyncio.timeout(flush_timeout_s):
+                await asyncio.gather(*(s.wait_flushed() for s in list(self._live)))
+        except TimeoutError:
+            logger.warning("Some replies could not be written before the streams closed")
         self._closing = set(self._sessions)
         for task in self._closing:
             task.cancel()

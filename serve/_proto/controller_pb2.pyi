@@ -406,6 +406,7 @@ class LinkRequest(_message.Message):
     CODE_VERSION_FIELD_NUMBER: _builtins.int
     USER_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     MODEL_IDS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     pid: _builtins.int
@@ -414,6 +415,8 @@ class LinkRequest(_message.Message):
     """true when re-linking to a restarted controller"""
     code_version: _builtins.str
     user_config_json: _builtins.bytes
+    draining: _builtins.bool
+    """stopping: never to be re-adopted as running"""
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -427,10 +430,11 @@ class LinkRequest(_message.Message):
         code_version: _builtins.str = ...,
         user_config_json: _builtins.bytes = ...,
         model_ids: _abc.Iterable[_builtins.str] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "host", b"host", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "host", b"host", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,3 +94,74 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=5)
+
+
+class StandaloneController:
+    """A serve-controller started like an operator would, which a test can kill and restart."""
+
+    def __init__(self, state_dir: Path, **env: str) -> None:
+        self.state_dir = state_dir
+        self.env = env
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.port = 0
+
+    def start(self) -> StandaloneController:
+        import json
+
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "--state-dir",
+                str(self.state_dir),
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=python_env(**self.env),
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, "the controller died before it was ready"
+        ready = json.loads(line)
+        self.address = ready["address"]
+        self.port = int(self.address.rsplit(":", 1)[1])
+        return self
+
+    def driver_env(self) -> dict[str, str]:
+        return {"SERVE_ADDRESS": self.address, "SERVE_STATE_DIR": str(self.state_dir), **self.env}
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def stop(self) -> None:
+        """SIGTERM (replicas survive, as after a crash), then clean everything up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def replica_pids(self) -> list[int]:
+        """Replica processes launched by this controller, found by their command line."""
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "-m replica" in cmdline and f"--controller {self.address}" in cmdline:
+                found.append(proc.info["pid"])
+        return sorted(found)
+
+    def cleanup(self) -> None:
+        self.stop()
+        for pid in self.replica_pids():
+            kill_tree(pid)
