@@ -23,6 +23,7 @@ from serve._api import (
     start,
     status,
 )
+from serve._batching import batch
 from serve._context import get_multiplexed_model_id, get_replica_context
 from serve._deployment import Application, Deployment, deployment
 from serve._multiplex import multiplexed
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Application",
     "Deployment",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

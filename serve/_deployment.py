@@ -33,7 +33,9 @@ class Deployment(Generic[T]):
     """
 
     def __init__(self, func_or_class: Callable[..., T], options: dict[str, Any]) -> None:
-        if not (inspect.isclass(func_or_class) or inspect.isfunction(func_or_class)):
+        if not (
+            inspect.isclass(func_or_class) or inspect.isfunction(inspect.unwrap(func_or_class))
+        ):
             raise TypeError(
                 "@serve.deployment must decorate a class or a function, got "
                 f"{type(func_or_class).__name__}."
