@@ -50,7 +50,7 @@ class Deployment(Generic[T]):
 
     @property
     def func_or_class(self) -> Callable[..., T]:
-        return self._func_or_class  # type: ignore[return-value]
+        return self._func_or_class
 
     @property
     def version(self) -> str | None:
