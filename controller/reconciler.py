@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from controller.autoscale import LoadSource, ScaleDecider, total_load
 from controller.launcher import LocalProcessLauncher, ReplicaProcess, kill_pid
 from controller.state import (
     AppGoal,
@@ -90,8 +91,11 @@ class Controller:
         self._tasks: set[asyncio.Task[None]] = set()
         self._checking: set[str] = set()
         self._recovered = asyncio.Event()
-        # deployment -> source (replica or handle) -> (ongoing or queued, is_handle, when)
-        self.load: dict[DeploymentID, dict[str, tuple[float, bool, float]]] = {}
+        # deployment -> source (a replica, or one process's handles) -> what it reported
+        self.load: dict[DeploymentID, dict[str, LoadSource]] = {}
+        self._deciders: dict[DeploymentID, ScaleDecider] = {}
+        self.loop_duration_s = 0.0
+        self.loops = 0
         self._loop_task: asyncio.Task[None] | None = None
 
     # Lifecycle.
@@ -339,6 +343,9 @@ class Controller:
             max_queued_requests=config.max_queued_requests,
             max_ongoing_requests=config.max_ongoing_requests,
             autoscaling=config.autoscaling_config is not None,
+            metrics_interval_s=(
+                config.autoscaling_config.metrics_interval_s if config.autoscaling_config else 0.0
+            ),
         )
 
     def _publish(self, deployment_id: DeploymentID) -> None:
@@ -378,8 +385,19 @@ class Controller:
     # Reconciliation.
 
     def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._step_once()
+        finally:
+            self.loops += 1
+            self.loop_duration_s = time.perf_counter() - started
+
+    def _step_once(self) -> None:
         now = time.monotonic()
         self._check_recovery(now)
+        self._prune_load(now)
+        for deployment_id in list(self.goals()):
+            self._autoscale(deployment_id, now)
         for late in list(self.replicas.values()):
             if late.phase is Phase.STARTING and now - late.started_at_s > LINK_TIMEOUT_S:
                 self._fail_start(
@@ -766,14 +784,84 @@ class Controller:
                 self._publish(record.deployment_id)
 
     def report_load(
-        self, deployment_id: DeploymentID, source_id: str, ongoing: float, *, is_handle: bool
+        self,
+        deployment_id: DeploymentID,
+        source_id: str,
+        ongoing: float,
+        *,
+        is_handle: bool,
+        requests_total: int = 0,
+        errors_total: int = 0,
+        latency_buckets: tuple[int, ...] = (),
+        latency_sum_ms: float = 0.0,
     ) -> None:
-        """Load figures from replicas (running) and handles (queued), kept for autoscaling."""
-        self.load.setdefault(deployment_id, {})[source_id] = (
-            ongoing,
-            is_handle,
-            time.monotonic(),
-        )
+        """Load from replicas (running) and handles (queued): for autoscaling and metrics."""
+        if self.goal(deployment_id) is None:
+            return
+        if not is_handle and source_id not in self.replicas:
+            return  # a replica this controller no longer runs
+        sources = self.load.setdefault(deployment_id, {})
+        source = sources.get(source_id)
+        if source is None:
+            source = sources[source_id] = LoadSource(is_handle=is_handle)
+        now = time.monotonic()
+        source.window.add(now, ongoing, self._look_back_s(deployment_id))
+        source.ongoing = ongoing
+        source.requests_total = requests_total
+        source.errors_total = errors_total
+        source.latency_buckets = latency_buckets
+        source.latency_sum_ms = latency_sum_ms
+        source.seen_s = now
+        if is_handle and ongoing > 0:
+            self._autoscale(deployment_id, now)  # scaling from zero must not wait for a tick
+
+    def _look_back_s(self, deployment_id: DeploymentID) -> float:
+        goal = self.goal(deployment_id)
+        auto = goal.spec.config.autoscaling_config if goal is not None else None
+        return auto.look_back_period_s if auto is not None else 30.0
+
+    def _prune_load(self, now: float) -> None:
+        """Forget replicas that are gone and handles that stopped reporting."""
+        for deployment_id, sources in list(self.load.items()):
+            if self.goal(deployment_id) is None:
+                del self.load[deployment_id]
+                continue
+            expire_s = max(3 * self._look_back_s(deployment_id), 60.0)
+            for source_id, source in list(sources.items()):
+                gone = not source.is_handle and source_id not in self.replicas
+                if gone or now - source.seen_s > expire_s:
+                    del sources[source_id]
+
+    def _autoscale(self, deployment_id: DeploymentID, now: float) -> None:
+        goal = self.goal(deployment_id)
+        if goal is None or goal.spec.config.autoscaling_config is None or goal.failed:
+            return
+        auto = goal.spec.config.autoscaling_config
+        sources = self.load.get(deployment_id, {})
+        load = total_load((s.window for s in sources.values()), now, auto.look_back_period_s)
+        # A running replica that has not reported yet is assumed at target: missing data must
+        # never read as idleness (and trigger a downscale).
+        for record in self.replicas.values():
+            if (
+                record.deployment_id == deployment_id
+                and record.phase.routable
+                and record.replica_id not in sources
+            ):
+                load += auto.target_ongoing_requests
+        decider = self._deciders.setdefault(deployment_id, ScaleDecider())
+        target = decider.decide(auto, goal.target_replicas, load, now)
+        if target is not None and target != goal.target_replicas:
+            logger.info(
+                "Autoscaling %s from %d to %d replicas (load %.1f, target %.1f per replica)",
+                deployment_id,
+                goal.target_replicas,
+                target,
+                load,
+                auto.target_ongoing_requests,
+            )
+            goal.scaling = 1 if target > goal.target_replicas else -1
+            goal.target_replicas = target
+            self._changed()
 
     def replica_needs_update(self, record: ReplicaRecord) -> bool:
         goal = self.goal(record.deployment_id)

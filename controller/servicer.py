@@ -169,6 +169,10 @@ class ControllerServicer:
             request.source_id,
             request.ongoing,
             is_handle=request.is_handle,
+            requests_total=request.requests_total,
+            errors_total=request.errors_total,
+            latency_buckets=tuple(request.latency_bucket_counts),
+            latency_sum_ms=request.latency_sum_ms,
         )
         return controller_pb2.ReportLoadResponse()
 

@@ -61,6 +61,7 @@ class DeploymentGoal:
     failed: bool = False
     last_error: Failure | None = None
     unhealthy_reason: str = ""
+    scaling: int = 0  # +1 / -1 while the autoscaler moves the target up / down
 
     @property
     def version(self) -> str:
@@ -218,8 +219,21 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
             states,
         )
     if len(ready) == goal.target_replicas == len(current):
+        trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+        if goal.scaling:
+            trigger = (
+                DeploymentStatusTrigger.UPSCALE_COMPLETED
+                if goal.scaling > 0
+                else DeploymentStatusTrigger.DOWNSCALE_COMPLETED
+            )
+        return DeploymentView(DeploymentStatus.HEALTHY, trigger, "", states)
+    if goal.scaling and goal.ever_running:
+        status = DeploymentStatus.UPSCALING if goal.scaling > 0 else DeploymentStatus.DOWNSCALING
         return DeploymentView(
-            DeploymentStatus.HEALTHY, DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED, "", states
+            status,
+            DeploymentStatusTrigger.AUTOSCALING,
+            f"{len(ready)} replicas running, autoscaling to {goal.target_replicas}",
+            states,
         )
     message = f"{len(ready)}/{goal.target_replicas} replicas ready"
     if goal.last_error is not None and goal.failures:
@@ -240,7 +254,8 @@ def application_status(
     unhealthy = [name for name, v in views.items() if v.status is DeploymentStatus.UNHEALTHY]
     if unhealthy:
         return ApplicationStatus.UNHEALTHY, "\n".join(views[n].message for n in unhealthy)
-    if all(v.status is DeploymentStatus.HEALTHY for v in views.values()):
+    running = (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
+    if all(v.status in running for v in views.values()):
         return ApplicationStatus.RUNNING, ""
     waiting = [
         f"{n}: {v.message}" for n, v in views.items() if v.status is not DeploymentStatus.HEALTHY

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from replica.loader import apply_code_env, load_callable, load_init_args
 from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
+from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
 from serve._options import DeploymentConfig
@@ -61,6 +62,7 @@ class Executor:
         self.user_config_json: bytes | None = None
         self.max_ongoing = self.config.max_ongoing_requests
         self.ongoing = 0
+        self.stats = RequestStats()
         self.draining = False
         self.initialized = False
         self._target: Any = None

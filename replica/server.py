@@ -24,8 +24,9 @@ from replica.servicer import ReplicaServicer, register
 from serve import _client
 from serve._models import ReplicaID
 from serve._multiplex import registry as multiplex_registry
-from serve._proto import controller_pb2, controller_pb2_grpc
+from serve._proto import common_pb2, controller_pb2, controller_pb2_grpc
 from serve._rpc.channel import TlsFiles, new_server, open_channel, token_metadata
+from serve._settings import settings
 from serve._sync import set_home_loop
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,12 @@ class ReplicaServer:
         self._channel = open_channel(self._controller_address, self._tls)
         multiplex_registry.set_listener(self._models_changed)
         link = asyncio.create_task(self._link_loop(address), name="replica:link")
+        reporter = asyncio.create_task(self._report_loop(), name="replica:report-load")
         try:
             await self._stopped.wait()
         finally:
             multiplex_registry.set_listener(None)
-            tasks = [link, *([self._report] if self._report else [])]
+            tasks = [link, reporter, *([self._report] if self._report else [])]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -134,6 +136,51 @@ class ReplicaServer:
         abandoned = executor.ongoing
         self._stopped.set()
         return abandoned
+
+    def _report_interval_s(self) -> float:
+        assert self._executor is not None
+        interval = settings().metrics_interval_s
+        autoscaling = self._executor.config.autoscaling_config
+        if autoscaling is not None:
+            interval = min(interval, autoscaling.metrics_interval_s)
+        return max(interval, 0.05)
+
+    async def _report_loop(self) -> None:
+        """Every metrics interval: average ongoing requests (for autoscaling) and counters."""
+        assert self._executor is not None
+        assert self._channel is not None
+        executor = self._executor
+        stub = controller_pb2_grpc.ControllerStub(self._channel)
+        deployment = common_pb2.DeploymentId(
+            app=self.replica_id.deployment_id.app_name, name=self.replica_id.deployment_id.name
+        )
+        samples: list[int] = []
+        last_report = time.monotonic()
+        while True:
+            interval_s = self._report_interval_s()  # known only once initialized
+            await asyncio.sleep(min(interval_s / 10, 0.1))
+            samples.append(executor.ongoing)
+            if not executor.initialized or time.monotonic() - last_report < interval_s:
+                continue
+            last_report = time.monotonic()
+            ongoing, samples = sum(samples) / len(samples), []
+            stats = executor.stats
+            try:
+                await stub.ReportLoad(
+                    controller_pb2.ReportLoadRequest(
+                        id=deployment,
+                        source_id=str(self.replica_id),
+                        ongoing=ongoing,
+                        requests_total=stats.requests,
+                        errors_total=stats.errors,
+                        latency_bucket_counts=stats.cumulative_buckets(),
+                        latency_sum_ms=stats.sum_ms,
+                    ),
+                    timeout=5.0,
+                    metadata=token_metadata(self._token),
+                )
+            except grpc.aio.AioRpcError:
+                pass  # no controller right now: the next report carries the same counters
 
     def _models_changed(self, model_ids: frozenset[str]) -> None:
         """Multiplexed models changed: tell the controller now (one report in flight at a time)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -266,6 +267,7 @@ class StreamSession:
         )
         reply: tuple[FrameHeader, *tuple[bytes, ...]] | None = None
         reply_buffers: list[bytes] = []
+        started = time.perf_counter()
         try:
             try:
                 args, kwargs = decode_args(
@@ -302,8 +304,14 @@ class StreamSession:
             executor.release()
             self._cancel_requested.discard(frame_id)
             if reply is not None:
-                reply[0].ongoing = executor.ongoing
+                header_out = reply[0]
+                header_out.ongoing = executor.ongoing
                 self._send_outcome(*reply, buffers=reply_buffers)
+                executor.stats.record(
+                    (time.perf_counter() - started) * 1000.0,
+                    error=header_out.kind == FRAME_KIND_ERROR
+                    and header_out.error_kind != ERROR_KIND_CANCELLED,
+                )
 
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext

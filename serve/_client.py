@@ -60,6 +60,7 @@ class ServeClient:
         self.owner = owner
         self.controller = ControllerClient(address, token=token, tls=tls)
         self.host = socket.gethostname()
+        self.load_source = f"handle:{self.host}:{os.getpid()}"
         self._states: dict[DeploymentID, DeploymentState] = {}
 
     def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
@@ -70,10 +71,19 @@ class ServeClient:
                 watch=self.controller.watch,
                 open_connection=self._open_connection,
                 local_host=self.host,
+                report=self._report_load,
+                report_interval_s=settings().metrics_interval_s,
             )
             self._states[deployment_id] = state
             state.start()
         return state
+
+    async def _report_load(
+        self, deployment_id: DeploymentID, queued: float, requests_total: int
+    ) -> None:
+        await self.controller.report_handle_load(
+            deployment_id, self.load_source, queued, requests_total
+        )
 
     def _open_connection(
         self, replica: ReplicaInfo, on_broken: Callable[[Any, ConnectionLost], None]

@@ -66,6 +66,7 @@ class ReplicaSet:
     max_queued_requests: int = -1
     max_ongoing_requests: int = 5
     autoscaling: bool = False
+    metrics_interval_s: float = 0.0
 
 
 class ApplicationStatus(enum.StrEnum):

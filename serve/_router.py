@@ -20,7 +20,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from serve._call import Call, CallState
@@ -86,6 +86,9 @@ class Connection(Protocol):
 
 
 Watch = Callable[[DeploymentID], AsyncIterator[ReplicaSet]]
+# (deployment, requests queued in this process's handles, requests made so far)
+ReportLoad = Callable[[DeploymentID, float, int], Awaitable[None]]
+DEFAULT_REPORT_INTERVAL_S = 10.0
 OpenConnection = Callable[[ReplicaInfo, Callable[[Any, ConnectionLost], None]], Connection]
 
 
@@ -103,8 +106,14 @@ class DeploymentState:
         watch: Watch,
         open_connection: OpenConnection,
         local_host: str = "",
+        report: ReportLoad | None = None,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
     ) -> None:
         self._watch_source = watch
+        self._report = report
+        self._report_interval_s = report_interval_s
+        self._reporter: asyncio.Task[None] | None = None
+        self._pushed_at = 0.0
         self._open_connection = open_connection
         self.local_host = local_host
         self.deployment_id = deployment_id
@@ -183,6 +192,10 @@ class DeploymentState:
         for router in list(self._routers):
             router.on_replica_set(replica_set)
         self._ready.set()
+        if self._report is not None and self._reporter is None and replica_set.exists:
+            self._reporter = asyncio.get_running_loop().create_task(
+                self._report_loop(), name=f"router:report:{self.deployment_id}"
+            )
         waiters, self._version_waiters = self._version_waiters, []
         for fut in waiters:
             if not fut.done():
@@ -217,6 +230,38 @@ class DeploymentState:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _load(self) -> tuple[float, int]:
+        routers = list(self._routers)
+        return float(sum(r.num_queued for r in routers)), sum(r.num_requests for r in routers)
+
+    async def _report_loop(self) -> None:
+        """Report queued requests (autoscaling counts them) and requests made (metrics)."""
+        assert self._report is not None
+        while True:
+            interval_s = self._report_interval_s
+            if self.replica_set is not None and self.replica_set.metrics_interval_s > 0:
+                interval_s = min(interval_s, self.replica_set.metrics_interval_s)
+            await asyncio.sleep(interval_s)
+            try:
+                await self._report(self.deployment_id, *self._load())
+            except Exception as exc:  # no controller right now: report again next time
+                logger.debug("Reporting load of %s failed: %s", self.deployment_id, exc)
+
+    def push_load(self) -> None:
+        """A request waits and the deployment has no replica: tell the autoscaler now."""
+        replica_set = self.replica_set
+        now = time.monotonic()
+        if (
+            self._report is None
+            or replica_set is None
+            or not replica_set.autoscaling
+            or self.routable
+            or now - self._pushed_at < 0.1
+        ):
+            return
+        self._pushed_at = now
+        self._spawn(self._report(self.deployment_id, *self._load()), "router:push-load")
 
     def wake(self) -> None:
         """Capacity may have changed: let routers with waiting requests try again."""
@@ -255,7 +300,12 @@ class DeploymentState:
         if self._closed:
             return
         self._closed = True
-        tasks = [*([self._watch] if self._watch else []), *self._probing.values(), *self._tasks]
+        tasks = [
+            *([self._watch] if self._watch else []),
+            *([self._reporter] if self._reporter else []),
+            *self._probing.values(),
+            *self._tasks,
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -447,6 +497,7 @@ class Router:
                 continue
             candidates = state.routable
             if not candidates:
+                state.push_load()  # scaled to zero: the autoscaler learns of the wait now
                 return  # wait for the controller to publish replicas
             chosen = None
             for tier in candidate_tiers(

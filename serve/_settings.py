@@ -8,6 +8,7 @@
 | SERVE_LOG_LEVEL | log level of serve's own loggers | INFO |
 | SERVE_LOG_FORMAT | ``text`` or ``json`` | text |
 | SERVE_ORPHAN_TIMEOUT_S | a replica with no controller for this long exits | 30 |
+| SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
 """
 
@@ -33,6 +34,7 @@ class Settings:
     log_level: str
     log_format: str
     orphan_timeout_s: float
+    metrics_interval_s: float
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
@@ -62,6 +64,7 @@ def settings() -> Settings:
         log_level=os.environ.get("SERVE_LOG_LEVEL", "INFO").upper(),
         log_format=log_format,
         orphan_timeout_s=_float_env("SERVE_ORPHAN_TIMEOUT_S", 30.0),
+        metrics_interval_s=_float_env("SERVE_METRICS_INTERVAL_S", 10.0),
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,

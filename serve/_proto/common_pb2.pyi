@@ -332,12 +332,15 @@ class ReplicaSet(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _builtins.int
     MAX_ONGOING_REQUESTS_FIELD_NUMBER: _builtins.int
     AUTOSCALING_FIELD_NUMBER: _builtins.int
+    METRICS_INTERVAL_S_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     exists: _builtins.bool
     """false once the deployment is deleted (or before it is deployed)"""
     max_queued_requests: _builtins.int
     max_ongoing_requests: _builtins.int
     autoscaling: _builtins.bool
+    metrics_interval_s: _builtins.float
+    """how often handles report their queued requests"""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]: ...
     def __init__(
@@ -349,10 +352,11 @@ class ReplicaSet(_message.Message):
         max_queued_requests: _builtins.int = ...,
         max_ongoing_requests: _builtins.int = ...,
         autoscaling: _builtins.bool = ...,
+        metrics_interval_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "replicas", b"replicas", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

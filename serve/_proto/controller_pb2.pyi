@@ -518,21 +518,34 @@ Global___ReportModelsResponse: _TypeAlias = ReportModelsResponse  # noqa: Y015
 
 @_typing.final
 class ReportLoadRequest(_message.Message):
+    """What a replica (running requests, outcomes, latency) or a process's handles (queued
+    requests) report every metrics interval. Counters are cumulative since the source started.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     SOURCE_ID_FIELD_NUMBER: _builtins.int
     ONGOING_FIELD_NUMBER: _builtins.int
     IS_HANDLE_FIELD_NUMBER: _builtins.int
-    SEND_TIME_S_FIELD_NUMBER: _builtins.int
+    REQUESTS_TOTAL_FIELD_NUMBER: _builtins.int
+    ERRORS_TOTAL_FIELD_NUMBER: _builtins.int
+    LATENCY_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
+    LATENCY_SUM_MS_FIELD_NUMBER: _builtins.int
     source_id: _builtins.str
-    """a replica id or a handle id"""
+    """a replica id, or a handle source (host:pid)"""
     ongoing: _builtins.float
-    """running in the replica, or queued in the handle"""
+    """replica: average running since the last report; handle: queued"""
     is_handle: _builtins.bool
-    send_time_s: _builtins.float
+    requests_total: _builtins.int
+    errors_total: _builtins.int
+    latency_sum_ms: _builtins.float
     @_builtins.property
     def id(self) -> _common_pb2.DeploymentId: ...
+    @_builtins.property
+    def latency_bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """cumulative, per LATENCY_BUCKETS_MS, +Inf last"""
+
     def __init__(
         self,
         *,
@@ -540,11 +553,14 @@ class ReportLoadRequest(_message.Message):
         source_id: _builtins.str = ...,
         ongoing: _builtins.float = ...,
         is_handle: _builtins.bool = ...,
-        send_time_s: _builtins.float = ...,
+        requests_total: _builtins.int = ...,
+        errors_total: _builtins.int = ...,
+        latency_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
+        latency_sum_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "is_handle", b"is_handle", "ongoing", b"ongoing", "send_time_s", b"send_time_s", "source_id", b"source_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors_total", b"errors_total", "id", b"id", "is_handle", b"is_handle", "latency_bucket_counts", b"latency_bucket_counts", "latency_sum_ms", b"latency_sum_ms", "ongoing", b"ongoing", "requests_total", b"requests_total", "source_id", b"source_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

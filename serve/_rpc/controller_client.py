@@ -156,19 +156,24 @@ class ControllerClient:
         finally:
             call.cancel()
 
-    async def report_load(
-        self, deployment_id: DeploymentID, source_id: str, ongoing: float, *, is_handle: bool
+    async def report_handle_load(
+        self, deployment_id: DeploymentID, source_id: str, queued: float, requests_total: int
     ) -> None:
-        await self._stub.ReportLoad(
-            controller_pb2.ReportLoadRequest(
-                id=deployment_id_to_proto(deployment_id),
-                source_id=source_id,
-                ongoing=ongoing,
-                is_handle=is_handle,
-            ),
-            timeout=CALL_TIMEOUT_S,
-            metadata=self._metadata,
-        )
+        """A process's handles to one deployment: requests queued now, requests made so far."""
+        try:
+            await self._stub.ReportLoad(
+                controller_pb2.ReportLoadRequest(
+                    id=deployment_id_to_proto(deployment_id),
+                    source_id=source_id,
+                    ongoing=queued,
+                    is_handle=True,
+                    requests_total=requests_total,
+                ),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "report load") from None
 
 
 def lookup_application_blocking(client: object, app_name: str) -> tuple[str, list[str]] | None:

@@ -141,6 +141,7 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
         max_queued_requests=rs.max_queued_requests,
         max_ongoing_requests=rs.max_ongoing_requests,
         autoscaling=rs.autoscaling,
+        metrics_interval_s=rs.metrics_interval_s,
     )
 
 
@@ -161,6 +162,7 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
         max_queued_requests=msg.max_queued_requests,
         max_ongoing_requests=msg.max_ongoing_requests,
         autoscaling=msg.autoscaling,
+        metrics_interval_s=msg.metrics_interval_s,
     )
 
 
