@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> None:
         help="goal state, token and logs (default SERVE_STATE_DIR or ~/.serve)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="interface for the metrics port"
+    )
+    parser.add_argument(
         "--embedded",
         action="store_true",
         help="owned by a driver: stop everything when stdin closes; remove the state dir on exit",
@@ -32,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be between 0 and 65535, got {args.metrics_port}")
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else settings().state_dir
 
     import uvloop
@@ -41,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
 
     configure("controller", state_dir / "logs" / "controller.log")
     server = ControllerServer(
-        host=args.host, port=args.port, state_dir=state_dir, embedded=args.embedded
+        host=args.host,
+        port=args.port,
+        state_dir=state_dir,
+        embedded=args.embedded,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
     sys.exit(uvloop.run(server.run()))

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from controller.autoscale import LoadSource, ScaleDecider, total_load
 from controller.launcher import LocalProcessLauncher, ReplicaProcess, kill_pid
+from controller.metrics import HandleMetrics, ReplicaMetrics, Snapshot
 from controller.state import (
     AppGoal,
     DeploymentGoal,
@@ -94,6 +95,7 @@ class Controller:
         # deployment -> source (a replica, or one process's handles) -> what it reported
         self.load: dict[DeploymentID, dict[str, LoadSource]] = {}
         self._deciders: dict[DeploymentID, ScaleDecider] = {}
+        self.replica_starts: dict[DeploymentID, int] = {}
         self.loop_duration_s = 0.0
         self.loops = 0
         self._loop_task: asyncio.Task[None] | None = None
@@ -439,6 +441,7 @@ class Controller:
             started_at_s=time.monotonic(),
         )
         self.replicas[replica_id] = record
+        self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
         self._spawn(self._launch(record), f"controller:launch:{replica_id}")
         self._changed()
 
@@ -862,6 +865,57 @@ class Controller:
             goal.scaling = 1 if target > goal.target_replicas else -1
             goal.target_replicas = target
             self._changed()
+
+    def metrics_snapshot(self) -> Snapshot:
+        """What /metrics shows, taken at once (on the loop)."""
+        replicas, handles = [], []
+        for deployment_id, sources in self.load.items():
+            for source_id, source in sources.items():
+                if source.is_handle:
+                    handles.append(
+                        HandleMetrics(
+                            deployment_id.app_name,
+                            deployment_id.name,
+                            source_id,
+                            source.ongoing,
+                            source.requests_total,
+                        )
+                    )
+                    continue
+                record = self.replicas.get(source_id)
+                replicas.append(
+                    ReplicaMetrics(
+                        application=deployment_id.app_name,
+                        deployment=deployment_id.name,
+                        replica=source_id,
+                        requests=source.requests_total,
+                        errors=source.errors_total,
+                        latency_buckets=source.latency_buckets,
+                        latency_sum_ms=source.latency_sum_ms,
+                        ongoing=source.ongoing,
+                        healthy=record is not None
+                        and record.phase.routable
+                        and record.health_failures == 0,
+                        models=len(record.model_ids) if record is not None else 0,
+                    )
+                )
+        states, app_status, dep_status = [], [], []
+        for app in self.apps.values():
+            app_status.append((app.name, self.app_status(app)[0].value))
+            for name, view in self.deployment_views(app).items():
+                dep_status.append((app.name, name, view.status.value))
+                for state, count in view.replica_states.items():
+                    states.append((app.name, name, state, count))
+        return Snapshot(
+            replicas=replicas,
+            handles=handles,
+            replica_states=states,
+            replica_starts=[(d.app_name, d.name, n) for d, n in self.replica_starts.items()],
+            application_status=app_status,
+            deployment_status=dep_status,
+            loop_duration_s=self.loop_duration_s,
+            loops=self.loops,
+        )
 
     def replica_needs_update(self, record: ReplicaRecord) -> bool:
         goal = self.goal(record.deployment_id)

@@ -65,7 +65,18 @@ def cluster_token(state_dir: Path) -> str:
 
 
 class ControllerServer:
-    def __init__(self, *, host: str, port: int, state_dir: Path, embedded: bool) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        state_dir: Path,
+        embedded: bool,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = None,
+    ) -> None:
+        self._metrics_host = metrics_host
+        self._metrics_port = metrics_port
         self._host = host
         self._port = port
         self._state_dir = state_dir
@@ -107,6 +118,16 @@ class ControllerServer:
         add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)
         await controller.start()
         await server.start()
+        ready: dict[str, object] = {"event": "ready", "address": address, "pid": os.getpid()}
+        metrics = None
+        if self._metrics_port is not None:
+            from controller.metrics import MetricsServer
+
+            metrics = MetricsServer(
+                controller.metrics_snapshot, self._metrics_host, self._metrics_port
+            )
+            ready["metrics"] = metrics.address
+            logger.info("Prometheus metrics at http://%s/metrics", metrics.address)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal)
         if self._embedded:
@@ -114,9 +135,7 @@ class ControllerServer:
         _write_private(
             self._state_dir / RECORD_FILE, json.dumps({"address": address, "pid": os.getpid()})
         )
-        sys.stdout.write(
-            json.dumps({"event": "ready", "address": address, "pid": os.getpid()}) + "\n"
-        )
+        sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         logger.info("serve-controller ready at %s (state directory %s)", address, self._state_dir)
         try:
@@ -125,6 +144,8 @@ class ControllerServer:
             await controller.aclose(stop_replicas=self._stop_replicas)
             await server.stop(STOP_GRACE_S)
         finally:
+            if metrics is not None:
+                metrics.close()
             with contextlib.suppress(FileNotFoundError):
                 (self._state_dir / RECORD_FILE).unlink()
             store.close()

@@ -99,9 +99,11 @@ def kill_tree(pid: int) -> None:
 class StandaloneController:
     """A serve-controller started like an operator would, which a test can kill and restart."""
 
-    def __init__(self, state_dir: Path, **env: str) -> None:
+    def __init__(self, state_dir: Path, *args: str, **env: str) -> None:
         self.state_dir = state_dir
+        self.args = args
         self.env = env
+        self.ready: dict[str, Any] = {}
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.port = 0
@@ -118,6 +120,7 @@ class StandaloneController:
                 str(self.state_dir),
                 "--port",
                 str(self.port),
+                *self.args,
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -126,7 +129,7 @@ class StandaloneController:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         assert line, "the controller died before it was ready"
-        ready = json.loads(line)
+        ready = self.ready = json.loads(line)
         self.address = ready["address"]
         self.port = int(self.address.rsplit(":", 1)[1])
         return self

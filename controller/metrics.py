@@ -1,0 +1,198 @@
+"""Prometheus metrics at ``/metrics`` on an opt-in port, with Ray Serve's names where they exist.
+
+The HTTP server (prometheus_client's) runs in its own thread; each scrape asks the controller's
+loop for a consistent snapshot and renders it. Nothing here is sensitive (no payloads, no token),
+and the port binds loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import start_http_server
+
+from serve._metrics import LATENCY_BUCKETS_MS
+
+SCRAPE_TIMEOUT_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaMetrics:
+    application: str
+    deployment: str
+    replica: str
+    requests: int
+    errors: int
+    latency_buckets: tuple[int, ...]
+    latency_sum_ms: float
+    ongoing: float
+    healthy: bool
+    models: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HandleMetrics:
+    application: str
+    deployment: str
+    handle: str
+    queued: float
+    requests: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Everything a scrape shows, taken at once on the controller's loop."""
+
+    replicas: list[ReplicaMetrics]
+    handles: list[HandleMetrics]
+    replica_states: list[tuple[str, str, str, int]]  # application, deployment, state, count
+    replica_starts: list[tuple[str, str, int]]  # application, deployment, launches
+    application_status: list[tuple[str, str]]  # application, status
+    deployment_status: list[tuple[str, str, str]]  # application, deployment, status
+    loop_duration_s: float
+    loops: int
+
+
+def render(snapshot: Snapshot) -> Iterator[Any]:
+    """The metric families of one snapshot."""
+    replica_labels = ["deployment", "replica", "application"]
+    requests = CounterMetricFamily(
+        "ray_serve_deployment_request_counter",
+        "Requests processed by the replica.",
+        labels=replica_labels,
+    )
+    errors = CounterMetricFamily(
+        "ray_serve_deployment_error_counter",
+        "Requests that raised an exception in the replica.",
+        labels=replica_labels,
+    )
+    latency = HistogramMetricFamily(
+        "ray_serve_deployment_processing_latency_ms",
+        "Time the replica took to process a request, in milliseconds.",
+        labels=replica_labels,
+    )
+    ongoing = GaugeMetricFamily(
+        "ray_serve_replica_processing_queries",
+        "Requests running in the replica (average over the last report interval).",
+        labels=replica_labels,
+    )
+    healthy = GaugeMetricFamily(
+        "ray_serve_deployment_replica_healthy",
+        "1 if the replica passed its last health check, else 0.",
+        labels=replica_labels,
+    )
+    models = GaugeMetricFamily(
+        "ray_serve_num_multiplexed_models",
+        "Multiplexed models loaded (or loading) in the replica.",
+        labels=replica_labels,
+    )
+    for r in snapshot.replicas:
+        labels = [r.deployment, r.replica, r.application]
+        requests.add_metric(labels, r.requests)
+        errors.add_metric(labels, r.errors)
+        if r.latency_buckets:
+            bounds = [str(b) for b in LATENCY_BUCKETS_MS] + ["+Inf"]
+            latency.add_metric(
+                labels, list(zip(bounds, r.latency_buckets, strict=False)), r.latency_sum_ms
+            )
+        ongoing.add_metric(labels, r.ongoing)
+        healthy.add_metric(labels, 1.0 if r.healthy else 0.0)
+        models.add_metric(labels, r.models)
+    yield from (requests, errors, latency, ongoing, healthy, models)
+
+    queued = GaugeMetricFamily(
+        "ray_serve_deployment_queued_queries",
+        "Requests waiting in handles for a replica.",
+        labels=["deployment", "application"],
+    )
+    router_requests = CounterMetricFamily(
+        "ray_serve_num_router_requests",
+        "Requests made through handles, per process.",
+        labels=["deployment", "application", "handle"],
+    )
+    queued_by_deployment: dict[tuple[str, str], float] = {}
+    for h in snapshot.handles:
+        key = (h.deployment, h.application)
+        queued_by_deployment[key] = queued_by_deployment.get(key, 0.0) + h.queued
+        router_requests.add_metric([h.deployment, h.application, h.handle], h.requests)
+    for (deployment, application), value in sorted(queued_by_deployment.items()):
+        queued.add_metric([deployment, application], value)
+    yield from (queued, router_requests)
+
+    replicas = GaugeMetricFamily(
+        "serve_deployment_replicas",
+        "Replicas of the deployment in each state.",
+        labels=["deployment", "application", "state"],
+    )
+    for application, deployment, state, count in snapshot.replica_states:
+        replicas.add_metric([deployment, application, state], count)
+    starts = CounterMetricFamily(
+        "ray_serve_deployment_replica_starts",
+        "Replica processes launched for the deployment.",
+        labels=["deployment", "application"],
+    )
+    for application, deployment, count in snapshot.replica_starts:
+        starts.add_metric([deployment, application], count)
+    app_status = GaugeMetricFamily(
+        "serve_application_status",
+        "1 for the application's current status.",
+        labels=["application", "status"],
+    )
+    for application, status in snapshot.application_status:
+        app_status.add_metric([application, status], 1)
+    deployment_status = GaugeMetricFamily(
+        "serve_deployment_status",
+        "1 for the deployment's current status.",
+        labels=["deployment", "application", "status"],
+    )
+    for application, deployment, status in snapshot.deployment_status:
+        deployment_status.add_metric([deployment, application, status], 1)
+    yield from (replicas, starts, app_status, deployment_status)
+
+    loop = GaugeMetricFamily(
+        "ray_serve_controller_control_loop_duration_s",
+        "Duration of the controller's last reconcile pass, in seconds.",
+    )
+    loop.add_metric([], snapshot.loop_duration_s)
+    loops = CounterMetricFamily(
+        "ray_serve_controller_num_control_loops", "Reconcile passes the controller ran."
+    )
+    loops.add_metric([], snapshot.loops)
+    yield from (loop, loops)
+
+
+class _Collector:
+    def __init__(self, snapshot: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._snapshot = snapshot
+        self._loop = loop
+
+    def collect(self) -> Iterator[Any]:
+        async def take() -> Snapshot:
+            return self._snapshot()  # type: ignore[no-any-return]
+
+        future = asyncio.run_coroutine_threadsafe(take(), self._loop)
+        yield from render(future.result(SCRAPE_TIMEOUT_S))
+
+
+class MetricsServer:
+    """Serves /metrics in a thread; ``port`` 0 picks a free port (see ``address``)."""
+
+    def __init__(self, snapshot: Any, host: str, port: int) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(snapshot, asyncio.get_running_loop()))
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.address = f"{host}:{self._server.server_port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
