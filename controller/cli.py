@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> None:
         help="goal state, token and logs (default SERVE_STATE_DIR or ~/.serve)",
     )
     parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="where the controller and its replicas write logs (default STATE_DIR/logs)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     from controller.server import ControllerServer
     from serve._logging import configure
 
-    configure("controller", state_dir / "logs" / "controller.log")
+    log_dir = Path(args.log_dir).expanduser() if args.log_dir else state_dir / "logs"
+    configure("controller", log_dir / "controller.log")
     server = ControllerServer(
         host=args.host,
         port=args.port,
@@ -58,5 +64,6 @@ def main(argv: list[str] | None = None) -> None:
         embedded=args.embedded,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        log_dir=log_dir,
     )
     sys.exit(uvloop.run(server.run()))

@@ -74,7 +74,9 @@ class ControllerServer:
         embedded: bool,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = None,
+        log_dir: Path | None = None,
     ) -> None:
+        self._log_dir = log_dir if log_dir is not None else state_dir / "logs"
         self._metrics_host = metrics_host
         self._metrics_port = metrics_port
         self._host = host
@@ -112,7 +114,7 @@ class ControllerServer:
         advertised = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
         address = f"{advertised}:{port}"
         store = GoalStore(self._state_dir / "state.db")
-        launcher = LocalProcessLauncher(address, token, self._state_dir / "logs")
+        launcher = LocalProcessLauncher(address, token, self._log_dir)
         controller = Controller(store=store, launcher=launcher, token=token, tls=tls)
         servicer = ControllerServicer(controller, on_shutdown=self._request_full_stop)
         add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)

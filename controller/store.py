@@ -46,9 +46,7 @@ CREATE TABLE IF NOT EXISTS deployments (
 
 
 def config_to_json(config: DeploymentConfig) -> bytes:
-    data = dataclasses.asdict(config)
-    data.pop("logging_config", None)
-    return orjson.dumps(data)
+    return orjson.dumps(dataclasses.asdict(config))
 
 
 def config_from_json(raw: bytes) -> DeploymentConfig:

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     from serve._client import _tls
     from serve._logging import configure
 
-    configure(f"replica:{replica_id}", Path(args.log_file) if args.log_file else None)
+    log_file = Path(args.log_file) if args.log_file else None
+    configure(f"replica:{replica_id}", log_file)
     s = settings()
     server = ReplicaServer(
         replica_id,
@@ -45,5 +46,6 @@ def main(argv: list[str] | None = None) -> None:
         token=s.token,
         tls=_tls(),
         orphan_timeout_s=s.orphan_timeout_s,
+        log_file=log_file,
     )
     sys.exit(uvloop.run(server.run()))

@@ -63,6 +63,7 @@ class Executor:
         self.max_ongoing = self.config.max_ongoing_requests
         self.ongoing = 0
         self.stats = RequestStats()
+        self.access_log = True
         self.draining = False
         self.initialized = False
         self._target: Any = None

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -22,6 +23,7 @@ import grpc.aio
 from replica.executor import Executor
 from replica.servicer import ReplicaServicer, register
 from serve import _client
+from serve._logging import configure
 from serve._models import ReplicaID
 from serve._multiplex import registry as multiplex_registry
 from serve._proto import common_pb2, controller_pb2, controller_pb2_grpc
@@ -47,7 +49,9 @@ class ReplicaServer:
         token: str | None,
         tls: TlsFiles | None,
         orphan_timeout_s: float,
+        log_file: Path | None = None,
     ) -> None:
+        self._log_file = log_file
         self.replica_id = replica_id
         self._controller_address = controller_address
         self._host = host
@@ -72,7 +76,9 @@ class ReplicaServer:
         )
         _client.install(client)
         executor = self._executor = Executor(self.replica_id)
-        servicer = self._servicer = ReplicaServicer(executor, on_stop=self.drain)
+        servicer = self._servicer = ReplicaServicer(
+            executor, on_stop=self.drain, on_initialized=self._apply_logging_config
+        )
         server, port = new_server(self._token, self._tls, self._host, self._port)
         register(server, servicer)
         await server.start()
@@ -109,6 +115,20 @@ class ReplicaServer:
             await client.aclose()
             await self._channel.close()
         return 0
+
+    def _apply_logging_config(self) -> None:
+        """The deployment's logging_config (Ray's fields) takes over once it is known."""
+        assert self._executor is not None
+        config = self._executor.config.logging_config
+        if not config:
+            return
+        configure(
+            f"replica:{self.replica_id}",
+            self._log_file,
+            json_lines=config.get("encoding") == "JSON",
+            level=config.get("log_level", "INFO"),
+        )
+        self._executor.access_log = bool(config.get("enable_access_log", True))
 
     def _on_signal(self) -> None:
         self._signals += 1

@@ -18,6 +18,7 @@ import grpc.aio
 
 from replica.executor import Executor
 from serve._context import RequestContext
+from serve._logging import ACCESS_LOGGER
 from serve._models import DeploymentSpec
 from serve._proto import replica_pb2
 from serve._proto.replica_pb2 import (
@@ -47,6 +48,7 @@ from serve._settings import SESSION_METADATA_KEY
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
 
 DEFAULT_STREAM_WINDOW = 64
 
@@ -307,11 +309,24 @@ class StreamSession:
                 header_out = reply[0]
                 header_out.ongoing = executor.ongoing
                 self._send_outcome(*reply, buffers=reply_buffers)
-                executor.stats.record(
-                    (time.perf_counter() - started) * 1000.0,
-                    error=header_out.kind == FRAME_KIND_ERROR
-                    and header_out.error_kind != ERROR_KIND_CANCELLED,
-                )
+                duration_ms = (time.perf_counter() - started) * 1000.0
+                failed = header_out.kind == FRAME_KIND_ERROR
+                cancelled = failed and header_out.error_kind == ERROR_KIND_CANCELLED
+                executor.stats.record(duration_ms, error=failed and not cancelled)
+                if executor.access_log:
+                    outcome = "CANCELLED" if cancelled else "ERROR" if failed else "OK"
+                    access.info(
+                        "%s %s %.1fms",
+                        header.method,
+                        outcome,
+                        duration_ms,
+                        extra={
+                            "request_id": header.request_id,
+                            "method": header.method,
+                            "outcome": outcome,
+                            "duration_ms": round(duration_ms, 3),
+                        },
+                    )
 
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
@@ -354,9 +369,15 @@ class ReplicaServicer:
 
     SESSION_WAIT_S = 10.0
 
-    def __init__(self, executor: Executor, on_stop: Callable[[float], Any]) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        on_stop: Callable[[float], Any],
+        on_initialized: Callable[[], None] = lambda: None,
+    ) -> None:
         self._executor = executor
         self._on_stop = on_stop
+        self._on_initialized = on_initialized
         self._init_lock = asyncio.Lock()
         self._sessions: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[Any]] = set()
@@ -454,6 +475,7 @@ class ReplicaServicer:
             except Exception as exc:
                 logger.error("The deployment's constructor failed", exc_info=exc)
                 return replica_pb2.InitializeResponse(ok=False, error=error_info(exc))
+            self._on_initialized()
         return replica_pb2.InitializeResponse(ok=True)
 
     async def Reconfigure(

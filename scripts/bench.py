@@ -378,7 +378,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = parser.parse_args()
-    os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
+    # Measured with the defaults (INFO, one access line per request in the replica's log).
     s = Settings(args.quick)
     started = time.monotonic()
     floor = measure_floor(s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve._context import replica_context
 from serve._deployment import Application, BuiltDeployment, build_application
+from serve._logging import check_logging_config
 from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec
 from serve._serialization import dumps_code
 from serve._sync import run_sync
@@ -123,6 +125,16 @@ def run(
     if route_prefix is not None and not isinstance(route_prefix, str):
         raise TypeError(f"route_prefix must be a string or None, got {route_prefix!r}.")
     ingress, built = build_application(target, name, make_handle=DeploymentHandle)
+    if logging_config is not None:  # the application's default for its deployments
+        logging_config = check_logging_config(logging_config)
+        built = [
+            b
+            if b.deployment.config.logging_config is not None
+            else dataclasses.replace(
+                b, deployment=b.deployment.options(logging_config=logging_config)
+            )
+            for b in built
+        ]
     specs = [_serialize(b) for b in built]
     client = _connect()
     code_env = CodeEnv(cwd=os.getcwd(), sys_path=tuple(p or os.getcwd() for p in sys.path))

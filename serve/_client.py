@@ -108,8 +108,19 @@ class EmbeddedController:
         env = dict(os.environ)
         env[TOKEN_ENV] = self.token
         env.pop("SERVE_ADDRESS", None)
+        # Logs outlive the embedded controller's private state directory.
+        log_dir = settings().state_dir / "logs"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "controller", "--state-dir", str(self.state_dir), "--embedded"],
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "--state-dir",
+                str(self.state_dir),
+                "--embedded",
+                "--log-dir",
+                str(log_dir),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

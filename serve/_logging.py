@@ -1,25 +1,50 @@
-"""Process logging: stderr plus, for daemons, a file in the state directory."""
+"""Process logging: stderr plus, for daemons, a file in the state directory.
+
+Every line logged while a replica serves a request (serve's own, or the user's through any
+``logging`` logger) carries that request's id; nested calls keep the caller's id. Replicas also
+write one access line per request (``serve.access``): method, outcome, duration. Access lines go
+to the log file only, buffered (as in Ray, where they live in the replica's log file): printing
+one per request to a terminal would cost as much as serving it.
+``SERVE_LOG_FORMAT=json`` (or a deployment's ``logging_config={"encoding": "JSON"}``) switches
+to one JSON object per line.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from serve._context import current_request
 from serve._settings import settings
 
-_TEXT_FORMAT = "%(asctime)s %(levelname)s %(component)s %(name)s: %(message)s"
+ACCESS_LOGGER = "serve.access"
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(component)s %(name)s%(request_tag)s: %(message)s"
+LOGGING_CONFIG_KEYS = frozenset(
+    {"encoding", "log_level", "logs_dir", "enable_access_log", "additional_log_standard_attrs"}
+)
 
 
-class _ComponentFilter(logging.Filter):
+class _ContextFilter(logging.Filter):
+    """Stamps each record with the process's component and the current request's id."""
+
     def __init__(self, component: str) -> None:
         super().__init__()
         self.component = component
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.component = self.component
+        request_id = getattr(record, "request_id", None)
+        if request_id is None:
+            context = current_request()
+            request_id = context.request_id if context is not None else ""
+            record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
         return True
 
 
@@ -27,24 +52,84 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line with the same fields as the text format."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": self.formatTime(record),
             "level": record.levelname,
             "component": getattr(record, "component", ""),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            entry["request_id"] = request_id
+        for field in ("method", "outcome", "duration_ms"):
+            if hasattr(record, field):
+                entry[field] = getattr(record, field)
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
-def configure(component: str, log_file: Path | None = None) -> None:
-    """Send this daemon's logs to stderr (and ``log_file``), tagged with ``component``."""
+def check_logging_config(value: Any) -> dict[str, Any] | None:
+    """Validate Ray's LoggingConfig fields (a dict, or an object with those attributes)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        value = {k: getattr(value, k) for k in LOGGING_CONFIG_KEYS if hasattr(value, k)}
+    unknown = sorted(set(value) - LOGGING_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"logging_config: unknown field(s) {unknown}; valid fields are "
+            f"{sorted(LOGGING_CONFIG_KEYS)}."
+        )
+    config = dict(value)
+    encoding = str(config.get("encoding", "TEXT")).upper()
+    if encoding not in ("TEXT", "JSON"):
+        raise ValueError(f"logging_config: encoding must be 'TEXT' or 'JSON', got {encoding!r}.")
+    config["encoding"] = encoding
+    level = config.get("log_level", "INFO")
+    if isinstance(level, str):
+        level = level.upper()
+    if logging.getLevelName(level) == f"Level {level}":
+        raise ValueError(f"logging_config: log_level {level!r} is not a logging level.")
+    config["log_level"] = level
+    if not isinstance(config.get("enable_access_log", True), bool):
+        raise TypeError("logging_config: enable_access_log must be a bool.")
+    return config
+
+
+class _BufferedFileHandler(logging.FileHandler):
+    """A file handler that flushes at most every ``flush_every_s`` instead of per line."""
+
+    def __init__(self, path: Path, flush_every_s: float = 0.5) -> None:
+        super().__init__(path)
+        self._flush_every_s = flush_every_s
+        self._flushed_at = 0.0
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        if now - self._flushed_at >= self._flush_every_s:
+            self._flushed_at = now
+            super().flush()
+
+    def close(self) -> None:
+        self._flushed_at = 0.0
+        if self.stream is not None:
+            self.stream.flush()
+        super().close()
+
+
+def configure(
+    component: str,
+    log_file: Path | None = None,
+    *,
+    json_lines: bool | None = None,
+    level: str | int | None = None,
+) -> None:
+    """Send this process's logs to stderr (and ``log_file``), stamped with ``component``."""
     s = settings()
-    formatter: logging.Formatter = (
-        JsonFormatter() if s.log_format == "json" else logging.Formatter(_TEXT_FORMAT)
-    )
+    use_json = s.log_format == "json" if json_lines is None else json_lines
+    formatter: logging.Formatter = JsonFormatter() if use_json else logging.Formatter(_TEXT_FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +137,20 @@ def configure(component: str, log_file: Path | None = None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()
+    context = _ContextFilter(component)
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.addFilter(_ComponentFilter(component))
+        handler.addFilter(context)
         root.addHandler(handler)
-    root.setLevel(s.log_level)
+    root.setLevel(level if level is not None else s.log_level)
+    access = logging.getLogger(ACCESS_LOGGER)
+    for handler in list(access.handlers):
+        access.removeHandler(handler)
+        handler.close()
+    access.propagate = log_file is None
+    if log_file is not None:
+        buffered = _BufferedFileHandler(log_file)
+        buffered.setFormatter(formatter)
+        buffered.addFilter(context)
+        access.addHandler(buffered)

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from serve._logging import check_logging_config
 from serve._serialization import CODEC_NAMES
 from serve.config import AutoscalingConfig
 
@@ -193,7 +194,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     ),
     "health_check_period_s": lambda v: _float("health_check_period_s", v, positive=True),
     "health_check_timeout_s": lambda v: _float("health_check_timeout_s", v, positive=True),
-    "logging_config": _check_any_dict("logging_config"),
+    "logging_config": lambda v: check_logging_config(v),
     "request_router_config": _check_any_dict("request_router_config"),
     "max_constructor_retry_count": lambda v: _int("max_constructor_retry_count", v, minimum=1),
 }

@@ -37,6 +37,8 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
     user_config = config.user_config_json()
     if user_config is not None:
         msg.user_config_json = user_config
+    if config.logging_config:
+        msg.logging_config_json = orjson.dumps(config.logging_config)
     auto = config.autoscaling_config
     if auto is not None:
         msg.autoscaling.CopyFrom(
@@ -95,6 +97,7 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
         health_check_period_s=msg.health_check_period_s,
         health_check_timeout_s=msg.health_check_timeout_s,
         max_constructor_retry_count=msg.max_constructor_retry_count,
+        logging_config=orjson.loads(msg.logging_config_json) if msg.logging_config_json else None,
     )
 
 
