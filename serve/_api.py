@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from serve._context import replica_context
@@ -20,7 +21,7 @@ from serve._serialization import dumps_code
 from serve._sync import run_sync
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
-from serve.schema import ServeStatus
+from serve.schema import ApplicationStatusOverview, ServeStatus
 
 if TYPE_CHECKING:
     from serve._client import ServeClient
@@ -120,30 +121,59 @@ def run(
         handle = serve.run(Ingress.bind(Downstream.bind()), name="hello")
         assert handle.remote("world").result() == "Hello world!"
     """
-    if not isinstance(name, str) or not name or "#" in name:
-        raise ValueError(f"Application name must be a non-empty string without '#', got {name!r}.")
     if route_prefix is not None and not isinstance(route_prefix, str):
         raise TypeError(f"route_prefix must be a string or None, got {route_prefix!r}.")
-    ingress, built = build_application(target, name, make_handle=DeploymentHandle)
-    if logging_config is not None:  # the application's default for its deployments
-        logging_config = check_logging_config(logging_config)
-        built = [
-            b
-            if b.deployment.config.logging_config is not None
-            else dataclasses.replace(
-                b, deployment=b.deployment.options(logging_config=logging_config)
-            )
-            for b in built
-        ]
-    specs = [_serialize(b) for b in built]
+    ingress, specs = build_specs(target, name, logging_config=logging_config)
     client = _connect()
-    code_env = CodeEnv(cwd=os.getcwd(), sys_path=tuple(p or os.getcwd() for p in sys.path))
-    version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env))
+    version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env()))
     handle = _cached_handle(ingress, name)
     run_sync(_wait_router_ready(handle, version))
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+def build_specs(
+    target: Application,
+    name: str,
+    *,
+    logging_config: Any = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> tuple[str, list[DeploymentSpec]]:
+    """Build and serialize an application: (ingress name, one spec per deployment).
+
+    ``overrides`` (deployment name -> options, from a config file) win over the code's options;
+    ``logging_config`` is the default of deployments that have none.
+    """
+    if not isinstance(name, str) or not name or "#" in name:
+        raise ValueError(f"Application name must be a non-empty string without '#', got {name!r}.")
+    ingress, built = build_application(target, name, make_handle=DeploymentHandle)
+    unknown = sorted(set(overrides or {}) - {b.name for b in built})
+    if unknown:
+        raise ValueError(
+            f"Application {name!r} has no deployment(s) {unknown}; it has "
+            f"{sorted(b.name for b in built)}."
+        )
+    if logging_config is not None:
+        logging_config = check_logging_config(logging_config)
+    adjusted = []
+    for b in built:
+        deployment = b.deployment
+        if logging_config is not None and deployment.config.logging_config is None:
+            deployment = deployment.options(logging_config=logging_config)
+        if overrides and b.name in overrides:
+            deployment = deployment.options(**overrides[b.name])
+        adjusted.append(dataclasses.replace(b, deployment=deployment))
+    return ingress, [_serialize(b) for b in adjusted]
+
+
+def code_env() -> CodeEnv:
+    """This process's working directory and import path, for replicas to mirror."""
+    cwd = os.getcwd()
+    return CodeEnv(cwd=cwd, sys_path=tuple(p or cwd for p in sys.path))
+
+
+Progress = Callable[[ApplicationStatusOverview, float], None]
 
 
 async def _deploy(
@@ -153,37 +183,46 @@ async def _deploy(
     ingress: str,
     specs: list[DeploymentSpec],
     code_env: CodeEnv,
+    progress: Progress | None = None,
 ) -> int:
     """Deploy and wait until the application runs; returns the ingress replica-set version."""
-    controller = client.controller
-    await controller.deploy(
+    await client.controller.deploy(
         app_name=name, route_prefix=route_prefix, ingress=ingress, specs=specs, code_env=code_env
     )
+    return await _wait_settled(client, name, progress=progress)
+
+
+async def _wait_settled(client: ServeClient, name: str, progress: Progress | None = None) -> int:
+    """Wait until the application runs (or raise why it does not)."""
+    controller = client.controller
     started = time.monotonic()
     while True:
-        waited = await controller.wait_application(name, timeout_s=_PROGRESS_EVERY_S)
+        waited = await controller.wait_application(
+            name, timeout_s=1.0 if progress else _PROGRESS_EVERY_S
+        )
         if waited is None:
             raise DeploymentFailedError(f"Application {name!r} was deleted while it deployed.")
         status, version = waited
+        elapsed_s = time.monotonic() - started
+        if progress is not None:
+            progress(status, elapsed_s)
         if status.status == ApplicationStatus.RUNNING:
             return version
-        if status.status == ApplicationStatus.DEPLOY_FAILED:
+        if status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
             error = DeploymentFailedError(
                 f"Deploying application {name!r} failed: {status.message}"
             )
             cause = await controller.failure_cause(name)
             raise error from cause
-        waiting = {
-            d: dict(s.replica_states)
-            for d, s in status.deployments.items()
-            if s.status != "HEALTHY"
-        }
-        logger.info(
-            "Application %r is still deploying after %.0fs: %s",
-            name,
-            time.monotonic() - started,
-            waiting,
-        )
+        if progress is None:
+            waiting = {
+                d: dict(s.replica_states)
+                for d, s in status.deployments.items()
+                if s.status != "HEALTHY"
+            }
+            logger.info(
+                "Application %r is still deploying after %.0fs: %s", name, elapsed_s, waiting
+            )
 
 
 async def _wait_router_ready(handle: DeploymentHandle[Any], version: int) -> None:

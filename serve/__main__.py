@@ -1,0 +1,3 @@
+from serve._cli import main
+
+main()

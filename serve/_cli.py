@@ -1,0 +1,368 @@
+"""The ``serve`` command: run, deploy, status, delete, shutdown, build, start.
+
+Every command talks to the controller at ``--address``, else ``SERVE_ADDRESS``, else the
+standalone controller recorded in the state directory; ``serve run`` alone starts an embedded one
+when there is none (and stops it on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, NoReturn
+
+from serve.exceptions import ControllerUnavailableError, ServeError
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"serve: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _connect(address: str | None, *, start_embedded: bool = False) -> Any:
+    from serve import _api, _client
+
+    try:
+        if start_embedded:
+            return _api._connect(address)
+        return _client.connect(address, start_embedded=False)
+    except ControllerUnavailableError as exc:
+        _fail(
+            f"{exc}\nStart a controller with `serve start` (or serve-controller), or pass "
+            "--address / set SERVE_ADDRESS."
+        )
+
+
+def _app_specs(import_path: str, name: str, args: dict[str, Any], overrides: Any = None) -> Any:
+    from serve._api import build_specs
+    from serve._config_file import ConfigFileError, import_application
+
+    try:
+        app = import_application(import_path, args)
+        return build_specs(app, name, overrides=overrides)
+    except (ConfigFileError, ValueError, TypeError) as exc:
+        _fail(str(exc))
+
+
+def _load_config(path: str) -> Any:
+    from serve._config_file import ConfigFileError, load_config
+
+    try:
+        return load_config(path)
+    except (ConfigFileError, OSError) as exc:
+        _fail(str(exc))
+
+
+def _progress(name: str) -> Any:
+    last: list[str] = []
+
+    def show(status: Any, elapsed_s: float) -> None:
+        parts = [
+            f"{dep}: {sum(d.replica_states.get(s, 0) for s in ('RUNNING',))} running"
+            + (f", {d.message}" if d.message else "")
+            for dep, d in sorted(status.deployments.items())
+        ]
+        line = f"[{elapsed_s:4.1f}s] {name}: {status.status} ({'; '.join(parts)})"
+        if not last or last[0] != line:
+            print(line, flush=True)
+            last[:] = [line]
+
+    return show
+
+
+def _deploy_and_wait(client: Any, name: str, route_prefix: Any, ingress: str, specs: Any) -> None:
+    from serve._api import _deploy, code_env
+    from serve._sync import run_sync
+
+    try:
+        run_sync(
+            _deploy(
+                client, name, route_prefix, ingress, specs, code_env(), progress=_progress(name)
+            )
+        )
+    except ServeError as exc:
+        _fail(str(exc))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from serve import _api
+    from serve._sync import run_sync
+
+    client = _connect(args.address, start_embedded=True)
+    deployed: list[str] = []
+    if args.target.endswith((".yaml", ".yml")):
+        for app in _load_config(args.target):
+            overrides = {d.name: d.options for d in app.deployments}
+            ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
+            _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
+            deployed.append(app.name)
+    else:
+        ingress, specs = _app_specs(args.target, args.name, {})
+        _deploy_and_wait(client, args.name, args.route_prefix, ingress, specs)
+        deployed.append(args.name)
+    print(f"Running {', '.join(map(repr, deployed))}. Press Ctrl-C to stop.", flush=True)
+    if args.non_blocking:
+        return
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nStopping...", flush=True)
+        if client.owner is not None:
+            _api.shutdown()
+        else:
+            for name in deployed:
+                run_sync(client.controller.delete_application(name, wait=True))
+        print("Stopped.", flush=True)
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from serve._api import code_env
+    from serve._sync import run_sync
+
+    apps = _load_config(args.config)
+    prepared = []
+    for app in apps:
+        overrides = {d.name: d.options for d in app.deployments}
+        ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
+        prepared.append((app, ingress, specs))
+    client = _connect(args.address)
+    env = code_env()
+    for app, ingress, specs in prepared:
+        try:
+            run_sync(
+                client.controller.deploy(
+                    app_name=app.name,
+                    route_prefix=app.route_prefix,
+                    ingress=ingress,
+                    specs=specs,
+                    code_env=env,
+                )
+            )
+        except (ServeError, ValueError) as exc:
+            _fail(f"{app.where}: {exc}")
+    wanted = {app.name for app in apps}
+    status = run_sync(client.controller.status())
+    for name in sorted(set(status.applications) - wanted):  # declarative: unlisted apps go
+        run_sync(client.controller.delete_application(name, wait=False))
+        print(f"Deleting application {name!r} (not in {args.config}).")
+    print(f"Sent deploy request for {sorted(wanted)}.", flush=True)
+    if args.wait:
+        from serve._api import _wait_settled
+
+        for app in apps:
+            try:
+                run_sync(_wait_settled(client, app.name, progress=_progress(app.name)))
+            except ServeError as exc:
+                _fail(str(exc))
+
+
+def _status_dict(status: Any) -> dict[str, Any]:
+    return {
+        name: {
+            "status": str(app.status),
+            "message": app.message,
+            "route_prefix": app.route_prefix,
+            "last_deployed_time_s": app.last_deployed_time_s,
+            "deployments": {
+                dep_name: {
+                    "status": str(dep.status),
+                    "status_trigger": str(dep.status_trigger),
+                    "message": dep.message,
+                    "replica_states": {str(k): v for k, v in dep.replica_states.items()},
+                }
+                for dep_name, dep in app.deployments.items()
+            },
+        }
+        for name, app in status.applications.items()
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from serve._sync import run_sync
+
+    client = _connect(args.address)
+    status = _status_dict(run_sync(client.controller.status()))
+    if args.json:
+        print(json.dumps({"applications": status}, indent=2))
+        return
+    if not status:
+        print("No applications.")
+        return
+    rows = [("APPLICATION", "STATUS", "DEPLOYMENT", "DEPLOYMENT STATUS", "REPLICAS", "MESSAGE")]
+    for name, app in sorted(status.items()):
+        first = True
+        for dep_name, dep in sorted(app["deployments"].items()):
+            replicas = ", ".join(f"{k}: {v}" for k, v in sorted(dep["replica_states"].items()))
+            rows.append(
+                (
+                    name if first else "",
+                    app["status"] if first else "",
+                    dep_name,
+                    dep["status"],
+                    replicas or "-",
+                    dep["message"],
+                )
+            )
+            first = False
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[5]
+        )
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    from serve._sync import run_sync
+
+    client = _connect(args.address)
+    if run_sync(client.controller.delete_application(args.name, wait=True)):
+        print(f"Deleted application {args.name!r}.")
+    else:
+        _fail(f"There is no application {args.name!r}.")
+
+
+def cmd_shutdown(args: argparse.Namespace) -> None:
+    from serve._sync import run_sync
+
+    client = _connect(args.address)
+    run_sync(client.controller.shutdown(), timeout_s=300)
+    print("Serve is shut down: every application deleted and the controller stopped.")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    import yaml
+
+    from serve._config_file import ConfigFileError, import_application
+    from serve._deployment import build_application
+    from serve.handle import DeploymentHandle
+
+    applications = []
+    for i, import_path in enumerate(args.targets):
+        name = "default" if len(args.targets) == 1 else f"app{i + 1}"
+        try:
+            app = import_application(import_path)
+        except ConfigFileError as exc:
+            _fail(str(exc))
+        _, built = build_application(app, name, make_handle=DeploymentHandle)
+        deployments = []
+        for b in built:
+            options = {
+                k: v
+                for k, v in b.deployment._options.items()
+                if k not in ("name", "version", "route_prefix") and v is not None
+            }
+            for key, value in list(options.items()):
+                if hasattr(value, "to_dict"):
+                    options[key] = value.to_dict()
+            deployments.append({"name": b.name, **options})
+        applications.append(
+            {
+                "name": name,
+                "route_prefix": "/",
+                "import_path": import_path,
+                "args": {},
+                "deployments": deployments,
+            }
+        )
+    text = yaml.safe_dump({"applications": applications}, sort_keys=False)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"Wrote {args.output}.")
+    else:
+        print(text, end="")
+
+
+def cmd_start(args: argparse.Namespace) -> None:
+    from serve._client import _recorded_controller, read_ready_line
+    from serve._settings import settings
+
+    state_dir = settings().state_dir
+    running = _recorded_controller(state_dir)
+    if running is not None:
+        print(f"A serve controller already runs at {running} (state directory {state_dir}).")
+        return
+    state_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "controller", "--state-dir", str(state_dir),
+        "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    if args.metrics_port is not None:
+        command += ["--metrics-port", str(args.metrics_port)]
+    log = open(state_dir / "controller.out", "ab")  # noqa: SIM115 - handed to the daemon
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        ready = read_ready_line(process, 60)
+    except ControllerUnavailableError as exc:
+        _fail(str(exc))
+    finally:
+        log.close()
+    print(f"serve controller running at {ready['address']} (pid {ready['pid']}).")
+    print(f"State and logs in {state_dir}; stop it with `serve shutdown`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve", description="Deploy and operate serve applications."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--address", default=None, help="controller host:port")
+        return sub
+
+    run = add("run", "Deploy an application (module:attribute) or a config file, then block.")
+    run.add_argument("target", help="module:app, a builder module:function, or config.yaml")
+    run.add_argument("--name", default="default", help="application name (default 'default')")
+    run.add_argument("--route-prefix", default="/", help="route prefix (recorded)")
+    run.add_argument("--non-blocking", action="store_true", help="return once it runs")
+    run.set_defaults(func=cmd_run)
+
+    deploy = add("deploy", "Make the applications of a config file the deployed ones.")
+    deploy.add_argument("config", help="a config file (Ray Serve's schema)")
+    deploy.add_argument("--wait", action="store_true", help="wait until every app runs")
+    deploy.set_defaults(func=cmd_deploy)
+
+    status = add("status", "Show applications, deployments and replica states.")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    delete = add("delete", "Delete one application.")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_delete)
+
+    shutdown = add("shutdown", "Delete every application and stop the controller.")
+    shutdown.set_defaults(func=cmd_shutdown)
+
+    build = commands.add_parser("build", help="Write a config file for applications in code.")
+    build.add_argument("targets", nargs="+", help="module:app")
+    build.add_argument("-o", "--output", default=None, help="file to write (default stdout)")
+    build.set_defaults(func=cmd_build)
+
+    start = commands.add_parser("start", help="Start a standalone controller in the background.")
+    start.add_argument("--host", default="127.0.0.1")
+    start.add_argument("--port", type=int, default=0)
+    start.add_argument("--metrics-port", type=int, default=None)
+    start.set_defaults(func=cmd_start)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    args.func(args)

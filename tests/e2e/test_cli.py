@@ -1,0 +1,157 @@
+"""The `serve` command, driven as a subprocess against real daemons."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve._config_file import load_config
+from tests.support.procs import ROOT, kill_tree, pids_alive, python_env, run_script, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SERVE = [sys.executable, "-m", "serve"]
+
+
+def serve_cmd(
+    *args: str, env: dict[str, str], timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SERVE, *args], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`serve start` in a private state directory; everything stopped afterwards."""
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    started = serve_cmd("start", env=env)
+    assert started.returncode == 0, started.stderr
+    assert "serve controller running at 127.0.0.1:" in started.stdout
+    record = json.loads((tmp_path / "state" / "controller.json").read_text())
+    try:
+        yield env
+    finally:
+        serve_cmd("shutdown", env=env)
+        wait_for(lambda: not pids_alive([record["pid"]]), timeout_s=30)
+        kill_tree(record["pid"])
+
+
+def call(env: dict[str, str], app: str, arg: str) -> str:
+    result = run_script(
+        f"import serve\nprint(serve.get_app_handle({app!r}).remote({arg!r}).result())\n", **env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_deploy_status_redeploy_delete_shutdown(cluster: dict[str, str], tmp_path: Path) -> None:
+    deployed = serve_cmd("deploy", "examples/config.yaml", "--wait", env=cluster)
+    assert deployed.returncode == 0, deployed.stderr
+    assert "Sent deploy request for ['echo', 'greeter']" in deployed.stdout
+    assert call(cluster, "greeter", "Ada") == "Howdy Ada!"  # user_config from the file
+    assert call(cluster, "echo", "hi") == "echo: hi"  # args passed to the builder
+
+    status = json.loads(serve_cmd("status", "--json", env=cluster).stdout)["applications"]
+    assert status["greeter"]["status"] == "RUNNING"
+    assert status["greeter"]["deployments"]["Greeter"]["replica_states"] == {"RUNNING": 2}
+    table = serve_cmd("status", env=cluster).stdout
+    assert "greeter" in table
+    assert "Greeter" in table
+    assert "RUNNING: 2" in table
+
+    # Declarative: deploying a file without `echo` removes it.
+    config = yaml.safe_load(Path(ROOT / "examples/config.yaml").read_text())
+    config["applications"] = [a for a in config["applications"] if a["name"] == "greeter"]
+    smaller = tmp_path / "smaller.yaml"
+    smaller.write_text(yaml.safe_dump(config))
+    assert serve_cmd("deploy", str(smaller), "--wait", env=cluster).returncode == 0
+    wait_for(
+        lambda: (
+            "echo"
+            not in json.loads(serve_cmd("status", "--json", env=cluster).stdout)["applications"]
+        )
+    )
+
+    assert serve_cmd("delete", "greeter", env=cluster).returncode == 0
+    assert json.loads(serve_cmd("status", "--json", env=cluster).stdout)["applications"] == {}
+    missing = serve_cmd("delete", "greeter", env=cluster)
+    assert missing.returncode == 1
+    assert "no application 'greeter'" in missing.stderr
+
+
+def test_bad_config_files_are_rejected_with_their_position(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "applications:\n"
+        "  - name: x\n"
+        "    import_path: examples.apps:app\n"
+        "    deployments:\n"
+        "      - name: Greeter\n"
+        "        max_ongoing_requests: -3\n"
+    )
+    result = serve_cmd("deploy", str(bad), env=cluster)
+    assert result.returncode == 1
+    assert f"{bad}:6:31: max_ongoing_requests must be >= 1, got -3." in result.stderr
+    bad.write_text("applications:\n  - import_path: examples.apps:app\n    replicas: 2\n")
+    result = serve_cmd("deploy", str(bad), env=cluster)
+    assert f"{bad}:3:5: unknown key 'replicas'" in result.stderr
+    bad.write_text(
+        "applications:\n  - import_path: examples.apps:app\n    deployments:\n      - name: Nope\n"
+    )
+    result = serve_cmd("deploy", str(bad), env=cluster)
+    assert result.returncode == 1
+    assert "has no deployment(s) ['Nope']" in result.stderr
+
+
+def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    with subprocess.Popen(
+        [*SERVE, "run", "examples.apps:app", "--name", "cli-run"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    ) as process:
+        assert process.stdout is not None
+        lines = []
+        while True:
+            line = process.stdout.readline()
+            assert line, f"serve run exited early: {lines}"
+            lines.append(line)
+            if line.startswith("Running"):
+                break
+        assert any("cli-run:" in line for line in lines)  # progress while replicas start
+        children = [
+            p.pid for p in __import__("psutil").Process(process.pid).children(recursive=True)
+        ]
+        assert len(children) == 3  # controller + 2 replicas
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        assert "Stopped." in process.stdout.read()
+    assert not pids_alive(children)
+
+
+def test_build_writes_a_config_that_loads(tmp_path: Path) -> None:
+    out = tmp_path / "built.yaml"
+    result = serve_cmd("build", "examples.apps:app", "-o", str(out), env=python_env())
+    assert result.returncode == 0, result.stderr
+    (app,) = load_config(out)
+    assert app.import_path == "examples.apps:app"
+    assert sorted(d.name for d in app.deployments) == ["Front", "Greeter"]
+
+
+def test_commands_without_a_controller_say_how_to_start_one(tmp_path: Path) -> None:
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "empty"))
+    result = serve_cmd("status", env=env)
+    assert result.returncode == 1
+    assert "serve start" in result.stderr
