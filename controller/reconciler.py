@@ -8,15 +8,15 @@ runs in owned tasks that report back.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
-from controller.autoscale import LoadSource, ScaleDecider, total_load
+from controller.health import HealthChecker
 from controller.launcher import LocalProcessLauncher, ReplicaProcess, kill_pid
-from controller.metrics import HandleMetrics, ReplicaMetrics, Snapshot
+from controller.load import LoadTracker
+from controller.publisher import Publisher
 from controller.state import (
     AppGoal,
     DeploymentGoal,
@@ -39,8 +39,6 @@ from serve._models import (
     DeploymentSpec,
     Failure,
     ReplicaID,
-    ReplicaInfo,
-    ReplicaSet,
 )
 from serve._rpc.channel import TlsFiles
 from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
@@ -48,8 +46,6 @@ from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
 logger = logging.getLogger(__name__)
 
 TICK_S = 1.0
-HEALTH_TICK_S = 0.1
-UNHEALTHY_AFTER = 3  # consecutive failed health checks
 RECOVERY_WAIT_S = (
     5.0  # after a restart, how long replicas of the last controller may take to re-link
 )
@@ -83,22 +79,17 @@ class Controller:
         self._processes: dict[str, ReplicaProcess] = {}
         self._clients: dict[str, ReplicaClient] = {}
         self._links: dict[str, asyncio.Event] = {}
-        self._published: dict[DeploymentID, ReplicaSet] = {}
-        self._publish_events: dict[DeploymentID, asyncio.Event] = {}
         self._status_event = asyncio.Event()
-        # Replica-set versions keep increasing across controller restarts (routers compare them).
-        self._versions = itertools.count(time.time_ns() // 1000)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._checking: set[str] = set()
-        self._recovered = asyncio.Event()
-        # deployment -> source (a replica, or one process's handles) -> what it reported
-        self.load: dict[DeploymentID, dict[str, LoadSource]] = {}
-        self._deciders: dict[DeploymentID, ScaleDecider] = {}
+        self.recovered = asyncio.Event()
         self.replica_starts: dict[DeploymentID, int] = {}
         self.loop_duration_s = 0.0
         self.loops = 0
         self._loop_task: asyncio.Task[None] | None = None
+        self.publisher = Publisher(self)
+        self.load = LoadTracker(self)
+        self.health = HealthChecker(self)
 
     # Lifecycle.
 
@@ -109,7 +100,7 @@ class Controller:
             logger.info("Recovered %d application(s) from the state directory", len(self.apps))
         self._expect_previous_replicas()
         self._loop_task = asyncio.create_task(self._reconcile_loop(), name="controller:reconcile")
-        self._spawn(self._health_loop(), "controller:health")
+        self.spawn(self.health.run(), "controller:health")
 
     def _expect_previous_replicas(self) -> None:
         """Replicas the last controller ran, still alive, are expected to re-link (re-adopted).
@@ -137,10 +128,10 @@ class Controller:
         if self.replicas:
             logger.info("Waiting for %d replica(s) to re-link", len(self.replicas))
         else:
-            self._recovered.set()
+            self.recovered.set()
 
     def _check_recovery(self, now: float) -> None:
-        if self._recovered.is_set():
+        if self.recovered.is_set():
             return
         recovering = [r for r in self.replicas.values() if r.phase is Phase.RECOVERING]
         if recovering and now - recovering[0].started_at_s < RECOVERY_WAIT_S:
@@ -149,11 +140,11 @@ class Controller:
             logger.warning("Replica %s did not re-link; stopping it", record.replica_id)
             kill_pid(record.pid)
             self._forget(record.replica_id)
-        self._recovered.set()
+        self.recovered.set()
         for app in self.apps.values():
             for name in app.deployments:
-                self._publish(DeploymentID(name, app.name))
-        self._changed()
+                self.publisher.publish(DeploymentID(name, app.name))
+        self.changed()
 
     async def aclose(self, *, stop_replicas: bool, timeout_s: float = 30.0) -> None:
         """Stop reconciling; with ``stop_replicas``, stop every replica first."""
@@ -182,7 +173,7 @@ class Controller:
         await asyncio.gather(*(c.aclose() for c in self._clients.values()), return_exceptions=True)
         self._clients.clear()
 
-    def _spawn(self, coro: object, name: str) -> None:
+    def spawn(self, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -268,9 +259,9 @@ class Controller:
         for deployment_id in {g.deployment_id for g in goals.values()} | {
             DeploymentID(n, app_name) for n in (previous.deployments if previous else {})
         }:
-            self._publish(deployment_id)
+            self.publisher.publish(deployment_id)
         logger.info("Deploying application %r: %s", app_name, sorted(goals))
-        self._changed()
+        self.changed()
 
     async def delete(self, app_name: str, *, wait: bool) -> bool:
         app = self.apps.get(app_name)
@@ -280,14 +271,14 @@ class Controller:
             app.deleting = True
             self._store.mark_deleting(app_name)
             for name in app.deployments:
-                self._publish(DeploymentID(name, app_name))
+                self.publisher.publish(DeploymentID(name, app_name))
             logger.info("Deleting application %r", app_name)
-            self._changed()
+            self.changed()
         while wait and self.apps.get(app_name) is app:
             await self._wait_status_change()
         return True
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         """Something changed: re-plan and wake status waiters."""
         self._wake.set()
         event, self._status_event = self._status_event, asyncio.Event()
@@ -320,70 +311,6 @@ class Controller:
         except TimeoutError:
             return self.apps.get(app_name)
 
-    # Replica sets.
-
-    def _snapshot(self, deployment_id: DeploymentID) -> ReplicaSet:
-        goal = self.goal(deployment_id)
-        if goal is None:
-            return ReplicaSet(version=next(self._versions), exists=False)
-        config = goal.spec.config
-        replicas = tuple(
-            ReplicaInfo(
-                replica_id=r.replica_id,
-                address=r.address,
-                host=r.host,
-                max_ongoing_requests=r.max_ongoing_requests,
-                model_ids=r.model_ids,
-            )
-            for r in sorted(self.replicas.values(), key=lambda r: r.replica_id)
-            if r.deployment_id == deployment_id and r.phase.routable
-        )
-        return ReplicaSet(
-            version=next(self._versions),
-            exists=True,
-            replicas=replicas,
-            max_queued_requests=config.max_queued_requests,
-            max_ongoing_requests=config.max_ongoing_requests,
-            autoscaling=config.autoscaling_config is not None,
-            metrics_interval_s=(
-                config.autoscaling_config.metrics_interval_s if config.autoscaling_config else 0.0
-            ),
-        )
-
-    def _publish(self, deployment_id: DeploymentID) -> None:
-        snapshot = self._snapshot(deployment_id)
-        previous = self._published.get(deployment_id)
-        if previous is not None and _same(previous, snapshot):
-            return
-        self._published[deployment_id] = snapshot
-        event = self._publish_events.pop(deployment_id, None)
-        if event is not None:
-            event.set()
-
-    def published_version(self, deployment_id: DeploymentID) -> int:
-        """The version of the deployment's latest published replica set (0 if none)."""
-        published = self._published.get(deployment_id)
-        return published.version if published is not None else 0
-
-    async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
-        """The deployment's replica set now, then every change, until cancelled."""
-        await self._recovered.wait()
-        last: ReplicaSet | None = None
-        while True:
-            current = self._published.get(deployment_id)
-            if current is None:
-                current = self._snapshot(deployment_id)
-                if current.exists:
-                    self._published[deployment_id] = current
-            if last is None or not _same(last, current):
-                last = current
-                yield current
-                continue
-            event = self._publish_events.get(deployment_id)
-            if event is None:
-                event = self._publish_events[deployment_id] = asyncio.Event()
-            await event.wait()
-
     # Reconciliation.
 
     def _step(self) -> None:
@@ -397,9 +324,9 @@ class Controller:
     def _step_once(self) -> None:
         now = time.monotonic()
         self._check_recovery(now)
-        self._prune_load(now)
+        self.load.prune(now)
         for deployment_id in list(self.goals()):
-            self._autoscale(deployment_id, now)
+            self.load.autoscale(deployment_id, now)
         for late in list(self.replicas.values()):
             if late.phase is Phase.STARTING and now - late.started_at_s > LINK_TIMEOUT_S:
                 self._fail_start(
@@ -412,7 +339,7 @@ class Controller:
             elif isinstance(action, StopReplica):
                 stopping = self.replicas.get(action.replica_id)
                 if stopping is not None:
-                    self._begin_stop(stopping)
+                    self.begin_stop(stopping)
             elif isinstance(action, ReconfigureReplica):
                 changing = self.replicas.get(action.replica_id)
                 if changing is not None:
@@ -424,10 +351,10 @@ class Controller:
                 del self.apps[name]
                 self._store.delete(name)
                 for dep in app.deployments:
-                    self._published.pop(DeploymentID(dep, name), None)
-                    self._publish(DeploymentID(dep, name))
+                    self.publisher.forget(DeploymentID(dep, name))
+                    self.publisher.publish(DeploymentID(dep, name))
                 logger.info("Application %r deleted", name)
-                self._changed()
+                self.changed()
 
     def _start(self, deployment_id: DeploymentID) -> None:
         goal = self.goal(deployment_id)
@@ -442,8 +369,8 @@ class Controller:
         )
         self.replicas[replica_id] = record
         self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
-        self._spawn(self._launch(record), f"controller:launch:{replica_id}")
-        self._changed()
+        self.spawn(self._launch(record), f"controller:launch:{replica_id}")
+        self.changed()
 
     async def _launch(self, record: ReplicaRecord) -> None:
         try:
@@ -475,8 +402,8 @@ class Controller:
                     ),
                 )
         self._forget(replica_id)
-        self._publish(record.deployment_id)
-        self._changed()
+        self.publisher.publish(record.deployment_id)
+        self.changed()
 
     def _forget(self, replica_id: str) -> None:
         if self.replicas.pop(replica_id, None) is not None:
@@ -487,9 +414,9 @@ class Controller:
             link.set()
         client = self._clients.pop(replica_id, None)
         if client is not None:
-            self._spawn(client.aclose(), f"controller:close:{replica_id}")
+            self.spawn(client.aclose(), f"controller:close:{replica_id}")
 
-    def _client(self, record: ReplicaRecord) -> ReplicaClient:
+    def client_for(self, record: ReplicaRecord) -> ReplicaClient:
         client = self._clients.get(record.replica_id)
         if client is None:
             client = ReplicaClient(record.address, token=self._token, tls=self._tls)
@@ -522,8 +449,8 @@ class Controller:
         record.address, record.pid, record.host = address, pid, host
         if record.phase is Phase.STARTING:
             record.phase = Phase.INITIALIZING
-            self._spawn(self._initialize(record), f"controller:init:{replica_id}")
-            self._changed()
+            self.spawn(self._initialize(record), f"controller:init:{replica_id}")
+            self.changed()
         event = self._links[replica_id] = asyncio.Event()
         return LinkVerdict.ACCEPTED, event
 
@@ -565,8 +492,8 @@ class Controller:
         logger.info("Re-adopted replica %s (pid %d)", replica_id, pid)
         if not any(r.phase is Phase.RECOVERING for r in self.replicas.values()):
             self._check_recovery(time.monotonic())
-        self._publish(deployment_id)
-        self._changed()
+        self.publisher.publish(deployment_id)
+        self.changed()
         event = self._links[replica_id] = asyncio.Event()
         return LinkVerdict.ACCEPTED, event
 
@@ -580,20 +507,20 @@ class Controller:
                 logger.warning("Lost the link to re-adopted replica %s; replacing it", replica_id)
             kill_pid(record.pid)
             self._forget(replica_id)
-            self._publish(record.deployment_id)
-            self._changed()
+            self.publisher.publish(record.deployment_id)
+            self.changed()
 
     async def _initialize(self, record: ReplicaRecord) -> None:
         app = self.apps.get(record.deployment_id.app_name)
         goal = self.goal(record.deployment_id)
         if app is None or goal is None or goal.version != record.code_version:
-            self._begin_stop(record)
+            self.begin_stop(record)
             return
         config = goal.spec.config
         try:
-            failure = await self._client(record).initialize(app.name, goal.spec, app.code_env)
+            failure = await self.client_for(record).initialize(app.name, goal.spec, app.code_env)
             if failure is None:  # a replica is only running once it reports healthy
-                failure = await self._client(record).check_health(config.health_check_timeout_s)
+                failure = await self.client_for(record).check_health(config.health_check_timeout_s)
         except ReplicaUnreachable as exc:
             failure = Failure(str(exc))
         if (
@@ -615,8 +542,8 @@ class Controller:
             goal.ever_running = True
             goal.failures = 0
         logger.info("Replica %s is running", record.replica_id)
-        self._publish(record.deployment_id)
-        self._changed()
+        self.publisher.publish(record.deployment_id)
+        self.changed()
 
     def _count_failure(self, record: ReplicaRecord, failure: Failure) -> None:
         goal = self.goal(record.deployment_id)
@@ -635,25 +562,25 @@ class Controller:
 
     def _fail_start(self, record: ReplicaRecord, failure: Failure) -> None:
         self._count_failure(record, failure)
-        self._begin_stop(record, timeout_s=0.0)
+        self.begin_stop(record, timeout_s=0.0)
 
-    def _begin_stop(self, record: ReplicaRecord, timeout_s: float | None = None) -> None:
+    def begin_stop(self, record: ReplicaRecord, timeout_s: float | None = None) -> None:
         if record.phase is Phase.STOPPING:
             return
         was_routable = record.phase.routable
         record.phase = Phase.STOPPING
         if was_routable:
-            self._publish(record.deployment_id)
+            self.publisher.publish(record.deployment_id)
         if timeout_s is None:
             timeout_s = self._graceful_timeout_s(record.deployment_id)
-        self._spawn(self._stop(record, timeout_s), f"controller:stop:{record.replica_id}")
-        self._changed()
+        self.spawn(self._stop(record, timeout_s), f"controller:stop:{record.replica_id}")
+        self.changed()
 
     async def _stop(self, record: ReplicaRecord, timeout_s: float) -> None:
         replica_id = record.replica_id
         if record.address:
             try:
-                abandoned = await self._client(record).stop(timeout_s)
+                abandoned = await self.client_for(record).stop(timeout_s)
                 if abandoned:
                     logger.warning(
                         "Replica %s stopped with %d request(s) unfinished", replica_id, abandoned
@@ -670,7 +597,7 @@ class Controller:
         elif record.pid:
             await self._wait_pid_exit(record.pid, EXIT_MARGIN_S)
             self._forget(replica_id)
-            self._changed()
+            self.changed()
 
     async def _wait_pid_exit(self, pid: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -691,8 +618,8 @@ class Controller:
 
     def _begin_reconfigure(self, record: ReplicaRecord) -> None:
         record.phase = Phase.RECONFIGURING
-        self._spawn(self._reconfigure(record), f"controller:reconfigure:{record.replica_id}")
-        self._changed()
+        self.spawn(self._reconfigure(record), f"controller:reconfigure:{record.replica_id}")
+        self.changed()
 
     async def _reconfigure(self, record: ReplicaRecord) -> None:
         goal = self.goal(record.deployment_id)
@@ -701,7 +628,7 @@ class Controller:
         wanted_user_config = goal.user_config_json
         changed = record.user_config_json != wanted_user_config
         try:
-            failure = await self._client(record).reconfigure(
+            failure = await self.client_for(record).reconfigure(
                 goal.spec.config, user_config_changed=changed
             )
         except ReplicaUnreachable as exc:
@@ -716,67 +643,13 @@ class Controller:
                 "Replica %s failed to reconfigure: %s", record.replica_id, failure.message
             )
             goal.last_error = failure
-            self._begin_stop(record)
+            self.begin_stop(record)
             return
         record.phase = Phase.RUNNING
         record.user_config_json = wanted_user_config
         record.max_ongoing_requests = goal.spec.config.max_ongoing_requests
-        self._publish(record.deployment_id)
-        self._changed()
-
-    async def _health_loop(self) -> None:
-        """Check each running replica every health_check_period_s (its deployment's)."""
-        while True:
-            await asyncio.sleep(HEALTH_TICK_S)
-            now = time.monotonic()
-            for record in list(self.replicas.values()):
-                if (
-                    record.phase is not Phase.RUNNING
-                    or record.replica_id in self._checking
-                    or now < record.next_health_check_s
-                ):
-                    continue
-                goal = self.goal(record.deployment_id)
-                if goal is None:
-                    continue
-                config = goal.spec.config
-                record.next_health_check_s = now + config.health_check_period_s
-                self._checking.add(record.replica_id)
-                self._spawn(
-                    self._check_health(record, goal, config.health_check_timeout_s),
-                    f"controller:health:{record.replica_id}",
-                )
-
-    async def _check_health(
-        self, record: ReplicaRecord, goal: DeploymentGoal, timeout_s: float
-    ) -> None:
-        try:
-            failure = await self._client(record).check_health(timeout_s)
-        except ReplicaUnreachable as exc:
-            failure = Failure(str(exc))
-        finally:
-            self._checking.discard(record.replica_id)
-        if self.replicas.get(record.replica_id) is not record or not record.phase.routable:
-            return
-        if failure is None:
-            record.health_failures = 0
-            if goal.unhealthy_reason:
-                goal.unhealthy_reason = ""
-                self._changed()
-            return
-        record.health_failures += 1
-        logger.warning(
-            "Replica %s failed a health check (%d in a row): %s",
-            record.replica_id,
-            record.health_failures,
-            failure.message,
-        )
-        if record.health_failures >= UNHEALTHY_AFTER:
-            goal.unhealthy_reason = (
-                f"Replica {record.replica_id} failed {record.health_failures} health checks in "
-                f"a row and was replaced; last failure: {failure.message}"
-            )
-            self._begin_stop(record)
+        self.publisher.publish(record.deployment_id)
+        self.changed()
 
     def report_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """A replica's multiplexed models changed: routers learn it with the next set."""
@@ -784,149 +657,8 @@ class Controller:
         if record is not None and record.model_ids != model_ids:
             record.model_ids = model_ids
             if record.phase.routable:
-                self._publish(record.deployment_id)
-
-    def report_load(
-        self,
-        deployment_id: DeploymentID,
-        source_id: str,
-        ongoing: float,
-        *,
-        is_handle: bool,
-        requests_total: int = 0,
-        errors_total: int = 0,
-        latency_buckets: tuple[int, ...] = (),
-        latency_sum_ms: float = 0.0,
-    ) -> None:
-        """Load from replicas (running) and handles (queued): for autoscaling and metrics."""
-        if self.goal(deployment_id) is None:
-            return
-        if not is_handle and source_id not in self.replicas:
-            return  # a replica this controller no longer runs
-        sources = self.load.setdefault(deployment_id, {})
-        source = sources.get(source_id)
-        if source is None:
-            source = sources[source_id] = LoadSource(is_handle=is_handle)
-        now = time.monotonic()
-        source.window.add(now, ongoing, self._look_back_s(deployment_id))
-        source.ongoing = ongoing
-        source.requests_total = requests_total
-        source.errors_total = errors_total
-        source.latency_buckets = latency_buckets
-        source.latency_sum_ms = latency_sum_ms
-        source.seen_s = now
-        if is_handle and ongoing > 0:
-            self._autoscale(deployment_id, now)  # scaling from zero must not wait for a tick
-
-    def _look_back_s(self, deployment_id: DeploymentID) -> float:
-        goal = self.goal(deployment_id)
-        auto = goal.spec.config.autoscaling_config if goal is not None else None
-        return auto.look_back_period_s if auto is not None else 30.0
-
-    def _prune_load(self, now: float) -> None:
-        """Forget replicas that are gone and handles that stopped reporting."""
-        for deployment_id, sources in list(self.load.items()):
-            if self.goal(deployment_id) is None:
-                del self.load[deployment_id]
-                continue
-            expire_s = max(3 * self._look_back_s(deployment_id), 60.0)
-            for source_id, source in list(sources.items()):
-                gone = not source.is_handle and source_id not in self.replicas
-                if gone or now - source.seen_s > expire_s:
-                    del sources[source_id]
-
-    def _autoscale(self, deployment_id: DeploymentID, now: float) -> None:
-        goal = self.goal(deployment_id)
-        if goal is None or goal.spec.config.autoscaling_config is None or goal.failed:
-            return
-        auto = goal.spec.config.autoscaling_config
-        sources = self.load.get(deployment_id, {})
-        load = total_load((s.window for s in sources.values()), now, auto.look_back_period_s)
-        # A running replica that has not reported yet is assumed at target: missing data must
-        # never read as idleness (and trigger a downscale).
-        for record in self.replicas.values():
-            if (
-                record.deployment_id == deployment_id
-                and record.phase.routable
-                and record.replica_id not in sources
-            ):
-                load += auto.target_ongoing_requests
-        decider = self._deciders.setdefault(deployment_id, ScaleDecider())
-        target = decider.decide(auto, goal.target_replicas, load, now)
-        if target is not None and target != goal.target_replicas:
-            logger.info(
-                "Autoscaling %s from %d to %d replicas (load %.1f, target %.1f per replica)",
-                deployment_id,
-                goal.target_replicas,
-                target,
-                load,
-                auto.target_ongoing_requests,
-            )
-            goal.scaling = 1 if target > goal.target_replicas else -1
-            goal.target_replicas = target
-            self._changed()
-
-    def metrics_snapshot(self) -> Snapshot:
-        """What /metrics shows, taken at once (on the loop)."""
-        replicas, handles = [], []
-        for deployment_id, sources in self.load.items():
-            for source_id, source in sources.items():
-                if source.is_handle:
-                    handles.append(
-                        HandleMetrics(
-                            deployment_id.app_name,
-                            deployment_id.name,
-                            source_id,
-                            source.ongoing,
-                            source.requests_total,
-                        )
-                    )
-                    continue
-                record = self.replicas.get(source_id)
-                replicas.append(
-                    ReplicaMetrics(
-                        application=deployment_id.app_name,
-                        deployment=deployment_id.name,
-                        replica=source_id,
-                        requests=source.requests_total,
-                        errors=source.errors_total,
-                        latency_buckets=source.latency_buckets,
-                        latency_sum_ms=source.latency_sum_ms,
-                        ongoing=source.ongoing,
-                        healthy=record is not None
-                        and record.phase.routable
-                        and record.health_failures == 0,
-                        models=len(record.model_ids) if record is not None else 0,
-                    )
-                )
-        states, app_status, dep_status = [], [], []
-        for app in self.apps.values():
-            app_status.append((app.name, self.app_status(app)[0].value))
-            for name, view in self.deployment_views(app).items():
-                dep_status.append((app.name, name, view.status.value))
-                for state, count in view.replica_states.items():
-                    states.append((app.name, name, state, count))
-        return Snapshot(
-            replicas=replicas,
-            handles=handles,
-            replica_states=states,
-            replica_starts=[(d.app_name, d.name, n) for d, n in self.replica_starts.items()],
-            application_status=app_status,
-            deployment_status=dep_status,
-            loop_duration_s=self.loop_duration_s,
-            loops=self.loops,
-        )
+                self.publisher.publish(record.deployment_id)
 
     def replica_needs_update(self, record: ReplicaRecord) -> bool:
         goal = self.goal(record.deployment_id)
         return goal is not None and needs_reconfigure(goal, record)
-
-
-def _same(a: ReplicaSet, b: ReplicaSet) -> bool:
-    return (
-        a.exists == b.exists
-        and a.replicas == b.replicas
-        and a.max_queued_requests == b.max_queued_requests
-        and a.max_ongoing_requests == b.max_ongoing_requests
-        and a.autoscaling == b.autoscaling
-    )

@@ -126,7 +126,7 @@ class ControllerServer:
             from controller.metrics import MetricsServer
 
             metrics = MetricsServer(
-                controller.metrics_snapshot, self._metrics_host, self._metrics_port
+                controller.load.metrics_snapshot, self._metrics_host, self._metrics_port
             )
             ready["metrics"] = metrics.address
             logger.info("Prometheus metrics at http://%s/metrics", metrics.address)

@@ -124,7 +124,7 @@ class ControllerServicer:
         return controller_pb2.WaitApplicationResponse(
             found=True,
             status=self._app_status(app),
-            ingress_set_version=self._controller.published_version(
+            ingress_set_version=self._controller.publisher.published_version(
                 DeploymentID(app.ingress, app.name)
             ),
         )
@@ -143,7 +143,7 @@ class ControllerServicer:
         self, request: controller_pb2.WatchDeploymentRequest, context: Context
     ) -> AsyncIterator[common_pb2.ReplicaSet]:
         deployment_id = deployment_id_from_proto(request.id)
-        async for replica_set in self._controller.watch(deployment_id):
+        async for replica_set in self._controller.publisher.watch(deployment_id):
             yield replica_set_to_proto(replica_set)
 
     async def Shutdown(
@@ -164,7 +164,7 @@ class ControllerServicer:
     async def ReportLoad(
         self, request: controller_pb2.ReportLoadRequest, context: Context
     ) -> controller_pb2.ReportLoadResponse:
-        self._controller.report_load(
+        self._controller.load.report(
             deployment_id_from_proto(request.id),
             request.source_id,
             request.ongoing,

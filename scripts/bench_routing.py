@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from serve._call import Call
+from serve._deployment_state import DeploymentState
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
-from serve._router import DeploymentState, Router
+from serve._router import Router
 from serve._serialization import CLOUDPICKLE, encode
 
 DEP = DeploymentID("Bench", "bench")

@@ -13,8 +13,9 @@ from serve._sync import Completion, ItemQueue
 from serve.exceptions import ServeError
 
 if TYPE_CHECKING:
+    from serve._deployment_state import Connection
     from serve._options import HandleOptions
-    from serve._router import Connection, Router
+    from serve._router import Router
     from serve._rpc.connection import ConnectionLost
 
 

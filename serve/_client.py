@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serve._deployment_state import DeploymentState
 from serve._models import DeploymentID, ReplicaInfo
-from serve._router import DeploymentState
 from serve._rpc.channel import TlsFiles
 from serve._rpc.connection import ConnectionLost, ReplicaConnection
 from serve._rpc.controller_client import ControllerClient

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from serve._call import Call, CallState
+from serve._deployment_state import DeploymentState
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
-from serve._router import DeploymentState, Router
+from serve._router import Router
 from serve._rpc.connection import ConnectionLost
 from serve._serialization import CLOUDPICKLE, encode
 from serve.exceptions import (

@@ -1,0 +1,288 @@
+"""What one process knows about one deployment: its replicas, their load, and connections.
+
+One ``DeploymentState`` per deployment per process, shared by every router (handle) of it, on
+the home loop. It follows the controller's replica sets, keeps queue-length estimates, owns the
+replica connections (dropping a replica whose connection breaks at once), probes on request,
+and reports this process's queued requests for autoscaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
+from serve._policy import QueueLengths, probe_deadline_s
+from serve._rpc.connection import ConnectionLost
+from serve.exceptions import ServeError
+
+if TYPE_CHECKING:
+    from serve._router import Router
+
+logger = logging.getLogger(__name__)
+
+_WATCH_RETRY_MAX_S = 2.0
+
+
+class Connection(Protocol):
+    """What routers need of a replica connection (a ReplicaConnection, or a fake in tests)."""
+
+    replica_id: str
+    broken: ConnectionLost | None
+
+    def send_request(
+        self,
+        exchange: Any,
+        *,
+        method: str,
+        request_codec: int,
+        response_codec: int,
+        args: bytes,
+        kwargs: bytes,
+        request_id: str,
+        model_id: str = "",
+        stream: bool = False,
+        no_reject: bool = False,
+        stream_window: int = 0,
+        buffers: list[bytes] | None = None,
+        args_buffer_count: int = 0,
+    ) -> int: ...
+    def cancel(self, frame_id: int) -> None: ...
+    def credit(self, frame_id: int, count: int) -> None: ...
+    async def queue_length(self, timeout_s: float) -> tuple[int, bool]: ...
+    async def aclose(self) -> None: ...
+
+
+Watch = Callable[[DeploymentID], AsyncIterator[ReplicaSet]]
+# (deployment, requests queued in this process's handles, requests made so far)
+ReportLoad = Callable[[DeploymentID, float, int], Awaitable[None]]
+DEFAULT_REPORT_INTERVAL_S = 10.0
+OpenConnection = Callable[[ReplicaInfo, Callable[[Any, ConnectionLost], None]], Connection]
+
+
+class StateSource(Protocol):
+    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState: ...
+
+
+class DeploymentState:
+    """What one process knows about one deployment: replicas, their load, connections."""
+
+    def __init__(
+        self,
+        deployment_id: DeploymentID,
+        *,
+        watch: Watch,
+        open_connection: OpenConnection,
+        local_host: str = "",
+        report: ReportLoad | None = None,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
+    ) -> None:
+        self._watch_source = watch
+        self._report = report
+        self._report_interval_s = report_interval_s
+        self._reporter: asyncio.Task[None] | None = None
+        self._pushed_at = 0.0
+        self._open_connection = open_connection
+        self.local_host = local_host
+        self.deployment_id = deployment_id
+        self.replica_set: ReplicaSet | None = None
+        self.routable: list[ReplicaInfo] = []
+        self.queue_lens = QueueLengths()
+        self._replicas: dict[str, ReplicaInfo] = {}
+        self._excluded: set[str] = set()  # broken or draining, until the controller drops them
+        self._connections: dict[str, Connection] = {}
+        self._probing: dict[str, asyncio.Task[None]] = {}
+        self._routers: weakref.WeakSet[Router] = weakref.WeakSet()
+        self._ready = asyncio.Event()
+        self._version_waiters: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Start following the controller's replica sets (on the home loop)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(
+                self._watch_loop(), name=f"router:watch:{self.deployment_id}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"DeploymentState({self.deployment_id}, routable={len(self.routable)}, "
+            f"connections={len(self._connections)})"
+        )
+
+    def add_router(self, router: Router) -> None:
+        self._routers.add(router)
+        if self.replica_set is not None:
+            router.on_replica_set(self.replica_set)
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def wait_version(self, version: int) -> None:
+        """Wait until a replica set at least this new has been applied."""
+        while self.replica_set is None or self.replica_set.version < version:
+            self._version_waiters.append(fut := asyncio.get_running_loop().create_future())
+            await fut
+
+    async def _watch_loop(self) -> None:
+        delay_s = 0.05
+        while True:
+            try:
+                async for replica_set in self._watch_source(self.deployment_id):
+                    self.apply(replica_set)
+                    delay_s = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("Watching %s failed (%s); retrying", self.deployment_id, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, _WATCH_RETRY_MAX_S)
+
+    def apply(self, replica_set: ReplicaSet) -> None:
+        """Take a replica set from the controller (the watch, or a test)."""
+        self.replica_set = replica_set
+        now = time.monotonic()
+        fresh = {r.replica_id: r for r in replica_set.replicas}
+        for replica_id in self._replicas.keys() - fresh.keys():
+            self.queue_lens.forget(replica_id)
+            probe = self._probing.pop(replica_id, None)
+            if probe is not None:
+                probe.cancel()
+        for replica_id in fresh.keys() - self._replicas.keys():
+            # A replica that just became RUNNING has no load yet; its first admission answer
+            # corrects this if another router got there first.
+            self.queue_lens.report(replica_id, 0, now)
+        self._replicas = fresh
+        self._excluded &= fresh.keys()
+        self._recompute()
+        for router in list(self._routers):
+            router.on_replica_set(replica_set)
+        self._ready.set()
+        if self._report is not None and self._reporter is None and replica_set.exists:
+            self._reporter = asyncio.get_running_loop().create_task(
+                self._report_loop(), name=f"router:report:{self.deployment_id}"
+            )
+        waiters, self._version_waiters = self._version_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _recompute(self) -> None:
+        self.routable = [r for r in self._replicas.values() if r.replica_id not in self._excluded]
+
+    def exclude(self, replica_id: str) -> None:
+        """Stop routing to a replica before the controller says so (it broke or is draining)."""
+        if replica_id in self._replicas and replica_id not in self._excluded:
+            self._excluded.add(replica_id)
+            self._recompute()
+
+    def connection(self, replica: ReplicaInfo) -> Connection:
+        conn = self._connections.get(replica.replica_id)
+        if conn is None:
+            conn = self._open_connection(replica, self._on_broken)
+            self._connections[replica.replica_id] = conn
+        return conn
+
+    def _on_broken(self, conn: Connection, error: ConnectionLost) -> None:
+        if self._connections.get(conn.replica_id) is conn:
+            del self._connections[conn.replica_id]
+        logger.debug("Dropping replica %s: %s", conn.replica_id, error)
+        self.exclude(conn.replica_id)
+        self.queue_lens.forget(conn.replica_id)
+        self._spawn(conn.aclose(), f"router:close:{conn.replica_id}")
+        self.wake()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _load(self) -> tuple[float, int]:
+        routers = list(self._routers)
+        return float(sum(r.num_queued for r in routers)), sum(r.num_requests for r in routers)
+
+    async def _report_loop(self) -> None:
+        """Report queued requests (autoscaling counts them) and requests made (metrics)."""
+        assert self._report is not None
+        while True:
+            interval_s = self._report_interval_s
+            if self.replica_set is not None and self.replica_set.metrics_interval_s > 0:
+                interval_s = min(interval_s, self.replica_set.metrics_interval_s)
+            await asyncio.sleep(interval_s)
+            try:
+                await self._report(self.deployment_id, *self._load())
+            except Exception as exc:  # no controller right now: report again next time
+                logger.debug("Reporting load of %s failed: %s", self.deployment_id, exc)
+
+    def push_load(self) -> None:
+        """A request waits and the deployment has no replica: tell the autoscaler now."""
+        replica_set = self.replica_set
+        now = time.monotonic()
+        if (
+            self._report is None
+            or replica_set is None
+            or not replica_set.autoscaling
+            or self.routable
+            or now - self._pushed_at < 0.1
+        ):
+            return
+        self._pushed_at = now
+        self._spawn(self._report(self.deployment_id, *self._load()), "router:push-load")
+
+    def wake(self) -> None:
+        """Capacity may have changed: let routers with waiting requests try again."""
+        for router in self._routers:
+            if router.has_pending:
+                router.pump()
+
+    def probe(self, replica: ReplicaInfo, failed_passes: int) -> None:
+        if replica.replica_id in self._probing or self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._probe(replica, probe_deadline_s(failed_passes)),
+            name=f"router:probe:{replica.replica_id}",
+        )
+        self._probing[replica.replica_id] = task
+
+    async def _probe(self, replica: ReplicaInfo, deadline_s: float) -> None:
+        replica_id = replica.replica_id
+        try:
+            ongoing, accepting = await self.connection(replica).queue_length(deadline_s)
+            if replica_id in self._replicas:
+                if accepting:
+                    self.queue_lens.report(replica_id, ongoing, time.monotonic())
+                else:
+                    self.exclude(replica_id)
+        except (TimeoutError, ConnectionLost):
+            pass  # no answer; a broken connection was already reported
+        except Exception:
+            logger.exception("Probing replica %s failed", replica_id)
+        finally:
+            if self._probing.get(replica_id) is asyncio.current_task():
+                del self._probing[replica_id]
+        self.wake()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [
+            *([self._watch] if self._watch else []),
+            *([self._reporter] if self._reporter else []),
+            *self._probing.values(),
+            *self._tasks,
+        ]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        conns = list(self._connections.values())
+        self._connections.clear()
+        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+        for router in list(self._routers):
+            router.fail_all(ServeError("Serve was shut down; this handle can no longer be used."))
