@@ -139,7 +139,12 @@ class ControllerServer:
         )
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
-        logger.info("serve-controller ready at %s (state directory %s)", address, self._state_dir)
+        logger.info(
+            "serve-controller ready at %s (state directory %s, logs in %s)",
+            address,
+            self._state_dir,
+            self._log_dir,
+        )
         try:
             await self._stop.wait()
             logger.info("Stopping%s", " with all replicas" if self._stop_replicas else "")

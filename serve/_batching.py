@@ -119,6 +119,11 @@ class _Batched:
         batch_wait_timeout_s: float,
         max_concurrent_batches: int,
     ) -> None:
+        if inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"@serve.batch on {func.__qualname__}: batched generators are not supported yet; "
+                "return a list with one result per input instead."
+            )
         if inspect.isclass(func) or not inspect.iscoroutinefunction(func):
             raise TypeError(
                 f"@serve.batch needs an async function or method (async def); "

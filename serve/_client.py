@@ -108,8 +108,11 @@ class EmbeddedController:
         env = dict(os.environ)
         env[TOKEN_ENV] = self.token
         env.pop("SERVE_ADDRESS", None)
-        # Logs outlive the embedded controller's private state directory.
-        log_dir = settings().state_dir / "logs"
+        # Logs outlive the embedded controller's private state directory: one directory per
+        # session under SERVE_STATE_DIR/logs (as Ray keeps /tmp/ray/session_*/logs).
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        log_dir = settings().state_dir / "logs" / f"session_{stamp}_{os.getpid()}"
+        self.log_dir = log_dir
         self.process = subprocess.Popen(
             [
                 sys.executable,

@@ -44,7 +44,7 @@ class JsonLogged:
 
 def _log_lines(state_dir: Path, app: str, deployment: str) -> list[str]:
     lines: list[str] = []
-    for path in sorted((state_dir / "logs").glob(f"replica_{app}_{deployment}_*.log")):
+    for path in sorted((state_dir / "logs").rglob(f"replica_{app}_{deployment}_*.log")):
         lines.extend(path.read_text().splitlines())
     return lines
 
@@ -96,7 +96,7 @@ def test_json_log_lines(state_dir: Path) -> None:
 
 
 def test_controller_log_file_exists(state_dir: Path) -> None:
-    assert (state_dir / "logs" / "controller.log").exists()
+    assert any((state_dir / "logs").rglob("controller.log"))
 
 
 def test_bad_logging_config_is_rejected_at_decoration() -> None:

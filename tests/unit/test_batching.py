@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -81,6 +82,12 @@ def test_misuse_is_caught_at_decoration_time() -> None:
         @serve.batch
         def sync(values: list[int]) -> list[int]:
             return values
+
+    with pytest.raises(TypeError, match="batched generators are not supported"):
+
+        @serve.batch
+        async def streaming(values: list[int]) -> AsyncIterator[list[int]]:
+            yield values
 
     with pytest.raises(TypeError, match="exactly one argument"):
 
