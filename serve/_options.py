@@ -163,6 +163,26 @@ def _check_any_dict(name: str) -> Callable[[Any], Any]:
     return check
 
 
+_DEFAULT_ROUTER = "PowerOfTwoChoicesRequestRouter"
+
+
+def _check_router_config(value: Any) -> Any:
+    """Accept Ray's request_router_config; a custom router class is refused, not ignored."""
+    _check_any_dict("request_router_config")(value)
+    if value is None:
+        return None
+    fields = value if isinstance(value, Mapping) else vars(value)
+    router = fields.get("request_router_class")
+    name = router if isinstance(router, str) else getattr(router, "__name__", router)
+    if router is not None and str(name).replace(":", ".").rpartition(".")[2] != _DEFAULT_ROUTER:
+        raise ValueError(
+            f"request_router_config: custom request routers ({name}) are not supported; "
+            f"serve routes by power of two choices ({_DEFAULT_ROUTER}). Remove "
+            "request_router_class."
+        )
+    return value
+
+
 def _check_bundles(value: Any) -> Any:
     if value is not None and (
         not isinstance(value, list) or not all(isinstance(b, Mapping) for b in value)
@@ -195,7 +215,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "health_check_period_s": lambda v: _float("health_check_period_s", v, positive=True),
     "health_check_timeout_s": lambda v: _float("health_check_timeout_s", v, positive=True),
     "logging_config": lambda v: check_logging_config(v),
-    "request_router_config": _check_any_dict("request_router_config"),
+    "request_router_config": lambda v: _check_router_config(v),
     "max_constructor_retry_count": lambda v: _int("max_constructor_retry_count", v, minimum=1),
 }
 

@@ -71,6 +71,11 @@ def test_decorator_forms() -> None:
         ({"ray_actor_options": {"num_cpu": 1}}, ValueError, "unknown key(s) ['num_cpu']"),
         ({"autoscaling_config": {"min_replica": 1}}, ValueError, "unknown field(s)"),
         (
+            {"request_router_config": {"request_router_class": "my.routers:Sticky"}},
+            ValueError,
+            "custom request routers (my.routers:Sticky) are not supported",
+        ),
+        (
             {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
             ValueError,
             "max_replicas (2) must be greater",
@@ -127,6 +132,10 @@ def test_ray_only_options_are_accepted() -> None:
         max_replicas_per_node=2,
         version="v1",
         route_prefix="/x",
+        request_router_config={
+            "request_router_class": "ray.serve.request_router.PowerOfTwoChoicesRequestRouter",
+            "initial_backoff_s": 0.05,
+        },
     )(Model)
     assert d.version == "v1"
 
