@@ -95,21 +95,23 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     client = _connect(args.address, start_embedded=True)
     deployed: list[str] = []
-    if args.target.endswith((".yaml", ".yml")):
-        for app in _load_config(args.target):
-            overrides = {d.name: d.options for d in app.deployments}
-            ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
-            _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
-            deployed.append(app.name)
-    else:
-        ingress, specs = _app_specs(args.target, args.name, {})
-        _deploy_and_wait(client, args.name, args.route_prefix, ingress, specs)
-        deployed.append(args.name)
-    print(f"Running {', '.join(map(repr, deployed))}. Press Ctrl-C to stop.", flush=True)
-    if args.non_blocking:
-        return
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if not args.non_blocking:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C at any point (while deploying too) stops what this command started.
     try:
+        if args.target.endswith((".yaml", ".yml")):
+            for app in _load_config(args.target):
+                overrides = {d.name: d.options for d in app.deployments}
+                ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
+                deployed.append(app.name)
+                _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
+        else:
+            ingress, specs = _app_specs(args.target, args.name, {})
+            deployed.append(args.name)
+            _deploy_and_wait(client, args.name, args.route_prefix, ingress, specs)
+        print(f"Running {', '.join(map(repr, deployed))}. Press Ctrl-C to stop.", flush=True)
+        if args.non_blocking:
+            return
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

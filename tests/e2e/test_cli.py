@@ -141,6 +141,27 @@ def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     assert not pids_alive(children)
 
 
+def test_ctrl_c_while_deploying_stops_cleanly(tmp_path: Path) -> None:
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    with subprocess.Popen(
+        [*SERVE, "run", "examples.apps:app", "--name", "cli-early"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    ) as process:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # the first progress line: still deploying
+        assert "cli-early" in first
+        children = [
+            p.pid for p in __import__("psutil").Process(process.pid).children(recursive=True)
+        ]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        assert "Stopped." in process.stdout.read()
+    wait_for(lambda: not pids_alive(children), timeout_s=10)
+
+
 def test_build_writes_a_config_that_loads(tmp_path: Path) -> None:
     out = tmp_path / "built.yaml"
     result = serve_cmd("build", "examples.apps:app", "-o", str(out), env=python_env())
