@@ -113,15 +113,18 @@ def test_bad_config_files_are_rejected_with_their_position(
     assert "has no deployment(s) ['Nope']" in result.stderr
 
 
-def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
-    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
-    with subprocess.Popen(
-        [*SERVE, "run", "examples.apps:app", "--name", "cli-run"],
+def _serve_run(name: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SERVE, "run", "examples.apps:app", "--name", name],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=env,
-    ) as process:
+        env=python_env(SERVE_STATE_DIR=str(tmp_path / "state")),
+    )
+
+
+def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
+    with _serve_run("cli-run", tmp_path) as process:
         assert process.stdout is not None
         lines = []
         while True:
@@ -142,14 +145,7 @@ def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_while_deploying_stops_cleanly(tmp_path: Path) -> None:
-    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
-    with subprocess.Popen(
-        [*SERVE, "run", "examples.apps:app", "--name", "cli-early"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    ) as process:
+    with _serve_run("cli-early", tmp_path) as process:
         assert process.stdout is not None
         first = process.stdout.readline()  # the first progress line: still deploying
         assert "cli-early" in first
