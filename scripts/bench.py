@@ -96,24 +96,11 @@ async def _floor_client(port: int, s: Settings) -> dict[str, Any]:
         echo = channel.unary_unary("/floor.Floor/Echo")
         stream = channel.unary_stream("/floor.Floor/Stream")
         out: dict[str, Any] = {}
-        for _ in range(s.warmup_n):
-            await echo(b"x")
-        samples = []
-        for _ in range(s.latency_n):
-            t = time.perf_counter()
-            await echo(b"x")
-            samples.append(time.perf_counter() - t)
-        out["unary"] = percentiles(samples)
+        out["unary"] = await async_latency(lambda: echo(b"x"), s.latency_n, s.warmup_n)
         out["unary_rps_256"] = await closed_loop(lambda: echo(b"x"), 256, s.seconds)
         for size in (1, 10):
             payload = b"x" * (size * MB)
-            await echo(payload)
-            samples = []
-            for _ in range(s.payload_n):
-                t = time.perf_counter()
-                await echo(payload)
-                samples.append(time.perf_counter() - t)
-            out[f"echo_{size}mb"] = percentiles(samples)
+            out[f"echo_{size}mb"] = await async_latency(lambda p=payload: echo(p), s.payload_n, 1)
         request = struct.pack("<I", s.stream_items) + b"x"
         t = time.perf_counter()
         count = 0
@@ -166,13 +153,26 @@ class Ingress:
         return await self._downstream.remote(value)
 
 
-def sync_latency(call: Callable[[], Any], s: Settings) -> dict[str, float]:
-    for _ in range(s.warmup_n):
+def sync_latency(call: Callable[[], Any], n: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
         call()
     samples = []
-    for _ in range(s.latency_n):
+    for _ in range(n):
         t = time.perf_counter()
         call()
+        samples.append(time.perf_counter() - t)
+    return percentiles(samples)
+
+
+async def async_latency(
+    call: Callable[[], Awaitable[Any]], n: int, warmup: int
+) -> dict[str, float]:
+    for _ in range(warmup):
+        await call()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await call()
         samples.append(time.perf_counter() - t)
     return percentiles(samples)
 
@@ -199,11 +199,11 @@ def measure_serve(s: Settings) -> dict[str, Any]:
     out["memory_idle_replica_mb"] = rss_mb(replica)
     out["memory_controller_mb"] = rss_mb(controller)
 
-    out["L1"] = sync_latency(lambda: noop.remote(b"x").result(), s)
+    out["L1"] = sync_latency(lambda: noop.remote(b"x").result(), s.latency_n, s.warmup_n)
     caller = serve.run(Caller.bind(Noop.bind()), name="caller")
     out["L2"] = percentiles(caller.measure.remote(s.latency_n, s.warmup_n).result())
     ingress = serve.run(Ingress.bind(Noop.bind()), name="compose")
-    out["C1"] = sync_latency(lambda: ingress.remote(b"x").result(), s)
+    out["C1"] = sync_latency(lambda: ingress.remote(b"x").result(), s.latency_n, s.warmup_n)
 
     async def throughput(handle: Any, concurrency: int) -> float:
         return await closed_loop(lambda: handle.remote(b"x"), concurrency, s.seconds)
@@ -234,24 +234,16 @@ def measure_serve(s: Settings) -> dict[str, Any]:
     out["S1_items_per_s"] = asyncio.run(stream_rate(noop, b"x"))
     for size in (1, 10):
         payload = b"x" * (size * MB)
-        noop.remote(payload).result()
-        samples = []
-        for _ in range(s.payload_n):
-            t = time.perf_counter()
-            noop.remote(payload).result()
-            samples.append(time.perf_counter() - t)
-        out[f"P1_{size}mb"] = percentiles(samples)
+        out[f"P1_{size}mb"] = sync_latency(
+            lambda p=payload: noop.remote(p).result(), s.payload_n, 1
+        )
 
     text = "x" * MB
     for codec in ("cloudpickle", "pickle", "msgpack", "orjson"):
         handle = noop.options(request_serialization=codec, response_serialization=codec)
-        handle.remote(text).result()
-        samples = []
-        for _ in range(s.payload_n):
-            t = time.perf_counter()
-            handle.remote(text).result()
-            samples.append(time.perf_counter() - t)
-        out[f"codec_{codec}_1mb_str"] = percentiles(samples)
+        out[f"codec_{codec}_1mb_str"] = sync_latency(
+            lambda h=handle: h.remote(text).result(), s.payload_n, 1
+        )
         out[f"codec_{codec}_stream_items_per_s"] = asyncio.run(stream_rate(handle, {"i": 1}))
 
     async def many(handle: Any, total: int) -> None:

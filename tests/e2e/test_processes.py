@@ -46,30 +46,28 @@ APP = textwrap.dedent(
 )
 
 
-def test_seed_example_runs_as_a_plain_script() -> None:
+def _run_example(script: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run an example as a user would, from the project root."""
     result = subprocess.run(
-        [sys.executable, "examples/hello.py"],
+        [sys.executable, f"examples/{script}"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
         cwd=ROOT,
         env=python_env(),
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_seed_example_runs_as_a_plain_script() -> None:
+    result = _run_example("hello.py", 120)
     assert "Hello world!" in result.stdout
     assert "RUNNING" in result.stdout
 
 
 def test_a_ray_program_runs_with_only_the_import_changed() -> None:
-    result = subprocess.run(
-        [sys.executable, "examples/ray_compat.py"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env=python_env(),
-    )
-    assert result.returncode == 0, result.stderr
+    result = _run_example("ray_compat.py", 180)
     assert "ray-compatible program OK" in result.stdout
 
 
