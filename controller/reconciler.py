@@ -647,7 +647,7 @@ class Controller:
             return
         record.phase = Phase.RUNNING
         record.user_config_json = wanted_user_config
-        record.max_ongoing_requests = goal.spec.config.max_ongoing_requests
+        record.max_ongoing_requests = goal.max_ongoing_requests
         self.publisher.publish(record.deployment_id)
         self.changed()
 

@@ -26,7 +26,7 @@ from controller.reconciler import Controller
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore
 from serve._proto import controller_pb2
-from serve._rpc.channel import TlsFiles, new_server
+from serve._rpc.channel import new_server, tls_from_settings
 from serve._rpc.service import add_service
 from serve._settings import settings
 
@@ -104,12 +104,7 @@ class ControllerServer:
         self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._acquire_lock()
         token = cluster_token(self._state_dir)
-        s = settings()
-        tls = (
-            TlsFiles(s.tls_cert, s.tls_key, s.tls_ca)
-            if s.tls_cert and s.tls_key and s.tls_ca
-            else None
-        )
+        tls = tls_from_settings()
         server, port = new_server(token, tls, self._host, self._port)
         advertised = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
         address = f"{advertised}:{port}"

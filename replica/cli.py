@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     from replica.server import ReplicaServer
-    from serve._client import _tls
     from serve._logging import configure
+    from serve._rpc.channel import tls_from_settings
 
     log_file = Path(args.log_file) if args.log_file else None
     configure(f"replica:{replica_id}", log_file)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         token=s.token,
-        tls=_tls(),
+        tls=tls_from_settings(),
         orphan_timeout_s=s.orphan_timeout_s,
         log_file=log_file,
     )

@@ -191,14 +191,7 @@ class StreamSession:
         executor = self._executor
         frame_id = header.id
         if executor.draining:
-            self._send(
-                FrameHeader(
-                    kind=FRAME_KIND_REJECTED,
-                    id=frame_id,
-                    ongoing=executor.ongoing,
-                    reject_reason=REJECT_REASON_DRAINING,
-                )
-            )
+            self._reject(frame_id, REJECT_REASON_DRAINING)
             return
         if header.no_reject:
             task = asyncio.create_task(
@@ -214,17 +207,26 @@ class StreamSession:
                 self._run(header, body, buffers), name=f"replica:{header.method}"
             )
         else:
-            self._send(
-                FrameHeader(
-                    kind=FRAME_KIND_REJECTED,
-                    id=frame_id,
-                    ongoing=executor.ongoing,
-                    reject_reason=REJECT_REASON_FULL,
-                )
-            )
+            self._reject(frame_id, REJECT_REASON_FULL)
             return
         self._tasks[frame_id] = task
         task.add_done_callback(functools.partial(self._on_task_done, frame_id))
+
+    def _reject(self, frame_id: int, reason: int) -> None:
+        self._send(
+            FrameHeader(
+                kind=FRAME_KIND_REJECTED,
+                id=frame_id,
+                ongoing=self._executor.ongoing,
+                reject_reason=reason,  # type: ignore[arg-type]
+            )
+        )
+
+    def _send_cancelled(self, frame_id: int) -> None:
+        """The outcome of a request cancelled before its code ran (or while it waited)."""
+        error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
+        error.ongoing = self._executor.ongoing
+        self._send_outcome(error)
 
     def _on_task_done(self, frame_id: int, task: asyncio.Task[None]) -> None:
         """Every request ends here, whether or not its coroutine ever ran."""
@@ -235,14 +237,10 @@ class StreamSession:
             self._holding.discard(frame_id)
             self._executor.release()
             if cancelled and not self._closing:
-                error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
-                error.ongoing = self._executor.ongoing
-                self._send_outcome(error)
+                self._send_cancelled(frame_id)
         elif cancelled and not self._closing and task.cancelled():
             # A broadcast call cancelled while it waited for a slot: it still gets an answer.
-            error = _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED)
-            error.ongoing = self._executor.ongoing
-            self._send_outcome(error)
+            self._send_cancelled(frame_id)
 
     async def _wait_then_run(
         self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None

@@ -268,10 +268,8 @@ def get_app_handle(name: str) -> DeploymentHandle[Any]:
     from serve import _client
 
     client = _client.current() or _client.connect(start_embedded=False)
-    found = _lookup(client, name)
-    if found is None:
-        raise ServeError(f"Application '{name}' does not exist.")
-    return _cached_handle(found[0], name)
+    ingress, _ = _lookup(client, name)
+    return _cached_handle(ingress, name)
 
 
 def get_deployment_handle(
@@ -290,25 +288,28 @@ def get_deployment_handle(
         app_name = context.app_name
     client = _client.current() or _client.connect(start_embedded=False)
     if replica_context() is None:
-        found = _lookup(client, app_name)
-        if found is None:
-            raise ServeError(f"Application '{app_name}' does not exist.")
-        if deployment_name not in found[1]:
+        _, deployments = _lookup(client, app_name)
+        if deployment_name not in deployments:
             raise ServeError(
                 f"Deployment '{deployment_name}' does not exist in application '{app_name}'; "
-                f"it has {sorted(found[1])}."
+                f"it has {sorted(deployments)}."
             )
     return _cached_handle(deployment_name, app_name)
 
 
-def _lookup(client: ServeClient, app_name: str) -> tuple[str, list[str]] | None:
+def _lookup(client: ServeClient, app_name: str) -> tuple[str, list[str]]:
+    """The application's (ingress, deployment names); ServeError if it does not exist."""
     from serve._sync import is_home_thread
 
     if is_home_thread():  # inside a replica's event loop: a short blocking lookup
         from serve._rpc.controller_client import lookup_application_blocking
 
-        return lookup_application_blocking(client, app_name)
-    return run_sync(client.controller.get_application(app_name))
+        found = lookup_application_blocking(client, app_name)
+    else:
+        found = run_sync(client.controller.get_application(app_name))
+    if found is None:
+        raise ServeError(f"Application '{app_name}' does not exist.")
+    return found
 
 
 def shutdown() -> None:

@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from serve._signature import check_one_input
+
 
 def _check(max_batch_size: Any, batch_wait_timeout_s: Any, max_concurrent_batches: Any) -> None:
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
@@ -129,15 +131,9 @@ class _Batched:
                 f"@serve.batch needs an async function or method (async def); "
                 f"{getattr(func, '__qualname__', func)!r} is not one."
             )
-        params = list(inspect.signature(func).parameters.values())
-        self._is_method = bool(params) and params[0].name == "self"
-        inputs = params[1:] if self._is_method else params
-        if len(inputs) != 1:
-            raise TypeError(
-                f"@serve.batch function {func.__qualname__} must take exactly one argument (the "
-                f"list of inputs){' besides self' if self._is_method else ''}; it takes "
-                f"{[p.name for p in inputs]}."
-            )
+        self._is_method = check_one_input(
+            func, "@serve.batch function", "argument (the list of inputs)"
+        )
         self.func = func
         self.name = func.__qualname__
         self.max_batch_size = max_batch_size

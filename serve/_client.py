@@ -29,7 +29,7 @@ from typing import Any
 
 from serve._deployment_state import DeploymentState
 from serve._models import DeploymentID, ReplicaInfo
-from serve._rpc.channel import TlsFiles
+from serve._rpc.channel import TlsFiles, tls_from_settings
 from serve._rpc.connection import ConnectionLost, ReplicaConnection
 from serve._rpc.controller_client import ControllerClient
 from serve._settings import TOKEN_ENV, settings
@@ -212,13 +212,6 @@ def _token_for(state_dir: Path) -> str | None:
         return None
 
 
-def _tls() -> TlsFiles | None:
-    s = settings()
-    if s.tls_cert and s.tls_key and s.tls_ca:
-        return TlsFiles(s.tls_cert, s.tls_key, s.tls_ca)
-    return None
-
-
 _lock = threading.Lock()
 _client: ServeClient | None = None
 
@@ -256,7 +249,7 @@ def connect(address: str | None = None, *, start_embedded: bool = True) -> Serve
             owner = EmbeddedController()
             found, token = owner.address, owner.token
         target: str = found
-        tls = _tls()
+        tls = tls_from_settings()
 
         async def build() -> ServeClient:
             client = ServeClient(target, token=token, tls=tls, owner=owner)

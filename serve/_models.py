@@ -69,7 +69,17 @@ class ReplicaSet:
     metrics_interval_s: float = 0.0
 
 
-class ApplicationStatus(enum.StrEnum):
+class _Status(enum.StrEnum):
+    """A status name, shown as itself by str() and repr() (as in Ray's status output)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class ApplicationStatus(_Status):
     NOT_STARTED = "NOT_STARTED"
     DEPLOYING = "DEPLOYING"
     DEPLOY_FAILED = "DEPLOY_FAILED"
@@ -77,14 +87,8 @@ class ApplicationStatus(enum.StrEnum):
     UNHEALTHY = "UNHEALTHY"
     DELETING = "DELETING"
 
-    def __str__(self) -> str:
-        return self.value
 
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
-class DeploymentStatus(enum.StrEnum):
+class DeploymentStatus(_Status):
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
@@ -92,14 +96,8 @@ class DeploymentStatus(enum.StrEnum):
     UPSCALING = "UPSCALING"
     DOWNSCALING = "DOWNSCALING"
 
-    def __str__(self) -> str:
-        return self.value
 
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
-class DeploymentStatusTrigger(enum.StrEnum):
+class DeploymentStatusTrigger(_Status):
     UNSPECIFIED = "UNSPECIFIED"
     CONFIG_UPDATE_STARTED = "CONFIG_UPDATE_STARTED"
     CONFIG_UPDATE_COMPLETED = "CONFIG_UPDATE_COMPLETED"
@@ -111,25 +109,13 @@ class DeploymentStatusTrigger(enum.StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
     DELETING = "DELETING"
 
-    def __str__(self) -> str:
-        return self.value
 
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
-class ReplicaState(enum.StrEnum):
+class ReplicaState(_Status):
     STARTING = "STARTING"
     UPDATING = "UPDATING"
     RECOVERING = "RECOVERING"
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:
-        return repr(self.value)
 
 
 @dataclasses.dataclass(frozen=True)

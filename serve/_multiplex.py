@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serve._context import replica_context
+from serve._signature import check_one_input
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +172,7 @@ class _MultiplexedLoader:
                 f"@serve.multiplexed needs an async function; {loader.__qualname__} is not "
                 "defined with `async def`."
             )
-        params = list(inspect.signature(loader).parameters.values())
-        self._is_method = bool(params) and params[0].name == "self"
-        model_params = params[1:] if self._is_method else params
-        if len(model_params) != 1:
-            raise TypeError(
-                f"@serve.multiplexed loader {loader.__qualname__} must take exactly one model id "
-                f"parameter{' besides self' if self._is_method else ''}; it takes "
-                f"{[p.name for p in model_params]}."
-            )
+        self._is_method = check_one_input(loader, "@serve.multiplexed loader", "model id parameter")
         self._loader = loader
         self._limit = limit
         self._caches: dict[int, _ModelCache] = {}

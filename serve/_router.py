@@ -121,9 +121,7 @@ class Router:
     def on_replica_set(self, replica_set: ReplicaSet) -> None:
         self._max_queued = replica_set.max_queued_requests
         if not replica_set.exists:
-            error = DeploymentUnavailableError(
-                str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
-            )
+            error = self._gone()
             for _, call in self._pending:
                 self.finish(call, error=error)
             self._pending.clear()
@@ -174,18 +172,23 @@ class Router:
     def _enqueue(self, call: Call, state: DeploymentState) -> None:
         replica_set = state.replica_set
         if replica_set is not None and not replica_set.exists:
-            self.finish(
-                call,
-                error=DeploymentUnavailableError(
-                    str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
-                ),
-            )
+            self.finish(call, error=self._gone())
             return
-        call.state = CallState.QUEUED
-        heapq.heappush(self._pending, (call.seq, call))
+        self._requeue(call)
         # The first pass for a request arriving at an idle queue may probe; while a retry is
         # scheduled, the backoff schedule decides when to probe again.
         self.pump(probe=self._retry_timer is None)
+
+    def _gone(self) -> DeploymentUnavailableError:
+        return DeploymentUnavailableError(
+            str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
+        )
+
+    def _requeue(self, call: Call) -> None:
+        """(Back) into the queue, in its original place."""
+        call.state = CallState.QUEUED
+        call.conn = None
+        heapq.heappush(self._pending, (call.seq, call))
 
     def pump(self, probe: bool = False) -> None:
         """Send waiting requests, oldest first, while a replica can take them.
@@ -286,8 +289,7 @@ class Router:
             if call.no_reject:
                 self.finish(call, error=ReplicaSkipped(str(exc)))
                 return
-            call.state = CallState.QUEUED
-            heapq.heappush(self._pending, (call.seq, call))
+            self._requeue(call)
             self._repump = True
             return
         call.state = CallState.SENT
@@ -298,12 +300,17 @@ class Router:
 
     # Replies (home loop), via Call's Exchange methods.
 
-    def _admitted(self, call: Call, state: DeploymentState) -> None:
-        """The replica admitted the call (said ACCEPTED, or already sent its outcome, which can
-        overtake ACCEPTED on the other stream). Idempotent."""
+    def _answered(self, call: Call, state: DeploymentState) -> None:
+        """The replica answered the call (or its connection did): it no longer counts as sent
+        without an answer in the queue-length estimate. Idempotent."""
         if not call.answered:
             call.answered = True
             state.queue_lens.answered(call.replica_id)
+
+    def _admitted(self, call: Call, state: DeploymentState) -> None:
+        """The replica admitted the call (said ACCEPTED, or already sent its outcome, which can
+        overtake ACCEPTED on the other stream). Idempotent."""
+        self._answered(call, state)
         if call.state == CallState.SENT:
             call.state = CallState.ACCEPTED
         self._release_slot(call)
@@ -315,16 +322,12 @@ class Router:
 
     def on_rejected(self, call: Call, ongoing: int, draining: bool) -> None:
         state = self.state()
-        if not call.answered:
-            call.answered = True
-            state.queue_lens.answered(call.replica_id)
+        self._answered(call, state)
         state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
         if draining:
             state.exclude(call.replica_id)
         if call.state == CallState.SENT:
-            call.state = CallState.QUEUED
-            call.conn = None
-            heapq.heappush(self._pending, (call.seq, call))
+            self._requeue(call)
         state.wake()
 
     def on_result(
@@ -364,16 +367,12 @@ class Router:
         state.wake()
 
     def on_lost(self, call: Call, error: ConnectionLost) -> None:
-        if not call.answered:
-            call.answered = True
-            self.state().queue_lens.answered(call.replica_id)
+        self._answered(call, self.state())
         if call.state == CallState.SENT:
             if call.no_reject:  # a broadcast call belongs to its replica: leave it out
                 self.finish(call, error=ReplicaSkipped(str(error)))
             elif error.retryable:
-                call.state = CallState.QUEUED
-                call.conn = None
-                heapq.heappush(self._pending, (call.seq, call))
+                self._requeue(call)
                 # the connection's owner wakes routers once it dropped the replica
             else:
                 self.finish(call, error=ServeError(str(error)))

@@ -225,16 +225,9 @@ class Completion:
             self._done = True
             waiters, self._waiters = self._waiters, None
         for fut in self._home_waiters or ():
-            if not fut.done():
-                fut.set_result(None)
+            _wake(fut)
         self._home_waiters = None
-        if waiters:
-            for waiter in waiters:
-                if isinstance(waiter, _SyncWaiter):
-                    waiter.lock.release()
-                else:
-                    loop, fut = waiter
-                    mailbox(loop).post(_wake, fut)
+        _wake_all(waiters)
         if self._callbacks:
             callbacks, self._callbacks = self._callbacks, None
             for callback in callbacks:

@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
-from serve._settings import TOKEN_METADATA_KEY
+from serve._settings import TOKEN_METADATA_KEY, settings
 
 _MESSAGE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", -1),
@@ -50,6 +50,14 @@ class TlsFiles:
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
+
+
+def tls_from_settings() -> TlsFiles | None:
+    """TLS files from SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA, or None (plaintext)."""
+    s = settings()
+    if s.tls_cert and s.tls_key and s.tls_ca:
+        return TlsFiles(s.tls_cert, s.tls_key, s.tls_ca)
+    return None
 
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
