@@ -9,12 +9,10 @@ everything, replicas included, when its driver closes its stdin or dies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -29,39 +27,18 @@ from serve._proto import controller_pb2
 from serve._rpc.channel import new_server, tls_from_settings
 from serve._rpc.service import add_service
 from serve._settings import settings
+from serve._state_dir import (
+    LOCK_FILE,
+    STATE_DB_FILE,
+    ensure_private_dir,
+    ensure_token,
+    forget_controller,
+    record_controller,
+)
 
 logger = logging.getLogger(__name__)
 
-RECORD_FILE = "controller.json"
-TOKEN_FILE = "token"
-LOCK_FILE = "controller.lock"
 STOP_GRACE_S = 1.0
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file readable by this user only, atomically."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def cluster_token(state_dir: Path) -> str:
-    """The configured token, else the one in the state directory, else a new one stored there."""
-    configured = settings().token
-    path = state_dir / TOKEN_FILE
-    if configured:
-        token = configured
-    else:
-        try:
-            token = path.read_text().strip()
-        except FileNotFoundError:
-            token = ""
-        if not token:
-            token = secrets.token_urlsafe(32)
-    _write_private(path, token)
-    return token
 
 
 class ControllerServer:
@@ -101,14 +78,14 @@ class ControllerServer:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(self._state_dir)
         self._acquire_lock()
-        token = cluster_token(self._state_dir)
+        token = ensure_token(self._state_dir, settings().token)
         tls = tls_from_settings()
         server, port = new_server(token, tls, self._host, self._port)
         advertised = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
         address = f"{advertised}:{port}"
-        store = GoalStore(self._state_dir / "state.db")
+        store = GoalStore(self._state_dir / STATE_DB_FILE)
         launcher = LocalProcessLauncher(address, token, self._log_dir)
         controller = Controller(store=store, launcher=launcher, token=token, tls=tls)
         servicer = ControllerServicer(controller, on_shutdown=self._request_full_stop)
@@ -129,9 +106,7 @@ class ControllerServer:
             loop.add_signal_handler(signum, self._on_signal)
         if self._embedded:
             self._watch_stdin(loop)
-        _write_private(
-            self._state_dir / RECORD_FILE, json.dumps({"address": address, "pid": os.getpid()})
-        )
+        record_controller(self._state_dir, address, os.getpid())
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         logger.info(
@@ -148,8 +123,7 @@ class ControllerServer:
         finally:
             if metrics is not None:
                 metrics.close()
-            with contextlib.suppress(FileNotFoundError):
-                (self._state_dir / RECORD_FILE).unlink()
+            forget_controller(self._state_dir)
             store.close()
             if self._embedded:
                 shutil.rmtree(self._state_dir, ignore_errors=True)

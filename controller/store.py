@@ -15,8 +15,7 @@ from typing import Any
 import orjson
 
 from controller.state import AppGoal, DeploymentGoal
-from serve._models import CodeEnv, DeploymentID, DeploymentSpec
-from serve._options import DeploymentConfig
+from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec
 from serve.config import AutoscalingConfig
 
 SCHEMA_VERSION = 1

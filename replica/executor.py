@@ -19,9 +19,8 @@ from typing import Any, Literal
 from replica.loader import apply_code_env, load_callable, load_init_args
 from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
 from serve._metrics import RequestStats
-from serve._models import CodeEnv, DeploymentSpec, ReplicaID
+from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
-from serve._options import DeploymentConfig
 from serve._sync import mailbox
 from serve.exceptions import ServeError
 

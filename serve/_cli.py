@@ -285,11 +285,12 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> None:
-    from serve._client import _recorded_controller, read_ready_line
+    from serve._client import read_ready_line
     from serve._settings import settings
+    from serve._state_dir import recorded_controller
 
     state_dir = settings().state_dir
-    running = _recorded_controller(state_dir)
+    running = recorded_controller(state_dir)
     if running is not None:
         print(f"A serve controller already runs at {running} (state directory {state_dir}).")
         return

@@ -33,14 +33,13 @@ from serve._rpc.channel import TlsFiles, tls_from_settings
 from serve._rpc.connection import ConnectionLost, ReplicaConnection
 from serve._rpc.controller_client import ControllerClient
 from serve._settings import TOKEN_ENV, settings
+from serve._state_dir import read_token, recorded_controller
 from serve._sync import run_sync
 from serve.exceptions import ControllerUnavailableError
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
-RECORD_FILE = "controller.json"
-TOKEN_FILE = "token"
 
 
 class ServeClient:
@@ -190,26 +189,8 @@ def read_ready_line(process: subprocess.Popen[bytes], timeout_s: float) -> dict[
     raise ControllerUnavailableError(f"serve-controller was not ready within {timeout_s}s.")
 
 
-def _recorded_controller(state_dir: Path) -> str | None:
-    """The address of a standalone controller recorded in the state directory, if it lives."""
-    try:
-        record = json.loads((state_dir / RECORD_FILE).read_text())
-        pid = int(record["pid"])
-        os.kill(pid, 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    address = record.get("address")
-    return address if isinstance(address, str) else None
-
-
 def _token_for(state_dir: Path) -> str | None:
-    configured = settings().token
-    if configured:
-        return configured
-    try:
-        return (state_dir / TOKEN_FILE).read_text().strip() or None
-    except OSError:
-        return None
+    return settings().token or read_token(state_dir)
 
 
 _lock = threading.Lock()
@@ -240,7 +221,7 @@ def connect(address: str | None = None, *, start_embedded: bool = True) -> Serve
         s = settings()
         owner: EmbeddedController | None = None
         token = _token_for(s.state_dir)
-        found = address or s.address or _recorded_controller(s.state_dir)
+        found = address or s.address or recorded_controller(s.state_dir)
         if found is None:
             if not start_embedded:
                 raise ControllerUnavailableError(

@@ -7,9 +7,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from serve._models import DeploymentConfig
 from serve._options import (
     DEFAULT,
-    DeploymentConfig,
     build_deployment_config,
     validate_deployment_options,
 )

@@ -13,9 +13,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import orjson
-
 from serve._logging import check_logging_config
+from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
 from serve.config import AutoscalingConfig
 
@@ -24,45 +23,6 @@ class DEFAULT(enum.Enum):
     """Sentinel meaning "keep the current value" (Ray's ``DEFAULT.VALUE``)."""
 
     VALUE = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class DeploymentConfig:
-    """The options of one deployment, validated."""
-
-    num_replicas: int | None = 1  # None when autoscaling
-    max_ongoing_requests: int = 5
-    max_queued_requests: int = -1
-    user_config: Any = None
-    autoscaling_config: AutoscalingConfig | None = None
-    graceful_shutdown_wait_loop_s: float = 2.0
-    graceful_shutdown_timeout_s: float = 20.0
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
-    max_constructor_retry_count: int = 20
-    logging_config: Any = None
-
-    def user_config_json(self) -> bytes | None:
-        if self.user_config is None:
-            return None
-        return encode_user_config(self.user_config)
-
-    def initial_replicas(self) -> int:
-        if self.autoscaling_config is not None:
-            return self.autoscaling_config.start_replicas()
-        assert self.num_replicas is not None
-        return self.num_replicas
-
-
-def encode_user_config(value: Any) -> bytes:
-    """Canonical JSON of a user_config: equal configs give equal bytes."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError as exc:
-        raise TypeError(
-            f"user_config must be JSON-serializable (dicts with string keys, lists, strings, "
-            f"numbers, booleans, None); {exc}."
-        ) from None
 
 
 # Ray options accepted so that Ray programs run unchanged, but which mean nothing without a Ray

@@ -9,6 +9,7 @@ import orjson
 from serve._models import (
     ApplicationStatus,
     CodeEnv,
+    DeploymentConfig,
     DeploymentID,
     DeploymentSpec,
     DeploymentStatus,
@@ -17,7 +18,6 @@ from serve._models import (
     ReplicaSet,
     ReplicaState,
 )
-from serve._options import DeploymentConfig
 from serve._proto import common_pb2, controller_pb2
 from serve.config import AutoscalingConfig
 from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus

@@ -5,8 +5,7 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 
-from serve._models import CodeEnv, DeploymentSpec, Failure
-from serve._options import DeploymentConfig
+from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, Failure
 from serve._proto import common_pb2, replica_pb2, replica_pb2_grpc
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
 from serve._rpc.convert import code_env_to_proto, config_to_proto, spec_to_proto

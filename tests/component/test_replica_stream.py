@@ -19,8 +19,7 @@ import pytest
 from replica.executor import Executor
 from replica.servicer import ReplicaServicer, register
 from serve._context import set_replica_context
-from serve._models import CodeEnv, DeploymentID, DeploymentSpec, ReplicaID
-from serve._options import DeploymentConfig
+from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, ReplicaID
 from serve._rpc.channel import new_server
 from serve._rpc.connection import ConnectionLost, ReplicaConnection
 from serve._serialization import CLOUDPICKLE, decode, encode_args

@@ -12,8 +12,7 @@ from controller.state import (
     deployment_status,
     plan,
 )
-from serve._models import CodeEnv, DeploymentID, DeploymentSpec, Failure
-from serve._options import DeploymentConfig
+from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, Failure
 
 DEP = DeploymentID("Model", "app")
 
