@@ -17,19 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-import grpc.aio
-
 from replica.executor import Executor
 from replica.servicer import ReplicaServicer, register
 from serve import _client
 from serve._logging import configure
 from serve._models import ReplicaID
 from serve._multiplex import registry as multiplex_registry
-from serve._proto import common_pb2, controller_pb2, controller_pb2_grpc
-from serve._rpc.channel import TlsFiles, new_server, open_channel, token_metadata
+from serve._rpc.channel import TlsFiles, new_server
+from serve._rpc.controller_client import ControllerClient, LinkInfo, ReplicaLoad
 from serve._settings import settings
 from serve._sync import set_home_loop
+from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ class ReplicaServer:
         self._executor: Executor | None = None
         self._servicer: ReplicaServicer | None = None
         self._signals = 0
-        self._channel: grpc.aio.Channel | None = None
+        self._controller: ControllerClient | None = None
         self._report: asyncio.Task[None] | None = None
         self._reported_models: frozenset[str] = frozenset()
 
@@ -75,6 +73,7 @@ class ReplicaServer:
             self._controller_address, token=self._token, tls=self._tls, owner=None
         )
         _client.install(client)
+        self._controller = client.controller  # one channel to the controller, shared
         executor = self._executor = Executor(self.replica_id)
         servicer = self._servicer = ReplicaServicer(
             executor, on_stop=self.drain, on_initialized=self._apply_logging_config
@@ -97,7 +96,6 @@ class ReplicaServer:
             + "\n"
         )
         sys.stdout.flush()
-        self._channel = open_channel(self._controller_address, self._tls)
         multiplex_registry.set_listener(self._models_changed)
         link = asyncio.create_task(self._link_loop(address), name="replica:link")
         reporter = asyncio.create_task(self._report_loop(), name="replica:report-load")
@@ -113,7 +111,6 @@ class ReplicaServer:
             await server.stop(STOP_GRACE_S)
             await executor.shutdown()
             await client.aclose()
-            await self._channel.close()
         return 0
 
     def _apply_logging_config(self) -> None:
@@ -168,12 +165,8 @@ class ReplicaServer:
     async def _report_loop(self) -> None:
         """Every metrics interval: average ongoing requests (for autoscaling) and counters."""
         assert self._executor is not None
-        assert self._channel is not None
+        assert self._controller is not None
         executor = self._executor
-        stub = controller_pb2_grpc.ControllerStub(self._channel)
-        deployment = common_pb2.DeploymentId(
-            app=self.replica_id.deployment_id.app_name, name=self.replica_id.deployment_id.name
-        )
         samples: list[int] = []
         last_report = time.monotonic()
         while True:
@@ -185,21 +178,18 @@ class ReplicaServer:
             last_report = time.monotonic()
             ongoing, samples = sum(samples) / len(samples), []
             stats = executor.stats
+            load = ReplicaLoad(
+                ongoing=ongoing,
+                requests_total=stats.requests,
+                errors_total=stats.errors,
+                latency_bucket_counts=tuple(stats.cumulative_buckets()),
+                latency_sum_ms=stats.sum_ms,
+            )
             try:
-                await stub.ReportLoad(
-                    controller_pb2.ReportLoadRequest(
-                        id=deployment,
-                        source_id=str(self.replica_id),
-                        ongoing=ongoing,
-                        requests_total=stats.requests,
-                        errors_total=stats.errors,
-                        latency_bucket_counts=stats.cumulative_buckets(),
-                        latency_sum_ms=stats.sum_ms,
-                    ),
-                    timeout=5.0,
-                    metadata=token_metadata(self._token),
+                await self._controller.report_replica_load(
+                    self.replica_id.deployment_id, str(self.replica_id), load
                 )
-            except grpc.aio.AioRpcError:
+            except ServeError:
                 pass  # no controller right now: the next report carries the same counters
 
     def _models_changed(self, model_ids: frozenset[str]) -> None:
@@ -210,35 +200,27 @@ class ReplicaServer:
             )
 
     async def _report_models(self) -> None:
-        assert self._channel is not None
-        stub = controller_pb2_grpc.ControllerStub(self._channel)
+        assert self._controller is not None
         while True:
             current = multiplex_registry.model_ids()
             if current == self._reported_models:
                 return
             try:
-                await stub.ReportModels(
-                    controller_pb2.ReportModelsRequest(
-                        replica_id=str(self.replica_id), model_ids=sorted(current)
-                    ),
-                    timeout=5.0,
-                    metadata=token_metadata(self._token),
-                )
-            except grpc.aio.AioRpcError as exc:
-                logger.warning("Could not report model ids to the controller: %s", exc.code().name)
+                await self._controller.report_models(str(self.replica_id), sorted(current))
+            except ServeError as exc:
+                logger.warning("Could not report model ids to the controller: %s", exc)
                 return  # the next change (or the next link) reports them again
             self._reported_models = current
 
     async def _link_loop(self, address: str) -> None:
         """Hold the Link stream; re-link after a loss; exit after orphan_timeout_s alone."""
         assert self._executor is not None
-        assert self._channel is not None
+        assert self._controller is not None
         executor = self._executor
-        stub = controller_pb2_grpc.ControllerStub(self._channel)
         lost_since = time.monotonic()
         delay_s = 0.1
         while True:
-            request = controller_pb2.LinkRequest(
+            info = LinkInfo(
                 replica_id=str(self.replica_id),
                 address=address,
                 pid=os.getpid(),
@@ -246,20 +228,19 @@ class ReplicaServer:
                 initialized=executor.initialized,
                 code_version=executor.code_version,
                 user_config_json=executor.user_config_json or b"",
-                model_ids=sorted(multiplex_registry.model_ids()),
+                model_ids=tuple(sorted(multiplex_registry.model_ids())),
                 draining=executor.draining,
             )
             try:
-                call = stub.Link(request, metadata=token_metadata(self._token))
-                async for response in call:
-                    if response.action == controller_pb2.LinkResponse.ACTION_STOP:
+                async for keep in self._controller.link(info):
+                    if not keep:
                         logger.info("The controller does not want this replica; stopping")
                         await self.drain(executor.config.graceful_shutdown_timeout_s)
                         return
                     lost_since = 0.0
                     delay_s = 0.1
-            except grpc.aio.AioRpcError as exc:
-                logger.debug("Link to the controller failed: %s", exc.code().name)
+            except Exception as exc:  # ControllerUnavailableError, or a refusal
+                logger.debug("Link to the controller failed: %s", exc)
             now = time.monotonic()
             if not lost_since:
                 lost_since = now

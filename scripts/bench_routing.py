@@ -2,7 +2,7 @@
 
 Runs a real Router and DeploymentState in-process over N fake replicas (no network), keeping 64
 requests in flight, and reports microseconds of routing work per request (queueing, power of two
-choices, send, admission and completion bookkeeping).
+choices, send, and completion bookkeeping).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import collections
 import time
 from typing import Any
 
-from serve._call import Call
 from serve._deployment_state import DeploymentState
+from serve._exchange import Envelope
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
+from serve._request import Request
 from serve._router import Router
 from serve._serialization import CLOUDPICKLE, encode
 
@@ -24,16 +25,21 @@ IN_FLIGHT = 64
 
 
 class _FakeConnection:
-    def __init__(self, replica: ReplicaInfo, on_broken: Any, sent: collections.deque[Call]) -> None:
+    def __init__(self, replica: ReplicaInfo, on_load: Any, sent: collections.deque[Any]) -> None:
         self.replica_id = replica.replica_id
         self.broken = None
+        self._on_load = on_load
         self._sent = sent
         self._next = 0
 
-    def send_request(self, exchange: Call, **request: Any) -> int:
-        self._sent.append(exchange)
+    def send(self, envelope: Envelope, listener: Any, request: Request) -> int:
         self._next += 1
+        self._sent.append((self, listener, request, self._next))
         return self._next
+
+    def answer(self, listener: Any, request: Request, frame_id: int, body: memoryview) -> None:
+        self._on_load(0, frame_id)
+        listener.on_result(request, body, None)
 
     def cancel(self, frame_id: int) -> None: ...
 
@@ -46,7 +52,7 @@ class _FakeConnection:
 
 
 async def _measure(replicas: int, requests: int) -> float:
-    sent: collections.deque[Call] = collections.deque()
+    sent: collections.deque[Any] = collections.deque()
 
     async def no_watch(deployment_id: DeploymentID) -> Any:
         return
@@ -55,14 +61,14 @@ async def _measure(replicas: int, requests: int) -> float:
     state = DeploymentState(
         DEP,
         watch=no_watch,
-        open_connection=lambda replica, on_broken: _FakeConnection(replica, on_broken, sent),
+        open_connection=lambda replica, on_load, on_broken: _FakeConnection(replica, on_load, sent),
     )
 
     class Source:
         def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
             return state
 
-    router = Router(Source(), DEP, "bench")
+    router = Router(Source(), DEP)
     state.apply(
         ReplicaSet(
             version=1,
@@ -76,16 +82,14 @@ async def _measure(replicas: int, requests: int) -> float:
     result = memoryview(encode(CLOUDPICKLE, None))
     started = time.perf_counter()
     for _ in range(requests):
-        call = router.make_call(options, (), {})
-        router.submit(call)
+        request = router.make_request(options, (), {})
+        router.submit(request)
         if len(sent) >= IN_FLIGHT:
-            done = sent.popleft()
-            done.on_accepted(1)
-            done.on_result(result, 0, None)
+            conn, listener, done, frame_id = sent.popleft()
+            conn.answer(listener, done, frame_id, result)
     while sent:
-        done = sent.popleft()
-        done.on_accepted(1)
-        done.on_result(result, 0, None)
+        conn, listener, done, frame_id = sent.popleft()
+        conn.answer(listener, done, frame_id, result)
     return (time.perf_counter() - started) / requests * 1e6
 
 

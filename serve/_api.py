@@ -11,20 +11,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from serve import _client
+from serve._client import ServeClient
 from serve._context import replica_context
 from serve._deployment import Application, BuiltDeployment, build_application
 from serve._logging import check_logging_config
-from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec
+from serve._models import ApplicationStatus, CodeEnv, DeploymentID, DeploymentSpec
+from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
-from serve._sync import run_sync
+from serve._sync import is_home_thread, run_sync, stop_io_thread
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
 from serve.schema import ApplicationStatusOverview, ServeStatus
-
-if TYPE_CHECKING:
-    from serve._client import ServeClient
 
 __all__ = [
     "delete",
@@ -58,8 +58,6 @@ def _cached_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]
 
 
 def _connect(address: str | None = None) -> ServeClient:
-    from serve import _client
-
     global _atexit_registered
     client = _client.connect(address)
     if client.owner is not None and not _atexit_registered:
@@ -124,12 +122,20 @@ def run(
     if route_prefix is not None and not isinstance(route_prefix, str):
         raise TypeError(f"route_prefix must be a string or None, got {route_prefix!r}.")
     ingress, specs = build_specs(target, name, logging_config=logging_config)
-    client = _connect()
-    version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env()))
     handle = _cached_handle(ingress, name)
-    run_sync(_wait_router_ready(handle, version))
-    if blocking:
-        _block_until_interrupted()
+    try:
+        client = _connect()
+        version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env()))
+        run_sync(_wait_router_ready(client, handle.deployment_id, version))
+        if blocking:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        if not blocking:
+            raise
+        # Ctrl-C at any moment of a blocking run (deploying included) stops serve cleanly.
+        logger.info("Got KeyboardInterrupt, shutting serve down")
+        shutdown()
     return handle
 
 
@@ -225,35 +231,25 @@ async def _wait_settled(client: ServeClient, name: str, progress: Progress | Non
             )
 
 
-async def _wait_router_ready(handle: DeploymentHandle[Any], version: int) -> None:
+async def _wait_router_ready(
+    client: ServeClient, deployment_id: DeploymentID, version: int
+) -> None:
     """Let the handle learn the replica set the deploy produced before the first request.
 
     Without this, a request sent right after ``serve.run`` could still go to a replica of the
     previous version that is about to drain.
     """
-    await handle._router.state().wait_version(version)
-
-
-def _block_until_interrupted() -> None:
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        shutdown()
+    await client.deployment_state(deployment_id).wait_version(version)
 
 
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete an application: its replicas drain in-flight requests and stop."""
-    from serve import _client
-
     client = _client.current() or _connect()
     run_sync(client.controller.delete_application(name, wait=_blocking))
 
 
 def status() -> ServeStatus:
     """Every application's status, its deployments' statuses and replica counts by state."""
-    from serve import _client
-
     client = _client.current()
     if client is None:
         try:
@@ -265,8 +261,6 @@ def status() -> ServeStatus:
 
 def get_app_handle(name: str) -> DeploymentHandle[Any]:
     """The handle of an application's ingress deployment (cached: the same object each call)."""
-    from serve import _client
-
     client = _client.current() or _client.connect(start_embedded=False)
     ingress, _ = _lookup(client, name)
     return _cached_handle(ingress, name)
@@ -276,8 +270,6 @@ def get_deployment_handle(
     deployment_name: str, app_name: str | None = None
 ) -> DeploymentHandle[Any]:
     """A handle to one deployment; inside a replica ``app_name`` defaults to its own app."""
-    from serve import _client
-
     if app_name is None:
         context = replica_context()
         if context is None:
@@ -299,11 +291,7 @@ def get_deployment_handle(
 
 def _lookup(client: ServeClient, app_name: str) -> tuple[str, list[str]]:
     """The application's (ingress, deployment names); ServeError if it does not exist."""
-    from serve._sync import is_home_thread
-
     if is_home_thread():  # inside a replica's event loop: a short blocking lookup
-        from serve._rpc.controller_client import lookup_application_blocking
-
         found = lookup_application_blocking(client, app_name)
     else:
         found = run_sync(client.controller.get_application(app_name))
@@ -314,8 +302,6 @@ def _lookup(client: ServeClient, app_name: str) -> tuple[str, list[str]]:
 
 def shutdown() -> None:
     """Delete every application and stop serve (an embedded controller exits with its replicas)."""
-    from serve import _client
-
     client = _client.current()
     if client is None:
         return
@@ -340,14 +326,10 @@ async def shutdown_async() -> None:
 
 
 def _shutdown_at_exit() -> None:
-    from serve import _client
-
     client = _client.current()
     if client is not None and client.owner is not None:
         try:
             shutdown()
         except Exception:
             logger.exception("Stopping the embedded serve controller at exit failed")
-    from serve._sync import stop_io_thread
-
     stop_io_thread()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from serve._call import Call
 from serve._options import HandleOptions
+from serve._request import Request
 from serve._router import ReplicaSkipped, Router
 from serve._sync import Completion, post
 from serve.exceptions import DeploymentUnavailableError
@@ -16,13 +16,25 @@ def start_broadcast(
     router: Router, options: HandleOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Completion:
     """Start the broadcast; the completion holds its calls once they are all sent."""
-    template = Call(router, -1, options, args, kwargs, None)
+    template = Request(
+        -1,
+        method=options.method_name,
+        model_id=options.multiplexed_model_id,
+        stream=False,
+        prefer_local=False,
+        request_serialization=options.request_serialization,
+        response_serialization=options.response_serialization,
+        args=args,
+        kwargs=kwargs,
+        parent=None,
+        on_cancel=router.cancel,
+    )
     done = Completion()
     post(_begin, router, template, done)
     return done
 
 
-def _begin(router: Router, template: Call, done: Completion) -> None:
+def _begin(router: Router, template: Request, done: Completion) -> None:
     state = router.state()
     if state.replica_set is None:
         task = asyncio.get_running_loop().create_task(
@@ -53,21 +65,15 @@ def _begin(router: Router, template: Call, done: Completion) -> None:
             DeploymentUnavailableError(str(router.deployment_id), "it has no running replicas.")
         )
         return
-    calls = []
+    requests = []
     for replica in replicas:
-        call = Call.__new__(Call)
-        for slot in Call.__slots__:
-            setattr(call, slot, getattr(template, slot))
-        call.completion = Completion()
-        call.no_reject = True
-        call.stream = False
-        call.stream_buffer = None
-        router.send_to(call, replica)
-        calls.append(call)
-    done.set_result(calls)
+        request = template.copy_for_broadcast()
+        router.send_to(request, replica)
+        requests.append(request)
+    done.set_result((router.deployment_id, requests))
 
 
-def _outcomes(calls: list[Call], return_exceptions: bool) -> list[Any]:
+def _outcomes(deployment: object, calls: list[Request], return_exceptions: bool) -> list[Any]:
     results = []
     reached = 0
     for call in calls:
@@ -82,9 +88,7 @@ def _outcomes(calls: list[Call], return_exceptions: bool) -> list[Any]:
         else:
             results.append(call.completion.outcome())
     if not reached and calls:
-        raise DeploymentUnavailableError(
-            str(calls[0].router.deployment_id), "no replica could be reached."
-        )
+        raise DeploymentUnavailableError(str(deployment), "no replica could be reached.")
     return results
 
 
@@ -92,18 +96,18 @@ def gather_sync(done: Completion, timeout_s: float | None, return_exceptions: bo
     import time
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    calls: list[Call] = done.wait_sync(timeout_s)
+    deployment, calls = done.wait_sync(timeout_s)
     for call in calls:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             call.completion.wait_sync(remaining)
-        except TimeoutError:
+        except TimeoutError as exc:
             raise TimeoutError(
                 f"Timed out after {timeout_s}s waiting for {len(calls)} broadcast results."
-            ) from None
+            ) from exc
         except Exception:
             pass
-    return _outcomes(calls, return_exceptions)
+    return _outcomes(deployment, calls, return_exceptions)
 
 
 async def gather_async(
@@ -111,12 +115,12 @@ async def gather_async(
 ) -> list[Any]:
     try:
         async with asyncio.timeout(timeout_s):
-            calls: list[Call] = await done.wait()
+            deployment, calls = await done.wait()
             for call in calls:
                 try:
                     await call.completion.wait()
                 except Exception:
                     pass
-    except TimeoutError:
-        raise TimeoutError(f"Timed out after {timeout_s}s waiting for broadcast results.") from None
-    return _outcomes(calls, return_exceptions)
+    except TimeoutError as exc:
+        raise TimeoutError(f"Timed out after {timeout_s}s waiting for broadcast results.") from exc
+    return _outcomes(deployment, calls, return_exceptions)

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from serve._deployment_state import DeploymentState
+from serve._exchange import ConnectionLost
 from serve._models import DeploymentID, ReplicaInfo
 from serve._rpc.channel import TlsFiles, tls_from_settings
-from serve._rpc.connection import ConnectionLost, ReplicaConnection
+from serve._rpc.connection import ReplicaConnection
 from serve._rpc.controller_client import ControllerClient
 from serve._settings import TOKEN_ENV, settings
 from serve._state_dir import read_token, recorded_controller
@@ -61,6 +62,13 @@ class ServeClient:
         self.host = socket.gethostname()
         self.load_source = f"handle:{self.host}:{os.getpid()}"
         self._states: dict[DeploymentID, DeploymentState] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> ServeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
         state = self._states.get(deployment_id)
@@ -85,13 +93,25 @@ class ServeClient:
         )
 
     def _open_connection(
-        self, replica: ReplicaInfo, on_broken: Callable[[Any, ConnectionLost], None]
+        self,
+        replica: ReplicaInfo,
+        on_load: Callable[[int, int], None],
+        on_broken: Callable[[Any, ConnectionLost], None],
     ) -> ReplicaConnection:
         return ReplicaConnection(
-            replica.replica_id, replica.address, token=self.token, tls=self.tls, on_broken=on_broken
+            replica.replica_id,
+            replica.address,
+            token=self.token,
+            tls=self.tls,
+            on_load=on_load,
+            on_broken=on_broken,
         )
 
     async def aclose(self) -> None:
+        """Close every router's state and the controller channel. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         states = list(self._states.values())
         self._states.clear()
         await asyncio.gather(*(s.aclose() for s in states), return_exceptions=True)
@@ -99,26 +119,33 @@ class ServeClient:
 
 
 class EmbeddedController:
-    """A serve-controller subprocess owned by this driver."""
+    """A serve-controller subprocess owned by this driver. Start one with :meth:`start`."""
 
-    def __init__(self) -> None:
-        self.state_dir = Path(tempfile.mkdtemp(prefix="serve-"))
-        self.token = secrets.token_urlsafe(32)
+    def __init__(self, process: subprocess.Popen[bytes], state_dir: Path, token: str) -> None:
+        self.process = process
+        self.state_dir = state_dir
+        self.token = token
+        self.address = ""
+
+    @classmethod
+    def start(cls) -> EmbeddedController:
+        """Start the daemon and wait (bounded) for its READY line."""
+        state_dir = Path(tempfile.mkdtemp(prefix="serve-"))
+        token = secrets.token_urlsafe(32)
         env = dict(os.environ)
-        env[TOKEN_ENV] = self.token
+        env[TOKEN_ENV] = token
         env.pop("SERVE_ADDRESS", None)
         # Logs outlive the embedded controller's private state directory: one directory per
         # session under SERVE_STATE_DIR/logs (as Ray keeps /tmp/ray/session_*/logs).
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         log_dir = settings().state_dir / "logs" / f"session_{stamp}_{os.getpid()}"
-        self.log_dir = log_dir
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "controller",
                 "--state-dir",
-                str(self.state_dir),
+                str(state_dir),
                 "--embedded",
                 "--log-dir",
                 str(log_dir),
@@ -128,11 +155,13 @@ class EmbeddedController:
             env=env,
             start_new_session=True,  # Ctrl-C in a terminal reaches the driver, not the daemon
         )
+        owner = cls(process, state_dir, token)
         try:
-            self.address = str(read_ready_line(self.process, READY_TIMEOUT_S)["address"])
+            owner.address = str(read_ready_line(process, READY_TIMEOUT_S)["address"])
         except BaseException:
-            self.kill()
+            owner.kill()
             raise
+        return owner
 
     def stop(self, timeout_s: float) -> None:
         """Close its stdin (it shuts down its replicas and exits); kill it after timeout_s."""
@@ -227,7 +256,7 @@ def connect(address: str | None = None, *, start_embedded: bool = True) -> Serve
                 raise ControllerUnavailableError(
                     "No serve controller is running; call serve.run() or serve.start() first."
                 )
-            owner = EmbeddedController()
+            owner = EmbeddedController.start()
             found, token = owner.address, owner.token
         target: str = found
         tls = tls_from_settings()

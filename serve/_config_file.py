@@ -105,7 +105,7 @@ def load_config(path: str | Path) -> list[AppConfig]:
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        raise ConfigFileError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigFileError(f"{path}: not valid YAML: {exc}") from exc
     if root is None:
         raise ConfigFileError(f"{path}: the file is empty; it needs `applications:`.")
     top = reader.mapping(root, "the config", TOP_LEVEL_KEYS)
@@ -171,7 +171,7 @@ def _validated(reader: _Reader, node: yaml.Node, option: dict[str, Any]) -> dict
     try:
         return validate_deployment_options(option)
     except (TypeError, ValueError) as exc:
-        raise reader.fail(node, str(exc).replace("serve.deployment: ", "")) from None
+        raise reader.fail(node, str(exc).replace("serve.deployment: ", "")) from exc
 
 
 def import_application(import_path: str, args: dict[str, Any] | None = None) -> Application:

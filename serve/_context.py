@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from serve._models import ReplicaID
 from serve.exceptions import ServeError
 
-if TYPE_CHECKING:
-    from serve._call import Call
+
+class Cancellable(Protocol):
+    """A request made on behalf of another one (a child), as the replica needs to see it."""
+
+    def cancel(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,7 @@ class RequestContext:
     deployment: str = ""
     method: str = ""
     multiplexed_model_id: str = ""
-    children: set[Call] = dataclasses.field(default_factory=set)
+    children: set[Cancellable] = dataclasses.field(default_factory=set)
 
 
 _replica_context: ReplicaContext | None = None

@@ -13,15 +13,12 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._policy import QueueLengths, probe_deadline_s
-from serve._rpc.connection import ConnectionLost
 from serve.exceptions import ServeError
-
-if TYPE_CHECKING:
-    from serve._router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +31,30 @@ class Connection(Protocol):
     replica_id: str
     broken: ConnectionLost | None
 
-    def send_request(
-        self,
-        exchange: Any,
-        *,
-        method: str,
-        request_codec: int,
-        response_codec: int,
-        args: bytes,
-        kwargs: bytes,
-        request_id: str,
-        model_id: str = "",
-        stream: bool = False,
-        no_reject: bool = False,
-        stream_window: int = 0,
-        buffers: list[bytes] | None = None,
-        args_buffer_count: int = 0,
-    ) -> int: ...
+    def send(self, envelope: Envelope, listener: ReplyListener, request: Any) -> int: ...
     def cancel(self, frame_id: int) -> None: ...
     def credit(self, frame_id: int, count: int) -> None: ...
     async def queue_length(self, timeout_s: float) -> tuple[int, bool]: ...
     async def aclose(self) -> None: ...
 
 
+class StateListener(Protocol):
+    """Who follows a deployment's state: every router of it in this process."""
+
+    def on_replica_set(self, replica_set: ReplicaSet) -> None: ...
+    def on_capacity(self) -> None: ...
+    def on_closed(self, error: BaseException) -> None: ...
+    def load(self) -> tuple[int, int]: ...
+
+
 Watch = Callable[[DeploymentID], AsyncIterator[ReplicaSet]]
 # (deployment, requests queued in this process's handles, requests made so far)
 ReportLoad = Callable[[DeploymentID, float, int], Awaitable[None]]
 DEFAULT_REPORT_INTERVAL_S = 10.0
-OpenConnection = Callable[[ReplicaInfo, Callable[[Any, ConnectionLost], None]], Connection]
-
-
-class StateSource(Protocol):
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState: ...
+# (replica, on_load(ongoing, acked), on_broken(connection, error)) -> a connection
+OpenConnection = Callable[
+    [ReplicaInfo, Callable[[int, int], None], Callable[[Any, ConnectionLost], None]], Connection
+]
 
 
 class DeploymentState:
@@ -96,7 +85,7 @@ class DeploymentState:
         self._excluded: set[str] = set()  # broken or draining, until the controller drops them
         self._connections: dict[str, Connection] = {}
         self._probing: dict[str, asyncio.Task[None]] = {}
-        self._routers: weakref.WeakSet[Router] = weakref.WeakSet()
+        self._listeners: weakref.WeakSet[StateListener] = weakref.WeakSet()
         self._ready = asyncio.Event()
         self._version_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -116,10 +105,12 @@ class DeploymentState:
             f"connections={len(self._connections)})"
         )
 
-    def add_router(self, router: Router) -> None:
-        self._routers.add(router)
+    def subscribe(self, listener: StateListener) -> None:
+        """Tell ``listener`` about every replica set (the current one at once), capacity
+        change and the shutdown. Held weakly: a dropped handle's router just goes away."""
+        self._listeners.add(listener)
         if self.replica_set is not None:
-            router.on_replica_set(self.replica_set)
+            listener.on_replica_set(self.replica_set)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -161,8 +152,8 @@ class DeploymentState:
         self._replicas = fresh
         self._excluded &= fresh.keys()
         self._recompute()
-        for router in list(self._routers):
-            router.on_replica_set(replica_set)
+        for listener in list(self._listeners):
+            listener.on_replica_set(replica_set)
         self._ready.set()
         if self._report is not None and self._reporter is None and replica_set.exists:
             self._reporter = asyncio.get_running_loop().create_task(
@@ -183,10 +174,16 @@ class DeploymentState:
             self._recompute()
 
     def connection(self, replica: ReplicaInfo) -> Connection:
-        conn = self._connections.get(replica.replica_id)
+        replica_id = replica.replica_id
+        conn = self._connections.get(replica_id)
         if conn is None:
-            conn = self._open_connection(replica, self._on_broken)
-            self._connections[replica.replica_id] = conn
+            queue_lens = self.queue_lens
+
+            def on_load(ongoing: int, acked: int) -> None:
+                queue_lens.report(replica_id, ongoing, time.monotonic(), acked)
+
+            conn = self._open_connection(replica, on_load, self._on_broken)
+            self._connections[replica_id] = conn
         return conn
 
     def _on_broken(self, conn: Connection, error: ConnectionLost) -> None:
@@ -204,8 +201,12 @@ class DeploymentState:
         task.add_done_callback(self._tasks.discard)
 
     def _load(self) -> tuple[float, int]:
-        routers = list(self._routers)
-        return float(sum(r.num_queued for r in routers)), sum(r.num_requests for r in routers)
+        queued = made = 0
+        for listener in list(self._listeners):
+            listener_queued, listener_made = listener.load()
+            queued += listener_queued
+            made += listener_made
+        return float(queued), made
 
     async def _report_loop(self) -> None:
         """Report queued requests (autoscaling counts them) and requests made (metrics)."""
@@ -237,9 +238,8 @@ class DeploymentState:
 
     def wake(self) -> None:
         """Capacity may have changed: let routers with waiting requests try again."""
-        for router in self._routers:
-            if router.has_pending:
-                router.pump()
+        for listener in list(self._listeners):
+            listener.on_capacity()
 
     def probe(self, replica: ReplicaInfo, failed_passes: int) -> None:
         if replica.replica_id in self._probing or self._closed:
@@ -284,5 +284,6 @@ class DeploymentState:
         conns = list(self._connections.values())
         self._connections.clear()
         await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
-        for router in list(self._routers):
-            router.fail_all(ServeError("Serve was shut down; this handle can no longer be used."))
+        error = ServeError("Serve was shut down; this handle can no longer be used.")
+        for listener in list(self._listeners):
+            listener.on_closed(error)

@@ -155,7 +155,7 @@ def encode_user_config(value: Any) -> bytes:
         raise TypeError(
             f"user_config must be JSON-serializable (dicts with string keys, lists, strings, "
             f"numbers, booleans, None); {exc}."
-        ) from None
+        ) from exc
 
 
 @dataclasses.dataclass(frozen=True)

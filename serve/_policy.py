@@ -50,46 +50,51 @@ def probe_deadline_s(failed_passes: int) -> float:
 
 
 class QueueLengths:
-    """Estimated ongoing requests per replica (reported count + unanswered sends)."""
+    """Estimated ongoing requests per replica: the count the replica reported last, plus the
+    requests this process sent it that it had not read yet when it counted.
 
-    __slots__ = ("_reported", "_ttl_s", "_unanswered")
+    Requests are numbered per connection and the stream is ordered, so every reply says the
+    highest request number the replica had read (``acked``); requests numbered above it are
+    certainly not in its count yet. A probe's answer carries no such number and is counted as
+    if it had read nothing new (an overestimate, never an underestimate).
+    """
+
+    __slots__ = ("_acked", "_reported", "_sent", "_ttl_s")
 
     def __init__(self, ttl_s: float = QUEUE_LENGTH_TTL_S) -> None:
         self._ttl_s = ttl_s
         self._reported: dict[str, tuple[int, float]] = {}
-        self._unanswered: dict[str, int] = {}
+        self._sent: dict[str, int] = {}  # the highest request number sent
+        self._acked: dict[str, int] = {}  # the highest request number the replica had read
 
-    def report(self, replica_id: str, ongoing: int, now: float) -> None:
+    def report(self, replica_id: str, ongoing: int, now: float, acked: int | None = None) -> None:
         """The replica said how many requests it runs (in a reply or a probe answer)."""
         self._reported[replica_id] = (ongoing, now)
+        if acked is not None and acked > self._acked.get(replica_id, 0):
+            self._acked[replica_id] = acked
 
-    def sent(self, replica_id: str) -> None:
-        self._unanswered[replica_id] = self._unanswered.get(replica_id, 0) + 1
-
-    def answered(self, replica_id: str) -> None:
-        """An admission answer (accepted or rejected) or a loss ended one unanswered send."""
-        count = self._unanswered.get(replica_id, 0)
-        if count > 1:
-            self._unanswered[replica_id] = count - 1
-        else:
-            self._unanswered.pop(replica_id, None)
+    def sent(self, replica_id: str, number: int) -> None:
+        if number > self._sent.get(replica_id, 0):
+            self._sent[replica_id] = number
 
     def estimate(self, replica_id: str, now: float) -> int | None:
         """None when nothing fresh is known (the router should probe)."""
         reported = self._reported.get(replica_id)
         if reported is None or now - reported[1] > self._ttl_s:
             return None
-        return reported[0] + self._unanswered.get(replica_id, 0)
+        unread = self._sent.get(replica_id, 0) - self._acked.get(replica_id, 0)
+        return reported[0] + max(unread, 0)
 
     def invalidate(self, replica_id: str) -> None:
         self._reported.pop(replica_id, None)
 
     def forget(self, replica_id: str) -> None:
         self._reported.pop(replica_id, None)
-        self._unanswered.pop(replica_id, None)
+        self._sent.pop(replica_id, None)
+        self._acked.pop(replica_id, None)
 
     def known(self) -> set[str]:
-        return set(self._reported) | set(self._unanswered)
+        return set(self._reported) | set(self._sent)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,11 +2,13 @@
 
 Every ``Router`` (one per handle and its ``options()`` copies) keeps its own FIFO queue and
 ``max_queued_requests`` count on top of the process's ``DeploymentState`` of the deployment.
-Everything here runs on the home loop, except ``Router.make_call`` which any thread may call.
+Everything here runs on the home loop, except ``Router.make_request`` which any thread may call.
 
-A request never reached user code if the replica rejected it, was draining, or its connection
-broke before the admission answer: such a request goes back to the queue in its original place
-and is retried. Once admitted, a lost connection fails it with ``ReplicaDiedError``.
+Admission is implicit: a replica answers a request with REJECTED (full or draining, before any
+user code ran) or with its outcome. A rejected request, or one whose connection broke before it
+was written, goes back to the queue in its original place and is retried. One that was written
+and then lost its connection fails with ``ReplicaDiedError``: it may have run, and nothing runs
+twice.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import itertools
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from serve._call import Call, CallState
 from serve._context import current_request
-from serve._deployment_state import DeploymentState, StateSource
+from serve._deployment_state import DeploymentState
+from serve._exchange import ConnectionLost
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
+from serve._options import HandleOptions
 from serve._policy import backoff_s, candidate_tiers, choose
-from serve._rpc.connection import ConnectionLost
-from serve._serialization import decode
+from serve._request import Request, RequestState
+from serve._serialization import CODEC_NAMES, decode
 from serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -34,26 +37,30 @@ from serve.exceptions import (
     ServeError,
 )
 
-if TYPE_CHECKING:
-    from serve._options import HandleOptions
-
 STREAM_WINDOW = 64  # stream items a replica may send ahead of the consumer
 
 
+class StateSource(Protocol):
+    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState: ...
+
+
 class ReplicaSkipped(ServeError):
-    """A broadcast call could not reach its replica before admission; it is left out."""
+    """A broadcast call could not reach its replica; it is left out."""
 
 
 class Router:
-    """The request queue of one handle (shared by its ``options()`` copies)."""
+    """The request queue of one handle (shared by its ``options()`` copies).
 
-    def __init__(self, client: StateSource, deployment_id: DeploymentID, handle_id: str) -> None:
-        self._client = client
+    It is the :class:`~serve._exchange.ReplyListener` of the requests it sends, and a listener
+    of its deployment's state (replica sets, capacity changes, shutdown).
+    """
+
+    def __init__(self, source: StateSource, deployment_id: DeploymentID) -> None:
+        self._source = source
         self.deployment_id = deployment_id
-        self.handle_id = handle_id
         self.prefer_local_routing = False
         self._state: DeploymentState | None = None
-        self._pending: list[tuple[int, Call]] = []
+        self._pending: list[tuple[int, Request]] = []
         self._lock = threading.Lock()
         self._num_queued = 0
         self._max_queued = -1
@@ -70,18 +77,14 @@ class Router:
         return f"Router({self.deployment_id}, queued={self._num_queued})"
 
     @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
-
-    @property
     def num_queued(self) -> int:
         return self._num_queued
 
     # Any thread.
 
-    def make_call(
+    def make_request(
         self, options: HandleOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Call:
+    ) -> Request:
         """Reserve a queue slot (or raise BackPressureError) and build the request."""
         limit = self._max_queued
         with self._lock:
@@ -94,87 +97,113 @@ class Router:
             self._num_queued += 1
             self.num_requests += 1
         try:
-            call = Call(self, next(self._seq), options, args, kwargs, current_request())
+            request = Request(
+                next(self._seq),
+                method=options.method_name,
+                model_id=options.multiplexed_model_id,
+                stream=options.stream,
+                prefer_local=options.prefer_local_routing,
+                request_serialization=options.request_serialization,
+                response_serialization=options.response_serialization,
+                args=args,
+                kwargs=kwargs,
+                parent=current_request(),
+                on_cancel=self.cancel,
+            )
         except BaseException:
-            self._release_slot_count()
+            self._add_queued(-1)
             raise
-        call.holds_queue_slot = True
-        return call
+        request.holds_queue_slot = True
+        return request
 
-    def _release_slot_count(self) -> None:
+    def _add_queued(self, delta: int) -> None:
         with self._lock:
-            self._num_queued -= 1
+            self._num_queued += delta
 
-    def _release_slot(self, call: Call) -> None:
-        if call.holds_queue_slot:
-            call.holds_queue_slot = False
-            self._release_slot_count()
+    def _release_slot(self, request: Request) -> None:
+        if request.holds_queue_slot:
+            request.holds_queue_slot = False
+            self._add_queued(-1)
 
-    # Home loop.
+    # Home loop: the deployment's state, and what it tells its listeners.
 
     def state(self) -> DeploymentState:
         if self._state is None:
-            self._state = self._client.deployment_state(self.deployment_id)
-            self._state.add_router(self)
+            self._state = self._source.deployment_state(self.deployment_id)
+            self._state.subscribe(self)
         return self._state
+
+    def running_replicas_populated(self) -> bool:
+        return self._state is not None and bool(self._state.routable)
+
+    def load(self) -> tuple[int, int]:
+        """(requests queued now, requests made so far), for autoscaling and metrics."""
+        return self._num_queued, self.num_requests
 
     def on_replica_set(self, replica_set: ReplicaSet) -> None:
         self._max_queued = replica_set.max_queued_requests
         if not replica_set.exists:
-            error = self._gone()
-            for _, call in self._pending:
-                self.finish(call, error=error)
-            self._pending.clear()
+            self.fail_all(self._gone())
             return
         self._failed_passes = 0
         if self._pending:
             self.pump()
 
-    def submit(self, call: Call) -> None:
-        """Start a request made by make_call: resolve its inputs, then queue it."""
-        if call.parent is not None:
-            call.parent.children.add(call)
-        if call.state == CallState.DONE:
+    def on_capacity(self) -> None:
+        """A replica may take more now: try the waiting requests again."""
+        if self._pending:
+            self.pump()
+
+    def on_closed(self, error: BaseException) -> None:
+        self.fail_all(error)
+
+    # Home loop: requests.
+
+    def submit(self, request: Request) -> None:
+        """Start a request made by make_request: resolve its inputs, then queue it."""
+        if request.parent is not None:
+            request.parent.children.add(request)
+        if request.state == RequestState.DONE:
             return
         state = self.state()
-        if call.cancelled:
-            self.finish(call, error=RequestCancelledError(call.request_id))
+        if request.cancelled:
+            self.finish(request, error=RequestCancelledError(request.request_id))
             return
-        if call.inputs:
-            self._resolve(call)
+        if request.inputs:
+            self._resolve(request)
             return
-        self._enqueue(call, state)
+        self._enqueue(request, state)
 
-    def _resolve(self, call: Call) -> None:
-        assert call.inputs is not None
-        remaining = len(call.inputs)
+    def _resolve(self, request: Request) -> None:
+        assert request.inputs is not None
+        remaining = len(request.inputs)
 
         def on_input_done(_: Any) -> None:
             nonlocal remaining
             remaining -= 1
-            if remaining or call.state != CallState.RESOLVING:
+            if remaining or request.state != RequestState.RESOLVING:
                 return
-            for _, upstream in call.inputs or ():
+            for _, upstream in request.inputs or ():
                 error = upstream.completion.error()
                 if error is not None:
-                    self.finish(call, error=error)
+                    self.finish(request, error=error)
                     return
             try:
-                call.encode(*call.resolved_arguments())
+                request.encode(*request.resolved_arguments())
             except Exception as exc:
-                self.finish(call, error=exc)
+                self.finish(request, error=exc)
                 return
-            self._enqueue(call, self.state())
+            self._enqueue(request, self.state())
 
-        for _, upstream in call.inputs:
+        for _, upstream in request.inputs:
             upstream.completion.add_done_callback(on_input_done)
 
-    def _enqueue(self, call: Call, state: DeploymentState) -> None:
+    def _enqueue(self, request: Request, state: DeploymentState) -> None:
         replica_set = state.replica_set
         if replica_set is not None and not replica_set.exists:
-            self.finish(call, error=self._gone())
+            self.finish(request, error=self._gone())
             return
-        self._requeue(call)
+        self._requeue(request)
         # The first pass for a request arriving at an idle queue may probe; while a retry is
         # scheduled, the backoff schedule decides when to probe again.
         self.pump(probe=self._retry_timer is None)
@@ -184,11 +213,14 @@ class Router:
             str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
         )
 
-    def _requeue(self, call: Call) -> None:
-        """(Back) into the queue, in its original place."""
-        call.state = CallState.QUEUED
-        call.conn = None
-        heapq.heappush(self._pending, (call.seq, call))
+    def _requeue(self, request: Request) -> None:
+        """(Back) into the queue, in its original place; it counts as queued again."""
+        request.state = RequestState.QUEUED
+        request.conn = None
+        if not request.holds_queue_slot:
+            request.holds_queue_slot = True
+            self._add_queued(1)
+        heapq.heappush(self._pending, (request.seq, request))
 
     def pump(self, probe: bool = False) -> None:
         """Send waiting requests, oldest first, while a replica can take them.
@@ -222,8 +254,8 @@ class Router:
             return queue_lens.estimate(replica_id, now)
 
         while pending:
-            call = pending[0][1]
-            if call.state != CallState.QUEUED:
+            request = pending[0][1]
+            if request.state != RequestState.QUEUED:
                 heapq.heappop(pending)
                 continue
             candidates = state.routable
@@ -233,9 +265,9 @@ class Router:
             chosen = None
             for tier in candidate_tiers(
                 candidates,
-                model_id=call.model_id,
+                model_id=request.model_id,
                 local_host=state.local_host,
-                prefer_local=self.prefer_local_routing or call.prefer_local,
+                prefer_local=self.prefer_local_routing or request.prefer_local,
             ):
                 choice = choose(tier, estimate, rng)
                 if probe:
@@ -251,7 +283,7 @@ class Router:
                 return
             heapq.heappop(pending)
             self._failed_passes = 0
-            self._send(call, chosen, state)
+            self._send(request, chosen, state)
 
     def _schedule_retry(self) -> None:
         """Arrange the next probing pass: at once after one failure, then with backoff."""
@@ -266,181 +298,137 @@ class Router:
         if self._pending:
             self.pump(probe=True)
 
-    def _send(self, call: Call, replica: ReplicaInfo, state: DeploymentState) -> None:
+    def _send(self, request: Request, replica: ReplicaInfo, state: DeploymentState) -> None:
         conn = state.connection(replica)
+        envelope = request.envelope
+        if envelope.stream:
+            envelope.stream_window = STREAM_WINDOW
         try:
-            call.frame_id = conn.send_request(
-                call,
-                method=call.method,
-                request_codec=call.request_codec,
-                response_codec=call.response_codec,
-                args=call.args_blob,
-                kwargs=call.kwargs_blob,
-                request_id=call.request_id,
-                model_id=call.model_id,
-                stream=call.stream,
-                no_reject=call.no_reject,
-                stream_window=STREAM_WINDOW if call.stream else 0,
-                buffers=call.buffers,
-                args_buffer_count=call.args_buffer_count,
-            )
+            request.frame_id = conn.send(envelope, self, request)
         except ConnectionLost as exc:
             state.exclude(replica.replica_id)
-            if call.no_reject:
-                self.finish(call, error=ReplicaSkipped(str(exc)))
+            if envelope.no_reject:
+                self.finish(request, error=ReplicaSkipped(str(exc)))
                 return
-            self._requeue(call)
+            self._requeue(request)
             self._repump = True
             return
-        call.state = CallState.SENT
-        call.replica_id = replica.replica_id
-        call.conn = conn
-        call.answered = False
-        state.queue_lens.sent(replica.replica_id)
+        request.state = RequestState.SENT
+        request.replica_id = replica.replica_id
+        request.conn = conn
+        self._release_slot(request)
+        state.queue_lens.sent(replica.replica_id, request.frame_id)
 
-    # Replies (home loop), via Call's Exchange methods.
+    def send_to(self, request: Request, replica: ReplicaInfo) -> None:
+        """Send a request to one given replica (broadcast), bypassing the queue."""
+        request.state = RequestState.QUEUED
+        self._send(request, replica, self.state())
 
-    def _answered(self, call: Call, state: DeploymentState) -> None:
-        """The replica answered the call (or its connection did): it no longer counts as sent
-        without an answer in the queue-length estimate. Idempotent."""
-        if not call.answered:
-            call.answered = True
-            state.queue_lens.answered(call.replica_id)
+    # ReplyListener: what connections report (home loop).
 
-    def _admitted(self, call: Call, state: DeploymentState) -> None:
-        """The replica admitted the call (said ACCEPTED, or already sent its outcome, which can
-        overtake ACCEPTED on the other stream). Idempotent."""
-        self._answered(call, state)
-        if call.state == CallState.SENT:
-            call.state = CallState.ACCEPTED
-        self._release_slot(call)
-
-    def on_accepted(self, call: Call, ongoing: int) -> None:
+    def on_rejected(self, request: Request, draining: bool) -> None:
         state = self.state()
-        self._admitted(call, state)
-        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
-
-    def on_rejected(self, call: Call, ongoing: int, draining: bool) -> None:
-        state = self.state()
-        self._answered(call, state)
-        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
         if draining:
-            state.exclude(call.replica_id)
-        if call.state == CallState.SENT:
-            self._requeue(call)
+            state.exclude(request.replica_id)
+        if request.state == RequestState.SENT:
+            self._requeue(request)
         state.wake()
 
-    def on_result(
-        self, call: Call, body: memoryview, ongoing: int, buffers: list[bytes] | None
-    ) -> None:
-        state = self.state()
-        self._admitted(call, state)
-        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
-        if call.state != CallState.DONE:
+    def on_result(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
+        if request.state != RequestState.DONE:
             try:
-                value = decode(call.response_codec, body, buffers)
+                value = decode(request.envelope.response_codec, body, buffers)
             except Exception as exc:
-                self.finish(call, error=_decode_error(call, exc))
+                self.finish(request, error=_decode_error(request, exc))
             else:
-                self.finish(call, value=value)
-        state.wake()
+                self.finish(request, value=value)
+        self.state().wake()
 
-    def on_error(self, call: Call, error: BaseException, cancelled: bool, ongoing: int) -> None:
-        state = self.state()
-        self._admitted(call, state)
-        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
-        self.finish(call, error=RequestCancelledError(call.request_id) if cancelled else error)
-        state.wake()
+    def on_error(self, request: Request, error: BaseException, cancelled: bool) -> None:
+        self.finish(
+            request, error=RequestCancelledError(request.request_id) if cancelled else error
+        )
+        self.state().wake()
 
-    def on_item(self, call: Call, body: memoryview, buffers: list[bytes] | None) -> None:
-        if not call.answered:
-            self._admitted(call, self.state())
-        buffer = call.stream_buffer
-        if buffer is not None and call.state != CallState.DONE:
+    def on_item(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
+        buffer = request.stream_buffer
+        if buffer is not None and request.state != RequestState.DONE:
             buffer.push((body, buffers))
 
-    def on_end(self, call: Call, ongoing: int) -> None:
-        state = self.state()
-        self._admitted(call, state)
-        state.queue_lens.report(call.replica_id, ongoing, time.monotonic())
-        self.finish(call, value=None)
-        state.wake()
+    def on_end(self, request: Request) -> None:
+        self.finish(request, value=None)
+        self.state().wake()
 
-    def on_lost(self, call: Call, error: ConnectionLost) -> None:
-        self._answered(call, self.state())
-        if call.state == CallState.SENT:
-            if call.no_reject:  # a broadcast call belongs to its replica: leave it out
-                self.finish(call, error=ReplicaSkipped(str(error)))
-            elif error.retryable:
-                self._requeue(call)
-                # the connection's owner wakes routers once it dropped the replica
-            else:
-                self.finish(call, error=ServeError(str(error)))
-        elif call.state == CallState.ACCEPTED:
+    def on_lost(self, request: Request, error: ConnectionLost, written: bool) -> None:
+        if request.state != RequestState.SENT:
+            return
+        if written:
             self.finish(
-                call,
+                request,
                 error=ReplicaDiedError(
-                    f"Replica {call.replica_id} of {self.deployment_id} died while handling "
-                    f"request {call.request_id} ({call.method}): {error}. The request may have "
-                    "partly run; it was not retried."
+                    f"Replica {request.replica_id} of {self.deployment_id} died while handling "
+                    f"request {request.request_id} ({request.method}): {error}. The request may "
+                    "have partly run; it was not retried."
                 ),
             )
+        elif request.envelope.no_reject:  # a broadcast call belongs to its replica
+            self.finish(request, error=ReplicaSkipped(str(error)))
+        elif error.retryable:
+            self._requeue(request)
+            # the connection's owner wakes routers once it dropped the replica
+        else:
+            self.finish(request, error=ServeError(str(error)))
 
     # Outcomes.
 
-    def finish(self, call: Call, *, value: Any = None, error: BaseException | None = None) -> None:
-        if call.state == CallState.DONE:
+    def finish(
+        self, request: Request, *, value: Any = None, error: BaseException | None = None
+    ) -> None:
+        if request.state == RequestState.DONE:
             return
-        call.state = CallState.DONE
-        self._release_slot(call)
-        if call.parent is not None:
-            call.parent.children.discard(call)
-        buffer = call.stream_buffer
+        request.state = RequestState.DONE
+        self._release_slot(request)
+        if request.parent is not None:
+            request.parent.children.discard(request)
+        buffer = request.stream_buffer
         if buffer is not None:
             buffer.close(error)
         if error is not None:
-            call.completion.set_exception(error)
+            request.completion.set_exception(error)
         else:
-            call.completion.set_result(value)
+            request.completion.set_result(value)
 
-    def cancel(self, call: Call) -> None:
+    def cancel(self, request: Request) -> None:
         """Cancel a request: drop it if still queued, else tell its replica."""
-        call.cancelled = True
-        if call.state == CallState.DONE:
+        request.cancelled = True
+        if request.state == RequestState.DONE:
             return
-        if call.state in (CallState.SENT, CallState.ACCEPTED) and call.conn is not None:
-            call.conn.cancel(call.frame_id)
-        error = RequestCancelledError(call.request_id)
-        if call.stream_buffer is not None:
-            call.stream_buffer.close(error, drop=True)  # the next read raises, as in Ray
-        self.finish(call, error=error)
+        if request.state == RequestState.SENT and request.conn is not None:
+            request.conn.cancel(request.frame_id)
+        error = RequestCancelledError(request.request_id)
+        if request.stream_buffer is not None:
+            request.stream_buffer.close(error, drop=True)  # the next read raises, as in Ray
+        self.finish(request, error=error)
 
-    def send_to(self, call: Call, replica: ReplicaInfo) -> None:
-        """Send a call to one given replica (broadcast), bypassing the queue."""
-        call.state = CallState.QUEUED
-        self._send(call, replica, self.state())
-
-    def credit(self, call: Call, count: int) -> None:
+    def credit(self, request: Request, count: int) -> None:
         """The consumer of a stream read ``count`` items: the replica may send that many more."""
-        if call.conn is not None and call.state != CallState.DONE:
-            call.conn.credit(call.frame_id, count)
+        if request.conn is not None and request.state != RequestState.DONE:
+            request.conn.credit(request.frame_id, count)
 
-    def decode_item(self, call: Call, item: tuple[memoryview, list[bytes] | None]) -> Any:
+    def decode_item(self, request: Request, item: tuple[memoryview, list[bytes] | None]) -> Any:
         try:
-            return decode(call.response_codec, *item)
+            return decode(request.envelope.response_codec, *item)
         except Exception as exc:
-            raise _decode_error(call, exc) from None
+            raise _decode_error(request, exc) from exc
 
     def fail_all(self, error: BaseException) -> None:
         pending, self._pending = self._pending, []
-        for _, call in pending:
-            self.finish(call, error=error)
+        for _, request in pending:
+            self.finish(request, error=error)
 
 
-def _decode_error(call: Call, exc: Exception) -> TypeError:
-    from serve._serialization import CODEC_NAMES
-
+def _decode_error(request: Request, exc: Exception) -> TypeError:
     return TypeError(
-        f"Could not decode the result of {call.method} with the "
-        f"{CODEC_NAMES[call.response_codec]} codec: {exc}"
+        f"Could not decode the result of {request.method} with the "
+        f"{CODEC_NAMES[request.envelope.response_codec]} codec: {exc}"
     )

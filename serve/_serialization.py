@@ -39,10 +39,10 @@ _ORJSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 def codec_id(name: str) -> int:
     try:
         return CODEC_IDS[name]
-    except KeyError:
+    except KeyError as exc:
         raise ValueError(
             f"Unsupported serialization method {name!r}; choose one of {list(CODEC_NAMES)}."
-        ) from None
+        ) from exc
 
 
 def _is_plain(value: Any) -> bool:
@@ -66,10 +66,11 @@ class _Unencodable(TypeError):
 
 
 def _not_serializable(obj: Any) -> Any:
-    from serve.handle import DeploymentResponse, DeploymentResponseGenerator
-
-    if isinstance(obj, DeploymentResponse | DeploymentResponseGenerator):
-        obj.__reduce__()  # raises the "not serializable" ServeError
+    """The msgpack / orjson hook for types they cannot carry. A type may refuse with a reason of
+    its own (``__serve_unserializable__``, as DeploymentResponse does)."""
+    reason = getattr(type(obj), "__serve_unserializable__", None)
+    if isinstance(reason, str):
+        raise ServeError(reason)
     raise _Unencodable(obj)
 
 
@@ -116,9 +117,9 @@ def encode(codec: int, value: Any) -> bytes:
     except ServeError:
         raise
     except RecursionError as exc:
-        raise _encode_error(codec, value, exc) from None
+        raise _encode_error(codec, value, exc) from exc
     except Exception as exc:
-        raise _encode_error(codec, value, exc) from None
+        raise _encode_error(codec, value, exc) from exc
     raise ValueError(f"Unknown codec id {codec}.")
 
 
@@ -165,7 +166,7 @@ def encode_buffers(codec: int, value: Any) -> tuple[bytes, list[bytes]]:
     except ServeError:
         raise
     except Exception as exc:
-        raise _encode_error(codec, value, exc) from None
+        raise _encode_error(codec, value, exc) from exc
     return data, buffers
 
 

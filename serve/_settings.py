@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 TOKEN_METADATA_KEY = "serve-token"
-SESSION_METADATA_KEY = "serve-session"  # ties a router's Connect and Results streams together
+REPLICA_ID_METADATA_KEY = "serve-replica-id"  # names the replica a Connect stream is for
 TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"
@@ -46,8 +46,8 @@ def _float_env(name: str, default: float) -> float:
         return default
     try:
         return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number.") from None
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a number.") from exc
 
 
 @functools.cache

@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from serve._call import Call, CallState, ResponseBase
+from serve import _client
+from serve._broadcast import gather_async, gather_sync, start_broadcast
 from serve._models import DeploymentID
 from serve._options import DEFAULT, HandleOptions, validate_handle_options
+from serve._request import Request, RequestState, ResponseBase
+from serve._router import Router
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
 from serve.exceptions import ServeError
-
-if TYPE_CHECKING:
-    from serve._router import Router
 
 __all__ = [
     "DeploymentBroadcastResponse",
@@ -106,19 +106,15 @@ class DeploymentHandle(Generic[T]):
             with self._core.lock:
                 router = self._core.router
                 if router is None:
-                    from serve import _client
-                    from serve._router import Router
-
                     client = _client.current() or _client.connect(start_embedded=False)
-                    router = Router(client, self.deployment_id, self._core.handle_id)
+                    router = Router(client, self.deployment_id)
                     router.prefer_local_routing = self._core.prefer_local_routing
                     self._core.router = router
         return router
 
     def running_replicas_populated(self) -> bool:
         router = self._core.router
-        state = router._state if router is not None else None
-        return bool(state is not None and state.routable)
+        return router is not None and router.running_replicas_populated()
 
     def _init(self, *, _prefer_local_routing: bool = False, **_: Any) -> None:
         """Initialize the router with init-only options (before any use)."""
@@ -175,19 +171,17 @@ class DeploymentHandle(Generic[T]):
         before the request is sent.
         """
         router = self._router
-        call = router.make_call(self.handle_options, args, kwargs)
-        post(router.submit, call)
-        if call.stream:
-            return DeploymentResponseGenerator(call)
-        return DeploymentResponse(call)
+        request = router.make_request(self.handle_options, args, kwargs)
+        post(router.submit, request)
+        if request.stream:
+            return DeploymentResponseGenerator(request, router)
+        return DeploymentResponse(request, router)
 
     def broadcast(self, method_name: str, *args: Any, **kwargs: Any) -> DeploymentBroadcastResponse:
         """Call ``method_name`` once on every replica running now; no load balancing.
 
         Ignores ``stream=True``. Meant for rare control operations (cache resets, reloads).
         """
-        from serve._broadcast import start_broadcast
-
         router = self._router
         options = self.handle_options.copy_and_update(method_name=method_name, stream=False)
         return DeploymentBroadcastResponse(start_broadcast(router, options, args, kwargs))
@@ -213,21 +207,27 @@ def _rebuild_handle(name: str, app: str, options: HandleOptions) -> DeploymentHa
 
 
 class _ResponseFacade(ResponseBase):
-    __slots__ = ()
+    __slots__ = ("_router",)
+    # Read by the msgpack and orjson codecs, which never call __reduce__.
+    __serve_unserializable__ = _NOT_SERIALIZABLE
+
+    def __init__(self, request: Request, router: Router) -> None:
+        super().__init__(request)
+        self._router = router
 
     @property
     def request_id(self) -> str:
-        return self._call.request_id
+        return self._request.request_id
 
     def cancel(self) -> None:
         """Cancel the request (best effort, idempotent); waiters get RequestCancelledError."""
-        call = self._call
-        if not call.cancelled:
-            call.cancelled = True
-            post(call.router.cancel, call)
+        request = self._request
+        if not request.cancelled:
+            request.cancelled = True
+            post(request.cancel)
 
     def cancelled(self) -> bool:
-        return self._call.cancelled
+        return self._request.cancelled
 
     def __reduce__(self) -> tuple[Any, ...]:
         raise ServeError(_NOT_SERIALIZABLE)
@@ -255,10 +255,10 @@ class DeploymentResponse(_ResponseFacade, Generic[R]):
         """Block until the result is ready; ``TimeoutError`` leaves the request running."""
         if not _skip_asyncio_check and in_running_loop():
             raise RuntimeError(SYNC_IN_LOOP_MESSAGE)
-        return self._call.completion.wait_sync(timeout_s)  # type: ignore[no-any-return]
+        return self._request.completion.wait_sync(timeout_s)  # type: ignore[no-any-return]
 
     def __await__(self) -> Generator[Any, None, R]:
-        return self._call.completion.wait().__await__()
+        return self._request.completion.wait().__await__()
 
     def __repr__(self) -> str:
         return f"DeploymentResponse(request_id={self.request_id!r})"
@@ -273,8 +273,8 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
 
     __slots__ = ("_consumed",)
 
-    def __init__(self, call: Call) -> None:
-        super().__init__(call)
+    def __init__(self, request: Request, router: Router) -> None:
+        super().__init__(request, router)
         self._consumed = 0
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -287,7 +287,7 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         self._consumed += 1
         if self._consumed >= CREDIT_EVERY:
             count, self._consumed = self._consumed, 0
-            post(self._call.router.credit, self._call, count)
+            post(self._router.credit, self._request, count)
 
     def __iter__(self) -> Iterator[R]:
         return self
@@ -295,33 +295,33 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
     def __next__(self) -> R:
         if in_running_loop():
             raise RuntimeError(SYNC_IN_LOOP_MESSAGE)
-        buffer = self._call.stream_buffer
+        buffer = self._request.stream_buffer
         assert buffer is not None
         found, body = buffer.get_sync()
         if not found:
             raise StopIteration
         self._taken()
-        return self._call.router.decode_item(self._call, body)  # type: ignore[no-any-return]
+        return self._router.decode_item(self._request, body)  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[R]:
         return self
 
     async def __anext__(self) -> R:
-        buffer = self._call.stream_buffer
+        buffer = self._request.stream_buffer
         assert buffer is not None
         found, body = await buffer.get()
         if not found:
             raise StopAsyncIteration
         self._taken()
-        return self._call.router.decode_item(self._call, body)  # type: ignore[no-any-return]
+        return self._router.decode_item(self._request, body)  # type: ignore[no-any-return]
 
     def __del__(self) -> None:
         # A consumer that drops the stream cancels it, so the replica stops producing.
-        call = self._call
-        if not call.cancelled and call.state != CallState.DONE:
-            call.cancelled = True
+        request = self._request
+        if not request.cancelled and request.state != RequestState.DONE:
+            request.cancelled = True
             try:
-                post(call.router.cancel, call)
+                post(request.cancel)
             except Exception:  # interpreter shutdown: nothing left to cancel
                 pass
 
@@ -348,14 +348,10 @@ class DeploymentBroadcastResponse:
                 "Sync methods should not be called from within an `asyncio` event loop. "
                 "Use `await response.results_async()` instead."
             )
-        from serve._broadcast import gather_sync
-
         return gather_sync(self._calls, timeout_s, return_exceptions)
 
     async def results_async(
         self, *, timeout_s: float | None = None, return_exceptions: bool = False
     ) -> list[Any]:
         """Await every replica's result; see :meth:`results`."""
-        from serve._broadcast import gather_async
-
         return await gather_async(self._calls, timeout_s, return_exceptions)

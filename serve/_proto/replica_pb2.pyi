@@ -34,10 +34,6 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     FRAME_KIND_CANCEL: _FrameKind.ValueType  # 2
     FRAME_KIND_CREDIT: _FrameKind.ValueType  # 3
     """the consumer read `credit` more stream items"""
-    FRAME_KIND_ACCEPTED: _FrameKind.ValueType  # 4
-    """replica -> router
-    admitted; user code will run
-    """
     FRAME_KIND_REJECTED: _FrameKind.ValueType  # 5
     """not admitted; safe to retry elsewhere"""
     FRAME_KIND_RESULT: _FrameKind.ValueType  # 6
@@ -59,10 +55,6 @@ body: args then kwargs (split at args_len)
 FRAME_KIND_CANCEL: FrameKind.ValueType  # 2
 FRAME_KIND_CREDIT: FrameKind.ValueType  # 3
 """the consumer read `credit` more stream items"""
-FRAME_KIND_ACCEPTED: FrameKind.ValueType  # 4
-"""replica -> router
-admitted; user code will run
-"""
 FRAME_KIND_REJECTED: FrameKind.ValueType  # 5
 """not admitted; safe to retry elsewhere"""
 FRAME_KIND_RESULT: FrameKind.ValueType  # 6
@@ -141,25 +133,6 @@ class Batch(_message.Message):
 Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
-class ResultsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SESSION_FIELD_NUMBER: _builtins.int
-    session: _builtins.str
-    def __init__(
-        self,
-        *,
-        session: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ResultsRequest: _TypeAlias = ResultsRequest  # noqa: Y015
-
-@_typing.final
 class FrameHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -175,6 +148,7 @@ class FrameHeader(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     STREAM_WINDOW_FIELD_NUMBER: _builtins.int
     ONGOING_FIELD_NUMBER: _builtins.int
+    ACKED_FIELD_NUMBER: _builtins.int
     REJECT_REASON_FIELD_NUMBER: _builtins.int
     ERROR_KIND_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
@@ -201,6 +175,8 @@ class FrameHeader(_message.Message):
     """replies
     the replica's ongoing request count after this event
     """
+    acked: _builtins.int
+    """the highest request id this replica had read when it counted `ongoing`"""
     reject_reason: Global___RejectReason.ValueType
     error_kind: Global___ErrorKind.ValueType
     credit: _builtins.int
@@ -228,6 +204,7 @@ class FrameHeader(_message.Message):
         request_id: _builtins.str = ...,
         stream_window: _builtins.int = ...,
         ongoing: _builtins.int = ...,
+        acked: _builtins.int = ...,
         reject_reason: Global___RejectReason.ValueType = ...,
         error_kind: Global___ErrorKind.ValueType = ...,
         error: _common_pb2.ErrorInfo | None = ...,
@@ -237,7 +214,7 @@ class FrameHeader(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

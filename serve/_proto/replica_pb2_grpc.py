@@ -39,11 +39,6 @@ class ReplicaStub:
                 request_serializer=serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_replica__pb2.Batch.FromString,
                 _registered_method=True)
-        self.Results = channel.unary_stream(
-                '/serve.v1.Replica/Results',
-                request_serializer=serve_dot___proto_dot_replica__pb2.ResultsRequest.SerializeToString,
-                response_deserializer=serve_dot___proto_dot_replica__pb2.Batch.FromString,
-                _registered_method=True)
         self.Initialize = channel.unary_unary(
                 '/serve.v1.Replica/Initialize',
                 request_serializer=serve_dot___proto_dot_replica__pb2.InitializeRequest.SerializeToString,
@@ -84,18 +79,10 @@ class ReplicaServicer:
         are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
         Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
 
-        A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
-        replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
-        ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
-        lanes let the outcome leave without waiting for that write to complete. Without a session
-        id, everything comes back on Connect.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Results(self, request, context):
-        """The outcome lane of a Connect session (raw Batch messages, like Connect).
+        Admission is implicit: the replica answers each request with exactly one of REJECTED
+        (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
+        END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+        (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,11 +128,6 @@ def add_ReplicaServicer_to_server(servicer, server):
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
                     request_deserializer=serve_dot___proto_dot_replica__pb2.Batch.FromString,
-                    response_serializer=serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
-            ),
-            'Results': grpc.unary_stream_rpc_method_handler(
-                    servicer.Results,
-                    request_deserializer=serve_dot___proto_dot_replica__pb2.ResultsRequest.FromString,
                     response_serializer=serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
             ),
             'Initialize': grpc.unary_unary_rpc_method_handler(
@@ -200,33 +182,6 @@ class Replica:
             target,
             '/serve.v1.Replica/Connect',
             serve_dot___proto_dot_replica__pb2.Batch.SerializeToString,
-            serve_dot___proto_dot_replica__pb2.Batch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Results(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/serve.v1.Replica/Results',
-            serve_dot___proto_dot_replica__pb2.ResultsRequest.SerializeToString,
             serve_dot___proto_dot_replica__pb2.Batch.FromString,
             options,
             channel_credentials,

@@ -41,14 +41,11 @@ class ReplicaStub:
     are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
     Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
 
-    A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
-    replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
-    ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
-    lanes let the outcome leave without waiting for that write to complete. Without a session
-    id, everything comes back on Connect.
+    Admission is implicit: the replica answers each request with exactly one of REJECTED
+    (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
+    END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+    (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
     """
-    Results: _grpc.UnaryStreamMultiCallable[_replica_pb2.ResultsRequest, _replica_pb2.Batch]
-    """The outcome lane of a Connect session (raw Batch messages, like Connect)."""
     Initialize: _grpc.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]
     """Build the user object. Called once by the controller after the replica links."""
     Reconfigure: _grpc.UnaryUnaryMultiCallable[_replica_pb2.ReconfigureRequest, _replica_pb2.ReconfigureResponse]
@@ -72,14 +69,11 @@ class ReplicaAsyncStub(ReplicaStub):
     are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
     Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
 
-    A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
-    replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
-    ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
-    lanes let the outcome leave without waiting for that write to complete. Without a session
-    id, everything comes back on Connect.
+    Admission is implicit: the replica answers each request with exactly one of REJECTED
+    (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
+    END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+    (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
     """
-    Results: _aio.UnaryStreamMultiCallable[_replica_pb2.ResultsRequest, _replica_pb2.Batch]  # type: ignore[assignment]
-    """The outcome lane of a Connect session (raw Batch messages, like Connect)."""
     Initialize: _aio.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]  # type: ignore[assignment]
     """Build the user object. Called once by the controller after the replica links."""
     Reconfigure: _aio.UnaryUnaryMultiCallable[_replica_pb2.ReconfigureRequest, _replica_pb2.ReconfigureResponse]  # type: ignore[assignment]
@@ -106,20 +100,11 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
         Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
 
-        A router that sends the metadata `serve-session: <id>` also opens Results(<id>): the
-        replica then answers admission (ACCEPTED, REJECTED) on Connect and sends outcomes (RESULT,
-        ERROR, ITEM, END) on Results. ACCEPTED is handed to gRPC before user code runs; the two
-        lanes let the outcome leave without waiting for that write to complete. Without a session
-        id, everything comes back on Connect.
+        Admission is implicit: the replica answers each request with exactly one of REJECTED
+        (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
+        END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+        (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
         """
-
-    @_abc_1.abstractmethod
-    def Results(
-        self,
-        request: _replica_pb2.ResultsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_replica_pb2.Batch], _abc.AsyncIterator[_replica_pb2.Batch]]:
-        """The outcome lane of a Connect session (raw Batch messages, like Connect)."""
 
     @_abc_1.abstractmethod
     def Initialize(

@@ -1,26 +1,29 @@
 """The router side of a replica's multiplexed Connect stream.
 
 One ``ReplicaConnection`` per replica per process carries every request of every router in the
-process to that replica. Requests are numbered per connection; replies are matched by number and
-reported to the request's :class:`Exchange` as plain values (no protobuf leaves this module).
-Writes are coalesced: whatever is queued when the writer is free goes out as one message.
+process to that replica, over one bidirectional stream. Requests are numbered per connection;
+replies are matched by number and reported to the request's :class:`ReplyListener` as plain
+values (no protobuf leaves this module). Writes are coalesced: whatever is queued when the writer
+is free goes out as one message.
+
+A request counts as *written* once its frame was taken for writing to gRPC: if the stream breaks
+before its answer, it may have run (the listener hears ``written=True``); a request still queued
+here when the stream breaks certainly did not run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import grpc.aio
 
+from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._proto.replica_pb2 import (
     ERROR_KIND_CANCELLED,
-    ERROR_KIND_USER,
-    FRAME_KIND_ACCEPTED,
     FRAME_KIND_CANCEL,
     FRAME_KIND_CREDIT,
     FRAME_KIND_END,
@@ -33,39 +36,19 @@ from serve._proto.replica_pb2 import (
     FrameHeader,
     QueueLengthRequest,
     QueueLengthResponse,
-    ResultsRequest,
 )
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
-from serve._rpc.frames import BatchWriter, FrameError, read_frames
+from serve._rpc.frames import FrameError, FrameLane, read_frames
 from serve._rpc.status import rebuild
-from serve._settings import SESSION_METADATA_KEY
+from serve._settings import REPLICA_ID_METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
 CONNECT_METHOD = "/serve.v1.Replica/Connect"
-RESULTS_METHOD = "/serve.v1.Replica/Results"
 QUEUE_LENGTH_METHOD = "/serve.v1.Replica/QueueLength"
 
-
-class ConnectionLost(Exception):
-    """The stream to a replica broke. ``retryable`` is False when retrying cannot help."""
-
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class Exchange(Protocol):
-    """What a connection reports about one request it carries (called on the home loop)."""
-
-    def on_accepted(self, ongoing: int) -> None: ...
-    def on_rejected(self, ongoing: int, draining: bool) -> None: ...
-    def on_result(self, body: memoryview, ongoing: int, buffers: list[bytes] | None) -> None: ...
-    def on_error(self, error: BaseException, cancelled: bool, user: bool, ongoing: int) -> None: ...
-    def on_item(self, body: memoryview, buffers: list[bytes] | None) -> None: ...
-    def on_end(self, ongoing: int) -> None: ...
-    def on_lost(self, error: ConnectionLost) -> None: ...
-
+# (ongoing, acked): the replica's ongoing count and the highest request id it had read then.
+OnLoad = Callable[[int, int], None]
 
 _TERMINAL = frozenset({FRAME_KIND_REJECTED, FRAME_KIND_RESULT, FRAME_KIND_ERROR, FRAME_KIND_END})
 
@@ -80,21 +63,22 @@ class ReplicaConnection:
         *,
         token: str | None,
         tls: TlsFiles | None,
+        on_load: OnLoad,
         on_broken: Callable[[ReplicaConnection, ConnectionLost], None],
     ) -> None:
         self.replica_id = replica_id
         self.address = address
         self._token = token
         self._tls = tls
+        self._on_load = on_load
         self._on_broken = on_broken
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
-        self._results: grpc.aio.UnaryStreamCall[ResultsRequest, bytes] | None = None
-        self._writer = BatchWriter()
-        self._wakeup: asyncio.Event | None = None
+        self._lane: FrameLane | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: dict[int, Exchange] = {}
+        self._pending: dict[int, tuple[ReplyListener, Any]] = {}
         self._next_id = 0
+        self._written_upto = 0  # request ids up to this one were taken for writing
         self.broken: ConnectionLost | None = None
         self._closed = False
 
@@ -109,119 +93,77 @@ class ReplicaConnection:
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def _start(self) -> None:
-        """Open the session: Connect (requests in, admission out) and Results (outcomes)."""
+    def _start(self) -> FrameLane:
         self._channel = open_channel(self.address, self._tls)
-        session = os.urandom(8).hex()
         connect: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(
             CONNECT_METHOD
         )
-        self._call = connect(
-            metadata=(*token_metadata(self._token), (SESSION_METADATA_KEY, session))
+        call = self._call = connect(
+            metadata=(*token_metadata(self._token), (REPLICA_ID_METADATA_KEY, self.replica_id))
         )
-        results: grpc.aio.UnaryStreamMultiCallable[ResultsRequest, bytes] = (
-            self._channel.unary_stream(
-                RESULTS_METHOD, request_serializer=ResultsRequest.SerializeToString
-            )
-        )
-        self._results = results(
-            ResultsRequest(session=session), metadata=token_metadata(self._token)
-        )
-        self._wakeup = asyncio.Event()
+        lane = self._lane = FrameLane(call.write)
+        lane.on_take = self._taken
         self._tasks = [
-            asyncio.create_task(self._write_loop(), name=f"conn:write:{self.replica_id}"),
-            asyncio.create_task(self._read_loop(self._call), name=f"conn:read:{self.replica_id}"),
-            asyncio.create_task(
-                self._read_loop(self._results), name=f"conn:results:{self.replica_id}"
-            ),
+            asyncio.create_task(self._write_loop(call, lane), name=f"conn:write:{self.replica_id}"),
+            asyncio.create_task(self._read_loop(call), name=f"conn:read:{self.replica_id}"),
         ]
+        return lane
 
-    def send_request(
-        self,
-        exchange: Exchange,
-        *,
-        method: str,
-        request_codec: int,
-        response_codec: int,
-        args: bytes,
-        kwargs: bytes,
-        request_id: str,
-        model_id: str = "",
-        stream: bool = False,
-        no_reject: bool = False,
-        stream_window: int = 0,
-        buffers: list[bytes] | None = None,
-        args_buffer_count: int = 0,
-    ) -> int:
+    def _taken(self) -> None:
+        self._written_upto = self._next_id
+
+    def send(self, envelope: Envelope, listener: ReplyListener, request: Any) -> int:
         """Queue a request frame; returns its number on this connection."""
         if self.broken is not None:
             raise self.broken
-        if self._call is None:
-            self._start()
+        lane = self._lane or self._start()
         self._next_id += 1
         frame_id = self._next_id
-        self._pending[frame_id] = exchange
-        self._writer.add(
+        self._pending[frame_id] = (listener, request)
+        lane.send(
             FrameHeader(
                 kind=FRAME_KIND_REQUEST,
                 id=frame_id,
-                method=method,
-                request_codec=request_codec,  # type: ignore[arg-type]
-                response_codec=response_codec,  # type: ignore[arg-type]
-                args_len=len(args),
-                model_id=model_id,
-                stream=stream,
-                no_reject=no_reject,
-                request_id=request_id,
-                stream_window=stream_window,
-                args_buffer_count=args_buffer_count,
+                method=envelope.method,
+                request_codec=envelope.request_codec,  # type: ignore[arg-type]
+                response_codec=envelope.response_codec,  # type: ignore[arg-type]
+                args_len=len(envelope.args),
+                model_id=envelope.model_id,
+                stream=envelope.stream,
+                no_reject=envelope.no_reject,
+                request_id=envelope.request_id,
+                stream_window=envelope.stream_window,
+                args_buffer_count=envelope.args_buffer_count,
             ),
-            args,
-            kwargs,
-            buffers=buffers or (),
+            envelope.args,
+            envelope.kwargs,
+            buffers=envelope.buffers,
         )
-        self._kick()
         return frame_id
 
     def cancel(self, frame_id: int) -> None:
         """Ask the replica to cancel a request; its reply still arrives (ERROR, cancelled)."""
-        if self.broken is None and frame_id in self._pending:
-            self._writer.add(FrameHeader(kind=FRAME_KIND_CANCEL, id=frame_id))
-            self._kick()
-
-    def forget(self, frame_id: int) -> None:
-        """Stop reporting replies of a request (its caller is gone)."""
-        self._pending.pop(frame_id, None)
+        if self.broken is None and self._lane is not None and frame_id in self._pending:
+            self._lane.send(FrameHeader(kind=FRAME_KIND_CANCEL, id=frame_id))
 
     def credit(self, frame_id: int, count: int) -> None:
-        if self.broken is None and frame_id in self._pending:
-            self._writer.add(FrameHeader(kind=FRAME_KIND_CREDIT, id=frame_id, credit=count))
-            self._kick()
+        if self.broken is None and self._lane is not None and frame_id in self._pending:
+            self._lane.send(FrameHeader(kind=FRAME_KIND_CREDIT, id=frame_id, credit=count))
 
-    def _kick(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.is_set():
-            wakeup.set()
-
-    async def _write_loop(self) -> None:
-        assert self._call is not None
-        assert self._wakeup is not None
-        call, wakeup, writer = self._call, self._wakeup, self._writer
+    async def _write_loop(self, call: Any, lane: FrameLane) -> None:
+        """Write once the replica has confirmed, in its headers, that it is the replica this
+        connection is for: until then nothing is written, so nothing can have run."""
         try:
-            while True:
-                await wakeup.wait()
-                wakeup.clear()
-                while writer.count:
-                    for message in writer.take():
-                        await call.write(message)
+            metadata = await call.initial_metadata()
+            if (REPLICA_ID_METADATA_KEY, self.replica_id) not in tuple(metadata or ()):
+                return  # refused: the read loop reports the status it ended with
+            await lane.run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._fail(_lost(exc, self.address))
 
     async def _read_loop(self, call: Any) -> None:
-        """Dispatch what one of the session's two streams brings (either order is fine: an
-        outcome arriving before its admission answer implies it)."""
         try:
             while True:
                 message = await call.read()
@@ -246,33 +188,27 @@ class ReplicaConnection:
         pending = self._pending
         for header, body, buffers in frames:
             kind = header.kind
-            frame_id = header.id
-            exchange = pending.get(frame_id)
-            if exchange is None:
+            if kind != FRAME_KIND_ITEM:
+                self._on_load(header.ongoing, header.acked)
+            entry = pending.get(header.id)
+            if entry is None:
                 continue
             if kind in _TERMINAL:
-                del pending[frame_id]
+                del pending[header.id]
+            listener, request = entry
             try:
                 if kind == FRAME_KIND_RESULT:
-                    exchange.on_result(body, header.ongoing, buffers)
-                elif kind == FRAME_KIND_ACCEPTED:
-                    exchange.on_accepted(header.ongoing)
+                    listener.on_result(request, body, buffers)
                 elif kind == FRAME_KIND_ITEM:
-                    exchange.on_item(body, buffers)
+                    listener.on_item(request, body, buffers)
                 elif kind == FRAME_KIND_END:
-                    exchange.on_end(header.ongoing)
+                    listener.on_end(request)
                 elif kind == FRAME_KIND_ERROR:
-                    error = rebuild(header.error)
-                    exchange.on_error(
-                        error,
-                        header.error_kind == ERROR_KIND_CANCELLED,
-                        header.error_kind == ERROR_KIND_USER,
-                        header.ongoing,
+                    listener.on_error(
+                        request, rebuild(header.error), header.error_kind == ERROR_KIND_CANCELLED
                     )
                 elif kind == FRAME_KIND_REJECTED:
-                    exchange.on_rejected(
-                        header.ongoing, header.reject_reason == REJECT_REASON_DRAINING
-                    )
+                    listener.on_rejected(request, header.reject_reason == REJECT_REASON_DRAINING)
             except Exception:
                 logger.exception("Handling a reply from %s failed", self.address)
 
@@ -282,9 +218,10 @@ class ReplicaConnection:
             return
         self.broken = error
         pending, self._pending = self._pending, {}
-        for exchange in pending.values():
+        written_upto = self._written_upto
+        for frame_id, (listener, request) in pending.items():
             try:
-                exchange.on_lost(error)
+                listener.on_lost(request, error, frame_id <= written_upto)
             except Exception:
                 logger.exception("Reporting a lost connection failed")
         self._on_broken(self, error)
@@ -293,7 +230,7 @@ class ReplicaConnection:
         """Probe the replica's ongoing count (and whether it accepts work)."""
         if self.broken is not None:
             raise self.broken
-        if self._call is None:
+        if self._lane is None:
             self._start()
         assert self._channel is not None
         probe = self._channel.unary_unary(
@@ -307,10 +244,10 @@ class ReplicaConnection:
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise TimeoutError(f"Probe of {self.address} took over {timeout_s}s.") from None
+                raise TimeoutError(f"Probe of {self.address} took over {timeout_s}s.") from exc
             lost = _lost(exc, self.address)
             self._fail(lost)
-            raise lost from None
+            raise lost from exc
         return reply.ongoing, reply.accepting
 
     async def aclose(self) -> None:
@@ -325,9 +262,8 @@ class ReplicaConnection:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for call in (self._call, self._results):
-            if call is not None:
-                call.cancel()
+        if self._call is not None:
+            self._call.cancel()
         if self._channel is not None:
             await self._channel.close()
 

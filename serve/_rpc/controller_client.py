@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -26,17 +27,62 @@ from serve.schema import ApplicationStatusOverview, ServeStatus
 CALL_TIMEOUT_S = 10.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LinkInfo:
+    """What a replica tells its controller when it links (and re-links after a restart)."""
+
+    replica_id: str
+    address: str
+    pid: int
+    host: str
+    initialized: bool
+    code_version: str
+    user_config_json: bytes
+    model_ids: tuple[str, ...]
+    draining: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaLoad:
+    """A replica's periodic report: average ongoing requests and cumulative counters."""
+
+    ongoing: float
+    requests_total: int
+    errors_total: int
+    latency_bucket_counts: tuple[int, ...]
+    latency_sum_ms: float
+
+
 class ControllerClient:
-    """One channel to the controller, on the loop that created it."""
+    """One channel to the controller, opened on first use on the loop that uses it.
+
+    Used by drivers (deploy, status, watch), handles (load reports) and replicas (link,
+    reports): one channel per process.
+    """
 
     def __init__(self, address: str, *, token: str | None, tls: TlsFiles | None) -> None:
         self.address = address
         self._metadata = token_metadata(token)
-        self._channel = open_channel(address, tls)
-        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
+        self._tls = tls
+        self._channel_: grpc.aio.Channel | None = None
+        self._stub_: controller_pb2_grpc.ControllerAsyncStub | None = None
+        self._closed = False
+
+    @property
+    def _stub(self) -> controller_pb2_grpc.ControllerAsyncStub:
+        if self._stub_ is None:
+            if self._closed:
+                raise ServeError("This controller client was closed.")
+            self._channel_ = open_channel(self.address, self._tls)
+            self._stub_ = controller_pb2_grpc.ControllerStub(self._channel_)
+        return self._stub_
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        """Close the channel. Idempotent."""
+        self._closed = True
+        channel, self._channel_, self._stub_ = self._channel_, None, None
+        if channel is not None:
+            await channel.close()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Fail fast (within ``timeout_s``) if nothing answers at the address."""
@@ -45,7 +91,7 @@ class ControllerClient:
                 controller_pb2.GetStatusRequest(), timeout=timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, "reach the controller") from None
+            raise controller_error(exc, self.address, "reach the controller") from exc
 
     async def deploy(
         self,
@@ -67,7 +113,7 @@ class ControllerClient:
         try:
             await self._stub.Deploy(request, timeout=CALL_TIMEOUT_S, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, f"deploy application {app_name!r}") from None
+            raise controller_error(exc, self.address, f"deploy application {app_name!r}") from exc
 
     async def wait_application(
         self, app_name: str, timeout_s: float
@@ -81,9 +127,7 @@ class ControllerClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(
-                exc, self.address, f"wait for application {app_name!r}"
-            ) from None
+            raise controller_error(exc, self.address, f"wait for application {app_name!r}") from exc
         if not reply.found:
             return None
         return application_status_from_proto(reply.status), reply.ingress_set_version
@@ -107,7 +151,7 @@ class ControllerClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, f"delete application {app_name!r}") from None
+            raise controller_error(exc, self.address, f"delete application {app_name!r}") from exc
         return reply.found
 
     async def status(self) -> ServeStatus:
@@ -116,7 +160,7 @@ class ControllerClient:
                 controller_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT_S, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, "get the serve status") from None
+            raise controller_error(exc, self.address, "get the serve status") from exc
         return serve_status_from_proto(reply)
 
     async def get_application(self, app_name: str) -> tuple[str, list[str]] | None:
@@ -128,7 +172,7 @@ class ControllerClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, f"look up application {app_name!r}") from None
+            raise controller_error(exc, self.address, f"look up application {app_name!r}") from exc
         if not reply.found:
             return None
         return reply.ingress, list(reply.deployments)
@@ -140,7 +184,7 @@ class ControllerClient:
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:  # it stopped before answering
-                raise controller_error(exc, self.address, "shut down serve") from None
+                raise controller_error(exc, self.address, "shut down serve") from exc
 
     async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
         """Replica sets of one deployment: the current one, then each change. Ends on error."""
@@ -152,7 +196,7 @@ class ControllerClient:
             async for message in call:
                 yield replica_set_from_proto(message)
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, f"watch {deployment_id}") from None
+            raise controller_error(exc, self.address, f"watch {deployment_id}") from exc
         finally:
             call.cancel()
 
@@ -173,7 +217,63 @@ class ControllerClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, "report load") from None
+            raise controller_error(exc, self.address, "report load") from exc
+
+    async def link(self, info: LinkInfo) -> AsyncIterator[bool]:
+        """Hold a replica's Link stream: yields True while the controller keeps the replica,
+        and False once if it wants it to stop. Ends when the stream breaks (raises
+        ControllerUnavailableError and the like)."""
+        call = self._stub.Link(
+            controller_pb2.LinkRequest(
+                replica_id=info.replica_id,
+                address=info.address,
+                pid=info.pid,
+                host=info.host,
+                initialized=info.initialized,
+                code_version=info.code_version,
+                user_config_json=info.user_config_json,
+                model_ids=list(info.model_ids),
+                draining=info.draining,
+            ),
+            metadata=self._metadata,
+        )
+        try:
+            async for response in call:
+                yield response.action != controller_pb2.LinkResponse.ACTION_STOP
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "link to the controller") from exc
+        finally:
+            call.cancel()
+
+    async def report_replica_load(
+        self, deployment_id: DeploymentID, replica_id: str, load: ReplicaLoad
+    ) -> None:
+        try:
+            await self._stub.ReportLoad(
+                controller_pb2.ReportLoadRequest(
+                    id=deployment_id_to_proto(deployment_id),
+                    source_id=replica_id,
+                    ongoing=load.ongoing,
+                    requests_total=load.requests_total,
+                    errors_total=load.errors_total,
+                    latency_bucket_counts=list(load.latency_bucket_counts),
+                    latency_sum_ms=load.latency_sum_ms,
+                ),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "report load") from exc
+
+    async def report_models(self, replica_id: str, model_ids: Sequence[str]) -> None:
+        try:
+            await self._stub.ReportModels(
+                controller_pb2.ReportModelsRequest(replica_id=replica_id, model_ids=model_ids),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "report model ids") from exc
 
 
 def lookup_application_blocking(client: object, app_name: str) -> tuple[str, list[str]] | None:
@@ -197,7 +297,7 @@ def lookup_application_blocking(client: object, app_name: str) -> tuple[str, lis
             metadata=token_metadata(token),
         )
     except grpc.RpcError as exc:
-        raise ServeError(f"Could not look up application {app_name!r}: {exc}") from None
+        raise ServeError(f"Could not look up application {app_name!r}: {exc}") from exc
     finally:
         channel.close()
     if not reply.found:

@@ -111,6 +111,16 @@ def spec_to_proto(spec: DeploymentSpec) -> common_pb2.DeploymentSpec:
     )
 
 
+def spec_from_proto(msg: common_pb2.DeploymentSpec) -> DeploymentSpec:
+    return DeploymentSpec(
+        name=msg.name,
+        serialized_callable=msg.serialized_callable,
+        serialized_init_args=msg.serialized_init_args,
+        code_version=msg.code_version,
+        config=config_from_proto(msg.config),
+    )
+
+
 def code_env_to_proto(env: CodeEnv) -> common_pb2.CodeEnv:
     return common_pb2.CodeEnv(cwd=env.cwd, sys_path=list(env.sys_path))
 

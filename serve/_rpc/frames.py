@@ -11,15 +11,17 @@ is byte-for-byte a valid protobuf ``Batch``.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 from serve._proto.replica_pb2 import FrameHeader
 
 _LENGTHS: Final = struct.Struct("<II")
 _BATCH_TAG: Final = b"\x0a"  # field 1, wire type 2 (length-delimited)
 MAX_VARINT_BYTES: Final = 10
+MAX_FRAME_BODY: Final = 2**32 - 1  # a frame's body length is a u32
 
 
 class FrameError(ValueError):
@@ -62,6 +64,8 @@ class BatchWriter:
         body_len = 0
         for part in body:
             body_len += len(part)
+        if body_len > MAX_FRAME_BODY:
+            raise FrameError(f"A frame body of {body_len} bytes is over {MAX_FRAME_BODY}.")
         self._parts.append(_LENGTHS.pack(len(encoded), body_len))
         self._parts.append(encoded)
         self._parts.extend(body)
@@ -81,6 +85,47 @@ class BatchWriter:
         messages, self._messages = self._messages, []
         self.count = 0
         return messages
+
+
+class FrameLane:
+    """The frames going one way on one gRPC stream, coalesced: whatever is queued when the
+    writer is free goes out together. Used by both ends of the Connect stream."""
+
+    __slots__ = ("_wakeup", "_write", "idle", "on_take", "writer")
+
+    def __init__(self, write: Callable[[bytes], Awaitable[Any]]) -> None:
+        self._write = write
+        self.writer = BatchWriter()
+        self._wakeup = asyncio.Event()
+        self.idle = asyncio.Event()  # nothing queued and nothing being written
+        self.idle.set()
+        # Called as queued frames are taken for writing: from then on they count as written.
+        self.on_take: Callable[[], None] | None = None
+
+    def send(
+        self, header: FrameHeader, *body: bytes | memoryview, buffers: Sequence[bytes] = ()
+    ) -> None:
+        self.writer.add(header, *body, buffers=buffers)
+        self.idle.clear()
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Write until cancelled (or until a write fails, which raises)."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        writer = self.writer
+        while writer.count:
+            messages = writer.take()
+            if self.on_take is not None:
+                self.on_take()
+            for message in messages:
+                await self._write(message)
+        self.idle.set()
 
 
 def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
@@ -119,7 +164,7 @@ def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
         try:
             header = FrameHeader.FromString(view[offset:body_start])  # type: ignore[arg-type]
         except Exception as exc:  # protobuf's DecodeError
-            raise FrameError(f"Undecodable frame header: {exc}") from None
+            raise FrameError(f"Undecodable frame header: {exc}") from exc
         yield header, view[body_start:body_end]
         offset = body_end
 

@@ -24,16 +24,27 @@ def _failure(error: common_pb2.ErrorInfo) -> Failure:
 
 
 class ReplicaClient:
-    """A channel to one replica, on the controller's loop."""
+    """A channel to one replica, opened on first use on the controller's loop."""
 
     def __init__(self, address: str, *, token: str | None, tls: TlsFiles | None) -> None:
         self.address = address
         self._metadata = token_metadata(token)
-        self._channel = open_channel(address, tls)
-        self._stub = replica_pb2_grpc.ReplicaStub(self._channel)
+        self._tls = tls
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: replica_pb2_grpc.ReplicaAsyncStub | None = None
+
+    @property
+    def _stub(self) -> replica_pb2_grpc.ReplicaAsyncStub:
+        if self._stub_ is None:
+            self._channel = open_channel(self.address, self._tls)
+            self._stub_ = replica_pb2_grpc.ReplicaStub(self._channel)
+        return self._stub_
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        """Close the channel (opened on first use). Idempotent."""
+        channel, self._channel, self._stub_ = self._channel, None, None
+        if channel is not None:
+            await channel.close()
 
     async def initialize(
         self, app_name: str, spec: DeploymentSpec, code_env: CodeEnv
@@ -49,7 +60,7 @@ class ReplicaClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"Initialize: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"Initialize: {exc.code().name}: {exc.details()}") from exc
         return None if reply.ok else _failure(reply.error)
 
     async def reconfigure(
@@ -63,7 +74,7 @@ class ReplicaClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"Reconfigure: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"Reconfigure: {exc.code().name}: {exc.details()}") from exc
         return None if reply.ok else _failure(reply.error)
 
     async def check_health(self, timeout_s: float) -> Failure | None:
@@ -73,7 +84,7 @@ class ReplicaClient:
                 replica_pb2.CheckHealthRequest(), timeout=timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"CheckHealth: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"CheckHealth: {exc.code().name}: {exc.details()}") from exc
         return None if reply.ok else _failure(reply.error)
 
     async def stop(self, timeout_s: float) -> int:
@@ -85,5 +96,5 @@ class ReplicaClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"Stop: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"Stop: {exc.code().name}: {exc.details()}") from exc
         return reply.abandoned

@@ -26,7 +26,7 @@ from serve.exceptions import (
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
-    except Exception:
+    except BaseException:  # user code's __str__ may raise anything; never let it escape
         return f"<unprintable {type(exc).__name__}>"
 
 
@@ -42,11 +42,11 @@ def error_info(exc: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
     """Describe an exception for the wire; never raises."""
     try:
         text = "".join(traceback.format_exception(exc)) if with_traceback else ""
-    except Exception:
+    except BaseException:  # user code (__str__, __repr__) may raise anything here
         text = ""
     try:
         pickled = cloudpickle.dumps(exc)
-    except Exception:
+    except BaseException:  # ... and in __reduce__: the text fields still describe it
         pickled = b""
     return ErrorInfo(
         type_name=_type_name(exc), message=_safe_str(exc), traceback=text, pickled=pickled
@@ -59,7 +59,7 @@ def rebuild(info: ErrorInfo) -> BaseException:
     if info.pickled:
         try:
             loaded = pickle.loads(info.pickled)
-        except Exception:
+        except BaseException:  # an exception class whose unpickling raises anything at all
             loaded = None
         if isinstance(loaded, BaseException):
             error = loaded

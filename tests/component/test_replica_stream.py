@@ -19,9 +19,10 @@ import pytest
 from replica.executor import Executor
 from replica.servicer import ReplicaServicer, register
 from serve._context import set_replica_context
+from serve._exchange import ConnectionLost, Envelope
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, ReplicaID
 from serve._rpc.channel import new_server
-from serve._rpc.connection import ConnectionLost, ReplicaConnection
+from serve._rpc.connection import ReplicaConnection
 from serve._serialization import CLOUDPICKLE, decode, encode_args
 
 TOKEN = "component-token"
@@ -57,37 +58,34 @@ class Target:
 
 
 class Recorder:
-    """An Exchange that records what the connection reports."""
+    """A ReplyListener that records what the connection reports about its one request."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
         self.done = asyncio.Event()
         self.items: list[Any] = []
 
-    def on_accepted(self, ongoing: int) -> None:
-        self.events.append(("accepted", ongoing))
-
-    def on_rejected(self, ongoing: int, draining: bool) -> None:
-        self.events.append(("rejected", (ongoing, draining)))
+    def on_rejected(self, request: Any, draining: bool) -> None:
+        self.events.append(("rejected", draining))
         self.done.set()
 
-    def on_result(self, body: memoryview, ongoing: int, buffers: list[bytes] | None) -> None:
+    def on_result(self, request: Any, body: memoryview, buffers: list[bytes] | None) -> None:
         self.events.append(("result", decode(CLOUDPICKLE, body, buffers)))
         self.done.set()
 
-    def on_error(self, error: BaseException, cancelled: bool, user: bool, ongoing: int) -> None:
-        self.events.append(("error", (type(error).__name__, cancelled, user)))
+    def on_error(self, request: Any, error: BaseException, cancelled: bool) -> None:
+        self.events.append(("error", (type(error).__name__, cancelled)))
         self.done.set()
 
-    def on_item(self, body: memoryview, buffers: list[bytes] | None) -> None:
+    def on_item(self, request: Any, body: memoryview, buffers: list[bytes] | None) -> None:
         self.items.append(decode(CLOUDPICKLE, body, buffers))
 
-    def on_end(self, ongoing: int) -> None:
-        self.events.append(("end", ongoing))
+    def on_end(self, request: Any) -> None:
+        self.events.append(("end", None))
         self.done.set()
 
-    def on_lost(self, error: ConnectionLost) -> None:
-        self.events.append(("lost", error.retryable))
+    def on_lost(self, request: Any, error: ConnectionLost, written: bool) -> None:
+        self.events.append(("lost", (error.retryable, written)))
         self.done.set()
 
     def kinds(self) -> list[str]:
@@ -123,12 +121,20 @@ async def replica() -> AsyncIterator[tuple[Executor, str]]:
         await server.stop(0)
 
 
-def _connect(address: str, broken: list[ConnectionLost] | None = None) -> ReplicaConnection:
+def _connect(
+    address: str,
+    broken: list[ConnectionLost] | None = None,
+    loads: list[tuple[int, int]] | None = None,
+    replica_id: str = "component#Target#t1",
+) -> ReplicaConnection:
     return ReplicaConnection(
-        "component#Target#t1",
+        replica_id,
         address,
         token=TOKEN,
         tls=None,
+        on_load=lambda ongoing, acked: (
+            loads.append((ongoing, acked)) if loads is not None else None
+        ),
         on_broken=lambda conn, error: broken.append(error) if broken is not None else None,
     )
 
@@ -137,17 +143,17 @@ def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, 
     stream = kw.pop("_stream", False)
     window = kw.pop("_window", 0)
     a, k = encode_args(CLOUDPICKLE, args, kw)
-    return conn.send_request(
-        exchange,
+    envelope = Envelope(
         method=method,
+        request_id="r",
         request_codec=CLOUDPICKLE,
         response_codec=CLOUDPICKLE,
         args=a,
         kwargs=k,
-        request_id="r",
         stream=stream,
         stream_window=window,
     )
+    return conn.send(envelope, exchange, None)
 
 
 async def _until(predicate: Any, timeout_s: float = 5.0) -> None:
@@ -157,19 +163,24 @@ async def _until(predicate: Any, timeout_s: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
-async def test_accept_then_result_carry_the_ongoing_count(replica: tuple[Executor, str]) -> None:
+async def test_the_outcome_is_the_only_answer_and_carries_the_load(
+    replica: tuple[Executor, str],
+) -> None:
     _, address = replica
-    conn = _connect(address)
+    loads: list[tuple[int, int]] = []
+    conn = _connect(address, loads=loads)
     exchange = Recorder()
     _send(conn, exchange, "echo", {"x": 1})
     await asyncio.wait_for(exchange.done.wait(), 5)
-    assert exchange.events == [("accepted", 1), ("result", {"x": 1})]
+    assert exchange.events == [("result", {"x": 1})]
+    assert loads == [(0, 1)]  # nothing running after it; request 1 was read
     await conn.aclose()
 
 
 async def test_admission_rejects_above_max_ongoing(replica: tuple[Executor, str]) -> None:
     executor, address = replica
-    conn = _connect(address)
+    loads: list[tuple[int, int]] = []
+    conn = _connect(address, loads=loads)
     waiting = [Recorder(), Recorder()]
     for exchange in waiting:
         _send(conn, exchange, "wait")
@@ -177,7 +188,8 @@ async def test_admission_rejects_above_max_ongoing(replica: tuple[Executor, str]
     rejected = Recorder()
     _send(conn, rejected, "wait")
     await asyncio.wait_for(rejected.done.wait(), 5)
-    assert rejected.events == [("rejected", (2, False))]
+    assert rejected.events == [("rejected", False)]
+    assert loads == [(2, 3)]
     executor._target.gate.set()
     for exchange in waiting:
         await asyncio.wait_for(exchange.done.wait(), 5)
@@ -193,7 +205,7 @@ async def test_a_draining_replica_rejects_as_retryable(replica: tuple[Executor, 
     exchange = Recorder()
     _send(conn, exchange, "echo", 1)
     await asyncio.wait_for(exchange.done.wait(), 5)
-    assert exchange.events == [("rejected", (0, True))]
+    assert exchange.events == [("rejected", True)]
     await conn.aclose()
 
 
@@ -205,7 +217,7 @@ async def test_cancel_frame_cancels_the_user_coroutine(replica: tuple[Executor, 
     await _until(lambda: executor.ongoing == 1)
     conn.cancel(frame_id)
     await asyncio.wait_for(exchange.done.wait(), 5)
-    assert exchange.events[-1] == ("error", ("CancelledError", True, False))
+    assert exchange.events[-1] == ("error", ("CancelledError", True))
     assert executor._target.cancelled == 1
     assert executor.ongoing == 0
     await conn.aclose()
@@ -241,7 +253,7 @@ async def test_streams_pause_without_credit(replica: tuple[Executor, str]) -> No
     conn.credit(frame_id, 92)
     await asyncio.wait_for(exchange.done.wait(), 5)
     assert exchange.items == list(range(100))
-    assert exchange.events[-1] == ("end", 0)
+    assert exchange.events[-1] == ("end", None)
     await conn.aclose()
 
 
@@ -251,7 +263,7 @@ async def test_unknown_method_is_a_system_error(replica: tuple[Executor, str]) -
     exchange = Recorder()
     _send(conn, exchange, "nope")
     await asyncio.wait_for(exchange.done.wait(), 5)
-    assert exchange.events[-1] == ("error", ("ServeError", False, False))
+    assert exchange.events[-1] == ("error", ("ServeError", False))
     await conn.aclose()
 
 
@@ -259,44 +271,43 @@ async def test_undecodable_arguments_are_refused_not_crashed(replica: tuple[Exec
     executor, address = replica
     conn = _connect(address)
     exchange = Recorder()
-    conn.send_request(
-        exchange,
+    envelope = Envelope(
         method="echo",
+        request_id="r",
         request_codec=CLOUDPICKLE,
         response_codec=CLOUDPICKLE,
         args=b"not a pickle",
-        kwargs=b"",
-        request_id="r",
     )
+    conn.send(envelope, exchange, None)
     await asyncio.wait_for(exchange.done.wait(), 5)
-    assert exchange.events[-1] == ("error", ("ServeError", False, False))
+    assert exchange.events[-1] == ("error", ("ServeError", False))
     assert executor.ongoing == 0
     await conn.aclose()
 
 
-async def test_an_unreachable_replica_loses_requests_as_retryable() -> None:
+async def test_an_unreachable_replica_loses_requests_unwritten() -> None:
     broken: list[ConnectionLost] = []
     conn = _connect("127.0.0.1:9", broken)
     exchange = Recorder()
     _send(conn, exchange, "echo", 1)
     await asyncio.wait_for(exchange.done.wait(), 10)
-    assert exchange.events == [("lost", True)]
+    assert exchange.events == [("lost", (True, False))]  # never written: safe to retry
     assert len(broken) == 1
     await conn.aclose()
 
 
-async def test_a_replica_dying_mid_request_reports_the_loss_after_acceptance(
+async def test_a_replica_dying_mid_request_reports_a_written_request_lost(
     replica: tuple[Executor, str],
 ) -> None:
-    _, address = replica
+    executor, address = replica
     broken: list[ConnectionLost] = []
     conn = _connect(address, broken)
     exchange = Recorder()
     _send(conn, exchange, "wait")
-    await _until(lambda: exchange.kinds() == ["accepted"])
+    await _until(lambda: executor.ongoing == 1)
     await replica_servers[address].stop(0)
     await asyncio.wait_for(exchange.done.wait(), 10)
-    assert exchange.kinds() == ["accepted", "lost"]
+    assert exchange.events == [("lost", (True, True))]  # it may have run: never retried
     assert len(broken) == 1
     await conn.aclose()
 
@@ -307,7 +318,7 @@ async def test_garbage_on_the_stream_ends_it_with_invalid_argument(
     _, address = replica
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.stream_stream("/serve.v1.Replica/Connect")(
-            metadata=(("serve-token", TOKEN),)
+            metadata=(("serve-token", TOKEN), ("serve-replica-id", "component#Target#t1"))
         )
         await call.write(b"\x0a\x03xyz")
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -344,10 +355,25 @@ async def test_cancel_in_the_same_batch_as_its_request_releases_the_slot(
     for exchange in exchanges:
         await asyncio.wait_for(exchange.done.wait(), 5)
         assert exchange.events[-1][0] in ("error", "rejected")
-    assert any(e.events[-1] == ("error", ("CancelledError", True, False)) for e in exchanges)
+    assert any(e.events[-1] == ("error", ("CancelledError", True)) for e in exchanges)
     assert executor.ongoing == 0
     follow_up = Recorder()
     _send(conn, follow_up, "echo", "still serving")
     await asyncio.wait_for(follow_up.done.wait(), 5)
     assert follow_up.events[-1] == ("result", "still serving")
+    await conn.aclose()
+
+
+async def test_a_stream_for_another_replica_is_refused_before_any_request_is_read(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    broken: list[ConnectionLost] = []
+    conn = _connect(address, broken, replica_id="other#Target#t9")
+    exchange = Recorder()
+    _send(conn, exchange, "echo", 1)
+    await asyncio.wait_for(exchange.done.wait(), 10)
+    assert exchange.events == [("lost", (True, False))]  # refused unread: retry elsewhere
+    assert "not 'other#Target#t9'" in str(broken[0])
+    assert executor.stats.requests == 0
     await conn.aclose()

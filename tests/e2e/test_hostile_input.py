@@ -13,7 +13,7 @@ import pytest
 
 import serve
 from serve import _client
-from serve._settings import TOKEN_METADATA_KEY
+from serve._settings import REPLICA_ID_METADATA_KEY, TOKEN_METADATA_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("serve_instance")]
 
@@ -39,23 +39,35 @@ class Ping:
         return "pong"
 
 
+REPLICA_ID = ""  # the replica the Connect calls below are meant for (set by _targets)
+
+
 def _targets() -> tuple[str, str, str]:
+    global REPLICA_ID
     handle = serve.run(Ping.bind(), name="hostile")
     assert handle.remote().result() == "pong"
     client = _client.current()
     assert client is not None
     assert client.token
-    state = handle._router._state
-    assert state is not None
-    return client.address, state.routable[0].address, client.token
+    replica = client.deployment_state(handle.deployment_id).routable[0]
+    REPLICA_ID = replica.replica_id
+    return client.address, replica.address, client.token
 
 
 async def _call(
-    address: str, method: str, kind: str, payload: bytes | None, token: str | None
+    address: str,
+    method: str,
+    kind: str,
+    payload: bytes | None,
+    token: str | None,
+    replica_id: str | None = None,
 ) -> tuple[grpc.StatusCode, str]:
     """Send one raw message (none on a bidi call if ``payload`` is None); return the final
-    status and details."""
-    metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
+    status and details. Connect calls name the replica they are for (``replica_id``)."""
+    metadata: tuple[tuple[str, str], ...] = ((TOKEN_METADATA_KEY, token),) if token else ()
+    if kind == "bidi":
+        wanted = REPLICA_ID if replica_id is None else replica_id
+        metadata += ((REPLICA_ID_METADATA_KEY, wanted),)
     async with grpc.aio.insecure_channel(address) as channel:
         call: Any
         if kind == "unary":
@@ -112,6 +124,21 @@ def test_garbage_messages_get_an_error_status_and_the_daemons_keep_serving() -> 
     handle = serve.get_app_handle("hostile")
     assert [handle.remote().result() for _ in range(5)] == ["pong"] * 5
     assert serve.status().applications["hostile"].status == "RUNNING"
+
+
+def test_a_data_stream_meant_for_another_replica_is_refused() -> None:
+    _, replica, token = _targets()
+
+    async def main() -> None:
+        for wanted in ("", "other#Ping#00000000"):
+            code, details = await _call(
+                replica, "/serve.v1.Replica/Connect", "bidi", None, token, replica_id=wanted
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (wanted, code, details)
+            assert f"not {wanted!r}" in details
+
+    asyncio.run(main())
+    assert serve.get_app_handle("hostile").remote().result() == "pong"
 
 
 def test_raw_bytes_on_the_ports_do_not_disturb_the_daemons() -> None:

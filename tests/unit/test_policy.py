@@ -75,20 +75,22 @@ def test_probe_deadline_doubles_to_one_second() -> None:
     assert probe_deadline_s(10**9) == 1.0
 
 
-def test_queue_lengths_estimate_reported_plus_unanswered() -> None:
+def test_queue_lengths_estimate_reported_plus_unread() -> None:
     lens = QueueLengths(ttl_s=10)
     assert lens.estimate("r", now=0) is None
-    lens.report("r", 2, now=0)
-    lens.sent("r")
-    lens.sent("r")
-    assert lens.estimate("r", now=1) == 4
-    lens.answered("r")
-    lens.report("r", 3, now=2)
+    lens.report("r", 2, now=0, acked=0)
+    lens.sent("r", 1)
+    lens.sent("r", 2)
+    assert lens.estimate("r", now=1) == 4  # two requests the replica had not read yet
+    lens.report("r", 3, now=2, acked=1)  # it read request 1 (counted in its 3)
     assert lens.estimate("r", now=2) == 4
-    lens.answered("r")
-    lens.answered("r")  # never below zero
-    assert lens.estimate("r", now=3) == 3
-    assert lens.estimate("r", now=12.5) is None  # expired
+    lens.report("r", 1, now=3, acked=2)
+    assert lens.estimate("r", now=3) == 1
+    lens.report("r", 5, now=4)  # a probe answer: reads no request numbers
+    assert lens.estimate("r", now=4) == 5
+    lens.report("r", 0, now=5, acked=1)  # an older acknowledgement never moves it back
+    assert lens.estimate("r", now=5) == 0
+    assert lens.estimate("r", now=15.5) is None  # expired
     lens.forget("r")
     assert lens.known() == set()
 

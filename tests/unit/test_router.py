@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from serve._call import Call, CallState
 from serve._deployment_state import DeploymentState
+from serve._exchange import ConnectionLost, Envelope
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
+from serve._request import Request, RequestState
 from serve._router import Router
-from serve._rpc.connection import ConnectionLost
 from serve._serialization import CLOUDPICKLE, encode
 from serve.exceptions import (
     BackPressureError,
@@ -26,21 +26,26 @@ DEP = DeploymentID("Model", "app")
 
 
 class FakeConnection:
-    def __init__(self, replica: ReplicaInfo, on_broken: Any) -> None:
+    """Records what is sent; tests play the replica's answers through ``answer``."""
+
+    def __init__(self, replica: ReplicaInfo, on_load: Any, on_broken: Any) -> None:
         self.replica_id = replica.replica_id
+        self.on_load = on_load
         self.on_broken = on_broken
         self.broken: ConnectionLost | None = None
-        self.sent: dict[int, tuple[Call, dict[str, Any]]] = {}
+        self.sent: dict[int, tuple[Any, Request, Envelope]] = {}
         self.cancelled: list[int] = []
         self.probe_answer: tuple[int, bool] | None = (0, True)
         self.probes = 0
+        self.history: list[Request] = []
         self._ids = itertools.count(1)
 
-    def send_request(self, exchange: Any, **request: Any) -> int:
+    def send(self, envelope: Envelope, listener: Any, request: Request) -> int:
         if self.broken is not None:
             raise self.broken
         frame_id = next(self._ids)
-        self.sent[frame_id] = (exchange, request)
+        self.sent[frame_id] = (listener, request, envelope)
+        self.history.append(request)
         return frame_id
 
     def cancel(self, frame_id: int) -> None:
@@ -58,13 +63,21 @@ class FakeConnection:
     async def aclose(self) -> None:
         pass
 
-    def calls(self) -> list[Call]:
-        return [call for call, _ in self.sent.values()]
+    def calls(self) -> list[Request]:
+        """Every request sent on this connection, answered or not."""
+        return list(self.history)
 
-    def break_(self) -> None:
+    def answer(self, request: Request, ongoing: int, method: str, *args: Any) -> None:
+        """The replica answers ``request`` having read every request sent so far."""
+        listener, _, _ = self.sent.pop(request.frame_id)
+        self.on_load(ongoing, max([request.frame_id, *self.sent]))
+        getattr(listener, method)(request, *args)
+
+    def break_(self, *, written: bool) -> None:
         self.broken = ConnectionLost("gone")
-        for call, _ in self.sent.values():
-            call.on_lost(self.broken)
+        sent, self.sent = self.sent, {}
+        for listener, request, _ in sent.values():
+            listener.on_lost(request, self.broken, written)
         self.on_broken(self, self.broken)
 
 
@@ -74,14 +87,14 @@ class Fixture:
         self.state = DeploymentState(
             DEP, watch=self._no_watch, open_connection=self._open, local_host="me"
         )
-        self.router = Router(self, DEP, "h1")
+        self.router = Router(self, DEP)
 
     async def _no_watch(self, deployment_id: DeploymentID) -> Any:
         raise AssertionError("tests feed replica sets directly")
         yield
 
-    def _open(self, replica: ReplicaInfo, on_broken: Any) -> FakeConnection:
-        conn = self.conns[replica.replica_id] = FakeConnection(replica, on_broken)
+    def _open(self, replica: ReplicaInfo, on_load: Any, on_broken: Any) -> FakeConnection:
+        conn = self.conns[replica.replica_id] = FakeConnection(replica, on_load, on_broken)
         return conn
 
     def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
@@ -92,21 +105,23 @@ class Fixture:
             ReplicaSet(version=1, exists=True, replicas=replicas, max_queued_requests=max_queued)
         )
 
-    def call(self, *args: Any, options: HandleOptions | None = None) -> Call:
-        call = self.router.make_call(options or HandleOptions(), args, {})
-        self.router.submit(call)
-        return call
+    def call(self, *args: Any, options: HandleOptions | None = None) -> Request:
+        request = self.router.make_request(options or HandleOptions(), args, {})
+        self.router.submit(request)
+        return request
+
+    def result(self, request: Request, value: Any, ongoing: int = 0) -> None:
+        body = memoryview(encode(CLOUDPICKLE, value))
+        self.conns[request.replica_id].answer(request, ongoing, "on_result", body, None)
+
+    def reject(self, request: Request, ongoing: int, draining: bool = False) -> None:
+        self.conns[request.replica_id].answer(request, ongoing, "on_rejected", draining)
 
 
 def replica(
     name: str, limit: int = 5, models: set[str] | None = None, host: str = ""
 ) -> ReplicaInfo:
     return ReplicaInfo(name, f"addr-{name}", host, limit, frozenset(models or ()))
-
-
-def result(call: Call, value: Any, ongoing: int = 0) -> None:
-    call.on_accepted(ongoing + 1)
-    call.on_result(memoryview(encode(CLOUDPICKLE, value)), ongoing, None)
 
 
 @pytest.fixture
@@ -116,11 +131,11 @@ def f() -> Fixture:
 
 async def test_requests_wait_without_replicas_then_go_to_the_first_one(f: Fixture) -> None:
     calls = [f.call(i) for i in range(3)]
-    assert all(c.state == CallState.QUEUED for c in calls)
+    assert all(c.state == RequestState.QUEUED for c in calls)
     assert not f.conns
     f.publish(replica("a"))
-    assert [c.state for c in calls] == [CallState.SENT] * 3
-    result(calls[0], "done")
+    assert [c.state for c in calls] == [RequestState.SENT] * 3
+    f.result(calls[0], "done")
     assert await calls[0].completion.wait() == "done"
 
 
@@ -130,38 +145,37 @@ async def test_fifo_when_the_only_replica_takes_one_at_a_time(f: Fixture) -> Non
     conn = f.conns["a"]
     for expected in range(4):
         assert [c.seq for c in conn.calls()][-1] == calls[expected].seq
-        result(calls[expected], expected)
+        f.result(calls[expected], expected)
     assert [c.completion.outcome() for c in calls] == [0, 1, 2, 3]
 
 
 async def test_a_rejected_request_keeps_its_place_in_the_queue(f: Fixture) -> None:
     f.publish(replica("a", limit=1), replica("b", limit=1))
     first, second, third = f.call(1), f.call(2), f.call(3)
-    assert third.state == CallState.QUEUED
+    assert third.state == RequestState.QUEUED
     first_replica = first.replica_id
-    first.on_rejected(1, False)  # another router filled that replica first
-    assert first.state == CallState.QUEUED
+    f.reject(first, 1)  # another router filled that replica first
+    assert first.state == RequestState.QUEUED
     other = second.replica_id
     assert other != first_replica
-    result(second, "b")
+    f.result(second, "b")
     # The freed replica takes the rejected (older) request, not the third.
-    assert first.state == CallState.SENT
+    assert first.state == RequestState.SENT
     assert first.replica_id == other
-    assert third.state == CallState.QUEUED
+    assert third.state == RequestState.QUEUED
 
 
 async def test_backpressure_at_max_queued_requests(f: Fixture) -> None:
     f.publish(replica("a", limit=1), max_queued=2)
-    running = f.call(0)
-    running.on_accepted(1)
+    running = f.call(0)  # sent: no longer queued
     queued = [f.call(1), f.call(2)]
     with pytest.raises(BackPressureError) as info:
         f.call(3)
     assert info.value.num_queued_requests == 2
     assert info.value.max_queued_requests == 2
     assert "num_queued_requests=2, max_queued_requests=2" in str(info.value)
-    result(running, "x")
-    queued[0].on_accepted(1)  # admitted: no longer queued
+    f.result(running, "x")  # the replica is free again: the oldest queued request is sent
+    assert queued[0].state == RequestState.SENT
     f.call(4)
 
 
@@ -178,8 +192,8 @@ async def test_unknown_load_is_probed_then_used(f: Fixture) -> None:
     f.publish(replica("a"))
     f.state.queue_lens.forget("a")
     call = f.call(1)
-    assert call.state == CallState.QUEUED
-    await _until(lambda: call.state == CallState.SENT)
+    assert call.state == RequestState.QUEUED
+    await _until(lambda: call.state == RequestState.SENT)
     assert f.conns["a"].probes == 1
 
 
@@ -191,29 +205,29 @@ async def test_full_replicas_are_probed_with_backoff_until_one_frees(f: Fixture)
     call = f.call(1)
     await asyncio.sleep(0.2)
     probes = f.conns["a"].probes
-    assert call.state == CallState.QUEUED
+    assert call.state == RequestState.QUEUED
     assert 2 <= probes <= 8  # backoff: 0, 25, 50, 100 ms ...
     f.conns["a"].probe_answer = (0, True)
-    await _until(lambda: call.state == CallState.SENT, timeout_s=2)
+    await _until(lambda: call.state == RequestState.SENT, timeout_s=2)
 
 
-async def test_loss_before_admission_retries_elsewhere(f: Fixture) -> None:
+async def test_loss_before_writing_retries_elsewhere(f: Fixture) -> None:
     f.publish(replica("a", limit=1), replica("b", limit=1))
     first, second = f.call(1), f.call(2)
     lost = f.conns[first.replica_id]
     survivor = "b" if first.replica_id == "a" else "a"
-    result(second, "ok") if second.replica_id == survivor else None
-    lost.break_()
+    f.result(second, "ok") if second.replica_id == survivor else None
+    lost.break_(written=False)
     assert first.replica_id == survivor
-    assert first.state == CallState.SENT
+    assert first.state == RequestState.SENT
     assert f.state.routable == [r for r in f.state.routable if r.replica_id == survivor]
 
 
-async def test_loss_after_admission_is_replica_died(f: Fixture) -> None:
-    f.publish(replica("a"))
+async def test_loss_after_writing_is_replica_died_and_never_retried(f: Fixture) -> None:
+    f.publish(replica("a"), replica("b"))
     call = f.call(1)
-    call.on_accepted(1)
-    f.conns["a"].break_()
+    f.conns[call.replica_id].break_(written=True)
+    assert call.state == RequestState.DONE
     with pytest.raises(ReplicaDiedError, match="was not retried"):
         await call.completion.wait()
 
@@ -224,19 +238,19 @@ async def test_cancel_while_queued_never_sends(f: Fixture) -> None:
     f.router.cancel(queued)
     with pytest.raises(RequestCancelledError):
         await queued.completion.wait()
-    result(busy, "x")
+    f.result(busy, "x")
     assert [c.seq for c in f.conns["a"].calls()] == [busy.seq]
 
 
 async def test_cancel_after_sending_tells_the_replica(f: Fixture) -> None:
     f.publish(replica("a"))
     call = f.call(1)
-    call.on_accepted(1)
     f.router.cancel(call)
     assert f.conns["a"].cancelled == [call.frame_id]
     with pytest.raises(RequestCancelledError):
         await call.completion.wait()
-    call.on_error(asyncio.CancelledError(), True, False, 0)  # the replica's late answer
+    # the replica's late answer
+    f.conns["a"].answer(call, 0, "on_error", asyncio.CancelledError(), True)
     assert f.state.queue_lens.estimate("a", _now()) == 0
 
 
@@ -244,7 +258,7 @@ async def test_a_draining_replica_is_skipped_at_once(f: Fixture) -> None:
     f.publish(replica("a"), replica("b"))
     call = f.call(1)
     draining = call.replica_id
-    call.on_rejected(0, True)
+    f.reject(call, 0, draining=True)
     assert call.replica_id != draining
     assert [r.replica_id for r in f.state.routable] == [call.replica_id]
 
@@ -286,10 +300,10 @@ async def test_prefer_local_routing(f: Fixture) -> None:
 async def test_no_work_is_scheduled_when_idle(f: Fixture) -> None:
     f.publish(replica("a"))
     call = f.call(1)
-    result(call, 1)
+    f.result(call, 1)
     assert f.router._retry_timer is None
     assert not f.state._probing
-    assert not f.router.has_pending
+    assert not f.router._pending
 
 
 def _now() -> float:

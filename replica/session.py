@@ -1,0 +1,365 @@
+"""One router process's Connect stream: requests in, exactly one answer per request out.
+
+Admission is implicit. A request is answered REJECTED (full or draining) before any user code
+runs, or with its outcome: RESULT, ERROR, or ITEMs followed by END or ERROR. Whatever user code
+does (raise any ``BaseException``, cancel itself, return something that cannot be encoded), an
+admitted request gets exactly one outcome, unless the stream itself is gone.
+
+Every reply carries the replica's ongoing count and the highest request number read so far
+(``acked``), which the router's queue-length estimate needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from replica.executor import Executor
+from serve._context import RequestContext
+from serve._logging import ACCESS_LOGGER
+from serve._proto.replica_pb2 import (
+    ERROR_KIND_CANCELLED,
+    ERROR_KIND_SYSTEM,
+    ERROR_KIND_USER,
+    FRAME_KIND_CANCEL,
+    FRAME_KIND_CREDIT,
+    FRAME_KIND_END,
+    FRAME_KIND_ERROR,
+    FRAME_KIND_ITEM,
+    FRAME_KIND_REJECTED,
+    FRAME_KIND_REQUEST,
+    FRAME_KIND_RESULT,
+    REJECT_REASON_DRAINING,
+    REJECT_REASON_FULL,
+    FrameHeader,
+)
+from serve._rpc.channel import Context
+from serve._rpc.frames import MAX_FRAME_BODY, FrameError, FrameLane, read_frames
+from serve._rpc.status import error_info
+from serve._serialization import decode_args, encode_buffers
+from serve.exceptions import RemoteError, ServeError
+
+logger = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
+
+DEFAULT_STREAM_WINDOW = 64
+
+Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts, buffers
+
+
+class _SystemError(Exception):
+    """The request could not be run at all (bad payload, unknown method)."""
+
+
+class _Unencodable(Exception):
+    """The user's value could not be encoded for the reply."""
+
+
+class StreamSession:
+    """The requests of one Connect stream, their tasks, and the lane their answers go on."""
+
+    def __init__(self, executor: Executor, context: Context) -> None:
+        self._executor = executor
+        self._context = context
+        self._lane = FrameLane(context.write)
+        self._acked = 0  # the highest request number read
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._cancel_requested: set[int] = set()
+        # Requests holding an admission slot. The slot is released by the request's own code,
+        # or by its task's done-callback if the task was cancelled before it ever ran.
+        self._holding: set[int] = set()
+        self._credits: dict[int, int] = {}
+        self._credit_events: dict[int, asyncio.Event] = {}
+        self._contexts: dict[int, RequestContext] = {}  # of the requests running now
+        self._closing = False
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._lane.run(), name="replica:conn:write")
+        try:
+            while True:
+                message = await self._context.read()
+                if message is grpc.aio.EOF:
+                    break
+                for header, body, buffers in await read_frames(message, self._context.read):
+                    self._on_frame(header, body, buffers)
+            # The router half-closed: finish what it sent, then end the stream.
+            while self._tasks:
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._lane.flush()
+        except FrameError as exc:
+            await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed batch: {exc}")
+        finally:
+            self._closing = True
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def wait_flushed(self) -> None:
+        """Until everything queued for the router has been written (before closing)."""
+        await self._lane.idle.wait()
+
+    def _send(
+        self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
+    ) -> None:
+        if header.kind != FRAME_KIND_ITEM:
+            header.ongoing = self._executor.ongoing
+            header.acked = self._acked
+        self._lane.send(header, *body, buffers=buffers or ())
+
+    def _on_frame(self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None) -> None:
+        kind = header.kind
+        if kind == FRAME_KIND_REQUEST:
+            if header.id > self._acked:
+                self._acked = header.id
+            self._on_request(header, body, buffers)
+        elif kind == FRAME_KIND_CANCEL:
+            task = self._tasks.get(header.id)
+            if task is not None:
+                self._cancel_requested.add(header.id)
+                task.cancel()  # a task that has not started yet ends in _on_task_done
+                # Its children are cancelled now, even if its code catches the cancellation.
+                self._cancel_children(header.id)
+        elif kind == FRAME_KIND_CREDIT:
+            if header.id in self._credits:
+                self._credits[header.id] += header.credit
+                self._credit_events[header.id].set()
+        else:
+            raise FrameError(f"Unexpected frame kind {kind} from a router.")
+
+    def _on_request(
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+    ) -> None:
+        executor = self._executor
+        frame_id = header.id
+        if executor.draining:
+            self._reject(frame_id, REJECT_REASON_DRAINING)
+            return
+        if header.no_reject:
+            task = asyncio.create_task(
+                self._wait_then_run(header, body, buffers), name="replica:broadcast"
+            )
+        elif executor.admit():
+            self._holding.add(frame_id)
+            task = asyncio.create_task(
+                self._run(header, body, buffers), name=f"replica:{header.method}"
+            )
+        else:
+            self._reject(frame_id, REJECT_REASON_FULL)
+            return
+        self._tasks[frame_id] = task
+        task.add_done_callback(functools.partial(self._on_task_done, frame_id))
+
+    def _reject(self, frame_id: int, reason: int) -> None:
+        self._send(
+            FrameHeader(
+                kind=FRAME_KIND_REJECTED,
+                id=frame_id,
+                reject_reason=reason,  # type: ignore[arg-type]
+            )
+        )
+
+    def _on_task_done(self, frame_id: int, task: asyncio.Task[None]) -> None:
+        """Every request ends here, whether or not its coroutine ever ran."""
+        self._tasks.pop(frame_id, None)
+        cancelled = frame_id in self._cancel_requested
+        self._cancel_requested.discard(frame_id)
+        if frame_id in self._holding:  # cancelled before it started: _run never released
+            self._holding.discard(frame_id)
+            self._executor.release()
+            if cancelled and not self._closing:
+                self._send(_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED))
+        elif cancelled and not self._closing and task.cancelled():
+            # A broadcast call cancelled while it waited for a slot: it still gets an answer.
+            self._send(_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED))
+
+    async def _wait_then_run(
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+    ) -> None:
+        """Broadcast calls wait for a slot instead of being rejected."""
+        await self._executor.wait_admitted()
+        self._holding.add(header.id)
+        await self._run(header, body, buffers)
+
+    async def _run(
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+    ) -> None:
+        """Run one admitted request and send its outcome; releases its slot exactly once."""
+        executor = self._executor
+        frame_id = header.id
+        request = RequestContext(
+            request_id=header.request_id,
+            app_name=executor.app_name,
+            deployment=executor.deployment,
+            method=header.method,
+            multiplexed_model_id=header.model_id,
+        )
+        self._contexts[frame_id] = request
+        reply: Reply | None = None
+        started = time.perf_counter()
+        try:
+            reply = await self._outcome(header, body, buffers, request)
+        except asyncio.CancelledError:
+            if self._closing or frame_id not in self._cancel_requested:
+                raise  # the stream is gone: nobody to answer
+            reply = (_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), [])
+        finally:
+            self._contexts.pop(frame_id, None)
+            self._holding.discard(frame_id)
+            executor.release()
+            self._cancel_requested.discard(frame_id)
+            if reply is not None:
+                self._finish(header, reply, started)
+
+    async def _outcome(
+        self,
+        header: FrameHeader,
+        body: memoryview,
+        buffers: list[bytes] | None,
+        request: RequestContext,
+    ) -> Reply:
+        """The answer to one request, whatever its code does (cancellation aside)."""
+        frame_id = header.id
+        executor = self._executor
+        try:
+            try:
+                args, kwargs = decode_args(
+                    header.request_codec,
+                    body[: header.args_len],
+                    body[header.args_len :],
+                    buffers,
+                    header.args_buffer_count,
+                )
+            except Exception as exc:
+                raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
+            try:
+                executor.resolve(header.method)
+            except ServeError as exc:
+                raise _SystemError(str(exc)) from exc
+            if header.stream:
+                await self._run_stream(header, args, kwargs, request)
+                return FrameHeader(kind=FRAME_KIND_END, id=frame_id), (), []
+            value = await executor.call(header.method, args, kwargs, request)
+            payload, reply_buffers = _encode(header.response_codec, value, "result")
+            return FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id), (payload,), reply_buffers
+        except asyncio.CancelledError:
+            if frame_id in self._cancel_requested or self._closing:
+                raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # User code let a CancelledError of its own escape (an inner task was cancelled, or
+            # a sync method raised concurrent.futures.CancelledError): the request was
+            # cancelled inside the replica, and its caller hears so.
+            return _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), []
+        except _SystemError as exc:
+            return _error(frame_id, ServeError(str(exc)), ERROR_KIND_SYSTEM), (), []
+        except _Unencodable as exc:
+            return _error(frame_id, TypeError(str(exc)), ERROR_KIND_USER), (), []
+        except Exception as exc:
+            return _error(frame_id, exc, ERROR_KIND_USER), (), []
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, custom BaseExceptions
+            wrapped = RemoteError(type(exc).__name__, _describe(exc), error_info(exc).traceback)
+            return _error(frame_id, wrapped, ERROR_KIND_USER), (), []
+
+    def _finish(self, header: FrameHeader, reply: Reply, started: float) -> None:
+        header_out, body, reply_buffers = reply
+        if sum(len(part) for part in body) > MAX_FRAME_BODY:
+            header_out = _error(
+                header.id,
+                ValueError(
+                    f"The result of {header.method} is larger than a frame can carry "
+                    f"({MAX_FRAME_BODY} bytes); return bytes or arrays (sent out of band) or "
+                    "stream it in parts."
+                ),
+                ERROR_KIND_USER,
+            )
+            body, reply_buffers = (), []
+        self._send(header_out, *body, buffers=reply_buffers)
+        executor = self._executor
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        failed = header_out.kind == FRAME_KIND_ERROR
+        cancelled = failed and header_out.error_kind == ERROR_KIND_CANCELLED
+        executor.stats.record(duration_ms, error=failed and not cancelled)
+        if executor.access_log:
+            outcome = "CANCELLED" if cancelled else "ERROR" if failed else "OK"
+            access.info(
+                "%s %s %.1fms",
+                header.method,
+                outcome,
+                duration_ms,
+                extra={
+                    "request_id": header.request_id,
+                    "method": header.method,
+                    "outcome": outcome,
+                    "duration_ms": round(duration_ms, 3),
+                },
+            )
+
+    async def _run_stream(
+        self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
+    ) -> None:
+        """Send each item as it is produced, pausing when the router's credit runs out."""
+        frame_id = header.id
+        self._credits[frame_id] = header.stream_window or DEFAULT_STREAM_WINDOW
+        event = self._credit_events[frame_id] = asyncio.Event()
+        codec = header.response_codec
+        try:
+            async for item in self._executor.stream(header.method, args, kwargs, request):
+                while self._credits[frame_id] <= 0:
+                    event.clear()
+                    await event.wait()
+                self._credits[frame_id] -= 1
+                payload, item_buffers = _encode(codec, item, "stream item")
+                if len(payload) > MAX_FRAME_BODY:
+                    raise _Unencodable(
+                        f"A stream item of {header.method} is larger than a frame can carry "
+                        f"({MAX_FRAME_BODY} bytes)."
+                    )
+                self._send(
+                    FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
+                )
+        finally:
+            del self._credits[frame_id]
+            del self._credit_events[frame_id]
+
+    def _cancel_children(self, frame_id: int) -> None:
+        request = self._contexts.get(frame_id)
+        if request is not None:
+            for child in list(request.children):
+                child.cancel()
+
+
+def _encode(codec: int, value: Any, what: str) -> tuple[bytes, list[bytes]]:
+    """Encode a user value; anything its own ``__reduce__`` raises becomes _Unencodable."""
+    try:
+        return encode_buffers(codec, value)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        raise _Unencodable(f"Could not encode the {what}: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except BaseException:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _error(frame_id: int, exc: BaseException, kind: int) -> FrameHeader:
+    return FrameHeader(
+        kind=FRAME_KIND_ERROR,
+        id=frame_id,
+        error_kind=kind,  # type: ignore[arg-type]
+        error=error_info(exc, with_traceback=kind != ERROR_KIND_CANCELLED),
+    )

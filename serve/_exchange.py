@@ -1,0 +1,56 @@
+"""What the router core and a replica connection exchange: plain data and one listener protocol.
+
+The router core (``serve._router``, ``serve._deployment_state``) never sees protobuf or gRPC, and
+the wire edge (``serve._rpc.connection``) never sees routers: a request crosses as an
+:class:`Envelope`, and what the replica answers comes back to a :class:`ReplyListener` together
+with the caller's own token for the request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(slots=True)
+class Envelope:
+    """One request as it goes on the wire: routing facts plus the encoded arguments."""
+
+    method: str
+    request_id: str
+    request_codec: int
+    response_codec: int
+    model_id: str = ""
+    stream: bool = False
+    no_reject: bool = False  # broadcast: wait for a slot instead of being rejected
+    stream_window: int = 0  # stream items the replica may send before the consumer's credit
+    args: bytes = b""
+    kwargs: bytes = b""
+    buffers: list[bytes] = dataclasses.field(default_factory=list)  # out of band, args first
+    args_buffer_count: int = 0
+
+
+class ConnectionLost(Exception):
+    """The stream to a replica broke. ``retryable`` is False when retrying cannot help."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class ReplyListener(Protocol):
+    """Who hears what a replica answered about one request (on the home loop).
+
+    ``request`` is the token the listener passed with the envelope. Exactly one of
+    ``on_rejected``, ``on_result``, ``on_error``, ``on_end`` or ``on_lost`` ends a request;
+    ``on_item`` may come before ``on_end``, ``on_error`` or ``on_lost``.
+    """
+
+    def on_rejected(self, request: Any, draining: bool) -> None: ...
+    def on_result(self, request: Any, body: memoryview, buffers: list[bytes] | None) -> None: ...
+    def on_error(self, request: Any, error: BaseException, cancelled: bool) -> None: ...
+    def on_item(self, request: Any, body: memoryview, buffers: list[bytes] | None) -> None: ...
+    def on_end(self, request: Any) -> None: ...
+    def on_lost(self, request: Any, error: ConnectionLost, written: bool) -> None:
+        """The connection broke first. ``written``: the request had been handed to gRPC, so
+        the replica may have run it; otherwise it certainly did not."""

@@ -1,0 +1,181 @@
+"""One request in flight: its envelope, its place in the router, and its outcome.
+
+A ``Request`` is data. It does not know its router: the router that queued it hears about it
+from connections (as their :class:`~serve._exchange.ReplyListener`), and whoever must cancel it
+(its caller, or the replica cancelling a parent request) calls :meth:`Request.cancel`, which
+runs the cancel callback the router gave it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from serve._context import RequestContext
+from serve._exchange import Envelope
+from serve._serialization import EncodedArgs, codec_id
+from serve._sync import Completion, ItemQueue
+from serve.exceptions import ServeError
+
+
+class RequestState(enum.IntEnum):
+    RESOLVING = 0  # waiting for DeploymentResponse arguments
+    QUEUED = 1  # waiting for a replica
+    SENT = 2  # handed to a replica's connection; no answer yet
+    DONE = 3
+
+
+class ResponseBase:
+    """Base of the response facades, so a request can spot them among its arguments."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+class Request:
+    """A request, from ``handle.remote()`` to its outcome."""
+
+    __slots__ = (
+        "_on_cancel",
+        "args",
+        "cancelled",
+        "completion",
+        "conn",
+        "created_s",
+        "envelope",
+        "frame_id",
+        "holds_queue_slot",
+        "inputs",
+        "kwargs",
+        "parent",
+        "prefer_local",
+        "replica_id",
+        "seq",
+        "state",
+        "stream_buffer",
+    )
+
+    def __init__(
+        self,
+        seq: int,
+        *,
+        method: str,
+        model_id: str,
+        stream: bool,
+        prefer_local: bool,
+        request_serialization: str,
+        response_serialization: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        parent: RequestContext | None,
+        on_cancel: Callable[[Request], None],
+    ) -> None:
+        self.seq = seq
+        self.envelope = Envelope(
+            method=method,
+            request_id=parent.request_id if parent is not None else new_request_id(),
+            request_codec=codec_id(request_serialization),
+            response_codec=codec_id(response_serialization),
+            model_id=model_id,
+            stream=stream,
+        )
+        self.prefer_local = prefer_local
+        self.parent = parent
+        self._on_cancel = on_cancel
+        self.created_s = time.monotonic()
+        self.state = RequestState.RESOLVING
+        self.cancelled = False
+        self.holds_queue_slot = False
+        self.completion = Completion()
+        self.stream_buffer: ItemQueue | None = ItemQueue() if stream else None
+        self.replica_id = ""
+        self.conn: Any = None  # the connection it was sent on (a Connection)
+        self.frame_id = 0
+        self.inputs: list[tuple[int | str, Request]] | None = None
+        self.args = args
+        self.kwargs = kwargs
+        for position, value in enumerate(args):
+            self._note_input(position, value)
+        for key, value in kwargs.items():
+            self._note_input(key, value)
+        if self.inputs is None:
+            self.encode(args, kwargs)
+
+    @property
+    def request_id(self) -> str:
+        return self.envelope.request_id
+
+    @property
+    def method(self) -> str:
+        return self.envelope.method
+
+    @property
+    def model_id(self) -> str:
+        return self.envelope.model_id
+
+    @property
+    def stream(self) -> bool:
+        return self.envelope.stream
+
+    def _note_input(self, where: int | str, value: Any) -> None:
+        if isinstance(value, ResponseBase):
+            upstream = value._request
+            if upstream.stream:
+                raise ServeError(
+                    "A DeploymentResponseGenerator (stream=True) cannot be passed to another "
+                    "call; iterate it and pass the items instead."
+                )
+            if self.inputs is None:
+                self.inputs = []
+            self.inputs.append((where, upstream))
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        envelope = self.envelope
+        encoded = EncodedArgs(envelope.request_codec, args, kwargs)
+        envelope.args, envelope.kwargs = encoded.args, encoded.kwargs
+        envelope.buffers, envelope.args_buffer_count = encoded.buffers, encoded.args_buffer_count
+        self.args = ()
+        self.kwargs = {}
+
+    def resolved_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments with every DeploymentResponse replaced by its value (all are done)."""
+        args = list(self.args)
+        kwargs = dict(self.kwargs)
+        for where, upstream in self.inputs or ():
+            value = upstream.completion.outcome()
+            if isinstance(where, int):
+                args[where] = value
+            else:
+                kwargs[where] = value
+        return tuple(args), kwargs
+
+    def cancel(self) -> None:
+        """Cancel the request (home loop): its router drops or cancels it. Idempotent."""
+        self.cancelled = True
+        self._on_cancel(self)
+
+    def copy_for_broadcast(self) -> Request:
+        """The same encoded request with its own outcome, never rejected, never streamed."""
+        copy = Request.__new__(Request)
+        for slot in Request.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        copy.envelope = Envelope(
+            **{f: getattr(self.envelope, f) for f in Envelope.__dataclass_fields__}
+        )
+        copy.envelope.no_reject = True
+        copy.envelope.stream = False
+        copy.completion = Completion()
+        copy.stream_buffer = None
+        return copy
+
+    def __repr__(self) -> str:
+        return f"Request({self.method}, id={self.request_id[:8]}, state={self.state.name})"
