@@ -8,8 +8,6 @@ the server. Admission is atomic (this runs on one loop): a request is admitted o
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextvars
 import functools
 import inspect
 import logging
@@ -17,11 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from replica.loader import apply_code_env, load_callable, load_init_args
+from replica.workers import SyncWorkers
 from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
-from serve._sync import mailbox
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ class Executor:
         self._target: Any = None
         self._is_function = False
         self._methods: dict[str, tuple[Callable[..., Any], Kind]] = {}
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers: SyncWorkers | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._slot_freed = asyncio.Event()
@@ -121,6 +119,8 @@ class Executor:
     async def reconfigure(self, config: DeploymentConfig, user_config_changed: bool) -> None:
         self.config = config
         self.max_ongoing = config.max_ongoing_requests
+        if self._workers is not None:
+            self._workers.resize(min(self.max_ongoing, MAX_SYNC_THREADS))
         if user_config_changed:
             await self._call_reconfigure(config.user_config)
             self.user_config_json = config.user_config_json()
@@ -158,8 +158,8 @@ class Executor:
                     await self._run_hook(functools.partial(deleter, target))
                 except Exception:
                     logger.exception("The deployment's __del__ raised")
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._workers is not None:
+            self._workers.shutdown()
 
     # Requests.
 
@@ -219,26 +219,26 @@ class Executor:
         self._methods[method_name] = found
         return found
 
-    async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a sync callable in the thread pool with the caller's context."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, min(self.max_ongoing, MAX_SYNC_THREADS)),
-                thread_name_prefix="serve-user",
+    def workers(self) -> SyncWorkers:
+        if self._workers is None:
+            self._workers = SyncWorkers(
+                asyncio.get_running_loop(), min(self.max_ongoing, MAX_SYNC_THREADS)
             )
-        context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        work = self._pool.submit(context.run, fn, *args, **kwargs)
+        return self._workers
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a sync callable on a worker thread with the caller's context."""
+        workers = self.workers()
+        job = workers.start(fn, args, kwargs)
         try:
-            return await asyncio.wrap_future(work, loop=loop)
+            return await job.future
         except asyncio.CancelledError:
             # A running thread cannot be interrupted: it keeps a slot until it really finishes,
             # so max_ongoing_requests still bounds the work this replica does.
-            if not work.done():
+            if not workers.skip(job) and not job.future.done():
                 self.ongoing += 1
                 self._idle.clear()
-                box = mailbox(loop)
-                work.add_done_callback(lambda _: box.post(self.release))
+                job.on_finish = self.release
             raise
 
     async def call(
@@ -289,18 +289,8 @@ class Executor:
             finally:
                 await produced.aclose()  # a stopped stream runs the generator's finally now
         elif inspect.isgenerator(produced):
-            sentinel = object()
-            try:
-                while True:
-                    item = await self.run_sync(next, produced, sentinel)
-                    if item is sentinel:
-                        break
-                    yield item
-            finally:
-                try:
-                    await self.run_sync(produced.close)
-                except ValueError:
-                    pass  # still running in a thread after a cancel: it ends with the thread
+            async for item in self.workers().stream(produced):
+                yield item
         else:
             raise TypeError(
                 f"Method '{method}' is not a generator, but it was called with "

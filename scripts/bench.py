@@ -127,6 +127,21 @@ class Noop:
 
 
 @serve.deployment(max_ongoing_requests=1000)
+class SyncNoop:
+    """What most users write: plain sync methods (run on the replica's worker threads)."""
+
+    def __call__(self, value: Any = None) -> Any:
+        return value
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def items(self, count: int, item: Any) -> Any:
+        for _ in range(count):
+            yield item
+
+
+@serve.deployment(max_ongoing_requests=1000)
 class Caller:
     """Measures handle latency from inside a deployment (Ray's handle_noop_latency topology)."""
 
@@ -177,6 +192,28 @@ async def async_latency(
     return percentiles(samples)
 
 
+def threaded_rate(handle: Any, threads: int, seconds: float) -> float:
+    """Requests per second from plain threads each calling ``result()`` in a loop (what a
+    Flask or Django app does)."""
+    import threading
+
+    stop_at = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            handle.remote(b"x").result()
+            counts[i] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
 def cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -222,6 +259,23 @@ def measure_serve(s: Settings) -> dict[str, Any]:
                 served = noop._router.num_requests - served_before
                 out["cpu_caller_us_per_request"] = (cpu_s(me) - before_me) / served * 1e6
                 out["cpu_replica_us_per_request"] = (cpu_s(replica) - before_replica) / served * 1e6
+
+    # Sync user code, driven the way programs drive it.
+    sync_noop = serve.run(SyncNoop.bind(), name="sync-noop")
+    sync_replica = psutil.Process(sync_noop.pid.remote().result())
+    out["L1_sync"] = sync_latency(lambda: sync_noop.remote(b"x").result(), s.latency_n, s.warmup_n)
+    before_me, before_replica = cpu_s(me), cpu_s(sync_replica)
+    served_before = sync_noop._router.num_requests
+    out["T1_sync_c256_rps"] = asyncio.run(throughput(sync_noop, 256))
+    served = sync_noop._router.num_requests - served_before
+    out["cpu_caller_us_per_request_sync"] = (cpu_s(me) - before_me) / served * 1e6
+    out["cpu_replica_us_per_request_sync"] = (cpu_s(sync_replica) - before_replica) / served * 1e6
+    out["T1_sync_threads8_rps"] = threaded_rate(sync_noop, 8, s.seconds)
+    out["T1_threads8_rps"] = threaded_rate(noop, 8, s.seconds)
+    t = time.perf_counter()
+    count = sum(1 for _ in sync_noop.options(stream=True).items.remote(s.stream_items, b"x"))
+    assert count == s.stream_items
+    out["S1_sync_items_per_s"] = count / (time.perf_counter() - t)
 
     async def stream_rate(handle: Any, item: Any) -> float:
         t = time.perf_counter()
@@ -305,11 +359,12 @@ def table(
                 floor["unary"][f"{q}_us"],
                 target if q == "p50" else "",
             )
-    row("C1 p50 / L1 p50", ours["C1"]["p50_us"] / ours["L1"]["p50_us"], "x", None, "<= 2")
+    row("L1 p50, sync method", ours["L1_sync"]["p50_us"], "us", unary, "<= 0.8")
+    row("C1 p50 / L1 p50", ours["C1"]["p50_us"] / ours["L1"]["p50_us"], "x", None, "<= 1.8")
     for replicas in (1, 2):
         for concurrency in (16, 64, 256):
             key = f"T1_r{replicas}_c{concurrency}_rps"
-            target = ">= 3" if (replicas, concurrency) == (1, 256) else ""
+            target = ">= 5" if (replicas, concurrency) == (1, 256) else ""
             row(
                 f"T1 {replicas} replica(s), {concurrency} callers",
                 ours[key],
@@ -317,7 +372,28 @@ def table(
                 floor["unary_rps_256"],
                 target,
             )
-    row("S1 stream items", ours["S1_items_per_s"], "items/s", floor["stream_items_per_s"], ">= 1")
+    row(
+        "T1 sync method, 256 callers",
+        ours["T1_sync_c256_rps"],
+        "req/s",
+        floor["unary_rps_256"],
+        ">= 3",
+    )
+    row("T1 8 threads calling result()", ours["T1_threads8_rps"], "req/s", floor["unary_rps_256"])
+    row(
+        "T1 8 threads, sync method",
+        ours["T1_sync_threads8_rps"],
+        "req/s",
+        floor["unary_rps_256"],
+    )
+    row("S1 stream items", ours["S1_items_per_s"], "items/s", floor["stream_items_per_s"], ">= 3")
+    row(
+        "S1 sync generator, sync for",
+        ours["S1_sync_items_per_s"],
+        "items/s",
+        floor["stream_items_per_s"],
+        ">= 1.5",
+    )
     for size in (1, 10):
         row(
             f"P1 {size} MB echo p50",
@@ -341,6 +417,13 @@ def table(
         )
     row("CPU per request, caller", ours["cpu_caller_us_per_request"], "us", None)
     row("CPU per request, replica", ours["cpu_replica_us_per_request"], "us", None)
+    row("CPU per request, caller, sync method", ours["cpu_caller_us_per_request_sync"], "us", None)
+    row(
+        "CPU per request, replica, sync method",
+        ours["cpu_replica_us_per_request_sync"],
+        "us",
+        None,
+    )
     row("memory, idle replica", ours["memory_idle_replica_mb"], "MB", None, "<= 75")
     row("memory, controller", ours["memory_controller_mb"], "MB", None)
     for name in ("replica", "controller", "driver"):
