@@ -36,7 +36,16 @@ def main(argv: list[str] | None = None) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
     )
     parser.add_argument(
-        "--metrics-host", default="127.0.0.1", help="interface for the metrics port"
+        "--metrics-host",
+        default="127.0.0.1",
+        help="interface for the metrics port; beyond loopback, scrapes must send the cluster "
+        "token as a bearer token",
+    )
+    parser.add_argument(
+        "--metrics-no-auth",
+        action="store_true",
+        help="serve metrics beyond loopback without the bearer token (anyone who can reach the "
+        "port sees application names and load)",
     )
     parser.add_argument(
         "--embedded",
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         embedded=args.embedded,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        metrics_no_auth=args.metrics_no_auth,
         log_dir=log_dir,
     )
     sys.exit(uvloop.run(server.run()))

@@ -1,16 +1,22 @@
 """Prometheus metrics at ``/metrics`` on an opt-in port, with Ray Serve's names where they exist.
 
-The HTTP server (prometheus_client's) runs in its own thread; each scrape asks the controller's
-loop for a consistent snapshot and renders it. Nothing here is sensitive (no payloads, no token),
-and the port binds loopback unless told otherwise.
+The HTTP server (prometheus_client's WSGI app) runs in its own thread; each scrape asks the
+controller's loop for a consistent snapshot and renders it. The port binds loopback unless told
+otherwise; bound beyond loopback it lists applications to anyone who can reach it, so it then
+requires the cluster token as a bearer token (what Prometheus' ``authorization`` setting sends)
+unless the operator opts out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
+import hmac
+import ipaddress
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import make_server
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -18,7 +24,11 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import (
+    ThreadingWSGIServer,
+    _SilentHandler as QuietHandler,
+    make_wsgi_app,
+)
 
 from serve._metrics import LATENCY_BUCKETS_MS
 
@@ -183,13 +193,51 @@ class _Collector:
         yield from render(future.result(SCRAPE_TIMEOUT_S))
 
 
-class MetricsServer:
-    """Serves /metrics in a thread; ``port`` 0 picks a free port (see ``address``)."""
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, snapshot: Any, host: str, port: int) -> None:
+
+def _bearer_guard(app: Any, token: str) -> Callable[..., Iterable[bytes]]:
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if hmac.compare_digest(given, expected):
+            return app(environ, start_response)  # type: ignore[no-any-return]
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="serve"')],
+        )
+        return [
+            b"Send the cluster token as a bearer token (Authorization: Bearer <token>), for "
+            b"example with Prometheus' authorization setting.\n"
+        ]
+
+    return guarded
+
+
+class MetricsServer:
+    """Serves /metrics in a thread; ``port`` 0 picks a free port (see ``address``).
+
+    With ``token``, every scrape must send ``Authorization: Bearer <token>``.
+    """
+
+    def __init__(self, snapshot: Any, host: str, port: int, token: str | None = None) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(snapshot, asyncio.get_running_loop()))
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        app = make_wsgi_app(registry)
+        if token is not None:
+            app = _bearer_guard(app, token)
+        self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=QuietHandler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="serve-metrics", daemon=True
+        )
+        self._thread.start()
         self.address = f"{host}:{self._server.server_port}"
 
     def close(self) -> None:

@@ -51,8 +51,10 @@ class ControllerServer:
         embedded: bool,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = None,
+        metrics_no_auth: bool = False,
         log_dir: Path | None = None,
     ) -> None:
+        self._metrics_no_auth = metrics_no_auth
         self._log_dir = log_dir if log_dir is not None else state_dir / "logs"
         self._metrics_host = metrics_host
         self._metrics_port = metrics_port
@@ -95,10 +97,11 @@ class ControllerServer:
         ready: dict[str, object] = {"event": "ready", "address": address, "pid": os.getpid()}
         metrics = None
         if self._metrics_port is not None:
-            from controller.metrics import MetricsServer
+            from controller.metrics import MetricsServer, is_loopback
 
+            guard = None if self._metrics_no_auth or is_loopback(self._metrics_host) else token
             metrics = MetricsServer(
-                controller.load.metrics_snapshot, self._metrics_host, self._metrics_port
+                controller.load.metrics_snapshot, self._metrics_host, self._metrics_port, guard
             )
             ready["metrics"] = metrics.address
             logger.info("Prometheus metrics at http://%s/metrics", metrics.address)

@@ -8,6 +8,7 @@ application row carries a version that increases with every write.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ class GoalStore:
     """Applications and their deployments, as last deployed."""
 
     def __init__(self, path: Path) -> None:
+        # Goal state holds constructor arguments: the file is private, and SQLite gives its
+        # -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -12,6 +12,7 @@ to one JSON object per line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import orjson
 
 from serve._context import current_request
 from serve._settings import settings
+from serve._state_dir import ensure_private_dir
 
 ACCESS_LOGGER = "serve.access"
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(component)s %(name)s%(request_tag)s: %(message)s"
@@ -119,6 +121,22 @@ class _BufferedFileHandler(logging.FileHandler):
         super().close()
 
 
+def _create_private(log_file: Path) -> None:
+    """Logs hold request data: their directory is 0700 and the file 0600, whatever the umask.
+
+    Log setup runs before anything else in a daemon, so it also makes the state directory and
+    its ``logs`` private when the log file lives there (the default).
+    """
+    ensure_private_dir(log_file.parent)
+    state_dir = settings().state_dir
+    if state_dir in log_file.parents:
+        for directory in (state_dir, state_dir / "logs"):
+            if directory in log_file.parents:
+                os.chmod(directory, 0o700)
+    os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(log_file, 0o600)
+
+
 def configure(
     component: str,
     log_file: Path | None = None,
@@ -132,7 +150,7 @@ def configure(
     formatter: logging.Formatter = JsonFormatter() if use_json else logging.Formatter(_TEXT_FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(log_file)
         handlers.append(logging.FileHandler(log_file))
     root = logging.getLogger()
     for handler in list(root.handlers):

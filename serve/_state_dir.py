@@ -25,8 +25,19 @@ STATE_DB_FILE = "state.db"
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) if needed, and make it ``0700`` whatever made it first."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create ``path`` if needed, and make it ``0700`` whatever made it first.
+
+    Missing parents are created ``0700`` too (``mkdir(parents=True)`` would give them the
+    umask's mode).
+    """
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
     os.chmod(path, 0o700)
 
 

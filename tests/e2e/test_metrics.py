@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,3 +125,32 @@ def test_metrics_count_what_happened(controller: StandaloneController) -> None:
         {"application": "metered", "status": "RUNNING"},
         1.0,
     ) in families["serve_application_status"]
+
+
+def _get(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("no_auth", [False, True], ids=["token", "opted-out"])
+def test_metrics_beyond_loopback_need_the_cluster_token(tmp_path: Path, no_auth: bool) -> None:
+    extra = ("--metrics-no-auth",) if no_auth else ()
+    c = StandaloneController(
+        tmp_path / "state", "--metrics-port", "0", "--metrics-host", "0.0.0.0", *extra
+    )
+    try:
+        c.start()
+        port = c.ready["metrics"].rsplit(":", 1)[1]
+        url = f"http://127.0.0.1:{port}/metrics"  # bound on every interface; scraped locally
+        token = (tmp_path / "state" / "token").read_text().strip()
+        assert _get(url, token) == 200
+        assert _get(url) == (200 if no_auth else 401)
+        assert _get(url, "wrong") == (200 if no_auth else 401)
+    finally:
+        c.cleanup()
