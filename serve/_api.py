@@ -19,6 +19,7 @@ from serve._context import replica_context
 from serve._deployment import Application, BuiltDeployment, build_application
 from serve._logging import check_logging_config
 from serve._models import ApplicationStatus, CodeEnv, DeploymentID, DeploymentSpec
+from serve._options import check_route_prefix
 from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
 from serve._sync import is_home_thread, run_sync, stop_io_thread
@@ -119,8 +120,7 @@ def run(
         handle = serve.run(Ingress.bind(Downstream.bind()), name="hello")
         assert handle.remote("world").result() == "Hello world!"
     """
-    if route_prefix is not None and not isinstance(route_prefix, str):
-        raise TypeError(f"route_prefix must be a string or None, got {route_prefix!r}.")
+    check_route_prefix(route_prefix)
     ingress, specs = build_specs(target, name, logging_config=logging_config)
     handle = _cached_handle(ingress, name)
     try:

@@ -287,24 +287,28 @@ def cmd_build(args: argparse.Namespace) -> None:
 def cmd_start(args: argparse.Namespace) -> None:
     from serve._client import read_ready_line
     from serve._settings import settings
-    from serve._state_dir import recorded_controller
+    from serve._state_dir import ensure_private_dir, recorded_controller
 
     state_dir = settings().state_dir
     running = recorded_controller(state_dir)
     if running is not None:
         print(f"A serve controller already runs at {running} (state directory {state_dir}).")
         return
-    state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(state_dir)
     command = [
         sys.executable, "-m", "controller", "--state-dir", str(state_dir),
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
     if args.metrics_port is not None:
         command += ["--metrics-port", str(args.metrics_port)]
+    env = dict(os.environ)
+    env.pop("SERVE_LOG_LEVEL", None)
+    if _user_log_level is not None:
+        env["SERVE_LOG_LEVEL"] = _user_log_level
     log = open(state_dir / "controller.out", "ab")  # noqa: SIM115 - handed to the daemon
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-        start_new_session=True,
+        start_new_session=True, env=env,
     )  # fmt: skip
     try:
         ready = read_ready_line(process, 60)
@@ -363,8 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The user's own SERVE_LOG_LEVEL: the CLI quiets the daemons it runs in the foreground
+# (`serve run`), but a background controller (`serve start`) logs to its files at the level
+# the user chose (INFO by default).
+_user_log_level: str | None = None
+
+
 def main(argv: list[str] | None = None) -> None:
+    global _user_log_level
     args = build_parser().parse_args(argv)
+    _user_log_level = os.environ.get("SERVE_LOG_LEVEL")
     os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
     if "" not in sys.path:
         sys.path.insert(0, "")

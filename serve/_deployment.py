@@ -197,6 +197,12 @@ def deployment(
             async def __call__(self, text: str) -> str:
                 return text
     """
+    if isinstance(_func_or_class, str):  # @serve.deployment("name"), as Ray accepts
+        if name is not _UNSET:
+            raise TypeError(
+                "serve.deployment: the name was given twice (positionally and as name=)."
+            )
+        name, _func_or_class = _func_or_class, None
     given = {k: v for k, v in locals().items() if k != "_func_or_class"}
     options = validate_deployment_options(given)
     build_deployment_config(options)  # fail now on inconsistent combinations

@@ -151,11 +151,27 @@ def _check_bundles(value: Any) -> Any:
     return value
 
 
+def check_route_prefix(value: Any) -> str | None:
+    """Ray's rules: None (not served over HTTP) or a path starting with '/', no trailing '/'
+    (except '/' itself), no wildcards."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"route_prefix must be a string or None, got {value!r}.")
+    if not value.startswith("/"):
+        raise ValueError(f"Invalid route_prefix '{value}', must start with a forward slash ('/').")
+    if value != "/" and value.endswith("/"):
+        raise ValueError(f"Invalid route_prefix '{value}', may not end with a trailing '/'.")
+    if "{" in value or "}" in value:
+        raise ValueError(f"Invalid route_prefix '{value}', may not contain wildcards.")
+    return value
+
+
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "name": _check_name,
     "version": lambda v: _optional_str("version", v),
     "num_replicas": _check_num_replicas,
-    "route_prefix": lambda v: _optional_str("route_prefix", v),
+    "route_prefix": check_route_prefix,
     "ray_actor_options": _check_actor_options,
     "placement_group_bundles": _check_bundles,
     "placement_group_strategy": lambda v: _optional_str("placement_group_strategy", v),

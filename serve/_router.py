@@ -116,6 +116,28 @@ class Router:
         request.holds_queue_slot = True
         return request
 
+    def refused_request(self, options: HandleOptions, error: BaseException) -> Request:
+        """A request that failed before it was queued (its response raises ``error``, as Ray's
+        does when awaited). Any thread: nobody can be waiting on it yet."""
+        request = Request(
+            -1,
+            method=options.method_name,
+            model_id=options.multiplexed_model_id,
+            stream=options.stream,
+            prefer_local=False,
+            request_serialization=options.request_serialization,
+            response_serialization=options.response_serialization,
+            args=(),
+            kwargs={},
+            parent=None,
+            on_cancel=self.cancel,
+        )
+        request.state = RequestState.DONE
+        if request.stream_buffer is not None:
+            request.stream_buffer.close(error)
+        request.completion.set_exception(error)
+        return request
+
     def _add_queued(self, delta: int) -> None:
         with self._lock:
             self._num_queued += delta

@@ -12,6 +12,7 @@ orjson keeps JSON types (no bytes; tuples come back as lists; dict keys must be 
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 from typing import Any, Final
@@ -246,6 +247,41 @@ def _code_reducer() -> Any:
     return reduce
 
 
+def _stable_class_ids() -> None:
+    """Give classes pickled by value (from ``__main__``, or wrapped by @serve.deployment) a
+    tracker id derived from their name instead of a random one.
+
+    cloudpickle tags each such class with an id so that one process unpickles it once; a random
+    id made the code bytes, and so the deployment's version, differ in every process, and every
+    ``serve deploy`` restarted every replica. The id is the class's module and qualified name,
+    plus how many classes of that name this process tagged before (classes made in a loop or a
+    factory stay distinct). Falls back to cloudpickle's own ids if its internals change.
+    """
+    module = cloudpickle.cloudpickle
+    lock = getattr(module, "_DYNAMIC_CLASS_TRACKER_LOCK", None)
+    by_class = getattr(module, "_DYNAMIC_CLASS_TRACKER_BY_CLASS", None)
+    by_id = getattr(module, "_DYNAMIC_CLASS_TRACKER_BY_ID", None)
+    if lock is None or by_class is None or by_id is None:
+        return
+    seen: dict[str, int] = {}
+
+    def tracker_id(class_def: type) -> str:
+        with lock:
+            found: str | None = by_class.get(class_def)
+            if found is None:
+                name = f"{class_def.__module__}.{class_def.__qualname__}"
+                index = seen.get(name, 0)
+                seen[name] = index + 1
+                found = hashlib.sha256(f"{name}#{index}".encode()).hexdigest()[:32]
+                by_class[class_def] = found
+                by_id[found] = class_def
+        return found
+
+    if hasattr(module, "_get_or_create_tracker_id"):
+        module._get_or_create_tracker_id = tracker_id
+
+
+_stable_class_ids()
 _code_pickler: Any = None
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 __all__ = ["AutoscalingConfig"]
 
+_LEGACY_TARGET_NAMES = ("target_num_ongoing_requests_per_replica", "target_num_ongoing_requests")
+
 
 @dataclasses.dataclass(frozen=True)
 class AutoscalingConfig:
@@ -88,10 +90,9 @@ class AutoscalingConfig:
                 f"{type(value).__name__}."
             )
         data = dict(value)
-        if "target_num_ongoing_requests_per_replica" in data:  # Ray's deprecated spelling
-            data.setdefault(
-                "target_ongoing_requests", data.pop("target_num_ongoing_requests_per_replica")
-            )
+        for legacy in _LEGACY_TARGET_NAMES:  # Ray's deprecated spellings
+            if legacy in data:
+                data.setdefault("target_ongoing_requests", data.pop(legacy))
         cls.check_keys(data)
         return cls(**data)
 
@@ -99,7 +100,7 @@ class AutoscalingConfig:
     def check_keys(cls, value: Mapping[str, Any]) -> None:
         """Reject keys that are not fields, naming the valid ones."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        fields.add("target_num_ongoing_requests_per_replica")
+        fields.update(_LEGACY_TARGET_NAMES)
         unknown = sorted(set(value) - fields)
         if unknown:
             raise ValueError(

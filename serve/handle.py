@@ -21,7 +21,7 @@ from serve._options import DEFAULT, HandleOptions, validate_handle_options
 from serve._request import Request, RequestState, ResponseBase
 from serve._router import Router
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
-from serve.exceptions import ServeError
+from serve.exceptions import BackPressureError, ServeError
 
 __all__ = [
     "DeploymentBroadcastResponse",
@@ -171,8 +171,13 @@ class DeploymentHandle(Generic[T]):
         before the request is sent.
         """
         router = self._router
-        request = router.make_request(self.handle_options, args, kwargs)
-        post(router.submit, request)
+        try:
+            request = router.make_request(self.handle_options, args, kwargs)
+        except BackPressureError as exc:
+            # As in Ray, the response raises it when awaited (or on result()).
+            request = router.refused_request(self.handle_options, exc)
+        else:
+            post(router.submit, request)
         if request.stream:
             return DeploymentResponseGenerator(request, router)
         return DeploymentResponse(request, router)

@@ -13,7 +13,15 @@ import pytest
 import yaml
 
 from serve._config_file import load_config
-from tests.support.procs import ROOT, kill_tree, pids_alive, python_env, run_script, wait_for
+from tests.support.procs import (
+    ROOT,
+    kill_tree,
+    pids_alive,
+    python_env,
+    replica_pids_of,
+    run_script,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +40,7 @@ def serve_cmd(
 def cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`serve start` in a private state directory; everything stopped afterwards."""
     env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    env.pop("SERVE_LOG_LEVEL", None)  # as a user's shell: the daemons log at INFO
     started = serve_cmd("start", env=env)
     assert started.returncode == 0, started.stderr
     assert "serve controller running at 127.0.0.1:" in started.stdout
@@ -85,6 +94,39 @@ def test_deploy_status_redeploy_delete_shutdown(cluster: dict[str, str], tmp_pat
     missing = serve_cmd("delete", "greeter", env=cluster)
     assert missing.returncode == 1
     assert "no application 'greeter'" in missing.stderr
+
+
+def test_redeploying_unchanged_code_keeps_every_replica(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    assert serve_cmd("deploy", "examples/config.yaml", "--wait", env=cluster).returncode == 0
+    state_dir = Path(cluster["SERVE_STATE_DIR"])
+    address = json.loads((state_dir / "controller.json").read_text())["address"]
+    before = replica_pids_of(address)
+    assert len(before) == 4  # Greeter x2, Front, Echo
+
+    # The same file again (another process, so other pickles): nothing restarts.
+    assert serve_cmd("deploy", "examples/config.yaml", "--wait", env=cluster).returncode == 0
+    assert replica_pids_of(address) == before
+
+    # A user_config change is applied in place.
+    config = yaml.safe_load(Path(ROOT / "examples/config.yaml").read_text())
+    config["applications"][0]["deployments"][0]["user_config"] = {"greeting": "Hiya"}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    assert serve_cmd("deploy", str(changed), "--wait", env=cluster).returncode == 0
+    wait_for(lambda: call(cluster, "greeter", "Ada") == "Hiya Ada!", timeout_s=30)
+    assert replica_pids_of(address) == before
+
+    # `serve start` quiets the CLI, not the daemon's logs: lifecycle and access lines are there.
+    logs = state_dir / "logs"
+    assert "Deploying application 'greeter'" in (logs / "controller.log").read_text()
+
+    def access_logged() -> bool:
+        replica_logs = logs.glob("replica_greeter_Greeter_*.log")
+        return "__call__ OK" in "".join(p.read_text() for p in replica_logs)
+
+    wait_for(access_logged, timeout_s=10)
 
 
 def test_bad_config_files_are_rejected_with_their_position(

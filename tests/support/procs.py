@@ -81,6 +81,16 @@ def run_script(
     )
 
 
+def replica_pids_of(controller_address: str) -> list[int]:
+    """Replica processes launched by the controller at this address, by their command line."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "-m replica" in cmdline and f"--controller {controller_address}" in cmdline:
+            found.append(proc.info["pid"])
+    return sorted(found)
+
+
 def kill_tree(pid: int) -> None:
     """Last-resort cleanup of a process and everything below it."""
     try:
@@ -157,12 +167,7 @@ class StandaloneController:
 
     def replica_pids(self) -> list[int]:
         """Replica processes launched by this controller, found by their command line."""
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "-m replica" in cmdline and f"--controller {self.address}" in cmdline:
-                found.append(proc.info["pid"])
-        return sorted(found)
+        return replica_pids_of(self.address)
 
     def cleanup(self) -> None:
         self.stop()

@@ -205,3 +205,41 @@ def test_handle_options_accept_all_eight_fields() -> None:
 def test_bad_handle_options(given: dict[str, object], error: type, text: str) -> None:
     with pytest.raises(error, match=text):
         validate_handle_options(**_handle_kwargs(**given))
+
+
+def test_the_name_can_be_given_positionally_as_in_ray() -> None:
+    @serve.deployment("Named")
+    class Model:
+        pass
+
+    assert Model.name == "Named"
+    with pytest.raises(TypeError, match="given twice"):
+        serve.deployment("A", name="B")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("api", "must start with a forward slash"),
+        ("/api/", "may not end with a trailing '/'"),
+        ("/{id}", "may not contain wildcards"),
+    ],
+)
+def test_route_prefix_follows_rays_rules(prefix: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        serve.deployment(route_prefix=prefix)
+    with pytest.raises(ValueError, match=message):
+        serve.run(serve.deployment(lambda: None).bind(), route_prefix=prefix)
+
+
+def test_valid_route_prefixes_are_accepted() -> None:
+    for prefix in ("/", "/api", "/api/v1", None):
+        serve.deployment(route_prefix=prefix)
+
+
+@pytest.mark.parametrize(
+    "legacy", ["target_num_ongoing_requests_per_replica", "target_num_ongoing_requests"]
+)
+def test_legacy_autoscaling_target_names_are_accepted(legacy: str) -> None:
+    config = AutoscalingConfig.from_value({"max_replicas": 3, legacy: 7})
+    assert config.target_ongoing_requests == 7
