@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 import serve
 from serve.exceptions import RayServeException
 from tests.support.apps import Signal
-from tests.support.procs import wait_for
+from tests.support.procs import ROOT, python_env, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("serve_instance")]
 
@@ -376,3 +378,16 @@ def test_a_wrong_result_length_is_a_serve_error() -> None:
     for r in responses:
         with pytest.raises(RayServeException, match="got 2 inputs and gave 1 results"):
             r.result()
+
+
+def test_rays_batching_guide_runs_with_only_the_import_changed() -> None:
+    result = subprocess.run(
+        [sys.executable, "examples/batching.py"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=python_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "batching guide OK" in result.stdout
