@@ -5,8 +5,8 @@ argument is the list of those values, in call order. It returns one result per c
 or anything with ``len()`` such as a numpy array) or, for an async generator, yields one item
 per call at every step. A batch starts once ``max_batch_size`` inputs are waiting (measured by
 ``batch_size_fn`` when given) or ``batch_wait_timeout_s`` after its first input arrived; at most
-``max_concurrent_batches`` batches run at once. Inputs that ask for different multiplexed
-models run as one batch per model, each seeing its own ``serve.get_multiplexed_model_id()``.
+``max_concurrent_batches`` batches run at once. Each multiplexed model fills batches of its
+own (they share that limit), in which ``serve.get_multiplexed_model_id()`` is that model's id.
 
 An exception raised by a batch, or a result of the wrong length, reaches every caller in it. A
 streaming caller whose item is ``StopIteration`` (the class) has its stream ended while the
@@ -171,22 +171,50 @@ class _Run:
             self.task.cancel()
 
 
-class _Queue:
-    """The calls of one owner (deployment instance) on one loop, waiting to be batched."""
+class _Lane:
+    """The calls of one owner (deployment instance) on one loop: one queue per model id.
+
+    Each multiplexed model fills its own batches; all of them share ``max_concurrent_batches``.
+    """
 
     def __init__(self, batched: _Batched, owner: Any, key: tuple[int, int]) -> None:
-        self._batched = batched
-        self._owner = owner
-        self._key = key
+        self.batched = batched
+        self.owner = owner
+        self.key = key
+        self.slots = asyncio.Semaphore(batched.max_concurrent_batches)
+        self.queues: dict[str, _Queue] = {}
+
+    def put(self, caller: _Caller) -> None:
+        queue = self.queues.get(caller.model_id)
+        if queue is None:
+            queue = self.queues[caller.model_id] = _Queue(self, caller.model_id)
+        queue.put(caller)
+
+    def forget(self, queue: _Queue) -> None:
+        if self.queues.get(queue.model_id) is queue:
+            del self.queues[queue.model_id]
+        if not self.queues:
+            self.batched.forget(self.key, self)
+
+
+class _Queue:
+    """The calls of one lane for one model id, waiting to be batched."""
+
+    def __init__(self, lane: _Lane, model_id: str) -> None:
+        self._lane = lane
+        self._batched = lane.batched
+        self._owner = lane.owner
+        self.model_id = model_id
         self._waiting: deque[_Caller] = deque()
         self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(batched.max_concurrent_batches)
+        self._slots = lane.slots
         self._collector: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
     def put(self, caller: _Caller) -> None:
         self._waiting.append(caller)
         self._arrived.set()
+        caller.watch(self._arrived.set)  # a caller leaving may end the wait for a batch
         if self._collector is None or self._collector.done():
             self._collector = asyncio.get_running_loop().create_task(
                 self._collect(), name=f"batch:{self._batched.name}", context=_context_with(None)
@@ -290,38 +318,27 @@ class _Queue:
         self._waiting.remove(caller)
 
     def _start(self, batch: list[_Caller]) -> None:
-        """Run the batch as one sub-batch per multiplexed model, all under one slot."""
-        by_model: dict[str, list[_Caller]] = {}
-        for caller in batch:
-            by_model.setdefault(caller.model_id, []).append(caller)
-        unfinished = len(by_model)
+        """Run the batch under the slot the collector holds for it."""
 
         def finished(task: asyncio.Task[None]) -> None:
-            nonlocal unfinished
             self._running.discard(task)
-            unfinished -= 1
-            if unfinished == 0:
-                self._slots.release()
+            self._slots.release()
             if not task.cancelled() and task.exception() is not None:
                 logger.error("A batch of %s failed", self._batched.name, exc_info=task.exception())
             self._forget_if_idle()
 
-        loop = asyncio.get_running_loop()
-        for callers in by_model.values():
-            run = _Run(callers)
-            first = callers[0].request
-            # The batch runs on behalf of its first caller, with the model of all of them; the
-            # requests it makes are its own, not children a single caller's cancel would end.
-            request = None if first is None else dataclasses.replace(first, children=set())
-            run.task = loop.create_task(
-                self._run(run),
-                name=f"batch:{self._batched.name}:run",
-                context=_context_with(request),
-            )
-            self._running.add(run.task)
-            run.task.add_done_callback(finished)
-            for caller in callers:
-                caller.watch(run.cancel_if_abandoned)
+        run = _Run(batch)
+        first = batch[0].request
+        # The batch runs on behalf of its first caller, with the model of all of them; the
+        # requests it makes are its own, not children a single caller's cancel would end.
+        request = None if first is None else dataclasses.replace(first, children=set())
+        run.task = asyncio.get_running_loop().create_task(
+            self._run(run), name=f"batch:{self._batched.name}:run", context=_context_with(request)
+        )
+        self._running.add(run.task)
+        run.task.add_done_callback(finished)
+        for caller in batch:
+            caller.watch(run.cancel_if_abandoned)
 
     async def _run(self, run: _Run) -> None:
         batched = self._batched
@@ -379,7 +396,7 @@ class _Queue:
         ):
             return
         if not self._waiting and not self._running:
-            self._batched.forget(self._key, self)
+            self._lane.forget(self)
 
 
 class _Batched:
@@ -405,7 +422,7 @@ class _Batched:
         self.max_concurrent_batches = max_concurrent_batches
         self.batch_size_fn = batch_size_fn
         self.signature, self.is_method = inputs_signature(func)
-        self._queues: dict[tuple[int, int], _Queue] = {}
+        self._lanes: dict[tuple[int, int], _Lane] = {}
         functools.update_wrapper(cast(Callable[..., Any], self), func)
 
     @property
@@ -422,7 +439,7 @@ class _Batched:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_queues"] = {}
+        state["_lanes"] = {}
         del state["signature"]
         return state
 
@@ -476,15 +493,15 @@ class _Batched:
         caller = _Caller(call, current_request(), streaming)
         loop = asyncio.get_running_loop()
         key = (id(owner), id(loop))
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = _Queue(self, owner, key)
-        queue.put(caller)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(self, owner, key)
+        lane.put(caller)
         return caller
 
-    def forget(self, key: tuple[int, int], queue: _Queue) -> None:
-        if self._queues.get(key) is queue:
-            del self._queues[key]
+    def forget(self, key: tuple[int, int], lane: _Lane) -> None:
+        if self._lanes.get(key) is lane:
+            del self._lanes[key]
 
 
 class _BatchedFunction(_Batched):

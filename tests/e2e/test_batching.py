@@ -329,14 +329,14 @@ class MultiplexedBatcher:
     async def get_model(self, model_id: str) -> str:
         return f"model-{model_id}"
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=LONG_S)
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=LONG_S)
     async def __call__(self, inputs: list[str]) -> list[str]:
         model_id = serve.get_multiplexed_model_id()
         model = await self.get_model(model_id)
         self.batches.append((model_id, inputs))
         return [f"{model}:{x}" for x in inputs]
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=LONG_S)
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=LONG_S)
     async def stream(self, inputs: list[str]) -> AsyncIterator[list[str]]:
         model_id = serve.get_multiplexed_model_id()
         for step in range(2):
@@ -346,7 +346,7 @@ class MultiplexedBatcher:
         return os.getpid(), self.batches
 
 
-def test_requests_for_different_models_are_batched_per_model() -> None:
+def test_requests_for_models_a_b_a_b_run_as_one_batch_per_model() -> None:
     h = serve.run(MultiplexedBatcher.bind(), name="batch-multiplex")
     ids = ["a", "b", "a", "b"]
     responses = [h.options(multiplexed_model_id=m).remote(f"x{n}") for n, m in enumerate(ids)]

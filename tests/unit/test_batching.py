@@ -659,20 +659,20 @@ class Models:
     def __init__(self) -> None:
         self.batches: list[tuple[str, list[str]]] = []
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=1000)
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=1000)
     async def predict(self, inputs: list[str]) -> list[str]:
         model_id = serve.get_multiplexed_model_id()
         self.batches.append((model_id, inputs))
         return [f"{model_id}:{x}" for x in inputs]
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=1000)
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=1000)
     async def stream(self, inputs: list[str]) -> AsyncIterator[list[str]]:
         model_id = serve.get_multiplexed_model_id()
         for step in range(2):
             yield [f"{model_id}:{x}:{step}" for x in inputs]
 
 
-def _as_request(model_id: str, call: Callable[[], Any]) -> Any:
+def _as_request(model_id: str, call: Callable[[], Any]) -> asyncio.Task[Any]:
     """Run ``call`` as the replica would for a request for ``model_id``."""
 
     async def run() -> Any:
@@ -690,18 +690,95 @@ def _as_request(model_id: str, call: Callable[[], Any]) -> Any:
     return _task(run())
 
 
-async def test_a_batch_is_split_by_multiplexed_model() -> None:
+async def test_requests_for_models_a_b_a_b_run_as_one_batch_per_model() -> None:
     m = Models()
     ids = ["a", "b", "a", "b"]
-    results = await _all(
-        [_as_request(i, lambda n=n: m.predict(f"x{n}")) for n, i in enumerate(ids)]
-    )
-    assert results == ["a:x0", "b:x1", "a:x2", "b:x3"]
+    tasks = [_as_request(i, lambda n=n: m.predict(f"x{n}")) for n, i in enumerate(ids)]
+    assert await _all(tasks) == ["a:x0", "b:x1", "a:x2", "b:x3"]
     assert sorted(m.batches) == [("a", ["x0", "x2"]), ("b", ["x1", "x3"])]
 
-    streams = await _all([_as_request(i, lambda n=n: m.stream(f"x{n}")) for n, i in enumerate(ids)])
+    tasks = [_as_request(i, lambda n=n: m.stream(f"x{n}")) for n, i in enumerate(ids)]
+    streams = await _all(tasks)
     assert streams[1] == ["b:x1:0", "b:x1:1"]
     assert streams[2] == ["a:x2:0", "a:x2:1"]
+
+
+# Ray: test_multiplexed_batches_fill_per_model_id,
+# test_multiplexed_batches_do_not_run_before_model_batch_fills,
+# test_multiplexed_batch_queues_share_max_concurrent_batches, and the idle-queue cleanup tests
+
+
+def _recording_batcher(records: list[tuple[str, list[str]]], **settings: Any) -> Any:
+    @serve.batch(**settings)
+    async def multiplexed_batch(requests: list[str]) -> list[str]:
+        model_id = serve.get_multiplexed_model_id()
+        records.append((model_id, list(requests)))
+        return [f"{model_id}:{r}" for r in requests]
+
+    return multiplexed_batch
+
+
+async def test_multiplexed_batches_fill_per_model_id() -> None:
+    records: list[tuple[str, list[str]]] = []
+    batcher = _recording_batcher(records, max_batch_size=5, batch_wait_timeout_s=1000)
+    tasks = []
+    for i in range(5):
+        tasks.append(_as_request("model-a", lambda i=i: batcher(f"a-{i}")))
+        tasks.append(_as_request("model-b", lambda i=i: batcher(f"b-{i}")))
+    results = await _all(tasks)
+    assert results == [f"model-{m}:{m}-{i}" for i in range(5) for m in "ab"]
+    assert sorted((m, len(r)) for m, r in records) == [("model-a", 5), ("model-b", 5)]
+    assert batcher._lanes == {}  # idle queues are dropped
+
+
+async def test_multiplexed_batches_do_not_run_before_model_batch_fills() -> None:
+    records: list[tuple[str, list[str]]] = []
+    batcher = _recording_batcher(records, max_batch_size=5, batch_wait_timeout_s=1000)
+    a_tasks = [_as_request("model-a", lambda i=i: batcher(f"a-{i}")) for i in range(4)]
+    first_b = _as_request("model-b", lambda: batcher("b-0"))
+    await _settle()
+    assert records == []
+    a_tasks.append(_as_request("model-a", lambda: batcher("a-4")))
+    assert await _all(a_tasks) == [f"model-a:a-{i}" for i in range(5)]
+    await _settle()
+    assert not first_b.done()
+    assert records == [("model-a", [f"a-{i}" for i in range(5)])]
+    b_tasks = [first_b] + [
+        _as_request("model-b", lambda i=i: batcher(f"b-{i}")) for i in range(1, 5)
+    ]
+    assert await _all(b_tasks) == [f"model-b:b-{i}" for i in range(5)]
+
+
+async def test_a_queue_whose_callers_all_left_is_dropped() -> None:
+    batcher = _recording_batcher([], max_batch_size=10, batch_wait_timeout_s=1000)
+    task = _as_request("model-a", lambda: batcher("request"))
+    await _settle()
+    assert next(iter(batcher._lanes.values())).queues.keys() == {"model-a"}
+    task.cancel()
+    await _settle()
+    assert batcher._lanes == {}
+
+
+async def test_multiplexed_batch_queues_share_max_concurrent_batches() -> None:
+    running, peak = 0, 0
+    release = asyncio.Event()
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0, max_concurrent_batches=2)
+    async def blocked(requests: list[str]) -> list[str]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+        return requests
+
+    tasks = [_as_request(m, lambda m=m: blocked(m)) for m in ["model-a", "model-b", "model-c"]]
+    await _settle()
+    assert running == 2
+    assert not tasks[2].done()
+    release.set()
+    assert await _all(tasks) == ["model-a", "model-b", "model-c"]
+    assert peak == 2
 
 
 async def test_a_batch_whose_callers_all_left_is_cancelled() -> None:
