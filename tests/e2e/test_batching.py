@@ -317,6 +317,41 @@ def test_callers_that_leave_a_streaming_batch_do_not_stop_the_others() -> None:
         s.cancel()
 
 
+# Ray: test_batching_client_dropped_unary (callers cancel instead of dropping HTTP connections)
+
+
+@serve.deployment
+class Droppable:
+    def __init__(self, signal: Any) -> None:
+        self._signal = signal
+        self.cancelled = 0
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=LONG_S)
+    async def __call__(self, values: list[str]) -> list[str]:
+        try:
+            if "block" in values:
+                await self._signal.wait.remote()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return values
+
+    def cancelled_batches(self) -> int:
+        return self.cancelled
+
+
+def test_a_batch_whose_callers_all_cancelled_is_cancelled_and_the_next_one_runs() -> None:
+    h = serve.run(Droppable.bind(Signal.bind()), name="batch-dropped")
+    signal = serve.get_deployment_handle("Signal", "batch-dropped")
+    responses = [h.remote("block"), h.remote("block")]
+    wait_for(lambda: signal.num_waiters.remote().result() == 1)
+    responses[0].cancel()
+    assert h.cancelled_batches.remote().result() == 0  # one caller is still there
+    responses[1].cancel()
+    wait_for(lambda: h.cancelled_batches.remote().result() == 1)
+    assert [r.result() for r in [h.remote("a"), h.remote("b")]] == ["a", "b"]
+
+
 # Multiplexing: one batch per model
 
 
