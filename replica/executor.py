@@ -235,7 +235,8 @@ class Executor:
         except asyncio.CancelledError:
             # A running thread cannot be interrupted: it keeps a slot until it really finishes,
             # so max_ongoing_requests still bounds the work this replica does.
-            if not workers.skip(job) and not job.future.done():
+            # (job.future was cancelled with this task: job.finished says if it returned.)
+            if not workers.skip(job) and not job.finished:
                 self.ongoing += 1
                 self._idle.clear()
                 job.on_finish = self.release

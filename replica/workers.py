@@ -35,7 +35,7 @@ QUEUED, RUNNING, SKIPPED = 0, 1, 2
 class Job:
     """One call of sync user code: ``future`` gets its outcome on the loop."""
 
-    __slots__ = ("args", "context", "fn", "future", "kwargs", "on_finish", "state")
+    __slots__ = ("args", "context", "finished", "fn", "future", "kwargs", "on_finish", "state")
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class Job:
         self.context = contextvars.copy_context()
         self.future = future
         self.state = QUEUED
+        self.finished = False  # its outcome reached the loop
         self.on_finish: Callable[[], None] | None = None  # runs on the loop once it returned
 
 
@@ -151,6 +152,7 @@ class SyncWorkers:
 
 
 def _succeed(job: Job, value: Any) -> None:
+    job.finished = True
     if not job.future.done():
         job.future.set_result(value)
     if job.on_finish is not None:
@@ -158,6 +160,7 @@ def _succeed(job: Job, value: Any) -> None:
 
 
 def _fail(job: Job, exc: BaseException) -> None:
+    job.finished = True
     if not job.future.done():
         job.future.set_exception(exc)
     if job.on_finish is not None:

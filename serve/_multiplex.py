@@ -13,6 +13,7 @@ import collections
 import functools
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,14 @@ class _Registry:
 
 
 registry = _Registry()
+
+
+def _reference(owner: Any) -> Callable[[], Any]:
+    """A weak reference to ``owner`` where possible (a strong one otherwise)."""
+    try:
+        return weakref.ref(owner)
+    except TypeError:
+        return lambda: owner
 
 
 class _ModelCache:
@@ -175,7 +184,8 @@ class _MultiplexedLoader:
         self._is_method = check_one_input(loader, "@serve.multiplexed loader", "model id parameter")
         self._loader = loader
         self._limit = limit
-        self._caches: dict[int, _ModelCache] = {}
+        # id(owner) -> (a reference to the owner, its cache); models unload at shutdown
+        self._caches: dict[int, tuple[Callable[[], Any], _ModelCache]] = {}
         functools.update_wrapper(self, loader)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -196,8 +206,11 @@ class _MultiplexedLoader:
             )
         owner = args[0] if self._is_method else None
         model_id = args[-1]
-        cache = self._caches.get(id(owner))
-        if cache is None:
-            cache = self._caches[id(owner)] = _ModelCache(self._limit)
-            registry.add(cache)
+        key = id(owner)
+        found = self._caches.get(key)
+        # An id is reused once its object is gone: a cache belongs to the object that made it.
+        if found is None or found[0]() is not owner:
+            found = self._caches[key] = (_reference(owner), _ModelCache(self._limit))
+            registry.add(found[1])
+        cache = found[1]
         return await cache.get(model_id, lambda: self._loader(*args))
