@@ -49,6 +49,7 @@ class LocalProcessLauncher:
         env.pop(ADDRESS_ENV, None)
         command = [
             sys.executable,
+            "-P",  # the daemon's own modules, never a `replica` package in the working dir
             "-m",
             "replica",
             "--controller",

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from replica.executor import Executor
+from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
 from serve import _client
 from serve._logging import configure
@@ -96,6 +97,7 @@ class ReplicaServer:
             + "\n"
         )
         sys.stdout.flush()
+        capture_user_output(self.replica_id, self._log_file)
         multiplex_registry.set_listener(self._models_changed)
         link = asyncio.create_task(self._link_loop(address), name="replica:link")
         reporter = asyncio.create_task(self._report_loop(), name="replica:report-load")

@@ -214,6 +214,41 @@ def threaded_rate(handle: Any, threads: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
+def crossing_us(n: int) -> dict[str, float]:
+    """The driver's hop between a caller and the IO loop and back, alone: a callable posted to
+    the home loop completes a Completion the caller waits on (``result()``) or awaits from its
+    own loop. Every request from a driver pays one such round trip."""
+    from serve._sync import Completion, home_loop, post
+
+    home_loop()
+
+    def sync_once() -> None:
+        done = Completion()
+        post(done.set_result, None)
+        done.wait_sync(None)
+
+    async def async_once() -> None:
+        done = Completion()
+        post(done.set_result, None)
+        await done.wait()
+
+    async def async_many(count: int) -> float:
+        for _ in range(count // 10):
+            await async_once()
+        started = time.perf_counter()
+        for _ in range(count):
+            await async_once()
+        return (time.perf_counter() - started) / count * 1e6
+
+    for _ in range(n // 10):
+        sync_once()
+    started = time.perf_counter()
+    for _ in range(n):
+        sync_once()
+    sync_us = (time.perf_counter() - started) / n * 1e6
+    return {"result": sync_us, "await_other_loop": uvloop.run(async_many(n))}
+
+
 def cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -259,6 +294,8 @@ def measure_serve(s: Settings) -> dict[str, Any]:
                 served = noop._router.num_requests - served_before
                 out["cpu_caller_us_per_request"] = (cpu_s(me) - before_me) / served * 1e6
                 out["cpu_replica_us_per_request"] = (cpu_s(replica) - before_replica) / served * 1e6
+
+    out["crossing_us"] = crossing_us(s.latency_n * 5)
 
     # Sync user code, driven the way programs drive it.
     sync_noop = serve.run(SyncNoop.bind(), name="sync-noop")
@@ -415,6 +452,13 @@ def table(
             "items/s",
             floor["stream_items_per_s"],
         )
+    row("driver crossing, result()", ours["crossing_us"]["result"], "us/request", None)
+    row(
+        "driver crossing, await on another loop",
+        ours["crossing_us"]["await_other_loop"],
+        "us/request",
+        None,
+    )
     row("CPU per request, caller", ours["cpu_caller_us_per_request"], "us", None)
     row("CPU per request, replica", ours["cpu_replica_us_per_request"], "us", None)
     row("CPU per request, caller, sync method", ours["cpu_caller_us_per_request_sync"], "us", None)

@@ -296,7 +296,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         return
     ensure_private_dir(state_dir)
     command = [
-        sys.executable, "-m", "controller", "--state-dir", str(state_dir),
+        sys.executable, "-P", "-m", "controller", "--state-dir", str(state_dir),
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
     if args.metrics_port is not None:

@@ -142,6 +142,7 @@ class EmbeddedController:
         process = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # the daemon's own modules, never a `controller.py` in the working dir
                 "-m",
                 "controller",
                 "--state-dir",

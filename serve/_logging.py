@@ -148,7 +148,8 @@ def configure(
     s = settings()
     use_json = s.log_format == "json" if json_lines is None else json_lines
     formatter: logging.Formatter = JsonFormatter() if use_json else logging.Formatter(_TEXT_FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    # The process's real stderr: a replica routes user output through sys.stderr.
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.__stderr__ or sys.stderr)]
     if log_file is not None:
         _create_private(log_file)
         handlers.append(logging.FileHandler(log_file))

@@ -68,16 +68,16 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 def run_script(
-    code: str, *, timeout_s: float = 60.0, **env: str
+    code: str, *, timeout_s: float = 60.0, cwd: str | Path = ROOT, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run a Python driver script in its own process and wait for it."""
+    """Run a Python driver script in its own process (in ``cwd``) and wait for it."""
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         env=python_env(**env),
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
