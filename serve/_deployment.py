@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
+import pickle
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+import cloudpickle
 
 from serve._models import DeploymentConfig
 from serve._options import (
@@ -274,7 +278,42 @@ def build_application(
             return tuple(replace(v) for v in value)
         if kind is dict:
             return {k: replace(v) for k, v in value.items()}
-        return value
+        if kind in _PLAIN:
+            return value
+        return _replace_nested(value, replace)
 
     ingress = visit(app)
     return ingress, built
+
+
+_PLAIN = frozenset({str, bytes, int, float, bool, type(None), set, frozenset})
+
+
+def _replace_nested(value: Any, replace: Callable[[Any], Any]) -> Any:
+    """Replace bound deployments found anywhere inside a custom object (an attribute, a
+    dataclass field...), as Ray does: pickle it, noting each Application met, then unpickle it
+    with each replaced. Returns ``value`` itself when it holds none (or cannot be pickled, in
+    which case serializing the arguments reports the problem)."""
+    found: list[Application] = []
+
+    class Scanner(cloudpickle.Pickler):  # type: ignore[misc]
+        def persistent_id(self, obj: Any) -> int | None:
+            if isinstance(obj, Application):
+                found.append(obj)
+                return len(found) - 1
+            return None
+
+    buffer = io.BytesIO()
+    try:
+        Scanner(buffer, protocol=5).dump(value)
+    except Exception:
+        return value
+    if not found:
+        return value
+    replacements = [replace(app) for app in found]
+
+    class Loader(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            return replacements[pid]
+
+    return Loader(io.BytesIO(buffer.getvalue())).load()

@@ -1,5 +1,6 @@
 """Bound application graphs: one deployment per bound node, handles in place of nodes."""
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -58,3 +59,30 @@ def test_unbound_deployment_as_argument_is_refused() -> None:
 def test_run_needs_an_application() -> None:
     with pytest.raises(TypeError, match=r"Did you forget to call \.bind"):
         build_application(Leaf, "app", DeploymentHandle)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class Settings:
+    """A user's own object carrying bound deployments (Ray finds them inside it too)."""
+
+    label: str
+    model: Any
+    extras: list[Any]
+
+
+def test_bound_nodes_inside_custom_objects_become_handles() -> None:
+    settings = Settings("s", Leaf.bind(), [Leaf.options(name="Other").bind()])
+    _, built = build_application(Parent.bind(settings), "app", DeploymentHandle)
+    assert sorted(b.name for b in built) == ["Leaf", "Other", "Parent"]
+    (replaced,) = next(b for b in built if b.name == "Parent").init_args
+    assert isinstance(replaced, Settings)
+    assert replaced.label == "s"
+    assert isinstance(replaced.model, DeploymentHandle)
+    assert replaced.extras[0].deployment_name == "Other"
+    assert isinstance(settings.model, serve.Application)  # the user's object is left alone
+
+
+def test_custom_objects_without_bound_nodes_are_passed_as_they_are() -> None:
+    plain = Settings("plain", 1, [])
+    _, built = build_application(Parent.bind(plain), "app", DeploymentHandle)
+    assert next(b for b in built if b.name == "Parent").init_args[0] is plain
