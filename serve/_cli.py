@@ -33,8 +33,8 @@ def _connect(address: str | None, *, start_embedded: bool = False) -> Any:
         return _client.connect(address, start_embedded=False)
     except ControllerUnavailableError as exc:
         _fail(
-            f"{exc}\nStart a controller with `serve start` (or serve-controller), or pass "
-            "--address / set SERVE_ADDRESS."
+            f"{exc}\nStart one with `serve start`, or point to one elsewhere with --address "
+            "(or SERVE_ADDRESS)."
         )
 
 
@@ -317,6 +317,8 @@ def cmd_start(args: argparse.Namespace) -> None:
     finally:
         log.close()
     print(f"serve controller running at {ready['address']} (pid {ready['pid']}).")
+    if "metrics" in ready:
+        print(f"Prometheus metrics at http://{ready['metrics']}/metrics.")
     print(f"State and logs in {state_dir}; stop it with `serve shutdown`.")
 
 

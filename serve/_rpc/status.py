@@ -15,6 +15,7 @@ import cloudpickle
 import grpc
 
 from serve._proto.common_pb2 import ErrorInfo
+from serve._settings import settings
 from serve.exceptions import (
     ControllerUnavailableError,
     RemoteError,
@@ -75,9 +76,11 @@ def controller_error(exc: grpc.aio.AioRpcError, address: str, action: str) -> Ex
     code = exc.code()
     details = exc.details() or ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        hint = "Start one (`serve start` or serve-controller)"
+        if settings().address:
+            hint += ", or unset SERVE_ADDRESS to use an embedded one"
         return ControllerUnavailableError(
-            f"Could not {action}: no serve controller answered at {address} ({details}). "
-            "Start one (serve-controller), or unset SERVE_ADDRESS to use an embedded one."
+            f"Could not {action}: no serve controller answered at {address} ({details}). {hint}."
         )
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return ServeError(f"Could not {action}: the controller at {address} refused: {details}")

@@ -214,3 +214,30 @@ def test_commands_without_a_controller_say_how_to_start_one(tmp_path: Path) -> N
     result = serve_cmd("status", env=env)
     assert result.returncode == 1
     assert "serve start" in result.stderr
+
+
+def test_an_unreachable_controller_error_mentions_serve_address_only_when_it_is_set(
+    tmp_path: Path,
+) -> None:
+    free = "127.0.0.1:9"  # nothing listens on the discard port here
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "empty"))
+    by_flag = serve_cmd("status", "--address", free, env=env)
+    assert by_flag.returncode == 1
+    assert "no serve controller answered" in by_flag.stderr
+    assert "unset SERVE_ADDRESS" not in by_flag.stderr
+    by_env = serve_cmd("status", env={**env, "SERVE_ADDRESS": free})
+    assert by_env.returncode == 1
+    assert "unset SERVE_ADDRESS" in by_env.stderr
+
+
+def test_start_tells_where_metrics_are(tmp_path: Path) -> None:
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    started = serve_cmd("start", "--metrics-port", "0", env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "Prometheus metrics at http://127.0.0.1:" in started.stdout
+    finally:
+        serve_cmd("shutdown", env=env)
+        record = tmp_path / "state" / "controller.json"
+        if record.exists():
+            kill_tree(json.loads(record.read_text())["pid"])
