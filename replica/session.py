@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 access = logging.getLogger(ACCESS_LOGGER)
 
 DEFAULT_STREAM_WINDOW = 64
+DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
 
 Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts, buffers
 
@@ -74,7 +75,7 @@ class StreamSession:
         # Requests holding an admission slot. The slot is released by the request's own code,
         # or by its task's done-callback if the task was cancelled before it ever ran.
         self._holding: set[int] = set()
-        self._credits: dict[int, int] = {}
+        self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
         self._closing = False
@@ -129,8 +130,10 @@ class StreamSession:
                 # Its children are cancelled now, even if its code catches the cancellation.
                 self._cancel_children(header.id)
         elif kind == FRAME_KIND_CREDIT:
-            if header.id in self._credits:
-                self._credits[header.id] += header.credit
+            credit = self._credits.get(header.id)
+            if credit is not None:
+                credit[0] += header.credit
+                credit[1] += header.credit_bytes
                 self._credit_events[header.id].set()
         else:
             raise FrameError(f"Unexpected frame kind {kind} from a router.")
@@ -307,18 +310,23 @@ class StreamSession:
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
     ) -> None:
-        """Send each item as it is produced, pausing when the router's credit runs out."""
+        """Send each item as it is produced, pausing while the router's credit (in items or in
+        bytes) is used up; an item larger than the whole window still goes, alone."""
         frame_id = header.id
-        self._credits[frame_id] = header.stream_window or DEFAULT_STREAM_WINDOW
+        credit = self._credits[frame_id] = [
+            header.stream_window or DEFAULT_STREAM_WINDOW,
+            header.stream_window_bytes or DEFAULT_STREAM_WINDOW_BYTES,
+        ]
         event = self._credit_events[frame_id] = asyncio.Event()
         codec = header.response_codec
         try:
             async for item in self._executor.stream(header.method, args, kwargs, request):
-                while self._credits[frame_id] <= 0:
+                while credit[0] <= 0 or credit[1] <= 0:
                     event.clear()
                     await event.wait()
-                self._credits[frame_id] -= 1
                 payload, item_buffers = _encode(codec, item, "stream item")
+                credit[0] -= 1
+                credit[1] -= len(payload) + sum(len(b) for b in item_buffers)
                 if len(payload) > MAX_FRAME_BODY:
                     raise _Unencodable(
                         f"A stream item of {header.method} is larger than a frame can carry "

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextvars
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
@@ -26,7 +27,8 @@ from typing import Any
 from serve._sync import mailbox
 
 _STOP = object()
-GENERATOR_BUFFER = 64  # items a sync generator may produce ahead of its consumer
+GENERATOR_BUFFER = 64  # items a sync generator may produce ahead of its consumer ...
+GENERATOR_BUFFER_BYTES = 4 * 1024 * 1024  # ... and about this many bytes (sys.getsizeof)
 
 
 QUEUED, RUNNING, SKIPPED = 0, 1, 2
@@ -178,6 +180,7 @@ class _GeneratorPump:
         self._loop = loop
         self._buffer: collections.deque[Any] = collections.deque()
         self._space = threading.Condition(threading.Lock())
+        self._buffered_bytes = 0
         self._stopped = False
         self._ended = False
         self._waiter: asyncio.Future[None] | None = None
@@ -187,13 +190,23 @@ class _GeneratorPump:
         """On the worker: produce until the generator ends, fails or is stopped."""
         generator = self._generator
         try:
-            for item in generator:
+            while True:
+                # Wait for room before producing: nothing is made that could not be buffered.
                 with self._space:
-                    while len(self._buffer) >= GENERATOR_BUFFER and not self._stopped:
+                    while self._full() and not self._stopped:
                         self._space.wait()
                     if self._stopped:
                         break
+                try:
+                    item = next(generator)
+                except StopIteration:
+                    break
+                size = sys.getsizeof(item)
+                with self._space:
+                    if self._stopped:
+                        break
                     self._buffer.append(item)
+                    self._buffered_bytes += size
                     wake = not self._wake_posted
                     self._wake_posted = True
                 if wake:
@@ -206,6 +219,13 @@ class _GeneratorPump:
                 self._wake_posted = True
             if wake:
                 self._mailbox.post(self._wake)
+
+    def _full(self) -> bool:
+        """Whether the worker must wait (the lock is held). One item always fits."""
+        buffered = len(self._buffer)
+        return buffered >= GENERATOR_BUFFER or (
+            buffered > 0 and self._buffered_bytes >= GENERATOR_BUFFER_BYTES
+        )
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -220,6 +240,7 @@ class _GeneratorPump:
                 if self._buffer:
                     items = list(self._buffer)
                     self._buffer.clear()
+                    self._buffered_bytes = 0
                     self._space.notify()
                     return items
                 if self._ended:

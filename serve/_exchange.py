@@ -24,6 +24,7 @@ class Envelope:
     stream: bool = False
     no_reject: bool = False  # broadcast: wait for a slot instead of being rejected
     stream_window: int = 0  # stream items the replica may send before the consumer's credit
+    stream_window_bytes: int = 0  # ... and bytes (item bodies plus their buffers)
     args: bytes = b""
     kwargs: bytes = b""
     buffers: list[bytes] = dataclasses.field(default_factory=list)  # out of band, args first

@@ -29,6 +29,7 @@ from serve._options import HandleOptions
 from serve._policy import backoff_s, candidate_tiers, choose
 from serve._request import Request, RequestState
 from serve._serialization import CODEC_NAMES, decode
+from serve._settings import settings
 from serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -71,6 +72,7 @@ class Router:
         self._repump = False
         self._repump_probe = False
         self._rng = random.Random()
+        self._stream_window_bytes = settings().stream_window_bytes
         self.num_requests = 0
 
     def __repr__(self) -> str:
@@ -113,6 +115,9 @@ class Router:
         except BaseException:
             self._add_queued(-1)
             raise
+        if request.stream:
+            request.envelope.stream_window = STREAM_WINDOW
+            request.envelope.stream_window_bytes = self._stream_window_bytes
         request.holds_queue_slot = True
         return request
 
@@ -323,8 +328,6 @@ class Router:
     def _send(self, request: Request, replica: ReplicaInfo, state: DeploymentState) -> None:
         conn = state.connection(replica)
         envelope = request.envelope
-        if envelope.stream:
-            envelope.stream_window = STREAM_WINDOW
         try:
             request.frame_id = conn.send(envelope, self, request)
         except ConnectionLost as exc:
@@ -432,10 +435,11 @@ class Router:
             request.stream_buffer.close(error, drop=True)  # the next read raises, as in Ray
         self.finish(request, error=error)
 
-    def credit(self, request: Request, count: int) -> None:
-        """The consumer of a stream read ``count`` items: the replica may send that many more."""
+    def credit(self, request: Request, count: int, nbytes: int) -> None:
+        """The consumer of a stream read ``count`` items of ``nbytes``: the replica may send
+        that much more."""
         if request.conn is not None and request.state != RequestState.DONE:
-            request.conn.credit(request.frame_id, count)
+            request.conn.credit(request.frame_id, count, nbytes)
 
     def decode_item(self, request: Request, item: tuple[memoryview, list[bytes] | None]) -> Any:
         try:

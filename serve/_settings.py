@@ -10,6 +10,7 @@
 | SERVE_ORPHAN_TIMEOUT_S | a replica with no controller for this long exits | 30 |
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
+| SERVE_STREAM_WINDOW_BYTES | stream bytes a replica may send ahead of its consumer | 16 MiB |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Settings:
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
+    stream_window_bytes: int
 
 
 def _float_env(name: str, default: float) -> float:
@@ -48,6 +50,13 @@ def _float_env(name: str, default: float) -> float:
         return float(raw)
     except ValueError as exc:
         raise ValueError(f"{name}={raw!r} is not a number.") from exc
+
+
+def _positive_int_env(name: str, default: int) -> int:
+    value = _float_env(name, default)
+    if value < 1 or value != int(value):
+        raise ValueError(f"{name}={value!r} must be a positive whole number.")
+    return int(value)
 
 
 @functools.cache
@@ -68,4 +77,5 @@ def settings() -> Settings:
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,
+        stream_window_bytes=_positive_int_env("SERVE_STREAM_WINDOW_BYTES", 16 * 1024 * 1024),
     )

@@ -276,11 +276,13 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
     replica yields them; an exception raised mid-stream comes after the items before it.
     """
 
-    __slots__ = ("_consumed",)
+    __slots__ = ("_consumed", "_consumed_bytes", "_credit_bytes_every")
 
     def __init__(self, request: Request, router: Router) -> None:
         super().__init__(request, router)
         self._consumed = 0
+        self._consumed_bytes = 0
+        self._credit_bytes_every = max(request.envelope.stream_window_bytes // 4, 1)
 
     def __await__(self) -> Generator[Any, None, Any]:
         raise TypeError(
@@ -288,11 +290,14 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
             "`await response.__anext__()` instead."
         )
 
-    def _taken(self) -> None:
+    def _taken(self, item: tuple[memoryview, list[bytes] | None]) -> None:
+        body, buffers = item
         self._consumed += 1
-        if self._consumed >= CREDIT_EVERY:
-            count, self._consumed = self._consumed, 0
-            post(self._router.credit, self._request, count)
+        self._consumed_bytes += len(body) + sum(len(b) for b in buffers or ())
+        if self._consumed >= CREDIT_EVERY or self._consumed_bytes >= self._credit_bytes_every:
+            count, nbytes = self._consumed, self._consumed_bytes
+            self._consumed = self._consumed_bytes = 0
+            post(self._router.credit, self._request, count, nbytes)
 
     def __iter__(self) -> Iterator[R]:
         return self
@@ -305,7 +310,7 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         found, body = buffer.get_sync()
         if not found:
             raise StopIteration
-        self._taken()
+        self._taken(body)
         return self._router.decode_item(self._request, body)  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[R]:
@@ -317,7 +322,7 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         found, body = await buffer.get()
         if not found:
             raise StopAsyncIteration
-        self._taken()
+        self._taken(body)
         return self._router.decode_item(self._request, body)  # type: ignore[no-any-return]
 
     def __del__(self) -> None:

@@ -33,7 +33,7 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     """
     FRAME_KIND_CANCEL: _FrameKind.ValueType  # 2
     FRAME_KIND_CREDIT: _FrameKind.ValueType  # 3
-    """the consumer read `credit` more stream items"""
+    """the consumer read `credit` more items (`credit_bytes` bytes)"""
     FRAME_KIND_REJECTED: _FrameKind.ValueType  # 5
     """not admitted; safe to retry elsewhere"""
     FRAME_KIND_RESULT: _FrameKind.ValueType  # 6
@@ -54,7 +54,7 @@ body: args then kwargs (split at args_len)
 """
 FRAME_KIND_CANCEL: FrameKind.ValueType  # 2
 FRAME_KIND_CREDIT: FrameKind.ValueType  # 3
-"""the consumer read `credit` more stream items"""
+"""the consumer read `credit` more items (`credit_bytes` bytes)"""
 FRAME_KIND_REJECTED: FrameKind.ValueType  # 5
 """not admitted; safe to retry elsewhere"""
 FRAME_KIND_RESULT: FrameKind.ValueType  # 6
@@ -155,6 +155,8 @@ class FrameHeader(_message.Message):
     CREDIT_FIELD_NUMBER: _builtins.int
     BUFFER_LENGTHS_FIELD_NUMBER: _builtins.int
     ARGS_BUFFER_COUNT_FIELD_NUMBER: _builtins.int
+    STREAM_WINDOW_BYTES_FIELD_NUMBER: _builtins.int
+    CREDIT_BYTES_FIELD_NUMBER: _builtins.int
     kind: Global___FrameKind.ValueType
     id: _builtins.int
     """per-connection request number, chosen by the router"""
@@ -183,6 +185,13 @@ class FrameHeader(_message.Message):
     """CREDIT"""
     args_buffer_count: _builtins.int
     """REQUEST: the first this many buffers belong to the args"""
+    stream_window_bytes: _builtins.int
+    """Streams are credited in items and in bytes (an item's body plus its buffers): the replica
+    sends while both credits are positive, so a stalled consumer holds at most a window.
+    REQUEST
+    """
+    credit_bytes: _builtins.int
+    """CREDIT"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorInfo: ...
     @_builtins.property
@@ -211,10 +220,12 @@ class FrameHeader(_message.Message):
         credit: _builtins.int = ...,
         buffer_lengths: _abc.Iterable[_builtins.int] | None = ...,
         args_buffer_count: _builtins.int = ...,
+        stream_window_bytes: _builtins.int = ...,
+        credit_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

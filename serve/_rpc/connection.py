@@ -133,6 +133,7 @@ class ReplicaConnection:
                 no_reject=envelope.no_reject,
                 request_id=envelope.request_id,
                 stream_window=envelope.stream_window,
+                stream_window_bytes=envelope.stream_window_bytes,
                 args_buffer_count=envelope.args_buffer_count,
             ),
             envelope.args,
@@ -146,9 +147,11 @@ class ReplicaConnection:
         if self.broken is None and self._lane is not None and frame_id in self._pending:
             self._lane.send(FrameHeader(kind=FRAME_KIND_CANCEL, id=frame_id))
 
-    def credit(self, frame_id: int, count: int) -> None:
+    def credit(self, frame_id: int, count: int, nbytes: int) -> None:
         if self.broken is None and self._lane is not None and frame_id in self._pending:
-            self._lane.send(FrameHeader(kind=FRAME_KIND_CREDIT, id=frame_id, credit=count))
+            self._lane.send(
+                FrameHeader(kind=FRAME_KIND_CREDIT, id=frame_id, credit=count, credit_bytes=nbytes)
+            )
 
     async def _write_loop(self, call: Any, lane: FrameLane) -> None:
         """Write once the replica has confirmed, in its headers, that it is the replica this

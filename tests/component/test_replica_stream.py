@@ -56,6 +56,11 @@ class Target:
             self.produced += 1
             yield i
 
+    async def blobs(self, n: int, size: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            self.produced += 1
+            yield b"x" * size
+
 
 class Recorder:
     """A ReplyListener that records what the connection reports about its one request."""
@@ -142,6 +147,7 @@ def _connect(
 def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, **kw: Any) -> int:
     stream = kw.pop("_stream", False)
     window = kw.pop("_window", 0)
+    window_bytes = kw.pop("_window_bytes", 0)
     a, k = encode_args(CLOUDPICKLE, args, kw)
     envelope = Envelope(
         method=method,
@@ -152,6 +158,7 @@ def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, 
         kwargs=k,
         stream=stream,
         stream_window=window,
+        stream_window_bytes=window_bytes,
     )
     return conn.send(envelope, exchange, None)
 
@@ -250,10 +257,30 @@ async def test_streams_pause_without_credit(replica: tuple[Executor, str]) -> No
     await asyncio.sleep(0.2)
     assert executor._target.produced <= 9  # paused: at most one item ahead of the window
     assert len(exchange.items) == 8
-    conn.credit(frame_id, 92)
+    conn.credit(frame_id, 92, 1 << 20)
     await asyncio.wait_for(exchange.done.wait(), 5)
     assert exchange.items == list(range(100))
     assert exchange.events[-1] == ("end", None)
+    await conn.aclose()
+
+
+async def test_streams_pause_when_their_byte_window_is_used(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    size = 1 << 20  # 1 MiB items, a 3 MiB window: three items, then a pause
+    frame_id = _send(conn, exchange, "blobs", 10, size, _stream=True, _window_bytes=3 * size)
+    await _until(lambda: len(exchange.items) == 3)
+    await asyncio.sleep(0.2)
+    assert len(exchange.items) == 3
+    assert executor._target.produced <= 4  # at most one item waits in the replica
+    conn.credit(frame_id, 3, 3 * size)
+    await _until(lambda: len(exchange.items) == 6)
+    conn.credit(frame_id, 100, 100 * size)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert len(exchange.items) == 10
     await conn.aclose()
 
 

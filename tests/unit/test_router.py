@@ -51,7 +51,7 @@ class FakeConnection:
     def cancel(self, frame_id: int) -> None:
         self.cancelled.append(frame_id)
 
-    def credit(self, frame_id: int, count: int) -> None:
+    def credit(self, frame_id: int, count: int, nbytes: int) -> None:
         pass
 
     async def queue_length(self, timeout_s: float) -> tuple[int, bool]:
