@@ -203,7 +203,7 @@ class _GeneratorPump:
                     break
                 size = sys.getsizeof(item)
                 with self._space:
-                    if self._stopped:
+                    if self._stop_requested():  # the consumer may have gone meanwhile
                         break
                     self._buffer.append(item)
                     self._buffered_bytes += size
@@ -219,6 +219,9 @@ class _GeneratorPump:
                 self._wake_posted = True
             if wake:
                 self._mailbox.post(self._wake)
+
+    def _stop_requested(self) -> bool:
+        return self._stopped
 
     def _full(self) -> bool:
         """Whether the worker must wait (the lock is held). One item always fits."""
