@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from replica.loader import apply_code_env, load_callable, load_init_args
+from replica.loader import apply_code_env, apply_runtime_env, load_callable, load_init_args
 from replica.workers import SyncWorkers
 from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
 from serve._metrics import RequestStats
@@ -76,6 +76,8 @@ class Executor:
     async def initialize(self, spec: DeploymentSpec, code_env: CodeEnv) -> None:
         """Build the user object; raises what the user's constructor raises."""
         apply_code_env(code_env)
+        actor_options = spec.config.ray_actor_options or {}
+        apply_runtime_env(actor_options.get("runtime_env"))
         self.config = spec.config
         self.max_ongoing = spec.config.max_ongoing_requests
         self.code_version = spec.code_version

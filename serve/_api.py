@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from serve import _client
 from serve._client import ServeClient
 from serve._context import replica_context
@@ -89,7 +91,13 @@ def _serialize(built: BuiltDeployment) -> DeploymentSpec:
         raise TypeError(
             f"Could not serialize the constructor arguments of deployment {name!r}: {exc}"
         ) from exc
-    version = built.deployment.version or hashlib.sha256(code + init).hexdigest()[:16]
+    # ray_actor_options (resources, runtime_env) change the process, so they are in the version.
+    actor_options = orjson.dumps(
+        built.deployment.config.ray_actor_options or {}, option=orjson.OPT_SORT_KEYS
+    )
+    version = (
+        built.deployment.version or hashlib.sha256(code + init + actor_options).hexdigest()[:16]
+    )
     return DeploymentSpec(
         name=name,
         serialized_callable=code,

@@ -134,6 +134,7 @@ class DeploymentConfig:
     health_check_timeout_s: float = 30.0
     max_constructor_retry_count: int = 20
     logging_config: Any = None
+    ray_actor_options: Any = None  # resources and runtime_env, as Ray spells them (JSON types)
 
     def user_config_json(self) -> bytes | None:
         if self.user_config is None:

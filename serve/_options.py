@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
 from serve._logging import check_logging_config
 from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
@@ -111,7 +113,64 @@ def _check_actor_options(value: Any) -> dict[str, Any] | None:
             f"serve.deployment: ray_actor_options has unknown key(s) {unknown}; valid keys are "
             f"{sorted(_RAY_ACTOR_OPTION_KEYS)}."
         )
-    return dict(value)
+    checked = dict(value)
+    if checked.get("runtime_env") is not None:
+        checked["runtime_env"] = check_runtime_env(checked["runtime_env"])
+    try:
+        orjson.dumps(checked)
+    except TypeError as exc:
+        raise TypeError(
+            f"serve.deployment: ray_actor_options must hold plain data (dicts, lists, strings, "
+            f"numbers); {exc}."
+        ) from exc
+    return checked
+
+
+# runtime_env fields honoured by replicas, and those refused because replicas run in the
+# driver's own environment (nothing is installed or fetched for them).
+_RUNTIME_ENV_HONOURED = frozenset({"env_vars", "working_dir", "py_modules", "config", "excludes"})
+_RUNTIME_ENV_REFUSED = frozenset({"pip", "uv", "conda", "container", "image_uri", "py_executable"})
+
+
+def check_runtime_env(value: Any) -> dict[str, Any]:
+    """Ray's runtime_env, as far as it means something here: ``env_vars`` (set in the
+    replica), a local ``working_dir`` (its working directory and first import path) and local
+    ``py_modules`` (added to its import path). Installing packages is refused, not ignored."""
+    if not isinstance(value, Mapping):
+        raise _bad("runtime_env", "a dict", value)
+    env = dict(value)
+    refused = sorted(set(env) & _RUNTIME_ENV_REFUSED)
+    if refused:
+        raise ValueError(
+            f"serve.deployment: runtime_env {refused} is not supported: replicas run in the "
+            "driver's Python environment, which nothing installs into; install the packages "
+            "there (pip install ...) and drop the field."
+        )
+    unknown = sorted(set(env) - _RUNTIME_ENV_HONOURED)
+    if unknown:
+        raise ValueError(
+            f"serve.deployment: runtime_env has unknown or unsupported field(s) {unknown}; "
+            f"supported: {sorted(_RUNTIME_ENV_HONOURED)}."
+        )
+    env_vars = env.get("env_vars")
+    if env_vars is not None and not (
+        isinstance(env_vars, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())
+    ):
+        raise _bad("runtime_env['env_vars']", "a dict of strings to strings", env_vars)
+    for key in ("working_dir",):
+        path = env.get(key)
+        if path is not None and not (isinstance(path, str) and "://" not in path):
+            raise _bad(
+                f"runtime_env['{key}']", "a local directory (remote URIs are not fetched)", path
+            )
+    modules = env.get("py_modules")
+    if modules is not None and not (
+        isinstance(modules, list | tuple)
+        and all(isinstance(m, str) and "://" not in m for m in modules)
+    ):
+        raise _bad("runtime_env['py_modules']", "a list of local paths", modules)
+    return env
 
 
 def _check_any_dict(name: str) -> Callable[[Any], Any]:

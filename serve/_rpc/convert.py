@@ -39,6 +39,8 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
         msg.user_config_json = user_config
     if config.logging_config:
         msg.logging_config_json = orjson.dumps(config.logging_config)
+    if config.ray_actor_options:
+        msg.ray_actor_options_json = orjson.dumps(config.ray_actor_options)
     auto = config.autoscaling_config
     if auto is not None:
         msg.autoscaling.CopyFrom(
@@ -98,6 +100,9 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
         health_check_timeout_s=msg.health_check_timeout_s,
         max_constructor_retry_count=msg.max_constructor_retry_count,
         logging_config=orjson.loads(msg.logging_config_json) if msg.logging_config_json else None,
+        ray_actor_options=(
+            orjson.loads(msg.ray_actor_options_json) if msg.ray_actor_options_json else None
+        ),
     )
 
 

@@ -77,3 +77,23 @@ def test_cancelling_a_request_cancels_its_children_even_if_it_catches_it() -> No
     # Ray cancels the child itself: the waiter in Signal is gone even though Parent's code
     # caught the CancelledError instead of letting it propagate.
     wait_for(lambda: signal_handle.num_waiters.remote().result() == 0, timeout_s=10)
+
+
+def test_runtime_env_vars_and_working_dir_reach_the_replica(tmp_path: Any) -> None:
+    (tmp_path / "local_helper.py").write_text("VALUE = 'from the working_dir'\n")
+
+    @serve.deployment(
+        ray_actor_options={
+            "runtime_env": {"env_vars": {"SERVE_TEST_FLAG": "on"}, "working_dir": str(tmp_path)}
+        }
+    )
+    class Env:
+        def __call__(self) -> tuple[str, str, str]:
+            import os
+
+            import local_helper  # found through working_dir
+
+            return os.environ.get("SERVE_TEST_FLAG", ""), os.getcwd(), local_helper.VALUE
+
+    flag, cwd, value = serve.run(Env.bind(), name="runtime-env").remote().result()
+    assert (flag, cwd, value) == ("on", str(tmp_path), "from the working_dir")

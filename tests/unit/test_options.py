@@ -243,3 +243,21 @@ def test_valid_route_prefixes_are_accepted() -> None:
 def test_legacy_autoscaling_target_names_are_accepted(legacy: str) -> None:
     config = AutoscalingConfig.from_value({"max_replicas": 3, legacy: 7})
     assert config.target_ongoing_requests == 7
+
+
+@pytest.mark.parametrize("field", ["pip", "conda", "uv", "container"])
+def test_runtime_env_that_installs_packages_is_refused_not_ignored(field: str) -> None:
+    with pytest.raises(ValueError, match="driver's Python environment"):
+        serve.deployment(ray_actor_options={"runtime_env": {field: ["requests"]}})
+
+
+def test_runtime_env_checks_what_it_honours() -> None:
+    env = {"env_vars": {"A": "1"}, "working_dir": "/tmp", "py_modules": ["/tmp/mod"]}
+    d = serve.deployment(Model, ray_actor_options={"runtime_env": env})
+    assert d.config.ray_actor_options == {"runtime_env": env}
+    with pytest.raises(TypeError, match="dict of strings to strings"):
+        serve.deployment(ray_actor_options={"runtime_env": {"env_vars": {"A": 1}}})
+    with pytest.raises(TypeError, match="remote URIs are not fetched"):
+        serve.deployment(ray_actor_options={"runtime_env": {"working_dir": "s3://b/x.zip"}})
+    with pytest.raises(ValueError, match="unknown or unsupported"):
+        serve.deployment(ray_actor_options={"runtime_env": {"nsight": "default"}})
