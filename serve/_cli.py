@@ -89,6 +89,17 @@ def _deploy_and_wait(client: Any, name: str, route_prefix: Any, ingress: str, sp
         _fail(str(exc))
 
 
+def _builder_args(pairs: list[str]) -> dict[str, str]:
+    """``key=value`` words from the command line, for an application builder (as Ray's)."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"Builder arguments look like key=value; got {pair!r}.")
+        parsed[key] = value
+    return parsed
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from serve import _api
     from serve._sync import run_sync
@@ -106,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 deployed.append(app.name)
                 _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
         else:
-            ingress, specs = _app_specs(args.target, args.name, {})
+            ingress, specs = _app_specs(args.target, args.name, _builder_args(args.arguments))
             deployed.append(args.name)
             _deploy_and_wait(client, args.name, args.route_prefix, ingress, specs)
         print(f"Running {', '.join(map(repr, deployed))}. Press Ctrl-C to stop.", flush=True)
@@ -335,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", "Deploy an application (module:attribute) or a config file, then block.")
     run.add_argument("target", help="module:app, a builder module:function, or config.yaml")
+    run.add_argument(
+        "arguments", nargs="*", metavar="KEY=VALUE", help="args for an application builder"
+    )
     run.add_argument("--name", default="default", help="application name (default 'default')")
     run.add_argument("--route-prefix", default="/", help="route prefix (recorded)")
     run.add_argument("--non-blocking", action="store_true", help="return once it runs")

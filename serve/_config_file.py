@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +203,7 @@ def import_application(import_path: str, args: dict[str, Any] | None = None) -> 
             )
         return target
     if callable(target):
-        built = target(args or {})
+        built = _call_builder(import_path, target, args or {})
         if not isinstance(built, Application):
             raise ConfigFileError(
                 f"The builder {import_path!r} returned {type(built).__name__}, not an "
@@ -211,3 +213,36 @@ def import_application(import_path: str, args: dict[str, Any] | None = None) -> 
     raise ConfigFileError(
         f"{import_path!r} is a {type(target).__name__}; it must be an Application or a builder."
     )
+
+
+def _call_builder(import_path: str, builder: Any, args: dict[str, Any]) -> Any:
+    """Call an application builder as Ray does: with the config's ``args`` as a dict, or, when
+    its one parameter is annotated with a pydantic model, as that model (validated)."""
+    try:
+        parameters = list(inspect.signature(builder).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    if len(parameters) != 1:
+        raise ConfigFileError(
+            f"The application builder {import_path!r} must take exactly one parameter (the "
+            f"args dict, or a pydantic model of them); it takes {len(parameters)}."
+        )
+    try:
+        annotation = typing.get_type_hints(builder).get(parameters[0].name)
+    except Exception:
+        annotation = parameters[0].annotation
+    validate = getattr(annotation, "model_validate", None) or getattr(annotation, "parse_obj", None)
+    given: Any = args
+    if inspect.isclass(annotation) and validate is not None:
+        try:
+            given = validate(args)
+        except Exception as exc:  # pydantic's ValidationError
+            raise ConfigFileError(
+                f"The args for {import_path!r} do not fit {annotation.__name__}: {exc}"
+            ) from exc
+    try:
+        return builder(given)
+    except Exception as exc:
+        raise ConfigFileError(
+            f"The application builder {import_path!r} raised {type(exc).__name__}: {exc}"
+        ) from exc

@@ -241,3 +241,19 @@ def test_start_tells_where_metrics_are(tmp_path: Path) -> None:
         record = tmp_path / "state" / "controller.json"
         if record.exists():
             kill_tree(json.loads(record.read_text())["pid"])
+
+
+def test_a_typed_builder_gets_validated_args_and_bad_args_are_reported_cleanly(
+    cluster: dict[str, str],
+) -> None:
+    target = "examples.app_builder:typed_app_builder"
+    started = serve_cmd("run", target, "message=Hi there", "--name", "typed", "--non-blocking",
+                        env=cluster)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert call(cluster, "typed", "") == "Hi there"
+
+    missing = serve_cmd("run", target, "--name", "typed2", "--non-blocking", env=cluster)
+    assert missing.returncode == 1
+    assert "do not fit HelloWorldArgs" in missing.stderr
+    assert "message" in missing.stderr
+    assert "Traceback" not in missing.stderr

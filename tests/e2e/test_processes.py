@@ -71,6 +71,11 @@ def test_a_ray_program_runs_with_only_the_import_changed() -> None:
     assert "ray-compatible program OK" in result.stdout
 
 
+def test_rays_typed_app_builder_example_runs_with_only_the_import_changed() -> None:
+    result = _run_example("app_builder.py", 120)
+    assert result.stdout.strip().splitlines()[-1] == "Hello from args"
+
+
 @contextlib.contextmanager
 def _driver(body: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
     """A driver process that prints one JSON line, then does whatever ``body`` says."""
