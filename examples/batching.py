@@ -1,236 +1,92 @@
-# flake8: noqa
-"""Ray Serve's batching guide (doc/source/serve/doc_code/batching_guide.py), run here.
+"""@serve.batch the way Ray Serve's batching guide uses it; a Ray program would differ only in
+its import (``from ray import serve``).
 
-Its code is Ray's (Apache-2.0) with ``import serve`` for ``from ray import serve``. The guide's
-two streaming sections call the deployment over HTTP with ``requests`` and starlette's
-``StreamingResponse``; there is no HTTP proxy here, so those two call the same deployments
-through ``handle.options(stream=True)`` instead, and take the ``max`` as an argument rather
-than a query parameter. Run it with ``python examples/batching.py`` (it needs numpy).
+Covers: a batched ``__call__`` returning a numpy array, batch parameters changed from
+``reconfigure`` (so a config file's ``user_config`` can tune them), a batched async generator
+streaming one item per caller per step (``StopIteration`` ends one caller's stream), and
+``batch_size_fn`` batching by a measure other than the number of calls. Run it with
+``python examples/batching.py`` (it needs numpy).
 """
 
-# __single_sample_begin__
-import serve  # was: from ray import serve
-from serve.handle import DeploymentHandle
-
-
-@serve.deployment
-class Model:
-    def __call__(self, single_sample: int) -> int:
-        return single_sample * 2
-
-
-handle: DeploymentHandle = serve.run(Model.bind())
-assert handle.remote(1).result() == 2
-# __single_sample_end__
-
-
-# __batch_begin__
-from typing import List
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
-import serve  # was: from ray import serve
+import serve
 from serve.handle import DeploymentHandle
 
 
 @serve.deployment
-class Model:
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
-    async def __call__(self, multiple_samples: List[int]) -> List[int]:
-        # Use numpy's vectorized computation to efficiently process a batch.
-        return np.array(multiple_samples) * 2
+class Doubler:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def __call__(self, samples: list[int]) -> np.ndarray:
+        return np.array(samples) * 2  # one vectorized call for the whole batch
 
 
-handle: DeploymentHandle = serve.run(Model.bind())
-responses = [handle.remote(i) for i in range(8)]
-assert list(r.result() for r in responses) == [i * 2 for i in range(8)]
-# __batch_end__
+doubler: DeploymentHandle = serve.run(Doubler.bind(), name="doubler")
+pending = [doubler.remote(i) for i in range(8)]
+assert [int(r.result()) for r in pending] == [2 * i for i in range(8)]
 
 
-# __batch_params_update_begin__
-from typing import Dict
+@serve.deployment(user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.2})
+class Tunable:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def __call__(self, samples: list[int]) -> list[int]:
+        return [s + 1 for s in samples]
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.__call__.set_max_batch_size(config["max_batch_size"])
+        self.__call__.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+
+    def limits(self) -> tuple[int, float]:
+        return self.__call__._get_max_batch_size(), self.__call__._get_batch_wait_timeout_s()
 
 
-@serve.deployment(
-    # These values can be overridden in the Serve config.
-    user_config={
-        "max_batch_size": 10,
-        "batch_wait_timeout_s": 0.5,
-    }
-)
-class Model:
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
-    async def __call__(self, multiple_samples: List[int]) -> List[int]:
-        # Use numpy's vectorized computation to efficiently process a batch.
-        return np.array(multiple_samples) * 2
-
-    def reconfigure(self, user_config: Dict):
-        self.__call__.set_max_batch_size(user_config["max_batch_size"])
-        self.__call__.set_batch_wait_timeout_s(user_config["batch_wait_timeout_s"])
-
-
-# __batch_params_update_end__
-
-# Not in the guide: deploy it and see the user_config reach the batcher.
-handle = serve.run(Model.bind())
-assert [r.result() for r in [handle.remote(i) for i in range(3)]] == [0, 2, 4]
-
-
-# __single_stream_begin__
-import asyncio
-from typing import AsyncGenerator
-
-import serve  # was: from ray import serve
+tunable = serve.run(Tunable.bind(), name="tunable")
+assert [r.result() for r in [tunable.remote(i) for i in range(3)]] == [1, 2, 3]
+assert tunable.limits.remote().result() == (4, 0.2)
 
 
 @serve.deployment
-class StreamingResponder:
-    async def generate_numbers(self, max: int) -> AsyncGenerator[str, None]:
-        for i in range(max):
-            yield str(i)
-            await asyncio.sleep(0.1)
-
-
-# __single_stream_end__
-
-handle = serve.run(StreamingResponder.bind()).options(stream=True)
-chunks = list(handle.generate_numbers.remote(25))
-assert ",".join(list(map(str, range(25)))) == ",".join(chunks)
-
-# __batch_stream_begin__
-import asyncio
-from typing import List, AsyncGenerator, Union
-
-import serve  # was: from ray import serve
-
-
-@serve.deployment
-class StreamingResponder:
+class Counter:
     @serve.batch(max_batch_size=5, batch_wait_timeout_s=0.1)
-    async def generate_numbers(
-        self, max_list: List[str]
-    ) -> AsyncGenerator[List[Union[int, StopIteration]], None]:
-        for i in range(max(max_list)):
-            next_numbers = []
-            for requested_max in max_list:
-                if requested_max > i:
-                    next_numbers.append(str(i))
-                else:
-                    next_numbers.append(StopIteration)
-            yield next_numbers
-            await asyncio.sleep(0.1)
+    async def count_to(self, limits: list[int]) -> Any:
+        for step in range(max(limits)):
+            # One item per caller at every step; a caller whose count is done stops here.
+            yield [str(step) if step < limit else StopIteration for limit in limits]
+            await asyncio.sleep(0.01)
 
 
-# __batch_stream_end__
-
-from functools import partial
-from concurrent.futures.thread import ThreadPoolExecutor
-
-handle = serve.run(StreamingResponder.bind()).options(stream=True)
-
-
-def issue_request(max) -> List[str]:
-    return list(handle.generate_numbers.remote(max))
+counter = serve.run(Counter.bind(), name="counter").options(stream=True)
+limits = [1, 2, 5, 6, 9]
+with ThreadPoolExecutor(max_workers=len(limits)) as pool:
+    streams = list(pool.map(lambda n: list(counter.count_to.remote(n)), limits))
+for limit, items in zip(limits, streams, strict=True):
+    assert items == [str(i) for i in range(limit)], (limit, items)
 
 
-requested_maxes = [1, 2, 5, 6, 9]
-with ThreadPoolExecutor(max_workers=5) as pool:
-    futs = [pool.submit(partial(issue_request, max)) for max in requested_maxes]
-    chunks_list = [fut.result() for fut in futs]
-    for max, chunks in zip(requested_maxes, chunks_list):
-        assert chunks == [str(i) for i in range(max)]
-
-# __batch_size_fn_begin__
-from typing import List
-
-import serve  # was: from ray import serve
-from serve.handle import DeploymentHandle
-
-
-class Graph:
-    """Simple graph data structure for GNN workloads."""
-
-    def __init__(self, num_nodes: int, node_features: list):
-        self.num_nodes = num_nodes
-        self.node_features = node_features
+class Document:
+    def __init__(self, words: int) -> None:
+        self.words = words
 
 
 @serve.deployment
-class GraphNeuralNetwork:
+class Summarizer:
     @serve.batch(
-        max_batch_size=10000,  # Maximum total nodes per batch
-        batch_wait_timeout_s=0.1,
-        batch_size_fn=lambda graphs: sum(g.num_nodes for g in graphs),
+        max_batch_size=1000,  # words per batch, not documents
+        batch_wait_timeout_s=0.05,
+        batch_size_fn=lambda documents: sum(d.words for d in documents),
     )
-    async def predict(self, graphs: List[Graph]) -> List[float]:
-        """Process a batch of graphs, batching by total node count."""
-        # The batch_size_fn ensures that the total number of nodes
-        # across all graphs in the batch doesn't exceed max_batch_size.
-        # This prevents GPU memory overflow.
-        results = []
-        for graph in graphs:
-            # Your GNN model inference logic here
-            # For this example, just return a simple score
-            score = float(graph.num_nodes * 0.1)
-            results.append(score)
-        return results
-
-    async def __call__(self, graph: Graph) -> float:
-        return await self.predict(graph)
+    async def summarize(self, documents: list[Document]) -> list[str]:
+        return [f"{d.words} words, in a batch of {len(documents)}" for d in documents]
 
 
-handle: DeploymentHandle = serve.run(GraphNeuralNetwork.bind())
+summarizer = serve.run(Summarizer.bind(), name="summarizer")
+sizes = [600, 300, 300, 50]
+answers = [r.result() for r in [summarizer.summarize.remote(Document(n)) for n in sizes]]
+assert [a.split(" words")[0] for a in answers] == [str(n) for n in sizes]
 
-# Create test graphs with varying node counts
-graphs = [
-    Graph(num_nodes=100, node_features=[1.0] * 100),
-    Graph(num_nodes=5000, node_features=[2.0] * 5000),
-    Graph(num_nodes=3000, node_features=[3.0] * 3000),
-]
-
-# Send requests - they'll be batched by total node count
-results = [handle.remote(g).result() for g in graphs]
-print(f"Results: {results}")
-# __batch_size_fn_end__
-
-# __batch_size_fn_nlp_begin__
-from typing import List
-
-import serve  # was: from ray import serve
-from serve.handle import DeploymentHandle
-
-
-@serve.deployment
-class TokenBatcher:
-    @serve.batch(
-        max_batch_size=512,  # Maximum total tokens per batch
-        batch_wait_timeout_s=0.1,
-        batch_size_fn=lambda sequences: sum(len(s.split()) for s in sequences),
-    )
-    async def process(self, sequences: List[str]) -> List[int]:
-        """Process text sequences, batching by total token count."""
-        # The batch_size_fn ensures total tokens don't exceed max_batch_size.
-        # This is useful for transformer models with fixed context windows.
-        return [len(seq.split()) for seq in sequences]
-
-    async def __call__(self, sequence: str) -> int:
-        return await self.process(sequence)
-
-
-handle: DeploymentHandle = serve.run(TokenBatcher.bind())
-
-# Create sequences with different lengths
-sequences = [
-    "This is a short sentence",
-    "This is a much longer sentence with many more words to process",
-    "Short",
-]
-
-# Send requests - they'll be batched by total token count
-results = [handle.remote(seq).result() for seq in sequences]
-print(f"Token counts: {results}")
-# __batch_size_fn_nlp_end__
-
-assert results == [5, 12, 1]
-print("batching guide OK")
 serve.shutdown()
+print("batching guide OK")

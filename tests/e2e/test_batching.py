@@ -415,7 +415,7 @@ def test_a_wrong_result_length_is_a_serve_error() -> None:
             r.result()
 
 
-def test_rays_batching_guide_runs_with_only_the_import_changed() -> None:
+def test_the_batching_example_runs() -> None:
     result = subprocess.run(
         [sys.executable, "examples/batching.py"],
         capture_output=True,

@@ -71,6 +71,12 @@ def test_a_ray_program_runs_with_only_the_import_changed() -> None:
     assert "ray-compatible program OK" in result.stdout
 
 
+@pytest.mark.parametrize("name", ["multiplexing", "streaming"])
+def test_the_multiplexing_and_streaming_examples_run(name: str) -> None:
+    result = _run_example(f"{name}.py", 120)
+    assert f"{name} example OK" in result.stdout
+
+
 def test_rays_typed_app_builder_example_runs_with_only_the_import_changed() -> None:
     result = _run_example("app_builder.py", 120)
     assert result.stdout.strip().splitlines()[-1] == "Hello from args"
