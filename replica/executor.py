@@ -296,6 +296,6 @@ class Executor:
                 yield item
         else:
             raise TypeError(
-                f"Method '{method}' is not a generator, but it was called with "
-                "`handle.options(stream=True)`; call it without stream=True (or make it yield)."
+                f"Called method '{method}' with `handle.options(stream=True)` but it did not "
+                "return a generator; call it without stream=True (or make it yield)."
             )

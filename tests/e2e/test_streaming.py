@@ -114,7 +114,7 @@ def test_misuse_raises_type_errors_saying_what_to_do() -> None:
         h.async_items.remote(3).result()
     with pytest.raises(TypeError, match="returned a generator"):
         h.returns_generator.remote(3).result()
-    with pytest.raises(TypeError, match="is not a generator"):
+    with pytest.raises(TypeError, match="did not return a generator"):
         list(h.options(stream=True).unary.remote())
 
     async def await_it() -> None:
