@@ -207,6 +207,15 @@ def _check_bundles(value: Any) -> Any:
         not isinstance(value, list) or not all(isinstance(b, Mapping) for b in value)
     ):
         raise _bad("placement_group_bundles", "a list of dicts", value)
+    if value is not None:
+        if not value:
+            raise ValueError("serve.deployment: placement_group_bundles must not be empty.")
+        for bundle in value:
+            if not any(amount for amount in bundle.values()):
+                raise ValueError(
+                    f"serve.deployment: placement_group_bundles {value!r} has a bundle with "
+                    "all zero resources; give every bundle some resource, or drop it."
+                )
     return value
 
 
@@ -269,6 +278,11 @@ def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
                 f"{sorted(_CHECKS)}."
             )
         out[key] = _CHECKS[key](value)
+    if out.get("placement_group_bundles") is not None and out.get("max_replicas_per_node"):
+        raise ValueError(
+            "serve.deployment: setting max_replicas_per_node is not allowed when "
+            "placement_group_bundles is provided (as in Ray); use one of them."
+        )
     return out
 
 

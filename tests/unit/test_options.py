@@ -129,7 +129,6 @@ def test_ray_only_options_are_accepted() -> None:
         ray_actor_options={"num_cpus": 1},
         placement_group_bundles=[{"CPU": 1}],
         placement_group_strategy="PACK",
-        max_replicas_per_node=2,
         version="v1",
         route_prefix="/x",
         request_router_config={
@@ -261,3 +260,12 @@ def test_runtime_env_checks_what_it_honours() -> None:
         serve.deployment(ray_actor_options={"runtime_env": {"working_dir": "s3://b/x.zip"}})
     with pytest.raises(ValueError, match="unknown or unsupported"):
         serve.deployment(ray_actor_options={"runtime_env": {"nsight": "default"}})
+
+
+def test_placement_rules_as_in_ray() -> None:
+    with pytest.raises(ValueError, match="all zero resources"):
+        serve.deployment(placement_group_bundles=[{"CPU": 1}, {"CPU": 0}])
+    with pytest.raises(ValueError, match="max_replicas_per_node is not allowed"):
+        serve.deployment(placement_group_bundles=[{"CPU": 1}], max_replicas_per_node=2)
+    serve.deployment(placement_group_bundles=[{"CPU": 1}])
+    serve.deployment(max_replicas_per_node=2)
