@@ -21,7 +21,7 @@ from replica.executor import Executor
 from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
 from serve import _client
-from serve._logging import configure
+from serve._logging import access_log, configure
 from serve._models import ReplicaID
 from serve._multiplex import registry as multiplex_registry
 from serve._rpc.channel import TlsFiles, new_server
@@ -112,6 +112,9 @@ class ReplicaServer:
             await servicer.close_sessions()
             await server.stop(STOP_GRACE_S)
             await executor.shutdown()
+            log = access_log()
+            if log is not None:
+                log.flush()  # the last requests' lines, before the process exits
             await client.aclose()
         return 0
 

@@ -22,7 +22,7 @@ import grpc.aio
 
 from replica.executor import Executor
 from serve._context import RequestContext
-from serve._logging import ACCESS_LOGGER
+from serve._logging import access_log
 from serve._proto.replica_pb2 import (
     ERROR_KIND_CANCELLED,
     ERROR_KIND_SYSTEM,
@@ -46,7 +46,6 @@ from serve._serialization import decode_args, encode_buffers
 from serve.exceptions import RemoteError, ServeError
 
 logger = logging.getLogger(__name__)
-access = logging.getLogger(ACCESS_LOGGER)
 
 DEFAULT_STREAM_WINDOW = 64
 DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
@@ -292,20 +291,10 @@ class StreamSession:
         failed = header_out.kind == FRAME_KIND_ERROR
         cancelled = failed and header_out.error_kind == ERROR_KIND_CANCELLED
         executor.stats.record(duration_ms, error=failed and not cancelled)
-        if executor.access_log:
+        log = access_log()
+        if log is not None and executor.access_log:
             outcome = "CANCELLED" if cancelled else "ERROR" if failed else "OK"
-            access.info(
-                "%s %s %.1fms",
-                header.method,
-                outcome,
-                duration_ms,
-                extra={
-                    "request_id": header.request_id,
-                    "method": header.method,
-                    "outcome": outcome,
-                    "duration_ms": round(duration_ms, 3),
-                },
-            )
+            log.record(header.request_id, header.method, outcome, duration_ms)
 
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext

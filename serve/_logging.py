@@ -11,6 +11,7 @@ to one JSON object per line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -100,25 +101,79 @@ def check_logging_config(value: Any) -> dict[str, Any] | None:
     return config
 
 
-class _BufferedFileHandler(logging.FileHandler):
-    """A file handler that flushes at most every ``flush_every_s`` instead of per line."""
+class AccessLog:
+    """One line per request in the replica's log file, written in batches.
 
-    def __init__(self, path: Path, flush_every_s: float = 0.5) -> None:
-        super().__init__(path)
-        self._flush_every_s = flush_every_s
-        self._flushed_at = 0.0
+    Building a ``logging`` record per request cost about a quarter of a replica's CPU under
+    load; here a request appends a tuple, and the lines are formatted and written together at
+    most ``FLUSH_EVERY_S`` later, in the same text or JSON shape as every other line.
+    """
+
+    FLUSH_EVERY_S = 0.2
+
+    def __init__(self, path: Path, component: str, json_lines: bool) -> None:
+        self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
+        self._component = component
+        self._json = json_lines
+        self._pending: list[tuple[float, str, str, str, float]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = (-1, "")  # the last formatted second, reused across lines
+
+    def record(self, request_id: str, method: str, outcome: str, duration_ms: float) -> None:
+        self._pending.append((time.time(), request_id, method, outcome, duration_ms))
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(self.FLUSH_EVERY_S, self.flush)
 
     def flush(self) -> None:
-        now = time.monotonic()
-        if now - self._flushed_at >= self._flush_every_s:
-            self._flushed_at = now
-            super().flush()
+        self._timer = None
+        pending, self._pending = self._pending, []
+        if pending and not self._file.closed:
+            self._file.write("".join(self._line(*entry) for entry in pending))
+            self._file.flush()
 
     def close(self) -> None:
-        self._flushed_at = 0.0
-        if self.stream is not None:
-            self.stream.flush()
-        super().close()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        self._file.close()
+
+    def _asctime(self, when: float) -> str:
+        second = int(when)
+        if second != self._second[0]:
+            self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        return f"{self._second[1]},{int((when - second) * 1000):03d}"
+
+    def _line(
+        self, when: float, request_id: str, method: str, outcome: str, duration_ms: float
+    ) -> str:
+        message = f"{method} {outcome} {duration_ms:.1f}ms"
+        if self._json:
+            entry: dict[str, Any] = {
+                "time": self._asctime(when),
+                "level": "INFO",
+                "component": self._component,
+                "logger": ACCESS_LOGGER,
+                "message": message,
+            }
+            if request_id:
+                entry["request_id"] = request_id
+            entry.update(method=method, outcome=outcome, duration_ms=round(duration_ms, 3))
+            return orjson.dumps(entry).decode() + "\n"
+        tag = f" [{request_id}]" if request_id else ""
+        return f"{self._asctime(when)} INFO {self._component} {ACCESS_LOGGER}{tag}: {message}\n"
+
+
+_access_log: AccessLog | None = None
+
+
+def access_log() -> AccessLog | None:
+    """The process's access log: set up by :func:`configure` for a daemon with a log file."""
+    return _access_log
 
 
 def _create_private(log_file: Path) -> None:
@@ -163,13 +218,9 @@ def configure(
         handler.addFilter(context)
         root.addHandler(handler)
     root.setLevel(level if level is not None else s.log_level)
-    access = logging.getLogger(ACCESS_LOGGER)
-    for handler in list(access.handlers):
-        access.removeHandler(handler)
-        handler.close()
-    access.propagate = log_file is None
-    if log_file is not None:
-        buffered = _BufferedFileHandler(log_file)
-        buffered.setFormatter(formatter)
-        buffered.addFilter(context)
-        access.addHandler(buffered)
+    global _access_log
+    if _access_log is not None:
+        _access_log.close()
+        _access_log = None
+    if log_file is not None and root.isEnabledFor(logging.INFO):
+        _access_log = AccessLog(log_file, component, use_json)
