@@ -19,6 +19,7 @@ from serve import _client
 from serve._client import ServeClient
 from serve._context import replica_context
 from serve._deployment import Application, BuiltDeployment, build_application
+from serve._local import LocalClient
 from serve._logging import check_logging_config
 from serve._models import ApplicationStatus, CodeEnv, DeploymentID, DeploymentSpec
 from serve._options import check_route_prefix
@@ -129,6 +130,8 @@ def run(
         assert handle.remote("world").result() == "Hello world!"
     """
     check_route_prefix(route_prefix)
+    if _local_testing_mode:
+        return _run_local(target, name)
     ingress, specs = build_specs(target, name, logging_config=logging_config)
     handle = _cached_handle(ingress, name)
     try:
@@ -145,6 +148,25 @@ def run(
         logger.info("Got KeyboardInterrupt, shutting serve down")
         shutdown()
     return handle
+
+
+def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
+    """Every deployment in this process, for unit tests (see serve/_local.py)."""
+    client = _client.current()
+    if client is None:
+        client = LocalClient()
+        _client.install(client)
+    elif not isinstance(client, LocalClient):
+        raise ServeError(
+            "_local_testing_mode=True needs a process that is not connected to a serve "
+            "controller; call serve.shutdown() first (or run the test in its own process)."
+        )
+    ingress, built = build_application(target, name, make_handle=DeploymentHandle)
+    with _handles_lock:  # handles of an earlier run of this name routed to the old instances
+        for key in [k for k in _handles if k[0] == name]:
+            del _handles[key]
+    client.deploy(name, ingress, built)
+    return _cached_handle(ingress, name)
 
 
 def build_specs(
@@ -253,6 +275,9 @@ async def _wait_router_ready(
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete an application: its replicas drain in-flight requests and stop."""
     client = _client.current() or _connect()
+    if isinstance(client, LocalClient):
+        client.delete(name)
+        return
     run_sync(client.controller.delete_application(name, wait=_blocking))
 
 
@@ -264,6 +289,8 @@ def status() -> ServeStatus:
             client = _client.connect(start_embedded=False)
         except ServeError:
             return ServeStatus()
+    if isinstance(client, LocalClient):
+        return client.status()
     return run_sync(client.controller.status())
 
 
@@ -299,7 +326,9 @@ def get_deployment_handle(
 
 def _lookup(client: ServeClient, app_name: str) -> tuple[str, list[str]]:
     """The application's (ingress, deployment names); ServeError if it does not exist."""
-    if is_home_thread():  # inside a replica's event loop: a short blocking lookup
+    if isinstance(client, LocalClient):
+        found = client.application(app_name)
+    elif is_home_thread():  # inside a replica's event loop: a short blocking lookup
         found = lookup_application_blocking(client, app_name)
     else:
         found = run_sync(client.controller.get_application(app_name))
@@ -315,7 +344,8 @@ def shutdown() -> None:
         return
     owner = client.owner
     try:
-        run_sync(client.controller.shutdown(), timeout_s=300)
+        if not isinstance(client, LocalClient):
+            run_sync(client.controller.shutdown(), timeout_s=300)
     except ServeError as exc:
         logger.warning("Shutting serve down: %s", exc)
     finally:

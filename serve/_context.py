@@ -45,6 +45,10 @@ class RequestContext:
 
 
 _replica_context: ReplicaContext | None = None
+# In local testing mode several deployments share one process: each call sees its own.
+local_replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "serve_local_replica_context", default=None
+)
 _request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
     "serve_request_context", default=None
 )
@@ -56,7 +60,7 @@ def set_replica_context(context: ReplicaContext | None) -> None:
 
 
 def replica_context() -> ReplicaContext | None:
-    return _replica_context
+    return local_replica_context.get() or _replica_context
 
 
 def get_replica_context() -> ReplicaContext:
@@ -64,11 +68,12 @@ def get_replica_context() -> ReplicaContext:
 
     Raises ServeError outside a deployment.
     """
-    if _replica_context is None:
+    context = replica_context()
+    if context is None:
         raise ServeError(
             "`serve.get_replica_context()` may only be called from within a serve deployment."
         )
-    return _replica_context
+    return context
 
 
 def current_request() -> RequestContext | None:
