@@ -295,10 +295,24 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(text, end="")
 
 
+def _port_free(host: str, address: str) -> bool:
+    """Whether the port of ``address`` can be bound on ``host`` now."""
+    import socket
+
+    try:
+        port = int(address.rsplit(":", 1)[1])
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def cmd_start(args: argparse.Namespace) -> None:
     from serve._client import read_ready_line
     from serve._settings import settings
-    from serve._state_dir import ensure_private_dir, recorded_controller
+    from serve._state_dir import ensure_private_dir, last_address, recorded_controller
 
     state_dir = settings().state_dir
     running = recorded_controller(state_dir)
@@ -306,9 +320,14 @@ def cmd_start(args: argparse.Namespace) -> None:
         print(f"A serve controller already runs at {running} (state directory {state_dir}).")
         return
     ensure_private_dir(state_dir)
+    port = args.port
+    last = last_address(state_dir)
+    if port is None:
+        # After a crash, the same port: the replicas still running re-link to the new controller.
+        port = int(last.rsplit(":", 1)[1]) if last and _port_free(args.host, last) else 0
     command = [
         sys.executable, "-P", "-m", "controller", "--state-dir", str(state_dir),
-        "--host", args.host, "--port", str(args.port),
+        "--host", args.host, "--port", str(port),
     ]  # fmt: skip
     if args.metrics_port is not None:
         command += ["--metrics-port", str(args.metrics_port)]
@@ -377,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", help="Start a standalone controller in the background.")
     start.add_argument("--host", default="127.0.0.1")
-    start.add_argument("--port", type=int, default=0)
+    start.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port to bind (default: the last controller's, so its replicas re-link; else free)",
+    )
     start.add_argument("--metrics-port", type=int, default=None)
     start.set_defaults(func=cmd_start)
     return parser

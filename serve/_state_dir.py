@@ -76,6 +76,16 @@ def forget_controller(state_dir: Path) -> None:
         pass
 
 
+def last_address(state_dir: Path) -> str | None:
+    """The address the last controller of this directory recorded, alive or not (a crashed
+    one leaves its record: a new one on the same port lets its replicas re-link)."""
+    try:
+        address = json.loads((state_dir / RECORD_FILE).read_text()).get("address")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return address if isinstance(address, str) else None
+
+
 def recorded_controller(state_dir: Path) -> str | None:
     """The address of a standalone controller recorded in the state directory, if it lives."""
     try:
@@ -84,5 +94,15 @@ def recorded_controller(state_dir: Path) -> str | None:
         os.kill(pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if _is_zombie(pid):  # dead, not yet reaped (its parent, often init, has not waited)
+        return None
     address = record.get("address")
     return address if isinstance(address, str) else None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -257,3 +258,23 @@ def test_a_typed_builder_gets_validated_args_and_bad_args_are_reported_cleanly(
     assert "do not fit HelloWorldArgs" in missing.stderr
     assert "message" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_serve_start_after_a_crash_reuses_the_port_so_replicas_re_link(
+    cluster: dict[str, str],
+) -> None:
+    assert serve_cmd("deploy", "examples/config.yaml", "--wait", env=cluster).returncode == 0
+    record = Path(cluster["SERVE_STATE_DIR"]) / "controller.json"
+    crashed = json.loads(record.read_text())
+    replicas = replica_pids_of(crashed["address"])
+    os.kill(crashed["pid"], signal.SIGKILL)  # a crash: the record stays, replicas keep running
+    wait_for(lambda: not pids_alive([crashed["pid"]]))
+    assert pids_alive(replicas) == replicas
+
+    started = serve_cmd("start", env=cluster)
+    assert started.returncode == 0, started.stderr
+    assert f"running at {crashed['address']}" in started.stdout
+    assert call(cluster, "greeter", "Ada") == "Howdy Ada!"
+    status = json.loads(serve_cmd("status", "--json", env=cluster).stdout)["applications"]
+    assert status["greeter"]["deployments"]["Greeter"]["replica_states"] == {"RUNNING": 2}
+    assert replica_pids_of(crashed["address"]) == replicas  # re-adopted, not restarted
