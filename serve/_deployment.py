@@ -17,6 +17,7 @@ from serve._options import (
     build_deployment_config,
     validate_deployment_options,
 )
+from serve._serialization import dumps_code
 
 T = TypeVar("T")
 
@@ -44,6 +45,15 @@ class Deployment(Generic[T]):
                 "@serve.deployment must decorate a class or a function, got "
                 f"{type(func_or_class).__name__}."
             )
+        try:  # as Ray does: a class replicas could never receive fails where it is written
+            dumps_code(func_or_class)
+        except Exception as exc:
+            raise TypeError(
+                f"@serve.deployment: {getattr(func_or_class, '__qualname__', func_or_class)!r} "
+                f"cannot be serialized, and replicas receive it serialized: {exc}. Keep "
+                "unpicklable objects (locks, connections, clients) out of class attributes and "
+                "globals it uses; create them in __init__."
+            ) from exc
         self._func_or_class = func_or_class
         self._options = dict(options)
         self._config: DeploymentConfig = build_deployment_config(self._options)

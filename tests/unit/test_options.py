@@ -269,3 +269,17 @@ def test_placement_rules_as_in_ray() -> None:
         serve.deployment(placement_group_bundles=[{"CPU": 1}], max_replicas_per_node=2)
     serve.deployment(placement_group_bundles=[{"CPU": 1}])
     serve.deployment(max_replicas_per_node=2)
+
+
+def test_a_class_that_cannot_be_serialized_fails_at_decoration() -> None:
+    import threading
+
+    class Holder:
+        lock = threading.Lock()  # a class attribute replicas could never receive
+
+        def __call__(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match="cannot be serialized") as info:
+        serve.deployment(Holder)
+    assert "create them in __init__" in str(info.value)
