@@ -29,6 +29,7 @@ from serve._rpc.controller_client import ControllerClient, LinkInfo, ReplicaLoad
 from serve._settings import settings
 from serve._sync import set_home_loop
 from serve.exceptions import ServeError
+from serve.metrics import snapshot as user_metrics_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class ReplicaServer:
                 errors_total=stats.errors,
                 latency_bucket_counts=tuple(stats.cumulative_buckets()),
                 latency_sum_ms=stats.sum_ms,
+                user_metrics=tuple(user_metrics_snapshot()),
             )
             try:
                 await self._controller.report_replica_load(

@@ -13,6 +13,7 @@
     assert handle.remote("world").result() == "Hello world!"
 """
 
+from serve import metrics as metrics  # the public module, as ray.serve.metrics
 from serve._api import (
     delete,
     get_app_handle,

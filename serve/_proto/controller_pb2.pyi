@@ -532,6 +532,7 @@ class ReportLoadRequest(_message.Message):
     ERRORS_TOTAL_FIELD_NUMBER: _builtins.int
     LATENCY_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
     LATENCY_SUM_MS_FIELD_NUMBER: _builtins.int
+    USER_METRICS_FIELD_NUMBER: _builtins.int
     source_id: _builtins.str
     """a replica id, or a handle source (host:pid)"""
     ongoing: _builtins.float
@@ -546,6 +547,10 @@ class ReportLoadRequest(_message.Message):
     def latency_bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """cumulative, per LATENCY_BUCKETS_MS, +Inf last"""
 
+    @_builtins.property
+    def user_metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserMetric]:
+        """serve.metrics recorded by the replica's code"""
+
     def __init__(
         self,
         *,
@@ -557,14 +562,89 @@ class ReportLoadRequest(_message.Message):
         errors_total: _builtins.int = ...,
         latency_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
         latency_sum_ms: _builtins.float = ...,
+        user_metrics: _abc.Iterable[Global___UserMetric] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors_total", b"errors_total", "id", b"id", "is_handle", b"is_handle", "latency_bucket_counts", b"latency_bucket_counts", "latency_sum_ms", b"latency_sum_ms", "ongoing", b"ongoing", "requests_total", b"requests_total", "source_id", b"source_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors_total", b"errors_total", "id", b"id", "is_handle", b"is_handle", "latency_bucket_counts", b"latency_bucket_counts", "latency_sum_ms", b"latency_sum_ms", "ongoing", b"ongoing", "requests_total", b"requests_total", "source_id", b"source_id", "user_metrics", b"user_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportLoadRequest: _TypeAlias = ReportLoadRequest  # noqa: Y015
+
+@_typing.final
+class UserMetric(_message.Message):
+    """One series of a custom metric (serve.metrics), cumulative where it counts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    BOUNDARIES_FIELD_NUMBER: _builtins.int
+    BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
+    SUM_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    """counter, gauge or histogram"""
+    description: _builtins.str
+    value: _builtins.float
+    """counter and gauge"""
+    sum: _builtins.float
+    count: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def boundaries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """histogram: bucket upper bounds (+Inf implied)"""
+
+    @_builtins.property
+    def bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """histogram: cumulative, +Inf last"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        description: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        value: _builtins.float = ...,
+        boundaries: _abc.Iterable[_builtins.float] | None = ...,
+        bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
+        sum: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boundaries", b"boundaries", "bucket_counts", b"bucket_counts", "count", b"count", "description", b"description", "kind", b"kind", "name", b"name", "sum", b"sum", "tags", b"tags", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserMetric: _TypeAlias = UserMetric  # noqa: Y015
 
 @_typing.final
 class ReportLoadResponse(_message.Message):

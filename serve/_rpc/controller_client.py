@@ -21,6 +21,7 @@ from serve._rpc.convert import (
 )
 from serve._rpc.status import controller_error, rebuild
 from serve.exceptions import ServeError
+from serve.metrics import Sample
 from serve.schema import ApplicationStatusOverview, ServeStatus
 
 # Unary control calls answer in milliseconds; a controller that takes longer is gone.
@@ -51,6 +52,7 @@ class ReplicaLoad:
     errors_total: int
     latency_bucket_counts: tuple[int, ...]
     latency_sum_ms: float
+    user_metrics: tuple[Sample, ...] = ()
 
 
 class ControllerClient:
@@ -258,6 +260,20 @@ class ControllerClient:
                     errors_total=load.errors_total,
                     latency_bucket_counts=list(load.latency_bucket_counts),
                     latency_sum_ms=load.latency_sum_ms,
+                    user_metrics=[
+                        controller_pb2.UserMetric(
+                            name=m.name,
+                            kind=m.kind,
+                            description=m.description,
+                            tags=dict(m.tags),
+                            value=m.value,
+                            boundaries=list(m.boundaries),
+                            bucket_counts=list(m.buckets),
+                            sum=m.sum,
+                            count=m.count,
+                        )
+                        for m in load.user_metrics
+                    ],
                 ),
                 timeout=CALL_TIMEOUT_S,
                 metadata=self._metadata,
