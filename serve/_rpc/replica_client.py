@@ -49,7 +49,7 @@ class ReplicaClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"Initialize: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"Initialize: {exc.code().name}: {exc.details()}") from exc
         return None if reply.ok else _failure(reply.error)
 
     async def reconfigure(
@@ -63,7 +63,7 @@ class ReplicaClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"Reconfigure: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"Reconfigure: {exc.code().name}: {exc.details()}") from exc
         return None if reply.ok else _failure(reply.error)
 
     async def check_health(self, timeout_s: float) -> Failure | None:
@@ -73,7 +73,7 @@ class ReplicaClient:
                 replica_pb2.CheckHealthRequest(), timeout=timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"CheckHealth: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"CheckHealth: {exc.code().name}: {exc.details()}") from exc
         return None if reply.ok else _failure(reply.error)
 
     async def stop(self, timeout_s: float) -> int:
@@ -85,5 +85,5 @@ class ReplicaClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise ReplicaUnreachable(f"Stop: {exc.code().name}: {exc.details()}") from None
+            raise ReplicaUnreachable(f"Stop: {exc.code().name}: {exc.details()}") from exc
         return reply.abandoned
