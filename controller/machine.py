@@ -30,7 +30,7 @@ from controller.state import (
     StopReplica,
     plan,
 )
-from serve._models import ApplicationStatus, DeploymentID, Failure, ReplicaID, ReplicaSet
+from serve._models import ApplicationStatus, DeploymentID, Failure, ReplicaID
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,6 @@ class ControllerMachine:
 
     def app_status(self, app: AppGoal) -> tuple[ApplicationStatus, str]:
         return views.app_status(app, self.replicas.values())
-
-    def replica_sets(self) -> dict[DeploymentID, ReplicaSet]:
-        """Every deployment's routable replica set now (version 0: the publisher numbers them)."""
-        return views.replica_sets(self.goals(), self.replicas.values())
-
-    def status_key(self) -> object:
-        """Changes whenever anything a status waiter may wait for changes."""
-        return views.status_key(self.apps.values(), self.replicas.values())
 
     # Events.
 
@@ -358,16 +350,19 @@ class ControllerMachine:
     def _link(self, event: ev.ReplicaLinked, now_s: float, out: list[ev.Action]) -> None:
         replica_id = event.replica_id
         record = self.replicas.get(replica_id)
-        if record is not None and record.phase is Phase.RECOVERING:
+        recovering = record is not None and record.phase is Phase.RECOVERING
+        if recovering:
             del self.replicas[replica_id]  # re-adopted below, or told to stop
             record = None
         if record is None:
-            if event.draining or not self._adopt(event, now_s, out):
+            if not event.draining and self._adopt(event, recovering, now_s, out):
+                out.append(ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED))
+            else:
                 if replica_id not in self._launched:
                     out.append(ev.Forget(replica_id))
                 out.append(ev.LinkVerdict(replica_id, ev.Verdict.STOP))
-                return
-            out.append(ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED))
+            if not any(r.phase is Phase.RECOVERING for r in self.replicas.values()):
+                self._check_recovery(now_s, out)  # the last one the restart waited for
             return
         record.address, record.pid, record.host = event.address, event.pid, event.host
         out.append(ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED))
@@ -390,14 +385,21 @@ class ControllerMachine:
             )
         )
 
-    def _adopt(self, event: ev.ReplicaLinked, now_s: float, out: list[ev.Action]) -> bool:
-        """A replica this controller did not start (it restarted): keep it if still wanted."""
+    def _adopt(
+        self, event: ev.ReplicaLinked, recovering: bool, now_s: float, out: list[ev.Action]
+    ) -> bool:
+        """A replica this controller did not start (it restarted): keep it if still wanted.
+
+        A replica of an older version that the last controller ran is kept too: the rollout it
+        was part of goes on (old replicas stop as new ones run), and capacity never drops.
+        """
         try:
             deployment_id = ReplicaID.parse(event.replica_id).deployment_id
         except ValueError:
             return False
         goal = self.goal(deployment_id)
-        if goal is None or not event.initialized or goal.version != event.code_version:
+        current = goal is not None and goal.version == event.code_version
+        if goal is None or not event.initialized or not (current or recovering):
             logger.info(
                 "Replica %s is not part of the goal state; telling it to stop", event.replica_id
             )
@@ -416,10 +418,8 @@ class ControllerMachine:
             next_health_check_s=now_s + goal.spec.config.health_check_period_s,
         )
         out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version))
-        goal.ever_running = True
+        goal.ever_running = goal.ever_running or current
         logger.info("Re-adopted replica %s (pid %d)", event.replica_id, event.pid)
-        if not any(r.phase is Phase.RECOVERING for r in self.replicas.values()):
-            self._check_recovery(now_s, out)
         return True
 
     def _unlink(self, event: ev.LinkEnded, out: list[ev.Action]) -> None:

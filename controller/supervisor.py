@@ -55,7 +55,7 @@ from controller.metrics import Snapshot
 from controller.publisher import Publisher
 from controller.state import AppGoal, DeploymentView
 from controller.store import GoalStore
-from controller.views import metrics_snapshot
+from controller.views import metrics_snapshot, replica_sets, status_key
 from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure
 from serve._rpc.channel import TlsFiles
 from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
@@ -166,8 +166,10 @@ class Supervisor:
             actions = self.machine.handle(event, time.monotonic())
             writes = [w for w in (self._perform(a) for a in actions) if w is not None]
             if self.machine.recovered:
-                self.publisher.update(self.machine.replica_sets())
-            key = self.machine.status_key()
+                self.publisher.update(
+                    replica_sets(self.machine.goals(), self.machine.replicas.values())
+                )
+            key = status_key(self.machine.apps.values(), self.machine.replicas.values())
             if key != self._status_key:
                 self._status_key = key
                 event_, self._status_event = self._status_event, asyncio.Event()

@@ -10,6 +10,7 @@ from controller import events as ev
 from controller.health import UNHEALTHY_AFTER
 from controller.machine import RECOVERY_WAIT_S, ControllerMachine
 from controller.state import Phase
+from controller.views import replica_sets
 from serve._models import (
     ApplicationStatus,
     CodeEnv,
@@ -67,7 +68,7 @@ class Harness:
         )
 
     def routable(self) -> int:
-        return len(self.machine.replica_sets()[DEP].replicas)
+        return len(replica_sets(self.machine.goals(), self.machine.replicas.values())[DEP].replicas)
 
     def status(self) -> tuple[ApplicationStatus, str]:
         return self.machine.app_status(self.machine.apps[APP])
@@ -295,3 +296,40 @@ def test_delete_stops_replicas_then_forgets_the_app() -> None:
     actions = h.feed(ev.ReplicaExited(replicas[1], 0))
     assert of(actions, ev.DeleteApp) == [ev.DeleteApp(APP)]
     assert APP not in h.machine.apps
+
+
+def test_recovery_mid_rollout_readopts_both_versions_and_continues_the_rollout() -> None:
+    first = Harness()
+    first.deploy(spec("v1"))
+    first.deploy(spec("v2"))  # the saved goal: v2, while v1 replicas still served
+    h = Harness()
+    previous = (
+        ev.PreviousReplica("app#Model#old1", 11, "v1", alive=True),
+        ev.PreviousReplica("app#Model#old2", 12, "v1", alive=True),
+        ev.PreviousReplica("app#Model#ready", 13, "v2", alive=True),
+        ev.PreviousReplica("app#Model#busy", 14, "v2", alive=True),  # constructor was running
+    )
+    assert not launched(h.feed(ev.Restored((first.machine.apps[APP],), previous)))
+
+    def link(replica_id: str, pid: int, version: str, initialized: bool) -> list[ev.Action]:
+        return h.feed(
+            ev.ReplicaLinked(replica_id, f"127.0.0.1:{pid}", pid, "h", initialized, version, b"")
+        )
+
+    for replica_id, pid, version in (("app#Model#old1", 11, "v1"), ("app#Model#old2", 12, "v1")):
+        actions = link(replica_id, pid, version, True)
+        assert of(actions, ev.LinkVerdict) == [ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED)]
+        assert not of(actions, ev.Stop)
+    actions = link("app#Model#ready", 13, "v2", True)
+    stopped = [a.replica_id for a in of(actions, ev.Stop)]
+    assert len(stopped) == 1  # one new replica runs: one old one goes
+    assert h.routable() == 2
+    actions = link("app#Model#busy", 14, "v2", False)
+    assert of(actions, ev.LinkVerdict) == [ev.LinkVerdict("app#Model#busy", ev.Verdict.STOP)]
+    assert h.machine.recovered
+    (replacement,) = launched(actions)
+    assert not of(actions, ev.Stop)
+    assert h.routable() == 2
+    stopped += [a.replica_id for a in of(h.bring_up(replacement), ev.Stop)]
+    assert sorted(stopped) == ["app#Model#old1", "app#Model#old2"]
+    assert h.routable() == 2
