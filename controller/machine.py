@@ -1,9 +1,8 @@
 """The controller as a pure state machine: events in, actions out.
 
-``ControllerMachine.handle(event, now_s)`` updates goals and replica records and returns what
-must be done (launch, RPCs, stop, store writes); the supervisor does it and reports back with
-more events. No asyncio and no I/O here, and time is a number passed in, so every decision
-(rollouts, health, autoscaling, recovery after a restart) is unit-tested without processes.
+``handle(event, now_s)`` updates goals and replica records and returns what must be done
+(launch, RPCs, stop, store writes); the supervisor does it and reports back with events. No
+asyncio, no I/O, time passed in: every decision is unit-tested without processes.
 
 A replica's life: STARTING (launched) -> INITIALIZING (linked) -> RUNNING <-> RECONFIGURING ->
 STOPPING -> gone; after a controller restart, replicas of the last one are RECOVERING until they
@@ -36,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 RECOVERY_WAIT_S = 5.0  # after a restart, how long the last controller's replicas may take to link
 LINK_TIMEOUT_S = 60.0  # a launched replica that has not linked by then is replaced
-DEFAULT_GRACEFUL_TIMEOUT_S = 20.0
+DEFAULT_GRACEFUL_S = 20.0
+KILL = -1.0  # a stop timeout meaning: no graceful stop, SIGKILL now
 SETTLED = (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
 
 # The phases in which the outcome of each call still matters (otherwise it is stale).
@@ -47,7 +47,7 @@ _EXPECTED = {
 }
 
 
-def _new_replica_id(deployment_id: DeploymentID) -> str:
+def _new_replica_id(deployment_id: DeploymentID) -> str:  # random: unique across restarts
     return str(ReplicaID.new(deployment_id))
 
 
@@ -83,9 +83,7 @@ class ControllerMachine:
 
     def goal(self, deployment_id: DeploymentID) -> DeploymentGoal | None:
         app = self.apps.get(deployment_id.app_name)
-        if app is None or app.deleting:
-            return None
-        return app.deployments.get(deployment_id.name)
+        return None if app is None or app.deleting else app.deployments.get(deployment_id.name)
 
     def deployment_views(self, app: AppGoal) -> dict[str, DeploymentView]:
         return views.deployment_views(app, self.replicas.values())
@@ -254,6 +252,7 @@ class ControllerMachine:
     def _begin_stop(
         self, record: ReplicaRecord, out: list[ev.Action], timeout_s: float | None = None
     ) -> None:
+        """Stop gracefully (drain up to ``timeout_s``, the deployment's by default), or KILL."""
         if record.phase is Phase.STOPPING:
             return
         record.phase = Phase.STOPPING
@@ -261,12 +260,12 @@ class ControllerMachine:
         if timeout_s is None:
             app = self.apps.get(record.deployment_id.app_name)
             goal = app.deployments.get(record.deployment_id.name) if app is not None else None
-            timeout_s = (
-                goal.spec.config.graceful_shutdown_timeout_s
-                if goal is not None
-                else DEFAULT_GRACEFUL_TIMEOUT_S
-            )
-        out.append(ev.Stop(record.replica_id, record.address, record.pid, timeout_s))
+            config = goal.spec.config if goal is not None else None
+            timeout_s = config.graceful_shutdown_timeout_s if config else DEFAULT_GRACEFUL_S
+        if timeout_s < 0:  # no drain: a hung replica would hang its Stop call too
+            out.append(ev.Kill(record.replica_id, record.pid))
+        else:
+            out.append(ev.Stop(record.replica_id, record.address, record.pid, timeout_s))
 
     def _begin_reconfigure(
         self,
@@ -495,6 +494,6 @@ class ControllerMachine:
             record.health_failures,
             failure.message if failure is not None else "",
         )
-        if verdict.health is Health.REPLACE:
+        if verdict.health is Health.REPLACE:  # killed: its admitted requests fail at once
             goal.unhealthy_reason = verdict.reason
-            self._begin_stop(record, out)
+            self._begin_stop(record, out, timeout_s=KILL)

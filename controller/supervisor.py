@@ -284,11 +284,18 @@ class Supervisor:
             self._feed(ReplicaExited(replica_id, None))
 
     def _kill(self, replica_id: str, pid: int) -> None:
+        """SIGKILL; the exit is reported by the launch task, or here for a re-adopted replica."""
         process = self._processes.get(replica_id)
         if process is not None:
             process.kill()
         elif pid:
             kill_pid(pid)
+            if not self._closed:
+                self._spawn(self._reap(replica_id, pid), f"controller:reap:{replica_id}")
+
+    async def _reap(self, replica_id: str, pid: int) -> None:
+        await _wait_pid_exit(pid, EXIT_MARGIN_S)
+        self._feed(ReplicaExited(replica_id, None))
 
     def _client(self, replica_id: str, address: str) -> ReplicaClient:
         client = self._clients.get(replica_id)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import serve
+from serve.exceptions import ReplicaDiedError
 from tests.support.procs import ROOT, StandaloneController, pids_alive, python_env, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -132,3 +139,54 @@ def test_controller_sigkill_mid_rollout_readopts_both_versions_and_keeps_serving
     assert report["max_gap_s"] < CONSTRUCTOR_S / 2, report
     wait_for(lambda: not pids_alive(v1), timeout_s=30)
     assert sorted(standalone.replica_pids()) == report["v2"]
+
+
+HEALTH_CHECK_PERIOD_S = 1.0
+HEALTH_CHECK_TIMEOUT_S = 1.0
+UNHEALTHY_AFTER = 3
+
+
+@serve.deployment(
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+    max_ongoing_requests=10,
+)
+class Sleeper:
+    def __init__(self) -> None:
+        self._ongoing = 0
+
+    async def __call__(self, sleep_s: float) -> int:
+        self._ongoing += 1
+        try:
+            await asyncio.sleep(sleep_s)
+        finally:
+            self._ongoing -= 1
+        return os.getpid()
+
+    def ongoing(self) -> int:
+        return self._ongoing
+
+
+@pytest.mark.usefixtures("serve_instance")
+def test_a_hung_replica_is_killed_and_its_admitted_requests_fail_promptly() -> None:
+    h = serve.run(Sleeper.bind(), name="hung")
+    pid = h.remote(0.0).result(timeout_s=30)
+    admitted = [h.remote(120.0) for _ in range(3)]
+    wait_for(lambda: h.ongoing.remote().result(timeout_s=10) == 3, timeout_s=30)
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        # Declared unhealthy after 3 missed checks: each is due a period after the last one
+        # started, and fails after its timeout.
+        unhealthy_after_s = UNHEALTHY_AFTER * max(HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S)
+        bound_s = unhealthy_after_s + HEALTH_CHECK_PERIOD_S + 2.0
+        for response in admitted:
+            with pytest.raises(ReplicaDiedError):
+                response.result(timeout_s=60)
+        elapsed_s = time.monotonic() - stopped_at
+        assert elapsed_s < bound_s, f"callers answered after {elapsed_s:.1f}s"
+        wait_for(lambda: not pids_alive([pid]), timeout_s=10)
+        assert h.remote(0.0).result(timeout_s=30) != pid  # replaced
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

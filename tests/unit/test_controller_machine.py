@@ -164,7 +164,7 @@ def checks(h: Harness) -> list[ev.CheckHealth]:
     return of(h.feed(ev.Tick()), ev.CheckHealth)
 
 
-def test_three_failed_health_checks_replace_and_mark_unhealthy_until_a_pass() -> None:
+def test_three_failed_health_checks_kill_replace_and_mark_unhealthy_until_a_pass() -> None:
     h = Harness()
     replicas = started(h, health_check_period_s=1.0)
     sick, well = replicas
@@ -177,9 +177,10 @@ def test_three_failed_health_checks_replace_and_mark_unhealthy_until_a_pass() ->
         h.feed(ev.CallDone(well, ev.Call.CHECK_HEALTH, None))
         actions = h.feed(ev.CallDone(sick, ev.Call.CHECK_HEALTH, Failure("timed out")))
         if attempt < UNHEALTHY_AFTER:
-            assert not of(actions, ev.Stop)
+            assert not of(actions, ev.Kill)
             assert h.status()[0] is ApplicationStatus.RUNNING
-    assert [a.replica_id for a in of(actions, ev.Stop)] == [sick]
+    assert of(actions, ev.Kill) == [ev.Kill(sick, h.machine.replicas[sick].pid)]  # no drain
+    assert not of(actions, ev.Stop)
     (replacement,) = launched(actions)
     status, message = h.status()
     assert status is ApplicationStatus.UNHEALTHY
