@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +98,12 @@ class GoalStore:
 
     def _open(self) -> None:
         path = self._path
+        # Private files (they hold user code and its arguments): SQLite gives its -wal and -shm
+        # files the database file's mode, so creating that one 0600 covers all three.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for existing in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(existing, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

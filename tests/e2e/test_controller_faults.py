@@ -190,3 +190,35 @@ def test_a_hung_replica_is_killed_and_its_admitted_requests_fail_promptly() -> N
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_state_directory_and_database_are_private(tmp_path: Path) -> None:
+    import stat
+
+    from serve._state_dir import STATE_DB_FILE
+    from tests.support.procs import run_script
+
+    state_dir = tmp_path / "state"
+    controller = StandaloneController(state_dir)
+    controller.start()
+    try:
+        result = run_script(
+            "import serve\n"
+            "@serve.deployment\n"
+            "def f(secret): return 1\n"
+            "serve.run(f.bind('sk-live-not-for-others'), name='private')\n",
+            **controller.driver_env(),
+        )
+        assert result.returncode == 0, result.stderr
+
+        def mode(path: Path) -> int:
+            return stat.S_IMODE(path.stat().st_mode)
+
+        assert mode(state_dir) == 0o700
+        assert mode(state_dir / "logs") == 0o700
+        database = state_dir / STATE_DB_FILE
+        files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
+        assert all(f.exists() for f in files)  # WAL mode: all three while the controller runs
+        assert {f.name: oct(mode(f)) for f in files} == {f.name: oct(0o600) for f in files}
+    finally:
+        controller.cleanup()
