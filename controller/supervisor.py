@@ -146,6 +146,9 @@ class Supervisor:
         self._clients.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:  # nobody would cancel or await it
+            coro.close()
+            return
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -337,14 +340,14 @@ class Supervisor:
         """Replace an application's goal; returns once it is durable."""
         event = AppDeployed(app_name, route_prefix, ingress, tuple(specs), code_env, time.time())
         _, writes = self._feed(event)
-        await asyncio.gather(*writes)
+        await asyncio.shield(asyncio.gather(*writes))  # the state already moved on: finish
 
     async def delete(self, app_name: str, *, wait: bool) -> bool:
         app = self.machine.apps.get(app_name)
         if app is None:
             return False
         _, writes = self._feed(AppDeleteRequested(app_name))
-        await asyncio.gather(*writes)
+        await asyncio.shield(asyncio.gather(*writes))
         while wait and self.machine.apps.get(app_name) is app:
             await self._status_event.wait()
         return True
