@@ -48,7 +48,7 @@ from controller.events import (
     Tick,
     Verdict,
 )
-from controller.launcher import LocalProcessLauncher, ReplicaProcess, kill_pid
+from controller.launcher import Launcher, Process, kill_pid
 from controller.load import LoadBook
 from controller.machine import SETTLED, ControllerMachine
 from controller.metrics import Snapshot
@@ -73,18 +73,18 @@ class Supervisor:
         self,
         *,
         store: GoalStore,
-        launcher: LocalProcessLauncher,
+        launcher: Launcher,
         token: str,
         tls: TlsFiles | None,
+        connect: Callable[[str], ReplicaClient] | None = None,
     ) -> None:
         self._load = LoadBook()
         self.machine = ControllerMachine(autoscaler=self._load)
         self.publisher = Publisher()
         self._store = store
         self._launcher = launcher
-        self._token = token
-        self._tls = tls
-        self._processes: dict[str, ReplicaProcess] = {}
+        self._connect = connect or (lambda address: ReplicaClient(address, token=token, tls=tls))
+        self._processes: dict[str, Process] = {}
         self._clients: dict[str, ReplicaClient] = {}
         self._links: dict[str, asyncio.Event] = {}
         self._status_event = asyncio.Event()
@@ -303,7 +303,7 @@ class Supervisor:
     def _client(self, replica_id: str, address: str) -> ReplicaClient:
         client = self._clients.get(replica_id)
         if client is None:
-            client = ReplicaClient(address, token=self._token, tls=self._tls)
+            client = self._connect(address)
             self._clients[replica_id] = client
         return client
 
