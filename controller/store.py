@@ -94,7 +94,11 @@ class GoalStore:
         self._writer = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="controller:store"
         )
-        await self._run(self._open)
+        try:
+            await self._run(self._open)
+        except BaseException:
+            await self.aclose()  # no thread or connection left behind by a failed open
+            raise
 
     def _open(self) -> None:
         path = self._path

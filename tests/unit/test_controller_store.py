@@ -37,3 +37,14 @@ async def test_using_a_store_before_open_says_so(tmp_path: Path) -> None:
     store = GoalStore(tmp_path / "state.db")
     with pytest.raises(RuntimeError, match="not open"):
         store.delete("a")
+
+
+async def test_a_failed_open_leaves_nothing_open(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with GoalStore(path) as store:
+        await store._run(lambda: store.db.execute("UPDATE meta SET value='99'"))
+    broken = GoalStore(path)
+    with pytest.raises(RuntimeError, match="schema 99"):
+        await broken.open()
+    assert broken._closed
+    await broken.aclose()  # still idempotent
