@@ -63,8 +63,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from controller.server import ControllerServer
     from serve._logging import configure
+    from serve._state_dir import ensure_private_dir
 
     log_dir = Path(args.log_dir).expanduser() if args.log_dir else state_dir / "logs"
+    # Private before anything lands in them (log setup would create them world-readable).
+    ensure_private_dir(state_dir)
+    ensure_private_dir(log_dir)
     configure("controller", log_dir / "controller.log")
     server = ControllerServer(
         host=args.host,

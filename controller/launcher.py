@@ -1,4 +1,5 @@
-"""Starting replica processes. ``LocalProcessLauncher`` runs ``serve-replica`` subprocesses."""
+"""Starting replica processes: the launcher contract, and ``LocalProcessLauncher``, which runs
+``serve-replica`` subprocesses on this host."""
 
 from __future__ import annotations
 
@@ -8,8 +9,25 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Protocol
 
 from serve._settings import ADDRESS_ENV, TOKEN_ENV
+
+
+class Process(Protocol):
+    """A launched replica process, as the supervisor uses it."""
+
+    pid: int
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts a replica process that links back to the controller by itself."""
+
+    async def launch(self, replica_id: str) -> Process: ...
 
 
 class ReplicaProcess:

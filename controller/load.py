@@ -1,159 +1,124 @@
-"""Load reports from replicas and handles: autoscaling decisions and the metrics snapshot."""
+"""Load reports from replicas and handles, and the autoscaling decision built on them. Pure.
+
+Each source (a replica, or one process's handles) keeps a window of what it reported; the
+deployment's load is the sum of their averages (``autoscale.total_load``) and
+``autoscale.ScaleDecider`` turns it into a replica count after the configured delays.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import Protocol
 
 from controller.autoscale import LoadSource, ScaleDecider, total_load
-from controller.metrics import HandleMetrics, ReplicaMetrics, Snapshot
+from controller.events import LoadReported
+from controller.state import DeploymentGoal
 from serve._models import DeploymentID
-
-if TYPE_CHECKING:
-    from controller.reconciler import Controller
+from serve.config import AutoscalingConfig
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_LOOK_BACK_S = 30.0
 
-class LoadTracker:
+
+class Autoscaler(Protocol):
+    """What the state machine asks about load; it never hands over its records' owner."""
+
+    def report(self, event: LoadReported, look_back_s: float, now_s: float) -> None: ...
+
+    def prune(
+        self, look_back_s: dict[DeploymentID, float], replica_ids: Collection[str], now_s: float
+    ) -> None: ...
+
+    def decide(
+        self,
+        deployment_id: DeploymentID,
+        config: AutoscalingConfig,
+        current: int,
+        routable_ids: Collection[str],
+        now_s: float,
+    ) -> int | None: ...
+
+
+class LoadBook:
     """What each replica (running) and each process's handles (queued) last reported."""
 
-    def __init__(self, controller: Controller) -> None:
-        self._controller = controller
+    def __init__(self) -> None:
         # deployment -> source (a replica, or one process's handles) -> what it reported
         self.sources: dict[DeploymentID, dict[str, LoadSource]] = {}
         self._deciders: dict[DeploymentID, ScaleDecider] = {}
 
-    def report(
-        self,
-        deployment_id: DeploymentID,
-        source_id: str,
-        ongoing: float,
-        *,
-        is_handle: bool,
-        requests_total: int = 0,
-        errors_total: int = 0,
-        latency_buckets: tuple[int, ...] = (),
-        latency_sum_ms: float = 0.0,
-    ) -> None:
-        """Load from replicas (running) and handles (queued): for autoscaling and metrics."""
-        if self._controller.goal(deployment_id) is None:
-            return
-        if not is_handle and source_id not in self._controller.replicas:
-            return  # a replica this controller no longer runs
-        sources = self.sources.setdefault(deployment_id, {})
-        source = sources.get(source_id)
+    def report(self, event: LoadReported, look_back_s: float, now_s: float) -> None:
+        sources = self.sources.setdefault(event.deployment_id, {})
+        source = sources.get(event.source_id)
         if source is None:
-            source = sources[source_id] = LoadSource(is_handle=is_handle)
-        now = time.monotonic()
-        source.window.add(now, ongoing, self.look_back_s(deployment_id))
-        source.ongoing = ongoing
-        source.requests_total = requests_total
-        source.errors_total = errors_total
-        source.latency_buckets = latency_buckets
-        source.latency_sum_ms = latency_sum_ms
-        source.seen_s = now
-        if is_handle and ongoing > 0:
-            self.autoscale(deployment_id, now)  # scaling from zero must not wait for a tick
+            source = sources[event.source_id] = LoadSource(is_handle=event.is_handle)
+        source.window.add(now_s, event.ongoing, look_back_s)
+        source.ongoing = event.ongoing
+        source.requests_total = event.requests_total
+        source.errors_total = event.errors_total
+        source.latency_buckets = event.latency_buckets
+        source.latency_sum_ms = event.latency_sum_ms
+        source.seen_s = now_s
 
-    def look_back_s(self, deployment_id: DeploymentID) -> float:
-        goal = self._controller.goal(deployment_id)
-        auto = goal.spec.config.autoscaling_config if goal is not None else None
-        return auto.look_back_period_s if auto is not None else 30.0
+    def prune(
+        self, look_back_s: dict[DeploymentID, float], replica_ids: Collection[str], now_s: float
+    ) -> None:
+        """Forget deployments and replicas that are gone, and handles that stopped reporting.
 
-    def prune(self, now: float) -> None:
-        """Forget replicas that are gone and handles that stopped reporting."""
+        ``look_back_s`` has one entry per deployment that still exists.
+        """
         for deployment_id, sources in list(self.sources.items()):
-            if self._controller.goal(deployment_id) is None:
+            if deployment_id not in look_back_s:
                 del self.sources[deployment_id]
                 continue
-            expire_s = max(3 * self.look_back_s(deployment_id), 60.0)
+            expire_s = max(3 * look_back_s[deployment_id], 60.0)
             for source_id, source in list(sources.items()):
-                gone = not source.is_handle and source_id not in self._controller.replicas
-                if gone or now - source.seen_s > expire_s:
+                gone = not source.is_handle and source_id not in replica_ids
+                if gone or now_s - source.seen_s > expire_s:
                     del sources[source_id]
 
-    def autoscale(self, deployment_id: DeploymentID, now: float) -> None:
-        goal = self._controller.goal(deployment_id)
-        if goal is None or goal.spec.config.autoscaling_config is None or goal.failed:
-            return
-        auto = goal.spec.config.autoscaling_config
+    def decide(
+        self,
+        deployment_id: DeploymentID,
+        config: AutoscalingConfig,
+        current: int,
+        routable_ids: Collection[str],
+        now_s: float,
+    ) -> int | None:
+        """The new target replica count, or None to keep ``current``."""
         sources = self.sources.get(deployment_id, {})
-        load = total_load((s.window for s in sources.values()), now, auto.look_back_period_s)
+        load = total_load((s.window for s in sources.values()), now_s, config.look_back_period_s)
         # A running replica that has not reported yet is assumed at target: missing data must
         # never read as idleness (and trigger a downscale).
-        for record in self._controller.replicas.values():
-            if (
-                record.deployment_id == deployment_id
-                and record.phase.routable
-                and record.replica_id not in sources
-            ):
-                load += auto.target_ongoing_requests
+        load += config.target_ongoing_requests * sum(1 for r in routable_ids if r not in sources)
         decider = self._deciders.setdefault(deployment_id, ScaleDecider())
-        target = decider.decide(auto, goal.target_replicas, load, now)
-        if target is not None and target != goal.target_replicas:
-            logger.info(
-                "Autoscaling %s from %d to %d replicas (load %.1f, target %.1f per replica)",
-                deployment_id,
-                goal.target_replicas,
-                target,
-                load,
-                auto.target_ongoing_requests,
-            )
-            goal.scaling = 1 if target > goal.target_replicas else -1
-            goal.target_replicas = target
-            self._controller.changed()
+        target = decider.decide(config, current, load, now_s)
+        return target if target is not None and target != current else None
 
-    def metrics_snapshot(self) -> Snapshot:
-        """What /metrics shows, taken at once (on the loop)."""
-        replicas, handles = [], []
-        for deployment_id, sources in self.sources.items():
-            for source_id, source in sources.items():
-                if source.is_handle:
-                    handles.append(
-                        HandleMetrics(
-                            deployment_id.app_name,
-                            deployment_id.name,
-                            source_id,
-                            source.ongoing,
-                            source.requests_total,
-                        )
-                    )
-                    continue
-                record = self._controller.replicas.get(source_id)
-                replicas.append(
-                    ReplicaMetrics(
-                        application=deployment_id.app_name,
-                        deployment=deployment_id.name,
-                        replica=source_id,
-                        requests=source.requests_total,
-                        errors=source.errors_total,
-                        latency_buckets=source.latency_buckets,
-                        latency_sum_ms=source.latency_sum_ms,
-                        ongoing=source.ongoing,
-                        healthy=record is not None
-                        and record.phase.routable
-                        and record.health_failures == 0,
-                        models=len(record.model_ids) if record is not None else 0,
-                    )
-                )
-        states, app_status, dep_status = [], [], []
-        for app in self._controller.apps.values():
-            app_status.append((app.name, self._controller.app_status(app)[0].value))
-            for name, view in self._controller.deployment_views(app).items():
-                dep_status.append((app.name, name, view.status.value))
-                for state, count in view.replica_states.items():
-                    states.append((app.name, name, state, count))
-        return Snapshot(
-            replicas=replicas,
-            handles=handles,
-            replica_states=states,
-            replica_starts=[
-                (d.app_name, d.name, n) for d, n in self._controller.replica_starts.items()
-            ],
-            application_status=app_status,
-            deployment_status=dep_status,
-            loop_duration_s=self._controller.loop_duration_s,
-            loops=self._controller.loops,
-        )
+
+def look_back_s(goal: DeploymentGoal | None) -> float:
+    auto = goal.spec.config.autoscaling_config if goal is not None else None
+    return auto.look_back_period_s if auto is not None else DEFAULT_LOOK_BACK_S
+
+
+def autoscale(
+    autoscaler: Autoscaler, goal: DeploymentGoal, routable_ids: Collection[str], now_s: float
+) -> None:
+    """Move the goal's target replica count where the autoscaler says, if it says so now."""
+    auto = goal.spec.config.autoscaling_config
+    if auto is None or goal.failed:
+        return
+    target = autoscaler.decide(goal.deployment_id, auto, goal.target_replicas, routable_ids, now_s)
+    if target is None:
+        return
+    logger.info(
+        "Autoscaling %s from %d to %d replicas (target %.1f ongoing requests per replica)",
+        goal.deployment_id,
+        goal.target_replicas,
+        target,
+        auto.target_ongoing_requests,
+    )
+    goal.scaling = 1 if target > goal.target_replicas else -1
+    goal.target_replicas = target

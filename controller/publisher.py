@@ -1,66 +1,57 @@
-"""Replica sets as routers see them: one versioned snapshot per deployment, pushed on change."""
+"""Replica sets as routers see them: one versioned snapshot per deployment, pushed on change.
+
+Nobody asks for a publication: after each step of the state machine the supervisor hands over
+every deployment's current set (``update``), and whatever differs from what was last published
+gets a new version and wakes its watchers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Mapping
 
-from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
+from serve._models import DeploymentID, ReplicaSet
 
-if TYPE_CHECKING:
-    from controller.reconciler import Controller
+
+def changed(a: ReplicaSet, b: ReplicaSet) -> bool:
+    """Whether routers must hear of ``b`` after ``a`` (the version aside)."""
+    return (
+        a.exists != b.exists
+        or a.replicas != b.replicas
+        or a.max_queued_requests != b.max_queued_requests
+        or a.max_ongoing_requests != b.max_ongoing_requests
+        or a.autoscaling != b.autoscaling
+    )
 
 
 class Publisher:
-    """Builds, versions and pushes each deployment's routable replica set to its watchers."""
+    """Versions and pushes each deployment's routable replica set to its watchers."""
 
-    def __init__(self, controller: Controller) -> None:
-        self._controller = controller
+    def __init__(self) -> None:
         self._published: dict[DeploymentID, ReplicaSet] = {}
         self._events: dict[DeploymentID, asyncio.Event] = {}
+        self._open = asyncio.Event()
         # Versions keep increasing across controller restarts (routers compare them).
         self._versions = itertools.count(time.time_ns() // 1000)
 
-    def forget(self, deployment_id: DeploymentID) -> None:
-        self._published.pop(deployment_id, None)
+    def update(self, current: Mapping[DeploymentID, ReplicaSet]) -> None:
+        """Publish what differs from the last publication; watchers may start once called."""
+        for deployment_id, replica_set in current.items():
+            previous = self._published.get(deployment_id)
+            if previous is None or changed(previous, replica_set):
+                self._publish(deployment_id, replica_set)
+        for deployment_id, previous in list(self._published.items()):
+            if deployment_id not in current and previous.exists:
+                self._publish(deployment_id, ReplicaSet(version=0, exists=False))
+        self._open.set()
 
-    def snapshot(self, deployment_id: DeploymentID) -> ReplicaSet:
-        goal = self._controller.goal(deployment_id)
-        if goal is None:
-            return ReplicaSet(version=next(self._versions), exists=False)
-        config = goal.spec.config
-        replicas = tuple(
-            ReplicaInfo(
-                replica_id=r.replica_id,
-                address=r.address,
-                host=r.host,
-                max_ongoing_requests=r.max_ongoing_requests,
-                model_ids=r.model_ids,
-            )
-            for r in sorted(self._controller.replicas.values(), key=lambda r: r.replica_id)
-            if r.deployment_id == deployment_id and r.phase.routable
+    def _publish(self, deployment_id: DeploymentID, replica_set: ReplicaSet) -> None:
+        self._published[deployment_id] = dataclasses.replace(
+            replica_set, version=next(self._versions)
         )
-        return ReplicaSet(
-            version=next(self._versions),
-            exists=True,
-            replicas=replicas,
-            max_queued_requests=config.max_queued_requests,
-            max_ongoing_requests=config.max_ongoing_requests,
-            autoscaling=config.autoscaling_config is not None,
-            metrics_interval_s=(
-                config.autoscaling_config.metrics_interval_s if config.autoscaling_config else 0.0
-            ),
-        )
-
-    def publish(self, deployment_id: DeploymentID) -> None:
-        snapshot = self.snapshot(deployment_id)
-        previous = self._published.get(deployment_id)
-        if previous is not None and _same(previous, snapshot):
-            return
-        self._published[deployment_id] = snapshot
         event = self._events.pop(deployment_id, None)
         if event is not None:
             event.set()
@@ -72,15 +63,13 @@ class Publisher:
 
     async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
         """The deployment's replica set now, then every change, until cancelled."""
-        await self._controller.recovered.wait()
+        await self._open.wait()
         last: ReplicaSet | None = None
         while True:
             current = self._published.get(deployment_id)
             if current is None:
-                current = self.snapshot(deployment_id)
-                if current.exists:
-                    self._published[deployment_id] = current
-            if last is None or not _same(last, current):
+                current = ReplicaSet(version=next(self._versions), exists=False)
+            if last is None or changed(last, current):
                 last = current
                 yield current
                 continue
@@ -88,13 +77,3 @@ class Publisher:
             if event is None:
                 event = self._events[deployment_id] = asyncio.Event()
             await event.wait()
-
-
-def _same(a: ReplicaSet, b: ReplicaSet) -> bool:
-    return (
-        a.exists == b.exists
-        and a.replicas == b.replicas
-        and a.max_queued_requests == b.max_queued_requests
-        and a.max_ongoing_requests == b.max_ongoing_requests
-        and a.autoscaling == b.autoscaling
-    )

@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 from typing import IO
 
+import grpc.aio
+
 from controller.launcher import LocalProcessLauncher
-from controller.reconciler import Controller
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore
+from controller.supervisor import Supervisor
 from serve._proto import controller_pb2
 from serve._rpc.channel import new_server, tls_from_settings
 from serve._rpc.service import add_service
@@ -71,11 +73,11 @@ class ControllerServer:
         self._lock_file = open(self._state_dir / LOCK_FILE, "w")  # noqa: SIM115 - held for life
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as exc:
             raise SystemExit(
                 f"Another serve-controller already uses the state directory {self._state_dir}; "
                 "stop it or pass a different --state-dir."
-            ) from None
+            ) from exc
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -87,12 +89,32 @@ class ControllerServer:
         server, port = new_server(token, tls, self._host, self._port)
         advertised = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
         address = f"{advertised}:{port}"
-        store = GoalStore(self._state_dir / STATE_DB_FILE)
         launcher = LocalProcessLauncher(address, token, self._log_dir)
-        controller = Controller(store=store, launcher=launcher, token=token, tls=tls)
-        servicer = ControllerServicer(controller, on_shutdown=self._request_full_stop)
-        add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)
-        await controller.start()
+        try:
+            async with GoalStore(self._state_dir / STATE_DB_FILE) as store:
+                supervisor = Supervisor(store=store, launcher=launcher, token=token, tls=tls)
+                servicer = ControllerServicer(supervisor, on_shutdown=self._request_full_stop)
+                add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)
+                await supervisor.start()
+                try:
+                    await self._serve(loop, server, supervisor, address, token)
+                finally:
+                    await supervisor.aclose(stop_replicas=False)
+        finally:
+            forget_controller(self._state_dir)
+            if self._embedded:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+        return 0
+
+    async def _serve(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        server: grpc.aio.Server,
+        supervisor: Supervisor,
+        address: str,
+        token: str,
+    ) -> None:
+        assert self._stop is not None
         await server.start()
         ready: dict[str, object] = {"event": "ready", "address": address, "pid": os.getpid()}
         metrics = None
@@ -101,7 +123,7 @@ class ControllerServer:
 
             guard = None if self._metrics_no_auth or is_loopback(self._metrics_host) else token
             metrics = MetricsServer(
-                controller.load.metrics_snapshot, self._metrics_host, self._metrics_port, guard
+                supervisor.metrics_snapshot, self._metrics_host, self._metrics_port, guard
             )
             ready["metrics"] = metrics.address
             logger.info("Prometheus metrics at http://%s/metrics", metrics.address)
@@ -121,16 +143,11 @@ class ControllerServer:
         try:
             await self._stop.wait()
             logger.info("Stopping%s", " with all replicas" if self._stop_replicas else "")
-            await controller.aclose(stop_replicas=self._stop_replicas)
+            await supervisor.aclose(stop_replicas=self._stop_replicas)
             await server.stop(STOP_GRACE_S)
         finally:
             if metrics is not None:
                 metrics.close()
-            forget_controller(self._state_dir)
-            store.close()
-            if self._embedded:
-                shutil.rmtree(self._state_dir, ignore_errors=True)
-        return 0
 
     def _request_full_stop(self) -> None:
         assert self._stop is not None

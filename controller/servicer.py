@@ -1,4 +1,4 @@
-"""The controller's gRPC servicer: protobuf in and out, ``Controller`` behind."""
+"""The controller's gRPC servicer: protobuf in and out, ``Supervisor`` behind."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from controller.reconciler import Controller, LinkVerdict
+from controller.events import LoadReported, Verdict
 from controller.state import AppGoal
-from serve._models import DeploymentID, DeploymentSpec
+from controller.supervisor import Supervisor
+from serve._models import DeploymentID
 from serve._proto import common_pb2, controller_pb2
 from serve._rpc.channel import Context
 from serve._rpc.convert import (
     code_env_from_proto,
-    config_from_proto,
     deployment_id_from_proto,
     replica_set_to_proto,
+    spec_from_proto,
 )
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 class ControllerServicer:
     """Implements every method of serve.v1.Controller (registered by serve._rpc.service)."""
 
-    def __init__(self, controller: Controller, on_shutdown: Callable[[], Any]) -> None:
+    def __init__(self, controller: Supervisor, on_shutdown: Callable[[], Any]) -> None:
         self._controller = controller
         self._on_shutdown = on_shutdown
 
@@ -41,16 +42,7 @@ class ControllerServicer:
                 f"Invalid application name {request.app_name!r}: use a non-empty name without '#'.",
             )
         try:
-            specs = [
-                DeploymentSpec(
-                    name=d.name,
-                    serialized_callable=d.serialized_callable,
-                    serialized_init_args=d.serialized_init_args,
-                    code_version=d.code_version,
-                    config=config_from_proto(d.config),
-                )
-                for d in request.deployments
-            ]
+            specs = [spec_from_proto(d) for d in request.deployments]
             if not specs:
                 raise ValueError("An application needs at least one deployment.")
             for spec in specs:
@@ -60,7 +52,7 @@ class ControllerServicer:
                     raise ValueError(
                         f"Deployment {spec.name!r}: max_ongoing_requests must be >= 1."
                     )
-            self._controller.deploy(
+            await self._controller.deploy(
                 app_name=request.app_name,
                 route_prefix=request.route_prefix if request.HasField("route_prefix") else None,
                 ingress=request.ingress,
@@ -164,15 +156,17 @@ class ControllerServicer:
     async def ReportLoad(
         self, request: controller_pb2.ReportLoadRequest, context: Context
     ) -> controller_pb2.ReportLoadResponse:
-        self._controller.load.report(
-            deployment_id_from_proto(request.id),
-            request.source_id,
-            request.ongoing,
-            is_handle=request.is_handle,
-            requests_total=request.requests_total,
-            errors_total=request.errors_total,
-            latency_buckets=tuple(request.latency_bucket_counts),
-            latency_sum_ms=request.latency_sum_ms,
+        self._controller.report_load(
+            LoadReported(
+                deployment_id_from_proto(request.id),
+                request.source_id,
+                request.ongoing,
+                is_handle=request.is_handle,
+                requests_total=request.requests_total,
+                errors_total=request.errors_total,
+                latency_buckets=tuple(request.latency_bucket_counts),
+                latency_sum_ms=request.latency_sum_ms,
+            )
         )
         return controller_pb2.ReportLoadResponse()
 
@@ -189,7 +183,7 @@ class ControllerServicer:
             user_config_json=request.user_config_json,
             draining=request.draining,
         )
-        if verdict == LinkVerdict.STOP or ended is None:
+        if verdict is Verdict.STOP or ended is None:
             yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_STOP)
             return
         yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_ACCEPTED)

@@ -3,21 +3,32 @@
 Every deploy is committed (WAL, ``synchronous=FULL``) before it is acknowledged, so a restarted
 controller converges to the same goal. One transaction per change keeps it atomic; each
 application row carries a version that increases with every write.
+
+SQLite runs in one writer thread, never on the event loop: each call queues its work there (in
+order) and returns an awaitable that completes once the work committed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import orjson
 
 from controller.state import AppGoal, DeploymentGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec
 from serve.config import AutoscalingConfig
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
@@ -58,14 +69,46 @@ def config_from_json(raw: bytes) -> DeploymentConfig:
 
 
 class GoalStore:
-    """Applications and their deployments, as last deployed."""
+    """Applications and their deployments, as last deployed; an async context manager."""
 
     def __init__(self, path: Path) -> None:
-        # Goal state holds constructor arguments: the file is private, and SQLite gives its
-        # -wal and -shm files the database file's mode.
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> GoalStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open (creating or checking the schema) in the writer thread."""
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="controller:store"
+        )
+        try:
+            await self._run(self._open)
+        except BaseException:
+            await self.aclose()  # no thread or connection left behind by a failed open
+            raise
+
+    def _open(self) -> None:
+        path = self._path
+        # Private files (they hold user code and its arguments): SQLite gives its -wal and -shm
+        # files the database file's mode, so creating that one 0600 covers all three.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(path, 0o600)
-        self._db = sqlite3.connect(path, isolation_level=None)
+        for existing in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(existing, 0o600)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -78,10 +121,64 @@ class GoalStore:
                 f"{SCHEMA_VERSION}; use a fresh --state-dir."
             )
 
-    def close(self) -> None:
-        self._db.close()
+    async def aclose(self) -> None:
+        """Finish queued writes, then close. Idempotent."""
+        if self._closed or self._writer is None:
+            self._closed = True
+            return
+        self._closed = True
+        writer = self._writer
+        try:
+            await asyncio.shield(self._run(self._close))
+        finally:
+            writer.shutdown(wait=False)
 
-    def save(self, app: AppGoal) -> None:
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue ``fn(*args)`` on the writer thread (in order); the future of its result."""
+        if self._writer is None:
+            raise RuntimeError("The goal store is not open; call open() (or use async with).")
+        return asyncio.get_running_loop().run_in_executor(
+            self._writer, functools.partial(fn, *args)
+        )
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("The goal store is not open; call open() (or use async with).")
+        return self._db
+
+    # The operations, each queued on the writer thread.
+
+    def save(self, app: AppGoal) -> asyncio.Future[None]:
+        return self._run(self._save, app)
+
+    def mark_deleting(self, name: str) -> asyncio.Future[None]:
+        return self._run(self._mark_deleting, name)
+
+    def delete(self, name: str) -> asyncio.Future[None]:
+        return self._run(self._delete, name)
+
+    def load(self) -> asyncio.Future[list[AppGoal]]:
+        return self._run(self._load)
+
+    def save_replica(self, replica_id: str, pid: int, code_version: str) -> asyncio.Future[None]:
+        """Remember a replica process, so a restarted controller knows whom to wait for."""
+        return self._run(self._save_replica, replica_id, pid, code_version)
+
+    def forget_replica(self, replica_id: str) -> asyncio.Future[None]:
+        return self._run(self._forget_replica, replica_id)
+
+    def load_replicas(self) -> asyncio.Future[list[tuple[str, int, str]]]:
+        """(replica id, pid, code version) of every replica the last controller ran."""
+        return self._run(self._load_replicas)
+
+    # In the writer thread.
+
+    def _save(self, app: AppGoal) -> None:
         """Write one application (replacing what was stored) in one transaction."""
         document = orjson.dumps(
             {
@@ -94,14 +191,14 @@ class GoalStore:
             }
         )
         with self._transaction():
-            row = self._db.execute("SELECT version FROM apps WHERE name=?", (app.name,)).fetchone()
+            row = self.db.execute("SELECT version FROM apps WHERE name=?", (app.name,)).fetchone()
             version = (row[0] if row else 0) + 1
-            self._db.execute(
+            self.db.execute(
                 "INSERT OR REPLACE INTO apps (name, version, document) VALUES (?, ?, ?)",
                 (app.name, version, document),
             )
-            self._db.execute("DELETE FROM deployments WHERE app=?", (app.name,))
-            self._db.executemany(
+            self.db.execute("DELETE FROM deployments WHERE app=?", (app.name,))
+            self.db.executemany(
                 "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (
@@ -116,31 +213,31 @@ class GoalStore:
                 ],
             )
 
-    def mark_deleting(self, name: str) -> None:
+    def _mark_deleting(self, name: str) -> None:
         with self._transaction():
-            row = self._db.execute(
+            row = self.db.execute(
                 "SELECT version, document FROM apps WHERE name=?", (name,)
             ).fetchone()
             if row is None:
                 return
             document = orjson.loads(row[1])
             document["deleting"] = True
-            self._db.execute(
+            self.db.execute(
                 "UPDATE apps SET version=?, document=? WHERE name=?",
                 (row[0] + 1, orjson.dumps(document), name),
             )
 
-    def delete(self, name: str) -> None:
+    def _delete(self, name: str) -> None:
         with self._transaction():
-            self._db.execute("DELETE FROM apps WHERE name=?", (name,))
-            self._db.execute("DELETE FROM deployments WHERE app=?", (name,))
+            self.db.execute("DELETE FROM apps WHERE name=?", (name,))
+            self.db.execute("DELETE FROM deployments WHERE app=?", (name,))
 
-    def load(self) -> list[AppGoal]:
+    def _load(self) -> list[AppGoal]:
         apps = []
-        for name, _, document in self._db.execute("SELECT name, version, document FROM apps"):
+        for name, _, document in self.db.execute("SELECT name, version, document FROM apps"):
             meta = orjson.loads(document)
             goals: dict[str, DeploymentGoal] = {}
-            for dep_name, code, init, version, config in self._db.execute(
+            for dep_name, code, init, version, config in self.db.execute(
                 "SELECT name, serialized_callable, serialized_init_args, code_version, config "
                 "FROM deployments WHERE app=?",
                 (name,),
@@ -162,23 +259,21 @@ class GoalStore:
             )
         return apps
 
-    def save_replica(self, replica_id: str, pid: int, code_version: str) -> None:
-        """Remember a replica process, so a restarted controller knows whom to wait for."""
+    def _save_replica(self, replica_id: str, pid: int, code_version: str) -> None:
         with self._transaction():
-            self._db.execute(
+            self.db.execute(
                 "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?)", (replica_id, pid, code_version)
             )
 
-    def forget_replica(self, replica_id: str) -> None:
+    def _forget_replica(self, replica_id: str) -> None:
         with self._transaction():
-            self._db.execute("DELETE FROM replicas WHERE replica_id=?", (replica_id,))
+            self.db.execute("DELETE FROM replicas WHERE replica_id=?", (replica_id,))
 
-    def load_replicas(self) -> list[tuple[str, int, str]]:
-        """(replica id, pid, code version) of every replica the last controller ran."""
-        return list(self._db.execute("SELECT replica_id, pid, code_version FROM replicas"))
+    def _load_replicas(self) -> list[tuple[str, int, str]]:
+        return list(self.db.execute("SELECT replica_id, pid, code_version FROM replicas"))
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self.db)
 
 
 class _Transaction:

@@ -1,0 +1,447 @@
+"""The controller's thin async shell: performs the state machine's actions, reports outcomes.
+
+Everything runs on the controller's loop. Each step feeds one event to ``ControllerMachine``,
+performs the actions it returns (launching processes, replica RPCs in owned tasks, store writes
+on the store's writer thread), then derives what to publish: every deployment's replica set is
+diffed with the last published one, and status waiters wake when the status changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from types import TracebackType
+from typing import Any
+
+from controller.events import (
+    Action,
+    AppDeleteRequested,
+    AppDeployed,
+    Call,
+    CallDone,
+    CheckHealth,
+    DeleteApp,
+    Event,
+    Forget,
+    Initialize,
+    Kill,
+    Launch,
+    LaunchFailed,
+    LinkEnded,
+    LinkVerdict,
+    LoadReported,
+    MarkDeleting,
+    ModelsReported,
+    PersistApp,
+    PreviousReplica,
+    Reconfigure,
+    ReplicaExited,
+    ReplicaLaunched,
+    ReplicaLinked,
+    Restored,
+    SaveReplica,
+    ShutdownRequested,
+    Stop,
+    Tick,
+    Verdict,
+)
+from controller.launcher import Launcher, Process, kill_pid
+from controller.load import LoadBook
+from controller.machine import SETTLED, ControllerMachine
+from controller.metrics import Snapshot
+from controller.publisher import Publisher
+from controller.state import AppGoal, DeploymentView
+from controller.store import GoalStore
+from controller.views import metrics_snapshot, replica_sets, status_key
+from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure
+from serve._rpc.channel import TlsFiles
+from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.1  # how often time passes for the state machine (health checks are due on ticks)
+EXIT_MARGIN_S = 5.0  # after a Stop call, how long the process may take to exit
+
+
+class Supervisor:
+    """Owns the state machine, the replica processes and clients, and the tasks that run them."""
+
+    def __init__(
+        self,
+        *,
+        store: GoalStore,
+        launcher: Launcher,
+        token: str,
+        tls: TlsFiles | None,
+        connect: Callable[[str], ReplicaClient] | None = None,
+    ) -> None:
+        self._load = LoadBook()
+        self.machine = ControllerMachine(autoscaler=self._load)
+        self.publisher = Publisher()
+        self._store = store
+        self._launcher = launcher
+        self._connect = connect or (lambda address: ReplicaClient(address, token=token, tls=tls))
+        self._processes: dict[str, Process] = {}
+        self._clients: dict[str, ReplicaClient] = {}
+        self._links: dict[str, asyncio.Event] = {}
+        self._status_event = asyncio.Event()
+        self._status_key: object = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tick_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.loop_duration_s = 0.0
+        self.loops = 0
+
+    # Lifecycle.
+
+    async def __aenter__(self) -> Supervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose(stop_replicas=False)
+
+    async def start(self) -> None:
+        """Restore the goal state and the last controller's replicas, then start ticking."""
+        apps = await self._store.load()
+        previous = [
+            PreviousReplica(replica_id, pid, code_version, _alive(pid))
+            for replica_id, pid, code_version in await self._store.load_replicas()
+        ]
+        self._feed(Restored(tuple(apps), tuple(previous)))
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="controller:reconcile")
+
+    async def aclose(self, *, stop_replicas: bool, timeout_s: float = 30.0) -> None:
+        """Stop supervising; with ``stop_replicas``, stop every replica first. Idempotent."""
+        if self._closed:
+            return
+        if stop_replicas:
+            self._feed(ShutdownRequested())
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while self.machine.replicas:
+                        await self._status_event.wait()
+            except TimeoutError:
+                logger.warning("Replicas still running at shutdown; killing them")
+            for record in list(self.machine.replicas.values()):
+                self._kill(record.replica_id, record.pid)
+        self._closed = True
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        if self._tick_task is not None:
+            tasks.append(self._tick_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for event in self._links.values():
+            event.set()
+        await asyncio.gather(*(c.aclose() for c in self._clients.values()), return_exceptions=True)
+        self._clients.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:  # nobody would cancel or await it
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self._feed(Tick())
+            except Exception:
+                logger.exception("Reconcile step failed")
+
+    # One step: event in, actions performed, publication derived.
+
+    def _feed(self, event: Event) -> tuple[list[Action], list[asyncio.Future[None]]]:
+        started = time.perf_counter()
+        try:
+            actions = self.machine.handle(event, time.monotonic())
+            writes = [w for w in (self._perform(a) for a in actions) if w is not None]
+            if self.machine.recovered:
+                self.publisher.update(
+                    replica_sets(self.machine.goals(), self.machine.replicas.values())
+                )
+            key = status_key(self.machine.apps.values(), self.machine.replicas.values())
+            if key != self._status_key:
+                self._status_key = key
+                event_, self._status_event = self._status_event, asyncio.Event()
+                event_.set()
+            return actions, writes
+        finally:
+            self.loops += 1
+            self.loop_duration_s = time.perf_counter() - started
+
+    def _perform(self, action: Action) -> asyncio.Future[None] | None:
+        """Start doing one action; a store write's future (already being logged on failure)."""
+        match action:
+            case Launch():
+                self._spawn(
+                    self._launch(action.replica_id), f"controller:launch:{action.replica_id}"
+                )
+            case Initialize():
+                self._call(action.replica_id, action.address, Call.INITIALIZE, _initializer(action))
+            case Reconfigure():
+                config, changed = action.config, action.user_config_changed
+                self._call(
+                    action.replica_id,
+                    action.address,
+                    Call.RECONFIGURE,
+                    lambda c: c.reconfigure(config, user_config_changed=changed),
+                )
+            case CheckHealth():
+                timeout_s = action.timeout_s
+                self._call(
+                    action.replica_id,
+                    action.address,
+                    Call.CHECK_HEALTH,
+                    lambda c: c.check_health(timeout_s),
+                )
+            case Stop():
+                self._spawn(self._stop(action), f"controller:stop:{action.replica_id}")
+            case Kill():
+                self._kill(action.replica_id, action.pid)
+            case Forget():
+                self._release(action.replica_id)
+                return self._write(self._store.forget_replica(action.replica_id))
+            case SaveReplica():
+                return self._write(
+                    self._store.save_replica(action.replica_id, action.pid, action.code_version)
+                )
+            case PersistApp():
+                return self._write(self._store.save(action.app))
+            case MarkDeleting():
+                return self._write(self._store.mark_deleting(action.app_name))
+            case DeleteApp():
+                return self._write(self._store.delete(action.app_name))
+            case LinkVerdict():
+                pass  # answered by link()
+        return None
+
+    def _write(self, future: asyncio.Future[None]) -> asyncio.Future[None]:
+        future.add_done_callback(_log_write_failure)
+        return future
+
+    # Replica processes.
+
+    async def _launch(self, replica_id: str) -> None:
+        try:
+            process = await self._launcher.launch(replica_id)
+        except Exception as exc:
+            logger.exception("Could not launch replica %s", replica_id)
+            self._feed(LaunchFailed(replica_id, str(exc)))
+            return
+        self._processes[replica_id] = process
+        self._feed(ReplicaLaunched(replica_id, process.pid))
+        code = await process.wait()
+        self._feed(ReplicaExited(replica_id, code))
+
+    def _call(
+        self,
+        replica_id: str,
+        address: str,
+        call: Call,
+        rpc: Callable[[ReplicaClient], Awaitable[Failure | None]],
+    ) -> None:
+        """The one path of every replica RPC: call, turn unreachability into a failure, report."""
+
+        async def run() -> None:
+            try:
+                failure = await rpc(self._client(replica_id, address))
+            except ReplicaUnreachable as exc:
+                failure = Failure(str(exc))
+            self._feed(CallDone(replica_id, call, failure))
+
+        self._spawn(run(), f"controller:{call.value}:{replica_id}")
+
+    async def _stop(self, action: Stop) -> None:
+        replica_id = action.replica_id
+        if action.address:
+            try:
+                abandoned = await self._client(replica_id, action.address).stop(action.timeout_s)
+                if abandoned:
+                    logger.warning(
+                        "Replica %s stopped with %d request(s) unfinished", replica_id, abandoned
+                    )
+            except ReplicaUnreachable:
+                pass
+        process = self._processes.get(replica_id)
+        if process is not None:  # its exit is reported by the task that launched it
+            try:
+                async with asyncio.timeout(EXIT_MARGIN_S if action.address else 0.5):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+        elif action.pid:
+            await _wait_pid_exit(action.pid, EXIT_MARGIN_S)
+            self._feed(ReplicaExited(replica_id, None))
+
+    def _kill(self, replica_id: str, pid: int) -> None:
+        """SIGKILL; the exit is reported by the launch task, or here for a re-adopted replica."""
+        process = self._processes.get(replica_id)
+        if process is not None:
+            process.kill()
+        elif pid:
+            kill_pid(pid)
+            if not self._closed:
+                self._spawn(self._reap(replica_id, pid), f"controller:reap:{replica_id}")
+
+    async def _reap(self, replica_id: str, pid: int) -> None:
+        await _wait_pid_exit(pid, EXIT_MARGIN_S)
+        self._feed(ReplicaExited(replica_id, None))
+
+    def _client(self, replica_id: str, address: str) -> ReplicaClient:
+        client = self._clients.get(replica_id)
+        if client is None:
+            client = self._connect(address)
+            self._clients[replica_id] = client
+        return client
+
+    def _release(self, replica_id: str) -> None:
+        self._processes.pop(replica_id, None)
+        link = self._links.pop(replica_id, None)
+        if link is not None:
+            link.set()
+        client = self._clients.pop(replica_id, None)
+        if client is not None:
+            self._spawn(client.aclose(), f"controller:close:{replica_id}")
+
+    # What the servicer calls.
+
+    @property
+    def apps(self) -> dict[str, AppGoal]:
+        return self.machine.apps
+
+    def deployment_views(self, app: AppGoal) -> dict[str, DeploymentView]:
+        return self.machine.deployment_views(app)
+
+    def app_status(self, app: AppGoal) -> tuple[ApplicationStatus, str]:
+        return self.machine.app_status(app)
+
+    async def deploy(
+        self,
+        *,
+        app_name: str,
+        route_prefix: str | None,
+        ingress: str,
+        specs: Sequence[DeploymentSpec],
+        code_env: CodeEnv,
+    ) -> None:
+        """Replace an application's goal; returns once it is durable."""
+        event = AppDeployed(app_name, route_prefix, ingress, tuple(specs), code_env, time.time())
+        _, writes = self._feed(event)
+        await asyncio.shield(asyncio.gather(*writes))  # the state already moved on: finish
+
+    async def delete(self, app_name: str, *, wait: bool) -> bool:
+        app = self.machine.apps.get(app_name)
+        if app is None:
+            return False
+        _, writes = self._feed(AppDeleteRequested(app_name))
+        await asyncio.shield(asyncio.gather(*writes))
+        while wait and self.machine.apps.get(app_name) is app:
+            await self._status_event.wait()
+        return True
+
+    async def wait_application(self, app_name: str, timeout_s: float) -> AppGoal | None:
+        """Return once the application settles (or is gone), or when ``timeout_s`` passes."""
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                while True:
+                    app = self.machine.apps.get(app_name)
+                    if app is None or self.machine.app_status(app)[0] in SETTLED:
+                        return app
+                    await self._status_event.wait()
+        except TimeoutError:
+            return self.machine.apps.get(app_name)
+
+    def link(
+        self,
+        *,
+        replica_id: str,
+        address: str,
+        pid: int,
+        host: str,
+        initialized: bool,
+        code_version: str,
+        user_config_json: bytes,
+        draining: bool = False,
+    ) -> tuple[Verdict, asyncio.Event | None]:
+        """A replica linked (or re-linked). Returns the verdict and an event ending the link."""
+        event = ReplicaLinked(
+            replica_id, address, pid, host, initialized, code_version, user_config_json, draining
+        )
+        actions, _ = self._feed(event)
+        verdict = next((a.verdict for a in actions if isinstance(a, LinkVerdict)), Verdict.STOP)
+        if verdict is Verdict.STOP:
+            return verdict, None
+        ended = self._links[replica_id] = asyncio.Event()
+        return verdict, ended
+
+    def unlink(self, replica_id: str, ended: asyncio.Event) -> None:
+        """A replica's link ended (for replicas this process did not launch, that is death)."""
+        if self._closed:
+            return  # the controller is going away; its replicas keep serving
+        if self._links.get(replica_id) is ended:
+            del self._links[replica_id]
+        self._feed(LinkEnded(replica_id))
+
+    def report_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
+        """A replica's multiplexed models changed: routers learn it with the next set."""
+        self._feed(ModelsReported(replica_id, model_ids))
+
+    def report_load(self, event: LoadReported) -> None:
+        """Load from replicas (running) and handles (queued): for autoscaling and metrics."""
+        self._feed(event)
+
+    def metrics_snapshot(self) -> Snapshot:
+        """What /metrics shows, taken at once (on the loop)."""
+        return metrics_snapshot(
+            apps=self.machine.apps.values(),
+            replicas=self.machine.replicas,
+            sources=self._load.sources,
+            replica_starts=self.machine.replica_starts,
+            loop_duration_s=self.loop_duration_s,
+            loops=self.loops,
+        )
+
+
+def _initializer(action: Initialize) -> Callable[[ReplicaClient], Awaitable[Failure | None]]:
+    async def initialize(client: ReplicaClient) -> Failure | None:
+        failure = await client.initialize(action.app_name, action.spec, action.code_env)
+        if failure is None:  # a replica is only running once it reports healthy
+            failure = await client.check_health(action.health_check_timeout_s)
+        return failure
+
+    return initialize
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def _wait_pid_exit(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        await asyncio.sleep(0.05)
+    kill_pid(pid)
+
+
+def _log_write_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("Could not write the state database", exc_info=future.exception())

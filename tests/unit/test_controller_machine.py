@@ -1,0 +1,336 @@
+"""The controller's state machine, driven by events alone: no processes, no sockets, no clock."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from controller import events as ev
+from controller.health import UNHEALTHY_AFTER
+from controller.machine import RECOVERY_WAIT_S, ControllerMachine
+from controller.state import Phase
+from controller.views import replica_sets
+from serve._models import (
+    ApplicationStatus,
+    CodeEnv,
+    DeploymentConfig,
+    DeploymentID,
+    DeploymentSpec,
+    DeploymentStatus,
+    Failure,
+)
+from serve.config import AutoscalingConfig
+
+APP = "app"
+DEP = DeploymentID("Model", APP)
+
+
+def spec(version: str = "v1", **config: Any) -> DeploymentSpec:
+    config.setdefault("num_replicas", 2)
+    return DeploymentSpec("Model", b"code", b"args", version, DeploymentConfig(**config))
+
+
+def of(actions: Sequence[ev.Action], kind: type[Any]) -> list[Any]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+class Harness:
+    """A machine plus the bookkeeping a supervisor would do, with a hand-moved clock."""
+
+    def __init__(self) -> None:
+        counter = itertools.count(1)
+        self.machine = ControllerMachine(
+            new_replica_id=lambda d: f"{d.app_name}#{d.name}#r{next(counter)}"
+        )
+        self.now = 100.0
+        self.pids = itertools.count(1000)
+
+    def feed(self, event: ev.Event) -> list[ev.Action]:
+        return self.machine.handle(event, self.now)
+
+    def deploy(self, *specs: DeploymentSpec) -> list[ev.Action]:
+        return self.feed(ev.AppDeployed(APP, None, specs[0].name, specs, CodeEnv("/", ()), 0.0))
+
+    def bring_up(self, replica_id: str, failure: Failure | None = None) -> list[ev.Action]:
+        """Launched, linked, then its Initialize call's outcome."""
+        actions = self.feed(ev.ReplicaLaunched(replica_id, next(self.pids)))
+        record = self.machine.replicas[replica_id]
+        actions += self.feed(
+            ev.ReplicaLinked(replica_id, f"127.0.0.1:{record.pid}", record.pid, "h", False, "", b"")
+        )
+        assert of(actions, ev.Initialize)
+        return actions + self.feed(ev.CallDone(replica_id, ev.Call.INITIALIZE, failure))
+
+    def running(self) -> list[str]:
+        return sorted(
+            r.replica_id for r in self.machine.replicas.values() if r.phase is Phase.RUNNING
+        )
+
+    def routable(self) -> int:
+        return len(replica_sets(self.machine.goals(), self.machine.replicas.values())[DEP].replicas)
+
+    def status(self) -> tuple[ApplicationStatus, str]:
+        return self.machine.app_status(self.machine.apps[APP])
+
+    def deployment_status(self) -> DeploymentStatus:
+        return self.machine.deployment_views(self.machine.apps[APP])["Model"].status
+
+
+def launched(actions: Sequence[ev.Action]) -> list[str]:
+    return [a.replica_id for a in of(actions, ev.Launch)]
+
+
+def started(h: Harness, replicas: int = 2, **config: Any) -> list[str]:
+    new = launched(h.deploy(spec(num_replicas=replicas, **config)))
+    for replica_id in new:
+        h.bring_up(replica_id)
+    assert h.running() == sorted(new)
+    return new
+
+
+def test_deploy_persists_then_launches_and_runs() -> None:
+    h = Harness()
+    actions = h.deploy(spec())
+    assert isinstance(actions[0], ev.PersistApp)
+    assert len(launched(actions)) == 2
+    assert h.status()[0] is ApplicationStatus.DEPLOYING
+    for replica_id in launched(actions):
+        h.bring_up(replica_id)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    assert h.routable() == 2
+
+
+def test_rolling_update_keeps_capacity() -> None:
+    h = Harness()
+    old = started(h)
+    new = launched(h.deploy(spec("v2")))
+    assert len(new) == 2
+    assert h.routable() == 2
+    actions = h.bring_up(new[0])
+    stopped = [a.replica_id for a in of(actions, ev.Stop)]
+    assert len(stopped) == 1  # one old replica per new one running
+    assert stopped[0] in old
+    assert h.routable() == 2
+    actions = h.bring_up(new[1])
+    stopped += [a.replica_id for a in of(actions, ev.Stop)]
+    assert sorted(stopped) == sorted(old)
+    assert h.routable() == 2
+    for replica_id in old:
+        h.feed(ev.ReplicaExited(replica_id, 0))
+    assert h.running() == sorted(new)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+
+
+def test_user_config_change_reconfigures_in_place() -> None:
+    h = Harness()
+    replicas = started(h, user_config={"a": 1})
+    actions = h.deploy(spec(user_config={"a": 2}))
+    reconfigures = of(actions, ev.Reconfigure)
+    assert sorted(a.replica_id for a in reconfigures) == sorted(replicas)
+    assert all(a.user_config_changed for a in reconfigures)
+    assert not launched(actions)
+    assert not of(actions, ev.Stop)
+    assert h.routable() == 2  # still routable while reconfiguring
+    for replica_id in replicas:
+        assert not of(h.feed(ev.CallDone(replica_id, ev.Call.RECONFIGURE, None)), ev.Launch)
+    assert h.running() == sorted(replicas)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+
+
+def test_constructor_failures_fail_the_deploy_and_keep_old_replicas() -> None:
+    h = Harness()
+    old = started(h)
+    pending = launched(h.deploy(spec("v2", max_constructor_retry_count=3)))
+    failures = 0
+    while pending:
+        replica_id = pending.pop()
+        actions = h.bring_up(replica_id, Failure("ZeroDivisionError: boom"))
+        failures += 1
+        assert [a.replica_id for a in of(actions, ev.Stop)] == [replica_id]
+        more = launched(actions + h.feed(ev.ReplicaExited(replica_id, 1)))
+        assert not (more and failures >= 3)  # nothing starts once the limit is reached
+        pending += more
+    assert failures == 4  # the limit, plus the second replica already started by then
+    assert h.deployment_status() is DeploymentStatus.DEPLOY_FAILED
+    status, message = h.status()
+    assert status is ApplicationStatus.DEPLOY_FAILED
+    assert "boom" in message
+    assert h.running() == sorted(old)  # the old version keeps serving
+    assert not launched(h.feed(ev.Tick()))
+
+
+def checks(h: Harness) -> list[ev.CheckHealth]:
+    return of(h.feed(ev.Tick()), ev.CheckHealth)
+
+
+def test_three_failed_health_checks_kill_replace_and_mark_unhealthy_until_a_pass() -> None:
+    h = Harness()
+    replicas = started(h, health_check_period_s=1.0)
+    sick, well = replicas
+    assert not checks(h)  # not due yet
+    for attempt in range(1, UNHEALTHY_AFTER + 1):
+        h.now += 1.0
+        due = {c.replica_id for c in checks(h)}
+        assert due == {sick, well}
+        assert not checks(h)  # one check at a time
+        h.feed(ev.CallDone(well, ev.Call.CHECK_HEALTH, None))
+        actions = h.feed(ev.CallDone(sick, ev.Call.CHECK_HEALTH, Failure("timed out")))
+        if attempt < UNHEALTHY_AFTER:
+            assert not of(actions, ev.Kill)
+            assert h.status()[0] is ApplicationStatus.RUNNING
+    assert of(actions, ev.Kill) == [ev.Kill(sick, h.machine.replicas[sick].pid)]  # no drain
+    assert not of(actions, ev.Stop)
+    (replacement,) = launched(actions)
+    status, message = h.status()
+    assert status is ApplicationStatus.UNHEALTHY
+    assert sick in message
+    assert "timed out" in message
+    h.bring_up(replacement)
+    assert h.status()[0] is ApplicationStatus.UNHEALTHY  # until a replica passes again
+    h.now += 1.0
+    assert well in {c.replica_id for c in checks(h)}
+    h.feed(ev.CallDone(well, ev.Call.CHECK_HEALTH, None))
+    assert h.status()[0] is ApplicationStatus.RUNNING
+
+
+def autoscaled(**overrides: Any) -> DeploymentSpec:
+    auto = {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 1.0}
+    auto.update(overrides)
+    return spec(num_replicas=None, autoscaling_config=AutoscalingConfig(**auto))
+
+
+def handle_load(ongoing: float) -> ev.LoadReported:
+    return ev.LoadReported(DEP, "handles-of-pid-1", ongoing, is_handle=True)
+
+
+def test_autoscaling_applies_a_new_target_after_the_delay() -> None:
+    h = Harness()
+    (first,) = launched(h.deploy(autoscaled(upscale_delay_s=10.0)))
+    h.bring_up(first)
+    h.feed(ev.LoadReported(DEP, first, 1.0, is_handle=False))
+    h.feed(handle_load(3.0))
+    h.now += 5.0
+    assert not launched(h.feed(handle_load(3.0)))
+    h.now += 5.0
+    new = launched(h.feed(ev.Tick()))
+    assert len(new) == 3  # ceil((1 + 3) / 1) = 4 replicas
+    assert h.machine.goals()[DEP].target_replicas == 4
+
+
+def test_autoscaling_from_zero_is_immediate() -> None:
+    h = Harness()
+    assert not launched(h.deploy(autoscaled(min_replicas=0, upscale_delay_s=60.0)))
+    assert len(launched(h.feed(handle_load(1.0)))) == 1
+
+
+def test_recovery_readopts_linked_replicas_and_kills_the_rest() -> None:
+    first = Harness()
+    first.deploy(spec())
+    goal_app = first.machine.apps[APP]
+    h = Harness()
+    previous = (
+        ev.PreviousReplica("app#Model#a", 11, "v1", alive=True),
+        ev.PreviousReplica("app#Model#b", 12, "v1", alive=True),
+        ev.PreviousReplica("app#Model#c", 13, "v1", alive=False),
+    )
+    actions = h.feed(ev.Restored((goal_app,), previous))
+    assert [a.replica_id for a in of(actions, ev.Forget)] == ["app#Model#c"]
+    assert not launched(actions)  # the two alive ones count towards the target
+    assert not h.machine.recovered  # so the supervisor publishes nothing yet
+    actions = h.feed(ev.ReplicaLinked("app#Model#a", "127.0.0.1:1", 11, "h", True, "v1", b""))
+    assert of(actions, ev.LinkVerdict) == [ev.LinkVerdict("app#Model#a", ev.Verdict.ACCEPTED)]
+    assert not launched(actions)  # no restart
+    assert not of(actions, ev.Initialize)
+    assert h.running() == ["app#Model#a"]
+    assert not h.machine.recovered
+    h.now += RECOVERY_WAIT_S / 2
+    assert not of(h.feed(ev.Tick()), ev.Kill)
+    h.now += RECOVERY_WAIT_S
+    actions = h.feed(ev.Tick())
+    assert of(actions, ev.Kill) == [ev.Kill("app#Model#b", 12)]
+    assert len(launched(actions)) == 1  # the one that did not come back is replaced
+    assert h.machine.recovered
+    assert h.routable() == 1
+
+
+def test_recovery_ends_when_every_replica_relinked() -> None:
+    first = Harness()
+    first.deploy(spec(num_replicas=1))
+    h = Harness()
+    h.feed(
+        ev.Restored(
+            (first.machine.apps[APP],), (ev.PreviousReplica("app#Model#a", 11, "v1", True),)
+        )
+    )
+    h.feed(ev.ReplicaLinked("app#Model#a", "127.0.0.1:1", 11, "h", True, "v1", b""))
+    assert h.machine.recovered
+    assert h.routable() == 1
+
+
+def test_a_link_from_outside_the_goal_is_told_to_stop() -> None:
+    h = Harness()
+    started(h)
+    actions = h.feed(ev.ReplicaLinked("other#Model#x", "127.0.0.1:9", 9, "h", True, "v1", b""))
+    assert of(actions, ev.LinkVerdict) == [ev.LinkVerdict("other#Model#x", ev.Verdict.STOP)]
+
+
+def test_a_stale_call_outcome_is_ignored() -> None:
+    h = Harness()
+    started(h)
+    h.deploy(spec(num_replicas=1))  # scales down: one replica stops
+    stopping = [r for r in h.machine.replicas.values() if r.phase is Phase.STOPPING]
+    assert len(stopping) == 1
+    victim = stopping[0].replica_id
+    assert not h.feed(ev.CallDone(victim, ev.Call.RECONFIGURE, None))
+    assert h.machine.replicas[victim].phase is Phase.STOPPING
+
+
+def test_delete_stops_replicas_then_forgets_the_app() -> None:
+    h = Harness()
+    replicas = started(h)
+    actions = h.feed(ev.AppDeleteRequested(APP))
+    assert of(actions, ev.MarkDeleting) == [ev.MarkDeleting(APP)]
+    assert sorted(a.replica_id for a in of(actions, ev.Stop)) == sorted(replicas)
+    assert h.status()[0] is ApplicationStatus.DELETING
+    h.feed(ev.ReplicaExited(replicas[0], 0))
+    actions = h.feed(ev.ReplicaExited(replicas[1], 0))
+    assert of(actions, ev.DeleteApp) == [ev.DeleteApp(APP)]
+    assert APP not in h.machine.apps
+
+
+def test_recovery_mid_rollout_readopts_both_versions_and_continues_the_rollout() -> None:
+    first = Harness()
+    first.deploy(spec("v1"))
+    first.deploy(spec("v2"))  # the saved goal: v2, while v1 replicas still served
+    h = Harness()
+    previous = (
+        ev.PreviousReplica("app#Model#old1", 11, "v1", alive=True),
+        ev.PreviousReplica("app#Model#old2", 12, "v1", alive=True),
+        ev.PreviousReplica("app#Model#ready", 13, "v2", alive=True),
+        ev.PreviousReplica("app#Model#busy", 14, "v2", alive=True),  # constructor was running
+    )
+    assert not launched(h.feed(ev.Restored((first.machine.apps[APP],), previous)))
+
+    def link(replica_id: str, pid: int, version: str, initialized: bool) -> list[ev.Action]:
+        return h.feed(
+            ev.ReplicaLinked(replica_id, f"127.0.0.1:{pid}", pid, "h", initialized, version, b"")
+        )
+
+    for replica_id, pid, version in (("app#Model#old1", 11, "v1"), ("app#Model#old2", 12, "v1")):
+        actions = link(replica_id, pid, version, True)
+        assert of(actions, ev.LinkVerdict) == [ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED)]
+        assert not of(actions, ev.Stop)
+    actions = link("app#Model#ready", 13, "v2", True)
+    stopped = [a.replica_id for a in of(actions, ev.Stop)]
+    assert len(stopped) == 1  # one new replica runs: one old one goes
+    assert h.routable() == 2
+    actions = link("app#Model#busy", 14, "v2", False)
+    assert of(actions, ev.LinkVerdict) == [ev.LinkVerdict("app#Model#busy", ev.Verdict.STOP)]
+    assert h.machine.recovered
+    (replacement,) = launched(actions)
+    assert not of(actions, ev.Stop)
+    assert h.routable() == 2
+    stopped += [a.replica_id for a in of(h.bring_up(replacement), ev.Stop)]
+    assert sorted(stopped) == ["app#Model#old1", "app#Model#old2"]
+    assert h.routable() == 2

@@ -1,0 +1,124 @@
+"""The supervisor with a fake launcher and fake replica clients: no processes, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+from controller.events import Verdict
+from controller.store import GoalStore
+from controller.supervisor import Supervisor
+from serve._models import (
+    ApplicationStatus,
+    CodeEnv,
+    DeploymentConfig,
+    DeploymentID,
+    DeploymentSpec,
+    Failure,
+)
+
+DEP = DeploymentID("Model", "app")
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+        self._exited = asyncio.Event()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.code is not None
+        return self.code
+
+    def exit(self, code: int) -> None:
+        self.code = code
+        self._exited.set()
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.processes: dict[str, FakeProcess] = {}
+        self.launched: asyncio.Queue[str] = asyncio.Queue()
+        self._pids = itertools.count(1000)
+
+    async def launch(self, replica_id: str) -> FakeProcess:
+        process = self.processes[replica_id] = FakeProcess(next(self._pids))
+        self.launched.put_nowait(replica_id)
+        return process
+
+
+class FakeClient:
+    """Answers like a healthy replica; Stop makes its process exit."""
+
+    def __init__(self, launcher: FakeLauncher, address: str) -> None:
+        self._process = launcher.processes[address]  # the fake address is the replica id
+
+    async def initialize(self, *args: Any) -> Failure | None:
+        return None
+
+    async def check_health(self, timeout_s: float) -> Failure | None:
+        return None
+
+    async def reconfigure(self, *args: Any, **kwargs: Any) -> Failure | None:
+        return None
+
+    async def stop(self, timeout_s: float) -> int:
+        self._process.exit(0)
+        return 0
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_deploy_link_run_publish_delete(tmp_path: Path) -> None:
+    launcher = FakeLauncher()
+    spec = DeploymentSpec("Model", b"code", b"args", "v1", DeploymentConfig(num_replicas=1))
+    async with GoalStore(tmp_path / "state.db") as store:
+        supervisor = Supervisor(
+            store=store,
+            launcher=launcher,
+            token="token",
+            tls=None,
+            connect=lambda address: FakeClient(launcher, address),
+        )
+        async with supervisor:
+            await supervisor.deploy(
+                app_name="app",
+                route_prefix=None,
+                ingress="Model",
+                specs=[spec],
+                code_env=CodeEnv("/", ()),
+            )
+            assert [app.name for app in await store.load()] == ["app"]
+            watch = supervisor.publisher.watch(DEP)
+            replica_id = await asyncio.wait_for(launcher.launched.get(), 5)
+            verdict, ended = supervisor.link(
+                replica_id=replica_id,
+                address=replica_id,
+                pid=launcher.processes[replica_id].pid,
+                host="h",
+                initialized=False,
+                code_version="",
+                user_config_json=b"",
+            )
+            assert verdict is Verdict.ACCEPTED
+            assert ended is not None
+            app = await supervisor.wait_application("app", 5)
+            assert app is not None
+            assert supervisor.app_status(app)[0] is ApplicationStatus.RUNNING
+            published = await asyncio.wait_for(anext(watch), 5)
+            assert [r.replica_id for r in published.replicas] == [replica_id]
+            assert await asyncio.wait_for(supervisor.delete("app", wait=True), 5)
+            assert supervisor.apps == {}
+            assert ended.is_set()  # the replica's link was ended when it was forgotten
+            gone = await asyncio.wait_for(anext(watch), 5)
+            assert not gone.exists
+            await watch.aclose()
+        assert await store.load() == []
+        assert await store.load_replicas() == []
