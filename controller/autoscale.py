@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from serve.config import AutoscalingConfig
+from serve.metrics import Sample
 
 
 def desired_replicas(config: AutoscalingConfig, current: int, load: float) -> int:
@@ -107,4 +108,5 @@ class LoadSource:
     errors_total: int = 0
     latency_buckets: tuple[int, ...] = ()
     latency_sum_ms: float = 0.0
+    user_metrics: tuple[Sample, ...] = ()
     seen_s: float = 0.0

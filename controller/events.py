@@ -12,6 +12,7 @@ import enum
 
 from controller.state import AppGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, Failure
+from serve.metrics import Sample
 
 # Events.
 
@@ -120,6 +121,7 @@ class LoadReported:
     errors_total: int = 0
     latency_buckets: tuple[int, ...] = ()
     latency_sum_ms: float = 0.0
+    user_metrics: tuple[Sample, ...] = ()  # serve.metrics recorded by the replica's code
 
 
 @dataclasses.dataclass(frozen=True)

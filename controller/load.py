@@ -60,6 +60,7 @@ class LoadBook:
         source.errors_total = event.errors_total
         source.latency_buckets = event.latency_buckets
         source.latency_sum_ms = event.latency_sum_ms
+        source.user_metrics = event.user_metrics
         source.seen_s = now_s
 
     def prune(

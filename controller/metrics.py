@@ -31,6 +31,7 @@ from prometheus_client.exposition import (
 )
 
 from serve._metrics import LATENCY_BUCKETS_MS
+from serve.metrics import Sample
 
 SCRAPE_TIMEOUT_S = 5.0
 
@@ -47,6 +48,7 @@ class ReplicaMetrics:
     ongoing: float
     healthy: bool
     models: int
+    user_metrics: tuple[Sample, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,7 @@ def render(snapshot: Snapshot) -> Iterator[Any]:
         healthy.add_metric(labels, 1.0 if r.healthy else 0.0)
         models.add_metric(labels, r.models)
     yield from (requests, errors, latency, ongoing, healthy, models)
+    yield from _user_families(snapshot.replicas)
 
     queued = GaugeMetricFamily(
         "ray_serve_deployment_queued_queries",
@@ -244,3 +247,38 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+def _user_families(replicas: list[ReplicaMetrics]) -> Iterator[Any]:
+    """serve.metrics from every replica: one family per name, the user's tags plus the
+    replica's application, deployment and replica."""
+    families: dict[str, Any] = {}
+    label_counts: dict[str, int] = {}
+    for r in replicas:
+        for sample in r.user_metrics:
+            tag_keys = [key for key, _ in sample.tags]
+            labels = [*tag_keys, "application", "deployment", "replica"]
+            values = [value for _, value in sample.tags] + [r.application, r.deployment, r.replica]
+            family = families.get(sample.name)
+            if family is None:
+                kind = {
+                    "counter": CounterMetricFamily,
+                    "gauge": GaugeMetricFamily,
+                    "histogram": HistogramMetricFamily,
+                }.get(sample.kind)
+                if kind is None:
+                    continue
+                family = families[sample.name] = kind(
+                    sample.name, sample.description or sample.name, labels=labels
+                )
+                label_counts[sample.name] = len(labels)
+            if len(values) != label_counts[sample.name]:
+                continue  # the same name with other tag keys: not a valid series of it
+            if sample.kind == "histogram":
+                bounds = [str(b) for b in sample.boundaries] + ["+Inf"]
+                family.add_metric(
+                    values, list(zip(bounds, sample.buckets, strict=False)), sample.sum
+                )
+            else:
+                family.add_metric(values, sample.value)
+    yield from families.values()

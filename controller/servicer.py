@@ -21,6 +21,7 @@ from serve._rpc.convert import (
     deployment_id_from_proto,
     replica_set_to_proto,
     spec_from_proto,
+    user_metric_from_proto,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class ControllerServicer:
                 errors_total=request.errors_total,
                 latency_buckets=tuple(request.latency_bucket_counts),
                 latency_sum_ms=request.latency_sum_ms,
+                user_metrics=tuple(user_metric_from_proto(m) for m in request.user_metrics),
             )
         )
         return controller_pb2.ReportLoadResponse()

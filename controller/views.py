@@ -119,6 +119,7 @@ def metrics_snapshot(
                     and record.phase.routable
                     and record.health_failures == 0,
                     models=len(record.model_ids) if record is not None else 0,
+                    user_metrics=source.user_metrics,
                 )
             )
     states, app_rows, dep_rows = [], [], []

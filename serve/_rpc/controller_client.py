@@ -18,6 +18,7 @@ from serve._rpc.convert import (
     replica_set_from_proto,
     serve_status_from_proto,
     spec_to_proto,
+    user_metric_to_proto,
 )
 from serve._rpc.status import controller_error, rebuild
 from serve.exceptions import ServeError
@@ -260,20 +261,7 @@ class ControllerClient:
                     errors_total=load.errors_total,
                     latency_bucket_counts=list(load.latency_bucket_counts),
                     latency_sum_ms=load.latency_sum_ms,
-                    user_metrics=[
-                        controller_pb2.UserMetric(
-                            name=m.name,
-                            kind=m.kind,
-                            description=m.description,
-                            tags=dict(m.tags),
-                            value=m.value,
-                            boundaries=list(m.boundaries),
-                            bucket_counts=list(m.buckets),
-                            sum=m.sum,
-                            count=m.count,
-                        )
-                        for m in load.user_metrics
-                    ],
+                    user_metrics=[user_metric_to_proto(m) for m in load.user_metrics],
                 ),
                 timeout=CALL_TIMEOUT_S,
                 metadata=self._metadata,

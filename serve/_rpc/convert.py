@@ -20,6 +20,7 @@ from serve._models import (
 )
 from serve._proto import common_pb2, controller_pb2
 from serve.config import AutoscalingConfig
+from serve.metrics import Sample
 from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 
@@ -113,6 +114,34 @@ def spec_to_proto(spec: DeploymentSpec) -> common_pb2.DeploymentSpec:
         serialized_init_args=spec.serialized_init_args,
         code_version=spec.code_version,
         config=config_to_proto(spec.config),
+    )
+
+
+def user_metric_to_proto(sample: Sample) -> controller_pb2.UserMetric:
+    return controller_pb2.UserMetric(
+        name=sample.name,
+        kind=sample.kind,
+        description=sample.description,
+        tags=dict(sample.tags),
+        value=sample.value,
+        boundaries=list(sample.boundaries),
+        bucket_counts=list(sample.buckets),
+        sum=sample.sum,
+        count=sample.count,
+    )
+
+
+def user_metric_from_proto(msg: controller_pb2.UserMetric) -> Sample:
+    return Sample(
+        name=msg.name,
+        kind=msg.kind,
+        description=msg.description,
+        tags=tuple(sorted(msg.tags.items())),
+        value=msg.value,
+        boundaries=tuple(msg.boundaries),
+        buckets=tuple(msg.bucket_counts),
+        sum=msg.sum,
+        count=msg.count,
     )
 
 

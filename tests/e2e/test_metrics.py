@@ -21,9 +21,18 @@ DRIVER = textwrap.dedent(
 
     @serve.deployment(num_replicas=2)
     class Counted:
+        def __init__(self):
+            self.calls = serve.metrics.Counter(
+                "counted_calls", "Calls seen by user code.", tag_keys=("outcome",)
+            )
+            self.sizes = serve.metrics.Histogram("counted_sizes", boundaries=[1, 10])
+
         def __call__(self, fail=False):
+            self.sizes.observe(5)
             if fail:
+                self.calls.inc(tags={"outcome": "fail"})
                 raise ValueError("asked to fail")
+            self.calls.inc(tags={"outcome": "ok"})
             return "ok"
 
     h = serve.run(Counted.bind(), name="metered")
@@ -88,6 +97,17 @@ def test_metrics_count_what_happened(controller: StandaloneController) -> None:
         )
         == 3
     )
+
+    def user_metrics() -> dict[str, list[tuple[str, dict[str, str], float]]] | None:
+        found = scrape(address)
+        calls = found.get("counted_calls", [])
+        return found if total(calls, "counted_calls_total") == 23 else None
+
+    custom = wait_for(user_metrics, timeout_s=15)
+    fails = [v for n, labels, v in custom["counted_calls"] if labels.get("outcome") == "fail"]
+    assert sum(fails) == 3
+    assert {labels["application"] for _, labels, _ in custom["counted_calls"]} == {"metered"}
+    assert total(custom["counted_sizes"], "counted_sizes_count") == 23
     latency = families["ray_serve_deployment_processing_latency_ms"]
     assert total(latency, "ray_serve_deployment_processing_latency_ms_count") == 23
     assert total(latency, "ray_serve_deployment_processing_latency_ms_sum") > 0
