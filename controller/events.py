@@ -48,6 +48,7 @@ class AppDeployed:
     specs: tuple[DeploymentSpec, ...]
     code_env: CodeEnv
     deployed_at_s: float  # wall clock, for display only
+    config_json: str = ""  # the config file's section for this application (serve deploy)
 
 
 @dataclasses.dataclass(frozen=True)

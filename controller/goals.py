@@ -42,6 +42,7 @@ def build_app(event: AppDeployed, previous: AppGoal | None) -> AppGoal:
         code_env=event.code_env,
         deployments=goals,
         deployed_at_s=event.deployed_at_s,
+        config_json=event.config_json,
     )
 
 

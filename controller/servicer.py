@@ -59,6 +59,7 @@ class ControllerServicer:
                 ingress=request.ingress,
                 specs=specs,
                 code_env=code_env_from_proto(request.code_env),
+                config_json=request.config_json,
             )
         except (ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -129,7 +130,10 @@ class ControllerServicer:
         if app is None or app.deleting:
             return controller_pb2.GetApplicationResponse(found=False)
         return controller_pb2.GetApplicationResponse(
-            found=True, ingress=app.ingress, deployments=sorted(app.deployments)
+            found=True,
+            ingress=app.ingress,
+            deployments=sorted(app.deployments),
+            config_json=app.config_json,
         )
 
     async def WatchDeployment(

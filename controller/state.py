@@ -92,6 +92,7 @@ class AppGoal:
     deployments: dict[str, DeploymentGoal]
     deployed_at_s: float  # wall clock, for display only
     deleting: bool = False
+    config_json: str = ""  # as deployed from a config file (`serve config` prints it)
 
 
 @dataclasses.dataclass

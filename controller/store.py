@@ -188,6 +188,7 @@ class GoalStore:
                 "sys_path": list(app.code_env.sys_path),
                 "deployed_at_s": app.deployed_at_s,
                 "deleting": app.deleting,
+                "config_json": app.config_json,
             }
         )
         with self._transaction():
@@ -255,6 +256,7 @@ class GoalStore:
                     deployments=goals,
                     deployed_at_s=meta["deployed_at_s"],
                     deleting=meta["deleting"],
+                    config_json=meta.get("config_json", ""),
                 )
             )
         return apps

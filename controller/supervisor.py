@@ -336,9 +336,12 @@ class Supervisor:
         ingress: str,
         specs: Sequence[DeploymentSpec],
         code_env: CodeEnv,
+        config_json: str = "",
     ) -> None:
         """Replace an application's goal; returns once it is durable."""
-        event = AppDeployed(app_name, route_prefix, ingress, tuple(specs), code_env, time.time())
+        event = AppDeployed(
+            app_name, route_prefix, ingress, tuple(specs), code_env, time.time(), config_json
+        )
         _, writes = self._feed(event)
         await asyncio.shield(asyncio.gather(*writes))  # the state already moved on: finish
 

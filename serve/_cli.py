@@ -156,6 +156,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
                     ingress=ingress,
                     specs=specs,
                     code_env=env,
+                    config_json=json.dumps(app.source),
                 )
             )
         except (ServeError, ValueError) as exc:
@@ -231,6 +232,26 @@ def cmd_status(args: argparse.Namespace) -> None:
             + "  "
             + row[5]
         )
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    """Print the config each application was deployed with (Ray's `serve config`)."""
+    import yaml
+
+    from serve._sync import run_sync
+
+    client = _connect(args.address)
+    names = [args.name] if args.name else sorted(run_sync(client.controller.status()).applications)
+    documents = []
+    for name in names:
+        text = run_sync(client.controller.deployed_config(name))
+        if text is None:
+            _fail(f"There is no application {name!r}.")
+        if text:
+            documents.append(yaml.safe_dump(json.loads(text), sort_keys=False))
+        else:
+            documents.append(f"# {name!r} was deployed with serve.run, not from a config file.\n")
+    print("---\n".join(documents), end="")
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
@@ -377,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("config", help="a config file (Ray Serve's schema)")
     deploy.add_argument("--wait", action="store_true", help="wait until every app runs")
     deploy.set_defaults(func=cmd_deploy)
+
+    config = add("config", "Print the config the applications were deployed with.")
+    config.add_argument("-n", "--name", default=None, help="only this application")
+    config.set_defaults(func=cmd_config)
 
     status = add("status", "Show applications, deployments and replica states.")
     status.add_argument("--json", action="store_true", help="print JSON")

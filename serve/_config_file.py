@@ -62,6 +62,7 @@ class AppConfig:
     deployments: list[DeploymentOverride]
     logging_config: dict[str, Any] | None
     where: str
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)  # as written in the file
 
 
 class _Reader:
@@ -164,6 +165,7 @@ def load_config(path: str | Path) -> list[AppConfig]:
                 deployments=overrides,
                 logging_config=logging_config,
                 where=reader.where(app_node),
+                source=reader.value(app_node),
             )
         )
     return apps

@@ -31,10 +31,13 @@ class DeployRequest(_message.Message):
     INGRESS_FIELD_NUMBER: _builtins.int
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     CODE_ENV_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
     app_name: _builtins.str
     route_prefix: _builtins.str
     ingress: _builtins.str
     """name of the ingress deployment"""
+    config_json: _builtins.str
+    """the application's section of a config file (serve deploy), as JSON"""
     @_builtins.property
     def deployments(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DeploymentSpec]: ...
     @_builtins.property
@@ -47,10 +50,11 @@ class DeployRequest(_message.Message):
         ingress: _builtins.str = ...,
         deployments: _abc.Iterable[_common_pb2.DeploymentSpec] | None = ...,
         code_env: _common_pb2.CodeEnv | None = ...,
+        config_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "code_env", b"code_env", "route_prefix", b"route_prefix"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "app_name", b"app_name", "code_env", b"code_env", "deployments", b"deployments", "ingress", b"ingress", "route_prefix", b"route_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "app_name", b"app_name", "code_env", b"code_env", "config_json", b"config_json", "deployments", b"deployments", "ingress", b"ingress", "route_prefix", b"route_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__route_prefix: _TypeAlias = _typing.Literal["route_prefix"]  # noqa: Y015
     _WhichOneofArgType__route_prefix: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix"]  # noqa: Y015
@@ -325,8 +329,11 @@ class GetApplicationResponse(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     INGRESS_FIELD_NUMBER: _builtins.int
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     ingress: _builtins.str
+    config_json: _builtins.str
+    """as deployed by `serve deploy` (empty for serve.run)"""
     @_builtins.property
     def deployments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -335,10 +342,11 @@ class GetApplicationResponse(_message.Message):
         found: _builtins.bool = ...,
         ingress: _builtins.str = ...,
         deployments: _abc.Iterable[_builtins.str] | None = ...,
+        config_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "found", b"found", "ingress", b"ingress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_json", b"config_json", "deployments", b"deployments", "found", b"found", "ingress", b"ingress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

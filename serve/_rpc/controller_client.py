@@ -104,12 +104,14 @@ class ControllerClient:
         ingress: str,
         specs: Sequence[DeploymentSpec],
         code_env: CodeEnv,
+        config_json: str = "",
     ) -> None:
         request = controller_pb2.DeployRequest(
             app_name=app_name,
             ingress=ingress,
             deployments=[spec_to_proto(s) for s in specs],
             code_env=code_env_to_proto(code_env),
+            config_json=config_json,
         )
         if route_prefix is not None:
             request.route_prefix = route_prefix
@@ -179,6 +181,19 @@ class ControllerClient:
         if not reply.found:
             return None
         return reply.ingress, list(reply.deployments)
+
+    async def deployed_config(self, app_name: str) -> str | None:
+        """The config-file section an application was deployed with ("" if it came from
+        serve.run); None if there is no such application."""
+        try:
+            reply = await self._stub.GetApplication(
+                controller_pb2.GetApplicationRequest(app_name=app_name),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, f"look up application {app_name!r}") from exc
+        return reply.config_json if reply.found else None
 
     async def shutdown(self) -> None:
         try:

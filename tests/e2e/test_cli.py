@@ -278,3 +278,17 @@ def test_serve_start_after_a_crash_reuses_the_port_so_replicas_re_link(
     status = json.loads(serve_cmd("status", "--json", env=cluster).stdout)["applications"]
     assert status["greeter"]["deployments"]["Greeter"]["replica_states"] == {"RUNNING": 2}
     assert replica_pids_of(crashed["address"]) == replicas  # re-adopted, not restarted
+
+
+def test_serve_config_prints_what_was_deployed(cluster: dict[str, str]) -> None:
+    assert serve_cmd("deploy", "examples/config.yaml", "--wait", env=cluster).returncode == 0
+    printed = serve_cmd("config", env=cluster)
+    assert printed.returncode == 0, printed.stderr
+    documents = [d for d in yaml.safe_load_all(printed.stdout) if d]
+    file_apps = yaml.safe_load(Path(ROOT / "examples/config.yaml").read_text())["applications"]
+    assert sorted(documents, key=lambda d: d["name"]) == sorted(file_apps, key=lambda d: d["name"])
+    one = yaml.safe_load(serve_cmd("config", "--name", "greeter", env=cluster).stdout)
+    assert one["import_path"] == "examples.apps:app"
+    missing = serve_cmd("config", "--name", "nope", env=cluster)
+    assert missing.returncode == 1
+    assert "no application 'nope'" in missing.stderr
