@@ -168,6 +168,8 @@ class Initialize:
     spec: DeploymentSpec
     code_env: CodeEnv
     health_check_timeout_s: float
+    rank: int = -1
+    world_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from controller.events import AppDeployed
-from controller.state import AppGoal, DeploymentGoal
-from serve._models import DeploymentID, Failure
+from controller.state import AppGoal, DeploymentGoal, Phase, ReplicaRecord
+from serve._models import DeploymentID, Failure, ReplicaID
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,24 @@ def build_app(event: AppDeployed, previous: AppGoal | None) -> AppGoal:
         deployed_at_s=event.deployed_at_s,
         config_json=event.config_json,
     )
+
+
+def new_replica_id(deployment_id: DeploymentID) -> str:
+    """A fresh replica id (random: unique across controller restarts)."""
+    return str(ReplicaID.new(deployment_id))
+
+
+def free_rank(records: Iterable[ReplicaRecord], deployment_id: DeploymentID) -> int:
+    """The lowest rank no live replica of the deployment holds (Ray's replica rank)."""
+    taken = {
+        r.rank
+        for r in records
+        if r.deployment_id == deployment_id and r.phase is not Phase.STOPPING
+    }
+    rank = 0
+    while rank in taken:
+        rank += 1
+    return rank
 
 
 def count_failure(goal: DeploymentGoal, failure: Failure) -> None:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from controller import events as ev, views
-from controller.goals import build_app, count_failure
+from controller.goals import build_app, count_failure, free_rank, new_replica_id
 from controller.health import Health, HealthDecider, HealthPolicy
 from controller.load import Autoscaler, LoadBook, autoscale, look_back_s
 from controller.state import (
@@ -47,10 +47,6 @@ _EXPECTED = {
 }
 
 
-def _new_replica_id(deployment_id: DeploymentID) -> str:  # random: unique across restarts
-    return str(ReplicaID.new(deployment_id))
-
-
 class ControllerMachine:
     """Goal state and replica records; every change goes through ``handle``."""
 
@@ -59,7 +55,7 @@ class ControllerMachine:
         *,
         health: HealthPolicy | None = None,
         autoscaler: Autoscaler | None = None,
-        new_replica_id: Callable[[DeploymentID], str] = _new_replica_id,
+        new_replica_id: Callable[[DeploymentID], str] = new_replica_id,
     ) -> None:
         self.apps: dict[str, AppGoal] = {}
         self.replicas: dict[str, ReplicaRecord] = {}
@@ -245,6 +241,7 @@ class ControllerMachine:
             code_version=goal.version,
             phase=Phase.STARTING,
             started_at_s=now_s,
+            rank=free_rank(self.replicas.values(), deployment_id),
         )
         self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
         out.append(ev.Launch(replica_id))
@@ -381,6 +378,8 @@ class ControllerMachine:
                 goal.spec,
                 app.code_env,
                 goal.spec.config.health_check_timeout_s,
+                record.rank,
+                goal.target_replicas,
             )
         )
 

@@ -112,6 +112,7 @@ class ReplicaRecord:
     model_ids: frozenset[str] = frozenset()
     health_failures: int = 0
     next_health_check_s: float = 0.0  # monotonic
+    rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -420,7 +420,9 @@ class Supervisor:
 
 def _initializer(action: Initialize) -> Callable[[ReplicaClient], Awaitable[Failure | None]]:
     async def initialize(client: ReplicaClient) -> Failure | None:
-        failure = await client.initialize(action.app_name, action.spec, action.code_env)
+        failure = await client.initialize(
+            action.app_name, action.spec, action.code_env, action.rank, action.world_size
+        )
         if failure is None:  # a replica is only running once it reports healthy
             failure = await client.check_health(action.health_check_timeout_s)
         return failure

@@ -8,6 +8,7 @@ the server. Admission is atomic (this runs on one loop): a request is admitted o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import logging
@@ -73,7 +74,9 @@ class Executor:
 
     # Lifecycle.
 
-    async def initialize(self, spec: DeploymentSpec, code_env: CodeEnv) -> None:
+    async def initialize(
+        self, spec: DeploymentSpec, code_env: CodeEnv, rank: int = -1, world_size: int = 0
+    ) -> None:
         """Build the user object; raises what the user's constructor raises."""
         apply_code_env(code_env)
         actor_options = spec.config.ray_actor_options or {}
@@ -88,6 +91,8 @@ class Executor:
             deployment=self.deployment,
             replica_tag=self.replica_id.unique_id,
             replica_id=self.replica_id,
+            rank=rank if rank >= 0 else None,
+            world_size=world_size or None,
         )
         set_replica_context(context)
         if inspect.isclass(target):
@@ -103,15 +108,7 @@ class Executor:
                 target = functools.partial(target, *args, **kwargs)
             self._target = target
             self._is_function = True
-        set_replica_context(
-            ReplicaContext(
-                app_name=self.app_name,
-                deployment=self.deployment,
-                replica_tag=self.replica_id.unique_id,
-                replica_id=self.replica_id,
-                servable_object=self._target,
-            )
-        )
+        set_replica_context(dataclasses.replace(context, servable_object=self._target))
         user_config = spec.config.user_config_json()
         if user_config is not None:
             await self._call_reconfigure(spec.config.user_config)

@@ -96,7 +96,10 @@ class ReplicaServicer:
                 return replica_pb2.InitializeResponse(ok=True)
             try:
                 await self._executor.initialize(
-                    spec_from_proto(request.spec), code_env_from_proto(request.code_env)
+                    spec_from_proto(request.spec),
+                    code_env_from_proto(request.code_env),
+                    request.rank,
+                    request.world_size,
                 )
             except Exception as exc:
                 logger.error("The deployment's constructor failed", exc_info=exc)

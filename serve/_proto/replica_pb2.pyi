@@ -238,7 +238,13 @@ class InitializeRequest(_message.Message):
     APP_NAME_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     CODE_ENV_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
     app_name: _builtins.str
+    rank: _builtins.int
+    """0..world_size-1 among its deployment's replicas (-1: unknown)"""
+    world_size: _builtins.int
+    """the deployment's target replica count when it started"""
     @_builtins.property
     def spec(self) -> _common_pb2.DeploymentSpec: ...
     @_builtins.property
@@ -249,10 +255,12 @@ class InitializeRequest(_message.Message):
         app_name: _builtins.str = ...,
         spec: _common_pb2.DeploymentSpec | None = ...,
         code_env: _common_pb2.CodeEnv | None = ...,
+        rank: _builtins.int = ...,
+        world_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code_env", b"code_env", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_name", b"app_name", "code_env", b"code_env", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_name", b"app_name", "code_env", b"code_env", "rank", b"rank", "spec", b"spec", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

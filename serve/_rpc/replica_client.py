@@ -47,7 +47,12 @@ class ReplicaClient:
             await channel.close()
 
     async def initialize(
-        self, app_name: str, spec: DeploymentSpec, code_env: CodeEnv
+        self,
+        app_name: str,
+        spec: DeploymentSpec,
+        code_env: CodeEnv,
+        rank: int = -1,
+        world_size: int = 0,
     ) -> Failure | None:
         """Build the user object; the constructor's failure, or None on success."""
         try:
@@ -56,6 +61,8 @@ class ReplicaClient:
                     app_name=app_name,
                     spec=spec_to_proto(spec),
                     code_env=code_env_to_proto(code_env),
+                    rank=rank,
+                    world_size=world_size,
                 ),
                 metadata=self._metadata,
             )

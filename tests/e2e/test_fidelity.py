@@ -97,3 +97,22 @@ def test_runtime_env_vars_and_working_dir_reach_the_replica(tmp_path: Any) -> No
 
     flag, cwd, value = serve.run(Env.bind(), name="runtime-env").remote().result()
     assert (flag, cwd, value) == ("on", str(tmp_path), "from the working_dir")
+
+
+@serve.deployment(num_replicas=2)
+class Ranked:
+    def __call__(self) -> tuple[int | None, int | None]:
+        context = serve.get_replica_context()
+        return context.rank, context.world_size
+
+
+def test_replicas_get_distinct_ranks_and_the_world_size() -> None:
+    handle = serve.run(Ranked.bind(), name="ranks")
+    seen: set[tuple[int | None, int | None]] = set()
+
+    def both_seen() -> bool:
+        seen.update(handle.remote().result() for _ in range(10))
+        return len(seen) >= 2
+
+    wait_for(both_seen, timeout_s=30)
+    assert seen == {(0, 2), (1, 2)}

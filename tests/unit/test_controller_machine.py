@@ -334,3 +334,18 @@ def test_recovery_mid_rollout_readopts_both_versions_and_continues_the_rollout()
     stopped += [a.replica_id for a in of(h.bring_up(replacement), ev.Stop)]
     assert sorted(stopped) == ["app#Model#old1", "app#Model#old2"]
     assert h.routable() == 2
+
+
+def test_replicas_get_the_lowest_free_rank_and_the_world_size() -> None:
+    h = Harness()
+    first = started(h, replicas=3)
+    ranks = {h.machine.replicas[r].rank for r in first}
+    assert ranks == {0, 1, 2}
+    # A replica that dies is replaced by one taking its rank back.
+    gone = next(r for r in first if h.machine.replicas[r].rank == 1)
+    actions = h.feed(ev.ReplicaExited(gone, -9))
+    actions += h.feed(ev.Tick())
+    (replacement,) = launched(actions)
+    assert h.machine.replicas[replacement].rank == 1
+    initialize = of(h.bring_up(replacement), ev.Initialize)[0]
+    assert (initialize.rank, initialize.world_size) == (1, 3)
