@@ -22,7 +22,7 @@ from serve._rpc.channel import Context
 from serve._rpc.convert import code_env_from_proto, config_from_proto, spec_from_proto
 from serve._rpc.service import add_service
 from serve._rpc.status import error_info
-from serve._settings import REPLICA_ID_METADATA_KEY
+from serve._settings import ACKED_METADATA_KEY, REPLICA_ID_METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class ReplicaServicer:
         finally:
             self._sessions.discard(task)
             self._live.discard(session)
+        # A graceful end (the replica stops): requests after this one were never read, so the
+        # router may send them elsewhere.
+        context.set_trailing_metadata(((ACKED_METADATA_KEY, str(session.acked)),))
 
     async def close_sessions(self, flush_timeout_s: float = 5.0) -> None:
         """End every stream (at stop, after draining) so routers see them close.

@@ -103,6 +103,11 @@ class StreamSession:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
+    @property
+    def acked(self) -> int:
+        """The highest request number read on this stream."""
+        return self._acked
+
     async def wait_flushed(self) -> None:
         """Until everything queued for the router has been written (before closing)."""
         await self._lane.idle.wait()

@@ -32,11 +32,18 @@ class Envelope:
 
 
 class ConnectionLost(Exception):
-    """The stream to a replica broke. ``retryable`` is False when retrying cannot help."""
+    """The stream to a replica broke. ``retryable`` is False when retrying cannot help.
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    ``read_upto``: when the replica closed the stream itself, the highest request number it had
+    read; later requests never reached it.
+    """
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, read_upto: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.read_upto = read_upto
 
 
 class ReplyListener(Protocol):

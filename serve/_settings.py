@@ -22,6 +22,7 @@ from pathlib import Path
 
 TOKEN_METADATA_KEY = "serve-token"
 REPLICA_ID_METADATA_KEY = "serve-replica-id"  # names the replica a Connect stream is for
+ACKED_METADATA_KEY = "serve-acked"  # a closing Connect stream's last request read
 TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"

@@ -40,7 +40,7 @@ from serve._proto.replica_pb2 import (
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
 from serve._rpc.frames import FrameError, FrameLane, read_frames
 from serve._rpc.status import rebuild
-from serve._settings import REPLICA_ID_METADATA_KEY
+from serve._settings import ACKED_METADATA_KEY, REPLICA_ID_METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +102,16 @@ class ReplicaConnection:
             metadata=(*token_metadata(self._token), (REPLICA_ID_METADATA_KEY, self.replica_id))
         )
         lane = self._lane = FrameLane(call.write)
-        lane.on_take = self._taken
+        lane.on_written = self._written
         self._tasks = [
             asyncio.create_task(self._write_loop(call, lane), name=f"conn:write:{self.replica_id}"),
             asyncio.create_task(self._read_loop(call), name=f"conn:read:{self.replica_id}"),
         ]
         return lane
 
-    def _taken(self) -> None:
-        self._written_upto = self._next_id
+    def _written(self, upto: int) -> None:
+        if upto > self._written_upto:
+            self._written_upto = upto
 
     def send(self, envelope: Envelope, listener: ReplyListener, request: Any) -> int:
         """Queue a request frame; returns its number on this connection."""
@@ -163,8 +164,10 @@ class ReplicaConnection:
             await lane.run()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            self._fail(_lost(exc, self.address))
+        except Exception:
+            # A write fails when the stream has ended: its reader reports how (a replica that
+            # closed it says what it had read). A stream still alive is ended so it does too.
+            call.cancel()
 
     async def _read_loop(self, call: Any) -> None:
         try:
@@ -174,7 +177,10 @@ class ReplicaConnection:
                     code = await call.code()
                     details = await call.details()
                     if code == grpc.StatusCode.OK:
-                        raise ConnectionLost(f"Replica at {self.address} closed the connection.")
+                        raise ConnectionLost(
+                            f"Replica at {self.address} closed the connection.",
+                            read_upto=_read_upto(await call.trailing_metadata()),
+                        )
                     raise ConnectionLost(
                         f"Replica at {self.address} ended the connection: {code.name}: {details}",
                         retryable=code != grpc.StatusCode.UNAUTHENTICATED,
@@ -222,6 +228,8 @@ class ReplicaConnection:
         self.broken = error
         pending, self._pending = self._pending, {}
         written_upto = self._written_upto
+        if error.read_upto is not None:  # a graceful close: later ones never reached it
+            written_upto = min(written_upto, error.read_upto)
         for frame_id, (listener, request) in pending.items():
             try:
                 listener.on_lost(request, error, frame_id <= written_upto)
@@ -269,6 +277,16 @@ class ReplicaConnection:
             self._call.cancel()
         if self._channel is not None:
             await self._channel.close()
+
+
+def _read_upto(metadata: Any) -> int | None:
+    for key, value in tuple(metadata or ()):
+        if key == ACKED_METADATA_KEY:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _lost(exc: BaseException, address: str) -> ConnectionLost:

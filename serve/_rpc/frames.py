@@ -44,15 +44,18 @@ class BatchWriter:
     """Accumulates frames; :meth:`take` returns the messages to write, in order.
 
     Usually that is one Batch with every frame. A frame with out-of-band buffers ends its Batch
-    and is followed by one raw message per buffer.
+    and is followed by one raw message per buffer. Each message is marked with the highest frame
+    id that is complete once it is written (0: none), so a writer can tell which frames reached
+    gRPC whole.
     """
 
-    __slots__ = ("_messages", "_parts", "_size", "count")
+    __slots__ = ("_last_id", "_messages", "_parts", "_size", "count")
 
     def __init__(self) -> None:
         self._parts: list[bytes | memoryview] = []
         self._size = 0
-        self._messages: list[bytes] = []
+        self._last_id = 0  # the highest frame id in the batch being built
+        self._messages: list[tuple[bytes, int]] = []
         self.count = 0
 
     def add(
@@ -72,26 +75,37 @@ class BatchWriter:
         self._size += 8 + len(encoded) + body_len
         self.count += 1
         if buffers:
-            self._close_batch()
-            self._messages.extend(buffers)
+            # The frame is complete only with its last buffer: that message carries its id.
+            last_id = max(self._last_id, header.id)
+            self._last_id = 0
+            self._close_batch(0)
+            self._messages.extend((b, 0) for b in buffers[:-1])
+            self._messages.append((buffers[-1], last_id))
+        elif header.id > self._last_id:
+            self._last_id = header.id
 
-    def _close_batch(self) -> None:
+    def _close_batch(self, mark: int | None = None) -> None:
         if self._parts:
-            self._messages.append(b"".join([_BATCH_TAG, _varint(self._size), *self._parts]))
-            self._parts, self._size = [], 0
+            message = b"".join([_BATCH_TAG, _varint(self._size), *self._parts])
+            self._messages.append((message, self._last_id if mark is None else mark))
+            self._parts, self._size, self._last_id = [], 0, 0
 
-    def take(self) -> list[bytes]:
+    def take_marked(self) -> list[tuple[bytes, int]]:
+        """The messages to write, each with the highest frame id it completes (0: none)."""
         self._close_batch()
         messages, self._messages = self._messages, []
         self.count = 0
         return messages
+
+    def take(self) -> list[bytes]:
+        return [message for message, _ in self.take_marked()]
 
 
 class FrameLane:
     """The frames going one way on one gRPC stream, coalesced: whatever is queued when the
     writer is free goes out together. Used by both ends of the Connect stream."""
 
-    __slots__ = ("_wakeup", "_write", "idle", "on_take", "writer")
+    __slots__ = ("_wakeup", "_write", "idle", "on_written", "writer")
 
     def __init__(self, write: Callable[[bytes], Awaitable[Any]]) -> None:
         self._write = write
@@ -99,8 +113,9 @@ class FrameLane:
         self._wakeup = asyncio.Event()
         self.idle = asyncio.Event()  # nothing queued and nothing being written
         self.idle.set()
-        # Called as queued frames are taken for writing: from then on they count as written.
-        self.on_take: Callable[[], None] | None = None
+        # Called with the highest frame id whose frame gRPC accepted whole: a frame whose write
+        # failed (the stream had ended) never reached the peer.
+        self.on_written: Callable[[int], None] | None = None
 
     def send(
         self, header: FrameHeader, *body: bytes | memoryview, buffers: Sequence[bytes] = ()
@@ -120,11 +135,10 @@ class FrameLane:
     async def flush(self) -> None:
         writer = self.writer
         while writer.count:
-            messages = writer.take()
-            if self.on_take is not None:
-                self.on_take()
-            for message in messages:
+            for message, completes in writer.take_marked():
                 await self._write(message)
+                if completes and self.on_written is not None:
+                    self.on_written(completes)
         self.idle.set()
 
 
