@@ -10,6 +10,16 @@
 | SERVE_ORPHAN_TIMEOUT_S | a replica with no controller for this long exits | 30 |
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
+| SERVE_MAX_MESSAGE_BYTES | largest message a daemon receives (Deploy, a data message) | 512 MiB |
+| SERVE_MAX_CONTROL_MESSAGE_BYTES | largest request of a control call (GetStatus, ...) | 4 MiB |
+| SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
+| SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 300 |
+| SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
+
+A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
+its body is buffered. The control limit applies to requests made only of names and numbers; it
+is checked once the request has arrived (bounded by the first limit), before it is parsed. Set
+these on the daemon that receives (serve-controller; replicas inherit its environment).
 """
 
 from __future__ import annotations
@@ -38,6 +48,11 @@ class Settings:
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
+    max_message_bytes: int
+    max_control_message_bytes: int
+    handshake_timeout_s: float
+    idle_connection_timeout_s: float
+    max_connections: int | None
 
 
 def _float_env(name: str, default: float) -> float:
@@ -48,6 +63,27 @@ def _float_env(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number.") from None
+
+
+def _positive_int_env(name: str) -> int | None:
+    """A whole number greater than 0, or None when unset."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number.") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be greater than 0.")
+    return value
+
+
+def _positive_float_env(name: str, default: float) -> float:
+    value = _float_env(name, default)
+    if not value > 0:
+        raise ValueError(f"{name}={value!r} must be greater than 0.")
+    return value
 
 
 @functools.cache
@@ -68,4 +104,9 @@ def settings() -> Settings:
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,
+        max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES") or 512 * 2**20,
+        max_control_message_bytes=_positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES") or 4 * 2**20,
+        handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
+        idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 300.0),
+        max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
     )
