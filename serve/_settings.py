@@ -13,7 +13,7 @@
 | SERVE_MAX_MESSAGE_BYTES | largest message a daemon receives (Deploy, a data message) | 512 MiB |
 | SERVE_MAX_CONTROL_MESSAGE_BYTES | largest request of a control call (GetStatus, ...) | 4 MiB |
 | SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
-| SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 300 |
+| SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
 | SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
 
 A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
@@ -107,6 +107,6 @@ def settings() -> Settings:
         max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES") or 512 * 2**20,
         max_control_message_bytes=_positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES") or 4 * 2**20,
         handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
-        idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 300.0),
+        idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
     )

@@ -291,18 +291,27 @@ class Flood:
             sock.close()
 
 
-def _get_status(address: str, token: str, timeout_s: float) -> None:
-    """GetStatus on a fresh channel that waits (bounded) for a connection to be accepted."""
+def _authenticated_call(address: str, method: str, token: str, timeout_s: float) -> None:
+    """One call on a fresh channel that waits (bounded) for its connection to be accepted."""
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        channel.unary_unary("/serve.v1.Controller/GetStatus")(
+        channel.unary_unary(method)(
             b"", metadata=((TOKEN_METADATA_KEY, token),), timeout=timeout_s, wait_for_ready=True
         )
 
 
+CALL_APP = (
+    "import serve\n"
+    "assert serve.get_app_handle('{name}').remote(7).result(timeout_s=30) == 7\n"
+    "print('served')\n"
+)
+
+
+@pytest.mark.parametrize("daemon", ["controller", "replica"])
 def test_a_flood_over_the_fd_limit_is_closed_and_authenticated_callers_are_served(
-    tmp_path: Path,
+    tmp_path: Path, daemon: str
 ) -> None:
-    """`ulimit -n 1024` (soft and hard) and 1,100 connections that never finish the handshake.
+    """`ulimit -n 1024` (soft and hard; replicas inherit it) and 1,100 connections that never
+    finish the handshake.
 
     The daemon holds at most half its descriptors' worth of connections and closes the rest on
     accept; the trickling ones are closed when the handshake timeout passes, and a fresh caller
@@ -318,14 +327,66 @@ def test_a_flood_over_the_fd_limit_is_closed_and_authenticated_callers_are_serve
     controller.start()
     try:
         assert controller.process is not None
-        daemon = psutil.Process(controller.process.pid)
         token = _token(controller)
-        with Flood(controller.address, FLOOD_CONNECTIONS) as flood:
+        pid, address, method = (
+            controller.process.pid,
+            controller.address,
+            "/serve.v1.Controller/GetStatus",
+        )
+        if daemon == "replica":
+            deployed = run_script(DEPLOY_ONE.format(name="flooded"), **controller.driver_env())
+            assert deployed.returncode == 0, deployed.stderr
+            (pid,) = controller.replica_pids()
+            address, method = _listening_address(pid), "/serve.v1.Replica/QueueLength"
+        target = psutil.Process(pid)
+        assert target.rlimit(psutil.RLIMIT_NOFILE) == (1024, 1024)
+        with Flood(address, FLOOD_CONNECTIONS) as flood:
             assert flood.opened >= 1000
-            _get_status(controller.address, token, timeout_s=handshake_timeout_s + 30)
-            assert daemon.num_fds() < 1024
+            _authenticated_call(address, method, token, timeout_s=handshake_timeout_s + 30)
+            assert target.num_fds() < 1024
             wait_for(lambda: flood.open == 0, timeout_s=handshake_timeout_s + 30, interval_s=0.1)
-        _get_status(controller.address, token, timeout_s=10)
+        _authenticated_call(address, method, token, timeout_s=10)
+        if daemon == "replica":  # a new driver reaches the replica
+            called = run_script(CALL_APP.format(name="flooded"), **controller.driver_env())
+            assert called.returncode == 0, called.stderr
+    finally:
+        controller.cleanup()
+
+
+def _frame_types(data: bytes) -> list[int]:
+    """The HTTP/2 frame types in a byte stream a server sent (9-byte headers, then payloads)."""
+    types = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        types.append(data[3])
+        data = data[9 + length :]
+    return types
+
+
+@pytest.mark.parametrize("unfinished_headers", [False, True])
+def test_a_connection_that_makes_no_call_is_closed_when_idle(
+    tmp_path: Path, unfinished_headers: bool
+) -> None:
+    """A finished handshake and then nothing (or the start of a HEADERS frame that never ends):
+    GOAWAY and close after SERVE_IDLE_CONNECTION_TIMEOUT_S."""
+    idle_timeout_s = 2.0
+    controller = StandaloneController(
+        tmp_path / "state", SERVE_IDLE_CONNECTION_TIMEOUT_S=str(idle_timeout_s)
+    )
+    controller.start()
+    try:
+        host, port = controller.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=idle_timeout_s + 30) as sock:
+            sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # empty SETTINGS
+            if unfinished_headers:  # HEADERS of stream 1: 100 bytes announced, 10 sent
+                sock.sendall(b"\x00\x00\x64\x01\x00\x00\x00\x00\x01" + bytes(10))
+            received = b""
+            while chunk := sock.recv(65536):  # bounded by the socket timeout
+                received += chunk
+        assert 7 in _frame_types(received), "no GOAWAY before the server closed"
+        _authenticated_call(
+            controller.address, "/serve.v1.Controller/GetStatus", _token(controller), 10
+        )
     finally:
         controller.cleanup()
 
@@ -349,7 +410,9 @@ def test_a_driver_deploys_and_calls_during_a_flood_below_the_raised_fd_limit(
         token = _token(controller)
         with Flood(controller.address, FLOOD_CONNECTIONS) as flood:
             assert flood.opened == FLOOD_CONNECTIONS
-            _get_status(controller.address, token, timeout_s=10)
+            _authenticated_call(
+                controller.address, "/serve.v1.Controller/GetStatus", token, timeout_s=10
+            )
             served = run_script(
                 DEPLOY_ONE.format(name="flooded"), timeout_s=90, **controller.driver_env()
             )
