@@ -18,8 +18,10 @@
 
 A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
 its body is buffered. The control limit applies to requests made only of names and numbers; it
-is checked once the request has arrived (bounded by the first limit), before it is parsed. Set
-these on the daemon that receives (serve-controller; replicas inherit its environment).
+is checked once the request has arrived (bounded by the first limit), before it is parsed. Both
+are at most 2 GiB - 1 (gRPC's own ceiling). Set these on the daemon that receives
+(serve-controller; replicas inherit its environment). A daemon raises its open-file limit
+(``ulimit -n``) to the hard limit when it starts; fds/2 is half of that.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SESSION_METADATA_KEY = "serve-session"  # ties a router's Connect and Results st
 TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"
+_GRPC_MAX = 2**31 - 1  # gRPC's message limits are C ints: at most 2 GiB - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,8 @@ def _float_env(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number.") from None
 
 
-def _positive_int_env(name: str) -> int | None:
-    """A whole number greater than 0, or None when unset."""
+def _positive_int_env(name: str, maximum: int = 2**63 - 1) -> int | None:
+    """A whole number from 1 to ``maximum``, or None when unset."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return None
@@ -74,8 +77,8 @@ def _positive_int_env(name: str) -> int | None:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a whole number.") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be greater than 0.")
+    if not 0 < value <= maximum:
+        raise ValueError(f"{name}={raw!r} must be between 1 and {maximum}.")
     return value
 
 
@@ -104,8 +107,10 @@ def settings() -> Settings:
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,
-        max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES") or 512 * 2**20,
-        max_control_message_bytes=_positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES") or 4 * 2**20,
+        max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES", _GRPC_MAX) or 512 * 2**20,
+        max_control_message_bytes=(
+            _positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES", _GRPC_MAX) or 4 * 2**20
+        ),
         handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
         idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),

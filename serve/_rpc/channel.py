@@ -28,6 +28,7 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 # At most this share of the process's file descriptors go to incoming connections; the rest
 # stay for what a daemon opens itself (replica pipes and channels, logs, the state store).
 _CONNECTION_FD_SHARE = 0.5
+_MAX_INT32 = 2**31 - 1  # gRPC's integer channel arguments
 
 
 def raise_open_file_limit() -> int:
@@ -37,13 +38,17 @@ def raise_open_file_limit() -> int:
     limit is what the operator allows, so a daemon takes all of it.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != hard:
+    if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError):
-            pass  # keep the soft limit; the connection cap below follows it
-    return soft
+            pass  # keep the soft limit; the connection cap follows it
+    return _MAX_INT32 if soft == resource.RLIM_INFINITY else soft
+
+
+def _ms(seconds: float) -> int:
+    return min(int(seconds * 1000), _MAX_INT32)  # about 24 days at most: "never"
 
 
 def server_options(open_file_limit: int) -> list[tuple[str, Any]]:
@@ -57,12 +62,14 @@ def server_options(open_file_limit: int) -> list[tuple[str, Any]]:
     on accept instead of failing every accept with EMFILE).
     """
     s = settings()
-    max_connections = s.max_connections or max(16, int(open_file_limit * _CONNECTION_FD_SHARE))
+    max_connections = min(
+        s.max_connections or max(16, int(open_file_limit * _CONNECTION_FD_SHARE)), _MAX_INT32
+    )
     return [
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", s.max_message_bytes),
-        ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)),
-        ("grpc.max_connection_idle_ms", int(s.idle_connection_timeout_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", _ms(s.handshake_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(s.idle_connection_timeout_s)),
         ("grpc.max_allowed_incoming_connections", max_connections),
         ("grpc.so_reuseport", 0),
     ]

@@ -53,6 +53,7 @@ def test_server_options_follow_settings_and_the_open_file_limit(
     ("name", "value"),
     [
         ("SERVE_MAX_MESSAGE_BYTES", "0"),
+        ("SERVE_MAX_MESSAGE_BYTES", str(2**31)),
         ("SERVE_MAX_CONTROL_MESSAGE_BYTES", "4MB"),
         ("SERVE_HANDSHAKE_TIMEOUT_S", "-1"),
         ("SERVE_MAX_CONNECTIONS", "-5"),
