@@ -10,7 +10,7 @@
 | SERVE_ORPHAN_TIMEOUT_S | a replica with no controller for this long exits | 30 |
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
-| SERVE_MAX_MESSAGE_BYTES | largest message a daemon receives (Deploy, a data message) | 512 MiB |
+| SERVE_MAX_MESSAGE_BYTES | largest message a daemon receives (Deploy, a data message) | 500 MiB |
 | SERVE_MAX_CONTROL_MESSAGE_BYTES | largest request of a control call (GetStatus, ...) | 4 MiB |
 | SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
 | SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
@@ -107,7 +107,8 @@ def settings() -> Settings:
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,
-        max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES", _GRPC_MAX) or 512 * 2**20,
+        # Ray's max_grpc_message_size, also the largest working_dir package Ray accepts.
+        max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES", _GRPC_MAX) or 500 * 2**20,
         max_control_message_bytes=(
             _positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES", _GRPC_MAX) or 4 * 2**20
         ),

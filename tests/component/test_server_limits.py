@@ -34,7 +34,7 @@ def test_server_options_follow_settings_and_the_open_file_limit(
     fresh_settings: pytest.MonkeyPatch,
 ) -> None:
     options = dict(server_options(open_file_limit=1024))
-    assert options["grpc.max_receive_message_length"] == 512 * 2**20
+    assert options["grpc.max_receive_message_length"] == 500 * 2**20
     assert options["grpc.server_handshake_timeout_ms"] == 10_000
     assert options["grpc.max_connection_idle_ms"] == 120_000
     assert options["grpc.max_allowed_incoming_connections"] == 512

@@ -7,12 +7,15 @@ the token, and a flood of connections that never finish their HTTP/2 handshake.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import resource
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +26,16 @@ import pytest
 from serve._rpc.channel import CHANNEL_OPTIONS
 from serve._settings import TOKEN_METADATA_KEY
 from serve._state_dir import TOKEN_FILE
-from tests.support.procs import StandaloneController, run_script, wait_for
+from tests.support.procs import StandaloneController, python_env, run_script, wait_for
 
 pytestmark = pytest.mark.e2e
 
 MiB = 2**20
-# 512 MB is under the default SERVE_MAX_MESSAGE_BYTES (512 MiB): only the token check stands
-# between this message and the daemon's memory.
+# 512 MB (488 MiB) is under the default SERVE_MAX_MESSAGE_BYTES (500 MiB): only the token check
+# stands between this message and the daemon's memory.
 TOKENLESS_BYTES = 512 * 10**6
 RSS_GROWTH_LIMIT = 64 * MiB
-DEFAULT_MAX_MESSAGE_BYTES = 512 * MiB
+DEFAULT_MAX_MESSAGE_BYTES = 500 * MiB
 DEFAULT_MAX_CONTROL_BYTES = 4 * MiB
 CALL_TIMEOUT_S = 60.0
 
@@ -104,8 +107,7 @@ def _call(
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A standalone controller with default limits and one replica of a deployed app."""
     controller = StandaloneController(tmp_path_factory.mktemp("wire") / "state")
-    controller.start()
-    try:
+    with _running(controller):
         deployed = run_script(DEPLOY_ONE.format(name="wire"), **controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
         (replica_pid,) = controller.replica_pids()
@@ -126,8 +128,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                 ),
             },
         }
-    finally:
-        controller.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +194,13 @@ TRICKLE = PREFACE[len(PREFACE) // 2 :] + b"\x00\x00\x00\x04\x00\x00\x00\x00"
 TRICKLE_PERIOD_S = 0.25
 
 
-def _file_limit(soft: int, hard: int) -> Callable[[], None]:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    return apply
+# Sets the open-file limit, then becomes the daemon (same pid, same pipes). A preexec_fn would
+# make subprocess fork() instead of vfork(), running gRPC's fork handlers in the child.
+_LIMIT_THEN_EXEC = (
+    "import os, resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[3:]])\n"
+)
 
 
 class LimitedController(StandaloneController):
@@ -206,20 +208,46 @@ class LimitedController(StandaloneController):
 
     def __init__(self, state_dir: Path, soft: int, hard: int, **env: str) -> None:
         super().__init__(state_dir, **env)
-        self._preexec = _file_limit(soft, hard)
+        self.limit = (soft, hard)
 
     def start(self) -> LimitedController:
-        popen = subprocess.Popen
-
-        def limited_popen(*args: Any, **kwargs: Any) -> Any:
-            return popen(*args, preexec_fn=self._preexec, **kwargs)
-
-        subprocess.Popen = limited_popen  # type: ignore[misc]
-        try:
-            super().start()
-        finally:
-            subprocess.Popen = popen  # type: ignore[misc]
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _LIMIT_THEN_EXEC,
+                *map(str, self.limit),
+                "-m",
+                "controller",
+                "--state-dir",
+                str(self.state_dir),
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=python_env(**self.env),
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, "the controller died before it was ready"
+        self.ready = json.loads(line)
+        self.address = self.ready["address"]
+        self.port = int(self.address.rsplit(":", 1)[1])
         return self
+
+
+@contextlib.contextmanager
+def _running(controller: StandaloneController) -> Iterator[StandaloneController]:
+    """A started controller, stopped with its replicas however the test ends."""
+    try:
+        yield controller.start()
+    finally:
+        if controller.address:
+            controller.cleanup()
+        else:  # never ready: it has no replicas, and replica_pids() would match any
+            controller.stop()
 
 
 class Flood:
@@ -324,8 +352,7 @@ def test_a_flood_over_the_fd_limit_is_closed_and_authenticated_callers_are_serve
         hard=1024,
         SERVE_HANDSHAKE_TIMEOUT_S=str(handshake_timeout_s),
     )
-    controller.start()
-    try:
+    with _running(controller):
         assert controller.process is not None
         token = _token(controller)
         pid, address, method = (
@@ -349,8 +376,6 @@ def test_a_flood_over_the_fd_limit_is_closed_and_authenticated_callers_are_serve
         if daemon == "replica":  # a new driver reaches the replica
             called = run_script(CALL_APP.format(name="flooded"), **controller.driver_env())
             assert called.returncode == 0, called.stderr
-    finally:
-        controller.cleanup()
 
 
 def _frame_types(data: bytes) -> list[int]:
@@ -373,8 +398,7 @@ def test_a_connection_that_makes_no_call_is_closed_when_idle(
     controller = StandaloneController(
         tmp_path / "state", SERVE_IDLE_CONNECTION_TIMEOUT_S=str(idle_timeout_s)
     )
-    controller.start()
-    try:
+    with _running(controller):
         host, port = controller.address.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=idle_timeout_s + 30) as sock:
             sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # empty SETTINGS
@@ -387,8 +411,6 @@ def test_a_connection_that_makes_no_call_is_closed_when_idle(
         _authenticated_call(
             controller.address, "/serve.v1.Controller/GetStatus", _token(controller), 10
         )
-    finally:
-        controller.cleanup()
 
 
 def test_a_driver_deploys_and_calls_during_a_flood_below_the_raised_fd_limit(
@@ -403,8 +425,7 @@ def test_a_driver_deploys_and_calls_during_a_flood_below_the_raised_fd_limit(
         # Longer than everything below may take: the flood is still up when the driver is done.
         SERVE_HANDSHAKE_TIMEOUT_S="300",
     )
-    controller.start()
-    try:
+    with _running(controller):
         assert controller.process is not None
         assert psutil.Process(controller.process.pid).rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096)
         token = _token(controller)
@@ -419,5 +440,3 @@ def test_a_driver_deploys_and_calls_during_a_flood_below_the_raised_fd_limit(
             assert served.returncode == 0, served.stderr
             assert "served" in served.stdout
             assert flood.open == FLOOD_CONNECTIONS  # all of it was up the whole time
-    finally:
-        controller.cleanup()
