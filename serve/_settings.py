@@ -107,7 +107,7 @@ def settings() -> Settings:
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,
-        # Ray's max_grpc_message_size, also the largest working_dir package Ray accepts.
+        # Ray's default max_grpc_message_size, which also caps a runtime_env package.
         max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES", _GRPC_MAX) or 500 * 2**20,
         max_control_message_bytes=(
             _positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES", _GRPC_MAX) or 4 * 2**20

@@ -48,7 +48,7 @@ def raise_open_file_limit() -> int:
 
 
 def _ms(seconds: float) -> int:
-    return min(int(seconds * 1000), _MAX_INT32)  # about 24 days at most: "never"
+    return int(min(seconds * 1000, _MAX_INT32))  # about 24 days at most (inf too): "never"
 
 
 def server_options(open_file_limit: int) -> list[tuple[str, Any]]:

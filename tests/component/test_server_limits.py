@@ -41,11 +41,13 @@ def test_server_options_follow_settings_and_the_open_file_limit(
 
     fresh_settings.setenv("SERVE_MAX_MESSAGE_BYTES", "1000")
     fresh_settings.setenv("SERVE_HANDSHAKE_TIMEOUT_S", "2.5")
+    fresh_settings.setenv("SERVE_IDLE_CONNECTION_TIMEOUT_S", "inf")
     fresh_settings.setenv("SERVE_MAX_CONNECTIONS", "77")
     settings.cache_clear()
     options = dict(server_options(open_file_limit=1024))
     assert options["grpc.max_receive_message_length"] == 1000
     assert options["grpc.server_handshake_timeout_ms"] == 2500
+    assert options["grpc.max_connection_idle_ms"] == 2**31 - 1
     assert options["grpc.max_allowed_incoming_connections"] == 77
 
 
