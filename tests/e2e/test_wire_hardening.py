@@ -257,6 +257,7 @@ class Flood:
         host, port = address.rsplit(":", 1)
         self._target = (host, int(port))
         self._count = count
+        self._limit = resource.getrlimit(resource.RLIMIT_NOFILE)  # restored on exit
         self._sockets: list[socket.socket] = []
         self._closed_by_server: set[int] = set()
         self._lock = threading.Lock()
@@ -264,7 +265,7 @@ class Flood:
         self._thread = threading.Thread(target=self._trickle, name="test:flood", daemon=True)
 
     def __enter__(self) -> Flood:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft, hard = self._limit
         if soft < self._count + 256:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, self._count + 256), hard))
         deadline = time.monotonic() + FLOOD_OPEN_S
@@ -317,6 +318,7 @@ class Flood:
         self._thread.join(10)
         for sock in self._sockets:
             sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, self._limit)
 
 
 def _authenticated_call(address: str, method: str, token: str, timeout_s: float) -> None:
