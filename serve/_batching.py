@@ -131,11 +131,11 @@ class _Batched:
     def check_results(self, results: Any, expected: int) -> None:
         try:
             length = len(results)
-        except TypeError:
+        except TypeError as exc:
             raise TypeError(
                 f"@serve.batch function {self.name} must return (or yield) one result per input "
                 f"in a list or another sized sequence; it gave a {type(results).__name__}."
-            ) from None
+            ) from exc
         if length != expected:
             raise ServeError(
                 f"@serve.batch function {self.name} did not preserve the batch size: it got "
@@ -151,7 +151,7 @@ class _Batched:
         try:
             call = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"{self.name}(): {exc}") from None
+            raise TypeError(f"{self.name}(): {exc}") from exc
         caller = Caller(call, current_request(), streaming)
         loop = asyncio.get_running_loop()
         key = (id(owner), id(loop))

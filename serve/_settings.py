@@ -11,6 +11,18 @@
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
 | SERVE_STREAM_WINDOW_BYTES | stream bytes a replica may send ahead of its consumer | 16 MiB |
+| SERVE_MAX_MESSAGE_BYTES | largest message a daemon receives (Deploy, a data message) | 500 MiB |
+| SERVE_MAX_CONTROL_MESSAGE_BYTES | largest request of a control call (GetStatus, ...) | 4 MiB |
+| SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
+| SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
+| SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
+
+A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
+its body is buffered. The control limit applies to requests made only of names and numbers; it
+is checked once the request has arrived (bounded by the first limit), before it is parsed. Both
+are at most 2 GiB - 1 (gRPC's own ceiling). Set these on the daemon that receives
+(serve-controller; replicas inherit its environment). A daemon raises its open-file limit
+(``ulimit -n``) to the hard limit when it starts; fds/2 is half of that.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ ACKED_METADATA_KEY = "serve-acked"  # a closing Connect stream's last request re
 TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"
+_GRPC_MAX = 2**31 - 1  # gRPC's message limits are C ints: at most 2 GiB - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +54,11 @@ class Settings:
     tls_key: str | None
     tls_ca: str | None
     stream_window_bytes: int
+    max_message_bytes: int
+    max_control_message_bytes: int
+    handshake_timeout_s: float
+    idle_connection_timeout_s: float
+    max_connections: int | None
 
 
 def _float_env(name: str, default: float) -> float:
@@ -53,11 +71,25 @@ def _float_env(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number.") from exc
 
 
-def _positive_int_env(name: str, default: int) -> int:
+def _positive_int_env(name: str, maximum: int = 2**63 - 1) -> int | None:
+    """A whole number from 1 to ``maximum``, or None when unset."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a whole number.") from exc
+    if not 0 < value <= maximum:
+        raise ValueError(f"{name}={raw!r} must be between 1 and {maximum}.")
+    return value
+
+
+def _positive_float_env(name: str, default: float) -> float:
     value = _float_env(name, default)
-    if value < 1 or value != int(value):
-        raise ValueError(f"{name}={value!r} must be a positive whole number.")
-    return int(value)
+    if not value > 0:
+        raise ValueError(f"{name}={value!r} must be greater than 0.")
+    return value
 
 
 @functools.cache
@@ -78,5 +110,13 @@ def settings() -> Settings:
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,
-        stream_window_bytes=_positive_int_env("SERVE_STREAM_WINDOW_BYTES", 16 * 1024 * 1024),
+        stream_window_bytes=_positive_int_env("SERVE_STREAM_WINDOW_BYTES") or 16 * 2**20,
+        # Ray's default max_grpc_message_size, which also caps a runtime_env package.
+        max_message_bytes=_positive_int_env("SERVE_MAX_MESSAGE_BYTES", _GRPC_MAX) or 500 * 2**20,
+        max_control_message_bytes=(
+            _positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES", _GRPC_MAX) or 4 * 2**20
+        ),
+        handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
+        idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
+        max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import resource
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -12,13 +13,10 @@ import grpc.aio
 
 from serve._settings import TOKEN_METADATA_KEY, settings
 
-_MESSAGE_OPTIONS: list[tuple[str, Any]] = [
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    # What a client sends is bounded by the server it talks to (server_options below).
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
-]
-
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    *_MESSAGE_OPTIONS,
     ("grpc.enable_retries", 0),
     ("grpc.enable_http_proxy", 0),
     # Reconnect quickly after a controller restart instead of backing off for up to 2 minutes.
@@ -27,10 +25,54 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    *_MESSAGE_OPTIONS,
-    ("grpc.so_reuseport", 0),
-]
+# At most this share of the process's file descriptors go to incoming connections; the rest
+# stay for what a daemon opens itself (replica pipes and channels, logs, the state store).
+_CONNECTION_FD_SHARE = 0.5
+_MAX_INT32 = 2**31 - 1  # gRPC's integer channel arguments
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the soft limit now.
+
+    The distribution default (often 1024) is what a connection flood exhausts first; the hard
+    limit is what the operator allows, so a daemon takes all of it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the connection cap follows it
+    return _MAX_INT32 if soft == resource.RLIM_INFINITY else soft
+
+
+def _ms(seconds: float) -> int:
+    return int(min(seconds * 1000, _MAX_INT32))  # about 24 days at most (inf too): "never"
+
+
+def server_options(open_file_limit: int) -> list[tuple[str, Any]]:
+    """Options of a daemon's gRPC server: every bound that protects it from its network.
+
+    The message limit is enforced by gRPC's core from the length prefix, so a bigger message
+    is refused with RESOURCE_EXHAUSTED before its body is buffered. The handshake timeout
+    closes a connection that has not sent its HTTP/2 preface and SETTINGS (or finished TLS)
+    in time; the idle timeout closes one that carries no call; the connection cap keeps a
+    flood from taking the file descriptors the daemon needs (connections over it are closed
+    on accept instead of failing every accept with EMFILE).
+    """
+    s = settings()
+    max_connections = min(
+        s.max_connections or max(16, int(open_file_limit * _CONNECTION_FD_SHARE)), _MAX_INT32
+    )
+    return [
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.server_handshake_timeout_ms", _ms(s.handshake_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(s.idle_connection_timeout_s)),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class TlsFiles:
@@ -76,7 +118,7 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuse any call without the cluster token before its payload is decoded."""
+    """Refuse any call without the cluster token from its metadata, before its body is read."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
@@ -101,18 +143,13 @@ def _refuse(method: str) -> Handler:
         "(SERVE_CLUSTER_TOKEN or the state directory's token file)."
     )
 
-    async def abort_unary(request: Any, context: Context) -> None:
+    async def abort(request_iterator: Any, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def abort_stream(request: Any, context: Context) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    # Raw bytes in and out: nothing is deserialized for a refused call.
-    if method.endswith("/Connect"):
-        return grpc.stream_stream_rpc_method_handler(abort_stream)
-    if method.endswith(("/WatchDeployment", "/Link")):
-        return grpc.unary_stream_rpc_method_handler(abort_stream)
-    return grpc.unary_unary_rpc_method_handler(abort_unary)
+    # Whatever the method's real shape: grpc.aio receives a unary request in full before it
+    # calls a unary handler, but leaves a streaming request unread. The refusal goes out at
+    # once and gRPC resets the stream, so the unread body never grows past the HTTP/2 window.
+    return grpc.stream_stream_rpc_method_handler(abort)
 
 
 def new_server(
@@ -120,7 +157,10 @@ def new_server(
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server on the running loop, bound to host:port (0 = ephemeral)."""
     interceptors: Sequence[grpc.aio.ServerInterceptor] = [TokenInterceptor(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    # A daemon makes its server once, at start: the fd limit is raised before the connection
+    # cap is derived from it.
+    options = server_options(raise_open_file_limit())
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is not None:
         bound = server.add_secure_port(address, tls.server_credentials())
