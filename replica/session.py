@@ -40,9 +40,10 @@ from serve._proto.replica_pb2 import (
     FrameHeader,
 )
 from serve._rpc.channel import Context
-from serve._rpc.frames import MAX_FRAME_BODY, FrameError, FrameLane, read_frames
+from serve._rpc.frames import FrameError, FrameLane, read_frames
 from serve._rpc.status import error_info
 from serve._serialization import decode_args, encode_buffers
+from serve._settings import settings
 from serve.exceptions import RemoteError, ServeError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class StreamSession:
         self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
+        self._max_bytes = settings().max_message_bytes
         self._closing = False
 
     async def run(self) -> None:
@@ -279,16 +281,9 @@ class StreamSession:
 
     def _finish(self, header: FrameHeader, reply: Reply, started: float) -> None:
         header_out, body, reply_buffers = reply
-        if sum(len(part) for part in body) > MAX_FRAME_BODY:
-            header_out = _error(
-                header.id,
-                ValueError(
-                    f"The result of {header.method} is larger than a frame can carry "
-                    f"({MAX_FRAME_BODY} bytes); return bytes or arrays (sent out of band) or "
-                    "stream it in parts."
-                ),
-                ERROR_KIND_USER,
-            )
+        size = sum(len(part) for part in body) + sum(len(b) for b in reply_buffers)
+        if size > self._max_bytes:
+            header_out = _error(header.id, _too_big(header.method, "result", size), ERROR_KIND_USER)
             body, reply_buffers = (), []
         self._send(header_out, *body, buffers=reply_buffers)
         executor = self._executor
@@ -319,13 +314,11 @@ class StreamSession:
                     event.clear()
                     await event.wait()
                 payload, item_buffers = _encode(codec, item, "stream item")
+                size = len(payload) + sum(len(b) for b in item_buffers)
+                if size > self._max_bytes:
+                    raise _Unencodable(str(_too_big(header.method, "stream item", size)))
                 credit[0] -= 1
-                credit[1] -= len(payload) + sum(len(b) for b in item_buffers)
-                if len(payload) > MAX_FRAME_BODY:
-                    raise _Unencodable(
-                        f"A stream item of {header.method} is larger than a frame can carry "
-                        f"({MAX_FRAME_BODY} bytes)."
-                    )
+                credit[1] -= size
                 self._send(
                     FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
                 )
@@ -348,6 +341,15 @@ def _encode(codec: int, value: Any, what: str) -> tuple[bytes, list[bytes]]:
         raise
     except BaseException as exc:
         raise _Unencodable(f"Could not encode the {what}: {_describe(exc)}") from exc
+
+
+def _too_big(method: str, what: str, size: int) -> ValueError:
+    limit = settings().max_message_bytes
+    return ValueError(
+        f"A {what} of {method!r} is {size} bytes, over the {limit}-byte message limit "
+        "(SERVE_MAX_MESSAGE_BYTES). Return less per call (or stream it in parts), or raise "
+        "SERVE_MAX_MESSAGE_BYTES where the driver and the controller run, up to 2 GiB - 1."
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from serve._context import RequestContext
 from serve._exchange import Envelope
 from serve._serialization import EncodedArgs, codec_id
+from serve._settings import settings
 from serve._sync import Completion, ItemQueue
 from serve.exceptions import ServeError
 
@@ -141,6 +142,15 @@ class Request:
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         envelope = self.envelope
         encoded = EncodedArgs(envelope.request_codec, args, kwargs)
+        size = len(encoded.args) + len(encoded.kwargs) + sum(len(b) for b in encoded.buffers)
+        limit = settings().max_message_bytes
+        if size > limit:
+            raise ValueError(
+                f"The arguments of this call to {envelope.method!r} are {size} bytes, over the "
+                f"{limit}-byte message limit (SERVE_MAX_MESSAGE_BYTES). Send less per call (or "
+                "stream it in parts), or raise SERVE_MAX_MESSAGE_BYTES where the driver and the "
+                "controller run (replicas inherit it), up to 2 GiB - 1."
+            )
         envelope.args, envelope.kwargs = encoded.args, encoded.kwargs
         envelope.buffers, envelope.args_buffer_count = encoded.buffers, encoded.args_buffer_count
         self.args = ()

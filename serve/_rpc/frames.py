@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 from serve._proto.replica_pb2 import FrameHeader
+from serve._settings import settings
 
 _LENGTHS: Final = struct.Struct("<II")
 _BATCH_TAG: Final = b"\x0a"  # field 1, wire type 2 (length-delimited)
@@ -49,9 +50,11 @@ class BatchWriter:
     gRPC whole.
     """
 
-    __slots__ = ("_last_id", "_messages", "_parts", "_size", "count")
+    __slots__ = ("_last_id", "_max_bytes", "_messages", "_parts", "_size", "count")
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        # A Batch never grows past the receiver's message limit: one that would is closed first.
+        self._max_bytes = settings().max_message_bytes if max_bytes is None else max_bytes
         self._parts: list[bytes | memoryview] = []
         self._size = 0
         self._last_id = 0  # the highest frame id in the batch being built
@@ -69,6 +72,8 @@ class BatchWriter:
             body_len += len(part)
         if body_len > MAX_FRAME_BODY:
             raise FrameError(f"A frame body of {body_len} bytes is over {MAX_FRAME_BODY}.")
+        if self._parts and self._size + 8 + len(encoded) + body_len > self._max_bytes - 16:
+            self._close_batch()
         self._parts.append(_LENGTHS.pack(len(encoded), body_len))
         self._parts.append(encoded)
         self._parts.extend(body)

@@ -9,6 +9,7 @@ the type name, message and traceback text instead.
 from __future__ import annotations
 
 import pickle
+import re
 import traceback
 
 import cloudpickle
@@ -71,6 +72,9 @@ def rebuild(info: ErrorInfo) -> BaseException:
     return error
 
 
+_TOO_BIG = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
 def controller_error(exc: grpc.aio.AioRpcError, address: str, action: str) -> Exception:
     """Translate a failed controller RPC into the exception the SDK raises."""
     code = exc.code()
@@ -84,6 +88,16 @@ def controller_error(exc: grpc.aio.AioRpcError, address: str, action: str) -> Ex
         )
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return ServeError(f"Could not {action}: the controller at {address} refused: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        too_big = _TOO_BIG.search(details)
+        if too_big:
+            return ValueError(
+                f"Could not {action}: the message is {too_big[1]} bytes, over the controller's "
+                f"limit of {too_big[2]} (SERVE_MAX_MESSAGE_BYTES). Send less, or raise "
+                "SERVE_MAX_MESSAGE_BYTES where serve-controller runs (replicas inherit it), up "
+                "to 2 GiB - 1."
+            )
+        return ServeError(f"Could not {action}: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ValueError(f"Could not {action}: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
