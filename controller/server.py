@@ -23,7 +23,7 @@ import grpc.aio
 
 from controller.launcher import LocalProcessLauncher
 from controller.servicer import ControllerServicer
-from controller.store import GoalStore
+from controller.store import GoalStore, StoreError
 from controller.supervisor import Supervisor
 from serve._proto import controller_pb2
 from serve._rpc.channel import new_server, tls_from_settings
@@ -100,6 +100,9 @@ class ControllerServer:
                     await self._serve(loop, server, supervisor, address, token)
                 finally:
                     await supervisor.aclose(stop_replicas=False)
+        except StoreError as exc:
+            logger.error("%s", exc)
+            raise SystemExit(f"serve-controller: {exc}") from exc
         finally:
             forget_controller(self._state_dir)
             if self._embedded:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 import sqlite3
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +69,65 @@ def config_from_json(raw: bytes) -> DeploymentConfig:
     )
 
 
+class StoreError(Exception):
+    """The state database cannot be used; the message names the file and what to do."""
+
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums little- / big-endian
+
+
+def check_wal(path: Path) -> None:
+    """Refuse a write-ahead log with a damaged frame, instead of letting SQLite drop it.
+
+    SQLite stops reading a WAL at the first frame whose checksum fails and silently loses the
+    transactions from there on (an application then vanished after a restart). Frames left from
+    before the log's last reset carry other salts and are fine; a frame with the log's salts and
+    a wrong checksum is damage.
+    """
+    wal = path.with_name(path.name + "-wal")
+    try:
+        data = wal.read_bytes()
+    except FileNotFoundError:
+        return
+    if len(data) < 32:
+        return  # empty or never started: nothing committed there
+    magic, _, page_size, _, salt1, salt2 = struct.unpack(">6I", data[:24])
+    if magic not in _WAL_MAGIC or page_size < 512:
+        raise StoreError(_damaged(wal, "its header is not a SQLite write-ahead log's"))
+    order = "<" if magic == _WAL_MAGIC[0] else ">"
+    s0, s1 = _wal_checksum(order, data[:24], 0, 0)
+    if (s0, s1) != struct.unpack(">2I", data[24:32]):
+        raise StoreError(_damaged(wal, "its header checksum is wrong"))
+    offset, frame = 32, 1
+    while offset + 24 + page_size <= len(data):
+        header = data[offset : offset + 24]
+        if struct.unpack(">2I", header[8:16]) != (salt1, salt2):
+            return  # frames from before the last reset: not part of the log
+        s0, s1 = _wal_checksum(order, header[:8], s0, s1)
+        s0, s1 = _wal_checksum(order, data[offset + 24 : offset + 24 + page_size], s0, s1)
+        if (s0, s1) != struct.unpack(">2I", header[16:24]):
+            raise StoreError(_damaged(wal, f"frame {frame} is damaged"))
+        offset += 24 + page_size
+        frame += 1
+
+
+def _wal_checksum(order: str, chunk: bytes, s0: int, s1: int) -> tuple[int, int]:
+    words = struct.unpack(f"{order}{len(chunk) // 4}I", chunk)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def _damaged(wal: Path, why: str) -> str:
+    return (
+        f"The state database's write-ahead log {wal} is damaged ({why}): the changes after the "
+        "damage would be lost. Nothing was changed. Restore the state directory from a backup, "
+        f"or move {wal.name} aside to start from the last checkpoint (recent deploys may be "
+        "missing; redeploy them)."
+    )
+
+
 class GoalStore:
     """Applications and their deployments, as last deployed; an async context manager."""
 
@@ -108,10 +168,25 @@ class GoalStore:
         for existing in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(existing, 0o600)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        check_wal(path)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # One controller per state directory (its lock file): exclusive locking keeps the
+            # WAL index in memory, so SQLite never maps a -shm file (an unwritable or truncated
+            # one used to kill the controller with SIGBUS).
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            checked = self._db.execute("PRAGMA quick_check").fetchone()
+            if checked is None or checked[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {checked[0] if checked else None}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"The state database {path} cannot be used ({exc}). Nothing was changed. "
+                "Move it (with its -wal file) aside and start again to begin with no "
+                "applications (then redeploy them), or restore it from a backup."
+            ) from exc
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
