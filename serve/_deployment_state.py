@@ -85,7 +85,9 @@ class DeploymentState:
         self._excluded: set[str] = set()  # broken or draining, until the controller drops them
         self._connections: dict[str, Connection] = {}
         self._probing: dict[str, asyncio.Task[None]] = {}
-        self._listeners: weakref.WeakSet[StateListener] = weakref.WeakSet()
+        # Held weakly (a dropped handle's router just goes away); a list of references, not a
+        # WeakSet, because wake() walks it after every reply and WeakSet iteration is slow.
+        self._listener_refs: list[weakref.ReferenceType[StateListener]] = []
         self._ready = asyncio.Event()
         self._version_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,7 +110,8 @@ class DeploymentState:
     def subscribe(self, listener: StateListener) -> None:
         """Tell ``listener`` about every replica set (the current one at once), capacity
         change and the shutdown. Held weakly: a dropped handle's router just goes away."""
-        self._listeners.add(listener)
+        if all(ref() is not listener for ref in self._listener_refs):
+            self._listener_refs.append(weakref.ref(listener))
         if self.replica_set is not None:
             listener.on_replica_set(self.replica_set)
 
@@ -152,7 +155,7 @@ class DeploymentState:
         self._replicas = fresh
         self._excluded &= fresh.keys()
         self._recompute()
-        for listener in list(self._listeners):
+        for listener in self._listeners():
             listener.on_replica_set(replica_set)
         self._ready.set()
         if self._report is not None and self._reporter is None and replica_set.exists:
@@ -163,6 +166,20 @@ class DeploymentState:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    def _listeners(self) -> list[StateListener]:
+        """The live listeners (dropping the references of those that are gone)."""
+        alive = []
+        stale = False
+        for ref in self._listener_refs:
+            listener = ref()
+            if listener is None:
+                stale = True
+            else:
+                alive.append(listener)
+        if stale:
+            self._listener_refs = [weakref.ref(listener) for listener in alive]
+        return alive
 
     def _recompute(self) -> None:
         self.routable = [r for r in self._replicas.values() if r.replica_id not in self._excluded]
@@ -202,7 +219,7 @@ class DeploymentState:
 
     def _load(self) -> tuple[float, int]:
         queued = made = 0
-        for listener in list(self._listeners):
+        for listener in self._listeners():
             listener_queued, listener_made = listener.load()
             queued += listener_queued
             made += listener_made
@@ -238,7 +255,7 @@ class DeploymentState:
 
     def wake(self) -> None:
         """Capacity may have changed: let routers with waiting requests try again."""
-        for listener in list(self._listeners):
+        for listener in self._listeners():
             listener.on_capacity()
 
     def probe(self, replica: ReplicaInfo, failed_passes: int) -> None:
@@ -285,5 +302,5 @@ class DeploymentState:
         self._connections.clear()
         await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
         error = ServeError("Serve was shut down; this handle can no longer be used.")
-        for listener in list(self._listeners):
+        for listener in self._listeners():
             listener.on_closed(error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +39,18 @@ class ResponseBase:
         self._request = request
 
 
+def _seeded() -> random.Random:
+    return random.Random(os.urandom(32))
+
+
+# Request ids need to be unique, not secret: a generator seeded from the OS (again in a forked
+# child) instead of a getrandom() call per request, which cost about 20 us in profiles.
+_ids = _seeded()
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return f"{_ids.getrandbits(128):032x}"
 
 
 class Request:

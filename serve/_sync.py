@@ -69,13 +69,21 @@ class Mailbox:
                 logger.exception("Callback %r posted to the event loop failed", fn)
 
 
+_last_mailbox: Mailbox | None = None  # most posts go to the same loop as the last one
+
+
 def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    global _last_mailbox
+    last = _last_mailbox
+    if last is not None and last._loop is loop:
+        return last
     box = _mailboxes.get(loop)
     if box is None:
         with _lock:
             box = _mailboxes.get(loop)
             if box is None:
                 box = _mailboxes[loop] = Mailbox(loop)
+    _last_mailbox = box
     return box
 
 
