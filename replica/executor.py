@@ -21,6 +21,7 @@ from serve._context import ReplicaContext, RequestContext, set_current_request, 
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
+from serve._user_methods import user_method
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -185,35 +186,13 @@ class Executor:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    def available_methods(self) -> list[str]:
-        if self._is_function:
-            return ["__call__"]
-        cls = type(self._target)
-        names = []
-        for name in dir(cls):  # lists __call__ only if the class (not type) defines it
-            if name.startswith("_") and name != "__call__":
-                continue
-            if callable(inspect.getattr_static(cls, name, None)):
-                names.append(name)
-        return sorted(names)
-
     def resolve(self, method_name: str) -> tuple[Callable[..., Any], Kind]:
         found = self._methods.get(method_name)
         if found is not None:
             return found
-        target: Any = None
         if self._target is None:
             raise ServeError(f"Replica {self.replica_id} is not initialized.")
-        if self._is_function:
-            if method_name == "__call__":
-                target = self._target
-        elif method_name == "__call__" or not method_name.startswith("_"):
-            target = getattr(self._target, method_name, None)
-        if target is None or not callable(target):
-            raise ServeError(
-                f"Tried to call a method '{method_name}' that does not exist on deployment "
-                f"'{self.deployment}'. Available methods: {self.available_methods()}."
-            )
+        target = user_method(self._target, method_name, self.deployment, self._is_function)
         found = (target, _kind(target))
         self._methods[method_name] = found
         return found

@@ -154,17 +154,21 @@ class SyncWorkers:
 
 
 def _succeed(job: Job, value: Any) -> None:
-    job.finished = True
-    if not job.future.done():
-        job.future.set_result(value)
-    if job.on_finish is not None:
-        job.on_finish()
+    _finish(job, value, None)
 
 
 def _fail(job: Job, exc: BaseException) -> None:
+    _finish(job, None, exc)
+
+
+def _finish(job: Job, value: Any, exc: BaseException | None) -> None:
+    """On the loop: the job's outcome reaches its awaiting coroutine (if still awaiting)."""
     job.finished = True
     if not job.future.done():
-        job.future.set_exception(exc)
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(value)
     if job.on_finish is not None:
         job.on_finish()
 

@@ -38,7 +38,8 @@ from serve._models import (
 )
 from serve._serialization import decode_args, encode_buffers
 from serve._sync import run_sync
-from serve.exceptions import RequestCancelledError, ServeError
+from serve._user_methods import user_method
+from serve.exceptions import RequestCancelledError
 from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 
@@ -87,15 +88,7 @@ class LocalReplica:
             local_replica_context.reset(token)
 
     def method(self, name: str) -> Callable[..., Any]:
-        found: Any = None
-        if name == "__call__" or not name.startswith("_"):
-            found = getattr(self.instance, name, None)
-        if found is None or not callable(found):
-            raise ServeError(
-                f"Tried to call a method '{name}' that does not exist on deployment "
-                f"'{self.deployment_id.name}'."
-            )
-        return found  # type: ignore[no-any-return]
+        return user_method(self.instance, name, self.deployment_id.name)
 
 
 class _FunctionDeployment:

@@ -168,31 +168,25 @@ class ControllerClient:
             raise controller_error(exc, self.address, "get the serve status") from exc
         return serve_status_from_proto(reply)
 
-    async def get_application(self, app_name: str) -> tuple[str, list[str]] | None:
-        """(ingress, deployment names) of an application, or None if there is none."""
+    async def _application(self, app_name: str) -> controller_pb2.GetApplicationResponse:
         try:
-            reply = await self._stub.GetApplication(
+            return await self._stub.GetApplication(
                 controller_pb2.GetApplicationRequest(app_name=app_name),
                 timeout=CALL_TIMEOUT_S,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise controller_error(exc, self.address, f"look up application {app_name!r}") from exc
-        if not reply.found:
-            return None
-        return reply.ingress, list(reply.deployments)
+
+    async def get_application(self, app_name: str) -> tuple[str, list[str]] | None:
+        """(ingress, deployment names) of an application, or None if there is none."""
+        reply = await self._application(app_name)
+        return (reply.ingress, list(reply.deployments)) if reply.found else None
 
     async def deployed_config(self, app_name: str) -> str | None:
         """The config-file section an application was deployed with ("" if it came from
         serve.run); None if there is no such application."""
-        try:
-            reply = await self._stub.GetApplication(
-                controller_pb2.GetApplicationRequest(app_name=app_name),
-                timeout=CALL_TIMEOUT_S,
-                metadata=self._metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, f"look up application {app_name!r}") from exc
+        reply = await self._application(app_name)
         return reply.config_json if reply.found else None
 
     async def shutdown(self) -> None:
