@@ -8,10 +8,8 @@ the token, and a flood of connections that never finish their HTTP/2 handshake.
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +24,7 @@ import pytest
 from serve._rpc.channel import CHANNEL_OPTIONS
 from serve._settings import TOKEN_METADATA_KEY
 from serve._state_dir import TOKEN_FILE
-from tests.support.procs import StandaloneController, python_env, run_script, wait_for
+from tests.support.procs import StandaloneController, run_script, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -210,32 +208,8 @@ class LimitedController(StandaloneController):
         super().__init__(state_dir, **env)
         self.limit = (soft, hard)
 
-    def start(self) -> LimitedController:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _LIMIT_THEN_EXEC,
-                *map(str, self.limit),
-                "-m",
-                "controller",
-                "--state-dir",
-                str(self.state_dir),
-                "--port",
-                str(self.port),
-                *self.args,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=python_env(**self.env),
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line, "the controller died before it was ready"
-        self.ready = json.loads(line)
-        self.address = self.ready["address"]
-        self.port = int(self.address.rsplit(":", 1)[1])
-        return self
+    def python(self) -> list[str]:
+        return [sys.executable, "-c", _LIMIT_THEN_EXEC, *map(str, self.limit)]
 
 
 @contextlib.contextmanager

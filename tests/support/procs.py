@@ -123,7 +123,7 @@ class StandaloneController:
 
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                *self.python(),
                 "-m",
                 "controller",
                 "--state-dir",
@@ -143,6 +143,10 @@ class StandaloneController:
         self.address = ready["address"]
         self.port = int(self.address.rsplit(":", 1)[1])
         return self
+
+    def python(self) -> list[str]:
+        """The interpreter command the daemon runs under (a subclass may wrap it)."""
+        return [sys.executable]
 
     def driver_env(self) -> dict[str, str]:
         return {"SERVE_ADDRESS": self.address, "SERVE_STATE_DIR": str(self.state_dir), **self.env}
