@@ -299,24 +299,26 @@ class StreamSession:
     async def _run_stream(
         self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
     ) -> None:
-        """Send each item as it is produced, pausing while the router's credit (in items or in
-        bytes) is used up; an item larger than the whole window still goes, alone."""
+        """Send each item as it is produced, while the router's credit covers it in items and in
+        bytes, so what is in flight never exceeds the window; an item larger than the whole
+        window goes alone, once nothing else is in flight."""
         frame_id = header.id
+        window_bytes = header.stream_window_bytes or DEFAULT_STREAM_WINDOW_BYTES
         credit = self._credits[frame_id] = [
             header.stream_window or DEFAULT_STREAM_WINDOW,
-            header.stream_window_bytes or DEFAULT_STREAM_WINDOW_BYTES,
+            window_bytes,
         ]
         event = self._credit_events[frame_id] = asyncio.Event()
         codec = header.response_codec
         try:
             async for item in self._executor.stream(header.method, args, kwargs, request):
-                while credit[0] <= 0 or credit[1] <= 0:
-                    event.clear()
-                    await event.wait()
                 payload, item_buffers = _encode(codec, item, "stream item")
                 size = len(payload) + sum(len(b) for b in item_buffers)
                 if size > self._max_bytes:
                     raise _Unencodable(str(_too_big(header.method, "stream item", size)))
+                while credit[0] <= 0 or credit[1] < min(size, window_bytes):
+                    event.clear()
+                    await event.wait()
                 credit[0] -= 1
                 credit[1] -= size
                 self._send(

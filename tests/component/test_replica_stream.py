@@ -270,8 +270,9 @@ async def test_streams_pause_when_their_byte_window_is_used(
     executor, address = replica
     conn = _connect(address)
     exchange = Recorder()
-    size = 1 << 20  # 1 MiB items, a 3 MiB window: three items, then a pause
-    frame_id = _send(conn, exchange, "blobs", 10, size, _stream=True, _window_bytes=3 * size)
+    size = 1 << 20  # 1 MiB items (plus a few bytes of pickle each), a window of three
+    window = 3 * size + 1024
+    frame_id = _send(conn, exchange, "blobs", 10, size, _stream=True, _window_bytes=window)
     await _until(lambda: len(exchange.items) == 3)
     await asyncio.sleep(0.2)
     assert len(exchange.items) == 3

@@ -16,7 +16,6 @@ pytestmark = pytest.mark.e2e
 
 MIB = 1024 * 1024
 WINDOW = 32 * MIB
-ITEM = 16 * MIB
 
 DRIVER = """
 import json, os, time
@@ -69,7 +68,7 @@ def test_a_stalled_consumer_bounds_memory_by_the_byte_window() -> None:
     growth = json.loads(result.stdout.strip().splitlines()[-1])
     for method, sides in growth.items():
         for side, grown in sides.items():
-            # About two windows at most (the window in flight, an item waiting for credit,
-            # one buffered, plus what the allocator keeps of the last item it freed): measured
-            # 37-64 MiB here, where counting items let it reach about 1 GB.
-            assert grown < 2 * WINDOW + ITEM, (method, side, grown / MIB)
+            # Under two windows (what is in flight never exceeds the window; an item waits
+            # for credit, one is buffered): measured 0-51 MiB here, where counting items let
+            # both processes reach about 1 GB.
+            assert grown < 2 * WINDOW, (method, side, grown / MIB)
