@@ -292,3 +292,33 @@ def test_serve_config_prints_what_was_deployed(cluster: dict[str, str]) -> None:
     missing = serve_cmd("config", "--name", "nope", env=cluster)
     assert missing.returncode == 1
     assert "no application 'nope'" in missing.stderr
+
+
+def test_shutdown_with_a_driver_watching_logs_no_traceback(cluster: dict[str, str]) -> None:
+    assert serve_cmd("deploy", "examples/config.yaml", "--wait", env=cluster).returncode == 0
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import serve, time\n"
+            "print(serve.get_app_handle('greeter').remote('x').result(), flush=True)\n"
+            "time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cluster,
+        cwd=ROOT,
+    )
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().strip() == "Howdy x!"  # its router watches now
+        assert serve_cmd("shutdown", env=cluster).returncode == 0
+    finally:
+        watcher.kill()
+        _, stderr = watcher.communicate(timeout=10)
+    state_dir = Path(cluster["SERVE_STATE_DIR"])
+    logs = (state_dir / "logs" / "controller.log").read_text()
+    logs += (state_dir / "controller.out").read_text()
+    assert "Traceback" not in logs
+    assert "CancelledError" not in logs + stderr

@@ -116,3 +116,9 @@ def test_replicas_get_distinct_ranks_and_the_world_size() -> None:
 
     wait_for(both_seen, timeout_s=30)
     assert seen == {(0, 2), (1, 2)}
+
+
+def test_init_on_the_handle_serve_run_returned() -> None:
+    handle = serve.run(_Doubler.bind(), name="init-after-run")
+    handle._init(_prefer_local_routing=True)  # as Ray allows, before the handle's first use
+    assert handle.remote(4).result() == 8
