@@ -23,6 +23,26 @@ _LENGTHS: Final = struct.Struct("<II")
 _BATCH_TAG: Final = b"\x0a"  # field 1, wire type 2 (length-delimited)
 MAX_VARINT_BYTES: Final = 10
 MAX_FRAME_BODY: Final = 2**32 - 1  # a frame's body length is a u32
+# Out-of-band buffers travel as messages of at most this size: gRPC copies each message whole,
+# so a big buffer costs one chunk of extra memory at a time instead of a full copy.
+CHUNK_BYTES: Final = 8 * 1024 * 1024
+
+
+class _Chunk:
+    """A slice of an out-of-band buffer, copied into a message only when it is written."""
+
+    __slots__ = ("buffer", "end", "start")
+
+    def __init__(self, buffer: bytes, start: int, end: int) -> None:
+        self.buffer, self.start, self.end = buffer, start, end
+
+    def message(self) -> bytes:
+        with memoryview(self.buffer) as view:
+            return bytes(view[self.start : self.end])
+
+
+def _message(item: bytes | _Chunk) -> bytes:
+    return item if isinstance(item, bytes) else item.message()
 
 
 class FrameError(ValueError):
@@ -58,7 +78,7 @@ class BatchWriter:
         self._parts: list[bytes | memoryview] = []
         self._size = 0
         self._last_id = 0  # the highest frame id in the batch being built
-        self._messages: list[tuple[bytes, int]] = []
+        self._messages: list[tuple[bytes | _Chunk, int]] = []
         self.count = 0
 
     def add(
@@ -84,8 +104,14 @@ class BatchWriter:
             last_id = max(self._last_id, header.id)
             self._last_id = 0
             self._close_batch(0)
-            self._messages.extend((b, 0) for b in buffers[:-1])
-            self._messages.append((buffers[-1], last_id))
+            for buffer in buffers:
+                if len(buffer) <= CHUNK_BYTES:
+                    self._messages.append((buffer, 0))
+                    continue
+                for start in range(0, len(buffer), CHUNK_BYTES):
+                    end = min(start + CHUNK_BYTES, len(buffer))
+                    self._messages.append((_Chunk(buffer, start, end), 0))
+            self._messages[-1] = (self._messages[-1][0], last_id)
         elif header.id > self._last_id:
             self._last_id = header.id
 
@@ -95,15 +121,16 @@ class BatchWriter:
             self._messages.append((message, self._last_id if mark is None else mark))
             self._parts, self._size, self._last_id = [], 0, 0
 
-    def take_marked(self) -> list[tuple[bytes, int]]:
-        """The messages to write, each with the highest frame id it completes (0: none)."""
+    def take_marked(self) -> list[tuple[bytes | _Chunk, int]]:
+        """The messages to write (a chunk becomes one when written), each with the highest
+        frame id it completes (0: none)."""
         self._close_batch()
         messages, self._messages = self._messages, []
         self.count = 0
         return messages
 
     def take(self) -> list[bytes]:
-        return [message for message, _ in self.take_marked()]
+        return [_message(item) for item, _ in self.take_marked()]
 
 
 class FrameLane:
@@ -140,8 +167,8 @@ class FrameLane:
     async def flush(self) -> None:
         writer = self.writer
         while writer.count:
-            for message, completes in writer.take_marked():
-                await self._write(message)
+            for item, completes in writer.take_marked():
+                await self._write(_message(item))
                 if completes and self.on_written is not None:
                     self.on_written(completes)
         self.idle.set()
@@ -188,6 +215,21 @@ def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
         offset = body_end
 
 
+async def _read_buffer(read: Callable[[], Awaitable[object]], expected: int) -> bytes:
+    """One out-of-band buffer: the messages carrying its chunks, joined once."""
+    parts: list[bytes] = []
+    received = 0
+    while received < expected:
+        data = await read()
+        if not isinstance(data, bytes):
+            raise FrameError("The stream ended before a frame's out-of-band buffers.")
+        parts.append(data)
+        received += len(data)
+    if received != expected:
+        raise FrameError(f"An out-of-band buffer of {received} bytes was announced as {expected}.")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 async def read_frames(
     message: bytes, read: Callable[[], Awaitable[object]]
 ) -> list[tuple[FrameHeader, memoryview, list[bytes] | None]]:
@@ -202,13 +244,6 @@ async def read_frames(
                 raise FrameError("A frame with out-of-band buffers must be the last of its batch.")
             buffers = []
             for expected in header.buffer_lengths:
-                data = await read()
-                if not isinstance(data, bytes):
-                    raise FrameError("The stream ended before a frame's out-of-band buffers.")
-                if len(data) != expected:
-                    raise FrameError(
-                        f"An out-of-band buffer of {len(data)} bytes was announced as {expected}."
-                    )
-                buffers.append(data)
+                buffers.append(await _read_buffer(read, expected))
         out.append((header, body, buffers))
     return out

@@ -91,3 +91,24 @@ async def test_a_short_or_missing_buffer_is_a_frame_error() -> None:
 
     with pytest.raises(FrameError, match="ended before"):
         await read_frames(batch, ended)
+
+
+async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
+    from serve._rpc.frames import CHUNK_BYTES, read_frames
+
+    big = bytes(range(256)) * ((2 * CHUNK_BYTES + 1000) // 256)
+    writer = BatchWriter()
+    writer.add(FrameHeader(kind=1, id=7), b"body", buffers=[b"small", big])
+    marked = writer.take_marked()
+    assert [mark for _, mark in marked] == [0, 0, 0, 0, 7]  # the last chunk completes frame 7
+    messages = [m if isinstance(m, bytes) else m.message() for m, _ in marked]
+    assert max(len(m) for m in messages[1:]) <= CHUNK_BYTES
+    rest = iter(messages[1:])
+
+    async def read() -> object:
+        return next(rest)
+
+    ((header, body, buffers),) = await read_frames(messages[0], read)
+    assert header.id == 7
+    assert bytes(body) == b"body"
+    assert buffers == [b"small", big]
