@@ -16,19 +16,7 @@ def start_broadcast(
     router: Router, options: HandleOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Completion:
     """Start the broadcast; the completion holds its calls once they are all sent."""
-    template = Request(
-        -1,
-        method=options.method_name,
-        model_id=options.multiplexed_model_id,
-        stream=False,
-        prefer_local=False,
-        request_serialization=options.request_serialization,
-        response_serialization=options.response_serialization,
-        args=args,
-        kwargs=kwargs,
-        parent=None,
-        on_cancel=router.cancel,
-    )
+    template = Request(-1, options, args, kwargs, parent=None, on_cancel=router.cancel)
     done = Completion()
     post(_begin, router, template, done)
     return done

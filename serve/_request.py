@@ -17,6 +17,7 @@ from typing import Any
 
 from serve._context import RequestContext
 from serve._exchange import Envelope
+from serve._options import HandleOptions
 from serve._serialization import EncodedArgs, codec_id
 from serve._settings import settings
 from serve._sync import Completion, ItemQueue
@@ -79,28 +80,24 @@ class Request:
     def __init__(
         self,
         seq: int,
-        *,
-        method: str,
-        model_id: str,
-        stream: bool,
-        prefer_local: bool,
-        request_serialization: str,
-        response_serialization: str,
+        options: HandleOptions,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        *,
         parent: RequestContext | None,
         on_cancel: Callable[[Request], None],
     ) -> None:
         self.seq = seq
+        stream = options.stream
         self.envelope = Envelope(
-            method=method,
+            method=options.method_name,
             request_id=parent.request_id if parent is not None else new_request_id(),
-            request_codec=codec_id(request_serialization),
-            response_codec=codec_id(response_serialization),
-            model_id=model_id,
+            request_codec=codec_id(options.request_serialization),
+            response_codec=codec_id(options.response_serialization),
+            model_id=options.multiplexed_model_id,
             stream=stream,
         )
-        self.prefer_local = prefer_local
+        self.prefer_local = options.prefer_local_routing
         self.parent = parent
         self._on_cancel = on_cancel
         self.created_s = time.monotonic()

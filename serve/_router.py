@@ -101,14 +101,9 @@ class Router:
         try:
             request = Request(
                 next(self._seq),
-                method=options.method_name,
-                model_id=options.multiplexed_model_id,
-                stream=options.stream,
-                prefer_local=options.prefer_local_routing,
-                request_serialization=options.request_serialization,
-                response_serialization=options.response_serialization,
-                args=args,
-                kwargs=kwargs,
+                options,
+                args,
+                kwargs,
                 parent=current_request(),
                 on_cancel=self.cancel,
             )
@@ -124,19 +119,7 @@ class Router:
     def refused_request(self, options: HandleOptions, error: BaseException) -> Request:
         """A request that failed before it was queued (its response raises ``error``, as Ray's
         does when awaited). Any thread: nobody can be waiting on it yet."""
-        request = Request(
-            -1,
-            method=options.method_name,
-            model_id=options.multiplexed_model_id,
-            stream=options.stream,
-            prefer_local=False,
-            request_serialization=options.request_serialization,
-            response_serialization=options.response_serialization,
-            args=(),
-            kwargs={},
-            parent=None,
-            on_cancel=self.cancel,
-        )
+        request = Request(-1, options, (), {}, parent=None, on_cancel=self.cancel)
         request.state = RequestState.DONE
         if request.stream_buffer is not None:
             request.stream_buffer.close(error)
