@@ -21,7 +21,7 @@ from serve._context import ReplicaContext, RequestContext, set_current_request, 
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
-from serve._user_methods import user_method
+from serve._user_methods import build_target, maybe_await, user_method
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,6 @@ def _kind(target: Callable[..., Any]) -> Kind:
     if inspect.iscoroutinefunction(probe):
         return "async"
     return "sync"
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 class Executor:
@@ -96,19 +90,7 @@ class Executor:
             world_size=world_size or None,
         )
         set_replica_context(context)
-        if inspect.isclass(target):
-            init = getattr(target, "__init__", None)
-            if init is not None and inspect.iscoroutinefunction(init):
-                obj = target.__new__(target)
-                await init(obj, *args, **kwargs)
-            else:
-                obj = target(*args, **kwargs)
-            self._target = obj
-        else:
-            if args or kwargs:
-                target = functools.partial(target, *args, **kwargs)
-            self._target = target
-            self._is_function = True
+        self._target, self._is_function = await build_target(target, args, kwargs)
         set_replica_context(dataclasses.replace(context, servable_object=self._target))
         user_config = spec.config.user_config_json()
         if user_config is not None:
@@ -142,7 +124,7 @@ class Executor:
     async def _run_hook(self, method: Callable[..., Any], *args: Any) -> Any:
         if _kind(method) == "async":
             return await method(*args)
-        return await _maybe_await(await self.run_sync(method, *args))
+        return await maybe_await(await self.run_sync(method, *args))
 
     async def shutdown(self) -> None:
         """Unload multiplexed models, call the user's ``__del__`` (if any), stop the pool."""
@@ -234,7 +216,7 @@ class Executor:
         if kind == "async":
             result = await fn(*args, **kwargs)
         else:
-            result = await _maybe_await(await self.run_sync(fn, *args, **kwargs))
+            result = await maybe_await(await self.run_sync(fn, *args, **kwargs))
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
             raise TypeError(
                 f"Method '{method}' returned a generator. You must use "
@@ -260,7 +242,7 @@ class Executor:
         elif kind == "gen":
             produced = fn(*args, **kwargs)
         else:
-            produced = await _maybe_await(await self.run_sync(fn, *args, **kwargs))
+            produced = await maybe_await(await self.run_sync(fn, *args, **kwargs))
         if inspect.isasyncgen(produced):
             try:
                 async for item in produced:

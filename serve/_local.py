@@ -38,7 +38,7 @@ from serve._models import (
 )
 from serve._serialization import decode_args, encode_buffers
 from serve._sync import run_sync
-from serve._user_methods import user_method
+from serve._user_methods import build_target, maybe_await, user_method
 from serve.exceptions import RequestCancelledError
 from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
@@ -58,22 +58,17 @@ class LocalReplica:
             replica_id=self.replica_id,
         )
         self.instance: Any = None
+        self.is_function = False
         self.ongoing = 0
 
     async def start(self) -> None:
         """Build the instance (constructors may be async) and apply its user_config."""
         token = local_replica_context.set(self.context)
         try:
-            target = self.built.deployment.func_or_class
-            args, kwargs = self.built.init_args, self.built.init_kwargs
-            instance: Any
-            if inspect.isclass(target):
-                instance = target.__new__(target)
-                result = type(instance).__init__(instance, *args, **kwargs)
-                if inspect.isawaitable(result):
-                    await result
-            else:
-                instance = _FunctionDeployment(target, args, kwargs)
+            built = self.built
+            instance, self.is_function = await build_target(
+                built.deployment.func_or_class, built.init_args, built.init_kwargs
+            )
             self.instance = instance
             self.context = ReplicaContext(
                 app_name=self.context.app_name,
@@ -83,30 +78,12 @@ class LocalReplica:
                 servable_object=instance,
             )
             if self.config.user_config is not None:
-                await _maybe_await(instance.reconfigure(self.config.user_config))
+                await maybe_await(instance.reconfigure(self.config.user_config))
         finally:
             local_replica_context.reset(token)
 
     def method(self, name: str) -> Callable[..., Any]:
-        return user_method(self.instance, name, self.deployment_id.name)
-
-
-class _FunctionDeployment:
-    """A function deployment, bound to its bind() arguments."""
-
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
-        self._func = func
-        self._args = args
-        self._kwargs = kwargs
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._func(*self._args, *args, **self._kwargs, **kwargs)
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
+        return user_method(self.instance, name, self.deployment_id.name, self.is_function)
 
 
 class LocalConnection:
@@ -192,7 +169,7 @@ class LocalConnection:
     async def _call(self, method: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(method):
             return await method(*args, **kwargs)
-        return await _maybe_await(await asyncio.to_thread(method, *args, **kwargs))
+        return await maybe_await(await asyncio.to_thread(method, *args, **kwargs))
 
     async def _stream(
         self,

@@ -1,13 +1,37 @@
-"""Finding the method a request names on a deployment's object: shared by replicas and local
-testing mode, so both accept and refuse the same names with the same error."""
+"""Building a deployment's object and finding the method a request names on it: shared by
+replicas and local testing mode, so both build, accept and refuse the same way."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from serve.exceptions import ServeError
+
+
+async def maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def build_target(
+    target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, bool]:
+    """(the object requests call, whether it is a function): a class is instantiated (its
+    ``__init__`` may be ``async def``), a function is bound to its bind() arguments."""
+    if inspect.isclass(target):
+        init = getattr(target, "__init__", None)
+        if init is not None and inspect.iscoroutinefunction(init):
+            obj = target.__new__(target)
+            await init(obj, *args, **kwargs)
+            return obj, False
+        return target(*args, **kwargs), False
+    if args or kwargs:
+        target = functools.partial(target, *args, **kwargs)
+    return target, True
 
 
 def available_methods(target: Any, is_function: bool = False) -> list[str]:
