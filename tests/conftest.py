@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import kill_tree, serve_processes, wait_for
+from tests.support.procs import StandaloneController, kill_tree, serve_processes, wait_for
 
 # Tests must never find an operator's controller in ~/.serve, nor talk to one via SERVE_ADDRESS.
 _STATE_DIR = tempfile.mkdtemp(prefix="serve-test-state-")
@@ -50,3 +50,13 @@ def serve_instance(serve_session: None) -> Iterator[None]:
     yield
     for name in list(serve.status().applications):
         serve.delete(name)
+
+
+@pytest.fixture
+def standalone_controller(tmp_path: Path) -> Iterator[StandaloneController]:
+    """A controller daemon of the test's own (not the shared one), which a test may kill."""
+    controller = StandaloneController(tmp_path / "state", SERVE_ORPHAN_TIMEOUT_S="60")
+    try:
+        yield controller.start()
+    finally:
+        controller.cleanup()

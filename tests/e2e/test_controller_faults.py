@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,34 +94,26 @@ ROLLOUT_DRIVER = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def standalone(tmp_path: Path) -> Iterator[StandaloneController]:
-    controller = StandaloneController(tmp_path / "state", SERVE_ORPHAN_TIMEOUT_S="60")
-    try:
-        yield controller.start()
-    finally:
-        controller.cleanup()
-
-
 def test_controller_sigkill_mid_rollout_readopts_both_versions_and_keeps_serving(
-    standalone: StandaloneController,
+    standalone_controller: StandaloneController,
 ) -> None:
     with subprocess.Popen(
         [sys.executable, "-c", ROLLOUT_DRIVER, str(CONSTRUCTOR_S)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=python_env(**standalone.driver_env()),
+        env=python_env(**standalone_controller.driver_env()),
         cwd=ROOT,
     ) as driver:
         assert driver.stdin is not None
         assert driver.stdout is not None
         try:
             assert json.loads(driver.stdout.readline())["redeploying"]
-            v1 = standalone.replica_pids()
-            wait_for(lambda: len(standalone.replica_pids()) == 4)  # v2 constructors running
-            standalone.kill()
-            standalone.start()  # same port, same state directory
+            v1 = standalone_controller.replica_pids()
+            # v2 constructors running
+            wait_for(lambda: len(standalone_controller.replica_pids()) == 4)
+            standalone_controller.kill()
+            standalone_controller.start()  # same port, same state directory
             driver.stdin.write("restarted\n")
             driver.stdin.flush()
             report = json.loads(driver.stdout.readline())
@@ -138,7 +129,7 @@ def test_controller_sigkill_mid_rollout_readopts_both_versions_and_keeps_serving
     assert set(report["v1_after_restart"]) == set(v1)
     assert report["max_gap_s"] < CONSTRUCTOR_S / 2, report
     wait_for(lambda: not pids_alive(v1), timeout_s=30)
-    assert sorted(standalone.replica_pids()) == report["v2"]
+    assert sorted(standalone_controller.replica_pids()) == report["v2"]
 
 
 HEALTH_CHECK_PERIOD_S = 1.0

@@ -9,7 +9,6 @@ import signal
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,17 +240,8 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def standalone(tmp_path: Path) -> Iterator[StandaloneController]:
-    controller = StandaloneController(tmp_path / "state", SERVE_ORPHAN_TIMEOUT_S="60")
-    try:
-        yield controller.start()
-    finally:
-        controller.cleanup()
-
-
 def test_controller_sigkill_under_load_fails_nothing_and_replicas_are_readopted(
-    standalone: StandaloneController,
+    standalone_controller: StandaloneController,
 ) -> None:
     import subprocess
     import sys
@@ -262,33 +252,33 @@ def test_controller_sigkill_under_load_fails_nothing_and_replicas_are_readopted(
         [sys.executable, "-c", DRIVER, "13"],
         stdout=subprocess.PIPE,
         text=True,
-        env=python_env(**standalone.driver_env()),
+        env=python_env(**standalone_controller.driver_env()),
         cwd=ROOT,
     ) as driver:
         assert driver.stdout is not None
         assert json.loads(driver.stdout.readline())["ready"]
-        replicas = standalone.replica_pids()
+        replicas = standalone_controller.replica_pids()
         assert len(replicas) == 2
         time.sleep(1.0)
-        standalone.kill()
+        standalone_controller.kill()
         down_at = time.monotonic()
         # While the controller is down, deploys fail fast with a clear error.
         refused = run_script(
             "import serve\n@serve.deployment\ndef f(): return 1\nserve.run(f.bind(), name='new')\n",
             timeout_s=30,
-            **standalone.driver_env(),
+            **standalone_controller.driver_env(),
         )
         assert refused.returncode != 0
         assert "ControllerUnavailableError" in refused.stderr
         time.sleep(max(0.0, 10.0 - (time.monotonic() - down_at)))
-        standalone.start()  # same port, same state directory
+        standalone_controller.start()  # same port, same state directory
         report = json.loads(driver.stdout.readline())
         driver.wait(60)
     assert report["failures"] == 0, report["failed"]
     assert report["ok"] > 200
     assert report["pids_before"] == replicas
     assert report["pids_after"] == replicas  # re-adopted: no restarts
-    assert standalone.replica_pids() == replicas
+    assert standalone_controller.replica_pids() == replicas
 
 
 def test_replicas_without_a_controller_exit_after_the_orphan_timeout(tmp_path: Path) -> None:
