@@ -86,16 +86,20 @@ class _Metric:
         return tuple((k, str(merged[k])) for k in self.tag_keys)
 
 
-class Counter(_Metric):
-    """A value that only goes up (Ray's ``metrics.Counter``)."""
-
-    kind = "counter"
+class _Scalar(_Metric):
+    """A metric with one number per set of tag values."""
 
     def __init__(
         self, name: str, description: str = "", tag_keys: Iterable[str] | None = None
     ) -> None:
         super().__init__(name, description, tag_keys)
         self._values: dict[tuple[tuple[str, str], ...], float] = {}
+
+
+class Counter(_Scalar):
+    """A value that only goes up (Ray's ``metrics.Counter``)."""
+
+    kind = "counter"
 
     def inc(self, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
         if value < 0:
@@ -105,16 +109,10 @@ class Counter(_Metric):
             self._values[key] = self._values.get(key, 0.0) + value
 
 
-class Gauge(_Metric):
+class Gauge(_Scalar):
     """A value that is set (Ray's ``metrics.Gauge``)."""
 
     kind = "gauge"
-
-    def __init__(
-        self, name: str, description: str = "", tag_keys: Iterable[str] | None = None
-    ) -> None:
-        super().__init__(name, description, tag_keys)
-        self._values: dict[tuple[tuple[str, str], ...], float] = {}
 
     def set(self, value: float, tags: Mapping[str, str] | None = None) -> None:
         key = self._tags(tags)
