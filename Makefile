@@ -40,8 +40,12 @@ fmt: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+TEST_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Itests/support=tests/support/protos \
+	--python_out=. --grpc_python_out=.
+
 proto: install
 	$(PROTOC) proto/*.proto
+	$(TEST_PROTOC) tests/support/protos/*.proto
 
 proto-check: install
 	PROTOC='$(PROTOC)' scripts/check_proto.sh

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from serve._proxy_flags import add_proxy_options, options_from_args, proxy_flags
 from serve._settings import settings
+from serve.config import ProxyLocation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +54,19 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="owned by a driver: stop everything when stdin closes; remove the state dir on exit",
     )
+    parser.add_argument(
+        "--proxy-location",
+        default=None,
+        help="EveryNode (default; SERVE_PROXY_LOCATION changes it), HeadOnly or Disabled: "
+        "where serve-proxy runs",
+    )
+    add_proxy_options(parser)
     args = parser.parse_args(argv)
+    try:
+        location = ProxyLocation.from_value(args.proxy_location or settings().proxy_location)
+        http, grpc = options_from_args(args)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
@@ -79,5 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=args.metrics_port,
         metrics_no_auth=args.metrics_no_auth,
         log_dir=log_dir,
+        proxy_location=location,
+        proxy_flags=proxy_flags(http, grpc, args.proxy_workers),
     )
     sys.exit(uvloop.run(server.run()))

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import IO
@@ -22,6 +23,7 @@ from typing import IO
 import grpc.aio
 
 from controller.launcher import LocalProcessLauncher
+from controller.proxies import ProxyManager
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore, StoreError
 from controller.supervisor import Supervisor
@@ -37,6 +39,7 @@ from serve._state_dir import (
     forget_controller,
     record_controller,
 )
+from serve.config import ProxyLocation
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,11 @@ class ControllerServer:
         metrics_port: int | None = None,
         metrics_no_auth: bool = False,
         log_dir: Path | None = None,
+        proxy_location: ProxyLocation = ProxyLocation.Disabled,
+        proxy_flags: list[str] | None = None,
     ) -> None:
+        self._proxy_location = proxy_location
+        self._proxy_flags = proxy_flags or []
         self._metrics_no_auth = metrics_no_auth
         self._log_dir = log_dir if log_dir is not None else state_dir / "logs"
         self._metrics_host = metrics_host
@@ -93,12 +100,24 @@ class ControllerServer:
         try:
             async with GoalStore(self._state_dir / STATE_DB_FILE) as store:
                 supervisor = Supervisor(store=store, launcher=launcher, token=token, tls=tls)
-                servicer = ControllerServicer(supervisor, on_shutdown=self._request_full_stop)
+                proxies = ProxyManager(
+                    location=self._proxy_location,
+                    flags=self._proxy_flags,
+                    controller_address=address,
+                    token=token,
+                    node_id=socket.gethostname(),
+                    state_dir=self._state_dir,
+                    log_dir=self._log_dir,
+                )
+                servicer = ControllerServicer(
+                    supervisor, on_shutdown=self._request_full_stop, proxies=proxies
+                )
                 add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)
                 await supervisor.start()
                 try:
-                    await self._serve(loop, server, supervisor, address, token)
+                    await self._serve(loop, server, supervisor, proxies, address, token)
                 finally:
+                    await proxies.aclose(stop_proxy=self._stop_replicas)
                     await supervisor.aclose(stop_replicas=False)
         except StoreError as exc:
             logger.error("%s", exc)
@@ -114,11 +133,13 @@ class ControllerServer:
         loop: asyncio.AbstractEventLoop,
         server: grpc.aio.Server,
         supervisor: Supervisor,
+        proxies: ProxyManager,
         address: str,
         token: str,
     ) -> None:
         assert self._stop is not None
         await server.start()
+        proxies.start()
         ready: dict[str, object] = {"event": "ready", "address": address, "pid": os.getpid()}
         metrics = None
         if self._metrics_port is not None:
@@ -146,6 +167,7 @@ class ControllerServer:
         try:
             await self._stop.wait()
             logger.info("Stopping%s", " with all replicas" if self._stop_replicas else "")
+            await proxies.aclose(stop_proxy=self._stop_replicas)
             await supervisor.aclose(stop_replicas=self._stop_replicas)
             await server.stop(STOP_GRACE_S)
         finally:

@@ -11,9 +11,10 @@ import grpc
 import grpc.aio
 
 from controller.events import LoadReported, Verdict
+from controller.proxies import ProxyManager
 from controller.state import AppGoal
 from controller.supervisor import Supervisor
-from serve._models import DeploymentID
+from serve._models import DeploymentID, ProxyInfo
 from serve._proto import common_pb2, controller_pb2
 from serve._rpc.channel import Context
 from serve._rpc.convert import (
@@ -30,9 +31,15 @@ logger = logging.getLogger(__name__)
 class ControllerServicer:
     """Implements every method of serve.v1.Controller (registered by serve._rpc.service)."""
 
-    def __init__(self, controller: Supervisor, on_shutdown: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        controller: Supervisor,
+        on_shutdown: Callable[[], Any],
+        proxies: ProxyManager | None = None,
+    ) -> None:
         self._controller = controller
         self._on_shutdown = on_shutdown
+        self._proxies = proxies
 
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: Context
@@ -105,8 +112,20 @@ class ControllerServicer:
     async def GetStatus(
         self, request: controller_pb2.GetStatusRequest, context: Context
     ) -> controller_pb2.GetStatusResponse:
+        proxies = self._proxies.statuses() if self._proxies is not None else []
         return controller_pb2.GetStatusResponse(
-            applications=[self._app_status(app) for app in self._controller.apps.values()]
+            applications=[self._app_status(app) for app in self._controller.apps.values()],
+            proxies=[
+                controller_pb2.ProxyStatus(
+                    node_id=p.node_id,
+                    status=p.status,
+                    message=p.message,
+                    http_address=p.http_address,
+                    grpc_address=p.grpc_address,
+                    pid=p.pid,
+                )
+                for p in proxies
+            ],
         )
 
     async def WaitApplication(
@@ -142,6 +161,31 @@ class ControllerServicer:
         deployment_id = deployment_id_from_proto(request.id)
         async for replica_set in self._controller.publisher.watch(deployment_id):
             yield replica_set_to_proto(replica_set)
+
+    async def WatchRoutes(
+        self, request: controller_pb2.WatchRoutesRequest, context: Context
+    ) -> AsyncIterator[controller_pb2.RouteTable]:
+        info = ProxyInfo(request.node_id, request.pid, request.http_address, request.grpc_address)
+        if self._proxies is not None:
+            self._proxies.linked(info)
+        sent = None
+        try:
+            while True:
+                routes = self._controller.routes()
+                if routes != sent:
+                    sent = routes
+                    yield controller_pb2.RouteTable(
+                        routes=[
+                            controller_pb2.Route(
+                                route_prefix=r.route_prefix, app_name=r.app_name, ingress=r.ingress
+                            )
+                            for r in routes
+                        ]
+                    )
+                await self._controller.status_changed()
+        finally:
+            if self._proxies is not None:
+                self._proxies.unlinked(info)
 
     async def Shutdown(
         self, request: controller_pb2.ShutdownRequest, context: Context

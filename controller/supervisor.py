@@ -56,7 +56,7 @@ from controller.publisher import Publisher
 from controller.state import AppGoal, DeploymentView
 from controller.store import GoalStore
 from controller.views import metrics_snapshot, replica_sets, status_key
-from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure
+from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure, Route
 from serve._rpc.channel import TlsFiles
 from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
 
@@ -397,6 +397,19 @@ class Supervisor:
         if self._links.get(replica_id) is ended:
             del self._links[replica_id]
         self._feed(LinkEnded(replica_id))
+
+    def routes(self) -> list[Route]:
+        """Where each application is served over HTTP (applications being deleted are not)."""
+        routes = [
+            Route(app.route_prefix, app.name, app.ingress)
+            for app in self.machine.apps.values()
+            if app.route_prefix is not None and not app.deleting
+        ]
+        return sorted(routes, key=lambda r: r.route_prefix)
+
+    async def status_changed(self) -> None:
+        """Return at the next change of any application's or replica's status."""
+        await self._status_event.wait()
 
     def report_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """A replica's multiplexed models changed: routers learn it with the next set."""

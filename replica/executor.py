@@ -15,9 +15,23 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+from replica.ingress import (
+    Lifespan,
+    bind_class_routes,
+    call_app,
+    grpc_method_handler,
+    serve_asgi,
+)
 from replica.loader import apply_code_env, apply_runtime_env, load_callable, load_init_args
 from replica.workers import SyncWorkers
-from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
+from serve._context import (
+    ReplicaContext,
+    RequestContext,
+    current_request,
+    set_current_request,
+    set_replica_context,
+)
+from serve._ingress import ASGI_METHOD, GRPC_METHOD, asgi_app_of
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
@@ -63,6 +77,8 @@ class Executor:
         self._is_function = False
         self._methods: dict[str, tuple[Callable[..., Any], Kind]] = {}
         self._workers: SyncWorkers | None = None
+        self._asgi: Any = None  # the ASGI app HTTP requests run (built on first use)
+        self._lifespan: Lifespan | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._slot_freed = asyncio.Event()
@@ -92,6 +108,13 @@ class Executor:
         set_replica_context(context)
         self._target, self._is_function = await build_target(target, args, kwargs)
         set_replica_context(dataclasses.replace(context, servable_object=self._target))
+        app = None if self._is_function else asgi_app_of(self._target)
+        if app is not None:  # @serve.ingress: its routes, then its lifespan startup, as Ray
+            if inspect.isfunction(app):
+                app = app()
+            self._asgi = bind_class_routes(app, type(self._target))
+            self._lifespan = Lifespan(self._asgi)
+            await self._lifespan.startup()
         user_config = spec.config.user_config_json()
         if user_config is not None:
             await self._call_reconfigure(spec.config.user_config)
@@ -132,6 +155,11 @@ class Executor:
             await multiplex_registry.unload_all()
         except Exception:
             logger.exception("Unloading multiplexed models failed")
+        if self._lifespan is not None:
+            try:
+                await self._lifespan.shutdown()
+            except Exception:
+                logger.exception("The ASGI app's lifespan shutdown failed")
         target, self._target = self._target, None
         if target is not None and not self._is_function:
             deleter = getattr(type(target), "__del__", None)
@@ -169,15 +197,53 @@ class Executor:
         await self._idle.wait()
 
     def resolve(self, method_name: str) -> tuple[Callable[..., Any], Kind]:
-        found = self._methods.get(method_name)
-        if found is not None:
-            return found
+        cached = self._methods.get(method_name)
+        if cached is not None:
+            return cached
         if self._target is None:
             raise ServeError(f"Replica {self.replica_id} is not initialized.")
-        target = user_method(self._target, method_name, self.deployment, self._is_function)
-        found = (target, _kind(target))
+        found: tuple[Callable[..., Any], Kind]
+        if method_name == ASGI_METHOD:
+            found = (functools.partial(serve_asgi, self._asgi_app()), "asyncgen")
+        elif method_name == GRPC_METHOD:
+            found = (self._serve_grpc, "asyncgen")
+        else:
+            target = user_method(self._target, method_name, self.deployment, self._is_function)
+            found = (target, _kind(target))
         self._methods[method_name] = found
         return found
+
+    def _asgi_app(self) -> Any:
+        """The app HTTP requests run: @serve.ingress's, else one around ``__call__``."""
+        if self._asgi is None:
+            fn, kind = self.resolve("__call__")
+
+            async def call(request: Any) -> Any:
+                if kind == "async":
+                    return await fn(request)
+                return await maybe_await(await self.run_sync(fn, request))
+
+            self._asgi = call_app(call)
+        return self._asgi
+
+    async def _serve_grpc(
+        self, method: str, payload: bytes, servicer_functions: tuple[str, ...]
+    ) -> AsyncIterator[bytes]:
+        """A gRPC call the proxy forwarded: the method named after the RPC method gets the
+        deserialized request; each response (one, or one per item) goes back serialized."""
+        handler = grpc_method_handler(tuple(servicer_functions), method)
+        name = method.rsplit("/", 1)[-1]
+        deserialize = handler.request_deserializer
+        serialize = handler.response_serializer or (lambda value: value)
+        message = deserialize(payload) if deserialize is not None else payload
+        request = current_request()
+        assert request is not None
+        _, kind = self.resolve(name)
+        if kind in ("gen", "asyncgen") or handler.response_streaming:
+            async for item in self._stream(name, (message,), {}, request):
+                yield serialize(item)
+        else:
+            yield serialize(await self.call(name, (message,), {}, request))
 
     def workers(self) -> SyncWorkers:
         if self._workers is None:

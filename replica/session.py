@@ -22,6 +22,7 @@ import grpc.aio
 
 from replica.executor import Executor
 from serve._context import RequestContext
+from serve._ingress import FED_METHODS
 from serve._logging import access_log
 from serve._proto.replica_pb2 import (
     ERROR_KIND_CANCELLED,
@@ -31,6 +32,7 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_CREDIT,
     FRAME_KIND_END,
     FRAME_KIND_ERROR,
+    FRAME_KIND_INPUT,
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
     FRAME_KIND_REQUEST,
@@ -78,6 +80,7 @@ class StreamSession:
         self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
+        self._feeds: dict[int, asyncio.Queue[bytes]] = {}  # inputs of running ingress requests
         self._max_bytes = settings().max_message_bytes
         self._closing = False
 
@@ -135,6 +138,10 @@ class StreamSession:
                 task.cancel()  # a task that has not started yet ends in _on_task_done
                 # Its children are cancelled now, even if its code catches the cancellation.
                 self._cancel_children(header.id)
+        elif kind == FRAME_KIND_INPUT:
+            feed = self._feeds.get(header.id)
+            if feed is not None:  # else rejected or finished: the router re-feeds or is done
+                feed.put_nowait(bytes(body))
         elif kind == FRAME_KIND_CREDIT:
             credit = self._credits.get(header.id)
             if credit is not None:
@@ -165,6 +172,8 @@ class StreamSession:
             self._reject(frame_id, REJECT_REASON_FULL)
             return
         self._tasks[frame_id] = task
+        if header.method in FED_METHODS:
+            self._feeds[frame_id] = asyncio.Queue()
         task.add_done_callback(functools.partial(self._on_task_done, frame_id))
 
     def _reject(self, frame_id: int, reason: int) -> None:
@@ -179,6 +188,7 @@ class StreamSession:
     def _on_task_done(self, frame_id: int, task: asyncio.Task[None]) -> None:
         """Every request ends here, whether or not its coroutine ever ran."""
         self._tasks.pop(frame_id, None)
+        self._feeds.pop(frame_id, None)
         cancelled = frame_id in self._cancel_requested
         self._cancel_requested.discard(frame_id)
         if frame_id in self._holding:  # cancelled before it started: _run never released
@@ -210,6 +220,7 @@ class StreamSession:
             deployment=executor.deployment,
             method=header.method,
             multiplexed_model_id=header.model_id,
+            feed=self._feeds.get(frame_id),
         )
         self._contexts[frame_id] = request
         reply: Reply | None = None

@@ -27,6 +27,7 @@ from serve._api import (
 from serve._batching import batch
 from serve._context import get_multiplexed_model_id, get_replica_context
 from serve._deployment import Application, Deployment, deployment
+from serve._ingress import ingress
 from serve._multiplex import multiplexed
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "ingress",
     "multiplexed",
     "run",
     "shutdown",

@@ -23,9 +23,11 @@ from serve._local import LocalClient
 from serve._logging import check_logging_config
 from serve._models import ApplicationStatus, CodeEnv, DeploymentID, DeploymentSpec
 from serve._options import check_route_prefix
+from serve._proxy_flags import controller_flags
 from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
 from serve._sync import is_home_thread, run_sync, stop_io_thread
+from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
 from serve.schema import ApplicationStatusOverview, ServeStatus
@@ -61,21 +63,32 @@ def _cached_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]
         return handle
 
 
-def _connect(address: str | None = None) -> ServeClient:
+def _connect(address: str | None = None, controller_args: list[str] | None = None) -> ServeClient:
     global _atexit_registered
-    client = _client.connect(address)
+    client = _client.connect(address, controller_args=controller_args)
     if client.owner is not None and not _atexit_registered:
         _atexit_registered = True
         atexit.register(_shutdown_at_exit)
     return client
 
 
-def start(address: str | None = None, **_ray_options: Any) -> None:
-    """Connect to serve: the controller at ``address`` (or SERVE_ADDRESS), else an embedded one.
+def start(
+    address: str | None = None,
+    *,
+    proxy_location: ProxyLocation | str | None = None,
+    http_options: HTTPOptions | dict[str, Any] | None = None,
+    grpc_options: gRPCOptions | dict[str, Any] | None = None,
+    **_ray_options: Any,
+) -> None:
+    """Connect to serve: the controller at ``address`` (or SERVE_ADDRESS), else an embedded one
+    started with these proxy options (Ray's: HTTP on 127.0.0.1:8000, gRPC on 9000 when
+    ``grpc_servicer_functions`` are given, a proxy on every node).
 
-    Ray's cluster options (``http_options``, ``proxy_location`` ...) are accepted and ignored.
+    Other Ray cluster options (``detached``, ``dedicated_cpu`` ...) are accepted and ignored.
     """
-    _connect(address)
+    given = (proxy_location, http_options, grpc_options) != (None, None, None)
+    flags = controller_flags(proxy_location, http_options, grpc_options) if given else None
+    _connect(address, controller_args=flags)
 
 
 def _serialize(built: BuiltDeployment) -> DeploymentSpec:

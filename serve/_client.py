@@ -128,7 +128,7 @@ class EmbeddedController:
         self.address = ""
 
     @classmethod
-    def start(cls) -> EmbeddedController:
+    def start(cls, extra_args: list[str] | None = None) -> EmbeddedController:
         """Start the daemon and wait (bounded) for its READY line."""
         state_dir = Path(tempfile.mkdtemp(prefix="serve-"))
         token = secrets.token_urlsafe(32)
@@ -150,6 +150,7 @@ class EmbeddedController:
                 "--embedded",
                 "--log-dir",
                 str(log_dir),
+                *(extra_args or []),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -237,11 +238,21 @@ def install(client: ServeClient) -> None:
     _client = client
 
 
-def connect(address: str | None = None, *, start_embedded: bool = True) -> ServeClient:
-    """The process's client, connecting (or starting an embedded controller) on first use."""
+def connect(
+    address: str | None = None,
+    *,
+    start_embedded: bool = True,
+    controller_args: list[str] | None = None,
+) -> ServeClient:
+    """The process's client, connecting (or starting an embedded controller) on first use.
+
+    ``controller_args`` are flags for an embedded controller (``serve.start``'s proxy options);
+    a controller that already runs keeps its own, with a warning."""
     global _client
     with _lock:
         if _client is not None:
+            if controller_args:
+                _options_ignored(_client.address)
             if address is not None and address != _client.address:
                 raise ValueError(
                     f"Already connected to the controller at {_client.address}; call "
@@ -257,8 +268,10 @@ def connect(address: str | None = None, *, start_embedded: bool = True) -> Serve
                 raise ControllerUnavailableError(
                     "No serve controller is running; call serve.run() or serve.start() first."
                 )
-            owner = EmbeddedController.start()
+            owner = EmbeddedController.start(controller_args)
             found, token = owner.address, owner.token
+        elif controller_args:
+            _options_ignored(found)
         target: str = found
         tls = tls_from_settings()
 
@@ -275,6 +288,16 @@ def connect(address: str | None = None, *, start_embedded: bool = True) -> Serve
             raise
         _client = client
         return client
+
+
+def _options_ignored(address: str) -> None:
+    logger.warning(
+        "serve is already running (controller at %s): its proxy options stay as they are; "
+        "the http_options, grpc_options and proxy_location given now are ignored. Restart "
+        "serve (serve.shutdown(), or `serve shutdown` for a standalone controller) to change "
+        "them.",
+        address,
+    )
 
 
 def disconnect(timeout_s: float = 60.0) -> ServeClient | None:

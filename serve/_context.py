@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from serve._models import ReplicaID
@@ -42,6 +45,8 @@ class RequestContext:
     method: str = ""
     multiplexed_model_id: str = ""
     children: set[Cancellable] = dataclasses.field(default_factory=set)
+    # Inputs the caller feeds to the running request (an ingress request's ASGI messages).
+    feed: asyncio.Queue[bytes] | None = None
 
 
 _replica_context: ReplicaContext | None = None
@@ -92,3 +97,10 @@ def get_multiplexed_model_id() -> str:
     """The multiplexed model id of the request being served, or ``""`` when it has none."""
     context = _request_context.get()
     return context.multiplexed_model_id if context is not None else ""
+
+
+@contextlib.contextmanager
+def request_deadline(timeout_s: float) -> Iterator[None]:
+    """Requests made in this scope must finish within ``timeout_s`` (interim: the deadline
+    branch carries it through nested calls)."""
+    yield

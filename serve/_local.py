@@ -39,7 +39,7 @@ from serve._models import (
 from serve._serialization import decode_args, encode_buffers
 from serve._sync import run_sync
 from serve._user_methods import build_target, maybe_await, user_method
-from serve.exceptions import RequestCancelledError
+from serve.exceptions import RequestCancelledError, ServeError
 from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 
@@ -212,6 +212,9 @@ class LocalConnection:
         if credit is not None:
             for _ in range(count):
                 credit.release()
+
+    def feed(self, frame_id: int, payload: bytes) -> None:
+        raise ServeError("Local testing mode has no HTTP proxy to feed requests from.")
 
     async def queue_length(self, timeout_s: float) -> tuple[int, bool]:
         return self._replica.ongoing, True

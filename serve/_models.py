@@ -47,6 +47,25 @@ class ReplicaID:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """An application served over HTTP: requests under ``route_prefix`` go to its ingress."""
+
+    route_prefix: str
+    app_name: str
+    ingress: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyInfo:
+    """A serve-proxy process as it describes itself to the controller."""
+
+    node_id: str
+    pid: int
+    http_address: str
+    grpc_address: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ReplicaInfo:
     """A running replica as a router sees it."""
 

@@ -65,6 +65,7 @@ class Request:
         "conn",
         "created_s",
         "envelope",
+        "fed",
         "frame_id",
         "holds_queue_slot",
         "inputs",
@@ -109,6 +110,9 @@ class Request:
         self.replica_id = ""
         self.conn: Any = None  # the connection it was sent on (a Connection)
         self.frame_id = 0
+        # Inputs fed to the running request (the proxy's ASGI messages), kept until the replica
+        # proves it admitted the request (its first item), so a rejected request is re-fed.
+        self.fed: list[bytes] | tuple[()] | None = None
         self.inputs: list[tuple[int | str, Request]] | None = None
         self.args = args
         self.kwargs = kwargs

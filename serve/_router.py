@@ -324,6 +324,9 @@ class Router:
         request.state = RequestState.SENT
         request.replica_id = replica.replica_id
         request.conn = conn
+        if request.fed:
+            for payload in request.fed:
+                conn.feed(request.frame_id, payload)
         self._release_slot(request)
         state.queue_lens.sent(replica.replica_id, request.frame_id)
 
@@ -359,6 +362,8 @@ class Router:
         self.state().wake()
 
     def on_item(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
+        if request.fed is not None:
+            request.fed = ADMITTED  # an item proves admission: no re-feeding from now on
         buffer = request.stream_buffer
         if buffer is not None and request.state != RequestState.DONE:
             buffer.push((body, buffers))
@@ -424,6 +429,17 @@ class Router:
         if request.conn is not None and request.state != RequestState.DONE:
             request.conn.credit(request.frame_id, count, nbytes)
 
+    def feed(self, request: Request, payload: bytes) -> None:
+        """One more input for a running streaming request (see ``FRAME_KIND_INPUT``)."""
+        if request.state == RequestState.DONE:
+            return
+        if request.fed is not ADMITTED:
+            if request.fed is None:
+                request.fed = []
+            request.fed.append(payload)  # type: ignore[union-attr]
+        if request.state == RequestState.SENT and request.conn is not None:
+            request.conn.feed(request.frame_id, payload)
+
     def decode_item(self, request: Request, item: tuple[memoryview, list[bytes] | None]) -> Any:
         try:
             return decode(request.envelope.response_codec, *item)
@@ -434,6 +450,9 @@ class Router:
         pending, self._pending = self._pending, []
         for _, request in pending:
             self.finish(request, error=error)
+
+
+ADMITTED: tuple[()] = ()  # Request.fed once the replica admitted it
 
 
 def _decode_error(request: Request, exc: Exception) -> TypeError:

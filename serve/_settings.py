@@ -59,6 +59,7 @@ class Settings:
     handshake_timeout_s: float
     idle_connection_timeout_s: float
     max_connections: int | None
+    proxy_location: str  # the default proxy_location (Ray's default: EveryNode)
 
 
 def _float_env(name: str, default: float) -> float:
@@ -117,6 +118,7 @@ def settings() -> Settings:
             _positive_int_env("SERVE_MAX_CONTROL_MESSAGE_BYTES", _GRPC_MAX) or 4 * 2**20
         ),
         handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
+        proxy_location=os.environ.get("SERVE_PROXY_LOCATION") or "EveryNode",
         idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
     )

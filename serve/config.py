@@ -1,13 +1,15 @@
-"""Public configuration objects: Ray Serve's ``AutoscalingConfig`` with its fields and defaults."""
+"""Public configuration objects, as Ray Serve spells them: ``AutoscalingConfig``, and the proxy's
+``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AutoscalingConfig"]
+__all__ = ["AutoscalingConfig", "HTTPOptions", "ProxyLocation", "gRPCOptions"]
 
 _LEGACY_TARGET_NAMES = ("target_num_ongoing_requests_per_replica", "target_num_ongoing_requests")
 
@@ -136,3 +138,104 @@ def _check_float(obj: object, name: str, *, positive: bool) -> None:
         raise ValueError(f"autoscaling_config: {name} must be > 0, got {value}.")
     if not positive and value < 0:
         raise ValueError(f"autoscaling_config: {name} must be >= 0, got {value}.")
+
+
+class ProxyLocation(enum.StrEnum):
+    """Where serve runs its HTTP and gRPC proxies (Ray's names; ``EveryNode`` is the default)."""
+
+    Disabled = "Disabled"
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+
+    @classmethod
+    def from_value(cls, value: ProxyLocation | str | None) -> ProxyLocation:
+        if value is None:
+            return cls.EveryNode
+        if isinstance(value, ProxyLocation):
+            return value
+        for member in cls:
+            if str(value).lower() == member.value.lower():
+                return member
+        raise ValueError(
+            f"Unknown proxy_location {value!r}: use one of {', '.join(repr(m.value) for m in cls)}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPOptions:
+    """The HTTP proxy's options (Ray's ``http_options``): where it listens, and how long a
+    request may take before it is answered 408 (``None``: no limit)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: float = 90.0
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, "http_options")
+        _check_timeout(self.request_timeout_s, "http_options.request_timeout_s")
+        _check_timeout(self.keep_alive_timeout_s, "http_options.keep_alive_timeout_s")
+        if self.root_path and not self.root_path.startswith("/"):
+            raise ValueError(f"http_options.root_path must start with '/', got {self.root_path!r}")
+
+    @classmethod
+    def from_value(cls, value: HTTPOptions | Mapping[str, Any] | None) -> HTTPOptions:
+        options: HTTPOptions = _options_from(cls, value, "http_options", _IGNORED_HTTP_KEYS)
+        return options
+
+
+@dataclasses.dataclass(frozen=True)
+class gRPCOptions:
+    """The gRPC proxy's options (Ray's ``grpc_options``). The gRPC proxy runs only when
+    ``grpc_servicer_functions`` names at least one ``add_XServicer_to_server`` import path."""
+
+    port: int = 9000
+    grpc_servicer_functions: tuple[str, ...] = ()
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, "grpc_options")
+        _check_timeout(self.request_timeout_s, "grpc_options.request_timeout_s")
+        functions: Any = self.grpc_servicer_functions
+        if isinstance(functions, str) or not all(isinstance(f, str) for f in functions):
+            raise TypeError(
+                "grpc_options.grpc_servicer_functions must be a list of import paths such as "
+                f"'my_pb2_grpc.add_MyServicer_to_server', got {functions!r}."
+            )
+        object.__setattr__(self, "grpc_servicer_functions", tuple(functions))
+
+    @classmethod
+    def from_value(cls, value: gRPCOptions | Mapping[str, Any] | None) -> gRPCOptions:
+        options: gRPCOptions = _options_from(cls, value, "grpc_options", frozenset())
+        return options
+
+
+# Ray fields that only make sense on a Ray cluster: accepted, and without effect here.
+_IGNORED_HTTP_KEYS = frozenset({"location", "num_cpus", "root_url", "middlewares"})
+
+
+def _options_from(cls: Any, value: Any, what: str, ignored: frozenset[str]) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict or {cls.__name__}, got {type(value).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names - ignored)
+    if unknown:
+        raise ValueError(f"Unknown {what} field(s) {unknown}; known: {sorted(names)}.")
+    return cls(**{k: v for k, v in value.items() if k in names})
+
+
+def _check_port(port: object, what: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{what}.port must be an integer between 0 and 65535, got {port!r}.")
+
+
+def _check_timeout(value: object, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0 (or None), got {value!r}.")

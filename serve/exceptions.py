@@ -96,6 +96,10 @@ class DeploymentUnavailableError(ServeError):
         return (DeploymentUnavailableError, (self.deployment_id, self.reason))
 
 
+class RequestTimeoutError(ServeError, TimeoutError):
+    """A request's deadline passed."""
+
+
 class DeploymentFailedError(ServeError, RuntimeError):
     """An application could not be deployed; the message carries the replica's traceback."""
 

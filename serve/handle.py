@@ -325,6 +325,10 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         self._taken(body)
         return self._router.decode_item(self._request, body)  # type: ignore[no-any-return]
 
+    def _feed(self, payload: bytes) -> None:
+        """Send one more input to the running request (the proxy's ASGI receive messages)."""
+        post(self._router.feed, self._request, payload)
+
     def __del__(self) -> None:
         # A consumer that drops the stream cancels it, so the replica stops producing.
         request = self._request

@@ -25,6 +25,7 @@ __all__ = [
     "DeploymentStatus",
     "DeploymentStatusOverview",
     "DeploymentStatusTrigger",
+    "ProxyDetails",
     "ReplicaState",
     "ServeStatus",
 ]
@@ -52,9 +53,22 @@ class ApplicationStatusOverview:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProxyDetails:
+    """One node's serve-proxy: its status (Ray's ProxyStatus values) and where it listens."""
+
+    status: str
+    http_address: str = ""  # host:port
+    grpc_address: str = ""  # host:port, empty when the gRPC proxy is off
+    pid: int = 0
+    message: str = ""  # why it is not healthy
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeStatus:
-    """Every application the controller knows."""
+    """Every application the controller knows, and its proxies (node id -> status, as Ray;
+    ``proxy_details`` adds where each one listens)."""
 
     applications: dict[str, ApplicationStatusOverview] = dataclasses.field(default_factory=dict)
     proxies: dict[str, str] = dataclasses.field(default_factory=dict)
     target_capacity: float | None = None
+    proxy_details: dict[str, ProxyDetails] = dataclasses.field(default_factory=dict)

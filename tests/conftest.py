@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import StandaloneController, kill_tree, serve_processes, wait_for
+from tests.support.procs import (
+    StandaloneController,
+    kill_tree,
+    proxy_details,
+    serve_processes,
+    wait_for,
+)
+
+GREETER_SERVICER = "tests.support.greeter_pb2_grpc.add_GreeterServicer_to_server"
 
 # Tests must never find an operator's controller in ~/.serve, nor talk to one via SERVE_ADDRESS.
 _STATE_DIR = tempfile.mkdtemp(prefix="serve-test-state-")
@@ -20,6 +28,8 @@ os.environ.pop("SERVE_CLUSTER_TOKEN", None)
 os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
 os.environ.setdefault("SERVE_ORPHAN_TIMEOUT_S", "10")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# No proxy on port 8000 per test: ingress tests ask for one, on an ephemeral port.
+os.environ.setdefault("SERVE_PROXY_LOCATION", "Disabled")
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +39,15 @@ def state_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def serve_session() -> Iterator[None]:
-    """One embedded controller for the e2e tests of this pytest process."""
+    """One embedded controller for the e2e tests of this pytest process, with a proxy serving
+    HTTP and the test Greeter service over gRPC on ephemeral ports."""
     import serve
 
-    serve.start()
+    serve.start(
+        proxy_location="EveryNode",
+        http_options={"port": 0},
+        grpc_options={"port": 0, "grpc_servicer_functions": [GREETER_SERVICER]},
+    )
     yield
     serve.shutdown()
     try:
@@ -50,6 +65,12 @@ def serve_instance(serve_session: None) -> Iterator[None]:
     yield
     for name in list(serve.status().applications):
         serve.delete(name)
+
+
+@pytest.fixture
+def http_url(serve_instance: None) -> str:
+    """The shared proxy's HTTP base URL (it may have been replaced by an earlier test)."""
+    return f"http://{proxy_details().http_address}"
 
 
 @pytest.fixture

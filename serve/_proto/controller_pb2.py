@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from serve._proto import common_pb2 as serve_dot___proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserve/_proto/controller.proto\x12\x08serve.v1\x1a\x19serve/_proto/common.proto\"\xc7\x01\n\rDeployRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x19\n\x0croute_prefix\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x03 \x01(\t\x12-\n\x0b\x64\x65ployments\x18\x04 \x03(\x0b\x32\x18.serve.v1.DeploymentSpec\x12#\n\x08\x63ode_env\x18\x05 \x01(\x0b\x32\x11.serve.v1.CodeEnv\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\tB\x0f\n\r_route_prefix\"\x10\n\x0e\x44\x65ployResponse\":\n\x18\x44\x65leteApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"*\n\x19\x44\x65leteApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xfa\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0estatus_trigger\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x45\n\x0ereplica_states\x18\x05 \x03(\x0b\x32-.serve.v1.DeploymentStatus.ReplicaStatesEntry\x12\"\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\x1a\x34\n\x12ReplicaStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xce\x01\n\x11\x41pplicationStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1c\n\x14last_deployed_time_s\x18\x04 \x01(\x01\x12\x19\n\x0croute_prefix\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x06 \x01(\t\x12/\n\x0b\x64\x65ployments\x18\x07 \x03(\x0b\x32\x1a.serve.v1.DeploymentStatusB\x0f\n\r_route_prefix\"F\n\x11GetStatusResponse\x12\x31\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\x1b.serve.v1.ApplicationStatus\"=\n\x16WaitApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"r\n\x17WaitApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12+\n\x06status\x18\x02 \x01(\x0b\x32\x1b.serve.v1.ApplicationStatus\x12\x1b\n\x13ingress_set_version\x18\x03 \x01(\x04\")\n\x15GetApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\"b\n\x16GetApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07ingress\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x03 \x03(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\"<\n\x16WatchDeploymentRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"\xb7\x01\n\x0bLinkRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ode_version\x18\x06 \x01(\t\x12\x18\n\x10user_config_json\x18\x07 \x01(\x0c\x12\x11\n\tmodel_ids\x18\x08 \x03(\t\x12\x10\n\x08\x64raining\x18\t \x01(\x08\"\x85\x01\n\x0cLinkResponse\x12-\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1d.serve.v1.LinkResponse.Action\"F\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_ACCEPTED\x10\x01\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x02\"<\n\x13ReportModelsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\"\x16\n\x14ReportModelsResponse\"\x85\x02\n\x11ReportLoadRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x0f\n\x07ongoing\x18\x03 \x01(\x01\x12\x11\n\tis_handle\x18\x04 \x01(\x08\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\x07 \x01(\x04\x12\x1d\n\x15latency_bucket_counts\x18\x08 \x03(\x04\x12\x16\n\x0elatency_sum_ms\x18\t \x01(\x01\x12*\n\x0cuser_metrics\x18\n \x03(\x0b\x32\x14.serve.v1.UserMetricJ\x04\x08\x05\x10\x06\"\xee\x01\n\nUserMetric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12,\n\x04tags\x18\x04 \x03(\x0b\x32\x1e.serve.v1.UserMetric.TagsEntry\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x12\n\nboundaries\x18\x06 \x03(\x01\x12\x15\n\rbucket_counts\x18\x07 \x03(\x04\x12\x0b\n\x03sum\x18\x08 \x01(\x01\x12\r\n\x05\x63ount\x18\t \x01(\x04\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ReportLoadResponse2\xfb\x05\n\nController\x12;\n\x06\x44\x65ploy\x12\x17.serve.v1.DeployRequest\x1a\x18.serve.v1.DeployResponse\x12\\\n\x11\x44\x65leteApplication\x12\".serve.v1.DeleteApplicationRequest\x1a#.serve.v1.DeleteApplicationResponse\x12\x44\n\tGetStatus\x12\x1a.serve.v1.GetStatusRequest\x1a\x1b.serve.v1.GetStatusResponse\x12V\n\x0fWaitApplication\x12 .serve.v1.WaitApplicationRequest\x1a!.serve.v1.WaitApplicationResponse\x12S\n\x0eGetApplication\x12\x1f.serve.v1.GetApplicationRequest\x1a .serve.v1.GetApplicationResponse\x12K\n\x0fWatchDeployment\x12 .serve.v1.WatchDeploymentRequest\x1a\x14.serve.v1.ReplicaSet0\x01\x12\x41\n\x08Shutdown\x12\x19.serve.v1.ShutdownRequest\x1a\x1a.serve.v1.ShutdownResponse\x12\x37\n\x04Link\x12\x15.serve.v1.LinkRequest\x1a\x16.serve.v1.LinkResponse0\x01\x12M\n\x0cReportModels\x12\x1d.serve.v1.ReportModelsRequest\x1a\x1e.serve.v1.ReportModelsResponse\x12G\n\nReportLoad\x12\x1b.serve.v1.ReportLoadRequest\x1a\x1c.serve.v1.ReportLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserve/_proto/controller.proto\x12\x08serve.v1\x1a\x19serve/_proto/common.proto\"\xc7\x01\n\rDeployRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x19\n\x0croute_prefix\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x03 \x01(\t\x12-\n\x0b\x64\x65ployments\x18\x04 \x03(\x0b\x32\x18.serve.v1.DeploymentSpec\x12#\n\x08\x63ode_env\x18\x05 \x01(\x0b\x32\x11.serve.v1.CodeEnv\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\tB\x0f\n\r_route_prefix\"\x10\n\x0e\x44\x65ployResponse\":\n\x18\x44\x65leteApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"*\n\x19\x44\x65leteApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xfa\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0estatus_trigger\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x45\n\x0ereplica_states\x18\x05 \x03(\x0b\x32-.serve.v1.DeploymentStatus.ReplicaStatesEntry\x12\"\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\x1a\x34\n\x12ReplicaStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xce\x01\n\x11\x41pplicationStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1c\n\x14last_deployed_time_s\x18\x04 \x01(\x01\x12\x19\n\x0croute_prefix\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07ingress\x18\x06 \x01(\t\x12/\n\x0b\x64\x65ployments\x18\x07 \x03(\x0b\x32\x1a.serve.v1.DeploymentStatusB\x0f\n\r_route_prefix\"n\n\x11GetStatusResponse\x12\x31\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\x1b.serve.v1.ApplicationStatus\x12&\n\x07proxies\x18\x02 \x03(\x0b\x32\x15.serve.v1.ProxyStatus\"x\n\x0bProxyStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0chttp_address\x18\x04 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\"^\n\x12WatchRoutesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x14\n\x0chttp_address\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\"@\n\x05Route\x12\x14\n\x0croute_prefix\x18\x01 \x01(\t\x12\x10\n\x08\x61pp_name\x18\x02 \x01(\t\x12\x0f\n\x07ingress\x18\x03 \x01(\t\"-\n\nRouteTable\x12\x1f\n\x06routes\x18\x01 \x03(\x0b\x32\x0f.serve.v1.Route\"=\n\x16WaitApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"r\n\x17WaitApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12+\n\x06status\x18\x02 \x01(\x0b\x32\x1b.serve.v1.ApplicationStatus\x12\x1b\n\x13ingress_set_version\x18\x03 \x01(\x04\")\n\x15GetApplicationRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\"b\n\x16GetApplicationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07ingress\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x03 \x03(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\"<\n\x16WatchDeploymentRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"\xb7\x01\n\x0bLinkRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ode_version\x18\x06 \x01(\t\x12\x18\n\x10user_config_json\x18\x07 \x01(\x0c\x12\x11\n\tmodel_ids\x18\x08 \x03(\t\x12\x10\n\x08\x64raining\x18\t \x01(\x08\"\x85\x01\n\x0cLinkResponse\x12-\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1d.serve.v1.LinkResponse.Action\"F\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_ACCEPTED\x10\x01\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x02\"<\n\x13ReportModelsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\"\x16\n\x14ReportModelsResponse\"\x85\x02\n\x11ReportLoadRequest\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.serve.v1.DeploymentId\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x0f\n\x07ongoing\x18\x03 \x01(\x01\x12\x11\n\tis_handle\x18\x04 \x01(\x08\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\x07 \x01(\x04\x12\x1d\n\x15latency_bucket_counts\x18\x08 \x03(\x04\x12\x16\n\x0elatency_sum_ms\x18\t \x01(\x01\x12*\n\x0cuser_metrics\x18\n \x03(\x0b\x32\x14.serve.v1.UserMetricJ\x04\x08\x05\x10\x06\"\xee\x01\n\nUserMetric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12,\n\x04tags\x18\x04 \x03(\x0b\x32\x1e.serve.v1.UserMetric.TagsEntry\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x12\n\nboundaries\x18\x06 \x03(\x01\x12\x15\n\rbucket_counts\x18\x07 \x03(\x04\x12\x0b\n\x03sum\x18\x08 \x01(\x01\x12\r\n\x05\x63ount\x18\t \x01(\x04\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ReportLoadResponse2\xc0\x06\n\nController\x12;\n\x06\x44\x65ploy\x12\x17.serve.v1.DeployRequest\x1a\x18.serve.v1.DeployResponse\x12\\\n\x11\x44\x65leteApplication\x12\".serve.v1.DeleteApplicationRequest\x1a#.serve.v1.DeleteApplicationResponse\x12\x44\n\tGetStatus\x12\x1a.serve.v1.GetStatusRequest\x1a\x1b.serve.v1.GetStatusResponse\x12V\n\x0fWaitApplication\x12 .serve.v1.WaitApplicationRequest\x1a!.serve.v1.WaitApplicationResponse\x12S\n\x0eGetApplication\x12\x1f.serve.v1.GetApplicationRequest\x1a .serve.v1.GetApplicationResponse\x12K\n\x0fWatchDeployment\x12 .serve.v1.WatchDeploymentRequest\x1a\x14.serve.v1.ReplicaSet0\x01\x12\x43\n\x0bWatchRoutes\x12\x1c.serve.v1.WatchRoutesRequest\x1a\x14.serve.v1.RouteTable0\x01\x12\x41\n\x08Shutdown\x12\x19.serve.v1.ShutdownRequest\x1a\x1a.serve.v1.ShutdownResponse\x12\x37\n\x04Link\x12\x15.serve.v1.LinkRequest\x1a\x16.serve.v1.LinkResponse0\x01\x12M\n\x0cReportModels\x12\x1d.serve.v1.ReportModelsRequest\x1a\x1e.serve.v1.ReportModelsResponse\x12G\n\nReportLoad\x12\x1b.serve.v1.ReportLoadRequest\x1a\x1c.serve.v1.ReportLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,39 +53,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLICATIONSTATUS']._serialized_start=668
   _globals['_APPLICATIONSTATUS']._serialized_end=874
   _globals['_GETSTATUSRESPONSE']._serialized_start=876
-  _globals['_GETSTATUSRESPONSE']._serialized_end=946
-  _globals['_WAITAPPLICATIONREQUEST']._serialized_start=948
-  _globals['_WAITAPPLICATIONREQUEST']._serialized_end=1009
-  _globals['_WAITAPPLICATIONRESPONSE']._serialized_start=1011
-  _globals['_WAITAPPLICATIONRESPONSE']._serialized_end=1125
-  _globals['_GETAPPLICATIONREQUEST']._serialized_start=1127
-  _globals['_GETAPPLICATIONREQUEST']._serialized_end=1168
-  _globals['_GETAPPLICATIONRESPONSE']._serialized_start=1170
-  _globals['_GETAPPLICATIONRESPONSE']._serialized_end=1268
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1270
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1330
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1332
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1349
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1351
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1369
-  _globals['_LINKREQUEST']._serialized_start=1372
-  _globals['_LINKREQUEST']._serialized_end=1555
-  _globals['_LINKRESPONSE']._serialized_start=1558
-  _globals['_LINKRESPONSE']._serialized_end=1691
-  _globals['_LINKRESPONSE_ACTION']._serialized_start=1621
-  _globals['_LINKRESPONSE_ACTION']._serialized_end=1691
-  _globals['_REPORTMODELSREQUEST']._serialized_start=1693
-  _globals['_REPORTMODELSREQUEST']._serialized_end=1753
-  _globals['_REPORTMODELSRESPONSE']._serialized_start=1755
-  _globals['_REPORTMODELSRESPONSE']._serialized_end=1777
-  _globals['_REPORTLOADREQUEST']._serialized_start=1780
-  _globals['_REPORTLOADREQUEST']._serialized_end=2041
-  _globals['_USERMETRIC']._serialized_start=2044
-  _globals['_USERMETRIC']._serialized_end=2282
-  _globals['_USERMETRIC_TAGSENTRY']._serialized_start=2239
-  _globals['_USERMETRIC_TAGSENTRY']._serialized_end=2282
-  _globals['_REPORTLOADRESPONSE']._serialized_start=2284
-  _globals['_REPORTLOADRESPONSE']._serialized_end=2304
-  _globals['_CONTROLLER']._serialized_start=2307
-  _globals['_CONTROLLER']._serialized_end=3070
+  _globals['_GETSTATUSRESPONSE']._serialized_end=986
+  _globals['_PROXYSTATUS']._serialized_start=988
+  _globals['_PROXYSTATUS']._serialized_end=1108
+  _globals['_WATCHROUTESREQUEST']._serialized_start=1110
+  _globals['_WATCHROUTESREQUEST']._serialized_end=1204
+  _globals['_ROUTE']._serialized_start=1206
+  _globals['_ROUTE']._serialized_end=1270
+  _globals['_ROUTETABLE']._serialized_start=1272
+  _globals['_ROUTETABLE']._serialized_end=1317
+  _globals['_WAITAPPLICATIONREQUEST']._serialized_start=1319
+  _globals['_WAITAPPLICATIONREQUEST']._serialized_end=1380
+  _globals['_WAITAPPLICATIONRESPONSE']._serialized_start=1382
+  _globals['_WAITAPPLICATIONRESPONSE']._serialized_end=1496
+  _globals['_GETAPPLICATIONREQUEST']._serialized_start=1498
+  _globals['_GETAPPLICATIONREQUEST']._serialized_end=1539
+  _globals['_GETAPPLICATIONRESPONSE']._serialized_start=1541
+  _globals['_GETAPPLICATIONRESPONSE']._serialized_end=1639
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1641
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1701
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1703
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1720
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1722
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1740
+  _globals['_LINKREQUEST']._serialized_start=1743
+  _globals['_LINKREQUEST']._serialized_end=1926
+  _globals['_LINKRESPONSE']._serialized_start=1929
+  _globals['_LINKRESPONSE']._serialized_end=2062
+  _globals['_LINKRESPONSE_ACTION']._serialized_start=1992
+  _globals['_LINKRESPONSE_ACTION']._serialized_end=2062
+  _globals['_REPORTMODELSREQUEST']._serialized_start=2064
+  _globals['_REPORTMODELSREQUEST']._serialized_end=2124
+  _globals['_REPORTMODELSRESPONSE']._serialized_start=2126
+  _globals['_REPORTMODELSRESPONSE']._serialized_end=2148
+  _globals['_REPORTLOADREQUEST']._serialized_start=2151
+  _globals['_REPORTLOADREQUEST']._serialized_end=2412
+  _globals['_USERMETRIC']._serialized_start=2415
+  _globals['_USERMETRIC']._serialized_end=2653
+  _globals['_USERMETRIC_TAGSENTRY']._serialized_start=2610
+  _globals['_USERMETRIC_TAGSENTRY']._serialized_end=2653
+  _globals['_REPORTLOADRESPONSE']._serialized_start=2655
+  _globals['_REPORTLOADRESPONSE']._serialized_end=2675
+  _globals['_CONTROLLER']._serialized_start=2678
+  _globals['_CONTROLLER']._serialized_end=3510
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,11 @@ class ControllerStub:
                 request_serializer=serve_dot___proto_dot_controller__pb2.WatchDeploymentRequest.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_common__pb2.ReplicaSet.FromString,
                 _registered_method=True)
+        self.WatchRoutes = channel.unary_stream(
+                '/serve.v1.Controller/WatchRoutes',
+                request_serializer=serve_dot___proto_dot_controller__pb2.WatchRoutesRequest.SerializeToString,
+                response_deserializer=serve_dot___proto_dot_controller__pb2.RouteTable.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/serve.v1.Controller/Shutdown',
                 request_serializer=serve_dot___proto_dot_controller__pb2.ShutdownRequest.SerializeToString,
@@ -125,6 +130,15 @@ class ControllerServicer:
 
     def WatchDeployment(self, request, context):
         """Push the routable replica set of one deployment: the current one at once, then every change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRoutes(self, request, context):
+        """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
+        change. The request says which proxy is watching, so the controller knows its proxies
+        (and re-adopts one that outlived a controller restart).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +205,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.WatchDeployment,
                     request_deserializer=serve_dot___proto_dot_controller__pb2.WatchDeploymentRequest.FromString,
                     response_serializer=serve_dot___proto_dot_common__pb2.ReplicaSet.SerializeToString,
+            ),
+            'WatchRoutes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRoutes,
+                    request_deserializer=serve_dot___proto_dot_controller__pb2.WatchRoutesRequest.FromString,
+                    response_serializer=serve_dot___proto_dot_controller__pb2.RouteTable.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -375,6 +394,33 @@ class Controller:
             '/serve.v1.Controller/WatchDeployment',
             serve_dot___proto_dot_controller__pb2.WatchDeploymentRequest.SerializeToString,
             serve_dot___proto_dot_common__pb2.ReplicaSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/serve.v1.Controller/WatchRoutes',
+            serve_dot___proto_dot_controller__pb2.WatchRoutesRequest.SerializeToString,
+            serve_dot___proto_dot_controller__pb2.RouteTable.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class ControllerStub:
     GetApplication: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetApplicationRequest, _controller_pb2.GetApplicationResponse]
     WatchDeployment: _grpc.UnaryStreamMultiCallable[_controller_pb2.WatchDeploymentRequest, _common_pb2.ReplicaSet]
     """Push the routable replica set of one deployment: the current one at once, then every change."""
+    WatchRoutes: _grpc.UnaryStreamMultiCallable[_controller_pb2.WatchRoutesRequest, _controller_pb2.RouteTable]
+    """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
+    change. The request says which proxy is watching, so the controller knows its proxies
+    (and re-adopts one that outlived a controller restart).
+    """
     Shutdown: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ShutdownRequest, _controller_pb2.ShutdownResponse]
     """Delete every application and stop the controller."""
     Link: _grpc.UnaryStreamMultiCallable[_controller_pb2.LinkRequest, _controller_pb2.LinkResponse]
@@ -70,6 +75,11 @@ class ControllerAsyncStub(ControllerStub):
     GetApplication: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetApplicationRequest, _controller_pb2.GetApplicationResponse]  # type: ignore[assignment]
     WatchDeployment: _aio.UnaryStreamMultiCallable[_controller_pb2.WatchDeploymentRequest, _common_pb2.ReplicaSet]  # type: ignore[assignment]
     """Push the routable replica set of one deployment: the current one at once, then every change."""
+    WatchRoutes: _aio.UnaryStreamMultiCallable[_controller_pb2.WatchRoutesRequest, _controller_pb2.RouteTable]  # type: ignore[assignment]
+    """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
+    change. The request says which proxy is watching, so the controller knows its proxies
+    (and re-adopts one that outlived a controller restart).
+    """
     Shutdown: _aio.UnaryUnaryMultiCallable[_controller_pb2.ShutdownRequest, _controller_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Delete every application and stop the controller."""
     Link: _aio.UnaryStreamMultiCallable[_controller_pb2.LinkRequest, _controller_pb2.LinkResponse]  # type: ignore[assignment]
@@ -128,6 +138,17 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.ReplicaSet], _abc.AsyncIterator[_common_pb2.ReplicaSet]]:
         """Push the routable replica set of one deployment: the current one at once, then every change."""
+
+    @_abc_1.abstractmethod
+    def WatchRoutes(
+        self,
+        request: _controller_pb2.WatchRoutesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_controller_pb2.RouteTable], _abc.AsyncIterator[_controller_pb2.RouteTable]]:
+        """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
+        change. The request says which proxy is watching, so the controller knows its proxies
+        (and re-adopts one that outlived a controller restart).
+        """
 
     @_abc_1.abstractmethod
     def Shutdown(

@@ -44,6 +44,11 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     """body: one encoded stream item"""
     FRAME_KIND_END: _FrameKind.ValueType  # 9
     """the stream finished cleanly"""
+    FRAME_KIND_INPUT: _FrameKind.ValueType  # 10
+    """router -> replica, after REQUEST: one more input for a running request (the proxy's ASGI
+    receive messages: request body chunks, WebSocket messages, disconnects). Body: pickled.
+    A replica drops inputs for requests it is not running (rejected or finished).
+    """
 
 class FrameKind(_FrameKind, metaclass=_FrameKindEnumTypeWrapper): ...
 
@@ -65,6 +70,11 @@ FRAME_KIND_ITEM: FrameKind.ValueType  # 8
 """body: one encoded stream item"""
 FRAME_KIND_END: FrameKind.ValueType  # 9
 """the stream finished cleanly"""
+FRAME_KIND_INPUT: FrameKind.ValueType  # 10
+"""router -> replica, after REQUEST: one more input for a running request (the proxy's ASGI
+receive messages: request body chunks, WebSocket messages, disconnects). Body: pickled.
+A replica drops inputs for requests it is not running (rejected or finished).
+"""
 Global___FrameKind: _TypeAlias = FrameKind  # noqa: Y015
 
 class _RejectReason:

@@ -28,6 +28,7 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_CREDIT,
     FRAME_KIND_END,
     FRAME_KIND_ERROR,
+    FRAME_KIND_INPUT,
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
     FRAME_KIND_REQUEST,
@@ -153,6 +154,11 @@ class ReplicaConnection:
             self._lane.send(
                 FrameHeader(kind=FRAME_KIND_CREDIT, id=frame_id, credit=count, credit_bytes=nbytes)
             )
+
+    def feed(self, frame_id: int, payload: bytes) -> None:
+        """One more input for a running request (see FRAME_KIND_INPUT)."""
+        if self.broken is None and self._lane is not None and frame_id in self._pending:
+            self._lane.send(FrameHeader(kind=FRAME_KIND_INPUT, id=frame_id), payload)
 
     async def _write_loop(self, call: Any, lane: FrameLane) -> None:
         """Write once the replica has confirmed, in its headers, that it is the replica this

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import grpc.aio
 
-from serve._models import CodeEnv, DeploymentID, DeploymentSpec, ReplicaSet
+from serve._models import CodeEnv, DeploymentID, DeploymentSpec, ProxyInfo, ReplicaSet, Route
 from serve._proto import controller_pb2, controller_pb2_grpc
 from serve._rpc.channel import CHANNEL_OPTIONS, TlsFiles, open_channel, token_metadata
 from serve._rpc.convert import (
@@ -254,6 +254,26 @@ class ControllerClient:
                 yield response.action != controller_pb2.LinkResponse.ACTION_STOP
         except grpc.aio.AioRpcError as exc:
             raise controller_error(exc, self.address, "link to the controller") from exc
+        finally:
+            call.cancel()
+
+    async def watch_routes(self, proxy: ProxyInfo) -> AsyncIterator[list[Route]]:
+        """Hold a proxy's WatchRoutes stream: the route table at once, then each change. Ends
+        when the stream breaks (raises ControllerUnavailableError and the like)."""
+        call = self._stub.WatchRoutes(
+            controller_pb2.WatchRoutesRequest(
+                node_id=proxy.node_id,
+                pid=proxy.pid,
+                http_address=proxy.http_address,
+                grpc_address=proxy.grpc_address,
+            ),
+            metadata=self._metadata,
+        )
+        try:
+            async for table in call:
+                yield [Route(r.route_prefix, r.app_name, r.ingress) for r in table.routes]
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "watch the route table") from exc
         finally:
             call.cancel()
 

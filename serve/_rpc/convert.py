@@ -21,7 +21,12 @@ from serve._models import (
 from serve._proto import common_pb2, controller_pb2
 from serve.config import AutoscalingConfig
 from serve.metrics import Sample
-from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+from serve.schema import (
+    ApplicationStatusOverview,
+    DeploymentStatusOverview,
+    ProxyDetails,
+    ServeStatus,
+)
 
 
 def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
@@ -247,5 +252,10 @@ def application_status_from_proto(
 
 def serve_status_from_proto(msg: controller_pb2.GetStatusResponse) -> ServeStatus:
     return ServeStatus(
-        applications={a.name: application_status_from_proto(a) for a in msg.applications}
+        applications={a.name: application_status_from_proto(a) for a in msg.applications},
+        proxies={p.node_id: p.status for p in msg.proxies},
+        proxy_details={
+            p.node_id: ProxyDetails(p.status, p.http_address, p.grpc_address, p.pid, p.message)
+            for p in msg.proxies
+        },
     )

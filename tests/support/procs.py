@@ -30,7 +30,8 @@ def wait_for(
 
 
 def serve_processes(root_pid: int | None = None) -> list[psutil.Process]:
-    """serve-controller / serve-replica processes descended from ``root_pid`` (default: us)."""
+    """serve-controller / serve-replica / serve-proxy processes descended from ``root_pid``
+    (default: us)."""
     try:
         root = psutil.Process(root_pid or os.getpid())
         children = root.children(recursive=True)
@@ -42,7 +43,7 @@ def serve_processes(root_pid: int | None = None) -> list[psutil.Process]:
             cmdline = " ".join(child.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if "-m controller" in cmdline or "-m replica" in cmdline:
+        if any(f"-m {m}" in cmdline for m in ("controller", "replica", "serve._proxy")):
             found.append(child)
     return found
 
@@ -177,3 +178,14 @@ class StandaloneController:
         self.stop()
         for pid in self.replica_pids():
             kill_tree(pid)
+
+
+def proxy_details(timeout_s: float = 30.0) -> Any:
+    """This process's serve proxy (``serve.status().proxy_details``), once it is HEALTHY."""
+    import serve
+
+    def healthy() -> Any:
+        details = list(serve.status().proxy_details.values())
+        return details[0] if details and details[0].status == "HEALTHY" else None
+
+    return wait_for(healthy, timeout_s=timeout_s, interval_s=0.1)

@@ -35,6 +35,7 @@ class FakeConnection:
         self.broken: ConnectionLost | None = None
         self.sent: dict[int, tuple[Any, Request, Envelope]] = {}
         self.cancelled: list[int] = []
+        self.fed: list[tuple[int, bytes]] = []
         self.probe_answer: tuple[int, bool] | None = (0, True)
         self.probes = 0
         self.history: list[Request] = []
@@ -50,6 +51,9 @@ class FakeConnection:
 
     def cancel(self, frame_id: int) -> None:
         self.cancelled.append(frame_id)
+
+    def feed(self, frame_id: int, payload: bytes) -> None:
+        self.fed.append((frame_id, payload))
 
     def credit(self, frame_id: int, count: int, nbytes: int) -> None:
         pass

@@ -1,0 +1,318 @@
+"""HTTP ingress, the replica half: run the user's ASGI app for requests the proxy forwards.
+
+A forwarded connection is one streaming call (see ``serve/_ingress.py``): the app's ``receive``
+returns the messages that came with the call, then the inputs the proxy feeds; what the app
+sends goes back as stream items, each a list of ASGI messages (a response's start travels with
+its first body chunk). A plain deployment's ``__call__`` gets a Starlette ``Request`` and may
+return a Starlette ``Response`` or any value, converted as Ray does: ``str`` -> text/plain
+UTF-8, ``bytes``/``None`` -> text/plain, anything else -> JSON.
+
+Starlette and FastAPI are imported only when a replica serves HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib
+import inspect
+import logging
+import pickle
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from serve._context import current_request, get_replica_context
+from serve.exceptions import ServeError
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OUTBOX_LIMIT = 64  # ASGI messages the app may send ahead of the stream's consumer
+
+
+class _Outbox:
+    """The app's ``send``: messages wait here until the stream takes them as one item."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.ready = asyncio.Event()
+        self.taken = asyncio.Event()
+        self.started = False  # a response (or WebSocket accept/close) went out
+        self.closed = False
+
+    async def send(self, message: Message) -> None:
+        if self.closed:
+            raise RuntimeError("The ASGI response is already complete.")
+        while len(self.messages) >= OUTBOX_LIMIT:
+            self.taken.clear()
+            await self.taken.wait()
+        kind = message["type"]
+        if kind != "http.response.start":  # a start waits for its first body chunk
+            self.ready.set()
+        self.started = True
+        self.messages.append(message)
+
+    def take(self) -> list[Message]:
+        taken, self.messages = self.messages, []
+        self.ready.clear()
+        self.taken.set()
+        return taken
+
+
+def _receiver(scope: Scope, first: list[Message], feed: asyncio.Queue[bytes] | None) -> Receive:
+    pending = collections.deque(first)
+    websocket = scope["type"] == "websocket"
+    gone: Message | None = None
+
+    async def receive() -> Message:
+        nonlocal gone
+        if pending:
+            return pending.popleft()
+        if gone is not None:
+            return gone
+        if feed is None:  # called through a handle, not the proxy: nothing more will come
+            await asyncio.Event().wait()
+        assert feed is not None
+        message: Message = pickle.loads(await feed.get())
+        if message["type"] in ("http.disconnect", "websocket.disconnect"):
+            gone = message
+        elif websocket and message["type"] == "websocket.close":
+            gone = {"type": "websocket.disconnect", "code": message.get("code", 1000)}
+        return message
+
+    return receive
+
+
+async def serve_asgi(app: ASGIApp, scope: Scope, first: list[Message]) -> AsyncIterator[Any]:
+    """Run ``app`` for one forwarded connection, yielding lists of the messages it sends."""
+    request = current_request()
+    receive = _receiver(scope, first, request.feed if request is not None else None)
+    outbox = _Outbox()
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, outbox.send)
+        finally:
+            outbox.closed = True
+            outbox.ready.set()
+
+    task = asyncio.create_task(run(), name="replica:asgi")
+    try:
+        while True:
+            await outbox.ready.wait()
+            batch = outbox.take()
+            if batch:
+                yield batch
+            if outbox.closed and not outbox.messages:
+                break
+        error = task.exception()
+        if error is not None:
+            if not outbox.started:
+                raise error  # the proxy answers 500 with the error
+            logger.error("The ASGI app raised after its response started", exc_info=error)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def call_app(call: Callable[[Any], Awaitable[Any]]) -> ASGIApp:
+    """An ASGI app for a plain deployment: ``__call__(request)`` behind Starlette's Request."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise ServeError(
+                f"Deployment got a {scope['type']} connection but only answers HTTP; use "
+                "@serve.ingress with a FastAPI or Starlette app to accept WebSockets."
+            )
+        result = await call(Request(scope, receive))
+        if isinstance(result, Response):
+            await result(scope, receive, send)  # type: ignore[arg-type]
+            return
+        for message in response_messages(result):
+            await send(message)
+
+    return app
+
+
+def response_messages(value: Any, status: int = 200) -> list[Message]:
+    """The ASGI messages of a plain return value, converted as Ray converts it."""
+    if value is None:
+        body, content_type = b"", b"text/plain"
+    elif isinstance(value, bytes):
+        body, content_type = value, b"text/plain"
+    elif isinstance(value, str):
+        body, content_type = value.encode(), b"text/plain; charset=utf-8"
+    else:
+        import orjson
+        from fastapi.encoders import jsonable_encoder
+
+        body = orjson.dumps(jsonable_encoder(value))
+        content_type = b"application/json"
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+        },
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
+def bind_class_routes(app: Any, cls: type) -> Any:
+    """Make the FastAPI routes declared on ``cls``'s methods run on the replica's instance.
+
+    ``@app.get("/") def root(self)`` registered ``self`` as a parameter; each such route is
+    re-added with ``self`` filled by a dependency on the servable object, its other parameters
+    keyword-only (FastAPI reads them by name). Routes of other classes are dropped: one app
+    may serve several deployments, each its own routes.
+    """
+    try:
+        from fastapi import APIRouter, Depends, FastAPI
+        from fastapi.routing import APIRoute, APIWebSocketRoute
+    except ImportError:
+        return app
+    if not isinstance(app, FastAPI):
+        return app
+
+    def servable_object() -> Any:
+        return get_replica_context().servable_object
+
+    ours: list[Any] = []
+    keep: list[Any] = []
+    for route in app.router.routes:
+        endpoint = getattr(route, "endpoint", None)
+        qualname = getattr(endpoint, "__qualname__", "")
+        owner = qualname.rsplit(".", 1)[0] if "." in qualname else ""
+        is_method = isinstance(route, APIRoute | APIWebSocketRoute) and "<locals>" not in owner
+        name = getattr(endpoint, "__name__", "")
+        if is_method and owner.endswith(cls.__qualname__) and hasattr(cls, name):
+            ours.append(route)
+        elif is_method and owner and _defined_in_class(endpoint):
+            continue  # another deployment's route
+        else:
+            keep.append(route)
+    app.router.routes[:] = keep
+    router = APIRouter()
+    for route in ours:
+        signature = inspect.signature(route.endpoint)
+        parameters = list(signature.parameters.values())
+        if not parameters:
+            raise ServeError(
+                f"Route {route.path} of {cls.__name__}: methods of a FastAPI class-based view "
+                "take `self` as their first parameter."
+            )
+        first = parameters[0].replace(default=Depends(servable_object))
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters[1:]]
+        route.endpoint.__signature__ = signature.replace(parameters=[first, *rest])
+        router.routes.append(route)
+    app.include_router(router)  # re-reads each endpoint's signature
+    return app
+
+
+def _defined_in_class(endpoint: Any) -> bool:
+    """Whether a route's endpoint is a method (its first parameter is ``self``)."""
+    try:
+        parameters = list(inspect.signature(endpoint).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and parameters[0] == "self"
+
+
+class Lifespan:
+    """The app's lifespan events (FastAPI's startup handlers and lifespan context), run as
+    Ray's replica runs them: startup before the first request, shutdown at stop. An app
+    without lifespan support is fine."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._answer: asyncio.Queue[Message] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        self._task = asyncio.create_task(self._run(scope), name="replica:lifespan")
+        await self._phase("startup")
+
+    async def shutdown(self) -> None:
+        if self._task is not None and not self._task.done():
+            await self._phase("shutdown")
+
+    async def _phase(self, phase: str) -> None:
+        self._inbox.put_nowait({"type": f"lifespan.{phase}"})
+        answer = await self._answer.get()
+        if answer["type"].endswith(".failed"):
+            raise ServeError(f"The ASGI app's lifespan {phase} failed: {answer.get('message')}")
+
+    async def _run(self, scope: Scope) -> None:
+        try:
+            await self._app(scope, self._inbox.get, self._send)
+        except Exception:
+            logger.debug("The ASGI app does not support lifespan events", exc_info=True)
+        self._answer.put_nowait({"type": "lifespan.unsupported"})
+
+    async def _send(self, message: Message) -> None:
+        self._answer.put_nowait(message)
+
+
+class _Capture:
+    """Stands in for a grpc server: records the handlers a servicer function registers."""
+
+    def __init__(self) -> None:
+        self.generic: list[Any] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        pass  # the generic handlers registered alongside cover the same methods
+
+
+class _AnyServicer:
+    """A servicer with every method: servicer functions only bind them."""
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata: tuple[Any, ...] = ()
+
+
+_grpc_handlers: dict[tuple[str, ...], list[Any]] = {}
+
+
+def grpc_method_handler(servicer_functions: tuple[str, ...], method: str) -> Any:
+    """The grpc method handler (its request deserializer and response serializer) that the
+    user's ``add_XServicer_to_server`` functions register for ``method``."""
+    handlers = _grpc_handlers.get(servicer_functions)
+    if handlers is None:
+        capture = _Capture()
+        for path in servicer_functions:
+            module_name, _, attribute = path.rpartition(".")
+            try:
+                function = getattr(importlib.import_module(module_name), attribute)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise ServeError(
+                    f"Could not import the gRPC servicer function {path!r} in the replica: "
+                    f"{exc}. It must be importable where the deployment's code runs."
+                ) from exc
+            function(_AnyServicer(), capture)
+        handlers = _grpc_handlers[servicer_functions] = capture.generic
+    for generic in handlers:
+        found = generic.service(_Details(method))
+        if found is not None:
+            return found
+    raise ServeError(
+        f"gRPC method {method!r} is not in the servicer functions {list(servicer_functions)}."
+    )

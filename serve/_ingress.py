@@ -1,0 +1,85 @@
+"""HTTP ingress, the SDK half: ``serve.ingress`` and what the proxy and replicas agree on.
+
+The proxy (``serve/_proxy``) forwards each HTTP or WebSocket connection to its application's
+ingress deployment as one streaming call of :data:`ASGI_METHOD`: the arguments are the ASGI
+scope and the receive messages already read; further receive messages follow as inputs
+(``DeploymentResponseGenerator._feed``); each stream item is a list of ASGI send messages.
+The replica (``replica/ingress.py``) runs the user's ASGI app, or wraps ``__call__`` for a
+plain deployment, which receives a Starlette ``Request`` as in Ray. Nothing here imports an
+HTTP library: the SDK stays light.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+ASGI_METHOD = "__serve_asgi__"
+GRPC_METHOD = "__serve_grpc__"
+FED_METHODS = frozenset({ASGI_METHOD})  # calls whose caller feeds them inputs while they run
+APP_ATTRIBUTE = "__serve_asgi_app__"  # set on a class by serve.ingress
+
+C = TypeVar("C")
+
+
+def ingress(app: Any) -> Callable[[C], C]:
+    """Serve ``app`` (a FastAPI app or any ASGI app, or a function that builds one) as the
+    HTTP interface of the decorated deployment class, as Ray's ``serve.ingress``.
+
+    Routes declared on the class's methods (``@app.get("/") def root(self): ...``) run on the
+    replica's instance. Use it under ``@serve.deployment``::
+
+        app = FastAPI()
+
+        @serve.deployment
+        @serve.ingress(app)
+        class MyFastAPIDeployment:
+            @app.get("/")
+            def root(self):
+                return "Hello, world!"
+    """
+    if not callable(app):
+        raise TypeError(
+            f"serve.ingress expects an ASGI app (such as a FastAPI app) or a function that "
+            f"returns one, got {type(app).__name__}."
+        )
+
+    def decorator(cls: C) -> C:
+        if not inspect.isclass(cls):
+            raise ValueError(
+                "@serve.ingress must decorate a class (put it under @serve.deployment); "
+                f"got {type(cls).__name__}."
+            )
+        if "__call__" in cls.__dict__:
+            raise ValueError(
+                f"Class {cls.__name__} decorated with @serve.ingress cannot define __call__: "
+                "the ASGI app answers HTTP requests."
+            )
+        _resolve_annotations(app, cls)
+        setattr(cls, APP_ATTRIBUTE, app)
+        return cls
+
+    return decorator
+
+
+def _resolve_annotations(app: Any, cls: type) -> None:
+    """Turn the string annotations of the class's route methods (``from __future__ import
+    annotations``) into the objects they name, here where the module's globals are: code
+    pickled by value reaches the replica without the globals only an annotation mentions, and
+    FastAPI reads the annotations again there."""
+    prefix = cls.__qualname__ + "."
+    for route in getattr(app, "routes", ()):
+        endpoint = getattr(route, "endpoint", None)
+        if endpoint is None or not getattr(endpoint, "__qualname__", "").startswith(prefix):
+            continue
+        try:
+            endpoint.__annotations__ = typing.get_type_hints(endpoint, include_extras=True)
+        except Exception:  # an annotation that does not resolve stays as it is
+            continue
+
+
+def asgi_app_of(target: Any) -> Any | None:
+    """The ASGI app a deployment's class was given by ``serve.ingress``, if any."""
+    return getattr(type(target), APP_ATTRIBUTE, None)

@@ -1,0 +1,3 @@
+from serve._proxy.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The proxy's route table: the longest matching ``route_prefix`` wins, as in Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from serve._models import Route
+from serve.handle import DeploymentHandle
+
+
+class RouteTable:
+    """Routes, longest prefix first, with one ingress handle per application (kept across
+    updates, so an application keeps its router and its replica-set watch)."""
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+        self._handles: dict[tuple[str, str], DeploymentHandle[Any]] = {}
+
+    def update(self, routes: Iterable[Route]) -> None:
+        self._routes = sorted(routes, key=lambda r: len(r.route_prefix), reverse=True)
+        live = {(r.app_name, r.ingress) for r in self._routes}
+        for key in list(self._handles):
+            if key not in live:
+                del self._handles[key]
+
+    @property
+    def routes(self) -> list[Route]:
+        return self._routes
+
+    def match(self, path: str) -> Route | None:
+        for route in self._routes:
+            prefix = route.route_prefix
+            if (
+                prefix == "/"
+                or path == prefix
+                or (path.startswith(prefix) and path[len(prefix)] == "/")
+            ):
+                return route
+        return None
+
+    def by_app(self, app_name: str) -> Route | None:
+        return next((r for r in self._routes if r.app_name == app_name), None)
+
+    def handle(self, route: Route) -> DeploymentHandle[Any]:
+        key = (route.app_name, route.ingress)
+        found = self._handles.get(key)
+        if found is None:
+            found = self._handles[key] = DeploymentHandle(route.ingress, route.app_name)
+        return found

@@ -1,0 +1,231 @@
+"""One serve-proxy process: uvicorn (httptools, uvloop) serving ``ProxyApp``, plus the gRPC
+ingress when gRPC servicer functions are configured.
+
+The proxy watches the controller's route table over one stream (which also tells the controller
+this proxy is alive), and routes through ordinary handles on its own loop, as a replica does.
+``workers`` > 1 starts that many processes in all, sharing the listening socket; each extra
+worker runs the same server, and exits when its parent's pipe closes. Without a controller for
+``orphan_timeout_s`` the proxy exits (no leaked processes); until then it keeps serving on the
+last route table, and re-links to a controller that comes back at the same address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from serve import _client
+from serve._models import ProxyInfo
+from serve._proxy.http import ProxyApp
+from serve._proxy.routes import RouteTable
+from serve._rpc.channel import TlsFiles
+from serve._sync import set_home_loop
+from serve.config import HTTPOptions, gRPCOptions
+
+logger = logging.getLogger(__name__)
+
+WORKER_STOP_S = 5.0
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        *,
+        controller_address: str,
+        token: str | None,
+        tls: TlsFiles | None,
+        node_id: str,
+        http: HTTPOptions,
+        grpc: gRPCOptions,
+        workers: int = 1,
+        worker_fd: int | None = None,
+        orphan_timeout_s: float = 30.0,
+        log_file: str | None = None,
+    ) -> None:
+        self._controller_address = controller_address
+        self._token = token
+        self._tls = tls
+        self._node_id = node_id
+        self._http = http
+        self._grpc = grpc
+        self._workers = workers
+        self._worker_fd = worker_fd
+        self._orphan_timeout_s = orphan_timeout_s
+        self._log_file = log_file
+        self._routes = RouteTable()
+        self._app = ProxyApp(self._routes, request_timeout_s=http.request_timeout_s)
+        self._server: Any = None  # the uvicorn.Server
+        self._have_routes = asyncio.Event()
+
+    @property
+    def is_worker(self) -> bool:
+        return self._worker_fd is not None
+
+    async def run(self) -> int:
+        import uvicorn
+
+        loop = asyncio.get_running_loop()
+        set_home_loop(loop)
+        client = _client.ServeClient(
+            self._controller_address, token=self._token, tls=self._tls, owner=None
+        )
+        _client.install(client)
+        sock = self._socket()
+        host, port = sock.getsockname()[:2]
+        http_address = f"{host}:{port}"
+        grpc_server = None
+        grpc_address = ""
+        if self._grpc.grpc_servicer_functions and not self.is_worker:
+            from serve._rpc.grpc_ingress import start_grpc_ingress
+
+            grpc_server, grpc_port = await start_grpc_ingress(
+                self._routes,
+                host=self._http.host,
+                port=self._grpc.port,
+                servicer_functions=self._grpc.grpc_servicer_functions,
+                request_timeout_s=self._grpc.request_timeout_s,
+                ready=self._app,
+            )
+            grpc_address = f"{self._http.host}:{grpc_port}"
+        info = ProxyInfo(
+            node_id="" if self.is_worker else self._node_id,
+            pid=os.getpid(),
+            http_address=http_address,
+            grpc_address=grpc_address,
+        )
+        config = uvicorn.Config(
+            self._app,
+            http="httptools",
+            ws="websockets",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_keep_alive=max(1, round(self._http.keep_alive_timeout_s)),
+        )
+        server = self._server = uvicorn.Server(config)
+        watch = asyncio.create_task(self._watch_routes(client, info), name="proxy:routes")
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10.0):
+                    await self._have_routes.wait()
+            if not self.is_worker:
+                children = [self._start_worker(sock) for _ in range(self._workers - 1)]
+                ready = {
+                    "event": "ready",
+                    "address": http_address,
+                    "http": http_address,
+                    "grpc": grpc_address,
+                    "pid": os.getpid(),
+                }
+                sys.stdout.write(json.dumps(ready) + "\n")
+                sys.stdout.flush()
+                logger.info(
+                    "serve-proxy serving HTTP on %s%s",
+                    http_address,
+                    f" and gRPC on {grpc_address}" if grpc_address else "",
+                )
+            else:
+                self._watch_parent(loop)
+            await server.serve(sockets=[sock])
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            for child in children:
+                _stop_worker(child)
+            if grpc_server is not None:
+                await grpc_server.stop(1.0)
+            await client.aclose()
+            sock.close()
+        return 0
+
+    def _socket(self) -> socket.socket:
+        if self._worker_fd is not None:
+            return socket.socket(fileno=self._worker_fd)
+        family = socket.AF_INET6 if ":" in self._http.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._http.host, self._http.port))
+        except OSError as exc:
+            sock.close()
+            raise SystemExit(
+                f"serve-proxy: cannot listen on {self._http.host}:{self._http.port}: "
+                f"{exc.strerror}. Free the port or choose another with "
+                "http_options={'port': ...} (serve start --http-port)."
+            ) from exc
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+    def _start_worker(self, sock: socket.socket) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-P", "-m", "serve._proxy", *sys.argv[1:]]
+        command += ["--worker-fd", str(sock.fileno())]
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,  # closed by this process (or its death): the worker exits
+            stdout=subprocess.DEVNULL,
+            pass_fds=[sock.fileno()],
+        )
+
+    def _watch_parent(self, loop: asyncio.AbstractEventLoop) -> None:
+        fd = sys.stdin.fileno()
+
+        def on_readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+                self._stop()
+
+        loop.add_reader(fd, on_readable)
+
+    def _stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def _watch_routes(self, client: _client.ServeClient, info: ProxyInfo) -> None:
+        """Keep the route table current; exit after orphan_timeout_s without a controller."""
+        lost_since = 0.0
+        delay_s = 0.1
+        while True:
+            try:
+                async for routes in client.controller.watch_routes(info):
+                    self._routes.update(routes)
+                    self._app.ready = True
+                    self._have_routes.set()
+                    lost_since = 0.0
+                    delay_s = 0.1
+            except Exception as exc:  # ControllerUnavailableError, or a refusal
+                logger.debug("Route watch failed: %s", exc)
+            now = time.monotonic()
+            if not lost_since:
+                lost_since = now
+                logger.warning("Lost the controller at %s", self._controller_address)
+            if now - lost_since > self._orphan_timeout_s:
+                logger.warning("No controller for %.0fs; exiting", now - lost_since)
+                self._stop()
+                return
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
+
+
+def _stop_worker(child: subprocess.Popen[bytes]) -> None:
+    if child.stdin is not None:
+        with contextlib.suppress(OSError):
+            child.stdin.close()
+    try:
+        child.wait(WORKER_STOP_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()

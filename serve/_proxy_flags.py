@@ -1,0 +1,90 @@
+"""The proxy's command-line options, shared by serve-proxy, serve-controller and `serve start`,
+and the flags that hand ``HTTPOptions`` / ``gRPCOptions`` from a driver to its controller."""
+
+from __future__ import annotations
+
+import argparse
+
+from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
+
+
+def add_proxy_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the proxy, shared by serve-proxy, serve-controller and `serve start`."""
+    parser.add_argument(
+        "--http-host", default="127.0.0.1", help="HTTP interface (default loopback)"
+    )
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument(
+        "--http-request-timeout-s",
+        type=float,
+        default=None,
+        help="answer 408 after this long; the deadline travels with nested calls",
+    )
+    parser.add_argument("--http-keep-alive-timeout-s", type=float, default=90.0)
+    parser.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
+    parser.add_argument(
+        "--grpc-servicer-functions",
+        default="",
+        help="comma-separated import paths of add_XServicer_to_server functions; the gRPC "
+        "proxy runs only when some are given",
+    )
+    parser.add_argument("--grpc-request-timeout-s", type=float, default=None)
+    parser.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=1,
+        help="HTTP worker processes sharing the port (default 1)",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[HTTPOptions, gRPCOptions]:
+    http = HTTPOptions(
+        host=args.http_host,
+        port=args.http_port,
+        request_timeout_s=args.http_request_timeout_s,
+        keep_alive_timeout_s=args.http_keep_alive_timeout_s,
+    )
+    functions = tuple(f.strip() for f in args.grpc_servicer_functions.split(",") if f.strip())
+    grpc = gRPCOptions(
+        port=args.grpc_port,
+        grpc_servicer_functions=functions,
+        request_timeout_s=args.grpc_request_timeout_s,
+    )
+    if args.proxy_workers < 1:
+        raise ValueError(f"--proxy-workers must be >= 1, got {args.proxy_workers}")
+    return http, grpc
+
+
+def proxy_flags(http: HTTPOptions, grpc: gRPCOptions, workers: int = 1) -> list[str]:
+    """The command-line flags that give a proxy these options (inverse of options_from_args)."""
+    flags = [
+        "--http-host",
+        http.host,
+        "--http-port",
+        str(http.port),
+        "--http-keep-alive-timeout-s",
+        str(http.keep_alive_timeout_s),
+        "--grpc-port",
+        str(grpc.port),
+        "--proxy-workers",
+        str(workers),
+    ]
+    if http.request_timeout_s is not None:
+        flags += ["--http-request-timeout-s", str(http.request_timeout_s)]
+    if grpc.request_timeout_s is not None:
+        flags += ["--grpc-request-timeout-s", str(grpc.request_timeout_s)]
+    if grpc.grpc_servicer_functions:
+        flags += ["--grpc-servicer-functions", ",".join(grpc.grpc_servicer_functions)]
+    return flags
+
+
+def controller_flags(
+    proxy_location: ProxyLocation | str | None,
+    http_options: HTTPOptions | dict[str, object] | None,
+    grpc_options: gRPCOptions | dict[str, object] | None,
+) -> list[str]:
+    """serve-controller flags for Ray's ``serve.start`` options (validated here)."""
+    flags = proxy_flags(HTTPOptions.from_value(http_options), gRPCOptions.from_value(grpc_options))
+    if proxy_location is not None:
+        flags += ["--proxy-location", ProxyLocation.from_value(proxy_location).value]
+    return flags

@@ -1,0 +1,108 @@
+"""gRPC ingress through real daemons: the proxy forwards user-defined gRPC methods (it has no
+copy of the protos) to the ingress deployment's methods; a grpc client with generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import serve
+from tests.support import greeter_pb2, greeter_pb2_grpc
+from tests.support.procs import proxy_details
+
+pytestmark = pytest.mark.e2e
+
+
+@serve.deployment
+class Greeter:
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
+        model = serve.get_multiplexed_model_id() or "-"
+        return greeter_pb2.HelloReply(message=f"{self.greeting} {request.name} [{model}]")
+
+    async def CountTo(self, request: greeter_pb2.HelloRequest) -> Iterator[greeter_pb2.HelloReply]:
+        for i in range(request.count):
+            yield greeter_pb2.HelloReply(message=f"{request.name} {i}")
+            await asyncio.sleep(0)
+
+
+@serve.deployment
+class SlowGreeter:
+    async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
+        await asyncio.sleep(30)
+        return greeter_pb2.HelloReply(message="late")
+
+
+@pytest.fixture
+def channel(serve_instance: None) -> Iterator[grpc.Channel]:
+    address = proxy_details().grpc_address
+    assert address, "the shared proxy serves gRPC (see conftest.serve_session)"
+    with grpc.insecure_channel(address) as channel:
+        yield channel
+
+
+def test_unary_and_server_streaming_methods(channel: grpc.Channel) -> None:
+    serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    app = (("application", "greet"),)
+    reply = stub.SayHello(greeter_pb2.HelloRequest(name="Ada"), metadata=app, timeout=10)
+    assert reply.message == "Hello Ada [-]"
+    items = stub.CountTo(greeter_pb2.HelloRequest(name="n", count=3), metadata=app, timeout=10)
+    assert [r.message for r in items] == ["n 0", "n 1", "n 2"]
+    # One application: the metadata may be left out.
+    assert stub.SayHello(greeter_pb2.HelloRequest(name="B"), timeout=10).message == "Hello B [-]"
+
+
+def test_application_metadata_picks_the_app_and_model_id_is_honoured(
+    channel: grpc.Channel,
+) -> None:
+    serve.run(Greeter.bind("Hello"), name="en", route_prefix="/en")
+    serve.run(Greeter.bind("Bonjour"), name="fr", route_prefix="/fr")
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    request = greeter_pb2.HelloRequest(name="Ada")
+    fr = stub.SayHello(
+        request, metadata=(("application", "fr"), ("multiplexed_model_id", "m7")), timeout=10
+    )
+    assert fr.message == "Bonjour Ada [m7]"
+    assert stub.SayHello(request, metadata=(("application", "en"),), timeout=10).message == (
+        "Hello Ada [-]"
+    )
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.SayHello(request, metadata=(("application", "de"),), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'de'" in unknown.value.details()
+    with pytest.raises(grpc.RpcError) as ambiguous:
+        stub.SayHello(request, timeout=10)  # two applications and no metadata
+    assert ambiguous.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_deadline_is_deadline_exceeded(channel: grpc.Channel) -> None:
+    serve.run(SlowGreeter.bind(), name="slow", route_prefix="/slow")
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as late:
+        stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=0.5)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+
+
+def test_standard_health_service(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unknown_method_names_the_problem(channel: grpc.Channel) -> None:
+    serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    call = channel.unary_unary("/greeter.Greeter/NoSuchMethod")
+    with pytest.raises(grpc.RpcError) as error:
+        call(b"", timeout=10)
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert "NoSuchMethod" in error.value.details()
