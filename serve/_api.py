@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
 import hashlib
@@ -26,6 +27,7 @@ from serve._options import check_route_prefix
 from serve._proxy_flags import controller_flags
 from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
+from serve._settings import settings
 from serve._sync import is_home_thread, run_sync, stop_io_thread
 from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
 from serve.exceptions import DeploymentFailedError, ServeError
@@ -46,6 +48,7 @@ __all__ = [
 logger = logging.getLogger("serve")
 
 _PROGRESS_EVERY_S = 5.0
+PROXY_START_TIMEOUT_S = 30.0
 _MAX_CACHED_HANDLES = 100
 _handles: dict[tuple[str, str], DeploymentHandle[Any]] = {}
 _handles_lock = threading.Lock()
@@ -151,6 +154,9 @@ def run(
         client = _connect()
         version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env()))
         run_sync(_wait_router_ready(client, handle.deployment_id, version))
+        if route_prefix is not None:
+            for url in run_sync(served_urls(client, route_prefix)):
+                _driver_log().info("Application %r is ready at %s.", name, url)
         if blocking:
             while True:
                 time.sleep(3600)
@@ -161,6 +167,36 @@ def run(
         logger.info("Got KeyboardInterrupt, shutting serve down")
         shutdown()
     return handle
+
+
+async def served_urls(
+    client: ServeClient, route_prefix: str, timeout_s: float = PROXY_START_TIMEOUT_S
+) -> list[str]:
+    """Where the proxies serve ``route_prefix`` over HTTP (none when proxies are disabled),
+    once none is still starting (bounded), so the URL answers when serve.run returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await client.controller.status()
+        starting = any(p.status == "STARTING" for p in status.proxy_details.values())
+        if not starting or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return [
+        f"http://{proxy.http_address}{route_prefix}"
+        for proxy in status.proxy_details.values()
+        if proxy.http_address
+    ]
+
+
+def _driver_log() -> logging.Logger:
+    """The ``serve`` logger, shown on the driver's stderr at SERVE_LOG_LEVEL (as Ray shows its
+    serve logs in the driver) unless the program configured logging itself."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s serve: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(settings().log_level)
+    return logger
 
 
 def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:

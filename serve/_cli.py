@@ -8,6 +8,7 @@ when there is none (and stops it on Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import sys
 import time
 from typing import Any, NoReturn
 
+from serve._proxy_flags import add_proxy_options, options_from_args, proxy_flags
+from serve.config import ProxyLocation
 from serve.exceptions import ControllerUnavailableError, ServeError
 
 
@@ -24,13 +27,18 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _connect(address: str | None, *, start_embedded: bool = False) -> Any:
+def _connect(
+    address: str | None,
+    *,
+    start_embedded: bool = False,
+    controller_args: list[str] | None = None,
+) -> Any:
     from serve import _api, _client
 
     try:
         if start_embedded:
-            return _api._connect(address)
-        return _client.connect(address, start_embedded=False)
+            return _api._connect(address, controller_args=controller_args)
+        return _client.connect(address, start_embedded=False, controller_args=controller_args)
     except ControllerUnavailableError as exc:
         _fail(
             f"{exc}\nStart one with `serve start`, or point to one elsewhere with --address "
@@ -104,8 +112,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     from serve import _api
     from serve._sync import run_sync
 
-    client = _connect(args.address, start_embedded=True)
+    flags = None
+    if args.target.endswith((".yaml", ".yml")):
+        flags = _proxy_options(args.target)
+    client = _connect(args.address, start_embedded=True, controller_args=flags)
     deployed: list[str] = []
+    served: list[tuple[str, str | None]] = []
     if not args.non_blocking:
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # Ctrl-C at any point (while deploying too) stops what this command started.
@@ -115,11 +127,17 @@ def cmd_run(args: argparse.Namespace) -> None:
                 overrides = {d.name: d.options for d in app.deployments}
                 ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
                 deployed.append(app.name)
+                served.append((app.name, app.route_prefix))
                 _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
         else:
             ingress, specs = _app_specs(args.target, args.name, _builder_args(args.arguments))
             deployed.append(args.name)
+            served.append((args.name, args.route_prefix))
             _deploy_and_wait(client, args.name, args.route_prefix, ingress, specs)
+        for name, route_prefix in served:
+            if route_prefix is not None:
+                for url in run_sync(_api.served_urls(client, route_prefix)):
+                    print(f"Application {name!r} is ready at {url}.", flush=True)
         print(f"Running {', '.join(map(repr, deployed))}. Press Ctrl-C to stop.", flush=True)
         if args.non_blocking:
             return
@@ -145,7 +163,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         overrides = {d.name: d.options for d in app.deployments}
         ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
         prepared.append((app, ingress, specs))
-    client = _connect(args.address)
+    client = _connect(args.address, controller_args=_proxy_options(args.config))
     env = code_env()
     for app, ingress, specs in prepared:
         try:
@@ -202,10 +220,20 @@ def cmd_status(args: argparse.Namespace) -> None:
     from serve._sync import run_sync
 
     client = _connect(args.address)
-    status = _status_dict(run_sync(client.controller.status()))
+    full = run_sync(client.controller.status())
+    status = _status_dict(full)
+    proxies = {node: dataclasses.asdict(p) for node, p in full.proxy_details.items()}
     if args.json:
-        print(json.dumps({"applications": status}, indent=2))
+        print(json.dumps({"proxies": proxies, "applications": status}, indent=2))
         return
+    for node, proxy in sorted(proxies.items()):
+        where = ", ".join(
+            f"{kind} {proxy[f'{kind}_address']}"
+            for kind in ("http", "grpc")
+            if proxy[f"{kind}_address"]
+        )
+        line = f"proxy {node}: {proxy['status']}" + (f" ({where})" if where else "")
+        print(line + (f": {proxy['message']}" if proxy["message"] else ""))
     if not status:
         print("No applications.")
         return
@@ -316,6 +344,16 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(text, end="")
 
 
+def _proxy_options(path: str) -> list[str] | None:
+    """Controller flags for a config file's proxy_location, http_options and grpc_options."""
+    from serve._config_file import ConfigFileError, load_proxy_options
+
+    try:
+        return load_proxy_options(path)
+    except ConfigFileError as exc:
+        _fail(str(exc))
+
+
 def _port_free(host: str, address: str) -> bool:
     """Whether the port of ``address`` can be bound on ``host`` now."""
     import socket
@@ -352,6 +390,14 @@ def cmd_start(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     if args.metrics_port is not None:
         command += ["--metrics-port", str(args.metrics_port)]
+    try:
+        http, grpc = options_from_args(args)
+        location = ProxyLocation.from_value(args.proxy_location) if args.proxy_location else None
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    command += proxy_flags(http, grpc, args.proxy_workers)
+    if location is not None:
+        command += ["--proxy-location", location.value]
     env = dict(os.environ)
     env.pop("SERVE_LOG_LEVEL", None)
     if _user_log_level is not None:
@@ -368,6 +414,8 @@ def cmd_start(args: argparse.Namespace) -> None:
     finally:
         log.close()
     print(f"serve controller running at {ready['address']} (pid {ready['pid']}).")
+    if location is not ProxyLocation.Disabled:
+        print(f"HTTP proxy on {http.host}:{http.port} (see `serve status`).")
     if "metrics" in ready:
         print(f"Prometheus metrics at http://{ready['metrics']}/metrics.")
     print(f"State and logs in {state_dir}; stop it with `serve shutdown`.")
@@ -428,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="port to bind (default: the last controller's, so its replicas re-link; else free)",
     )
     start.add_argument("--metrics-port", type=int, default=None)
+    start.add_argument(
+        "--proxy-location",
+        default=None,
+        help="EveryNode (default), HeadOnly or Disabled: where the HTTP/gRPC proxy runs",
+    )
+    add_proxy_options(start)
     start.set_defaults(func=cmd_start)
     return parser
 

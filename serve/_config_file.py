@@ -13,7 +13,9 @@ Example::
             user_config: {threshold: 0.5}
 
 Unknown keys and bad values are rejected with ``file:line:column``. Ray's cluster-level fields
-(``proxy_location``, ``http_options``, ``grpc_options``, ``logging_config``) are accepted.
+``proxy_location``, ``http_options`` and ``grpc_options`` configure the proxy of a controller
+that ``serve run`` starts (a running controller keeps its own, with a warning);
+``logging_config`` is accepted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import yaml
 
 from serve._deployment import Application
 from serve._options import DEPLOYMENT_OPTION_NAMES, validate_deployment_options
+from serve._proxy_flags import controller_flags
 
 TOP_LEVEL_KEYS = frozenset(
     {"applications", "proxy_location", "http_options", "grpc_options", "logging_config",
@@ -169,6 +172,25 @@ def load_config(path: str | Path) -> list[AppConfig]:
             )
         )
     return apps
+
+
+def load_proxy_options(path: str | Path) -> list[str] | None:
+    """serve-controller flags for the file's ``proxy_location``, ``http_options`` and
+    ``grpc_options`` (None when it sets none of them)."""
+    try:
+        top = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
+    if not isinstance(top, dict) or not {"proxy_location", "http_options", "grpc_options"} & set(
+        top
+    ):
+        return None
+    try:
+        return controller_flags(
+            top.get("proxy_location"), top.get("http_options"), top.get("grpc_options")
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
 
 
 def _validated(reader: _Reader, node: yaml.Node, option: dict[str, Any]) -> dict[str, Any]:

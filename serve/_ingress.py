@@ -14,17 +14,15 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 ASGI_METHOD = "__serve_asgi__"
 GRPC_METHOD = "__serve_grpc__"
 FED_METHODS = frozenset({ASGI_METHOD})  # calls whose caller feeds them inputs while they run
 APP_ATTRIBUTE = "__serve_asgi_app__"  # set on a class by serve.ingress
 
-C = TypeVar("C")
 
-
-def ingress(app: Any) -> Callable[[C], C]:
+def ingress(app: Any) -> Callable[..., Any]:
     """Serve ``app`` (a FastAPI app or any ASGI app, or a function that builds one) as the
     HTTP interface of the decorated deployment class, as Ray's ``serve.ingress``.
 
@@ -46,7 +44,13 @@ def ingress(app: Any) -> Callable[[C], C]:
             f"returns one, got {type(app).__name__}."
         )
 
-    def decorator(cls: C) -> C:
+    def decorator(cls: Any = None) -> Any:
+        if cls is None:  # serve.ingress(app)(): a deployment class with only the app, as Ray
+
+            class ASGIIngress:
+                pass
+
+            cls = ASGIIngress
         if not inspect.isclass(cls):
             raise ValueError(
                 "@serve.ingress must decorate a class (put it under @serve.deployment); "

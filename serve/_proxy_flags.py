@@ -13,7 +13,13 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-host", default="127.0.0.1", help="HTTP interface (default loopback)"
     )
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    http, grpc = HTTPOptions(), gRPCOptions()
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=http.port,
+        help="HTTP port (default 8000, or SERVE_DEFAULT_HTTP_PORT)",
+    )
     parser.add_argument(
         "--http-request-timeout-s",
         type=float,
@@ -21,7 +27,12 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="answer 408 after this long; the deadline travels with nested calls",
     )
     parser.add_argument("--http-keep-alive-timeout-s", type=float, default=90.0)
-    parser.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=grpc.port,
+        help="gRPC port (default 9000, or SERVE_DEFAULT_GRPC_PORT)",
+    )
     parser.add_argument(
         "--grpc-servicer-functions",
         default="",

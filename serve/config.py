@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,7 +168,9 @@ class HTTPOptions:
     request may take before it is answered 408 (``None``: no limit)."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = dataclasses.field(
+        default_factory=lambda: _port_env("SERVE_DEFAULT_HTTP_PORT", 8000)
+    )
     root_path: str = ""
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 90.0
@@ -190,7 +193,9 @@ class gRPCOptions:
     """The gRPC proxy's options (Ray's ``grpc_options``). The gRPC proxy runs only when
     ``grpc_servicer_functions`` names at least one ``add_XServicer_to_server`` import path."""
 
-    port: int = 9000
+    port: int = dataclasses.field(
+        default_factory=lambda: _port_env("SERVE_DEFAULT_GRPC_PORT", 9000)
+    )
     grpc_servicer_functions: tuple[str, ...] = ()
     request_timeout_s: float | None = None
 
@@ -227,6 +232,17 @@ def _options_from(cls: Any, value: Any, what: str, ignored: frozenset[str]) -> A
     if unknown:
         raise ValueError(f"Unknown {what} field(s) {unknown}; known: {sorted(names)}.")
     return cls(**{k: v for k, v in value.items() if k in names})
+
+
+def _port_env(name: str, default: int) -> int:
+    """A default port from the environment (as Ray's RAY_SERVE_DEFAULT_HTTP_PORT)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a port number.") from exc
 
 
 def _check_port(port: object, what: str) -> None:
