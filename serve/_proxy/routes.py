@@ -11,7 +11,8 @@ from serve.handle import DeploymentHandle
 
 class RouteTable:
     """Routes, longest prefix first, with one ingress handle per application (kept across
-    updates, so an application keeps its router and its replica-set watch)."""
+    updates, so an application keeps its router and its replica-set watch). Call on the
+    proxy's loop."""
 
     def __init__(self) -> None:
         self._routes: list[Route] = []
@@ -23,6 +24,10 @@ class RouteTable:
         for key in list(self._handles):
             if key not in live:
                 del self._handles[key]
+        for route in self._routes:
+            # Follow each ingress's replica set from now on, so this proxy keeps routing on
+            # the last sets it saw if the controller goes away.
+            self.handle(route)._router.state()
 
     @property
     def routes(self) -> list[Route]:

@@ -82,12 +82,13 @@ def run_script(
     )
 
 
-def replica_pids_of(controller_address: str) -> list[int]:
-    """Replica processes launched by the controller at this address, by their command line."""
+def replica_pids_of(controller_address: str, module: str = "replica") -> list[int]:
+    """Replica (or, with ``module="serve._proxy"``, proxy) processes launched by the controller
+    at this address, by their command line."""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "-m replica" in cmdline and f"--controller {controller_address}" in cmdline:
+        if f"-m {module} " in cmdline and f"--controller {controller_address}" in cmdline:
             found.append(proc.info["pid"])
     return sorted(found)
 
@@ -174,9 +175,13 @@ class StandaloneController:
         """Replica processes launched by this controller, found by their command line."""
         return replica_pids_of(self.address)
 
+    def proxy_pids(self) -> list[int]:
+        """Proxy processes (workers included) launched by this controller."""
+        return replica_pids_of(self.address, "serve._proxy")
+
     def cleanup(self) -> None:
         self.stop()
-        for pid in self.replica_pids():
+        for pid in [*self.replica_pids(), *self.proxy_pids()]:
             kill_tree(pid)
 
 

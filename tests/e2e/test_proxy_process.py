@@ -1,0 +1,147 @@
+"""The serve-proxy process under a standalone controller: request_timeout_s, worker processes,
+`serve status`, a controller restart (the proxy keeps serving, then is re-adopted), and
+shutdown (nothing left behind)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.procs import (
+    ROOT,
+    StandaloneController,
+    pids_alive,
+    python_env,
+    run_script,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT_S = 1.0
+
+DEPLOY = """
+import asyncio
+import serve
+from starlette.requests import Request
+
+@serve.deployment(max_ongoing_requests=100)
+class Hello:
+    async def __call__(self, request: Request) -> str:
+        await asyncio.sleep(float(request.query_params.get("sleep", "0")))
+        return "hello"
+
+serve.run(Hello.bind(), name="hello", route_prefix="/hello")
+"""
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
+    """A standalone controller with a proxy (2 HTTP workers, a request timeout) and an app."""
+    controller = StandaloneController(
+        tmp_path / "state",
+        "--proxy-location",
+        "EveryNode",
+        "--http-port",
+        "0",
+        "--http-request-timeout-s",
+        str(TIMEOUT_S),
+        "--proxy-workers",
+        "2",
+        SERVE_ORPHAN_TIMEOUT_S="60",
+    )
+    try:
+        controller.start()
+        deployed = run_script(DEPLOY, **controller.driver_env())
+        assert deployed.returncode == 0, deployed.stderr
+        yield controller
+    finally:
+        controller.cleanup()
+
+
+def _status(controller: StandaloneController) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=python_env(**controller.driver_env()),
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _proxy(controller: StandaloneController) -> dict[str, object]:
+    def healthy() -> object:
+        proxies = list(_status(controller)["proxies"].values())  # type: ignore[attr-defined]
+        return proxies[0] if proxies and proxies[0]["status"] == "HEALTHY" else None
+
+    return wait_for(healthy, timeout_s=30, interval_s=0.2)  # type: ignore[no-any-return]
+
+
+def test_request_timeout_is_408_and_workers_share_the_port(
+    proxied: StandaloneController,
+) -> None:
+    url = f"http://{_proxy(proxied)['http_address']}/hello"
+    assert len(proxied.proxy_pids()) == 2  # the proxy and its second worker
+    with httpx.Client(timeout=30) as client:
+        assert client.get(url).text == "hello"
+        started = time.monotonic()
+        late = client.get(url, params={"sleep": "20"})
+        assert late.status_code == 408
+        assert "request_timeout_s" in late.text
+        assert time.monotonic() - started < 10
+    # Several connections at once, spread over both workers by the kernel.
+    replies = [httpx.get(url, timeout=30) for _ in range(20)]
+    assert {r.text for r in replies} == {"hello"}
+
+
+def test_status_shows_the_proxy(proxied: StandaloneController) -> None:
+    proxy = _proxy(proxied)
+    assert proxy["http_address"]
+    assert proxy["pid"] in proxied.proxy_pids()
+    table = subprocess.run(
+        [sys.executable, "-m", "serve", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=python_env(**proxied.driver_env()),
+    )
+    assert f"HEALTHY (http {proxy['http_address']})" in table.stdout
+
+
+def test_proxy_outlives_a_controller_crash_and_is_readopted(
+    proxied: StandaloneController,
+) -> None:
+    proxy = _proxy(proxied)
+    url = f"http://{proxy['http_address']}/hello"
+    proxied.kill()  # SIGKILL: no chance to stop anything
+    assert httpx.get(url, timeout=30).text == "hello"  # served on the last route table
+    proxied.start()  # same port, same state directory
+    readopted = _proxy(proxied)
+    assert readopted["pid"] == proxy["pid"]
+    assert httpx.get(url, timeout=30).text == "hello"
+
+
+def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
+    pids = proxied.proxy_pids()
+    assert pids
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "shutdown"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=python_env(**proxied.driver_env()),
+    )
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: not pids_alive(pids), timeout_s=30)
