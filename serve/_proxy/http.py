@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from serve._context import request_deadline
+from serve._context import RequestContext, request_deadline, set_current_request
 from serve._ingress import ASGI_METHOD
 from serve._proxy.routes import RouteTable
 from serve.exceptions import (
@@ -91,6 +91,10 @@ class ProxyApp:
         forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
         if route.route_prefix != "/":
             forwarded["root_path"] = scope.get("root_path", "") + route.route_prefix
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":  # the caller's request id, as in Ray
+                set_current_request(RequestContext(request_id=value.decode("latin-1")))
+                break
         first: list[Message] = []
         if kind == "http":
             first.append(await receive())  # the body (or its first chunk) travels with the call
@@ -134,13 +138,16 @@ class ProxyApp:
         if not (first and first[0]["type"] in DISCONNECTS):
             pump = asyncio.create_task(_pump(receive, stream, state), name="proxy:receive")
         try:
+            request_id = stream.request_id.encode()
             async for batch in stream:
                 for message in batch:
-                    if (
-                        message["type"] in ("http.response.start", "websocket.accept")
-                        or message["type"] == "websocket.close"
-                    ):
+                    kind = message["type"]
+                    if kind in STARTS:
                         state.started = True
+                        if kind == "http.response.start":  # the request's id, as Ray answers
+                            headers = list(message.get("headers", ()))
+                            headers.append((b"x-request-id", request_id))
+                            message["headers"] = headers
                     await send(message)
             state.finished = True
             if not state.started:

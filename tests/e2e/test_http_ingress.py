@@ -134,9 +134,13 @@ class Versioned:
 def test_plain_deployment_receives_a_starlette_request(http_url: str) -> None:
     serve.run(Echo.bind(), name="echo", route_prefix="/echo")
     reply = httpx.post(
-        f"{http_url}/echo/a/b?x=1", content=b"payload", headers={"x-test": "yes"}, timeout=10
+        f"{http_url}/echo/a/b?x=1",
+        content=b"payload",
+        headers={"x-test": "yes", "x-request-id": "my-id-1"},
+        timeout=10,
     )
     assert reply.status_code == 200
+    assert reply.headers["x-request-id"] == "my-id-1"  # the caller's id, as in Ray
     assert reply.headers["content-type"] == "application/json"
     assert reply.json() == {
         "method": "POST",
