@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serve
+import serve.context
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.procs import proxy_details
 
@@ -25,6 +26,10 @@ class Greeter:
 
     def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
         model = serve.get_multiplexed_model_id() or "-"
+        context = serve.context._get_serve_request_context()
+        assert context is not None
+        if request.name == "whoami":
+            return greeter_pb2.HelloReply(message=context.request_id)
         return greeter_pb2.HelloReply(message=f"{self.greeting} {request.name} [{model}]")
 
     async def CountTo(self, request: greeter_pb2.HelloRequest) -> Iterator[greeter_pb2.HelloReply]:
@@ -56,6 +61,11 @@ def test_unary_and_server_streaming_methods(channel: grpc.Channel) -> None:
     assert reply.message == "Hello Ada [-]"
     items = stub.CountTo(greeter_pb2.HelloRequest(name="n", count=3), metadata=app, timeout=10)
     assert [r.message for r in items] == ["n 0", "n 1", "n 2"]
+    # The caller's request id reaches the replica, as in Ray.
+    whoami = greeter_pb2.HelloRequest(name="whoami")
+    assert stub.SayHello(whoami, metadata=(("request_id", "rid-7"),), timeout=10).message == (
+        "rid-7"
+    )
     # One application: the metadata may be left out.
     assert stub.SayHello(greeter_pb2.HelloRequest(name="B"), timeout=10).message == "Hello B [-]"
 

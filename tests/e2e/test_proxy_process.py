@@ -5,6 +5,7 @@ shutdown (nothing left behind)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
 
+import serve
 from tests.support.procs import (
     ROOT,
     StandaloneController,
@@ -24,6 +27,17 @@ from tests.support.procs import (
 )
 
 pytestmark = pytest.mark.e2e
+
+SERVE = [sys.executable, "-m", "serve"]
+
+
+@serve.deployment
+class Hi:
+    def __call__(self, request: Request) -> str:
+        return "hi"
+
+
+app = Hi.bind()
 
 TIMEOUT_S = 1.0
 
@@ -145,3 +159,30 @@ def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
     )
     assert result.returncode == 0, result.stderr
     wait_for(lambda: not pids_alive(pids), timeout_s=30)
+
+
+def test_serve_run_prints_where_the_app_is_served(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [
+            *SERVE,
+            "run",
+            "tests.e2e.test_proxy_process:app",
+            "--route-prefix",
+            "/hi",
+            "--non-blocking",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=python_env(
+            SERVE_PROXY_LOCATION="EveryNode",
+            SERVE_DEFAULT_HTTP_PORT=str(port),
+            SERVE_STATE_DIR=str(tmp_path),
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Application 'default' is ready at http://127.0.0.1:{port}/hi." in result.stdout
