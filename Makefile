@@ -48,7 +48,7 @@ proto: install
 	$(TEST_PROTOC) tests/support/protos/*.proto
 
 proto-check: install
-	PROTOC='$(PROTOC)' scripts/check_proto.sh
+	PROTOC='$(PROTOC)' TEST_PROTOC='$(TEST_PROTOC)' scripts/check_proto.sh
 
 bench: install
 	$(PY) scripts/bench.py

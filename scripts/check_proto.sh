@@ -4,16 +4,25 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-mkdir -p "$scratch/serve/_proto"
+mkdir -p "$scratch/serve/_proto" "$scratch/tests/support"
 cp -r "$root/proto" "$scratch/proto"
+cp -r "$root/tests/support/protos" "$scratch/tests/support/protos"
 cd "$scratch"
 eval "$PROTOC" proto/*.proto
+eval "$TEST_PROTOC" tests/support/protos/*.proto
 cd "$root"
 status=0
 for f in "$scratch"/serve/_proto/*; do
   name=$(basename "$f")
   if ! cmp -s "$f" "serve/_proto/$name"; then
     echo "proto drift: serve/_proto/$name differs from what proto/ generates; run 'make proto'." >&2
+    status=1
+  fi
+done
+for f in "$scratch"/tests/support/*_pb2*.py; do
+  name=$(basename "$f")
+  if ! cmp -s "$f" "tests/support/$name"; then
+    echo "proto drift: tests/support/$name differs from tests/support/protos; run 'make proto'." >&2
     status=1
   fi
 done
