@@ -260,6 +260,9 @@ def rss_mb(process: psutil.Process) -> float:
 
 def measure_serve(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    # Handles only: no proxy process beside the replicas, and no bind of port 8000 (this machine
+    # is shared). The ingress figures run in a serve session of their own, with a proxy.
+    serve.start(proxy_location="Disabled")
     noop = serve.run(Noop.bind(), name="noop")
     replica = psutil.Process(noop.pid.remote().result())
     client = _client.current()
@@ -502,7 +505,10 @@ def main() -> None:
     started = time.monotonic()
     floor = measure_floor(s)
     routing = {str(n): routing_cost_us(n, 20_000 if args.quick else 50_000) for n in (1, 8, 64)}
-    ours = measure_serve(s)
+    try:
+        ours = measure_serve(s)
+    finally:
+        serve.shutdown()  # also on error: no controller or replica outlives the bench
     rows = table(floor, ours, routing)
     print_table(rows)
     result = {
