@@ -51,7 +51,8 @@ proto-check: install
 	PROTOC='$(PROTOC)' TEST_PROTOC='$(TEST_PROTOC)' scripts/check_proto.sh
 
 bench: install
-	$(PY) scripts/bench.py
+	-scripts/install_wrk.sh
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

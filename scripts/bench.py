@@ -2,6 +2,10 @@
 
 The machine is shared and noisy, so only same-run ratios mean anything. Prints one table and
 writes bench/results.json (``--out``). ``--quick`` shortens every measurement.
+
+Ingress (scripts/bench_ingress.py): HTTP through serve-proxy beside a bare uvicorn floor, both
+loaded by ``wrk`` (skipped, with one line, when wrk is missing), and gRPC through the proxy beside
+the grpc.aio floor. ``--no-ingress`` leaves them out.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import serve  # noqa: E402
+from scripts.bench_ingress import have_wrk, measure_http_floor, measure_ingress  # noqa: E402
 from scripts.bench_routing import routing_cost_us  # noqa: E402
 from serve import _client  # noqa: E402
 
@@ -98,6 +103,7 @@ async def _floor_client(port: int, s: Settings) -> dict[str, Any]:
         out: dict[str, Any] = {}
         out["unary"] = await async_latency(lambda: echo(b"x"), s.latency_n, s.warmup_n)
         out["unary_rps_256"] = await closed_loop(lambda: echo(b"x"), 256, s.seconds)
+        out["unary_rps_64"] = await closed_loop(lambda: echo(b"x"), 64, s.seconds)
         for size in (1, 10):
             payload = b"x" * (size * MB)
             out[f"echo_{size}mb"] = await async_latency(lambda p=payload: echo(p), s.payload_n, 1)
@@ -260,6 +266,9 @@ def rss_mb(process: psutil.Process) -> float:
 
 def measure_serve(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    # Handles only: no proxy process beside the replicas, and no bind of port 8000 (this machine
+    # is shared). The ingress figures run in a serve session of their own, with a proxy.
+    serve.start(proxy_location="Disabled")
     noop = serve.run(Noop.bind(), name="noop")
     replica = psutil.Process(noop.pid.remote().result())
     client = _client.current()
@@ -364,7 +373,11 @@ def measure_serve(s: Settings) -> dict[str, Any]:
 
 
 def table(
-    floor: dict[str, Any], ours: dict[str, Any], routing: dict[str, float]
+    floor: dict[str, Any],
+    ours: dict[str, Any],
+    routing: dict[str, float],
+    http_floor: dict[str, Any] | None = None,
+    ingress: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
@@ -480,6 +493,49 @@ def table(
         )
     for replicas, cost in routing.items():
         row(f"routing cost, {replicas} replicas", cost, "us/request", None)
+    if http_floor is not None and ingress is not None:
+        floor_rps = http_floor["c64"]["rps"]
+        floor_p50 = http_floor["c1"]["p50_us"]
+        # The issue's latency target: the floor's p50 plus 1.2x our handle L1 p50 (this run's).
+        p50_target = floor_p50 + 1.2 * ours["L1"]["p50_us"]
+        row("HTTP floor (uvicorn), 64 connections", floor_rps, "req/s", None)
+        row("HTTP floor (uvicorn) p50, 1 connection", floor_p50, "us", None)
+        for key, label in (
+            ("http_async", "HTTP noop"),
+            ("http_sync", "HTTP noop, sync method"),
+            ("http_fastapi", "HTTP noop, FastAPI ingress"),
+        ):
+            if key not in ingress:
+                continue
+            figures = ingress[key]
+            row(
+                f"{label}, 64 connections",
+                figures["c64"]["rps"],
+                "req/s",
+                floor_rps,
+                ">= 0.25" if key == "http_async" else "",
+            )
+            row(
+                f"{label} p50, 1 connection",
+                figures["c1"]["p50_us"],
+                "us",
+                floor_p50,
+                f"<= {p50_target:,.0f} us" if key == "http_async" else "",
+            )
+    if ingress is not None:
+        row("gRPC floor (grpc.aio), 64 callers", floor["unary_rps_64"], "req/s", None)
+        row(
+            "gRPC ingress noop p50, 1 caller",
+            ingress["grpc"]["unary"]["p50_us"],
+            "us",
+            floor["unary"]["p50_us"],
+        )
+        row(
+            "gRPC ingress noop, 64 callers",
+            ingress["grpc"]["unary_rps_64"],
+            "req/s",
+            floor["unary_rps_64"],
+        )
     return rows
 
 
@@ -496,15 +552,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--no-ingress", action="store_true", help="skip the HTTP/gRPC ingress")
     args = parser.parse_args()
     # Measured with the defaults (INFO, one access line per request in the replica's log).
     s = Settings(args.quick)
     started = time.monotonic()
     floor = measure_floor(s)
     routing = {str(n): routing_cost_us(n, 20_000 if args.quick else 50_000) for n in (1, 8, 64)}
-    ours = measure_serve(s)
-    rows = table(floor, ours, routing)
+    try:
+        ours = measure_serve(s)
+    finally:
+        serve.shutdown()  # also on error: no controller or replica outlives the bench
+    http_floor = ingress = None
+    if not args.no_ingress:
+        http = have_wrk()
+        http_floor = measure_http_floor(s.seconds) if http else None
+        ingress = measure_ingress(
+            s.seconds,
+            s.latency_n,
+            s.warmup_n,
+            latency=async_latency,
+            rate=closed_loop,
+            http=http,
+        )
+    rows = table(floor, ours, routing, http_floor, ingress)
     print_table(rows)
+    http_runs = {"http_floor": http_floor or {}}
+    http_runs.update((k, v) for k, v in (ingress or {}).items() if k.startswith("http_"))
+    for key, figures in http_runs.items():
+        for load, run in figures.items():
+            if run["errors"]:
+                print(f"warning: {key} {load}: {run['errors']} of {run['requests']} failed")
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -512,6 +590,12 @@ def main() -> None:
         "floor": floor,
         "serve": ours,
         "routing_us": routing,
+        "http_floor": http_floor,
+        # The issue's target for the HTTP noop p50 at 1 connection (us).
+        "http_p50_target_us": (
+            http_floor["c1"]["p50_us"] + 1.2 * ours["L1"]["p50_us"] if http_floor else None
+        ),
+        "ingress": ingress,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
