@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from replica.ingress import (
@@ -203,8 +203,8 @@ class Executor:
         if self._target is None:
             raise ServeError(f"Replica {self.replica_id} is not initialized.")
         found: tuple[Callable[..., Any], Kind]
-        if method_name == ASGI_METHOD:
-            found = (functools.partial(serve_asgi, self._asgi_app()), "asyncgen")
+        if method_name == ASGI_METHOD:  # run by serve_asgi(), which the session calls
+            found = (self._asgi_app(), "asyncgen")
         elif method_name == GRPC_METHOD:
             found = (self._serve_grpc, "asyncgen")
         else:
@@ -225,6 +225,17 @@ class Executor:
 
             self._asgi = call_app(call)
         return self._asgi
+
+    async def serve_asgi(
+        self,
+        args: Any,
+        kwargs: dict[str, Any],
+        request: RequestContext,
+        emit: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        """A connection the proxy forwarded: what the app sends goes to ``emit``."""
+        set_current_request(request)
+        await serve_asgi(self._asgi_app(), *args, **kwargs, feed=request.feed, emit=emit)
 
     async def _serve_grpc(
         self, method: str, payload: bytes, servicer_functions: tuple[str, ...]

@@ -18,10 +18,10 @@ import importlib
 import inspect
 import logging
 import pickle
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serve._context import current_request, get_replica_context
+from serve._context import get_replica_context
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -31,37 +31,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-OUTBOX_LIMIT = 64  # ASGI messages the app may send ahead of the stream's consumer
-
-
-class _Outbox:
-    """The app's ``send``: messages wait here until the stream takes them as one item."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.ready = asyncio.Event()
-        self.taken = asyncio.Event()
-        self.started = False  # a response (or WebSocket accept/close) went out
-        self.closed = False
-
-    async def send(self, message: Message) -> None:
-        if self.closed:
-            raise RuntimeError("The ASGI response is already complete.")
-        while len(self.messages) >= OUTBOX_LIMIT:
-            self.taken.clear()
-            await self.taken.wait()
-        kind = message["type"]
-        if kind != "http.response.start":  # a start waits for its first body chunk
-            self.ready.set()
-        self.started = True
-        self.messages.append(message)
-
-    def take(self) -> list[Message]:
-        taken, self.messages = self.messages, []
-        self.ready.clear()
-        self.taken.set()
-        return taken
 
 
 def _receiver(scope: Scope, first: list[Message], feed: asyncio.Queue[bytes] | None) -> Receive:
@@ -88,37 +57,38 @@ def _receiver(scope: Scope, first: list[Message], feed: asyncio.Queue[bytes] | N
     return receive
 
 
-async def serve_asgi(app: ASGIApp, scope: Scope, first: list[Message]) -> AsyncIterator[Any]:
-    """Run ``app`` for one forwarded connection, yielding lists of the messages it sends."""
-    request = current_request()
-    receive = _receiver(scope, first, request.feed if request is not None else None)
-    outbox = _Outbox()
+async def serve_asgi(
+    app: ASGIApp,
+    scope: Scope,
+    first: list[Message],
+    *,
+    feed: asyncio.Queue[bytes] | None,
+    emit: Callable[[list[Message]], Awaitable[None]],
+) -> None:
+    """Run ``app`` for one forwarded connection in the request's own task; each message it
+    sends goes to ``emit`` as it is sent (a response's start together with its first body
+    chunk), so streamed bodies stream and cancelling the request cancels the app."""
+    held: Message | None = None
+    started = False
 
-    async def run() -> None:
-        try:
-            await app(scope, receive, outbox.send)
-        finally:
-            outbox.closed = True
-            outbox.ready.set()
+    async def send(message: Message) -> None:
+        nonlocal held, started
+        if message["type"] == "http.response.start":
+            held = message
+            return
+        batch = [held, message] if held is not None else [message]
+        held = None
+        started = True
+        await emit(batch)
 
-    task = asyncio.create_task(run(), name="replica:asgi")
     try:
-        while True:
-            await outbox.ready.wait()
-            batch = outbox.take()
-            if batch:
-                yield batch
-            if outbox.closed and not outbox.messages:
-                break
-        error = task.exception()
-        if error is not None:
-            if not outbox.started:
-                raise error  # the proxy answers 500 with the error
-            logger.error("The ASGI app raised after its response started", exc_info=error)
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await app(scope, _receiver(scope, first, feed), send)
+    except Exception:
+        if not started:
+            raise  # nothing went out: the proxy answers 500 with the error
+        logger.exception("The ASGI app raised after its response started")
+    if held is not None:
+        await emit([held])
 
 
 def call_app(call: Callable[[Any], Awaitable[Any]]) -> ASGIApp:

@@ -22,7 +22,7 @@ import grpc.aio
 
 from replica.executor import Executor
 from serve._context import RequestContext
-from serve._ingress import FED_METHODS
+from serve._ingress import ASGI_METHOD, FED_METHODS
 from serve._logging import access_log
 from serve._proto.replica_pb2 import (
     ERROR_KIND_CANCELLED,
@@ -321,20 +321,27 @@ class StreamSession:
         ]
         event = self._credit_events[frame_id] = asyncio.Event()
         codec = header.response_codec
+
+        async def emit(item: Any) -> None:
+            payload, item_buffers = _encode(codec, item, "stream item")
+            size = len(payload) + sum(len(b) for b in item_buffers)
+            if size > self._max_bytes:
+                raise _Unencodable(str(_too_big(header.method, "stream item", size)))
+            while credit[0] <= 0 or credit[1] < min(size, window_bytes):
+                event.clear()
+                await event.wait()
+            credit[0] -= 1
+            credit[1] -= size
+            self._send(
+                FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
+            )
+
         try:
-            async for item in self._executor.stream(header.method, args, kwargs, request):
-                payload, item_buffers = _encode(codec, item, "stream item")
-                size = len(payload) + sum(len(b) for b in item_buffers)
-                if size > self._max_bytes:
-                    raise _Unencodable(str(_too_big(header.method, "stream item", size)))
-                while credit[0] <= 0 or credit[1] < min(size, window_bytes):
-                    event.clear()
-                    await event.wait()
-                credit[0] -= 1
-                credit[1] -= size
-                self._send(
-                    FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
-                )
+            if header.method == ASGI_METHOD:  # the app pushes what it sends
+                await self._executor.serve_asgi(args, kwargs, request, emit)
+            else:
+                async for item in self._executor.stream(header.method, args, kwargs, request):
+                    await emit(item)
         finally:
             del self._credits[frame_id]
             del self._credit_events[frame_id]

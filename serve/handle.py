@@ -276,13 +276,14 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
     replica yields them; an exception raised mid-stream comes after the items before it.
     """
 
-    __slots__ = ("_consumed", "_consumed_bytes", "_credit_bytes_every")
+    __slots__ = ("_consumed", "_consumed_bytes", "_credit_bytes_every", "_detached")
 
     def __init__(self, request: Request, router: Router) -> None:
         super().__init__(request, router)
         self._consumed = 0
         self._consumed_bytes = 0
         self._credit_bytes_every = max(request.envelope.stream_window_bytes // 4, 1)
+        self._detached = False
 
     def __await__(self) -> Generator[Any, None, Any]:
         raise TypeError(
@@ -329,10 +330,15 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         """Send one more input to the running request (the proxy's ASGI receive messages)."""
         post(self._router.feed, self._request, payload)
 
+    def _detach(self) -> None:
+        """Stop reading without cancelling: the request finishes on its own (the proxy, once
+        an HTTP response is complete, leaves the rest of the call to run)."""
+        self._detached = True
+
     def __del__(self) -> None:
         # A consumer that drops the stream cancels it, so the replica stops producing.
         request = self._request
-        if not request.cancelled and request.state != RequestState.DONE:
+        if not self._detached and not request.cancelled and request.state != RequestState.DONE:
             request.cancelled = True
             try:
                 post(request.cancel)

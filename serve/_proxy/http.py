@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 
 from serve._context import RequestContext, request_deadline, set_current_request
-from serve._ingress import ASGI_METHOD
 from serve._proxy.routes import RouteTable
 from serve.exceptions import (
     BackPressureError,
@@ -53,6 +52,7 @@ SCOPE_KEYS = (
     "extensions",
 )
 STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
+PUMP_AFTER_S = 0.05  # a request answered within this needs no task watching for a disconnect
 DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
 
@@ -82,12 +82,7 @@ class ProxyApp:
                 f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
             )
             return
-        handle = self._routes.handle(route).options(
-            method_name=ASGI_METHOD,
-            stream=True,
-            request_serialization="pickle",
-            response_serialization="pickle",
-        )
+        handle = self._routes.forwarder(route)
         forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
         if route.route_prefix != "/":
             forwarded["root_path"] = scope.get("root_path", "") + route.route_prefix
@@ -134,9 +129,21 @@ class ProxyApp:
         state: _Forward,
     ) -> None:
         stream = handle.remote(scope, first)
-        pump = None
-        if not (first and first[0]["type"] in DISCONNECTS):
+        pump: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle | None = None
+
+        def start_pump() -> None:
+            nonlocal pump
             pump = asyncio.create_task(_pump(receive, stream, state), name="proxy:receive")
+
+        if first and first[0]["type"] in DISCONNECTS:
+            pass  # the client is already gone
+        elif first and not first[0].get("more_body"):
+            # The whole body came with the call: until the response is slow, nothing more can
+            # arrive but a disconnect, so most requests finish before any pump task exists.
+            timer = asyncio.get_running_loop().call_later(PUMP_AFTER_S, start_pump)
+        else:
+            start_pump()  # more body to come, or a WebSocket
         try:
             request_id = stream.request_id.encode()
             async for batch in stream:
@@ -149,10 +156,17 @@ class ProxyApp:
                             headers.append((b"x-request-id", request_id))
                             message["headers"] = headers
                     await send(message)
+                    if kind == "http.response.body" and not message.get("more_body"):
+                        state.complete = True
+                if state.complete:
+                    stream._detach()  # the call's end (and any background task) runs alone
+                    break
             state.finished = True
             if not state.started:
                 raise RuntimeError("The deployment ended the request without a response.")
         finally:
+            if timer is not None:
+                timer.cancel()
             if pump is not None:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -176,10 +190,11 @@ class ProxyApp:
 class _Forward:
     """What one forwarded connection has done so far."""
 
-    __slots__ = ("finished", "started")
+    __slots__ = ("complete", "finished", "started")
 
     def __init__(self) -> None:
         self.started = False  # the response started: errors can no longer be answered
+        self.complete = False  # the whole response went out
         self.finished = False
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from serve._ingress import ASGI_METHOD
 from serve._models import Route
 from serve.handle import DeploymentHandle
 
@@ -17,13 +18,15 @@ class RouteTable:
     def __init__(self) -> None:
         self._routes: list[Route] = []
         self._handles: dict[tuple[str, str], DeploymentHandle[Any]] = {}
+        self._forwarders: dict[tuple[str, str], DeploymentHandle[Any]] = {}
 
     def update(self, routes: Iterable[Route]) -> None:
         self._routes = sorted(routes, key=lambda r: len(r.route_prefix), reverse=True)
         live = {(r.app_name, r.ingress) for r in self._routes}
-        for key in list(self._handles):
-            if key not in live:
-                del self._handles[key]
+        for handles in (self._handles, self._forwarders):
+            for key in list(handles):
+                if key not in live:
+                    del handles[key]
         for route in self._routes:
             # Follow each ingress's replica set from now on, so this proxy keeps routing on
             # the last sets it saw if the controller goes away.
@@ -46,6 +49,19 @@ class RouteTable:
 
     def by_app(self, app_name: str) -> Route | None:
         return next((r for r in self._routes if r.app_name == app_name), None)
+
+    def forwarder(self, route: Route) -> DeploymentHandle[Any]:
+        """The handle that forwards HTTP connections to the route's ingress deployment."""
+        key = (route.app_name, route.ingress)
+        found = self._forwarders.get(key)
+        if found is None:
+            found = self._forwarders[key] = self.handle(route).options(
+                method_name=ASGI_METHOD,
+                stream=True,
+                request_serialization="pickle",
+                response_serialization="pickle",
+            )
+        return found
 
     def handle(self, route: Route) -> DeploymentHandle[Any]:
         key = (route.app_name, route.ingress)
