@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +79,34 @@ def clean_cluster(cluster: SlurmCluster) -> None:
             check=False,
         )
     wait_for(lambda: not cluster.squeue(), timeout_s=30, interval_s=0.2)
+    cluster.heal()
 
 
 @pytest.fixture
-def slurm_controller(tmp_path: Path, slurm_cluster: SlurmCluster) -> Iterator[SlurmController]:
+def slurm_controllers(
+    tmp_path: Path, slurm_cluster: SlurmCluster
+) -> Iterator[Callable[..., SlurmController]]:
+    """Start controllers (extra command-line arguments, env); all are cleaned up after."""
     clean_cluster(slurm_cluster)
-    controller = SlurmController(tmp_path / "state", slurm_cluster)
+    started: list[SlurmController] = []
+
+    def start(*args: str, **env: str) -> SlurmController:
+        state_dir = tmp_path / f"state{len(started)}"
+        controller = SlurmController(state_dir, slurm_cluster, *args, **env)
+        started.append(controller)
+        return controller.start()
+
     try:
-        yield controller.start()
+        yield start
     finally:
-        controller.cleanup()  # kills replicas the controller did not get to stop
-        for pid in controller.replica_pids():
-            kill_tree(pid)
+        for controller in started:
+            controller.cleanup()  # kills replicas the controller did not get to stop
+        for name in slurm_cluster.namespaces:
+            for pid in slurm_cluster.replica_pids_in(name):
+                kill_tree(pid)
         clean_cluster(slurm_cluster)
+
+
+@pytest.fixture
+def slurm_controller(slurm_controllers: Callable[..., SlurmController]) -> SlurmController:
+    return slurm_controllers()

@@ -7,12 +7,15 @@ are Slurm jobs that bind their node's address, so every request crosses real rou
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.cluster.conftest import SlurmController
-from tests.support.procs import wait_for
-from tests.support.slurm_cluster import CONTROLLER_IP, NODES
+from tests.support.procs import run_script, wait_for
+from tests.support.slurm_cluster import CONTROLLER_IP, NODES, SlurmCluster
+from tests.support.tls import make_certs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -226,3 +229,27 @@ def test_serve_shutdown_leaves_no_job_behind(slurm_controller: SlurmController) 
 
 def test_the_controller_advertises_the_bridge_address(slurm_controller: SlurmController) -> None:
     assert slurm_controller.address.startswith(f"{CONTROLLER_IP}:")
+
+
+def test_tls_across_nodes(
+    tmp_path: Path, slurm_controllers: Callable[..., SlurmController], slurm_cluster: SlurmCluster
+) -> None:
+    """Mutual TLS on every channel: driver -> controller, driver -> replicas on two nodes,
+    replica -> replica across nodes; a plaintext driver is refused."""
+    tls = make_certs(tmp_path, ips=(CONTROLLER_IP, *slurm_cluster.node_ips.values()))
+    controller = slurm_controllers(**tls)
+    out = controller.drive(
+        COMPOSED
+        + textwrap.dedent(
+            """
+            handle = serve.run(Ingress.bind(Down.bind()), name="tls")
+            print(json.dumps(handle.remote(20).result()))
+            """
+        )
+    )
+    assert out["down"]["x"] == 40
+    assert out["node"] != out["down"]["node"]
+    plain = {k: v for k, v in controller.driver_env().items() if not k.startswith("SERVE_TLS")}
+    refused = run_script("import serve\nserve.start()\n", timeout_s=60, **plain)
+    assert refused.returncode != 0
+    assert "ControllerUnavailableError" in refused.stderr

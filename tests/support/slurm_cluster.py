@@ -12,6 +12,7 @@ Run one by hand with ``python -m tests.support.slurm_cluster`` (Ctrl-C tears it 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -21,7 +22,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+LOCK_FILE = "/run/serve-slurm-test-cluster.lock"
 BRIDGE = "servebr0"
 SUBNET = "10.77.0"
 CONTROLLER_IP = f"{SUBNET}.1"
@@ -94,6 +97,7 @@ class SlurmCluster:
         self._munged: subprocess.Popen[bytes] | None = None
         self._slurmctld: subprocess.Popen[bytes] | None = None
         self._slurmd: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock: IO[str] | None = None
         self.ctld_port = 0
         self.slurmd_port = 0
 
@@ -115,6 +119,14 @@ class SlurmCluster:
     # Starting.
 
     def start(self) -> None:
+        # One test cluster per machine: the bridge and namespaces have fixed names.
+        self._lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"Another Slurm test cluster is running ({LOCK_FILE})") from None
         self.stop_network()  # a previous run that was killed may have left them
         self._network()
         self.ctld_port, self.slurmd_port = _free_port(), _free_port()
@@ -238,12 +250,34 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
     # Chaos.
 
     def kill_slurmd(self, name: str) -> None:
-        """The node is lost: its slurmd dies, and so does everything running on it."""
+        """The node is lost to Slurm: its slurmd dies (the jobs' processes live on)."""
         proc = self._slurmd.pop(name, None)
         if proc is not None:
             proc.kill()
             proc.wait(10)
-        self.kill_namespace_processes(name)
+
+    def namespace_pids(self, name: str) -> list[int]:
+        out = _run("ip", "netns", "pids", self.namespaces[name], check=False).stdout
+        return [int(pid) for pid in out.split()]
+
+    def replica_pids_in(self, name: str) -> list[int]:
+        """serve-replica processes running on this node."""
+        found = []
+        for pid in self.namespace_pids(name):
+            with contextlib.suppress(OSError):
+                if b"-m\x00replica" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+        return found
+
+    def heal(self) -> None:
+        """Every slurmd running again and every node idle (after a test killed one)."""
+        for name in NODES:
+            if name not in self._slurmd:
+                self.start_slurmd(name)
+        for name, state in self.node_states().items():
+            if not state.startswith("IDLE"):
+                self.scontrol("update", f"NodeName={name}", "State=RESUME")
+        _wait(self._all_idle, 30, "three idle nodes again")
 
     def restart_slurmctld(self) -> None:
         assert self._slurmctld is not None
@@ -252,10 +286,9 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         self.start_slurmctld()
 
     def kill_namespace_processes(self, name: str) -> None:
-        pids = _run("ip", "netns", "pids", self.namespaces[name], check=False).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
+        for pid in self.namespace_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # Looking.
 
@@ -302,13 +335,16 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             proc = self._slurmd.pop(name, None)
             if proc is not None:
                 _end(proc)
-            if Path(f"/run/netns/{self.namespaces[name]}").exists():
+            if self._lock is not None and Path(f"/run/netns/{self.namespaces[name]}").exists():
                 self.kill_namespace_processes(name)
         for proc in (self._slurmctld, self._munged):
             if proc is not None:
                 _end(proc)
         self._slurmctld = self._munged = None
-        self.stop_network()
+        if self._lock is not None:
+            self.stop_network()
+            self._lock.close()
+            self._lock = None
         shutil.rmtree(self.root, ignore_errors=True)
 
     def stop_network(self) -> None:
