@@ -67,6 +67,7 @@ def test_replicas_are_placed_by_cpus_and_the_one_that_does_not_fit_says_why(
     )
     assert nodes == list(NODES)
     assert running_nodes(slurm_controller) == list(NODES)
+    assert_token_is_private(slurm_controller)
     message = slurm_controller.drive(
         WHERE
         + textwrap.dedent(
@@ -84,6 +85,23 @@ def test_replicas_are_placed_by_cpus_and_the_one_that_does_not_fit_says_why(
     assert "1 replica(s) pending" in message
     assert '{"CPU": 2.0}' in message, message
     assert "(Resources)" in message, message
+
+
+def assert_token_is_private(controller: SlurmController) -> None:
+    """The cluster token is in no command line and no job record Slurm shows."""
+    token = (controller.state_dir / "token").read_text().strip()
+    assert token
+    pids = controller.replica_pids()
+    assert pids
+    for pid in pids:
+        assert token not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    for job_id, *_ in controller.jobs():
+        shown = controller.cluster.scontrol("-o", "show", "job", "-d", job_id).stdout
+        assert "JobState=RUNNING" in shown
+        assert token not in shown
+        script = controller.cluster.scontrol("write", "batch_script", job_id, "-").stdout
+        assert "-m replica" in script
+        assert token not in script
 
 
 def test_a_replica_no_node_can_hold_stays_pending_with_the_reason(
