@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc -Iserve/_proto=proto \
 	--python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=.
 
-.PHONY: install run test test-fast test-slow lint fmt typecheck proto proto-check bench clean
+.PHONY: install run test test-cluster test-fast test-slow lint fmt typecheck proto proto-check bench clean
 
 install: $(STAMP)
 
@@ -18,14 +18,21 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) examples/hello.py
 
+# The Slurm cluster tests run too when Slurm is installed and we are root; else one line says so.
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/cluster
+	@scripts/cluster_tests.sh $(PY)
+
+# Installs Slurm and munge (Debian, root; services kept from auto-starting), then runs them.
+test-cluster: install
+	scripts/install_slurm.sh
+	scripts/cluster_tests.sh $(PY)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests/unit tests/component
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --ignore=tests/cluster
 
 lint: install
 	$(VENV)/bin/ruff format --check .

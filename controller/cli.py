@@ -22,6 +22,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default ephemeral)")
     parser.add_argument(
+        "--advertise-host",
+        default=None,
+        help="the address replicas and drivers on other hosts use to reach this controller "
+        "(default --host, or 127.0.0.1 when --host is a wildcard)",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="where replicas run: processes on this host (default), or one Slurm job each",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=float,
+        default=None,
+        help="local launcher: CPUs replicas may hold together (ray_actor_options num_cpus, "
+        "default 1 each); replicas beyond it stay pending (default: no cap)",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="local launcher: GPUs to hand out as CUDA_VISIBLE_DEVICES by num_gpus "
+        "(default: GPUs are not managed)",
+    )
+    parser.add_argument(
+        "--replica-host",
+        default="127.0.0.1",
+        help="local launcher: the interface replicas bind and advertise",
+    )
+    parser.add_argument("--slurm-partition", default=None, help="Slurm launcher: the partition")
+    parser.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="Slurm launcher: an sbatch option for every replica job, e.g. "
+        "--slurm-option=--time=7-0 --slurm-option=--account=ml (repeatable)",
+    )
+    parser.add_argument(
+        "--slurm-poll-s",
+        type=float,
+        default=0.5,
+        help="Slurm launcher: how often squeue is asked about replica jobs",
+    )
+    parser.add_argument(
         "--state-dir",
         default=None,
         help="goal state, token and logs (default SERVE_STATE_DIR or ~/.serve)",
@@ -71,11 +117,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error(f"--metrics-port must be between 0 and 65535, got {args.metrics_port}")
+    if args.num_cpus is not None and args.num_cpus <= 0:
+        parser.error(f"--num-cpus must be > 0, got {args.num_cpus}")
+    if args.num_gpus is not None and args.num_gpus < 0:
+        parser.error(f"--num-gpus must be >= 0, got {args.num_gpus}")
+    if args.slurm_poll_s <= 0:
+        parser.error(f"--slurm-poll-s must be > 0, got {args.slurm_poll_s}")
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else settings().state_dir
 
     import uvloop
 
+    from controller.launchers import LauncherConfig
     from controller.server import ControllerServer
+    from controller.slurm import SlurmOptions
     from serve._logging import configure
     from serve._state_dir import ensure_private_dir
 
@@ -95,5 +149,17 @@ def main(argv: list[str] | None = None) -> None:
         log_dir=log_dir,
         proxy_location=location,
         proxy_flags=proxy_flags(http, grpc, args.proxy_workers),
+        advertise_host=args.advertise_host,
+        launcher=LauncherConfig(
+            kind=args.launcher,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            replica_host=args.replica_host,
+            slurm=SlurmOptions(
+                partition=args.slurm_partition,
+                sbatch_options=tuple(args.slurm_option),
+                poll_s=args.slurm_poll_s,
+            ),
+        ),
     )
     sys.exit(uvloop.run(server.run()))

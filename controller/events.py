@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from controller.resources import ResourceRequest
 from controller.state import AppGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, Failure
 from serve.metrics import Sample
@@ -63,6 +64,14 @@ class ReplicaLaunched:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReplicaPending:
+    """The launcher cannot place the replica yet, and says why (``serve status`` shows it)."""
+
+    replica_id: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class LaunchFailed:
     replica_id: str
     message: str
@@ -74,6 +83,7 @@ class ReplicaExited:
 
     replica_id: str
     code: int | None
+    reason: str = ""  # what the launcher saw: "exited with code 1", "Slurm job 7 NODE_FAIL"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +152,7 @@ Event = (
     | AppDeployed
     | AppDeleteRequested
     | ReplicaLaunched
+    | ReplicaPending
     | LaunchFailed
     | ReplicaExited
     | ReplicaLinked
@@ -158,6 +169,7 @@ Event = (
 @dataclasses.dataclass(frozen=True)
 class Launch:
     replica_id: str
+    request: ResourceRequest = dataclasses.field(default_factory=ResourceRequest)
 
 
 @dataclasses.dataclass(frozen=True)

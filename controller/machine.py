@@ -18,6 +18,7 @@ from controller import events as ev, views
 from controller.goals import build_app, count_failure, free_rank, new_replica_id
 from controller.health import Health, HealthDecider, HealthPolicy
 from controller.load import Autoscaler, LoadBook, autoscale, look_back_s
+from controller.resources import ResourceRequest
 from controller.state import (
     AppGoal,
     DeploymentGoal,
@@ -65,6 +66,7 @@ class ControllerMachine:
         self._health = health if health is not None else HealthDecider()
         self._new_replica_id = new_replica_id
         self._launched: set[str] = set()  # replicas whose process this controller started
+        self._ended: set[str] = set()  # launched here and reported gone: never re-adopted
         self._applying: dict[str, tuple[bytes | None, int]] = {}  # reconfigure in flight
 
     # Reading the state.
@@ -105,7 +107,13 @@ class ControllerMachine:
                 for app in self.apps.values():
                     app.deleting = True
             case ev.ReplicaLaunched():
-                self._launched_ok(event, out)
+                self._launched_ok(event, now_s, out)
+            case ev.ReplicaPending():
+                record = self.replicas.get(event.replica_id)
+                if record is not None and record.phase is Phase.STARTING:
+                    if record.pending != event.reason:
+                        logger.info("Replica %s pending: %s", event.replica_id, event.reason)
+                    record.pending = event.reason
             case ev.LaunchFailed():
                 self._launch_failed(event, out)
             case ev.ReplicaExited():
@@ -192,7 +200,11 @@ class ControllerMachine:
         look_back = {d: look_back_s(g) for d, g in self.goals().items()}
         self.load.prune(look_back, self.replicas.keys(), now_s)
         for late in list(self.replicas.values()):
-            if late.phase is Phase.STARTING and now_s - late.started_at_s > LINK_TIMEOUT_S:
+            if (
+                late.phase is Phase.STARTING
+                and late.replica_id in self._launched  # pending replicas wait, as in Ray
+                and now_s - late.started_at_s > LINK_TIMEOUT_S
+            ):
                 self._fail_start(
                     late, Failure(f"replica did not start within {LINK_TIMEOUT_S:.0f}s"), out
                 )
@@ -244,7 +256,8 @@ class ControllerMachine:
             rank=free_rank(self.replicas.values(), deployment_id),
         )
         self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
-        out.append(ev.Launch(replica_id))
+        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
+        out.append(ev.Launch(replica_id, request))
 
     def _begin_stop(
         self, record: ReplicaRecord, out: list[ev.Action], timeout_s: float | None = None
@@ -292,15 +305,17 @@ class ControllerMachine:
 
     # Replica processes.
 
-    def _launched_ok(self, event: ev.ReplicaLaunched, out: list[ev.Action]) -> None:
+    def _launched_ok(self, event: ev.ReplicaLaunched, now_s: float, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
         self._launched.add(event.replica_id)
         if record is None or record.phase is Phase.STOPPING:
             out.append(ev.Kill(event.replica_id, event.pid))  # stopped while it was launching
             return
         record.pid = event.pid
+        record.pending = ""
+        record.started_at_s = now_s  # the link timeout counts from here, not from pending
         out.append(ev.SaveReplica(record.replica_id, event.pid, record.code_version))
-        logger.info("Started replica %s (pid %d)", record.replica_id, event.pid)
+        logger.info("Started replica %s (pid %d)", record.replica_id, event.pid)  # 0: remote
 
     def _launch_failed(self, event: ev.LaunchFailed, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
@@ -313,14 +328,17 @@ class ControllerMachine:
 
     def _exited(self, event: ev.ReplicaExited, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
+        if event.replica_id in self._launched:
+            self._ended.add(event.replica_id)
         if record is not None and record.phase is not Phase.STOPPING:
-            logger.warning("Replica %s exited unexpectedly (code %s)", event.replica_id, event.code)
+            what = event.reason or f"exited with code {event.code}"
+            logger.warning("Replica %s ended unexpectedly: %s", event.replica_id, what)
             if record.phase in (Phase.STARTING, Phase.INITIALIZING):
                 self._count_failure(
                     record,
                     Failure(
-                        f"the replica process exited with code {event.code} while starting; see "
-                        "its log for the reason"
+                        f"the replica process ended while starting ({what}); see its log for "
+                        "the reason"
                     ),
                 )
         self._forget(event.replica_id, out)
@@ -351,7 +369,8 @@ class ControllerMachine:
             del self.replicas[replica_id]  # re-adopted below, or told to stop
             record = None
         if record is None:
-            if not event.draining and self._adopt(event, recovering, now_s, out):
+            ended = replica_id in self._ended  # e.g. its node was declared lost, yet it lives
+            if not ended and not event.draining and self._adopt(event, recovering, now_s, out):
                 out.append(ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED))
             else:
                 if replica_id not in self._launched:

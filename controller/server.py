@@ -15,14 +15,13 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import IO
 
 import grpc.aio
 
-from controller.launcher import LocalProcessLauncher
+from controller.launchers import LauncherConfig
 from controller.proxies import ProxyManager
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore, StoreError
@@ -60,9 +59,13 @@ class ControllerServer:
         log_dir: Path | None = None,
         proxy_location: ProxyLocation = ProxyLocation.Disabled,
         proxy_flags: list[str] | None = None,
+        advertise_host: str | None = None,
+        launcher: LauncherConfig | None = None,
     ) -> None:
         self._proxy_location = proxy_location
         self._proxy_flags = proxy_flags or []
+        self._advertise_host = advertise_host
+        self._launcher = launcher if launcher is not None else LauncherConfig()
         self._metrics_no_auth = metrics_no_auth
         self._log_dir = log_dir if log_dir is not None else state_dir / "logs"
         self._metrics_host = metrics_host
@@ -94,9 +97,11 @@ class ControllerServer:
         token = ensure_token(self._state_dir, settings().token)
         tls = tls_from_settings()
         server, port = new_server(token, tls, self._host, self._port)
-        advertised = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        advertised = self._advertise_host or (
+            "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        )
         address = f"{advertised}:{port}"
-        launcher = LocalProcessLauncher(address, token, self._log_dir)
+        launcher = self._launcher.build(address, token, self._log_dir, self._state_dir)
         try:
             async with GoalStore(self._state_dir / STATE_DB_FILE) as store:
                 supervisor = Supervisor(store=store, launcher=launcher, token=token, tls=tls)
@@ -105,7 +110,7 @@ class ControllerServer:
                     flags=self._proxy_flags,
                     controller_address=address,
                     token=token,
-                    node_id=socket.gethostname(),
+                    node_id=settings().node_id,
                     state_dir=self._state_dir,
                     log_dir=self._log_dir,
                 )

@@ -113,6 +113,7 @@ class ReplicaRecord:
     health_failures: int = 0
     next_health_check_s: float = 0.0  # monotonic
     rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
+    pending: str = ""  # while the launcher cannot place it: why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +239,10 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
             states,
         )
     message = f"{len(ready)}/{goal.target_replicas} replicas ready"
+    pending = sorted({r.pending for r in current if r.pending})
+    if pending:
+        count = sum(1 for r in current if r.pending)
+        message += f"; {count} replica(s) pending: {'; '.join(pending)}"
     if goal.last_error is not None and goal.failures:
         message += f"; {goal.failures} constructor failure(s), last: {goal.last_error.message}"
     return DeploymentView(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
@@ -41,6 +40,7 @@ from controller.events import (
     ReplicaExited,
     ReplicaLaunched,
     ReplicaLinked,
+    ReplicaPending,
     Restored,
     SaveReplica,
     ShutdownRequested,
@@ -48,11 +48,12 @@ from controller.events import (
     Tick,
     Verdict,
 )
-from controller.launcher import Launcher, Process, kill_pid
+from controller.launcher import Launched, Launcher
 from controller.load import LoadBook
 from controller.machine import SETTLED, ControllerMachine
 from controller.metrics import Snapshot
 from controller.publisher import Publisher
+from controller.resources import ResourceRequest
 from controller.state import AppGoal, DeploymentView
 from controller.store import GoalStore
 from controller.views import metrics_snapshot, replica_sets, status_key
@@ -84,7 +85,7 @@ class Supervisor:
         self._store = store
         self._launcher = launcher
         self._connect = connect or (lambda address: ReplicaClient(address, token=token, tls=tls))
-        self._processes: dict[str, Process] = {}
+        self._processes: dict[str, Launched] = {}
         self._clients: dict[str, ReplicaClient] = {}
         self._links: dict[str, asyncio.Event] = {}
         self._status_event = asyncio.Event()
@@ -112,10 +113,12 @@ class Supervisor:
     async def start(self) -> None:
         """Restore the goal state and the last controller's replicas, then start ticking."""
         apps = await self._store.load()
-        previous = [
-            PreviousReplica(replica_id, pid, code_version, _alive(pid))
-            for replica_id, pid, code_version in await self._store.load_replicas()
-        ]
+        previous = []
+        for replica_id, pid, code_version in await self._store.load_replicas():
+            found = await self._launcher.adopt(replica_id, pid)
+            if found is not None:
+                self._watch(replica_id, found)
+            previous.append(PreviousReplica(replica_id, pid, code_version, found is not None))
         self._feed(Restored(tuple(apps), tuple(previous)))
         self._tick_task = asyncio.create_task(self._tick_loop(), name="controller:reconcile")
 
@@ -133,6 +136,7 @@ class Supervisor:
                 logger.warning("Replicas still running at shutdown; killing them")
             for record in list(self.machine.replicas.values()):
                 self._kill(record.replica_id, record.pid)
+            await self._wait_killed(timeout_s=10.0)
         self._closed = True
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         if self._tick_task is not None:
@@ -144,6 +148,18 @@ class Supervisor:
             event.set()
         await asyncio.gather(*(c.aclose() for c in self._clients.values()), return_exceptions=True)
         self._clients.clear()
+        await self._launcher.aclose()
+
+    async def _wait_killed(self, timeout_s: float) -> None:
+        """After a shutdown's kills: wait (bounded) until the launcher saw every one end."""
+        ending = list(self._processes.values())
+        if not ending:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(p.wait() for p in ending))
+        except TimeoutError:
+            logger.warning("%d replica(s) not confirmed gone at shutdown", len(ending))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._closed:  # nobody would cancel or await it
@@ -187,7 +203,8 @@ class Supervisor:
         match action:
             case Launch():
                 self._spawn(
-                    self._launch(action.replica_id), f"controller:launch:{action.replica_id}"
+                    self._launch(action.replica_id, action.request),
+                    f"controller:launch:{action.replica_id}",
                 )
             case Initialize():
                 self._call(action.replica_id, action.address, Call.INITIALIZE, _initializer(action))
@@ -234,17 +251,34 @@ class Supervisor:
 
     # Replica processes.
 
-    async def _launch(self, replica_id: str) -> None:
+    async def _launch(self, replica_id: str, request: ResourceRequest) -> None:
+        def on_pending(reason: str) -> None:
+            if not self._closed:
+                self._feed(ReplicaPending(replica_id, reason))
+
         try:
-            process = await self._launcher.launch(replica_id)
+            process = await self._launcher.launch(replica_id, request, on_pending)
         except Exception as exc:
             logger.exception("Could not launch replica %s", replica_id)
             self._feed(LaunchFailed(replica_id, str(exc)))
             return
         self._processes[replica_id] = process
-        self._feed(ReplicaLaunched(replica_id, process.pid))
-        code = await process.wait()
-        self._feed(ReplicaExited(replica_id, code))
+        pid = await process.running()
+        if pid is not None:
+            self._feed(ReplicaLaunched(replica_id, pid))
+        ended = await process.wait()
+        self._feed(ReplicaExited(replica_id, ended.code, ended.reason))
+
+    def _watch(self, replica_id: str, process: Launched) -> None:
+        """A replica this controller did not launch: report its exit like a launched one's."""
+        self._processes[replica_id] = process
+
+        async def watch() -> None:
+            ended = await process.wait()
+            if self._processes.get(replica_id) is process:
+                self._feed(ReplicaExited(replica_id, ended.code, ended.reason))
+
+        self._spawn(watch(), f"controller:watch:{replica_id}")
 
     def _call(
         self,
@@ -276,29 +310,38 @@ class Supervisor:
             except ReplicaUnreachable:
                 pass
         process = self._processes.get(replica_id)
-        if process is not None:  # its exit is reported by the task that launched it
-            try:
-                async with asyncio.timeout(EXIT_MARGIN_S if action.address else 0.5):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-        elif action.pid:
-            await _wait_pid_exit(action.pid, EXIT_MARGIN_S)
-            self._feed(ReplicaExited(replica_id, None))
+        if process is None and action.pid:  # re-linked without being adopted at start
+            process = await self._launcher.adopt(replica_id, action.pid)
+            if process is None:
+                self._feed(ReplicaExited(replica_id, None, "gone before it was stopped"))
+                return
+            self._watch(replica_id, process)
+        if process is not None:  # its exit is reported by the task that launched or watches it
+            if action.address:  # drained by the Stop call: it exits by itself
+                try:
+                    async with asyncio.timeout(EXIT_MARGIN_S):
+                        await process.wait()
+                    return
+                except TimeoutError:
+                    pass
+            await process.stop(grace_s=0.5)
 
     def _kill(self, replica_id: str, pid: int) -> None:
-        """SIGKILL; the exit is reported by the launch task, or here for a re-adopted replica."""
+        """Kill now; the exit is reported by the task that launched or watches the replica."""
         process = self._processes.get(replica_id)
         if process is not None:
             process.kill()
         elif pid:
-            kill_pid(pid)
-            if not self._closed:
-                self._spawn(self._reap(replica_id, pid), f"controller:reap:{replica_id}")
+            self._spawn(self._kill_unknown(replica_id, pid), f"controller:kill:{replica_id}")
 
-    async def _reap(self, replica_id: str, pid: int) -> None:
-        await _wait_pid_exit(pid, EXIT_MARGIN_S)
-        self._feed(ReplicaExited(replica_id, None))
+    async def _kill_unknown(self, replica_id: str, pid: int) -> None:
+        """A replica that re-linked without being adopted at start: find it, then kill it."""
+        process = await self._launcher.adopt(replica_id, pid)
+        if process is None:
+            self._feed(ReplicaExited(replica_id, None, "gone before it was killed"))
+            return
+        self._watch(replica_id, process)
+        process.kill()
 
     def _client(self, replica_id: str, address: str) -> ReplicaClient:
         client = self._clients.get(replica_id)
@@ -441,23 +484,6 @@ def _initializer(action: Initialize) -> Callable[[ReplicaClient], Awaitable[Fail
         return failure
 
     return initialize
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-async def _wait_pid_exit(pid: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        await asyncio.sleep(0.05)
-    kill_pid(pid)
 
 
 def _log_write_failure(future: asyncio.Future[None]) -> None:

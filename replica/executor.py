@@ -35,6 +35,7 @@ from serve._ingress import ASGI_METHOD, GRPC_METHOD, asgi_app_of
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
+from serve._settings import settings
 from serve._user_methods import build_target, maybe_await, user_method
 from serve.exceptions import ServeError
 
@@ -104,6 +105,7 @@ class Executor:
             replica_id=self.replica_id,
             rank=rank if rank >= 0 else None,
             world_size=world_size or None,
+            node_id=settings().node_id,
         )
         set_replica_context(context)
         self._target, self._is_function = await build_target(target, args, kwargs)

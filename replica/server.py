@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -231,7 +230,7 @@ class ReplicaServer:
                 replica_id=str(self.replica_id),
                 address=address,
                 pid=os.getpid(),
-                host=socket.gethostname(),
+                host=settings().node_id,
                 initialized=executor.initialized,
                 code_version=executor.code_version,
                 user_config_json=executor.user_config_json or b"",

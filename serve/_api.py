@@ -109,9 +109,12 @@ def _serialize(built: BuiltDeployment) -> DeploymentSpec:
             f"Could not serialize the constructor arguments of deployment {name!r}: {exc}"
         ) from exc
     # ray_actor_options (resources, runtime_env) change the process, so they are in the version.
-    actor_options = orjson.dumps(
-        built.deployment.config.ray_actor_options or {}, option=orjson.OPT_SORT_KEYS
-    )
+    # So does max_replicas_per_node (placement), when set.
+    config = built.deployment.config
+    placement: dict[str, Any] = dict(config.ray_actor_options or {})
+    if config.max_replicas_per_node is not None:
+        placement["max_replicas_per_node"] = config.max_replicas_per_node
+    actor_options = orjson.dumps(placement, option=orjson.OPT_SORT_KEYS)
     version = (
         built.deployment.version or hashlib.sha256(code + init + actor_options).hexdigest()[:16]
     )

@@ -17,7 +17,6 @@ import os
 import secrets
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ class ServeClient:
         self.tls = tls
         self.owner = owner
         self.controller = ControllerClient(address, token=token, tls=tls)
-        self.host = socket.gethostname()
+        self.host = settings().node_id
         self.load_source = f"handle:{self.host}:{os.getpid()}"
         self._states: dict[DeploymentID, DeploymentState] = {}
         self._closed = False

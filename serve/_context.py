@@ -30,6 +30,7 @@ class ReplicaContext:
     servable_object: Any = None
     rank: int | None = None
     world_size: int | None = None
+    node_id: str = ""  # the node the replica runs on (SERVE_NODE_ID, else the hostname)
 
 
 @dataclasses.dataclass(eq=False)

@@ -154,6 +154,7 @@ class DeploymentConfig:
     max_constructor_retry_count: int = 20
     logging_config: Any = None
     ray_actor_options: Any = None  # resources and runtime_env, as Ray spells them (JSON types)
+    max_replicas_per_node: int | None = None  # placement: at most this many on one node
 
     def user_config_json(self) -> bytes | None:
         if self.user_config is None:

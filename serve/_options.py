@@ -27,8 +27,9 @@ class DEFAULT(enum.Enum):
     VALUE = 1
 
 
-# Ray options accepted so that Ray programs run unchanged, but which mean nothing without a Ray
-# cluster (resources, placement). They are validated for type and otherwise ignored.
+# Ray's actor options. num_cpus, num_gpus, memory and resources are the replica's resource
+# request (the controller's launcher places and sizes replicas by them); runtime_env is applied
+# by the replica; the others are validated for type and otherwise ignored.
 _RAY_ACTOR_OPTION_KEYS = frozenset(
     {
         "runtime_env",
@@ -114,6 +115,15 @@ def _check_actor_options(value: Any) -> dict[str, Any] | None:
             f"{sorted(_RAY_ACTOR_OPTION_KEYS)}."
         )
     checked = dict(value)
+    for key in ("num_cpus", "num_gpus", "memory"):
+        if checked.get(key) is not None:
+            _float(f"ray_actor_options[{key!r}]", checked[key], positive=False)
+    resources = checked.get("resources")
+    if resources is not None:
+        if not isinstance(resources, Mapping) or not all(isinstance(k, str) for k in resources):
+            raise _bad("ray_actor_options['resources']", "a dict of name -> amount", resources)
+        for name, amount in resources.items():
+            _float(f"ray_actor_options['resources'][{name!r}]", amount, positive=False)
     if checked.get("runtime_env") is not None:
         checked["runtime_env"] = check_runtime_env(checked["runtime_env"])
     try:

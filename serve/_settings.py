@@ -16,6 +16,7 @@
 | SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
 | SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
 | SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
+| SERVE_NODE_ID | the node this process runs on (prefer-local routing, replica context) | hostname |
 
 A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
 its body is buffered. The control limit applies to requests made only of names and numbers; it
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import socket
 from pathlib import Path
 
 TOKEN_METADATA_KEY = "serve-token"
@@ -38,6 +40,7 @@ ACKED_METADATA_KEY = "serve-acked"  # a closing Connect stream's last request re
 TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"
+NODE_ID_ENV = "SERVE_NODE_ID"
 _GRPC_MAX = 2**31 - 1  # gRPC's message limits are C ints: at most 2 GiB - 1
 
 
@@ -60,6 +63,7 @@ class Settings:
     idle_connection_timeout_s: float
     max_connections: int | None
     proxy_location: str  # the default proxy_location (Ray's default: EveryNode)
+    node_id: str
 
 
 def _float_env(name: str, default: float) -> float:
@@ -121,4 +125,6 @@ def settings() -> Settings:
         proxy_location=os.environ.get("SERVE_PROXY_LOCATION") or "EveryNode",
         idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
+        # A cluster launcher sets it (Slurm: the node's name), since hosts may share a hostname.
+        node_id=os.environ.get(NODE_ID_ENV) or socket.gethostname(),
     )

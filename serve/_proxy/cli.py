@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 
 from serve._proxy_flags import add_proxy_options, options_from_args
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         controller_address=args.controller,
         token=s.token,
         tls=tls_from_settings(),
-        node_id=args.node_id or socket.gethostname(),
+        node_id=args.node_id or settings().node_id,
         http=http,
         grpc=grpc,
         workers=args.proxy_workers,

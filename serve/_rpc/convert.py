@@ -39,6 +39,7 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
         graceful_shutdown_wait_loop_s=config.graceful_shutdown_wait_loop_s,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         max_constructor_retry_count=config.max_constructor_retry_count,
+        max_replicas_per_node=config.max_replicas_per_node or 0,
     )
     user_config = config.user_config_json()
     if user_config is not None:
@@ -109,6 +110,7 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
         ray_actor_options=(
             orjson.loads(msg.ray_actor_options_json) if msg.ray_actor_options_json else None
         ),
+        max_replicas_per_node=msg.max_replicas_per_node or None,
     )
 
 

@@ -3,78 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.support.procs import StandaloneController, run_script
+from tests.support.tls import make_certs
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
 ]
-
-
-def _make_certs(directory: Path) -> dict[str, str]:
-    """A CA and one certificate (for 127.0.0.1) that every process uses, server and client."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=serve-test-ca",
-    )
-    (directory / "san.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
-    )
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "node.key",
-        "-out",
-        "node.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "node.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.cnf",
-    )
-    return {
-        "SERVE_TLS_CERT": str(directory / "node.pem"),
-        "SERVE_TLS_KEY": str(directory / "node.key"),
-        "SERVE_TLS_CA": str(directory / "ca.pem"),
-    }
 
 
 APP = textwrap.dedent(
@@ -100,7 +40,7 @@ APP = textwrap.dedent(
 
 
 def test_everything_speaks_tls_and_plaintext_clients_are_refused(tmp_path: Path) -> None:
-    tls = _make_certs(tmp_path)
+    tls = make_certs(tmp_path)
     controller = StandaloneController(tmp_path / "state", **tls)
     controller.start()
     try:

@@ -349,3 +349,44 @@ def test_replicas_get_the_lowest_free_rank_and_the_world_size() -> None:
     assert h.machine.replicas[replacement].rank == 1
     initialize = of(h.bring_up(replacement), ev.Initialize)[0]
     assert (initialize.rank, initialize.world_size) == (1, 3)
+
+
+def test_a_launch_carries_the_resource_request() -> None:
+    h = Harness()
+    actions = h.deploy(
+        spec(ray_actor_options={"num_cpus": 2, "num_gpus": 1}, max_replicas_per_node=1)
+    )
+    requests = [a.request for a in of(actions, ev.Launch)]
+    assert len(requests) == 2
+    assert requests[0].num_cpus == 2.0
+    assert requests[0].num_gpus == 1.0
+    assert requests[0].max_replicas_per_node == 1
+    assert requests[0].group == str(DEP)
+
+
+def test_a_pending_replica_says_why_and_waits_without_a_link_timeout() -> None:
+    h = Harness()
+    first, second = launched(h.deploy(spec()))
+    h.bring_up(first)
+    h.feed(ev.ReplicaPending(second, 'needs {"CPU": 1.0}: 0 of 2 free'))
+    status, message = h.status()
+    assert status is ApplicationStatus.DEPLOYING
+    assert "1/2 replicas ready; 1 replica(s) pending: needs" in message
+    h.now += 3600  # pending far beyond the link timeout: still pending, not failed
+    assert not of(h.feed(ev.Tick()), ev.Stop)
+    assert second in h.machine.replicas
+    h.bring_up(second)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+
+
+def test_a_replica_that_ended_is_not_re_adopted_when_it_links_again() -> None:
+    """Its job was declared lost (node failure) while the process lived on."""
+    h = Harness()
+    (replica,) = launched(h.deploy(spec(num_replicas=1)))
+    h.bring_up(replica)
+    actions = h.feed(ev.ReplicaExited(replica, None, "Slurm job 3 on n1 ended: NODE_FAIL"))
+    assert len(launched(actions)) == 1  # replaced
+    verdicts = of(
+        h.feed(ev.ReplicaLinked(replica, "10.0.0.1:5", 7, "n1", True, "v1", b"")), ev.LinkVerdict
+    )
+    assert [v.verdict for v in verdicts] == [ev.Verdict.STOP]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from controller.events import Verdict
+from controller.launcher import Exit
+from controller.resources import ResourceRequest
 from controller.store import GoalStore
 from controller.supervisor import Supervisor
 from serve._models import (
@@ -25,16 +28,24 @@ DEP = DeploymentID("Model", "app")
 class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.ident = f"pid {pid}"
         self.code: int | None = None
         self._exited = asyncio.Event()
 
-    async def wait(self) -> int:
+    async def running(self) -> int | None:
+        return self.pid
+
+    async def wait(self) -> Exit:
         await self._exited.wait()
         assert self.code is not None
-        return self.code
+        return Exit(self.code)
+
+    async def stop(self, grace_s: float) -> None:
+        self.exit(-15)
 
     def exit(self, code: int) -> None:
-        self.code = code
+        if self.code is None:
+            self.code = code
         self._exited.set()
 
     def kill(self) -> None:
@@ -44,13 +55,23 @@ class FakeProcess:
 class FakeLauncher:
     def __init__(self) -> None:
         self.processes: dict[str, FakeProcess] = {}
+        self.requests: dict[str, ResourceRequest] = {}
         self.launched: asyncio.Queue[str] = asyncio.Queue()
         self._pids = itertools.count(1000)
 
-    async def launch(self, replica_id: str) -> FakeProcess:
+    async def launch(
+        self, replica_id: str, request: ResourceRequest, on_pending: Callable[[str], None]
+    ) -> FakeProcess:
         process = self.processes[replica_id] = FakeProcess(next(self._pids))
+        self.requests[replica_id] = request
         self.launched.put_nowait(replica_id)
         return process
+
+    async def adopt(self, replica_id: str, pid: int) -> FakeProcess | None:
+        return None
+
+    async def aclose(self) -> None:
+        pass
 
 
 class FakeClient:

@@ -2,6 +2,7 @@
 
 import serve
 import serve.config
+import serve.context
 import serve.exceptions
 import serve.handle
 import serve.metrics
@@ -11,7 +12,7 @@ import serve.schema
 def test_serve_all_is_sorted_and_complete() -> None:
     assert serve.__all__ == sorted(serve.__all__)
     public = {name for name in dir(serve) if not name.startswith("_")}
-    modules = {"config", "exceptions", "handle", "metrics", "schema"}
+    modules = {"config", "context", "exceptions", "handle", "metrics", "schema"}
     assert public - modules == set(serve.__all__)
 
 
@@ -30,6 +31,7 @@ def test_ray_serve_names_exist() -> None:
         "get_multiplexed_model_id",
         "Application",
         "Deployment",
+        "ingress",
     ]:
         assert hasattr(serve, name), name
 

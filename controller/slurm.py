@@ -1,0 +1,487 @@
+"""``SlurmLauncher``: each replica is one Slurm batch job, placed and sized by Slurm.
+
+Slurm is driven through its CLI with text output (``sbatch --parsable``, ``squeue -h -o``,
+``scontrol -o``), whose formats are stable across versions. A replica's resources map to the
+job: ``num_cpus`` -> ``--cpus-per-task`` (rounded up, at least 1), ``num_gpus`` ->
+``--gres=gpu:N``, ``memory`` -> ``--mem`` (MiB, rounded up), custom ``resources`` -> GRES of
+the same name; ``max_replicas_per_node`` -> ``--exclude`` of the nodes that already hold that
+many replicas of the deployment (such replicas are submitted one at a time, so each sees where
+the last one landed). A job Slurm cannot place stays pending, with Slurm's reason shown by
+``serve status``.
+
+The cluster token reaches the job through the environment ``sbatch`` exports (job
+environments are readable only by their owner and Slurm's admins), never through a command
+line or the batch script. One poller (``squeue`` every ``poll_s``) follows every job: RUNNING
+means started, leaving the queue means ended (``scontrol`` says how: COMPLETED, FAILED,
+CANCELLED, NODE_FAIL, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import getpass
+import hashlib
+import logging
+import math
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from controller.launcher import Exit, replica_command
+from controller.resources import ResourceRequest
+from serve._settings import ADDRESS_ENV, NODE_ID_ENV, TOKEN_ENV
+
+logger = logging.getLogger(__name__)
+
+_MIB = 2**20
+_UNPLACEABLE = (  # sbatch refusals that mean "no node can ever run this", not "bad request"
+    "Requested node configuration is not available",
+    "More processors requested than permitted",
+    "Memory required by task is not available",
+    "Invalid generic resource",
+    "Requested partition configuration not available",
+)
+
+
+class SlurmError(Exception):
+    """A Slurm command failed; the message has the command and what it printed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmOptions:
+    """How this controller submits jobs (``serve-controller --launcher slurm ...``)."""
+
+    partition: str | None = None
+    sbatch_options: tuple[str, ...] = ()  # passed to sbatch as given, e.g. "--time=1-00:00:00"
+    poll_s: float = 0.5
+    command_timeout_s: float = 30.0
+    retry_s: float = 5.0  # how often a job Slurm refused to place is submitted again
+
+
+@dataclasses.dataclass(frozen=True)
+class JobState:
+    job_id: str
+    state: str  # PENDING, RUNNING, COMPLETING, ...
+    node: str
+    reason: str
+    name: str
+
+
+def job_name(instance: str, replica_id: str) -> str:
+    """The job's name: which controller (by its state directory) and which replica."""
+    return f"serve-{instance}:{replica_id}"
+
+
+def instance_tag(state_dir: Path) -> str:
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+
+
+def sbatch_args(
+    request: ResourceRequest,
+    options: SlurmOptions,
+    *,
+    name: str,
+    output: str,
+    exclude: Sequence[str] = (),
+) -> list[str]:
+    """The sbatch command for one replica (its batch script comes on stdin)."""
+    args = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={name}",
+        f"--output={output}",
+        "--ntasks=1",
+        f"--cpus-per-task={max(1, math.ceil(request.num_cpus))}",
+        "--no-requeue",  # a lost replica is replaced by the controller, not restarted by Slurm
+        "--export=ALL",  # the token travels in the job's environment
+    ]
+    if options.partition:
+        args.append(f"--partition={options.partition}")
+    gres = []
+    if request.num_gpus:
+        gres.append(f"gpu:{math.ceil(request.num_gpus)}")
+    gres += [f"{name_}:{math.ceil(amount)}" for name_, amount in request.custom]
+    if gres:
+        args.append(f"--gres={','.join(gres)}")
+    if request.memory_bytes:
+        args.append(f"--mem={math.ceil(request.memory_bytes / _MIB)}M")
+    if exclude:
+        args.append(f"--exclude={','.join(sorted(exclude))}")
+    args += options.sbatch_options
+    return args
+
+
+def batch_script(command: Sequence[str]) -> str:
+    """The job: the replica process itself, knowing which node it is on."""
+    return (
+        "#!/bin/sh\n"
+        f'export {NODE_ID_ENV}="${{SLURMD_NODENAME:-$(hostname)}}"\n'
+        f"exec {shlex.join(command)}\n"
+    )
+
+
+def parse_squeue(text: str) -> dict[str, JobState]:
+    """``squeue -h -o '%i|%T|%N|%r|%j'`` output, by job id."""
+    jobs = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 4)
+        if len(parts) == 5:
+            job_id, state, node, reason, name = parts
+            jobs[job_id] = JobState(job_id, state, node, reason, name)
+    return jobs
+
+
+def parse_scontrol_job(text: str) -> tuple[str, int | None]:
+    """``scontrol -o show job ID``: the job's state and exit code (or the signal, negated)."""
+    fields = dict(
+        item.split("=", 1) for item in text.split() if "=" in item and not item.startswith("=")
+    )
+    state = fields.get("JobState", "UNKNOWN")
+    code: int | None = None
+    raw = fields.get("ExitCode", "")
+    if ":" in raw:
+        status, sig = raw.split(":", 1)
+        with contextlib.suppress(ValueError):
+            code = -int(sig) if int(sig) else int(status)
+    return state, code
+
+
+async def run_command(
+    args: Sequence[str], *, timeout_s: float, stdin: str | None = None, env: dict[str, str] | None
+) -> str:
+    """Run a Slurm command; its stdout, or SlurmError with what it printed."""
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await process.communicate(stdin.encode() if stdin is not None else None)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise SlurmError(f"{args[0]} did not answer within {timeout_s:.0f}s") from None
+    if process.returncode != 0:
+        raise SlurmError(f"{args[0]} failed: {err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
+
+
+class SlurmJob:
+    """One replica's job, as the poller sees it."""
+
+    def __init__(self, replica_id: str, request: ResourceRequest, launcher: SlurmLauncher) -> None:
+        self.replica_id = replica_id
+        self.request = request
+        self.job_id = ""
+        self.ident = f"replica {replica_id} (not submitted)"
+        self.node = ""
+        self.reason = ""
+        self.missing = 0  # polls in a row that did not list the job
+        self._launcher = launcher
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[int | None] = loop.create_future()
+        self._ended: asyncio.Future[Exit] = loop.create_future()
+
+    def submitted(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.ident = f"Slurm job {job_id}"
+
+    def started(self, node: str) -> None:
+        self.node = node
+        if not self._started.done():
+            self._started.set_result(0)  # the pid is on another host; the link reports it
+
+    def ended(self, exit_: Exit) -> None:
+        if not self._started.done():
+            self._started.set_result(None)
+        if not self._ended.done():
+            self._ended.set_result(exit_)
+
+    def done(self) -> bool:
+        return self._ended.done()
+
+    async def running(self) -> int | None:
+        return await asyncio.shield(self._started)
+
+    async def wait(self) -> Exit:
+        return await asyncio.shield(self._ended)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM to the replica (it drains), then cancel the job after ``grace_s``."""
+        if not self.job_id:
+            self.ended(Exit(None, "stopped before it was submitted"))
+            return
+        if self._started.done():
+            with contextlib.suppress(SlurmError):
+                await self._launcher.scancel(self.job_id, "--signal=TERM", "--full")
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self.wait()
+                    return
+            except TimeoutError:
+                pass
+        with contextlib.suppress(SlurmError):
+            await self._launcher.scancel(self.job_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._launcher.options.command_timeout_s):
+                await self.wait()
+
+    def kill(self) -> None:
+        if not self.job_id:
+            self.ended(Exit(None, "stopped before it was submitted"))
+            return
+        self._launcher.spawn(self._launcher.scancel(self.job_id), f"scancel:{self.job_id}")
+
+
+class SlurmLauncher:
+    """Submits one batch job per replica and follows them all with one poller."""
+
+    def __init__(
+        self,
+        controller_address: str,
+        token: str,
+        log_dir: Path,
+        *,
+        instance: str,
+        options: SlurmOptions | None = None,
+    ) -> None:
+        self.options = options if options is not None else SlurmOptions()
+        self._controller_address = controller_address
+        self._token = token
+        self._log_dir = log_dir
+        self._instance = instance
+        self._jobs: dict[str, SlurmJob] = {}  # by replica id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._placing: dict[str, asyncio.Lock] = {}  # per group, for max_replicas_per_node
+        self._on_pending: dict[str, Callable[[str], None]] = {}  # by job id
+        self._closed = False
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env[TOKEN_ENV] = self._token
+        env.pop(ADDRESS_ENV, None)
+        env.pop(NODE_ID_ENV, None)
+        return env
+
+    def spawn(self, coro: object, name: str) -> None:
+        assert asyncio.iscoroutine(coro)
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=f"launcher:slurm:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def scancel(self, job_id: str, *flags: str) -> None:
+        await run_command(
+            ["scancel", *flags, job_id], timeout_s=self.options.command_timeout_s, env=None
+        )
+
+    async def launch(
+        self, replica_id: str, request: ResourceRequest, on_pending: Callable[[str], None]
+    ) -> SlurmJob:
+        job = SlurmJob(replica_id, request, self)
+        self._jobs[replica_id] = job
+        self._ensure_poller()
+        if request.max_replicas_per_node is None:
+            self.spawn(self._submit_one(job, on_pending), f"submit:{replica_id}")
+        else:  # placed one at a time: the next job must know where this one landed
+            self.spawn(self._submit_spread(job, on_pending), f"spread:{replica_id}")
+        return job
+
+    async def _submit_one(self, job: SlurmJob, on_pending: Callable[[str], None]) -> None:
+        try:
+            await self._submit(job, on_pending, exclude=())
+        except SlurmError as exc:
+            job.ended(Exit(None, str(exc)))
+
+    async def _submit_spread(self, job: SlurmJob, on_pending: Callable[[str], None]) -> None:
+        request = job.request
+        assert request.max_replicas_per_node is not None
+        lock = self._placing.setdefault(request.group, asyncio.Lock())
+        async with lock:
+            reported = ""
+            while not job.done():
+                nodes = await self._nodes()
+                full = self._full_nodes(request.group, request.max_replicas_per_node)
+                if nodes and set(nodes) <= full:
+                    reason = (
+                        f"{request.describe()}: every node ({len(nodes)}) already runs "
+                        f"{request.max_replicas_per_node} replica(s) of this deployment"
+                    )
+                    if reason != reported:
+                        on_pending(reason)
+                        reported = reason
+                    await asyncio.sleep(self.options.poll_s)
+                    continue
+                try:
+                    await self._submit(job, on_pending, exclude=sorted(full))
+                except SlurmError as exc:
+                    job.ended(Exit(None, str(exc)))
+                    return
+                await job.running()  # placed (or gone): the next one may go
+                return
+
+    def _full_nodes(self, group: str, limit: int) -> set[str]:
+        counts: dict[str, int] = {}
+        for other in self._jobs.values():
+            if other.request.group == group and other.node and not other.done():
+                counts[other.node] = counts.get(other.node, 0) + 1
+        return {node for node, count in counts.items() if count >= limit}
+
+    async def _nodes(self) -> list[str]:
+        args = ["sinfo", "-h", "-N", "-o", "%N"]
+        if self.options.partition:
+            args.append(f"--partition={self.options.partition}")
+        try:
+            out = await run_command(args, timeout_s=self.options.command_timeout_s, env=None)
+        except SlurmError as exc:
+            logger.warning("%s", exc)
+            return []
+        return sorted({line.strip() for line in out.splitlines() if line.strip()})
+
+    async def _submit(
+        self, job: SlurmJob, on_pending: Callable[[str], None], exclude: Sequence[str]
+    ) -> None:
+        """sbatch; a job no node can run is retried every retry_s and reported pending."""
+        safe = job.replica_id.replace("#", "_").replace("/", "_")
+        args = sbatch_args(
+            job.request,
+            self.options,
+            name=job_name(self._instance, job.replica_id),
+            output=str(self._log_dir / f"slurm_{safe}_%j.out"),
+            exclude=exclude,
+        )
+        script = batch_script(
+            replica_command(self._controller_address, job.replica_id, "auto", self._log_dir)
+        )
+        reported = ""
+        while not job.done():
+            try:
+                out = await run_command(
+                    args, timeout_s=self.options.command_timeout_s, stdin=script, env=self._env()
+                )
+            except SlurmError as exc:
+                if not any(marker in str(exc) for marker in _UNPLACEABLE):
+                    raise
+                reason = f"Slurm cannot place {job.request.describe()}: {exc}"
+                if reason != reported:
+                    on_pending(reason)
+                    reported = reason
+                await asyncio.sleep(self.options.retry_s)
+                continue
+            job_id = out.strip().split(";", 1)[0]
+            if job.done():  # stopped while sbatch ran: nobody wants this job
+                await self.scancel(job_id)
+                return
+            job.submitted(job_id)
+            job.reason = ""
+            self._on_pending[job_id] = on_pending
+            logger.info("Replica %s is Slurm job %s", job.replica_id, job_id)
+            return
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None and not self._closed:
+            self._poller = asyncio.get_running_loop().create_task(
+                self._poll_loop(), name="launcher:slurm:poll"
+            )
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.poll_s)
+            try:
+                await self._poll()
+            except SlurmError as exc:  # slurmctld down or restarting: jobs keep their state
+                logger.warning("Could not poll Slurm: %s", exc)
+            except Exception:
+                logger.exception("Slurm poll failed")
+
+    async def _poll(self) -> None:
+        watched = [j for j in self._jobs.values() if j.job_id and not j.done()]
+        if not watched:
+            self._forget_done()
+            return
+        out = await run_command(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
+            timeout_s=self.options.command_timeout_s,
+            env=None,
+        )
+        listed = parse_squeue(out)
+        for job in watched:
+            state = listed.get(job.job_id)
+            if state is None:
+                job.missing += 1
+                if job.missing >= 2:  # not a listing taken just as it was submitted
+                    await self._ended(job)
+                continue
+            job.missing = 0
+            if state.state in ("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED"):
+                job.started(state.node)
+            elif state.state in ("PENDING", "CONFIGURING") and state.reason not in (
+                "",
+                "None",
+                job.reason,
+            ):
+                job.reason = state.reason
+                listener = self._on_pending.get(job.job_id)
+                if listener is not None:
+                    listener(
+                        f"Slurm job {job.job_id} for {job.request.describe()} is pending "
+                        f"({state.reason})"
+                    )
+        self._forget_done()
+
+    async def _ended(self, job: SlurmJob) -> None:
+        try:
+            out = await run_command(
+                ["scontrol", "-o", "show", "job", job.job_id],
+                timeout_s=self.options.command_timeout_s,
+                env=None,
+            )
+            state, code = parse_scontrol_job(out)
+        except SlurmError:
+            state, code = "gone", None
+        where = f" on {job.node}" if job.node else ""
+        job.ended(Exit(code, f"Slurm job {job.job_id}{where} ended: {state}, exit code {code}"))
+
+    def _forget_done(self) -> None:
+        for replica_id in [r for r, j in self._jobs.items() if j.done()]:
+            job = self._jobs.pop(replica_id)
+            self._on_pending.pop(job.job_id, None)
+
+    async def adopt(self, replica_id: str, pid: int) -> SlurmJob | None:
+        """A replica the previous controller launched: its job, if still queued or running."""
+        out = await run_command(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
+            timeout_s=self.options.command_timeout_s,
+            env=None,
+        )
+        name = job_name(self._instance, replica_id)
+        for state in parse_squeue(out).values():
+            if state.name == name:
+                job = SlurmJob(replica_id, ResourceRequest(), self)
+                job.submitted(state.job_id)
+                if state.state == "RUNNING":
+                    job.started(state.node)
+                self._jobs[replica_id] = job
+                self._ensure_poller()
+                return job
+        return None
+
+    async def aclose(self) -> None:
+        """Stop following jobs; they keep running and re-link to the next controller."""
+        self._closed = True
+        tasks = [*self._tasks, *([self._poller] if self._poller else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job in self._jobs.values():
+            job.ended(Exit(None, "the controller stopped following it"))

@@ -1,0 +1,63 @@
+"""How a replica becomes a Slurm job, and how Slurm's text output is read: pure functions."""
+
+from __future__ import annotations
+
+from controller.resources import ResourceRequest
+from controller.slurm import (
+    SlurmOptions,
+    batch_script,
+    parse_scontrol_job,
+    parse_squeue,
+    sbatch_args,
+)
+
+
+def test_resources_map_to_the_job() -> None:
+    request = ResourceRequest(
+        num_cpus=1.5, num_gpus=2, memory_bytes=3 * 2**30 + 1, custom=(("nvme", 1.0),)
+    )
+    args = sbatch_args(
+        request,
+        SlurmOptions(partition="gpu", sbatch_options=("--time=1-0", "--account=ml")),
+        name="serve-x:app#D#1",
+        output="/logs/x_%j.out",
+        exclude=["n2", "n1"],
+    )
+    assert args[:2] == ["sbatch", "--parsable"]
+    for expected in (
+        "--job-name=serve-x:app#D#1",
+        "--cpus-per-task=2",
+        "--gres=gpu:2,nvme:1",
+        "--mem=3073M",
+        "--partition=gpu",
+        "--exclude=n1,n2",
+        "--no-requeue",
+        "--export=ALL",
+    ):
+        assert expected in args
+    assert args[-2:] == ["--time=1-0", "--account=ml"]  # last: an operator's option wins
+
+
+def test_defaults_ask_for_one_cpu_and_nothing_else() -> None:
+    args = sbatch_args(ResourceRequest(num_cpus=0), SlurmOptions(), name="n", output="o")
+    assert "--cpus-per-task=1" in args
+    assert not [a for a in args if a.startswith(("--gres", "--mem", "--exclude", "--partition"))]
+
+
+def test_the_batch_script_holds_no_token_and_names_the_node() -> None:
+    script = batch_script(["/venv/bin/python", "-m", "replica", "--replica-id", "a#b#c d"])
+    assert script.startswith("#!/bin/sh\n")
+    assert 'export SERVE_NODE_ID="${SLURMD_NODENAME:-$(hostname)}"' in script
+    assert "exec /venv/bin/python -m replica --replica-id 'a#b#c d'\n" in script
+    assert "TOKEN" not in script
+
+
+def test_squeue_and_scontrol_output_is_parsed() -> None:
+    jobs = parse_squeue("12|RUNNING|n1|None|serve-x:a#b#1\n13|PENDING||Resources|serve-x:a|b\n")
+    assert jobs["12"].node == "n1"
+    assert jobs["13"].reason == "Resources"
+    assert jobs["13"].name == "serve-x:a|b"
+    line = "JobId=12 JobName=x JobState=FAILED Reason=NonZeroExitCode ExitCode=1:0 RunTime=1"
+    assert parse_scontrol_job(line) == ("FAILED", 1)
+    assert parse_scontrol_job("JobId=9 JobState=CANCELLED ExitCode=0:15") == ("CANCELLED", -15)
+    assert parse_scontrol_job("garbage") == ("UNKNOWN", None)
