@@ -26,6 +26,7 @@ from controller.proxies import ProxyManager
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore, StoreError
 from controller.supervisor import Supervisor
+from serve._daemon import on_stdin_closed
 from serve._proto import controller_pb2
 from serve._rpc.channel import new_server, tls_from_settings
 from serve._rpc.service import add_service
@@ -194,16 +195,9 @@ class ControllerServer:
 
     def _watch_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
         """An embedded controller stops everything when its driver closes stdin (or dies)."""
-        fd = sys.stdin.fileno()
 
-        def on_readable() -> None:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(fd)
-                logger.info("The driver is gone (stdin closed)")
-                self._request_full_stop()
+        def driver_gone() -> None:
+            logger.info("The driver is gone (stdin closed)")
+            self._request_full_stop()
 
-        loop.add_reader(fd, on_readable)
+        on_stdin_closed(loop, driver_gone)

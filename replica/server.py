@@ -20,6 +20,7 @@ from replica.executor import Executor
 from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
 from serve import _client
+from serve._daemon import OrphanClock
 from serve._logging import access_log, configure
 from serve._models import ReplicaID
 from serve._multiplex import registry as multiplex_registry
@@ -223,8 +224,7 @@ class ReplicaServer:
         assert self._executor is not None
         assert self._controller is not None
         executor = self._executor
-        lost_since = time.monotonic()
-        delay_s = 0.1
+        clock = OrphanClock(self._controller_address, self._orphan_timeout_s, lost=True)
         while True:
             info = LinkInfo(
                 replica_id=str(self.replica_id),
@@ -243,19 +243,10 @@ class ReplicaServer:
                         logger.info("The controller does not want this replica; stopping")
                         await self.drain(executor.config.graceful_shutdown_timeout_s)
                         return
-                    lost_since = 0.0
-                    delay_s = 0.1
+                    clock.linked()
             except Exception as exc:  # ControllerUnavailableError, or a refusal
                 logger.debug("Link to the controller failed: %s", exc)
-            now = time.monotonic()
-            if not lost_since:
-                lost_since = now
-                logger.warning("Lost the controller at %s", self._controller_address)
-            if now - lost_since > self._orphan_timeout_s:
-                logger.warning(
-                    "No controller for %.0fs (orphan_timeout_s); exiting", now - lost_since
-                )
+            if clock.orphaned():
                 await self.drain(0)
                 return
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 1.0)
+            await clock.pause()

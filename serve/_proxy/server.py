@@ -19,10 +19,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 from serve import _client
+from serve._daemon import OrphanClock, on_stdin_closed
 from serve._models import ProxyInfo
 from serve._proxy.http import ProxyApp
 from serve._proxy.routes import RouteTable
@@ -134,7 +134,7 @@ class ProxyServer:
                     f" and gRPC on {grpc_address}" if grpc_address else "",
                 )
             else:
-                self._watch_parent(loop)
+                on_stdin_closed(loop, self._stop)  # the first worker is gone
             await server.serve(sockets=[sock])
         finally:
             watch.cancel()
@@ -176,48 +176,26 @@ class ProxyServer:
             pass_fds=[sock.fileno()],
         )
 
-    def _watch_parent(self, loop: asyncio.AbstractEventLoop) -> None:
-        fd = sys.stdin.fileno()
-
-        def on_readable() -> None:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(fd)
-                self._stop()
-
-        loop.add_reader(fd, on_readable)
-
     def _stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
 
     async def _watch_routes(self, client: _client.ServeClient, info: ProxyInfo) -> None:
         """Keep the route table current; exit after orphan_timeout_s without a controller."""
-        lost_since = 0.0
-        delay_s = 0.1
+        clock = OrphanClock(self._controller_address, self._orphan_timeout_s, lost=False)
         while True:
             try:
                 async for routes in client.controller.watch_routes(info):
                     self._routes.update(routes)
                     self._app.ready = True
                     self._have_routes.set()
-                    lost_since = 0.0
-                    delay_s = 0.1
+                    clock.linked()
             except Exception as exc:  # ControllerUnavailableError, or a refusal
                 logger.debug("Route watch failed: %s", exc)
-            now = time.monotonic()
-            if not lost_since:
-                lost_since = now
-                logger.warning("Lost the controller at %s", self._controller_address)
-            if now - lost_since > self._orphan_timeout_s:
-                logger.warning("No controller for %.0fs; exiting", now - lost_since)
+            if clock.orphaned():
                 self._stop()
                 return
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 1.0)
+            await clock.pause()
 
 
 def _stop_worker(child: subprocess.Popen[bytes]) -> None:

@@ -1,0 +1,64 @@
+"""What serve's daemons share about staying alive: how long one has been without its
+controller (it exits after ``orphan_timeout_s`` alone, so nothing leaks), and the watch that
+stops a process when its owner closes its stdin (or dies)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+RETRY_START_S = 0.1
+RETRY_MAX_S = 1.0
+
+
+class OrphanClock:
+    """Call :meth:`linked` while the controller answers, :meth:`orphaned` after each loss (True
+    once ``orphan_timeout_s`` passed without it), and :meth:`pause` before trying again."""
+
+    def __init__(self, controller_address: str, orphan_timeout_s: float, *, lost: bool) -> None:
+        self._address = controller_address
+        self._timeout_s = orphan_timeout_s
+        self._lost_since = time.monotonic() if lost else 0.0
+        self._delay_s = RETRY_START_S
+
+    def linked(self) -> None:
+        self._lost_since = 0.0
+        self._delay_s = RETRY_START_S
+
+    def orphaned(self) -> bool:
+        now = time.monotonic()
+        if not self._lost_since:
+            self._lost_since = now
+            logger.warning("Lost the controller at %s", self._address)
+        alone_s = now - self._lost_since
+        if alone_s > self._timeout_s:
+            logger.warning("No controller for %.0fs (orphan_timeout_s); exiting", alone_s)
+            return True
+        return False
+
+    async def pause(self) -> None:
+        await asyncio.sleep(self._delay_s)
+        self._delay_s = min(self._delay_s * 2, RETRY_MAX_S)
+
+
+def on_stdin_closed(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Call ``callback`` on ``loop`` once stdin reaches end of file: the process that holds its
+    other end closed it, or died."""
+    fd = sys.stdin.fileno()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            callback()
+
+    loop.add_reader(fd, on_readable)
