@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 from replica.loader import apply_code_env, apply_runtime_env, load_callable, load_init_args
 from replica.workers import SyncWorkers
-from serve._context import ReplicaContext, RequestContext, set_current_request, set_replica_context
+from serve._context import (
+    ReplicaContext,
+    RequestContext,
+    set_current_deadline,
+    set_current_request,
+    set_replica_context,
+)
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
@@ -213,6 +219,8 @@ class Executor:
                 "`handle.options(stream=True)` to call generators on a deployment."
             )
         set_current_request(request)
+        if request.deadline_s:  # nested calls inherit it, in worker threads too
+            set_current_deadline(request.deadline_s)
         if kind == "async":
             result = await fn(*args, **kwargs)
         else:
@@ -235,6 +243,8 @@ class Executor:
     ) -> AsyncIterator[Any]:
         fn, kind = self.resolve(method)
         set_current_request(request)
+        if request.deadline_s:
+            set_current_deadline(request.deadline_s)
         if kind == "asyncgen":
             produced: Any = fn(*args, **kwargs)
         elif kind == "async":
