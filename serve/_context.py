@@ -108,9 +108,9 @@ def get_multiplexed_model_id() -> str:
     return context.multiplexed_model_id if context is not None else ""
 
 
-# The time.monotonic() deadline requests made here inherit, or 0.0 for none. The bound method
-# itself, not a function calling it: handle.remote() calls it on every request.
-current_deadline = _deadline.get
+def current_deadline() -> float:
+    """The ``time.monotonic()`` deadline requests made here inherit, or 0.0 for none."""
+    return _deadline.get()
 
 
 def set_current_deadline(deadline_s: float) -> contextvars.Token[float]:
