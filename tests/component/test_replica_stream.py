@@ -279,6 +279,20 @@ async def test_a_request_whose_budget_is_spent_on_arrival_does_not_run(
     await conn.aclose()
 
 
+async def test_a_budget_that_is_not_a_usable_number_means_no_deadline(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    for deadline_s in (float("nan"), float("inf"), time.monotonic() + 1e12):
+        exchange = Recorder()
+        _send(conn, exchange, "echo", "fine", _deadline_s=deadline_s)
+        await asyncio.wait_for(exchange.done.wait(), 5)
+        assert exchange.events == [("result", "fine")], deadline_s
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
 async def test_a_cancelled_sync_method_keeps_its_slot_until_its_thread_ends(
     replica: tuple[Executor, str],
 ) -> None:

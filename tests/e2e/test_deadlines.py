@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ class Outer:
         _mark(marker + ".outer", "no error")
         return result
 
+    def stream(self, marker: str) -> Iterator[str]:
+        yield "first"
+        until = time.monotonic() + 30  # until this replica's deadline has passed
+        while time.monotonic() < min(until, current_deadline()):
+            time.sleep(0.01)
+        try:
+            yield self._inner.ping.remote(marker).result(timeout_s=10)
+        except BaseException as exc:
+            _mark(marker + ".outer", type(exc).__name__)
+            raise
+
     async def quick(self, marker: str) -> str:
         return await self._inner.ping.remote(marker)  # type: ignore[no-any-return]
 
@@ -107,6 +119,19 @@ def test_a_sync_methods_nested_call_fails_at_once_past_the_deadline(tmp_path: Pa
     wait_for(lambda: Path(marker + ".outer").exists())
     assert Path(marker + ".outer").read_text() == "RequestTimeoutError"
     assert not Path(marker + ".inner-pinged").exists()  # never sent to the inner replica
+
+
+def test_a_generators_nested_calls_inherit_the_deadline(tmp_path: Path) -> None:
+    h = serve.run(Outer.bind(Inner.bind()), name="deadline-stream")
+    marker = str(tmp_path / "g")
+    with request_deadline(0.5):
+        items = h.options(stream=True).stream.remote(marker)
+    assert next(items) == "first"
+    with pytest.raises(RequestTimeoutError):
+        next(items)
+    wait_for(lambda: Path(marker + ".outer").exists())
+    assert Path(marker + ".outer").read_text() == "RequestTimeoutError"
+    assert not Path(marker + ".inner-pinged").exists()
 
 
 def test_requests_within_their_deadline_or_without_one_behave_as_before(
