@@ -462,7 +462,6 @@ class Router:
         A sent request is not cancelled on its replica: the replica got the time left with it
         and ends the work itself at the deadline, reporting the timeout (ignored here by then).
         """
-        request.deadline_timer = None
         if request.state == RequestState.DONE:
             return
         envelope = request.envelope

@@ -429,16 +429,20 @@ async def test_a_rejected_request_past_its_deadline_is_not_retried(f: Fixture) -
 
 async def test_children_expired_by_their_replica_fail_with_the_timeout(f: Fixture) -> None:
     f.publish(replica("a"))
-    parent = RequestContext(request_id="parent", deadline_s=_now() + 30)
+    parent = RequestContext(request_id="parent")
     token = set_current_request(parent)
     try:
-        child = f.call(1)
+        with request_deadline(30):  # as a replica sets it for the request it serves
+            child = f.call(1)
     finally:
         reset_current_request(token)
     assert parent.children == {child}
+    timer = child.deadline_timer
+    assert timer is not None
     child.expire()
     with pytest.raises(RequestTimeoutError):
         child.completion.outcome()
+    assert timer.cancelled()  # its own timer has nothing left to do
     assert not child.cancelled
     assert parent.children == set()
     assert f.conns["a"].cancelled == []  # its replica has the deadline too and ends it itself
