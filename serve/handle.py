@@ -168,7 +168,9 @@ class DeploymentHandle(Generic[T]):
 
         Returns a ``DeploymentResponse``, or a ``DeploymentResponseGenerator`` with
         ``options(stream=True)``. ``DeploymentResponse`` arguments (top level only) are resolved
-        before the request is sent.
+        before the request is sent. A call made while serving a request that has a deadline (an
+        ingress request's timeout) inherits it: past it, the response raises
+        ``RequestTimeoutError``.
         """
         router = self._router
         try:
