@@ -28,6 +28,7 @@ from serve._context import (
     ReplicaContext,
     RequestContext,
     current_request,
+    set_current_deadline,
     set_current_request,
     set_replica_context,
 )
@@ -237,6 +238,8 @@ class Executor:
     ) -> None:
         """A connection the proxy forwarded: what the app sends goes to ``emit``."""
         set_current_request(request)
+        if request.deadline_s:  # the HTTP request_timeout_s, for nested calls
+            set_current_deadline(request.deadline_s)
         await serve_asgi(self._asgi_app(), *args, **kwargs, feed=request.feed, emit=emit)
 
     async def _serve_grpc(
@@ -292,6 +295,8 @@ class Executor:
                 "`handle.options(stream=True)` to call generators on a deployment."
             )
         set_current_request(request)
+        if request.deadline_s:  # nested calls inherit it, in worker threads too
+            set_current_deadline(request.deadline_s)
         if kind == "async":
             result = await fn(*args, **kwargs)
         else:
@@ -314,6 +319,8 @@ class Executor:
     ) -> AsyncIterator[Any]:
         fn, kind = self.resolve(method)
         set_current_request(request)
+        if request.deadline_s:
+            set_current_deadline(request.deadline_s)
         if kind == "asyncgen":
             produced: Any = fn(*args, **kwargs)
         elif kind == "async":

@@ -7,6 +7,12 @@ admitted request gets exactly one outcome, unless the stream itself is gone.
 
 Every reply carries the replica's ongoing count and the highest request number read so far
 (``acked``), which the router's queue-length estimate needs.
+
+A request may carry a time budget (``timeout_s``): its deadline is that much after it arrived,
+by this replica's monotonic clock. Nested calls made while serving it inherit the deadline. When
+it passes, those still in flight fail with ``RequestTimeoutError``, the user's code is cancelled
+(a sync method's thread cannot be, and keeps its slot until it returns), and the answer is
+``RequestTimeoutError`` whatever the code does afterwards.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ from serve._rpc.frames import FrameError, FrameLane, read_frames
 from serve._rpc.status import error_info
 from serve._serialization import decode_args, encode_buffers
 from serve._settings import settings
-from serve.exceptions import RemoteError, ServeError
+from serve.exceptions import RemoteError, RequestTimeoutError, ServeError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STREAM_WINDOW = 64
 DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
+# A budget above this (or not a positive number) is no deadline at all: timers cannot hold it.
+MAX_TIMEOUT_S = 1e7
 
 Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts, buffers
 
@@ -81,6 +89,8 @@ class StreamSession:
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
         self._feeds: dict[int, asyncio.Queue[bytes]] = {}  # inputs of running ingress requests
+        self._deadline_timers: dict[int, asyncio.TimerHandle] = {}
+        self._timed_out: dict[int, RequestTimeoutError] = {}  # deadline passed, not answered
         self._max_bytes = settings().max_message_bytes
         self._closing = False
 
@@ -159,14 +169,18 @@ class StreamSession:
         if executor.draining:
             self._reject(frame_id, REJECT_REASON_DRAINING)
             return
+        timeout_s = header.timeout_s
+        deadline_s = 0.0
+        if 0.0 < timeout_s <= MAX_TIMEOUT_S:  # False for NaN too
+            deadline_s = time.monotonic() + timeout_s
         if header.no_reject:
             task = asyncio.create_task(
-                self._wait_then_run(header, body, buffers), name="replica:broadcast"
+                self._wait_then_run(header, body, buffers, deadline_s), name="replica:broadcast"
             )
         elif executor.admit():
             self._holding.add(frame_id)
             task = asyncio.create_task(
-                self._run(header, body, buffers), name=f"replica:{header.method}"
+                self._run(header, body, buffers, deadline_s), name=f"replica:{header.method}"
             )
         else:
             self._reject(frame_id, REJECT_REASON_FULL)
@@ -175,6 +189,10 @@ class StreamSession:
         if header.method in FED_METHODS:
             self._feeds[frame_id] = asyncio.Queue()
         task.add_done_callback(functools.partial(self._on_task_done, frame_id))
+        if deadline_s:
+            self._deadline_timers[frame_id] = asyncio.get_running_loop().call_later(
+                timeout_s, self._on_deadline, frame_id, header
+            )
 
     def _reject(self, frame_id: int, reason: int) -> None:
         self._send(
@@ -191,25 +209,33 @@ class StreamSession:
         self._feeds.pop(frame_id, None)
         cancelled = frame_id in self._cancel_requested
         self._cancel_requested.discard(frame_id)
+        timed_out = None
+        if self._deadline_timers or self._timed_out:
+            timer = self._deadline_timers.pop(frame_id, None)
+            if timer is not None:
+                timer.cancel()
+            timed_out = self._timed_out.pop(frame_id, None)
         if frame_id in self._holding:  # cancelled before it started: _run never released
             self._holding.discard(frame_id)
             self._executor.release()
-            if cancelled and not self._closing:
+            if timed_out is not None and not self._closing:
+                self._send(_error(frame_id, timed_out, ERROR_KIND_SYSTEM))
+            elif cancelled and not self._closing:
                 self._send(_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED))
         elif cancelled and not self._closing and task.cancelled():
             # A broadcast call cancelled while it waited for a slot: it still gets an answer.
             self._send(_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED))
 
     async def _wait_then_run(
-        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None, deadline_s: float
     ) -> None:
         """Broadcast calls wait for a slot instead of being rejected."""
         await self._executor.wait_admitted()
         self._holding.add(header.id)
-        await self._run(header, body, buffers)
+        await self._run(header, body, buffers, deadline_s)
 
     async def _run(
-        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
+        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None, deadline_s: float
     ) -> None:
         """Run one admitted request and send its outcome; releases its slot exactly once."""
         executor = self._executor
@@ -221,14 +247,22 @@ class StreamSession:
             method=header.method,
             multiplexed_model_id=header.model_id,
             feed=self._feeds.get(frame_id),
+            deadline_s=deadline_s,
         )
         self._contexts[frame_id] = request
         reply: Reply | None = None
         started = time.perf_counter()
         try:
-            reply = await self._outcome(header, body, buffers, request)
+            if deadline_s and time.monotonic() >= deadline_s:
+                # Its budget was spent before it could start: no user code runs.
+                timed_out = self._timed_out.setdefault(frame_id, self._timeout_error(header))
+                reply = (_error(frame_id, timed_out, ERROR_KIND_SYSTEM), (), [])
+            else:
+                reply = await self._outcome(header, body, buffers, request)
         except asyncio.CancelledError:
-            if self._closing or frame_id not in self._cancel_requested:
+            if self._closing or (
+                frame_id not in self._cancel_requested and frame_id not in self._timed_out
+            ):
                 raise  # the stream is gone: nobody to answer
             reply = (_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), [])
         finally:
@@ -237,7 +271,34 @@ class StreamSession:
             executor.release()
             self._cancel_requested.discard(frame_id)
             if reply is not None:
+                if deadline_s:
+                    # Past its deadline the answer is the timeout, whatever the code did since.
+                    expired = self._timed_out.get(frame_id)
+                    if expired is not None:
+                        reply = (_error(frame_id, expired, ERROR_KIND_SYSTEM), (), [])
                 self._finish(header, reply, started)
+
+    def _timeout_error(self, header: FrameHeader) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            deployment=str(self._executor.replica_id.deployment_id),
+            method=header.method,
+            timeout_s=header.timeout_s,
+        )
+
+    def _on_deadline(self, frame_id: int, header: FrameHeader) -> None:
+        """A request's deadline passed: its nested calls fail, then its code is cancelled."""
+        self._deadline_timers.pop(frame_id, None)
+        task = self._tasks.get(frame_id)
+        if task is None or task.done():
+            return
+        self._timed_out[frame_id] = self._timeout_error(header)
+        request = self._contexts.get(frame_id)
+        if request is not None:
+            for child in list(request.children):
+                child.expire()
+        # Cancel one loop turn later, so that code awaiting a nested call sees that call's
+        # RequestTimeoutError (and may clean up) rather than a bare CancelledError.
+        asyncio.get_running_loop().call_soon(task.cancel)
 
     async def _outcome(
         self,
@@ -271,7 +332,7 @@ class StreamSession:
             payload, reply_buffers = _encode(header.response_codec, value, "result")
             return FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id), (payload,), reply_buffers
         except asyncio.CancelledError:
-            if frame_id in self._cancel_requested or self._closing:
+            if frame_id in self._cancel_requested or frame_id in self._timed_out or self._closing:
                 raise
             task = asyncio.current_task()
             if task is not None and task.cancelling():

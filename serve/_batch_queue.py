@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from serve._context import RequestContext, set_current_request
+from serve._context import RequestContext, set_current_deadline, set_current_request
 from serve._signature import transpose_calls
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,23 @@ class BatchSource(Protocol):
 
 
 def _context_with(request: RequestContext | None) -> contextvars.Context:
-    """A copy of the current context in which ``request`` is the request being served."""
+    """A copy of the current context in which ``request`` is the request being served (and
+    its deadline the one nested calls inherit)."""
     context = contextvars.copy_context()
     context.run(set_current_request, request)
+    context.run(set_current_deadline, request.deadline_s if request is not None else 0.0)
     return context
+
+
+def _latest_deadline(batch: list[Caller]) -> float:
+    """The deadline a batch's nested calls inherit: 0.0 (none) if any caller has none."""
+    latest = 0.0
+    for caller in batch:
+        deadline_s = caller.request.deadline_s if caller.request is not None else 0.0
+        if not deadline_s:
+            return 0.0
+        latest = max(latest, deadline_s)
+    return latest
 
 
 class Caller:
@@ -305,8 +318,13 @@ class _Queue:
         run = _Run(batch)
         first = batch[0].request
         # The batch runs on behalf of its first caller, with the model of all of them; the
-        # requests it makes are its own, not children a single caller's cancel would end.
-        request = None if first is None else dataclasses.replace(first, children=set())
+        # requests it makes are its own, not children a single caller's cancel would end. They
+        # inherit the latest deadline of its callers: the batch is needed until that one.
+        request = (
+            None
+            if first is None
+            else dataclasses.replace(first, children=set(), deadline_s=_latest_deadline(batch))
+        )
         run.task = asyncio.get_running_loop().create_task(
             self._run(run), name=f"batch:{self._batched.name}:run", context=_context_with(request)
         )

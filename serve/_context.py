@@ -1,4 +1,5 @@
-"""Who is running: the replica context (per process) and the request context (per request)."""
+"""Who is running: the replica context (per process), the request context (per request), and
+the deadline that requests made here inherit."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import math
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -17,6 +20,8 @@ class Cancellable(Protocol):
     """A request made on behalf of another one (a child), as the replica needs to see it."""
 
     def cancel(self) -> None: ...
+    def expire(self) -> None:
+        """End it with the timeout error: the deadline it inherited passed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,7 @@ class RequestContext:
     """The request a replica is running; nested handle calls inherit its id and are its children.
 
     ``children`` lets the replica cancel every request made on behalf of a cancelled one.
+    ``deadline_s`` is the ``time.monotonic()`` by which it must finish (0.0: none).
     """
 
     request_id: str
@@ -48,6 +54,7 @@ class RequestContext:
     children: set[Cancellable] = dataclasses.field(default_factory=set)
     # Inputs the caller feeds to the running request (an ingress request's ASGI messages).
     feed: asyncio.Queue[bytes] | None = None
+    deadline_s: float = 0.0
 
 
 _replica_context: ReplicaContext | None = None
@@ -57,6 +64,11 @@ local_replica_context: contextvars.ContextVar[ReplicaContext | None] = contextva
 )
 _request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
     "serve_request_context", default=None
+)
+# The time.monotonic() by which requests made in this context must finish (0.0: no deadline).
+# A float, not an optional object: handle.remote() reads it on every call.
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "serve_request_deadline", default=0.0
 )
 
 
@@ -100,8 +112,43 @@ def get_multiplexed_model_id() -> str:
     return context.multiplexed_model_id if context is not None else ""
 
 
+def current_deadline() -> float:
+    """The ``time.monotonic()`` deadline requests made here inherit, or 0.0 for none."""
+    return _deadline.get()
+
+
+def set_current_deadline(deadline_s: float) -> contextvars.Token[float]:
+    """Set the inherited deadline as is (a replica, for the request it serves)."""
+    return _deadline.set(deadline_s)
+
+
 @contextlib.contextmanager
-def request_deadline(timeout_s: float) -> Iterator[None]:
-    """Requests made in this scope must finish within ``timeout_s`` (interim: the deadline
-    branch carries it through nested calls)."""
-    yield
+def request_deadline(timeout_s: float | None) -> Iterator[float]:
+    """Requests made in this scope (and every nested call made to serve them) must finish
+    within ``timeout_s`` seconds from now. Yields the deadline (``time.monotonic()``; 0.0: none).
+
+    Private: the ingress proxy sets it from an HTTP ``request_timeout_s`` or a gRPC client's
+    deadline, and tests use it. A nested scope never extends the deadline it is in: the earlier
+    one wins. ``None`` or ``math.inf`` add no deadline; a budget of zero or less has already
+    passed, so requests made in the scope fail at once with ``RequestTimeoutError``.
+
+    Example::
+
+        with request_deadline(0.5):
+            response = handle.remote(body)  # carries the 0.5 s budget to the replica
+    """
+    if timeout_s is None or timeout_s == math.inf:
+        yield _deadline.get()
+        return
+    if math.isnan(timeout_s):
+        raise ValueError("request_deadline(timeout_s) needs a number of seconds, not NaN.")
+    # A deadline that passed is still a deadline: it must not read as 0.0 ("none").
+    deadline_s = max(time.monotonic() + timeout_s, 1e-9)
+    inherited = _deadline.get()
+    if inherited and inherited < deadline_s:
+        deadline_s = inherited
+    token = _deadline.set(deadline_s)
+    try:
+        yield deadline_s
+    finally:
+        _deadline.reset(token)

@@ -25,6 +25,9 @@ class Envelope:
     no_reject: bool = False  # broadcast: wait for a slot instead of being rejected
     stream_window: int = 0  # stream items the replica may send before the consumer's credit
     stream_window_bytes: int = 0  # ... and bytes (item bodies plus their buffers)
+    # The time.monotonic() of this process by which it must finish (0.0: none). The wire carries
+    # the time left instead, since another host's clock has another origin.
+    deadline_s: float = 0.0
     args: bytes = b""
     kwargs: bytes = b""
     buffers: list[bytes] = dataclasses.field(default_factory=list)  # out of band, args first

@@ -21,6 +21,7 @@ from serve._context import (
     ReplicaContext,
     RequestContext,
     local_replica_context,
+    set_current_deadline,
     set_current_request,
 )
 from serve._deployment import BuiltDeployment
@@ -135,8 +136,10 @@ class LocalConnection:
                 deployment=replica.deployment_id.name,
                 method=envelope.method,
                 multiplexed_model_id=envelope.model_id,
+                deadline_s=envelope.deadline_s,
             )
         )
+        set_current_deadline(envelope.deadline_s)  # one process, one clock: as is
         try:
             args, kwargs = decode_args(
                 envelope.request_codec,

@@ -8,6 +8,7 @@ runs the cancel callback the router gave it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import random
@@ -64,6 +65,7 @@ class Request:
         "completion",
         "conn",
         "created_s",
+        "deadline_timer",
         "envelope",
         "fed",
         "frame_id",
@@ -86,7 +88,8 @@ class Request:
         kwargs: dict[str, Any],
         *,
         parent: RequestContext | None,
-        on_cancel: Callable[[Request], None],
+        on_cancel: Callable[[Request, bool], None],
+        deadline_s: float = 0.0,
     ) -> None:
         self.seq = seq
         stream = options.stream
@@ -97,11 +100,13 @@ class Request:
             response_codec=codec_id(options.response_serialization),
             model_id=options.multiplexed_model_id,
             stream=stream,
+            deadline_s=deadline_s,
         )
         self.prefer_local = options.prefer_local_routing
         self.parent = parent
         self._on_cancel = on_cancel
         self.created_s = time.monotonic()
+        self.deadline_timer: asyncio.TimerHandle | None = None  # the router's, while it waits
         self.state = RequestState.RESOLVING
         self.cancelled = False
         self.holds_queue_slot = False
@@ -183,7 +188,12 @@ class Request:
     def cancel(self) -> None:
         """Cancel the request (home loop): its router drops or cancels it. Idempotent."""
         self.cancelled = True
-        self._on_cancel(self)
+        self._on_cancel(self, False)
+
+    def expire(self) -> None:
+        """End the request with ``RequestTimeoutError`` (home loop): the deadline it inherited
+        passed. Its replica, which has the same deadline, ends the work on its own."""
+        self._on_cancel(self, True)
 
     def copy_for_broadcast(self) -> Request:
         """The same encoded request with its own outcome, never rejected, never streamed."""

@@ -9,6 +9,11 @@ user code ran) or with its outcome. A rejected request, or one whose connection 
 was written, goes back to the queue in its original place and is retried. One that was written
 and then lost its connection fails with ``ReplicaDiedError``: it may have run, and nothing runs
 twice.
+
+Deadlines: a request made under a deadline (``serve._context.request_deadline``, or inherited
+from the request a replica serves) fails with ``RequestTimeoutError`` at once if it has passed,
+and otherwise when it passes, wherever the request is then: resolving its arguments, queued,
+between retries, or sent (its replica got the time left and ends the work itself).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from serve._context import current_request
+from serve._context import current_deadline, current_request
 from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
@@ -35,6 +40,7 @@ from serve.exceptions import (
     DeploymentUnavailableError,
     ReplicaDiedError,
     RequestCancelledError,
+    RequestTimeoutError,
     ServeError,
 )
 
@@ -87,7 +93,15 @@ class Router:
     def make_request(
         self, options: HandleOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Request:
-        """Reserve a queue slot (or raise BackPressureError) and build the request."""
+        """Reserve a queue slot (or raise BackPressureError) and build the request.
+
+        Raises RequestTimeoutError, without queueing, if the deadline it inherits has passed.
+        """
+        deadline_s = current_deadline()
+        if deadline_s and time.monotonic() >= deadline_s:
+            raise RequestTimeoutError(
+                deployment=str(self.deployment_id), method=options.method_name
+            )
         limit = self._max_queued
         with self._lock:
             if limit != -1 and self._num_queued >= limit:
@@ -106,6 +120,7 @@ class Router:
                 kwargs,
                 parent=current_request(),
                 on_cancel=self.cancel,
+                deadline_s=deadline_s,
             )
         except BaseException:
             self._add_queued(-1)
@@ -176,6 +191,14 @@ class Router:
         if request.state == RequestState.DONE:
             return
         state = self.state()
+        deadline_s = request.envelope.deadline_s
+        if deadline_s:
+            delay_s = deadline_s - time.monotonic()
+            if delay_s <= 0:
+                self._expire(request)
+                return
+            loop = asyncio.get_running_loop()
+            request.deadline_timer = loop.call_later(delay_s, self._expire, request)
         if request.cancelled:
             self.finish(request, error=RequestCancelledError(request.request_id))
             return
@@ -267,6 +290,11 @@ class Router:
             request = pending[0][1]
             if request.state != RequestState.QUEUED:
                 heapq.heappop(pending)
+                continue
+            deadline_s = request.envelope.deadline_s
+            if deadline_s and now >= deadline_s:  # never sent, nor retried, past its deadline
+                heapq.heappop(pending)
+                self._expire(request)
                 continue
             candidates = state.routable
             if not candidates:
@@ -401,6 +429,10 @@ class Router:
             return
         request.state = RequestState.DONE
         self._release_slot(request)
+        timer = request.deadline_timer
+        if timer is not None:
+            request.deadline_timer = None
+            timer.cancel()
         if request.parent is not None:
             request.parent.children.discard(request)
         buffer = request.stream_buffer
@@ -411,8 +443,14 @@ class Router:
         else:
             request.completion.set_result(value)
 
-    def cancel(self, request: Request) -> None:
-        """Cancel a request: drop it if still queued, else tell its replica."""
+    def cancel(self, request: Request, expired: bool = False) -> None:
+        """Cancel a request: drop it if still queued, else tell its replica.
+
+        ``expired``: its deadline passed instead (see :meth:`_expire`).
+        """
+        if expired:
+            self._expire(request)
+            return
         request.cancelled = True
         if request.state == RequestState.DONE:
             return
@@ -422,6 +460,24 @@ class Router:
         if request.stream_buffer is not None:
             request.stream_buffer.close(error, drop=True)  # the next read raises, as in Ray
         self.finish(request, error=error)
+
+    def _expire(self, request: Request) -> None:
+        """The request's deadline passed: it fails with RequestTimeoutError wherever it is.
+
+        A sent request is not cancelled on its replica: the replica got the time left with it
+        and ends the work itself at the deadline, reporting the timeout (ignored here by then).
+        """
+        if request.state == RequestState.DONE:
+            return
+        envelope = request.envelope
+        self.finish(
+            request,
+            error=RequestTimeoutError(
+                deployment=str(self.deployment_id),
+                method=envelope.method,
+                timeout_s=envelope.deadline_s - request.created_s,
+            ),
+        )
 
     def credit(self, request: Request, count: int, nbytes: int) -> None:
         """The consumer of a stream read ``count`` items of ``nbytes``: the replica may send

@@ -5,6 +5,7 @@ The tree::
     ServeError                          base class (alias: RayServeException)
     ├── BackPressureError               a handle's queue is full (max_queued_requests)
     ├── RequestCancelledError           the request was cancelled by response.cancel()
+    ├── RequestTimeoutError             the deadline it inherited passed (also TimeoutError)
     ├── DeploymentUnavailableError      the deployment does not exist or has no replicas to call
     ├── DeploymentFailedError           serve.run() could not start an application (a RuntimeError)
     ├── ReplicaDiedError                the replica died after it had admitted the request
@@ -29,6 +30,7 @@ __all__ = [
     "RemoteTraceback",
     "ReplicaDiedError",
     "RequestCancelledError",
+    "RequestTimeoutError",
     "ServeError",
 ]
 
@@ -83,6 +85,41 @@ class RequestCancelledError(ServeError):
         return (RequestCancelledError, (self.request_id,))
 
 
+class RequestTimeoutError(ServeError, TimeoutError):
+    """The deadline of the request this one serves passed before it finished.
+
+    A deadline is set where a request enters the system (an HTTP ``request_timeout_s``, or the
+    deadline a gRPC client set) and travels with every nested handle call made while serving it:
+    such a call fails at once once the deadline has passed, a call waiting for a replica fails
+    when it passes, and the replica cancels the work. Nothing is retried past the deadline.
+    Whoever set the deadline must allow more time, or the deployment must answer faster.
+    ``timeout_s`` is the time the request had left when it was made (0 if none).
+    """
+
+    def __init__(self, *, deployment: str = "", method: str = "", timeout_s: float = 0.0) -> None:
+        self.deployment = deployment
+        self.method = method
+        self.timeout_s = timeout_s
+        where = f" to '{deployment}'" if deployment else ""
+        if method:
+            where += f" ({method})"
+        if timeout_s > 0:
+            what = f"timed out after {timeout_s:.3g}s (the time it had left before its deadline)"
+        else:
+            what = "timed out: its deadline had already passed when it was made"
+        super().__init__(
+            f"Request{where} {what}. The deadline comes from the request it serves (an ingress "
+            "request's timeout); allow more time there, or make the deployment answer faster."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_timeout, (self.deployment, self.method, self.timeout_s))
+
+
+def _rebuild_timeout(deployment: str, method: str, timeout_s: float) -> RequestTimeoutError:
+    return RequestTimeoutError(deployment=deployment, method=method, timeout_s=timeout_s)
+
+
 class DeploymentUnavailableError(ServeError):
     """The deployment cannot take requests: it does not exist, or was deleted."""
 
@@ -94,10 +131,6 @@ class DeploymentUnavailableError(ServeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (DeploymentUnavailableError, (self.deployment_id, self.reason))
-
-
-class RequestTimeoutError(ServeError, TimeoutError):
-    """A request's deadline passed."""
 
 
 class DeploymentFailedError(ServeError, RuntimeError):

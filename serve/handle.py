@@ -21,7 +21,7 @@ from serve._options import DEFAULT, HandleOptions, validate_handle_options
 from serve._request import Request, RequestState, ResponseBase
 from serve._router import Router
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
-from serve.exceptions import BackPressureError, ServeError
+from serve.exceptions import BackPressureError, RequestTimeoutError, ServeError
 
 __all__ = [
     "DeploymentBroadcastResponse",
@@ -168,12 +168,14 @@ class DeploymentHandle(Generic[T]):
 
         Returns a ``DeploymentResponse``, or a ``DeploymentResponseGenerator`` with
         ``options(stream=True)``. ``DeploymentResponse`` arguments (top level only) are resolved
-        before the request is sent.
+        before the request is sent. A call made while serving a request that has a deadline (an
+        ingress request's timeout) inherits it: past it, the response raises
+        ``RequestTimeoutError``.
         """
         router = self._router
         try:
             request = router.make_request(self.handle_options, args, kwargs)
-        except BackPressureError as exc:
+        except (BackPressureError, RequestTimeoutError) as exc:
             # As in Ray, the response raises it when awaited (or on result()).
             request = router.refused_request(self.handle_options, exc)
         else:

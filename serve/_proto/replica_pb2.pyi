@@ -167,6 +167,7 @@ class FrameHeader(_message.Message):
     ARGS_BUFFER_COUNT_FIELD_NUMBER: _builtins.int
     STREAM_WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     CREDIT_BYTES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
     kind: Global___FrameKind.ValueType
     id: _builtins.int
     """per-connection request number, chosen by the router"""
@@ -202,6 +203,11 @@ class FrameHeader(_message.Message):
     """
     credit_bytes: _builtins.int
     """CREDIT"""
+    timeout_s: _builtins.float
+    """REQUEST: the time budget left when the frame was written, in seconds (0: no deadline). A
+    relative budget, not an absolute time, because hosts' clocks differ: the replica adds it to
+    its own monotonic clock on arrival.
+    """
     @_builtins.property
     def error(self) -> _common_pb2.ErrorInfo: ...
     @_builtins.property
@@ -232,10 +238,11 @@ class FrameHeader(_message.Message):
         args_buffer_count: _builtins.int = ...,
         stream_window_bytes: _builtins.int = ...,
         credit_bytes: _builtins.int = ...,
+        timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

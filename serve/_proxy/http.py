@@ -95,12 +95,11 @@ class ProxyApp:
             first.append(await receive())  # the body (or its first chunk) travels with the call
         state = _Forward()
         try:
-            if self._timeout_s is None:
+            # The deadline travels with the request (and every nested call made to serve it):
+            # the router fails it with RequestTimeoutError when it passes, the replicas cancel
+            # the work.
+            with request_deadline(self._timeout_s):
                 await self._forward(handle, forwarded, first, receive, send, state)
-            else:
-                async with asyncio.timeout(self._timeout_s):
-                    with request_deadline(self._timeout_s):
-                        await self._forward(handle, forwarded, first, receive, send, state)
         except (TimeoutError, RequestTimeoutError):
             await _fail(
                 scope,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,8 @@ QUEUE_LENGTH_METHOD = "/serve.v1.Replica/QueueLength"
 
 # (ongoing, acked): the replica's ongoing count and the highest request id it had read then.
 OnLoad = Callable[[int, int], None]
+
+MIN_TIMEOUT_S = 1e-6
 
 _TERMINAL = frozenset({FRAME_KIND_REJECTED, FRAME_KIND_RESULT, FRAME_KIND_ERROR, FRAME_KIND_END})
 
@@ -122,26 +125,27 @@ class ReplicaConnection:
         self._next_id += 1
         frame_id = self._next_id
         self._pending[frame_id] = (listener, request)
-        lane.send(
-            FrameHeader(
-                kind=FRAME_KIND_REQUEST,
-                id=frame_id,
-                method=envelope.method,
-                request_codec=envelope.request_codec,  # type: ignore[arg-type]
-                response_codec=envelope.response_codec,  # type: ignore[arg-type]
-                args_len=len(envelope.args),
-                model_id=envelope.model_id,
-                stream=envelope.stream,
-                no_reject=envelope.no_reject,
-                request_id=envelope.request_id,
-                stream_window=envelope.stream_window,
-                stream_window_bytes=envelope.stream_window_bytes,
-                args_buffer_count=envelope.args_buffer_count,
-            ),
-            envelope.args,
-            envelope.kwargs,
-            buffers=envelope.buffers,
+        header = FrameHeader(
+            kind=FRAME_KIND_REQUEST,
+            id=frame_id,
+            method=envelope.method,
+            request_codec=envelope.request_codec,  # type: ignore[arg-type]
+            response_codec=envelope.response_codec,  # type: ignore[arg-type]
+            args_len=len(envelope.args),
+            model_id=envelope.model_id,
+            stream=envelope.stream,
+            no_reject=envelope.no_reject,
+            request_id=envelope.request_id,
+            stream_window=envelope.stream_window,
+            stream_window_bytes=envelope.stream_window_bytes,
+            args_buffer_count=envelope.args_buffer_count,
         )
+        deadline_s = envelope.deadline_s
+        if deadline_s:
+            # The time left, never 0 (which means no deadline): a request whose deadline passed
+            # meanwhile reaches a replica that answers RequestTimeoutError without running it.
+            header.timeout_s = max(deadline_s - time.monotonic(), MIN_TIMEOUT_S)
+        lane.send(header, envelope.args, envelope.kwargs, buffers=envelope.buffers)
         return frame_id
 
     def cancel(self, frame_id: int) -> None:

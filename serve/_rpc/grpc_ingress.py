@@ -11,7 +11,6 @@ The standard ``grpc.health.v1.Health`` service answers SERVING once routes are k
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -97,14 +96,10 @@ class _Ingress(grpc.GenericRpcHandler):
         limits = [t for t in (remaining, self._timeout_s) if t is not None]
         timeout_s = min(limits) if limits else None
         try:
-            if timeout_s is None:
+            with request_deadline(timeout_s):  # enforced by the router and the replicas
                 stream = handle.remote(method, request, self._functions)
-            else:
-                with request_deadline(timeout_s):
-                    stream = handle.remote(method, request, self._functions)
-            async with asyncio.timeout(timeout_s):
-                async for payload in stream:
-                    yield payload
+            async for payload in stream:
+                yield payload
         except (TimeoutError, RequestTimeoutError):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"Request timed out after {timeout_s}s."

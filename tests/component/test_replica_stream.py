@@ -148,6 +148,7 @@ def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, 
     stream = kw.pop("_stream", False)
     window = kw.pop("_window", 0)
     window_bytes = kw.pop("_window_bytes", 0)
+    deadline_s = kw.pop("_deadline_s", 0.0)
     a, k = encode_args(CLOUDPICKLE, args, kw)
     envelope = Envelope(
         method=method,
@@ -159,6 +160,7 @@ def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, 
         stream=stream,
         stream_window=window,
         stream_window_bytes=window_bytes,
+        deadline_s=deadline_s,
     )
     return conn.send(envelope, exchange, None)
 
@@ -226,6 +228,67 @@ async def test_cancel_frame_cancels_the_user_coroutine(replica: tuple[Executor, 
     await asyncio.wait_for(exchange.done.wait(), 5)
     assert exchange.events[-1] == ("error", ("CancelledError", True))
     assert executor._target.cancelled == 1
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
+async def test_past_its_budget_a_request_is_cancelled_and_answered_with_the_timeout(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    _send(conn, exchange, "wait", _deadline_s=time.monotonic() + 0.2)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events == [("error", ("RequestTimeoutError", False))]  # not "cancelled"
+    assert executor._target.cancelled == 1  # the user's coroutine was cancelled
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
+async def test_a_sync_method_past_its_budget_is_answered_while_its_thread_runs_on(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    _send(conn, exchange, "block", _deadline_s=time.monotonic() + 0.2)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events == [("error", ("RequestTimeoutError", False))]
+    assert executor.ongoing == 1  # the thread cannot be interrupted: it keeps its slot
+    executor._target.thread_gate.set()
+    await _until(lambda: executor.ongoing == 0)
+    await conn.aclose()
+
+
+async def test_a_request_whose_budget_is_spent_on_arrival_does_not_run(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    exchange = Recorder()
+    _send(conn, exchange, "count", 3, _stream=True, _deadline_s=time.monotonic() - 1)
+    await asyncio.wait_for(exchange.done.wait(), 5)
+    assert exchange.events == [("error", ("RequestTimeoutError", False))]
+    assert executor._target.produced == 0
+    within = Recorder()
+    _send(conn, within, "echo", "in time", _deadline_s=time.monotonic() + 30)
+    await asyncio.wait_for(within.done.wait(), 5)
+    assert within.events == [("result", "in time")]
+    assert executor.ongoing == 0
+    await conn.aclose()
+
+
+async def test_a_budget_that_is_not_a_usable_number_means_no_deadline(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica
+    conn = _connect(address)
+    for deadline_s in (float("nan"), float("inf"), time.monotonic() + 1e12):
+        exchange = Recorder()
+        _send(conn, exchange, "echo", "fine", _deadline_s=deadline_s)
+        await asyncio.wait_for(exchange.done.wait(), 5)
+        assert exchange.events == [("result", "fine")], deadline_s
     assert executor.ongoing == 0
     await conn.aclose()
 

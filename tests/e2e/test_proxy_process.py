@@ -53,6 +53,31 @@ class Hello:
         return "hello"
 
 serve.run(Hello.bind(), name="hello", route_prefix="/hello")
+
+@serve.deployment
+class Inner:
+    async def work(self, marker: str) -> str:
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            open(marker, "w").write("cancelled")
+            raise
+        return "done"
+
+@serve.deployment
+class Outer:
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, request: Request) -> str:
+        marker = request.query_params["marker"]
+        try:
+            return await self.inner.work.remote(marker)
+        except serve.exceptions.RequestTimeoutError as exc:
+            open(marker + ".outer", "w").write(type(exc).__name__)
+            raise
+
+serve.run(Outer.bind(Inner.bind()), name="nested", route_prefix="/nested")
 """
 
 
@@ -116,6 +141,22 @@ def test_request_timeout_is_408_and_workers_share_the_port(
     # Several connections at once, spread over both workers by the kernel.
     replies = [httpx.get(url, timeout=30) for _ in range(20)]
     assert {r.text for r in replies} == {"hello"}
+
+
+def test_the_request_timeout_travels_with_nested_calls(
+    proxied: StandaloneController, tmp_path: Path
+) -> None:
+    """request_timeout_s becomes the deadline of the nested call too: it fails with
+    RequestTimeoutError in the outer replica, and the inner replica's work is cancelled."""
+    url = f"http://{_proxy(proxied)['http_address']}/nested"
+    marker = tmp_path / "inner"
+    reply = httpx.get(url, params={"marker": str(marker)}, timeout=30)
+    assert reply.status_code == 408
+    wait_for(marker.exists, timeout_s=10)
+    assert marker.read_text() == "cancelled"
+    outer = Path(f"{marker}.outer")
+    wait_for(outer.exists, timeout_s=10)
+    assert outer.read_text() == "RequestTimeoutError"
 
 
 def test_status_shows_the_proxy(proxied: StandaloneController) -> None:

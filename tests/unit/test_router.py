@@ -8,6 +8,12 @@ from typing import Any
 
 import pytest
 
+from serve._context import (
+    RequestContext,
+    request_deadline,
+    reset_current_request,
+    set_current_request,
+)
 from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost, Envelope
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
@@ -20,6 +26,7 @@ from serve.exceptions import (
     DeploymentUnavailableError,
     ReplicaDiedError,
     RequestCancelledError,
+    RequestTimeoutError,
 )
 
 DEP = DeploymentID("Model", "app")
@@ -320,3 +327,138 @@ async def _until(predicate: Any, timeout_s: float = 2.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
+
+
+# Deadlines.
+
+
+def test_nested_deadline_scopes_keep_the_earlier_deadline() -> None:
+    with request_deadline(10) as outer:
+        with request_deadline(100) as later:
+            assert later == outer
+        with request_deadline(1) as earlier:
+            assert 0 < earlier < outer
+        with request_deadline(None) as unchanged:
+            assert unchanged == outer
+    with request_deadline(None) as none:
+        assert none == 0.0
+    with pytest.raises(ValueError, match="NaN"), request_deadline(float("nan")):
+        pass
+
+
+async def test_the_deadline_is_captured_when_the_request_is_made(f: Fixture) -> None:
+    f.publish(replica("a"))
+    with request_deadline(30) as deadline_s:
+        request = f.router.make_request(HandleOptions(), (1,), {})
+    plain = f.call(2)
+    f.router.submit(request)  # later, outside the scope (as on the IO thread)
+    assert request.envelope.deadline_s == deadline_s
+    assert f.conns["a"].sent[request.frame_id][2].deadline_s == deadline_s
+    assert plain.envelope.deadline_s == 0.0
+    assert plain.deadline_timer is None
+    f.result(request, "ok")
+    assert await request.completion.wait() == "ok"
+    assert request.deadline_timer is None  # its timer went with it
+
+
+async def test_a_request_made_past_its_deadline_fails_at_once_without_queueing(
+    f: Fixture,
+) -> None:
+    f.publish(replica("a"), max_queued=1)
+    with request_deadline(0), pytest.raises(RequestTimeoutError) as info:
+        f.call(1, options=HandleOptions(method_name="predict"))
+    assert "'app.Model' (predict)" in str(info.value)
+    assert "already passed" in str(info.value)
+    assert f.router.num_queued == 0
+    assert not f.conns  # nothing was sent anywhere
+
+
+async def test_a_request_waiting_for_replicas_fails_when_its_deadline_passes(
+    f: Fixture,
+) -> None:
+    with request_deadline(0.05):
+        waiting = f.call(1)
+    plain = f.call(2)
+    assert waiting.state == RequestState.QUEUED
+    with pytest.raises(RequestTimeoutError) as info:
+        await asyncio.wait_for(waiting.completion.wait(), 5)
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.timeout_s == pytest.approx(0.05, abs=0.02)
+    assert f.router.num_queued == 1  # only the request without a deadline still waits
+    f.publish(replica("a"))
+    assert [c.request_id for c in f.conns["a"].calls()] == [plain.request_id]
+
+
+async def test_a_request_queued_behind_full_replicas_fails_at_its_deadline(f: Fixture) -> None:
+    f.publish(replica("a", limit=1))
+    running = f.call(0)
+    f.conns["a"].probe_answer = (1, True)
+    with request_deadline(0.05):
+        queued = f.call(1)
+    assert queued.state == RequestState.QUEUED
+    with pytest.raises(RequestTimeoutError):
+        await asyncio.wait_for(queued.completion.wait(), 5)
+    f.result(running, "done")  # the replica frees up: the expired request is not sent
+    assert [c.request_id for c in f.conns["a"].calls()] == [running.request_id]
+    assert f.router.num_queued == 0
+
+
+async def test_a_sent_request_fails_at_its_deadline_and_is_never_retried(f: Fixture) -> None:
+    f.publish(replica("a", limit=1), replica("b", limit=1))
+    with request_deadline(0.05):
+        sent = f.call(1)
+    assert sent.state == RequestState.SENT
+    conn = f.conns[sent.replica_id]
+    with pytest.raises(RequestTimeoutError):
+        await asyncio.wait_for(sent.completion.wait(), 5)
+    # The replica ends the work itself (it got the time left): no CANCEL from here.
+    assert conn.cancelled == []
+    f.reject(sent, 0)  # a late rejection does not send it again, anywhere
+    assert sum(len(c.calls()) for c in f.conns.values()) == 1
+    assert sent.state == RequestState.DONE
+
+
+async def test_a_rejected_request_past_its_deadline_is_not_retried(f: Fixture) -> None:
+    f.publish(replica("a", limit=1), replica("b", limit=1))
+    with request_deadline(30):
+        sent = f.call(1)
+    assert sent.deadline_timer is not None
+    sent.envelope.deadline_s = _now() - 1  # it passed while the replica considered it
+    f.reject(sent, 1)
+    assert sent.state == RequestState.DONE
+    with pytest.raises(RequestTimeoutError):
+        sent.completion.outcome()
+    assert sum(len(c.calls()) for c in f.conns.values()) == 1
+
+
+async def test_children_expired_by_their_replica_fail_with_the_timeout(f: Fixture) -> None:
+    f.publish(replica("a"))
+    parent = RequestContext(request_id="parent")
+    token = set_current_request(parent)
+    try:
+        with request_deadline(30):  # as a replica sets it for the request it serves
+            child = f.call(1)
+    finally:
+        reset_current_request(token)
+    assert parent.children == {child}
+    timer = child.deadline_timer
+    assert timer is not None
+    child.expire()
+    with pytest.raises(RequestTimeoutError):
+        child.completion.outcome()
+    assert timer.cancelled()  # its own timer has nothing left to do
+    assert not child.cancelled
+    assert parent.children == set()
+    assert f.conns["a"].cancelled == []  # its replica has the deadline too and ends it itself
+
+
+def test_request_timeout_error_survives_pickling_and_names_what_timed_out() -> None:
+    import pickle
+
+    error = RequestTimeoutError(deployment="app.Model", method="predict", timeout_s=0.5)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is RequestTimeoutError
+    assert (copy.deployment, copy.method, copy.timeout_s) == ("app.Model", "predict", 0.5)
+    assert str(copy) == str(error)
+    assert "'app.Model' (predict) timed out after 0.5s" in str(error)
+    assert isinstance(copy, TimeoutError)
