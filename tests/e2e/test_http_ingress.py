@@ -216,19 +216,28 @@ def test_client_disconnect_cancels_the_request_in_the_replica(
 
 def test_backpressure_is_503(http_url: str, tmp_path: Path) -> None:
     serve.run(Slow.bind(), name="slow", route_prefix="/slow")
+    marker = tmp_path / "x"
+    url = f"{http_url}/slow?path={marker}"
 
-    async def main() -> list[int]:
-        async with httpx.AsyncClient(timeout=5) as client:
-            url = f"{http_url}/slow?path={tmp_path / 'x'}"
-            slow = [asyncio.create_task(client.get(url)) for _ in range(2)]
-            await asyncio.sleep(0.5)  # one running, one queued (max_queued_requests=1)
-            third = await client.get(url)
-            for task in slow:
+    async def main() -> set[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            running = asyncio.create_task(client.get(url))
+            started = Path(f"{marker}.started")
+            await asyncio.to_thread(wait_for, started.exists, 10.0)
+            # One runs (max_ongoing_requests=1) and one may wait (max_queued_requests=1):
+            # of five more, the others are refused at once.
+            more = [asyncio.create_task(client.get(url)) for _ in range(5)]
+            answered: set[int] = set()
+            pending: set[asyncio.Task[httpx.Response]] = set(more)
+            while pending and 503 not in answered:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                answered |= {task.result().status_code for task in done}
+            for task in [running, *more]:
                 task.cancel()
-            await asyncio.gather(*slow, return_exceptions=True)
-            return [third.status_code]
+            await asyncio.gather(running, *more, return_exceptions=True)
+            return answered
 
-    assert asyncio.run(main()) == [503]
+    assert asyncio.run(main()) == {503}
 
 
 def test_no_route_is_404_and_builtin_routes(http_url: str) -> None:
