@@ -100,7 +100,7 @@ class ProxyApp:
             # the work.
             with request_deadline(self._timeout_s):
                 await self._forward(handle, forwarded, first, receive, send, state)
-        except (TimeoutError, RequestTimeoutError):
+        except RequestTimeoutError:  # not a TimeoutError of the user's own: that is a 500
             await _fail(
                 scope,
                 send,

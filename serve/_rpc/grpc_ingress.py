@@ -100,7 +100,7 @@ class _Ingress(grpc.GenericRpcHandler):
                 stream = handle.remote(method, request, self._functions)
             async for payload in stream:
                 yield payload
-        except (TimeoutError, RequestTimeoutError):
+        except RequestTimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"Request timed out after {timeout_s}s."
             )
