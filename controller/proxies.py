@@ -2,8 +2,9 @@
 replaced like a replica, and stopped with the cluster.
 
 A proxy tells the controller it is alive by holding its route-table stream (``WatchRoutes``).
-The controller also asks it ``GET /-/healthz`` every ``HEALTH_PERIOD_S``; three misses in a row
-and it is killed and replaced. A proxy that exits is replaced after a backoff (0.5 s doubling
+The controller also asks it ``GET /-/healthz`` every ``SERVE_PROXY_HEALTH_CHECK_PERIOD_S`` (10 s,
+each answer within ``SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S``, 5 s); three misses in a row and it
+is killed and replaced. A proxy that exits is replaced after a backoff (0.5 s doubling
 to 30 s, reset once one has served for a while), and ``serve status`` says why. A proxy that
 outlived a controller restart re-links within ``ADOPT_WAIT_S`` and is kept.
 """
@@ -24,15 +25,13 @@ from pathlib import Path
 
 from controller.launcher import kill_pid
 from serve._models import ProxyInfo
-from serve._settings import ADDRESS_ENV, TOKEN_ENV
+from serve._settings import ADDRESS_ENV, TOKEN_ENV, settings
 from serve.config import ProxyLocation
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
-HEALTH_PERIOD_S = 10.0
-HEALTH_TIMEOUT_S = 5.0
 HEALTH_MISSES = 3
 BACKOFF_MAX_S = 30.0
 STABLE_S = 30.0  # a proxy that served this long resets the restart backoff
@@ -219,13 +218,14 @@ class ProxyManager:
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         """Until the process exits, or misses HEALTH_MISSES health checks in a row (killed)."""
         misses = 0
+        s = settings()
         exited = asyncio.ensure_future(process.wait())
         try:
             while True:
-                done, _ = await asyncio.wait({exited}, timeout=HEALTH_PERIOD_S)
+                done, _ = await asyncio.wait({exited}, timeout=s.proxy_health_check_period_s)
                 if done:
                     return
-                if await _healthz(self.state.http_address):
+                if await _healthz(self.state.http_address, s.proxy_health_check_timeout_s):
                     misses = 0
                     self.state.status, self.state.message = "HEALTHY", ""
                     continue
@@ -280,11 +280,11 @@ class ProxyManager:
         self.state = ProxyState(self._node_id, status="DRAINING")
 
 
-async def _healthz(address: str) -> bool:
+async def _healthz(address: str, timeout_s: float) -> bool:
     """GET /-/healthz answered 200."""
     host, _, port = address.rpartition(":")
     try:
-        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(host, int(port))
             try:
                 writer.write(b"GET /-/healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")

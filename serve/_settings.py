@@ -63,6 +63,8 @@ class Settings:
     idle_connection_timeout_s: float
     max_connections: int | None
     proxy_location: str  # the default proxy_location (Ray's default: EveryNode)
+    proxy_health_check_period_s: float
+    proxy_health_check_timeout_s: float
     node_id: str
 
 
@@ -123,6 +125,8 @@ def settings() -> Settings:
         ),
         handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
         proxy_location=os.environ.get("SERVE_PROXY_LOCATION") or "EveryNode",
+        proxy_health_check_period_s=_positive_float_env("SERVE_PROXY_HEALTH_CHECK_PERIOD_S", 10.0),
+        proxy_health_check_timeout_s=_positive_float_env("SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", 5.0),
         idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
         # A cluster launcher sets it (Slurm: the node's name), since hosts may share a hostname.

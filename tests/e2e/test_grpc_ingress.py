@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,8 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serve
 import serve.context
+import serve.exceptions
+from serve.handle import DeploymentHandle
 from tests.support import greeter_pb2, greeter_pb2_grpc
-from tests.support.procs import proxy_details
+from tests.support.procs import proxy_details, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +46,30 @@ class SlowGreeter:
     async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
         await asyncio.sleep(30)
         return greeter_pb2.HelloReply(message="late")
+
+
+@serve.deployment
+class Inner:
+    async def work(self, marker: str) -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            Path(marker).write_text("cancelled")  # noqa: ASYNC240 - a test marker
+            raise
+        return "late"
+
+
+@serve.deployment
+class Relay:
+    def __init__(self, inner: DeploymentHandle) -> None:
+        self.inner = inner
+
+    async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
+        try:
+            return greeter_pb2.HelloReply(message=await self.inner.work.remote(request.name))
+        except serve.exceptions.RequestTimeoutError as exc:
+            Path(f"{request.name}.relay").write_text(type(exc).__name__)  # noqa: ASYNC240
+            raise
 
 
 @pytest.fixture
@@ -101,6 +128,20 @@ def test_client_deadline_is_deadline_exceeded(channel: grpc.Channel) -> None:
         stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=0.5)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 10
+
+
+def test_the_client_deadline_travels_to_nested_calls(channel: grpc.Channel, tmp_path: Path) -> None:
+    serve.run(Relay.bind(Inner.bind()), name="relay", route_prefix="/relay")
+    marker = tmp_path / "inner"
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    with pytest.raises(grpc.RpcError) as late:
+        stub.SayHello(greeter_pb2.HelloRequest(name=str(marker)), timeout=1.0)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(marker.exists, timeout_s=10)  # the inner replica's work was cancelled
+    assert marker.read_text() == "cancelled"
+    relay = Path(f"{marker}.relay")
+    wait_for(relay.exists, timeout_s=10)  # the nested call failed with the deadline's error
+    assert relay.read_text() == "RequestTimeoutError"
 
 
 def test_standard_health_service(channel: grpc.Channel) -> None:

@@ -5,6 +5,8 @@ shutdown (nothing left behind)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -185,6 +187,35 @@ def test_proxy_outlives_a_controller_crash_and_is_readopted(
     readopted = _proxy(proxied)
     assert readopted["pid"] == proxy["pid"]
     assert httpx.get(url, timeout=30).text == "hello"
+
+
+def test_a_hung_proxy_fails_its_health_checks_and_is_replaced(tmp_path: Path) -> None:
+    controller = StandaloneController(
+        tmp_path / "state",
+        "--proxy-location",
+        "EveryNode",
+        "--http-port",
+        "0",
+        SERVE_PROXY_HEALTH_CHECK_PERIOD_S="0.3",
+        SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S="0.3",
+    )
+    try:
+        controller.start()
+        deployed = run_script(DEPLOY, **controller.driver_env())
+        assert deployed.returncode == 0, deployed.stderr
+        hung = _proxy(controller)
+        os.kill(int(hung["pid"]), signal.SIGSTOP)  # alive, but answers nothing
+
+        def replaced() -> object:
+            proxy = _proxy(controller)
+            return proxy if proxy["pid"] != hung["pid"] else None
+
+        new = wait_for(replaced, timeout_s=30, interval_s=0.2)
+        assert not pids_alive([int(hung["pid"])])  # killed, not left stopped
+        url = f"http://{new['http_address']}/hello"  # type: ignore[index]
+        assert httpx.get(url, timeout=30).text == "hello"
+    finally:
+        controller.cleanup()
 
 
 def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
