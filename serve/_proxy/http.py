@@ -98,8 +98,11 @@ class ProxyApp:
             # The deadline travels with the request (and every nested call made to serve it):
             # the router fails it with RequestTimeoutError when it passes, the replicas cancel
             # the work.
-            with request_deadline(self._timeout_s):
+            if self._timeout_s is None:
                 await self._forward(handle, forwarded, first, receive, send, state)
+            else:
+                with request_deadline(self._timeout_s):
+                    await self._forward(handle, forwarded, first, receive, send, state)
         except RequestTimeoutError:  # not a TimeoutError of the user's own: that is a 500
             await _fail(
                 scope,

@@ -107,6 +107,7 @@ class ProxyServer:
             ws="websockets",
             lifespan="off",
             access_log=False,
+            proxy_headers=False,  # the proxy faces its clients: the peer is the client
             log_config=None,
             timeout_keep_alive=max(1, round(self._http.keep_alive_timeout_s)),
         )
