@@ -218,6 +218,22 @@ def test_a_hung_proxy_fails_its_health_checks_and_is_replaced(tmp_path: Path) ->
         controller.cleanup()
 
 
+@pytest.mark.parametrize(("location", "proxies"), [("HeadOnly", 1), ("Disabled", 0)])
+def test_proxy_location(tmp_path: Path, location: str, proxies: int) -> None:
+    """HeadOnly: a proxy on the controller's node (on one node, as EveryNode); Disabled: none."""
+    controller = StandaloneController(
+        tmp_path / "state", "--proxy-location", location, "--http-port", "0"
+    )
+    try:
+        controller.start()
+        if proxies:
+            _proxy(controller)
+        assert len(_status(controller)["proxies"]) == proxies  # type: ignore[arg-type]
+        assert len(controller.proxy_pids()) == proxies
+    finally:
+        controller.cleanup()
+
+
 def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
     pids = proxied.proxy_pids()
     assert pids
