@@ -26,6 +26,7 @@ from replica.loader import apply_code_env, apply_runtime_env, load_callable, loa
 from replica.workers import SyncWorkers
 from serve._context import (
     ReplicaContext,
+    ReplicaRank,
     RequestContext,
     current_request,
     set_current_deadline,
@@ -104,7 +105,7 @@ class Executor:
             deployment=self.deployment,
             replica_tag=self.replica_id.unique_id,
             replica_id=self.replica_id,
-            rank=rank if rank >= 0 else None,
+            rank=ReplicaRank(rank) if rank >= 0 else None,
             world_size=world_size or None,
             node_id=settings().node_id,
         )

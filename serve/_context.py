@@ -24,6 +24,19 @@ class Cancellable(Protocol):
         """End it with the timeout error: the deadline it inherited passed."""
 
 
+class ReplicaRank(int):
+    """A replica's rank among its deployment's replicas (0 .. world_size - 1). An ``int``, and,
+    as Ray's ``ReplicaRank``, ``.rank`` is the same integer. (Ray's per-node ``node_rank`` and
+    ``local_rank`` are not computed here.)"""
+
+    @property
+    def rank(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"ReplicaRank(rank={int(self)})"
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplicaContext:
     """What ``serve.get_replica_context()`` returns inside a replica."""
@@ -33,7 +46,7 @@ class ReplicaContext:
     replica_tag: str
     replica_id: ReplicaID
     servable_object: Any = None
-    rank: int | None = None
+    rank: ReplicaRank | None = None
     world_size: int | None = None
     node_id: str = ""  # the node the replica runs on (SERVE_NODE_ID, else the hostname)
 

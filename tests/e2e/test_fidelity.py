@@ -103,6 +103,8 @@ def test_runtime_env_vars_and_working_dir_reach_the_replica(tmp_path: Any) -> No
 class Ranked:
     def __call__(self) -> tuple[int | None, int | None]:
         context = serve.get_replica_context()
+        assert context.rank is not None
+        assert context.rank.rank == context.rank  # Ray's ReplicaRank spelling
         return context.rank, context.world_size
 
 
