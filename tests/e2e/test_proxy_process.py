@@ -107,9 +107,10 @@ def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
         controller.cleanup()
 
 
-def _status(controller: StandaloneController) -> dict[str, object]:
+def _serve(controller: StandaloneController, *args: str) -> str:
+    """Run a `serve` command against the controller; its stdout."""
     result = subprocess.run(
-        [sys.executable, "-m", "serve", "status", "--json"],
+        [*SERVE, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,7 +118,11 @@ def _status(controller: StandaloneController) -> dict[str, object]:
         env=python_env(**controller.driver_env()),
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return result.stdout
+
+
+def _status(controller: StandaloneController) -> dict[str, object]:
+    return json.loads(_serve(controller, "status", "--json"))  # type: ignore[no-any-return]
 
 
 def _proxy(controller: StandaloneController) -> dict[str, object]:
@@ -165,15 +170,7 @@ def test_status_shows_the_proxy(proxied: StandaloneController) -> None:
     proxy = _proxy(proxied)
     assert proxy["http_address"]
     assert proxy["pid"] in proxied.proxy_pids()
-    table = subprocess.run(
-        [sys.executable, "-m", "serve", "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=python_env(**proxied.driver_env()),
-    )
-    assert f"HEALTHY (http {proxy['http_address']})" in table.stdout
+    assert f"HEALTHY (http {proxy['http_address']})" in _serve(proxied, "status")
 
 
 def test_proxy_outlives_a_controller_crash_and_is_readopted(
@@ -237,15 +234,7 @@ def test_proxy_location(tmp_path: Path, location: str, proxies: int) -> None:
 def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
     pids = proxied.proxy_pids()
     assert pids
-    result = subprocess.run(
-        [sys.executable, "-m", "serve", "shutdown"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=python_env(**proxied.driver_env()),
-    )
-    assert result.returncode == 0, result.stderr
+    _serve(proxied, "shutdown")
     wait_for(lambda: not pids_alive(pids), timeout_s=30)
 
 
