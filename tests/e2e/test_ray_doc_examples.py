@@ -45,3 +45,9 @@ def test_the_batching_guide_runs(tmp_path: Path) -> None:
     assert "Results: [10.0, 500.0, 300.0]" in result.stdout  # batch_size_fn, by node count
     assert "Token counts: [5, 12, 1]" in result.stdout  # batch_size_fn, by token count
     assert last_line(result) == "Batching guide OK"
+
+
+def test_the_multiplexing_guide_runs(tmp_path: Path) -> None:
+    result = run_example("examples/multiplexing_guide.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert last_line(result) == "Multiplexing guide OK"
