@@ -51,3 +51,9 @@ def test_the_multiplexing_guide_runs(tmp_path: Path) -> None:
     result = run_example("examples/multiplexing_guide.py", tmp_path)
     assert result.returncode == 0, result.stderr
     assert last_line(result) == "Multiplexing guide OK"
+
+
+def test_the_app_builder_guide_runs(tmp_path: Path) -> None:
+    result = run_example("examples/app_builder_guide.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert last_line(result) == "App builder guide OK"
