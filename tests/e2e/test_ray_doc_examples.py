@@ -57,3 +57,12 @@ def test_the_app_builder_guide_runs(tmp_path: Path) -> None:
     result = run_example("examples/app_builder_guide.py", tmp_path)
     assert result.returncode == 0, result.stderr
     assert last_line(result) == "App builder guide OK"
+
+
+def test_the_streaming_guide_runs(tmp_path: Path) -> None:
+    result = run_example("examples/streaming_guide.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    # The driver printed each chunk as it came, and disconnected after the eleventh.
+    assert "after start: '9'" in result.stdout
+    assert "Client disconnecting" in result.stdout
+    assert last_line(result) == "Streaming guide OK"
