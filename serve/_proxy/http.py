@@ -89,7 +89,8 @@ class ProxyApp:
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":  # the caller's request id, as in Ray
                 set_current_request(RequestContext(request_id=value.decode("latin-1")))
-                break
+            elif name == b"serve_multiplexed_model_id":  # Ray's header for multiplexing
+                handle = handle.options(multiplexed_model_id=value.decode("latin-1"))
         first: list[Message] = []
         if kind == "http":
             first.append(await receive())  # the body (or its first chunk) travels with the call

@@ -123,6 +123,16 @@ class Dies:
 
 
 @serve.deployment
+class Models:
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> str:
+        return f"model {model_id}"
+
+    async def __call__(self, request: Request) -> str:
+        return await self.get_model(serve.get_multiplexed_model_id())
+
+
+@serve.deployment
 class Versioned:
     def __init__(self, version: str) -> None:
         self.version = version
@@ -155,6 +165,15 @@ def test_plain_deployment_receives_a_starlette_request(http_url: str) -> None:
         "plain text",
         "text/plain; charset=utf-8",
     )
+
+
+def test_the_multiplexed_model_id_header_picks_the_model(http_url: str) -> None:
+    serve.run(Models.bind(), name="models", route_prefix="/models")
+    for model in ("a", "b", "a"):
+        reply = httpx.get(
+            f"{http_url}/models", headers={"serve_multiplexed_model_id": model}, timeout=30
+        )
+        assert reply.text == f"model {model}"
 
 
 def test_fastapi_ingress_runs_the_users_app_in_the_replica(http_url: str) -> None:
