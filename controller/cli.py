@@ -107,6 +107,16 @@ def main(argv: list[str] | None = None) -> None:
         "where serve-proxy runs",
     )
     add_proxy_options(parser)
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a YAML file of these options by name (launcher: slurm, slurm_partition: serve, "
+        "slurm_option: [...], num_gpus: 2, http_port: 8000, ...); flags given too win",
+    )
+    config_path = _config_path(argv)
+    if config_path is not None:
+        _apply_config_file(parser, config_path)
     args = parser.parse_args(argv)
     try:
         location = ProxyLocation.from_value(args.proxy_location or settings().proxy_location)
@@ -163,3 +173,57 @@ def main(argv: list[str] | None = None) -> None:
         ),
     )
     sys.exit(uvloop.run(server.run()))
+
+
+NOT_IN_CONFIG = frozenset({"config", "embedded", "help"})
+
+
+def _config_path(argv: list[str] | None) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return known.config  # type: ignore[no-any-return]
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Take option defaults from a YAML file: the same options as the flags, by name."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    if loaded is None:
+        return
+    if not isinstance(loaded, dict):
+        parser.error(f"--config {path}: expected a mapping of option names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in NOT_IN_CONFIG}
+    defaults: dict[str, object] = {}
+    for key, value in loaded.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            parser.error(
+                f"--config {path}: unknown option {key!r}; known: {', '.join(sorted(actions))}"
+            )
+        try:
+            defaults[dest] = _config_value(action, value)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--config {path}: {key}: {exc}")
+    parser.set_defaults(**defaults)
+
+
+def _config_value(action: argparse.Action, value: object) -> object:
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [str(item) for item in items]
+    if value is None:
+        return None
+    converted = action.type(value) if callable(action.type) else str(value)  # type: ignore[arg-type]
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return converted

@@ -4,12 +4,14 @@ configured count, an optional CPU capacity, and max_replicas_per_node on this on
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.support.procs import StandaloneController, run_script
+from tests.support.procs import StandaloneController, python_env, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +102,55 @@ def test_max_replicas_per_node_holds_back_replicas_on_one_host(tmp_path: Path) -
         assert status == "DEPLOYING"
     finally:
         controller.cleanup()
+
+
+def test_a_config_file_sets_the_controller_options(tmp_path: Path) -> None:
+    """`serve-controller --config FILE` takes the same options as its flags; flags win."""
+    config = tmp_path / "controller.yaml"
+    config.write_text("num_cpus: 1\nlauncher: local\nproxy_location: Disabled\nnum_gpus: 5\n")
+    controller = StandaloneController(
+        tmp_path / "state", "--config", str(config), "--num-gpus", "1"
+    )
+    try:
+        controller.start()
+        result = run_script(
+            DRIVER
+            + textwrap.dedent(
+                """
+                deploy_nowait(Gpu.options(num_replicas=2).bind(), "cpu")
+                print(json.dumps(wait_message("cpu", "pending")))
+                """
+            ),
+            **controller.driver_env(),
+        )
+        assert result.returncode == 0, result.stderr
+        status, message = json.loads(result.stdout.splitlines()[-1])
+        assert status == "DEPLOYING"
+        assert "needs 1 CPU(s); 0 of 1 free" in message  # the flag's num_cpus, not the file's
+        assert controller.proxy_pids() == []  # proxy_location from the file
+    finally:
+        controller.cleanup()
+
+
+def test_a_bad_config_file_is_refused_with_its_name_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "controller.yaml"
+    config.write_text("launcher: kubernetes\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "controller", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=python_env(),
+    )
+    assert bad.returncode == 2
+    assert f"--config {config}: launcher: expected one of local, slurm" in bad.stderr
+    config.write_text("slurm_partitions: serve\n")
+    typo = subprocess.run(
+        [sys.executable, "-m", "controller", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=python_env(),
+    )
+    assert typo.returncode == 2
+    assert "unknown option 'slurm_partitions'" in typo.stderr
