@@ -107,9 +107,9 @@ def test_max_replicas_per_node_holds_back_replicas_on_one_host(tmp_path: Path) -
 def test_a_config_file_sets_the_controller_options(tmp_path: Path) -> None:
     """`serve-controller --config FILE` takes the same options as its flags; flags win."""
     config = tmp_path / "controller.yaml"
-    config.write_text("num_cpus: 1\nlauncher: local\nproxy_location: Disabled\nnum_gpus: 5\n")
+    config.write_text("num_cpus: 5\nlauncher: local\nproxy_location: Disabled\n")
     controller = StandaloneController(
-        tmp_path / "state", "--config", str(config), "--num-gpus", "1"
+        tmp_path / "state", "--config", str(config), "--num-cpus", "1"
     )
     try:
         controller.start()
