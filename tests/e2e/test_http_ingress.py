@@ -7,8 +7,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 import serve
-from tests.support.procs import ROOT, proxy_details, python_env, wait_for
+from tests.support.procs import free_port, proxy_details, run_example, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -339,21 +337,8 @@ def test_killed_proxy_is_replaced(http_url: str) -> None:
 
 
 def test_the_http_guide_examples_run(tmp_path: Path) -> None:
-    with socket.socket() as probe:  # a free port for the example's own embedded serve
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "examples/http_guide.py"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env=python_env(
-            SERVE_PROXY_LOCATION="EveryNode",
-            SERVE_DEFAULT_HTTP_PORT=str(port),
-            SERVE_LOG_LEVEL="INFO",
-        ),
-    )
+    port = free_port()
+    result = run_example("examples/http_guide.py", tmp_path, port, SERVE_LOG_LEVEL="INFO")
     assert result.returncode == 0, result.stderr
     assert "HTTP guide OK" in result.stdout
     # serve.run says where each application is served.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import serve
 from tests.support.procs import (
     ROOT,
     StandaloneController,
+    free_port,
     pids_alive,
     python_env,
     run_script,
@@ -239,9 +239,7 @@ def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
 
 
 def test_serve_run_prints_where_the_app_is_served(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = subprocess.run(
         [
             *SERVE,

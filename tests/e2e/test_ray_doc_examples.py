@@ -3,35 +3,14 @@ each run as a new user would: ``python examples/<file>``, serving HTTP on a port
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.procs import ROOT, python_env
+from tests.support.procs import run_example
 
 pytestmark = pytest.mark.e2e
-
-
-def run_example(path: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """Run one example in its own process, with its own state directory and a free HTTP port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return subprocess.run(
-        [sys.executable, path],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env=python_env(
-            SERVE_PROXY_LOCATION="EveryNode",
-            SERVE_DEFAULT_HTTP_PORT=str(port),
-            SERVE_STATE_DIR=str(tmp_path / "state"),
-        ),
-    )
 
 
 def last_line(result: subprocess.CompletedProcess[str]) -> str:

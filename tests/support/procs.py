@@ -194,3 +194,33 @@ def proxy_details(timeout_s: float = 30.0) -> Any:
         return details[0] if details and details[0].status == "HEALTHY" else None
 
     return wait_for(healthy, timeout_s=timeout_s, interval_s=0.1)
+
+
+def free_port() -> int:
+    """A port free on loopback now (for a process that must be told its port up front)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def run_example(
+    path: str, tmp_path: Path, port: int | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run an example program in its own process, with its own state directory and a proxy on
+    ``port`` (default: a free one)."""
+    return subprocess.run(
+        [sys.executable, path],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=python_env(
+            SERVE_PROXY_LOCATION="EveryNode",
+            SERVE_DEFAULT_HTTP_PORT=str(port if port is not None else free_port()),
+            SERVE_STATE_DIR=str(tmp_path / "state"),
+            **env,
+        ),
+    )
