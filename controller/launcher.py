@@ -151,7 +151,8 @@ def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
 
 
 class PidReplica:
-    """A replica process of a previous controller on this host, known only by its pid."""
+    """A process of a previous controller on this host (a replica, or the proxy), known only by
+    its pid."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid

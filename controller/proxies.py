@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from controller.launcher import kill_pid
+from controller.launcher import PidReplica, kill_pid, pid_alive
 from serve._models import ProxyInfo
 from serve._settings import ADDRESS_ENV, TOKEN_ENV, settings
 from serve.config import ProxyLocation
@@ -151,7 +151,7 @@ class ProxyManager:
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         try:
             async with asyncio.timeout(ADOPT_WAIT_S):
@@ -238,9 +238,8 @@ class ProxyManager:
             exited.cancel()
 
     async def _watch_adopted(self, pid: int) -> None:
-        while _alive(pid):  # noqa: ASYNC110 - no event tells when a non-child process exits
-            await asyncio.sleep(1.0)
-        self._unhealthy(f"pid {pid} exited")
+        exit_ = await PidReplica(pid).wait()
+        self._unhealthy(f"pid {pid} {exit_.reason}")
 
     async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
@@ -271,12 +270,8 @@ class ProxyManager:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
-        elif pid and _alive(pid):  # adopted: not our child
-            kill_pid(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while _alive(pid) and time.monotonic() < deadline:  # noqa: ASYNC110 - as above
-                await asyncio.sleep(0.05)
-            kill_pid(pid)
+        elif pid and pid_alive(pid):  # adopted: not our child
+            await PidReplica(pid).stop(STOP_TIMEOUT_S)
         self.state = ProxyState(self._node_id, status="DRAINING")
 
 
@@ -297,13 +292,3 @@ async def _healthz(address: str, timeout_s: float) -> bool:
     except (OSError, TimeoutError, ValueError):
         return False
     return status_line.split(b" ")[1:2] == [b"200"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -184,6 +184,8 @@ def test_proxy_outlives_a_controller_crash_and_is_readopted(
     readopted = _proxy(proxied)
     assert readopted["pid"] == proxy["pid"]
     assert httpx.get(url, timeout=30).text == "hello"
+    _serve(proxied, "shutdown")  # stops the adopted proxy too, though it is not its child
+    wait_for(lambda: not pids_alive([int(proxy["pid"])]), timeout_s=30)
 
 
 def test_a_hung_proxy_fails_its_health_checks_and_is_replaced(tmp_path: Path) -> None:
