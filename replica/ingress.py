@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serve._context import get_replica_context
+from serve._ingress import body_messages
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -126,14 +127,7 @@ def response_messages(value: Any, status: int = 200) -> list[Message]:
 
         body = orjson.dumps(jsonable_encoder(value))
         content_type = b"application/json"
-    return [
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
-        },
-        {"type": "http.response.body", "body": body, "more_body": False},
-    ]
+    return body_messages(status, body, content_type)
 
 
 def bind_class_routes(app: Any, cls: type) -> Any:

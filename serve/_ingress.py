@@ -22,6 +22,18 @@ FED_METHODS = frozenset({ASGI_METHOD})  # calls whose caller feeds them inputs w
 APP_ATTRIBUTE = "__serve_asgi_app__"  # set on a class by serve.ingress
 
 
+def body_messages(status: int, body: bytes, content_type: bytes) -> list[dict[str, Any]]:
+    """The ASGI messages of a whole response: its start, then its one body."""
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+        },
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
 def ingress(app: Any) -> Callable[..., Any]:
     """Serve ``app`` (a FastAPI app or any ASGI app, or a function that builds one) as the
     HTTP interface of the decorated deployment class, as Ray's ``serve.ingress``.

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from serve._context import RequestContext, request_deadline, set_current_request
+from serve._ingress import body_messages
 from serve._proxy.routes import RouteTable
 from serve.exceptions import (
     BackPressureError,
@@ -228,14 +229,8 @@ async def _answer(scope: Scope, send: Send, status: int, text: str) -> None:
 
 
 async def _send_body(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    for message in body_messages(status, body, content_type):
+        await send(message)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
