@@ -5,6 +5,10 @@ runs, or with its outcome: RESULT, ERROR, or ITEMs followed by END or ERROR. Wha
 does (raise any ``BaseException``, cancel itself, return something that cannot be encoded), an
 admitted request gets exactly one outcome, unless the stream itself is gone.
 
+A slot may be held ahead of its request (RESERVE, for ``handle.choose_replica()``): it counts as
+ongoing, and the REQUEST sent in it later (``reserved``, same number) is never rejected. An
+unused slot is given back by RELEASE, or when the stream ends.
+
 Every reply carries the replica's ongoing count and the highest request number read so far
 (``acked``), which the router's queue-length estimate needs.
 
@@ -41,7 +45,10 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_INPUT,
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
+    FRAME_KIND_RELEASE,
     FRAME_KIND_REQUEST,
+    FRAME_KIND_RESERVE,
+    FRAME_KIND_RESERVED,
     FRAME_KIND_RESULT,
     REJECT_REASON_DRAINING,
     REJECT_REASON_FULL,
@@ -85,6 +92,9 @@ class StreamSession:
         # Requests holding an admission slot. The slot is released by the request's own code,
         # or by its task's done-callback if the task was cancelled before it ever ran.
         self._holding: set[int] = set()
+        # Slots held by RESERVE for a request to come (handle.choose_replica); released by the
+        # REQUEST that uses it, by RELEASE, or when the stream ends.
+        self._reserved: set[int] = set()
         self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
@@ -115,6 +125,9 @@ class StreamSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in self._reserved:
+                self._executor.release()
+            self._reserved.clear()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
@@ -158,6 +171,14 @@ class StreamSession:
                 credit[0] += header.credit
                 credit[1] += header.credit_bytes
                 self._credit_events[header.id].set()
+        elif kind == FRAME_KIND_RESERVE:
+            if header.id > self._acked:
+                self._acked = header.id
+            self._on_reserve(header.id)
+        elif kind == FRAME_KIND_RELEASE:
+            if header.id in self._reserved:
+                self._reserved.discard(header.id)
+                self._executor.release()
         else:
             raise FrameError(f"Unexpected frame kind {kind} from a router.")
 
@@ -166,25 +187,31 @@ class StreamSession:
     ) -> None:
         executor = self._executor
         frame_id = header.id
-        if executor.draining:
+        if header.reserved and frame_id in self._reserved:
+            # Its slot is already held (even while draining: it was promised before).
+            self._reserved.discard(frame_id)
+            admitted = True
+        elif executor.draining:
             self._reject(frame_id, REJECT_REASON_DRAINING)
+            return
+        else:
+            admitted = header.no_reject or executor.admit()
+        if not admitted:
+            self._reject(frame_id, REJECT_REASON_FULL)
             return
         timeout_s = header.timeout_s
         deadline_s = 0.0
         if 0.0 < timeout_s <= MAX_TIMEOUT_S:  # False for NaN too
             deadline_s = time.monotonic() + timeout_s
-        if header.no_reject:
+        if header.no_reject and not header.reserved:
             task = asyncio.create_task(
                 self._wait_then_run(header, body, buffers, deadline_s), name="replica:broadcast"
             )
-        elif executor.admit():
+        else:
             self._holding.add(frame_id)
             task = asyncio.create_task(
                 self._run(header, body, buffers, deadline_s), name=f"replica:{header.method}"
             )
-        else:
-            self._reject(frame_id, REJECT_REASON_FULL)
-            return
         self._tasks[frame_id] = task
         if header.method in FED_METHODS:
             self._feeds[frame_id] = asyncio.Queue()
@@ -193,6 +220,17 @@ class StreamSession:
             self._deadline_timers[frame_id] = asyncio.get_running_loop().call_later(
                 timeout_s, self._on_deadline, frame_id, header
             )
+
+    def _on_reserve(self, frame_id: int) -> None:
+        if self._executor.draining:
+            self._reject(frame_id, REJECT_REASON_DRAINING)
+        elif frame_id in self._reserved or frame_id in self._tasks:
+            raise FrameError(f"Request number {frame_id} is already in use on this stream.")
+        elif self._executor.admit():
+            self._reserved.add(frame_id)
+            self._send(FrameHeader(kind=FRAME_KIND_RESERVED, id=frame_id))
+        else:
+            self._reject(frame_id, REJECT_REASON_FULL)
 
     def _reject(self, frame_id: int, reason: int) -> None:
         self._send(

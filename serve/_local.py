@@ -103,16 +103,23 @@ class LocalConnection:
         self._next_id = 0
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._credits: dict[int, asyncio.Semaphore] = {}
+        self._reserved: set[int] = set()  # slots held for handle.choose_replica()
 
-    def send(self, envelope: Envelope, listener: ReplyListener, request: Any) -> int:
-        self._next_id += 1
-        frame_id = self._next_id
+    def send(
+        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
+    ) -> int:
         replica = self._replica
-        if replica.ongoing >= replica.config.max_ongoing_requests and not envelope.no_reject:
-            self._on_load(replica.ongoing, frame_id)
-            asyncio.get_running_loop().call_soon(listener.on_rejected, request, False)
-            return frame_id
-        replica.ongoing += 1
+        if reserved in self._reserved:  # its slot is held already
+            self._reserved.discard(reserved)
+            frame_id = reserved
+        else:
+            self._next_id += 1
+            frame_id = self._next_id
+            if replica.ongoing >= replica.config.max_ongoing_requests and not envelope.no_reject:
+                self._on_load(replica.ongoing, frame_id)
+                asyncio.get_running_loop().call_soon(listener.on_rejected, request, False)
+                return frame_id
+            replica.ongoing += 1
         if envelope.stream:
             self._credits[frame_id] = asyncio.Semaphore(envelope.stream_window or 64)
         context = contextvars.copy_context()
@@ -204,6 +211,25 @@ class LocalConnection:
                 f"Called method '{envelope.method}' with `handle.options(stream=True)` but it "
                 "did not return a generator."
             )
+
+    def reserve(self, listener: ReplyListener, request: Any) -> int:
+        self._next_id += 1
+        frame_id = self._next_id
+        replica = self._replica
+        loop = asyncio.get_running_loop()
+        if replica.ongoing >= replica.config.max_ongoing_requests:
+            loop.call_soon(listener.on_rejected, request, False)
+        else:
+            replica.ongoing += 1
+            self._reserved.add(frame_id)
+            loop.call_soon(listener.on_reserved, request)
+        self._on_load(replica.ongoing, frame_id)
+        return frame_id
+
+    def release(self, frame_id: int) -> None:
+        if frame_id in self._reserved:
+            self._reserved.discard(frame_id)
+            self._replica.ongoing -= 1
 
     def cancel(self, frame_id: int) -> None:
         task = self._tasks.get(frame_id)

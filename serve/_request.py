@@ -75,6 +75,9 @@ class Request:
         "parent",
         "prefer_local",
         "replica_id",
+        "reserved_on",
+        "reserving",
+        "selection",
         "seq",
         "state",
         "stream_buffer",
@@ -115,6 +118,11 @@ class Request:
         self.replica_id = ""
         self.conn: Any = None  # the connection it was sent on (a Connection)
         self.frame_id = 0
+        # handle.choose_replica(): a request that only holds a slot (``reserving``), and the
+        # replica it was sent to; handle.dispatch(): the selection whose slot the request uses.
+        self.reserving = False
+        self.reserved_on: Any = None
+        self.selection: Any = None
         # Inputs fed to the running request (the proxy's ASGI messages), kept until the replica
         # proves it admitted the request (its first item), so a rejected request is re-fed.
         self.fed: list[bytes] | tuple[()] | None = None

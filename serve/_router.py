@@ -39,6 +39,7 @@ from serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
     ReplicaDiedError,
+    ReplicaUnavailableError,
     RequestCancelledError,
     RequestTimeoutError,
     ServeError,
@@ -232,6 +233,9 @@ class Router:
             upstream.completion.add_done_callback(on_input_done)
 
     def _enqueue(self, request: Request, state: DeploymentState) -> None:
+        if request.selection is not None:
+            self._dispatch(request)
+            return
         replica_set = state.replica_set
         if replica_set is not None and not replica_set.exists:
             self.finish(request, error=self._gone())
@@ -340,7 +344,11 @@ class Router:
         conn = state.connection(replica)
         envelope = request.envelope
         try:
-            request.frame_id = conn.send(envelope, self, request)
+            if request.reserving:
+                request.frame_id = conn.reserve(self, request)
+                request.reserved_on = replica
+            else:
+                request.frame_id = conn.send(envelope, self, request)
         except ConnectionLost as exc:
             state.exclude(replica.replica_id)
             if envelope.no_reject:
@@ -358,6 +366,31 @@ class Router:
         self._release_slot(request)
         state.queue_lens.sent(replica.replica_id, request.frame_id)
 
+    def _dispatch(self, request: Request) -> None:
+        """Send a request in the slot its selection holds (``handle.dispatch``); no queue."""
+        selection = request.selection
+        conn = selection.conn
+        try:
+            request.frame_id = conn.send(request.envelope, self, request, selection.frame_id)
+        except ConnectionLost as exc:
+            self.finish(request, error=_unavailable(request, exc))
+            return
+        request.state = RequestState.SENT
+        request.replica_id = conn.replica_id
+        request.conn = conn
+        self._release_slot(request)
+
+    def release(self, selection: Any) -> None:
+        """Give back the slot of a selection that was never dispatched."""
+        selection.conn.release(selection.frame_id)
+
+    def drop_reservation(self, request: Request) -> None:
+        """Its chooser went away (cancelled): cancel it, or give back the slot it got."""
+        if request.state != RequestState.DONE:
+            self.cancel(request)
+        elif request.completion.error() is None:
+            self.release(request.completion.outcome())
+
     def send_to(self, request: Request, replica: ReplicaInfo) -> None:
         """Send a request to one given replica (broadcast), bypassing the queue."""
         request.state = RequestState.QUEUED
@@ -369,9 +402,17 @@ class Router:
         state = self.state()
         if draining:
             state.exclude(request.replica_id)
-        if request.state == RequestState.SENT:
+        if request.selection is not None:  # its slot was not there: it cannot go elsewhere
+            self.finish(request, error=_unavailable(request, None))
+        elif request.state == RequestState.SENT:
             self._requeue(request)
         state.wake()
+
+    def on_reserved(self, request: Request) -> None:
+        if request.state != RequestState.SENT:  # cancelled meanwhile: the slot goes back
+            request.conn.release(request.frame_id)
+            return
+        self.finish(request, value=Reservation(request.reserved_on, request.conn, request.frame_id))
 
     def on_result(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
         if request.state != RequestState.DONE:
@@ -403,7 +444,7 @@ class Router:
     def on_lost(self, request: Request, error: ConnectionLost, written: bool) -> None:
         if request.state != RequestState.SENT:
             return
-        if written:
+        if written and not request.reserving:
             self.finish(
                 request,
                 error=ReplicaDiedError(
@@ -414,6 +455,8 @@ class Router:
             )
         elif request.envelope.no_reject:  # a broadcast call belongs to its replica
             self.finish(request, error=ReplicaSkipped(str(error)))
+        elif request.selection is not None:
+            self.finish(request, error=_unavailable(request, error))
         elif error.retryable:
             self._requeue(request)
             # the connection's owner wakes routers once it dropped the replica
@@ -429,6 +472,8 @@ class Router:
             return
         request.state = RequestState.DONE
         self._release_slot(request)
+        if request.selection is not None and request.conn is None:
+            self.release(request.selection)  # never sent: its held slot goes unused
         timer = request.deadline_timer
         if timer is not None:
             request.deadline_timer = None
@@ -509,6 +554,25 @@ class Router:
 
 
 ADMITTED: tuple[()] = ()  # Request.fed once the replica admitted it
+
+
+class Reservation:
+    """A slot held on one replica for one request to come (``handle.choose_replica``)."""
+
+    __slots__ = ("conn", "frame_id", "replica")
+
+    def __init__(self, replica: ReplicaInfo, conn: Any, frame_id: int) -> None:
+        self.replica = replica
+        self.conn = conn
+        self.frame_id = frame_id
+
+
+def _unavailable(request: Request, error: BaseException | None) -> ReplicaUnavailableError:
+    why = f": {error}" if error is not None else " (it no longer holds the slot)"
+    return ReplicaUnavailableError(
+        f"The replica chosen for this request ({request.selection.replica.replica_id}) is no "
+        f"longer available{why}. The request did not run; choose a replica again."
+    )
 
 
 def _decode_error(request: Request, exc: Exception) -> TypeError:

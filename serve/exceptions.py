@@ -9,6 +9,7 @@ The tree::
     ├── DeploymentUnavailableError      the deployment does not exist or has no replicas to call
     ├── DeploymentFailedError           serve.run() could not start an application (a RuntimeError)
     ├── ReplicaDiedError                the replica died after it had admitted the request
+    ├── ReplicaUnavailableError         the replica chosen by choose_replica() is gone
     ├── ControllerUnavailableError      no controller answered (also ConnectionError)
     └── RemoteError                     a remote exception that could not be rebuilt locally
 
@@ -29,6 +30,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "ReplicaDiedError",
+    "ReplicaUnavailableError",
     "RequestCancelledError",
     "RequestTimeoutError",
     "ServeError",
@@ -142,6 +144,11 @@ class ReplicaDiedError(ServeError):
 
     Serve never re-runs such a request on its own: retry it yourself if it is idempotent.
     """
+
+
+class ReplicaUnavailableError(ServeError):
+    """The replica a ``choose_replica()`` selection holds a slot on is gone by ``dispatch()``
+    time (it died, or its connection broke); the request did not run. Choose again."""
 
 
 class ControllerUnavailableError(ServeError, ConnectionError):

@@ -9,6 +9,8 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -16,10 +18,10 @@ from typing import Any, Generic, TypeVar
 
 from serve import _client
 from serve._broadcast import gather_async, gather_sync, start_broadcast
-from serve._models import DeploymentID
+from serve._models import DeploymentID, ReplicaID
 from serve._options import DEFAULT, HandleOptions, validate_handle_options
 from serve._request import Request, RequestState, ResponseBase
-from serve._router import Router
+from serve._router import Reservation, Router
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
 from serve.exceptions import BackPressureError, RequestTimeoutError, ServeError
 
@@ -28,6 +30,7 @@ __all__ = [
     "DeploymentHandle",
     "DeploymentResponse",
     "DeploymentResponseGenerator",
+    "ReplicaSelection",
 ]
 
 T = TypeVar("T")
@@ -184,6 +187,76 @@ class DeploymentHandle(Generic[T]):
             return DeploymentResponseGenerator(request, router)
         return DeploymentResponse(request, router)
 
+    @contextlib.asynccontextmanager
+    async def choose_replica(self, *args: Any, **kwargs: Any) -> AsyncIterator[ReplicaSelection]:
+        """Choose a replica for one request without sending it yet (developer API, as Ray).
+
+        Routes as ``remote()`` does (power of two choices, queueing, backpressure) and holds a
+        slot on the chosen replica, so that :meth:`dispatch` inside the block is never
+        rejected. Leaving the block without dispatching gives the slot back. The arguments are
+        accepted for Ray's signature; routing here does not depend on them.
+
+        Example::
+
+            async with handle.choose_replica(prompt) as selection:
+                print(selection.replica_id, selection.node_ip)
+                result = await handle.dispatch(selection, prompt)
+        """
+        router = self._router
+        options = self.handle_options
+        if options.stream:
+            options = options.copy_and_update(stream=False)
+        request = router.make_request(options, (), {})
+        request.reserving = True
+        post(router.submit, request)
+        try:
+            reservation: Reservation = await request.completion.wait()
+        except asyncio.CancelledError:
+            post(router.drop_reservation, request)
+            raise
+        selection = ReplicaSelection(self.deployment_id, reservation)
+        try:
+            yield selection
+        finally:
+            if selection._state == _HELD:
+                selection._state = _RELEASED
+                post(router.release, reservation)
+
+    def dispatch(self, selection: ReplicaSelection, *args: Any, **kwargs: Any) -> Any:
+        """Send a request to the replica ``selection`` holds a slot on (see
+        :meth:`choose_replica`); returns what ``remote()`` would. Once per selection.
+
+        The response raises ``ReplicaUnavailableError`` if that replica is gone by then.
+        """
+        if not isinstance(selection, ReplicaSelection):
+            raise TypeError(
+                f"dispatch() takes the ReplicaSelection that choose_replica() yielded, not "
+                f"{type(selection).__name__}."
+            )
+        if selection._deployment_id != self.deployment_id:
+            raise ValueError(
+                "Cannot dispatch a selection created for a different deployment. This handle "
+                f"is for {self.deployment_id}, but the selection was created for "
+                f"{selection._deployment_id}."
+            )
+        if selection._state != _HELD:
+            raise RuntimeError(
+                "This replica selection was already dispatched, or its choose_replica() block "
+                "has ended; choose a replica again for another request."
+            )
+        selection._state = _DISPATCHED
+        router = self._router
+        try:
+            request = router.make_request(self.handle_options, args, kwargs)
+        except BaseException:
+            post(router.release, selection._reservation)
+            raise
+        request.selection = selection._reservation
+        post(router.submit, request)
+        if request.stream:
+            return DeploymentResponseGenerator(request, router)
+        return DeploymentResponse(request, router)
+
     def broadcast(self, method_name: str, *args: Any, **kwargs: Any) -> DeploymentBroadcastResponse:
         """Call ``method_name`` once on every replica running now; no load balancing.
 
@@ -207,6 +280,43 @@ class DeploymentHandle(Generic[T]):
             f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r}, "
             f"method={self.handle_options.method_name!r})"
         )
+
+
+_HELD, _DISPATCHED, _RELEASED = 0, 1, 2
+
+
+class ReplicaSelection:
+    """The replica ``DeploymentHandle.choose_replica()`` chose, holding a slot for one request.
+
+    ``replica_id`` is the replica's ``ReplicaID`` (as ``serve.get_replica_context().replica_id``
+    inside it); ``node_id``, ``node_ip`` and ``port`` say where it runs.
+    """
+
+    __slots__ = (
+        "_deployment_id",
+        "_reservation",
+        "_state",
+        "availability_zone",
+        "node_id",
+        "node_ip",
+        "port",
+        "replica_id",
+    )
+
+    def __init__(self, deployment_id: DeploymentID, reservation: Reservation) -> None:
+        replica = reservation.replica
+        self._deployment_id = deployment_id
+        self._reservation = reservation
+        self._state = _HELD
+        self.replica_id = ReplicaID.parse(replica.replica_id)
+        host, _, port = replica.address.rpartition(":")
+        self.node_ip = host.strip("[]")
+        self.port = int(port) if port.isdigit() else 0
+        self.node_id = replica.host or self.node_ip
+        self.availability_zone: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ReplicaSelection(replica_id={self.replica_id}, node_ip={self.node_ip!r})"
 
 
 def _rebuild_handle(name: str, app: str, options: HandleOptions) -> DeploymentHandle[Any]:

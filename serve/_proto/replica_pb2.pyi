@@ -49,6 +49,16 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     receive messages: request body chunks, WebSocket messages, disconnects). Body: pickled.
     A replica drops inputs for requests it is not running (rejected or finished).
     """
+    FRAME_KIND_RESERVE: _FrameKind.ValueType  # 11
+    """Choosing a replica before sending (`handle.choose_replica()`, then `dispatch()`):
+    router -> replica: hold an admission slot under request number `id`; answered by RESERVED
+    or REJECTED. A held slot counts as ongoing until a REQUEST with `reserved` and the same
+    `id` uses it, a RELEASE gives it back, or the stream ends.
+    """
+    FRAME_KIND_RESERVED: _FrameKind.ValueType  # 12
+    """replica -> router: the slot is held"""
+    FRAME_KIND_RELEASE: _FrameKind.ValueType  # 13
+    """router -> replica: the slot held under `id` goes unused"""
 
 class FrameKind(_FrameKind, metaclass=_FrameKindEnumTypeWrapper): ...
 
@@ -75,6 +85,16 @@ FRAME_KIND_INPUT: FrameKind.ValueType  # 10
 receive messages: request body chunks, WebSocket messages, disconnects). Body: pickled.
 A replica drops inputs for requests it is not running (rejected or finished).
 """
+FRAME_KIND_RESERVE: FrameKind.ValueType  # 11
+"""Choosing a replica before sending (`handle.choose_replica()`, then `dispatch()`):
+router -> replica: hold an admission slot under request number `id`; answered by RESERVED
+or REJECTED. A held slot counts as ongoing until a REQUEST with `reserved` and the same
+`id` uses it, a RELEASE gives it back, or the stream ends.
+"""
+FRAME_KIND_RESERVED: FrameKind.ValueType  # 12
+"""replica -> router: the slot is held"""
+FRAME_KIND_RELEASE: FrameKind.ValueType  # 13
+"""router -> replica: the slot held under `id` goes unused"""
 Global___FrameKind: _TypeAlias = FrameKind  # noqa: Y015
 
 class _RejectReason:
@@ -168,6 +188,7 @@ class FrameHeader(_message.Message):
     STREAM_WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     CREDIT_BYTES_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
     kind: Global___FrameKind.ValueType
     id: _builtins.int
     """per-connection request number, chosen by the router"""
@@ -208,6 +229,8 @@ class FrameHeader(_message.Message):
     relative budget, not an absolute time, because hosts' clocks differ: the replica adds it to
     its own monotonic clock on arrival.
     """
+    reserved: _builtins.bool
+    """REQUEST: run in the slot held under this `id` by an earlier RESERVE (never rejected)."""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorInfo: ...
     @_builtins.property
@@ -239,10 +262,11 @@ class FrameHeader(_message.Message):
         stream_window_bytes: _builtins.int = ...,
         credit_bytes: _builtins.int = ...,
         timeout_s: _builtins.float = ...,
+        reserved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "reserved", b"reserved", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

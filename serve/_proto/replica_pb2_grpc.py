@@ -81,7 +81,7 @@ class ReplicaServicer:
 
         Admission is implicit: the replica answers each request with exactly one of REJECTED
         (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
-        END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+        END or ERROR); a request sent in a slot held by RESERVE is never rejected. The router sends the metadata `serve-replica-id: <id>`; a replica refuses
         (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -43,7 +43,7 @@ class ReplicaStub:
 
     Admission is implicit: the replica answers each request with exactly one of REJECTED
     (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
-    END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+    END or ERROR); a request sent in a slot held by RESERVE is never rejected. The router sends the metadata `serve-replica-id: <id>`; a replica refuses
     (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
     """
     Initialize: _grpc.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]
@@ -71,7 +71,7 @@ class ReplicaAsyncStub(ReplicaStub):
 
     Admission is implicit: the replica answers each request with exactly one of REJECTED
     (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
-    END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+    END or ERROR); a request sent in a slot held by RESERVE is never rejected. The router sends the metadata `serve-replica-id: <id>`; a replica refuses
     (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
     """
     Initialize: _aio.UnaryUnaryMultiCallable[_replica_pb2.InitializeRequest, _replica_pb2.InitializeResponse]  # type: ignore[assignment]
@@ -102,7 +102,7 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
 
         Admission is implicit: the replica answers each request with exactly one of REJECTED
         (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
-        END or ERROR). The router sends the metadata `serve-replica-id: <id>`; a replica refuses
+        END or ERROR); a request sent in a slot held by RESERVE is never rejected. The router sends the metadata `serve-replica-id: <id>`; a replica refuses
         (FAILED_PRECONDITION) a stream meant for another replica, before reading any request.
         """
 

@@ -32,7 +32,10 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_INPUT,
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
+    FRAME_KIND_RELEASE,
     FRAME_KIND_REQUEST,
+    FRAME_KIND_RESERVE,
+    FRAME_KIND_RESERVED,
     FRAME_KIND_RESULT,
     REJECT_REASON_DRAINING,
     FrameHeader,
@@ -54,7 +57,9 @@ OnLoad = Callable[[int, int], None]
 
 MIN_TIMEOUT_S = 1e-6
 
-_TERMINAL = frozenset({FRAME_KIND_REJECTED, FRAME_KIND_RESULT, FRAME_KIND_ERROR, FRAME_KIND_END})
+_TERMINAL = frozenset(
+    {FRAME_KIND_REJECTED, FRAME_KIND_RESULT, FRAME_KIND_ERROR, FRAME_KIND_END, FRAME_KIND_RESERVED}
+)
 
 
 class ReplicaConnection:
@@ -117,13 +122,21 @@ class ReplicaConnection:
         if upto > self._written_upto:
             self._written_upto = upto
 
-    def send(self, envelope: Envelope, listener: ReplyListener, request: Any) -> int:
-        """Queue a request frame; returns its number on this connection."""
+    def send(
+        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
+    ) -> int:
+        """Queue a request frame; returns its number on this connection.
+
+        ``reserved``: the number of a slot held by :meth:`reserve`; the request runs in it.
+        """
         if self.broken is not None:
             raise self.broken
         lane = self._lane or self._start()
-        self._next_id += 1
-        frame_id = self._next_id
+        if reserved:
+            frame_id = reserved
+        else:
+            self._next_id += 1
+            frame_id = self._next_id
         self._pending[frame_id] = (listener, request)
         header = FrameHeader(
             kind=FRAME_KIND_REQUEST,
@@ -139,6 +152,7 @@ class ReplicaConnection:
             stream_window=envelope.stream_window,
             stream_window_bytes=envelope.stream_window_bytes,
             args_buffer_count=envelope.args_buffer_count,
+            reserved=bool(reserved),
         )
         deadline_s = envelope.deadline_s
         if deadline_s:
@@ -147,6 +161,23 @@ class ReplicaConnection:
             header.timeout_s = max(deadline_s - time.monotonic(), MIN_TIMEOUT_S)
         lane.send(header, envelope.args, envelope.kwargs, buffers=envelope.buffers)
         return frame_id
+
+    def reserve(self, listener: ReplyListener, request: Any) -> int:
+        """Ask the replica to hold a slot; the listener hears ``on_reserved`` or
+        ``on_rejected``. Returns the number the request must be sent under."""
+        if self.broken is not None:
+            raise self.broken
+        lane = self._lane or self._start()
+        self._next_id += 1
+        frame_id = self._next_id
+        self._pending[frame_id] = (listener, request)
+        lane.send(FrameHeader(kind=FRAME_KIND_RESERVE, id=frame_id))
+        return frame_id
+
+    def release(self, frame_id: int) -> None:
+        """Give back a slot held by :meth:`reserve` and never used."""
+        if self.broken is None and self._lane is not None:
+            self._lane.send(FrameHeader(kind=FRAME_KIND_RELEASE, id=frame_id))
 
     def cancel(self, frame_id: int) -> None:
         """Ask the replica to cancel a request; its reply still arrives (ERROR, cancelled)."""
@@ -228,6 +259,8 @@ class ReplicaConnection:
                     )
                 elif kind == FRAME_KIND_REJECTED:
                     listener.on_rejected(request, header.reject_reason == REJECT_REASON_DRAINING)
+                elif kind == FRAME_KIND_RESERVED:
+                    listener.on_reserved(request)
             except Exception:
                 logger.exception("Handling a reply from %s failed", self.address)
 

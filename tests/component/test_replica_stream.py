@@ -74,6 +74,10 @@ class Recorder:
         self.events.append(("rejected", draining))
         self.done.set()
 
+    def on_reserved(self, request: Any) -> None:
+        self.events.append(("reserved", None))
+        self.done.set()
+
     def on_result(self, request: Any, body: memoryview, buffers: list[bytes] | None) -> None:
         self.events.append(("result", decode(CLOUDPICKLE, body, buffers)))
         self.done.set()
@@ -149,6 +153,7 @@ def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, 
     window = kw.pop("_window", 0)
     window_bytes = kw.pop("_window_bytes", 0)
     deadline_s = kw.pop("_deadline_s", 0.0)
+    reserved = kw.pop("_reserved", 0)
     a, k = encode_args(CLOUDPICKLE, args, kw)
     envelope = Envelope(
         method=method,
@@ -162,7 +167,7 @@ def _send(conn: ReplicaConnection, exchange: Recorder, method: str, *args: Any, 
         stream_window_bytes=window_bytes,
         deadline_s=deadline_s,
     )
-    return conn.send(envelope, exchange, None)
+    return conn.send(envelope, exchange, None, reserved)
 
 
 async def _until(predicate: Any, timeout_s: float = 5.0) -> None:
@@ -184,6 +189,41 @@ async def test_the_outcome_is_the_only_answer_and_carries_the_load(
     assert exchange.events == [("result", {"x": 1})]
     assert loads == [(0, 1)]  # nothing running after it; request 1 was read
     await conn.aclose()
+
+
+async def test_a_held_slot_counts_as_ongoing_is_never_rejected_and_goes_back(
+    replica: tuple[Executor, str],
+) -> None:
+    executor, address = replica  # max_ongoing_requests=2
+    conn = _connect(address)
+    held = [Recorder(), Recorder()]
+    numbers = [conn.reserve(exchange, None) for exchange in held]
+    for exchange in held:
+        await asyncio.wait_for(exchange.done.wait(), 5)
+    assert [exchange.events for exchange in held] == [[("reserved", None)]] * 2
+    assert executor.ongoing == 2
+    # Full now: another slot, or a plain request, is refused.
+    refused, plain = Recorder(), Recorder()
+    conn.reserve(refused, None)
+    _send(conn, plain, "echo", 1)
+    for exchange in (refused, plain):
+        await asyncio.wait_for(exchange.done.wait(), 5)
+    assert refused.events == plain.events == [("rejected", False)]
+    # The request sent in a held slot runs although the replica is full.
+    used = Recorder()
+    _send(conn, used, "echo", 7, _reserved=numbers[0])
+    await asyncio.wait_for(used.done.wait(), 5)
+    assert used.events == [("result", 7)]
+    assert executor.ongoing == 1
+    conn.release(numbers[1])
+    await _until(lambda: executor.ongoing == 0)
+    # A slot still held when the stream ends goes back too.
+    last = Recorder()
+    conn.reserve(last, None)
+    await asyncio.wait_for(last.done.wait(), 5)
+    assert executor.ongoing == 1
+    await conn.aclose()
+    await _until(lambda: executor.ongoing == 0)
 
 
 async def test_admission_rejects_above_max_ongoing(replica: tuple[Executor, str]) -> None:

@@ -73,6 +73,15 @@ try:
     slow.result(timeout_s=5)
 except RequestCancelledError:
     pass
+
+
+async def choose_then_dispatch():
+    async with greeter.choose_replica() as selection:
+        assert selection.replica_id.deployment_id.name == "Greeter"
+        return await greeter.dispatch(selection, "Cy")
+
+
+assert asyncio.run(choose_then_dispatch()) == "Howdy Cy!"
 assert serve.status().applications["local"].status == "RUNNING"
 assert serve.get_app_handle("local").remote("Bo").result() == "Howdy Bo!"
 daemons = [p for p in psutil.Process().children(recursive=True)]
