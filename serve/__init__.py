@@ -29,6 +29,9 @@ from serve._context import get_multiplexed_model_id, get_replica_context
 from serve._deployment import Application, Deployment, deployment
 from serve._ingress import ingress
 from serve._multiplex import multiplexed
+from serve._starlette_hook import install as _install_starlette_hook
+
+_install_starlette_hook()
 
 __version__ = "0.1.0"
 

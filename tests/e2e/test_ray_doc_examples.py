@@ -29,6 +29,7 @@ def test_the_batching_guide_runs(tmp_path: Path) -> None:
 def test_the_multiplexing_guide_runs(tmp_path: Path) -> None:
     result = run_example("examples/multiplexing_guide.py", tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "Composition: bar" in result.stdout  # the model id set on the downstream call
     assert last_line(result) == "Multiplexing guide OK"
 
 

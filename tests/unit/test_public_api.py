@@ -1,5 +1,8 @@
 """The public surface is explicit and guarded."""
 
+import subprocess
+import sys
+
 import serve
 import serve.config
 import serve.context
@@ -52,3 +55,20 @@ def test_ray_exception_alias() -> None:
         "ReplicaDiedError",
     ):
         assert issubclass(getattr(serve.exceptions, name), serve.exceptions.ServeError)
+
+
+def _run(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_starlette_requests_is_reachable_after_a_bare_import_starlette_as_under_ray() -> None:
+    # `import serve` alone does not load Starlette (it stays light)...
+    assert _run("import sys, serve; print('starlette' in sys.modules)") == "False"
+    # ...but `starlette.requests` is there once the program imports starlette, before or after.
+    after = "import serve, starlette; print(starlette.requests.Request.__name__)"
+    before = "import starlette, serve; print(starlette.requests.Request.__name__)"
+    assert _run(after) == _run(before) == "Request"
