@@ -4,6 +4,7 @@ e2e tests, and a check that no serve process outlives the tests."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,14 @@ os.environ.setdefault("SERVE_ORPHAN_TIMEOUT_S", "10")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 # No proxy on port 8000 per test: ingress tests ask for one, on an ephemeral port.
 os.environ.setdefault("SERVE_PROXY_LOCATION", "Disabled")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's state directory, unless tests failed: then its logs may tell why."""
+    if exitstatus == 0:
+        shutil.rmtree(_STATE_DIR, ignore_errors=True)
+    else:
+        print(f"\nThe daemons' state and logs of this run: {_STATE_DIR}")
 
 
 @pytest.fixture(scope="session")
