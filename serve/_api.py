@@ -67,12 +67,17 @@ def _cached_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]
 
 
 def _connect(address: str | None = None, controller_args: list[str] | None = None) -> ServeClient:
-    global _atexit_registered
     client = _client.connect(address, controller_args=controller_args)
-    if client.owner is not None and not _atexit_registered:
+    if client.owner is not None:
+        _shutdown_at_exit_once()
+    return client
+
+
+def _shutdown_at_exit_once() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
         _atexit_registered = True
         atexit.register(_shutdown_at_exit)
-    return client
 
 
 def start(
@@ -208,6 +213,7 @@ def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
     if client is None:
         client = LocalClient()
         _client.install(client)
+        _shutdown_at_exit_once()
     elif not isinstance(client, LocalClient):
         raise ServeError(
             "_local_testing_mode=True needs a process that is not connected to a serve "
@@ -417,7 +423,7 @@ async def shutdown_async() -> None:
 
 def _shutdown_at_exit() -> None:
     client = _client.current()
-    if client is not None and client.owner is not None:
+    if client is not None and (client.owner is not None or isinstance(client, LocalClient)):
         try:
             shutdown()
         except Exception:
