@@ -95,3 +95,20 @@ def test_local_testing_mode_runs_everything_in_process() -> None:
     result = run_script(DRIVER, timeout_s=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "local mode OK"
+
+
+def test_a_local_program_that_never_calls_shutdown_exits_cleanly() -> None:
+    script = (
+        "import asyncio, serve\n"
+        "@serve.deployment\n"
+        "def double(x):\n"
+        "    return 2 * x\n"
+        "handle = serve.run(double.bind(), _local_testing_mode=True)\n"
+        "async def main():\n"
+        "    print(await handle.remote(3))\n"
+        "asyncio.run(main())\n"
+    )
+    result = run_script(script, timeout_s=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "6"
+    assert "Task was destroyed" not in result.stderr, result.stderr
