@@ -13,12 +13,17 @@
     assert handle.remote("world").result() == "Hello world!"
 """
 
-from serve import metrics as metrics  # the public module, as ray.serve.metrics
+from serve import (
+    context as context,  # the public modules, as ray.serve.context ...
+    metrics as metrics,
+)
 from serve._api import (
+    RunTarget,
     delete,
     get_app_handle,
     get_deployment_handle,
     run,
+    run_many,
     shutdown,
     shutdown_async,
     start,
@@ -38,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Application",
     "Deployment",
+    "RunTarget",
     "batch",
     "delete",
     "deployment",
@@ -48,6 +54,7 @@ __all__ = [
     "ingress",
     "multiplexed",
     "run",
+    "run_many",
     "shutdown",
     "shutdown_async",
     "start",

@@ -8,10 +8,11 @@ import dataclasses
 import hashlib
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -38,7 +39,9 @@ __all__ = [
     "delete",
     "get_app_handle",
     "get_deployment_handle",
+    "RunTarget",
     "run",
+    "run_many",
     "shutdown",
     "shutdown_async",
     "start",
@@ -99,7 +102,7 @@ def start(
     _connect(address, controller_args=flags)
 
 
-def _serialize(built: BuiltDeployment) -> DeploymentSpec:
+def _serialize(built: BuiltDeployment, stable_version: bool) -> DeploymentSpec:
     name = built.name
     try:
         code = dumps_code(built.deployment.func_or_class)
@@ -120,9 +123,16 @@ def _serialize(built: BuiltDeployment) -> DeploymentSpec:
     if config.max_replicas_per_node is not None:
         placement["max_replicas_per_node"] = config.max_replicas_per_node
     actor_options = orjson.dumps(placement, option=orjson.OPT_SORT_KEYS)
-    version = (
-        built.deployment.version or hashlib.sha256(code + init + actor_options).hexdigest()[:16]
-    )
+    # The code version decides whether running replicas are kept (only config options changed)
+    # or replaced. Declarative deploys (config files) derive it from the code, so an unchanged
+    # application keeps its replicas; serve.run without a `version` always replaces them, as
+    # in Ray.
+    version = built.deployment.version
+    if not version:
+        if stable_version:
+            version = hashlib.sha256(code + init + actor_options).hexdigest()[:16]
+        else:
+            version = secrets.token_hex(8)
     return DeploymentSpec(
         name=name,
         serialized_callable=code,
@@ -143,28 +153,85 @@ def run(
 ) -> DeploymentHandle[Any]:
     """Deploy an application, wait until every replica runs, return its ingress handle.
 
-    Re-running a name updates that application in place: changed code starts new replicas that
-    replace the old ones; a change of ``user_config`` alone calls ``reconfigure`` on the live
-    replicas. Raises ``DeploymentFailedError`` (a ``RuntimeError``) with the replica's traceback
-    if a constructor keeps failing.
+    Re-running a name updates that application: its replicas are replaced by new ones (a
+    rolling update), as in Ray. A deployment given a ``version`` keeps its replicas while the
+    version stays the same: a change of ``user_config`` alone then calls ``reconfigure`` on the
+    live replicas, and ``num_replicas`` changes scale them. Raises ``DeploymentFailedError`` (a
+    ``RuntimeError``) with the replica's traceback if a constructor keeps failing.
 
     Example::
 
         handle = serve.run(Ingress.bind(Downstream.bind()), name="hello")
         assert handle.remote("world").result() == "Hello world!"
     """
-    check_route_prefix(route_prefix)
+    targets = [RunTarget(target, name, route_prefix, logging_config, external_scaler_enabled)]
+    return run_many(targets, blocking=blocking, _local_testing_mode=_local_testing_mode)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTarget:
+    """One application for :func:`run_many`: what :func:`run` takes besides ``blocking``."""
+
+    target: Application
+    name: str = "default"
+    route_prefix: str | None = "/"
+    logging_config: Any = None
+    external_scaler_enabled: bool = False
+
+
+def run_many(
+    targets: Sequence[RunTarget],
+    blocking: bool = False,
+    wait_for_ingress_deployment_creation: bool = True,
+    wait_for_applications_running: bool = True,
+    _local_testing_mode: bool = False,
+) -> list[DeploymentHandle[Any]]:
+    """Deploy several applications at once; returns their ingress handles, in order.
+
+    Every application is sent before any is waited for, so they start side by side. With
+    ``wait_for_applications_running=False`` it returns once the controller has them.
+
+    Example::
+
+        serve.run_many([
+            serve.RunTarget(A.bind(), name="a", route_prefix="/a"),
+            serve.RunTarget(B.bind(), name="b", route_prefix="/b"),
+        ])
+    """
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_many got the same application name twice: {names}.")
+    for t in targets:
+        check_route_prefix(t.route_prefix)
     if _local_testing_mode:
-        return _run_local(target, name)
-    ingress, specs = build_specs(target, name, logging_config=logging_config)
-    handle = _cached_handle(ingress, name)
+        return [_run_local(t.target, t.name) for t in targets]
+    built = [
+        build_specs(t.target, t.name, logging_config=t.logging_config, stable_versions=False)
+        for t in targets
+    ]
+    handles = [
+        _cached_handle(ingress, t.name) for t, (ingress, _) in zip(targets, built, strict=True)
+    ]
     try:
         client = _connect()
-        version = run_sync(_deploy(client, name, route_prefix, ingress, specs, code_env()))
-        run_sync(_wait_router_ready(client, handle.deployment_id, version))
-        if route_prefix is not None:
-            for url in run_sync(served_urls(client, route_prefix)):
-                _driver_log().info("Application %r is ready at %s.", name, url)
+        env = code_env()
+        for t, (ingress, specs) in zip(targets, built, strict=True):
+            run_sync(
+                client.controller.deploy(
+                    app_name=t.name,
+                    route_prefix=t.route_prefix,
+                    ingress=ingress,
+                    specs=specs,
+                    code_env=env,
+                )
+            )
+        if wait_for_applications_running:
+            for t, handle in zip(targets, handles, strict=True):
+                version = run_sync(_wait_settled(client, t.name))
+                run_sync(_wait_router_ready(client, handle.deployment_id, version))
+                if t.route_prefix is not None:
+                    for url in run_sync(served_urls(client, t.route_prefix)):
+                        _driver_log().info("Application %r is ready at %s.", t.name, url)
         if blocking:
             while True:
                 time.sleep(3600)
@@ -174,7 +241,7 @@ def run(
         # Ctrl-C at any moment of a blocking run (deploying included) stops serve cleanly.
         logger.info("Got KeyboardInterrupt, shutting serve down")
         shutdown()
-    return handle
+    return handles
 
 
 async def served_urls(
@@ -233,11 +300,13 @@ def build_specs(
     *,
     logging_config: Any = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    stable_versions: bool = True,
 ) -> tuple[str, list[DeploymentSpec]]:
     """Build and serialize an application: (ingress name, one spec per deployment).
 
     ``overrides`` (deployment name -> options, from a config file) win over the code's options;
-    ``logging_config`` is the default of deployments that have none.
+    ``logging_config`` is the default of deployments that have none. ``stable_versions``:
+    deployments without a ``version`` get one derived from their code (else a new one).
     """
     if not isinstance(name, str) or not name or "#" in name:
         raise ValueError(f"Application name must be a non-empty string without '#', got {name!r}.")
@@ -258,7 +327,7 @@ def build_specs(
         if overrides and b.name in overrides:
             deployment = deployment.options(**overrides[b.name])
         adjusted.append(dataclasses.replace(b, deployment=deployment))
-    return ingress, [_serialize(b) for b in adjusted]
+    return ingress, [_serialize(b, stable_versions) for b in adjusted]
 
 
 def code_env() -> CodeEnv:

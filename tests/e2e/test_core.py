@@ -390,7 +390,7 @@ def test_replica_context_inside_a_deployment() -> None:
     assert (info["bound"], info["looked_up"]) == ("b|t", "l|t")
 
 
-@serve.deployment
+@serve.deployment(version="1")  # as Ray: a kept version makes config changes in place
 class Versioned:
     def __init__(self) -> None:
         self._config: Any = None

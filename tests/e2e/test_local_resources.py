@@ -22,7 +22,7 @@ DRIVER = textwrap.dedent(
     from serve import _api
     from serve._sync import run_sync
 
-    @serve.deployment
+    @serve.deployment(version="1")  # redeploys below scale in place instead of replacing
     class Gpu:
         def __call__(self):
             return os.environ.get("CUDA_VISIBLE_DEVICES")

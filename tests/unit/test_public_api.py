@@ -23,6 +23,8 @@ def test_ray_serve_names_exist() -> None:
     for name in [
         "deployment",
         "run",
+        "run_many",
+        "RunTarget",
         "start",
         "delete",
         "status",
@@ -35,6 +37,8 @@ def test_ray_serve_names_exist() -> None:
         "Application",
         "Deployment",
         "ingress",
+        "context",
+        "metrics",
     ]:
         assert hasattr(serve, name), name
 
