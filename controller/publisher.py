@@ -24,6 +24,7 @@ def changed(a: ReplicaSet, b: ReplicaSet) -> bool:
         or a.max_queued_requests != b.max_queued_requests
         or a.max_ongoing_requests != b.max_ongoing_requests
         or a.autoscaling != b.autoscaling
+        or a.unavailable != b.unavailable
     )
 
 

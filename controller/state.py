@@ -203,6 +203,14 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
         states[key] = states.get(key, 0) + 1
     if goal.failed:
         detail = goal.last_error.message if goal.last_error else "its replicas failed to start"
+        if goal.last_error is not None and goal.last_error.health_check:  # as Ray: UNHEALTHY
+            return DeploymentView(
+                DeploymentStatus.UNHEALTHY,
+                DeploymentStatusTrigger.HEALTH_CHECK_FAILED,
+                f"Deployment '{goal.deployment_id.name}' failed its health check on start "
+                f"{goal.failures} time(s) (limit {goal.failure_limit()}): {detail}",
+                states,
+            )
         return DeploymentView(
             DeploymentStatus.DEPLOY_FAILED,
             DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,

@@ -9,6 +9,7 @@ diffed with the last published one, and status waiters wake when the status chan
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -481,6 +482,8 @@ def _initializer(action: Initialize) -> Callable[[ReplicaClient], Awaitable[Fail
         )
         if failure is None:  # a replica is only running once it reports healthy
             failure = await client.check_health(action.health_check_timeout_s)
+            if failure is not None:
+                failure = dataclasses.replace(failure, health_check=True)
         return failure
 
     return initialize

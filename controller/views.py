@@ -47,6 +47,11 @@ def replica_sets(
     for deployment_id, goal in goals.items():
         config = goal.spec.config
         auto = config.autoscaling_config
+        running = routable.get(deployment_id, ())
+        unavailable = ""
+        if goal.failed and not running:
+            why = goal.last_error.message if goal.last_error else "its replicas failed to start"
+            unavailable = f"its deployment failed: {why}"
         sets[deployment_id] = ReplicaSet(
             version=0,
             exists=True,
@@ -58,12 +63,13 @@ def replica_sets(
                     max_ongoing_requests=r.max_ongoing_requests,
                     model_ids=r.model_ids,
                 )
-                for r in routable.get(deployment_id, ())
+                for r in running
             ),
             max_queued_requests=config.max_queued_requests,
             max_ongoing_requests=config.max_ongoing_requests,
             autoscaling=auto is not None,
             metrics_interval_s=auto.metrics_interval_s if auto is not None else 0.0,
+            unavailable=unavailable,
         )
     return sets
 

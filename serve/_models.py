@@ -87,6 +87,7 @@ class ReplicaSet:
     max_ongoing_requests: int = 5
     autoscaling: bool = False
     metrics_interval_s: float = 0.0
+    unavailable: str = ""  # why requests cannot be served now (a failed deploy); "": they can
 
 
 class _Status(enum.StrEnum):
@@ -200,8 +201,12 @@ class CodeEnv:
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
-    """A failure reported by a replica: readable text plus the pickled exception, if any."""
+    """A failure reported by a replica: readable text plus the pickled exception, if any.
+
+    ``health_check``: the user's ``check_health`` raised (the replica itself started).
+    """
 
     message: str
     traceback: str = ""
     pickled: bytes = b""
+    health_check: bool = False

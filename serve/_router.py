@@ -168,8 +168,8 @@ class Router:
 
     def on_replica_set(self, replica_set: ReplicaSet) -> None:
         self._max_queued = replica_set.max_queued_requests
-        if not replica_set.exists:
-            self.fail_all(self._gone())
+        if not replica_set.exists or replica_set.unavailable:
+            self.fail_all(self._gone(replica_set))
             return
         self._failed_passes = 0
         if self._pending:
@@ -220,6 +220,12 @@ class Router:
             for _, upstream in request.inputs or ():
                 error = upstream.completion.error()
                 if error is not None:
+                    if isinstance(error, ReplicaDiedError):  # name both ends, as Ray does
+                        error = ReplicaDiedError(
+                            f"Request {request.request_id} to {self.deployment_id} "
+                            f"({request.method}) did not run: a DeploymentResponse it was "
+                            f"given failed. {error}"
+                        )
                     self.finish(request, error=error)
                     return
             try:
@@ -237,17 +243,18 @@ class Router:
             self._dispatch(request)
             return
         replica_set = state.replica_set
-        if replica_set is not None and not replica_set.exists:
-            self.finish(request, error=self._gone())
+        if replica_set is not None and (not replica_set.exists or replica_set.unavailable):
+            self.finish(request, error=self._gone(replica_set))
             return
         self._requeue(request)
         # The first pass for a request arriving at an idle queue may probe; while a retry is
         # scheduled, the backoff schedule decides when to probe again.
         self.pump(probe=self._retry_timer is None)
 
-    def _gone(self) -> DeploymentUnavailableError:
+    def _gone(self, replica_set: ReplicaSet) -> DeploymentUnavailableError:
         return DeploymentUnavailableError(
-            str(self.deployment_id), "it does not exist (deleted, or not deployed yet)."
+            str(self.deployment_id),
+            replica_set.unavailable or "it does not exist (deleted, or not deployed yet).",
         )
 
     def _requeue(self, request: Request) -> None:

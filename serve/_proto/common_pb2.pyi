@@ -345,6 +345,7 @@ class ReplicaSet(_message.Message):
     MAX_ONGOING_REQUESTS_FIELD_NUMBER: _builtins.int
     AUTOSCALING_FIELD_NUMBER: _builtins.int
     METRICS_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     exists: _builtins.bool
     """false once the deployment is deleted (or before it is deployed)"""
@@ -353,6 +354,10 @@ class ReplicaSet(_message.Message):
     autoscaling: _builtins.bool
     metrics_interval_s: _builtins.float
     """how often handles report their queued requests"""
+    unavailable: _builtins.str
+    """Why requests cannot be served (its deploy failed and no replica runs); empty: available.
+    Routers fail requests at once with this reason instead of queueing them.
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]: ...
     def __init__(
@@ -365,10 +370,11 @@ class ReplicaSet(_message.Message):
         max_ongoing_requests: _builtins.int = ...,
         autoscaling: _builtins.bool = ...,
         metrics_interval_s: _builtins.float = ...,
+        unavailable: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "unavailable", b"unavailable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -196,6 +196,7 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
         max_ongoing_requests=rs.max_ongoing_requests,
         autoscaling=rs.autoscaling,
         metrics_interval_s=rs.metrics_interval_s,
+        unavailable=rs.unavailable,
     )
 
 
@@ -217,6 +218,7 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
         max_ongoing_requests=msg.max_ongoing_requests,
         autoscaling=msg.autoscaling,
         metrics_interval_s=msg.metrics_interval_s,
+        unavailable=msg.unavailable,
     )
 
 
