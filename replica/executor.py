@@ -47,6 +47,13 @@ Kind = Literal["async", "sync", "asyncgen", "gen"]
 MAX_SYNC_THREADS = 64
 
 
+def _has_parameters(target: Callable[..., Any]) -> bool:
+    try:
+        return bool(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # no signature to read: pass what there is
+        return True
+
+
 def _kind(target: Callable[..., Any]) -> Kind:
     probe = target
     if not (inspect.isfunction(probe) or inspect.ismethod(probe) or inspect.isclass(probe)):
@@ -221,11 +228,14 @@ class Executor:
         """The app HTTP requests run: @serve.ingress's, else one around ``__call__``."""
         if self._asgi is None:
             fn, kind = self.resolve("__call__")
+            # As Ray: a handler that takes no parameters is called without the request.
+            takes_request = _has_parameters(fn)
 
             async def call(request: Any) -> Any:
+                args = (request,) if takes_request else ()
                 if kind == "async":
-                    return await fn(request)
-                return await maybe_await(await self.run_sync(fn, request))
+                    return await fn(*args)
+                return await maybe_await(await self.run_sync(fn, *args))
 
             self._asgi = call_app(call)
         return self._asgi
@@ -292,7 +302,7 @@ class Executor:
         fn, kind = self.resolve(method)
         if kind in ("gen", "asyncgen"):
             raise TypeError(
-                f"Method '{method}' is a generator function. You must use "
+                f"Method '{method}' returned a generator. You must use "
                 "`handle.options(stream=True)` to call generators on a deployment."
             )
         set_current_request(request)

@@ -155,7 +155,9 @@ def bind_class_routes(app: Any, cls: type) -> Any:
         endpoint = getattr(route, "endpoint", None)
         qualname = getattr(endpoint, "__qualname__", "")
         owner = qualname.rsplit(".", 1)[0] if "." in qualname else ""
-        is_method = isinstance(route, APIRoute | APIWebSocketRoute) and "<locals>" not in owner
+        is_method = isinstance(route, APIRoute | APIWebSocketRoute) and not owner.endswith(
+            "<locals>"
+        )
         name = getattr(endpoint, "__name__", "")
         if is_method and owner.endswith(cls.__qualname__) and hasattr(cls, name):
             ours.append(route)

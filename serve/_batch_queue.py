@@ -18,7 +18,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from serve._context import RequestContext, set_current_deadline, set_current_request
+from serve._context import (
+    RequestContext,
+    set_batch_requests,
+    set_current_deadline,
+    set_current_request,
+)
 from serve._signature import transpose_calls
 
 logger = logging.getLogger(__name__)
@@ -41,12 +46,15 @@ class BatchSource(Protocol):
     def forget(self, key: tuple[int, int], lane: Lane) -> None: ...
 
 
-def _context_with(request: RequestContext | None) -> contextvars.Context:
+def _context_with(
+    request: RequestContext | None, batch: tuple[RequestContext, ...] = ()
+) -> contextvars.Context:
     """A copy of the current context in which ``request`` is the request being served (and
-    its deadline the one nested calls inherit)."""
+    its deadline the one nested calls inherit), for the callers of ``batch``."""
     context = contextvars.copy_context()
     context.run(set_current_request, request)
     context.run(set_current_deadline, request.deadline_s if request is not None else 0.0)
+    context.run(set_batch_requests, batch)
     return context
 
 
@@ -162,14 +170,15 @@ class _Run:
 class Lane:
     """The calls of one owner (deployment instance) on one loop: one queue per model id.
 
-    Each multiplexed model fills its own batches; all of them share ``max_concurrent_batches``.
+    Each multiplexed model fills its own batches and runs up to ``max_concurrent_batches`` of
+    them at once, independently of the other models (as Ray runs the per-model sub-batches of a
+    batch side by side).
     """
 
     def __init__(self, batched: BatchSource, owner: Any, key: tuple[int, int]) -> None:
         self.batched = batched
         self.owner = owner
         self.key = key
-        self.slots = asyncio.Semaphore(batched.max_concurrent_batches)
         self.queues: dict[str, _Queue] = {}
 
     def put(self, caller: Caller) -> None:
@@ -195,7 +204,7 @@ class _Queue:
         self.model_id = model_id
         self._waiting: deque[Caller] = deque()
         self._arrived = asyncio.Event()
-        self._slots = lane.slots
+        self._slots = asyncio.Semaphore(self._batched.max_concurrent_batches)
         self._collector: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -325,8 +334,11 @@ class _Queue:
             if first is None
             else dataclasses.replace(first, children=set(), deadline_s=_latest_deadline(batch))
         )
+        callers = tuple(c.request for c in batch if c.request is not None)
         run.task = asyncio.get_running_loop().create_task(
-            self._run(run), name=f"batch:{self._batched.name}:run", context=_context_with(request)
+            self._run(run),
+            name=f"batch:{self._batched.name}:run",
+            context=_context_with(request, callers),
         )
         self._running.add(run.task)
         run.task.add_done_callback(finished)

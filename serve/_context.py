@@ -64,6 +64,7 @@ class RequestContext:
     deployment: str = ""
     method: str = ""
     multiplexed_model_id: str = ""
+    route: str = ""  # Ray's field; the HTTP route prefix is not tracked per request here
     children: set[Cancellable] = dataclasses.field(default_factory=set)
     # Inputs the caller feeds to the running request (an ingress request's ASGI messages).
     feed: asyncio.Queue[bytes] | None = None
@@ -117,6 +118,20 @@ def set_current_request(context: RequestContext | None) -> contextvars.Token[Any
 
 def reset_current_request(token: contextvars.Token[Any]) -> None:
     _request_context.reset(token)
+
+
+# The callers of the @serve.batch call running in this context (empty outside one).
+_batch_requests: contextvars.ContextVar[tuple[RequestContext, ...]] = contextvars.ContextVar(
+    "serve_batch_requests", default=()
+)
+
+
+def batch_requests() -> tuple[RequestContext, ...]:
+    return _batch_requests.get()
+
+
+def set_batch_requests(requests: tuple[RequestContext, ...]) -> None:
+    _batch_requests.set(requests)
 
 
 def get_multiplexed_model_id() -> str:

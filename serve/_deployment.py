@@ -124,6 +124,7 @@ class Deployment(Generic[T]):
         health_check_timeout_s: Any = _UNSET,
         logging_config: Any = _UNSET,
         request_router_config: Any = _UNSET,
+        request_router_class: Any = _UNSET,
         max_constructor_retry_count: Any = _UNSET,
     ) -> Deployment[T]:
         """A copy with the given options changed; the original is not modified."""
@@ -197,6 +198,7 @@ def deployment(
     health_check_timeout_s: Any = _UNSET,
     logging_config: Any = _UNSET,
     request_router_config: Any = _UNSET,
+    request_router_class: Any = _UNSET,
     max_constructor_retry_count: Any = _UNSET,
 ) -> Any:
     """Turn a class or function into a ``Deployment``.

@@ -282,6 +282,9 @@ def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in options.items():
         if value is DEFAULT.VALUE:
             continue
+        if key == "request_router_class":  # Ray's shorthand for request_router_config's field
+            _check_router_config({"request_router_class": value})
+            continue
         if key not in _CHECKS:
             raise TypeError(
                 f"serve.deployment got an unexpected option {key!r}; valid options are "
@@ -290,8 +293,8 @@ def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out[key] = _CHECKS[key](value)
     if out.get("placement_group_bundles") is not None and out.get("max_replicas_per_node"):
         raise ValueError(
-            "serve.deployment: setting max_replicas_per_node is not allowed when "
-            "placement_group_bundles is provided (as in Ray); use one of them."
+            "serve.deployment: Setting max_replicas_per_node is not allowed when "
+            "placement_group_bundles is provided. Use one of them."
         )
     return out
 

@@ -288,8 +288,8 @@ _HELD, _DISPATCHED, _RELEASED = 0, 1, 2
 class ReplicaSelection:
     """The replica ``DeploymentHandle.choose_replica()`` chose, holding a slot for one request.
 
-    ``replica_id`` is the replica's ``ReplicaID`` (as ``serve.get_replica_context().replica_id``
-    inside it); ``node_id``, ``node_ip`` and ``port`` say where it runs.
+    ``replica_id`` is the replica's unique id (``get_replica_context().replica_id.unique_id``
+    inside it, as in Ray); ``node_id``, ``node_ip`` and ``port`` say where it runs.
     """
 
     __slots__ = (
@@ -308,7 +308,7 @@ class ReplicaSelection:
         self._deployment_id = deployment_id
         self._reservation = reservation
         self._state = _HELD
-        self.replica_id = ReplicaID.parse(replica.replica_id)
+        self.replica_id = ReplicaID.parse(replica.replica_id).unique_id
         host, _, port = replica.address.rpartition(":")
         self.node_ip = host.strip("[]")
         self.port = int(port) if port.isdigit() else 0
@@ -316,7 +316,7 @@ class ReplicaSelection:
         self.availability_zone: str | None = None
 
     def __repr__(self) -> str:
-        return f"ReplicaSelection(replica_id={self.replica_id}, node_ip={self.node_ip!r})"
+        return f"ReplicaSelection(replica_id={self.replica_id!r}, node_ip={self.node_ip!r})"
 
 
 def _rebuild_handle(name: str, app: str, options: HandleOptions) -> DeploymentHandle[Any]:

@@ -145,7 +145,7 @@ def test_a_numpy_array_is_a_valid_batch_result() -> None:
 # Ray's docs: set_max_batch_size / set_batch_wait_timeout_s from reconfigure
 
 
-@serve.deployment(user_config={"max_batch_size": 2, "batch_wait_timeout_s": LONG_S})
+@serve.deployment(version="1", user_config={"max_batch_size": 2, "batch_wait_timeout_s": LONG_S})
 class Tunable:
     def __init__(self) -> None:
         self.sizes: list[int] = []
@@ -399,6 +399,61 @@ def test_requests_for_models_a_b_a_b_run_as_one_batch_per_model() -> None:
         for n, m in enumerate(ids)
     ]
     assert [list(s) for s in streams] == [[f"{m}:y{n}:0", f"{m}:y{n}:1"] for n, m in enumerate(ids)]
+
+
+@serve.deployment(max_ongoing_requests=100)
+class ModelsSideBySide:
+    def __init__(self, signal: Any) -> None:
+        self._signal = signal
+
+    @serve.batch(max_batch_size=3, batch_wait_timeout_s=LONG_S)  # max_concurrent_batches=1
+    async def __call__(self, inputs: list[str]) -> list[str]:
+        await self._signal.wait.remote()  # every model's batch holds here at once
+        model_id = serve.get_multiplexed_model_id()
+        return [f"{model_id}:{x}" for x in inputs]
+
+
+def test_each_models_batch_runs_beside_the_other_models_batches() -> None:
+    h = serve.run(ModelsSideBySide.bind(Signal.bind()), name="batch-models-concurrent")
+    signal = serve.get_deployment_handle("Signal", "batch-models-concurrent")
+    models = ["a", "b", "c"]
+    responses = [
+        h.options(multiplexed_model_id=m).remote(f"{m}{n}") for m in models for n in range(3)
+    ]
+    # As Ray runs the per-model sub-batches of a batch side by side: three wait at once.
+    wait_for(lambda: signal.num_waiters.remote().result() == 3, timeout_s=20)
+    signal.send.remote().result()
+    assert [r.result(timeout_s=20) for r in responses] == [
+        f"{m}:{m}{n}" for m in models for n in range(3)
+    ]
+
+
+@serve.deployment(max_ongoing_requests=10)
+class BatchContexts:
+    @serve.batch(max_batch_size=3, batch_wait_timeout_s=LONG_S)
+    async def __call__(self, inputs: list[int]) -> list[tuple[str, list[str]]]:
+        own = serve.context._get_serve_request_context().request_id
+        ids = [c.request_id for c in serve.context._get_serve_batch_request_context()]
+        return [(own, ids) for _ in inputs]
+
+    async def outside(self) -> tuple[str, list[str]]:
+        context = serve.context._get_serve_request_context()
+        return context.request_id, [
+            c.request_id for c in serve.context._get_serve_batch_request_context()
+        ]
+
+
+def test_a_batch_sees_its_callers_request_contexts_as_ray_does() -> None:
+    h = serve.run(BatchContexts.bind(), name="batch-contexts")
+    responses = [h.remote(i) for i in range(3)]
+    results = [r.result(timeout_s=20) for r in responses]
+    ids = [r.request_id for r in responses]
+    for own, batch_ids in results:
+        assert own == ""  # as Ray: no single request is being served inside a batch
+        assert sorted(batch_ids) == sorted(ids)
+    request_id, batch_ids = h.outside.remote().result()
+    assert request_id != ""
+    assert batch_ids == []
 
 
 def test_a_wrong_result_length_is_a_serve_error() -> None:

@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("serve_instance")]
 
 @serve.deployment(num_replicas=3)
 class WhoAmI:
-    def __call__(self, x: int = 0) -> tuple[Any, int]:
-        return serve.get_replica_context().replica_id, x
+    def __call__(self, x: int = 0) -> tuple[str, int]:
+        return serve.get_replica_context().replica_id.unique_id, x
 
     async def count(self, n: int) -> AsyncIterator[str]:
         me = serve.get_replica_context().replica_id.unique_id
@@ -58,7 +58,7 @@ def test_the_chosen_replica_runs_the_request_one_by_one_and_in_parallel() -> Non
 
         async def remember(x: int) -> None:
             async with handle.choose_replica() as selection:
-                chosen.append(selection.replica_id.unique_id)
+                chosen.append(selection.replica_id)
                 ran_on, _ = await handle.dispatch(selection, x)
                 assert ran_on == selection.replica_id
 
@@ -75,7 +75,7 @@ def test_other_methods_and_streams_are_dispatched_as_remote_would() -> None:
         counter = handle.options(stream=True).count
         async with counter.choose_replica() as selection:
             items = [item async for item in counter.dispatch(selection, 3)]
-        me = selection.replica_id.unique_id
+        me = selection.replica_id
         assert items == [f"{me}:0", f"{me}:1", f"{me}:2"]
 
     asyncio.run(main())

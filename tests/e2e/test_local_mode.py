@@ -77,7 +77,7 @@ except RequestCancelledError:
 
 async def choose_then_dispatch():
     async with greeter.choose_replica() as selection:
-        assert selection.replica_id.deployment_id.name == "Greeter"
+        assert selection.replica_id == "local"
         return await greeter.dispatch(selection, "Cy")
 
 

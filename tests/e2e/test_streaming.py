@@ -110,7 +110,9 @@ def test_zero_items_end_cleanly() -> None:
 
 def test_misuse_raises_type_errors_saying_what_to_do() -> None:
     h = _deploy()
-    with pytest.raises(TypeError, match=r"is a generator function\. You must use"):
+    with pytest.raises(
+        TypeError, match=r"Method 'async_items' returned a generator\. You must use"
+    ):
         h.async_items.remote(3).result()
     with pytest.raises(TypeError, match="returned a generator"):
         h.returns_generator.remote(3).result()

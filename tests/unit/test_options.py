@@ -75,6 +75,11 @@ def test_decorator_forms() -> None:
             ValueError,
             "custom request routers (my.routers:Sticky) are not supported",
         ),
+        (  # Ray's shorthand, refused the same way
+            {"request_router_class": "my.routers:Sticky"},
+            ValueError,
+            "custom request routers (my.routers:Sticky) are not supported",
+        ),
         (
             {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
             ValueError,
