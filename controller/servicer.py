@@ -13,7 +13,7 @@ import grpc.aio
 from controller.events import LoadReported, Verdict
 from controller.proxies import ProxyManager
 from controller.state import AppGoal
-from controller.supervisor import Supervisor
+from controller.supervisor import RouteConflict, Supervisor
 from serve._models import DeploymentID, ProxyInfo
 from serve._proto import common_pb2, controller_pb2
 from serve._rpc.channel import Context
@@ -68,6 +68,8 @@ class ControllerServicer:
                 code_env=code_env_from_proto(request.code_env),
                 config_json=request.config_json,
             )
+        except RouteConflict as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except (ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return controller_pb2.DeployResponse()

@@ -229,7 +229,10 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
             goal.unhealthy_reason,
             states,
         )
-    if len(ready) == goal.target_replicas == len(current):
+    # As Ray, an update is complete once the replicas of older versions have stopped too (their
+    # in-flight requests finished, their __del__ ran): serve.run returns after that.
+    old = sum(1 for r in replicas if r.code_version != goal.version)
+    if len(ready) == goal.target_replicas == len(current) and not old:
         trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
         if goal.scaling:
             trigger = (
@@ -247,6 +250,8 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
             states,
         )
     message = f"{len(ready)}/{goal.target_replicas} replicas ready"
+    if old:
+        message += f"; {old} replica(s) of the previous version stopping"
     pending = sorted({r.pending for r in current if r.pending})
     if pending:
         count = sum(1 for r in current if r.pending)

@@ -68,6 +68,10 @@ TICK_S = 0.1  # how often time passes for the state machine (health checks are d
 EXIT_MARGIN_S = 5.0  # after a Stop call, how long the process may take to exit
 
 
+class RouteConflict(ValueError):
+    """Another application already serves the route prefix an application asked for."""
+
+
 class Supervisor:
     """Owns the state machine, the replica processes and clients, and the tasks that run them."""
 
@@ -382,7 +386,21 @@ class Supervisor:
         code_env: CodeEnv,
         config_json: str = "",
     ) -> None:
-        """Replace an application's goal; returns once it is durable."""
+        """Replace an application's goal; returns once it is durable.
+
+        Raises RouteConflict if another application (not being deleted) has ``route_prefix``.
+        """
+        for other in self.machine.apps.values():
+            if (
+                route_prefix is not None
+                and other.name != app_name
+                and not other.deleting
+                and other.route_prefix == route_prefix
+            ):
+                raise RouteConflict(
+                    f'Prefix {route_prefix} is being used by application "{other.name}". '
+                    f'Failed to deploy application "{app_name}".'
+                )
         event = AppDeployed(
             app_name, route_prefix, ingress, tuple(specs), code_env, time.time(), config_json
         )

@@ -44,7 +44,7 @@ class Tunable:
         return self.__call__._get_max_batch_size(), self.__call__._get_batch_wait_timeout_s()
 
 
-tunable = serve.run(Tunable.bind(), name="tunable")
+tunable = serve.run(Tunable.bind(), name="tunable", route_prefix="/tunable")
 assert [r.result() for r in [tunable.remote(i) for i in range(3)]] == [1, 2, 3]
 assert tunable.limits.remote().result() == (4, 0.2)
 
@@ -59,7 +59,8 @@ class Counter:
             await asyncio.sleep(0.01)
 
 
-counter = serve.run(Counter.bind(), name="counter").options(stream=True)
+counter = serve.run(Counter.bind(), name="counter", route_prefix="/counter")
+counter = counter.options(stream=True)
 limits = [1, 2, 5, 6, 9]
 with ThreadPoolExecutor(max_workers=len(limits)) as pool:
     streams = list(pool.map(lambda n: list(counter.count_to.remote(n)), limits))
@@ -83,7 +84,7 @@ class Summarizer:
         return [f"{d.words} words, in a batch of {len(documents)}" for d in documents]
 
 
-summarizer = serve.run(Summarizer.bind(), name="summarizer")
+summarizer = serve.run(Summarizer.bind(), name="summarizer", route_prefix="/summarizer")
 sizes = [600, 300, 300, 50]
 answers = [r.result() for r in [summarizer.summarize.remote(Document(n)) for n in sizes]]
 assert [a.split(" words")[0] for a in answers] == [str(n) for n in sizes]

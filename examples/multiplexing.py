@@ -64,7 +64,7 @@ while len({summary.remote("x").result()[1] for _ in range(5)}) != 1:
     assert time.monotonic() < deadline, "summary requests kept landing on several replicas"
     time.sleep(0.2)
 
-frontend = serve.run(Frontend.bind(ModelServer.bind()), name="frontend")
+frontend = serve.run(Frontend.bind(ModelServer.bind()), name="frontend", route_prefix="/frontend")
 assert frontend.remote("translate", "bonjour").result() == "translate(bonjour)"
 
 serve.shutdown()

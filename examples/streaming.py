@@ -56,7 +56,9 @@ started = time.monotonic()
 assert asyncio.run(first_items()) == [1000, 999, 998]
 assert time.monotonic() - started < 5  # it did not wait for 1000 items
 
-shouter = serve.run(Shouter.bind(Tokenizer.bind()), name="shouter").options(stream=True)
+shouter = serve.run(
+    Shouter.bind(Tokenizer.bind()), name="shouter", route_prefix="/shouter"
+).options(stream=True)
 assert list(shouter.remote("quiet please")) == ["QUIET", "PLEASE"]
 
 serve.shutdown()

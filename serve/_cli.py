@@ -165,6 +165,11 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         prepared.append((app, ingress, specs))
     client = _connect(args.address, controller_args=_proxy_options(args.config))
     env = code_env()
+    wanted = {app.name for app in apps}
+    status = run_sync(client.controller.status())
+    for name in sorted(set(status.applications) - wanted):  # declarative: unlisted apps go
+        run_sync(client.controller.delete_application(name, wait=False))
+        print(f"Deleting application {name!r} (not in {args.config}).")
     for app, ingress, specs in prepared:
         try:
             run_sync(
@@ -179,11 +184,6 @@ def cmd_deploy(args: argparse.Namespace) -> None:
             )
         except (ServeError, ValueError) as exc:
             _fail(f"{app.where}: {exc}")
-    wanted = {app.name for app in apps}
-    status = run_sync(client.controller.status())
-    for name in sorted(set(status.applications) - wanted):  # declarative: unlisted apps go
-        run_sync(client.controller.delete_application(name, wait=False))
-        print(f"Deleting application {name!r} (not in {args.config}).")
     print(f"Sent deploy request for {sorted(wanted)}.", flush=True)
     if args.wait:
         from serve._api import _wait_settled

@@ -100,6 +100,8 @@ def controller_error(exc: grpc.aio.AioRpcError, address: str, action: str) -> Ex
         return ServeError(f"Could not {action}: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ValueError(f"Could not {action}: {details}")
+    if code == grpc.StatusCode.ALREADY_EXISTS:  # a route prefix another application serves
+        return ServeError(f"Could not {action}: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return ServeError(details)
     return ServeError(f"Could not {action}: {code.name}: {details}")

@@ -46,7 +46,7 @@ def _running(app: str, deployment: str) -> int:
 
 
 def test_scales_up_under_load_to_exactly_load_over_target_then_down_when_idle() -> None:
-    serve.run(Signal.bind(), name="auto-gate")
+    serve.run(Signal.bind(), name="auto-gate", route_prefix=None)
     gate = serve.get_app_handle("auto-gate")
     config = {"min_replicas": 1, "max_replicas": 10, "target_ongoing_requests": 10, **FAST}
     h = serve.run(Held.options(autoscaling_config=config).bind(gate), name="auto")

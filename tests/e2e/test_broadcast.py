@@ -73,7 +73,7 @@ def test_no_replicas_is_deployment_unavailable() -> None:
 
 
 def test_broadcast_ignores_stream_and_works_inside_deployments() -> None:
-    h = serve.run(Cache.bind(), name="cache-stream")
+    h = serve.run(Cache.bind(), name="cache-stream", route_prefix=None)
     assert len(h.options(stream=True).broadcast("pid").results()) == 3
 
     @serve.deployment

@@ -102,7 +102,9 @@ def test_the_slot_is_held_until_dispatch_or_the_end_of_the_block() -> None:
 
 def test_a_selection_is_used_once_and_only_for_its_own_deployment() -> None:
     handle: DeploymentHandle[Any] = serve.run(WhoAmI.bind(), name="choose-misuse")
-    other: DeploymentHandle[Any] = serve.run(OneAtATime.bind(), name="choose-other")
+    other: DeploymentHandle[Any] = serve.run(
+        OneAtATime.bind(), name="choose-other", route_prefix=None
+    )
 
     async def main() -> None:
         async with handle.choose_replica() as selection:

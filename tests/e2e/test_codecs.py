@@ -48,7 +48,7 @@ class Codec:
 
 @pytest.fixture(scope="module")
 def codec_app(serve_session: None) -> Iterator[DeploymentHandle[Any]]:
-    handle = serve.run(Codec.bind(), name="codecs")
+    handle = serve.run(Codec.bind(), name="codecs", route_prefix=None)
     yield handle
     serve.delete("codecs")
 

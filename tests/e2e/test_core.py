@@ -45,7 +45,7 @@ def double(x: int) -> int:
 
 
 def test_class_and_function_deployments() -> None:
-    echo = serve.run(Echo.bind(), name="echo")
+    echo = serve.run(Echo.bind(), name="echo", route_prefix=None)
     assert echo.remote(1, "a", k=2).result() == ((1, "a"), {"k": 2})
     fn = serve.run(double.bind(), name="fn")
     assert fn.remote(21).result() == 42
@@ -224,7 +224,7 @@ def test_nested_response_is_refused_with_a_clear_error() -> None:
 
 
 def test_one_response_feeds_several_calls() -> None:
-    signal = serve.run(Signal.bind(), name="sig2")
+    signal = serve.run(Signal.bind(), name="sig2", route_prefix=None)
     h = serve.run(Adder.bind("t"), name="fanout")
     gate = signal.wait.remote()
     upstream = h.remote("r1", gate)
@@ -292,7 +292,7 @@ class Gate:
 
 
 def test_cancel_while_queued_never_reaches_the_replica() -> None:
-    gate = serve.run(Gate.bind(Signal.bind(), Recorder.bind()), name="gate")
+    gate = serve.run(Gate.bind(Signal.bind(), Recorder.bind()), name="gate", route_prefix=None)
     recorder = serve.get_deployment_handle("Recorder", "gate")
     signal = serve.get_deployment_handle("Signal", "gate")
     first = gate.remote("first")
@@ -309,7 +309,7 @@ def test_cancel_while_queued_never_reaches_the_replica() -> None:
 
 
 def test_cancel_during_execution_cancels_the_user_coroutine() -> None:
-    gate = serve.run(Gate.bind(Signal.bind(), Recorder.bind()), name="gate2")
+    gate = serve.run(Gate.bind(Signal.bind(), Recorder.bind()), name="gate2", route_prefix=None)
     recorder = serve.get_deployment_handle("Recorder", "gate2")
     running = gate.remote("running")
     wait_for(lambda: recorder.count.remote("start:running").result() == 1)
@@ -333,7 +333,7 @@ class Forwarder:
 
 
 def test_handles_are_picklable_and_can_be_passed_in_requests() -> None:
-    echo = serve.run(Echo.bind(), name="target")
+    echo = serve.run(Echo.bind(), name="target", route_prefix=None)
     restored = pickle.loads(pickle.dumps(echo.upper))
     assert restored.upper.remote("p").result() == "P"
     forwarder = serve.run(Forwarder.bind(), name="forwarder")

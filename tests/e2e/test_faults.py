@@ -165,7 +165,7 @@ class Blocked:
 
 @pytest.mark.usefixtures("serve_instance")
 def test_graceful_delete_finishes_ten_in_flight_requests() -> None:
-    serve.run(Signal.bind(), name="gate")
+    serve.run(Signal.bind(), name="gate", route_prefix=None)
     signal_handle = serve.get_app_handle("gate")
     h = serve.run(Blocked.bind(signal_handle), name="graceful")
     responses = [h.remote(i) for i in range(10)]
@@ -183,7 +183,7 @@ def test_graceful_delete_finishes_ten_in_flight_requests() -> None:
 
 @pytest.mark.usefixtures("serve_instance")
 def test_a_stuck_request_is_cut_off_after_the_graceful_timeout() -> None:
-    serve.run(Signal.bind(), name="gate2")
+    serve.run(Signal.bind(), name="gate2", route_prefix=None)
     signal_handle = serve.get_app_handle("gate2")
     h = serve.run(
         Blocked.options(graceful_shutdown_timeout_s=0.5).bind(signal_handle), name="forceful"

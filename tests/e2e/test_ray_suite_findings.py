@@ -56,10 +56,12 @@ def test_serve_run_again_replaces_replicas_unless_a_version_is_kept() -> None:
     second = serve.run(pid.bind(), name="redeploy").remote().result()
     assert first != second  # as Ray: same code, no version, new replicas
 
-    greeting, kept = serve.run(Versioned.bind(), name="versioned").remote().result()
+    versioned = serve.run(Versioned.bind(), name="versioned", route_prefix=None)
+    greeting, kept = versioned.remote().result()
     assert greeting == "Hello"
-    changed = Versioned.options(user_config={"greeting": "Howdy"})
-    assert serve.run(changed.bind(), name="versioned").remote().result() == ("Howdy", kept)
+    changed = Versioned.options(user_config={"greeting": "Howdy"}).bind()
+    again = serve.run(changed, name="versioned", route_prefix=None)
+    assert again.remote().result() == ("Howdy", kept)
 
 
 def test_requests_to_a_deployment_that_failed_to_deploy_fail_at_once(http_url: str) -> None:
@@ -172,3 +174,21 @@ def test_a_chained_call_whose_upstream_died_names_both_deployments() -> None:
         handle.remote(0).result(timeout_s=10)
     assert "Down" in str(raised.value)
     assert "Up" in str(raised.value)
+
+
+def test_a_route_prefix_another_application_serves_is_refused() -> None:
+    @serve.deployment
+    class Model:
+        def __call__(self) -> str:
+            return "model"
+
+    serve.run(Model.bind(), name="first", route_prefix="/shared")
+    with pytest.raises(ServeError, match='Prefix /shared is being used by application "first"'):
+        serve.run(Model.bind(), name="second", route_prefix="/shared")
+    assert (
+        serve.run(Model.bind(), name="second", route_prefix="/other").remote().result() == "model"
+    )
+    serve.delete("first")
+    assert (
+        serve.run(Model.bind(), name="third", route_prefix="/shared").remote().result() == "model"
+    )

@@ -42,7 +42,7 @@ DEPLOY_ONE = (
     "@serve.deployment\n"
     "def echo(x: int) -> int:\n"
     "    return x\n"
-    "handle = serve.run(echo.bind(), name='{name}')\n"
+    "handle = serve.run(echo.bind(), name='{name}', route_prefix=None)\n"
     "assert handle.remote(7).result(timeout_s=30) == 7\n"
     "print('served')\n"
 )
