@@ -269,7 +269,7 @@ def measure_serve(s: Settings) -> dict[str, Any]:
     # Handles only: no proxy process beside the replicas, and no bind of port 8000 (this machine
     # is shared). The ingress figures run in a serve session of their own, with a proxy.
     serve.start(proxy_location="Disabled")
-    noop = serve.run(Noop.bind(), name="noop")
+    noop = serve.run(Noop.bind(), name="noop", route_prefix=None)
     replica = psutil.Process(noop.pid.remote().result())
     client = _client.current()
     assert client is not None
@@ -281,9 +281,9 @@ def measure_serve(s: Settings) -> dict[str, Any]:
     out["memory_controller_mb"] = rss_mb(controller)
 
     out["L1"] = sync_latency(lambda: noop.remote(b"x").result(), s.latency_n, s.warmup_n)
-    caller = serve.run(Caller.bind(Noop.bind()), name="caller")
+    caller = serve.run(Caller.bind(Noop.bind()), name="caller", route_prefix=None)
     out["L2"] = percentiles(caller.measure.remote(s.latency_n, s.warmup_n).result())
-    ingress = serve.run(Ingress.bind(Noop.bind()), name="compose")
+    ingress = serve.run(Ingress.bind(Noop.bind()), name="compose", route_prefix=None)
     out["C1"] = sync_latency(lambda: ingress.remote(b"x").result(), s.latency_n, s.warmup_n)
 
     async def throughput(handle: Any, concurrency: int) -> float:
@@ -291,7 +291,9 @@ def measure_serve(s: Settings) -> dict[str, Any]:
 
     for replicas in (1, 2):
         handle = (
-            noop if replicas == 1 else serve.run(Noop.options(num_replicas=2).bind(), name="noop2")
+            noop
+            if replicas == 1
+            else serve.run(Noop.options(num_replicas=2).bind(), name="noop2", route_prefix=None)
         )
         for concurrency in (16, 64, 256):
             if replicas == 1 and concurrency == 256:
@@ -307,7 +309,7 @@ def measure_serve(s: Settings) -> dict[str, Any]:
     out["crossing_us"] = crossing_us(s.latency_n * 5)
 
     # Sync user code, driven the way programs drive it.
-    sync_noop = serve.run(SyncNoop.bind(), name="sync-noop")
+    sync_noop = serve.run(SyncNoop.bind(), name="sync-noop", route_prefix=None)
     sync_replica = psutil.Process(sync_noop.pid.remote().result())
     out["L1_sync"] = sync_latency(lambda: sync_noop.remote(b"x").result(), s.latency_n, s.warmup_n)
     before_me, before_replica = cpu_s(me), cpu_s(sync_replica)

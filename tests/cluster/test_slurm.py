@@ -26,7 +26,7 @@ WHERE = textwrap.dedent(
     from serve import _api
     from serve._sync import run_sync
 
-    @serve.deployment
+    @serve.deployment(version="1")  # a kept version: redeploys below scale in place, as in Ray
     class Where:
         def __call__(self):
             return serve.get_replica_context().node_id

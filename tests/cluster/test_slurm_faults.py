@@ -20,8 +20,8 @@ DRIVER = textwrap.dedent(
     import serve
     from serve.exceptions import ReplicaDiedError
 
-    @serve.deployment(
-        num_replicas=2, health_check_period_s=1, health_check_timeout_s=2,
+    @serve.deployment(  # a kept version: redeploys below scale in place, as in Ray
+        version="1", num_replicas=2, health_check_period_s=1, health_check_timeout_s=2,
         graceful_shutdown_timeout_s=2, ray_actor_options={"num_cpus": 1},
     )
     class Where:
