@@ -92,11 +92,17 @@ class Router:
     # Any thread.
 
     def make_request(
-        self, options: HandleOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        options: HandleOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        queued: bool = True,
     ) -> Request:
         """Reserve a queue slot (or raise BackPressureError) and build the request.
 
         Raises RequestTimeoutError, without queueing, if the deadline it inherits has passed.
+        ``queued=False``: a request that never waits in the queue (``handle.dispatch`` into a
+        held slot) takes no queue slot and is not subject to backpressure.
         """
         deadline_s = current_deadline()
         if deadline_s and time.monotonic() >= deadline_s:
@@ -105,13 +111,14 @@ class Router:
             )
         limit = self._max_queued
         with self._lock:
-            if limit != -1 and self._num_queued >= limit:
-                raise BackPressureError(
-                    num_queued_requests=self._num_queued,
-                    max_queued_requests=limit,
-                    deployment=str(self.deployment_id),
-                )
-            self._num_queued += 1
+            if queued:
+                if limit != -1 and self._num_queued >= limit:
+                    raise BackPressureError(
+                        num_queued_requests=self._num_queued,
+                        max_queued_requests=limit,
+                        deployment=str(self.deployment_id),
+                    )
+                self._num_queued += 1
             self.num_requests += 1
         try:
             request = Request(
@@ -124,12 +131,13 @@ class Router:
                 deadline_s=deadline_s,
             )
         except BaseException:
-            self._add_queued(-1)
+            if queued:
+                self._add_queued(-1)
             raise
         if request.stream:
             request.envelope.stream_window = STREAM_WINDOW
             request.envelope.stream_window_bytes = self._stream_window_bytes
-        request.holds_queue_slot = True
+        request.holds_queue_slot = queued
         return request
 
     def refused_request(self, options: HandleOptions, error: BaseException) -> Request:

@@ -247,7 +247,7 @@ class DeploymentHandle(Generic[T]):
         selection._state = _DISPATCHED
         router = self._router
         try:
-            request = router.make_request(self.handle_options, args, kwargs)
+            request = router.make_request(self.handle_options, args, kwargs, queued=False)
         except BaseException:
             post(router.release, selection._reservation)
             raise

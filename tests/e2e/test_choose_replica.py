@@ -100,6 +100,21 @@ def test_the_slot_is_held_until_dispatch_or_the_end_of_the_block() -> None:
     asyncio.run(main())
 
 
+def test_dispatch_into_a_held_slot_is_not_subject_to_backpressure() -> None:
+    app = OneAtATime.options(max_queued_requests=1).bind()
+    handle: DeploymentHandle[Any] = serve.run(app, name="choose-backpressure")
+
+    async def main() -> None:
+        async with handle.choose_replica() as selection:
+            waiting = asyncio.ensure_future(handle.remote())  # fills the one-request queue
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            assert await handle.dispatch(selection) == "ran"  # no queue, no BackPressureError
+        assert await waiting == "ran"
+
+    asyncio.run(main())
+
+
 def test_a_selection_is_used_once_and_only_for_its_own_deployment() -> None:
     handle: DeploymentHandle[Any] = serve.run(WhoAmI.bind(), name="choose-misuse")
     other: DeploymentHandle[Any] = serve.run(
