@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -127,12 +127,8 @@ class LocalReplica:
             await self.wait()
             return
         _signal(self._process, signal.SIGTERM)
-        try:
-            async with asyncio.timeout(grace_s):
-                await self.wait()
-                return
-        except TimeoutError:
-            pass
+        if await finished_within(self.wait(), grace_s):
+            return
         self.kill()
         await self.wait()
 
@@ -142,6 +138,16 @@ class LocalReplica:
                 self.task.cancel()
             return
         _signal(self._process, signal.SIGKILL)
+
+
+async def finished_within(awaitable: Awaitable[object], timeout_s: float) -> bool:
+    """Await ``awaitable`` for at most ``timeout_s``: whether it finished (a process exited)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
 
 
 def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
@@ -169,12 +175,8 @@ class PidReplica:
 
     async def stop(self, grace_s: float) -> None:
         kill_pid(self.pid, signal.SIGTERM)
-        try:
-            async with asyncio.timeout(grace_s):
-                await self.wait()
-                return
-        except TimeoutError:
-            pass
+        if await finished_within(self.wait(), grace_s):
+            return
         self.kill()
         async with asyncio.timeout(5.0):
             await self.wait()

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from controller.launcher import PidReplica, kill_pid, pid_alive
+from controller.launcher import PidReplica, finished_within, kill_pid, pid_alive
 from serve._models import ProxyInfo
 from serve._settings import ADDRESS_ENV, TOKEN_ENV, settings
 from serve.config import ProxyLocation
@@ -263,10 +263,7 @@ class ProxyManager:
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await process.wait()
-            except TimeoutError:
+            if not await finished_within(process.wait(), STOP_TIMEOUT_S):
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()

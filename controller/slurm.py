@@ -30,7 +30,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from controller.launcher import Exit, replica_command
+from controller.launcher import Exit, finished_within, replica_command
 from controller.resources import ResourceRequest
 from serve._settings import ADDRESS_ENV, NODE_ID_ENV, TOKEN_ENV
 
@@ -221,12 +221,8 @@ class SlurmJob:
         if self._started.done():
             with contextlib.suppress(SlurmError):
                 await self._launcher.scancel(self.job_id, "--signal=TERM", "--full")
-            try:
-                async with asyncio.timeout(grace_s):
-                    await self.wait()
-                    return
-            except TimeoutError:
-                pass
+            if await finished_within(self.wait(), grace_s):
+                return
         with contextlib.suppress(SlurmError):
             await self._launcher.scancel(self.job_id)
         with contextlib.suppress(TimeoutError):
