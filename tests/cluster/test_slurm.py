@@ -23,8 +23,6 @@ WHERE = textwrap.dedent(
     """
     import json, os, socket
     import serve
-    from serve import _api
-    from serve._sync import run_sync
 
     @serve.deployment(version="1")  # a kept version: redeploys below scale in place, as in Ray
     class Where:
@@ -32,11 +30,8 @@ WHERE = textwrap.dedent(
             return serve.get_replica_context().node_id
 
     def deploy_nowait(app, name):
-        client = _api._connect()
-        ingress, specs = _api.build_specs(app, name)
-        run_sync(client.controller.deploy(
-            app_name=name, route_prefix=None, ingress=ingress, specs=specs,
-            code_env=_api.code_env()))
+        target = serve.RunTarget(app, name=name, route_prefix=None)
+        serve.run_many([target], wait_for_applications_running=False)
 
     def message(name, deployment):
         return serve.status().applications[name].deployments[deployment].message

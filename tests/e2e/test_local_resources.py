@@ -19,8 +19,6 @@ DRIVER = textwrap.dedent(
     """
     import json, os, time
     import serve
-    from serve import _api
-    from serve._sync import run_sync
 
     @serve.deployment(version="1")  # redeploys below scale in place instead of replacing
     class Gpu:
@@ -28,11 +26,8 @@ DRIVER = textwrap.dedent(
             return os.environ.get("CUDA_VISIBLE_DEVICES")
 
     def deploy_nowait(app, name):
-        client = _api._connect()
-        ingress, specs = _api.build_specs(app, name)
-        run_sync(client.controller.deploy(
-            app_name=name, route_prefix=None, ingress=ingress, specs=specs,
-            code_env=_api.code_env()))
+        target = serve.RunTarget(app, name=name, route_prefix=None)
+        serve.run_many([target], wait_for_applications_running=False)
 
     def wait_message(name, word, timeout_s=20):
         deadline = time.monotonic() + timeout_s
@@ -134,23 +129,20 @@ def test_a_config_file_sets_the_controller_options(tmp_path: Path) -> None:
 
 def test_a_bad_config_file_is_refused_with_its_name_and_key(tmp_path: Path) -> None:
     config = tmp_path / "controller.yaml"
-    config.write_text("launcher: kubernetes\n")
-    bad = subprocess.run(
-        [sys.executable, "-m", "controller", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=python_env(),
-    )
+
+    def start_with(text: str) -> subprocess.CompletedProcess[str]:
+        config.write_text(text)
+        return subprocess.run(
+            [sys.executable, "-m", "controller", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=python_env(),
+        )
+
+    bad = start_with("launcher: kubernetes\n")
     assert bad.returncode == 2
     assert f"--config {config}: launcher: expected one of local, slurm" in bad.stderr
-    config.write_text("slurm_partitions: serve\n")
-    typo = subprocess.run(
-        [sys.executable, "-m", "controller", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=python_env(),
-    )
+    typo = start_with("slurm_partitions: serve\n")
     assert typo.returncode == 2
     assert "unknown option 'slurm_partitions'" in typo.stderr
