@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc -Iserve/_proto=proto \
 	--python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=.
 
-.PHONY: install run test test-cluster test-fast test-slow lint fmt typecheck proto proto-check bench clean
+.PHONY: install run test test-cluster test-fast test-slow lint fmt typecheck proto proto-check bench bench-hostile clean
 
 install: $(STAMP)
 
@@ -60,6 +60,10 @@ proto-check: install
 bench: install
 	-scripts/install_wrk.sh
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# The proxy's front door under attack, with its default limits (figures for the README).
+bench-hostile: install
+	$(PY) scripts/bench_hostile.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -33,7 +33,7 @@ from serve._context import (
     set_current_request,
     set_replica_context,
 )
-from serve._ingress import ASGI_METHOD, GRPC_METHOD, asgi_app_of
+from serve._ingress import ASGI_METHOD, GRPC_METHOD, GrpcStatusError, asgi_app_of
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
@@ -258,14 +258,29 @@ class Executor:
     ) -> AsyncIterator[bytes]:
         """A gRPC call the proxy forwarded: the method named after the RPC method gets the
         deserialized request; each response (one, or one per item) goes back serialized."""
-        handler = grpc_method_handler(tuple(servicer_functions), method)
+        # As a gRPC server answers: an unknown service or method is UNIMPLEMENTED, a request
+        # that does not decode INVALID_ARGUMENT.
+        try:
+            handler = grpc_method_handler(tuple(servicer_functions), method)
+        except LookupError as exc:
+            raise GrpcStatusError("UNIMPLEMENTED", str(exc)) from None
         name = method.rsplit("/", 1)[-1]
+        try:
+            _, kind = self.resolve(name)
+        except ServeError as exc:
+            raise GrpcStatusError(
+                "UNIMPLEMENTED", f"Method {method} is not implemented by {self.deployment}: {exc}"
+            ) from None
         deserialize = handler.request_deserializer
         serialize = handler.response_serializer or (lambda value: value)
-        message = deserialize(payload) if deserialize is not None else payload
+        try:
+            message = deserialize(payload) if deserialize is not None else payload
+        except Exception as exc:
+            raise GrpcStatusError(
+                "INVALID_ARGUMENT", f"Could not decode the request message of {method}: {exc}"
+            ) from None
         request = current_request()
         assert request is not None
-        _, kind = self.resolve(name)
         if kind in ("gen", "asyncgen") or handler.response_streaming:
             async for item in self._stream(name, (message,), {}, request):
                 yield serialize(item)

@@ -17,11 +17,10 @@ import collections
 import importlib
 import inspect
 import logging
-import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serve._context import get_replica_context
+from serve._context import Feed, get_replica_context
 from serve._ingress import body_messages
 from serve.exceptions import ServeError
 
@@ -34,7 +33,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def _receiver(scope: Scope, first: list[Message], feed: asyncio.Queue[bytes] | None) -> Receive:
+def _receiver(scope: Scope, first: list[Message], feed: Feed | None) -> Receive:
     pending = collections.deque(first)
     websocket = scope["type"] == "websocket"
     gone: Message | None = None
@@ -48,7 +47,7 @@ def _receiver(scope: Scope, first: list[Message], feed: asyncio.Queue[bytes] | N
         if feed is None:  # called through a handle, not the proxy: nothing more will come
             await asyncio.Event().wait()
         assert feed is not None
-        message: Message = pickle.loads(await feed.get())
+        message = await feed.get()
         if message["type"] in ("http.disconnect", "websocket.disconnect"):
             gone = message
         elif websocket and message["type"] == "websocket.close":
@@ -63,7 +62,7 @@ async def serve_asgi(
     scope: Scope,
     first: list[Message],
     *,
-    feed: asyncio.Queue[bytes] | None,
+    feed: Feed | None,
     emit: Callable[[list[Message]], Awaitable[None]],
 ) -> None:
     """Run ``app`` for one forwarded connection in the request's own task; each message it
@@ -258,6 +257,10 @@ class _Details:
 _grpc_handlers: dict[tuple[str, ...], list[Any]] = {}
 
 
+class UnknownGrpcMethod(LookupError):
+    """No servicer function registers the method."""
+
+
 def grpc_method_handler(servicer_functions: tuple[str, ...], method: str) -> Any:
     """The grpc method handler (its request deserializer and response serializer) that the
     user's ``add_XServicer_to_server`` functions register for ``method``."""
@@ -279,6 +282,6 @@ def grpc_method_handler(servicer_functions: tuple[str, ...], method: str) -> Any
         found = generic.service(_Details(method))
         if found is not None:
             return found
-    raise ServeError(
+    raise UnknownGrpcMethod(
         f"gRPC method {method!r} is not in the servicer functions {list(servicer_functions)}."
     )

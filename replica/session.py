@@ -31,6 +31,7 @@ import grpc
 import grpc.aio
 
 from replica.executor import Executor
+from replica.feed import InputFeed
 from serve._context import RequestContext
 from serve._ingress import ASGI_METHOD, FED_METHODS
 from serve._logging import access_log
@@ -43,6 +44,7 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_END,
     FRAME_KIND_ERROR,
     FRAME_KIND_INPUT,
+    FRAME_KIND_INPUT_CREDIT,
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
     FRAME_KIND_RELEASE,
@@ -98,7 +100,7 @@ class StreamSession:
         self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
-        self._feeds: dict[int, asyncio.Queue[bytes]] = {}  # inputs of running ingress requests
+        self._feeds: dict[int, InputFeed] = {}  # inputs of running ingress requests
         self._deadline_timers: dict[int, asyncio.TimerHandle] = {}
         self._timed_out: dict[int, RequestTimeoutError] = {}  # deadline passed, not answered
         self._max_bytes = settings().max_message_bytes
@@ -143,7 +145,7 @@ class StreamSession:
     def _send(
         self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
     ) -> None:
-        if header.kind != FRAME_KIND_ITEM:
+        if header.kind != FRAME_KIND_ITEM and header.kind != FRAME_KIND_INPUT_CREDIT:
             header.ongoing = self._executor.ongoing
             header.acked = self._acked
         self._lane.send(header, *body, buffers=buffers or ())
@@ -155,16 +157,11 @@ class StreamSession:
                 self._acked = header.id
             self._on_request(header, body, buffers)
         elif kind == FRAME_KIND_CANCEL:
-            task = self._tasks.get(header.id)
-            if task is not None:
-                self._cancel_requested.add(header.id)
-                task.cancel()  # a task that has not started yet ends in _on_task_done
-                # Its children are cancelled now, even if its code catches the cancellation.
-                self._cancel_children(header.id)
+            self._cancel(header.id)
         elif kind == FRAME_KIND_INPUT:
             feed = self._feeds.get(header.id)
             if feed is not None:  # else rejected or finished: the router re-feeds or is done
-                feed.put_nowait(bytes(body))
+                feed.put(body)
         elif kind == FRAME_KIND_CREDIT:
             credit = self._credits.get(header.id)
             if credit is not None:
@@ -214,11 +211,30 @@ class StreamSession:
             )
         self._tasks[frame_id] = task
         if header.method in FED_METHODS:
-            self._feeds[frame_id] = asyncio.Queue()
+            self._feeds[frame_id] = InputFeed(
+                functools.partial(self._input_read, frame_id),
+                functools.partial(self._cancel, frame_id),
+            )
         task.add_done_callback(functools.partial(self._on_task_done, frame_id))
         if deadline_s:
             self._deadline_timers[frame_id] = asyncio.get_running_loop().call_later(
                 timeout_s, self._on_deadline, frame_id, header
+            )
+
+    def _cancel(self, frame_id: int) -> None:
+        task = self._tasks.get(frame_id)
+        if task is not None:
+            self._cancel_requested.add(frame_id)
+            task.cancel()  # a task that has not started yet ends in _on_task_done
+            # Its children are cancelled now, even if its code catches the cancellation.
+            self._cancel_children(frame_id)
+
+    def _input_read(self, frame_id: int, count: int, nbytes: int) -> None:
+        if not self._closing:
+            self._send(
+                FrameHeader(
+                    kind=FRAME_KIND_INPUT_CREDIT, id=frame_id, credit=count, credit_bytes=nbytes
+                )
             )
 
     def _on_reserve(self, frame_id: int) -> None:
@@ -244,7 +260,9 @@ class StreamSession:
     def _on_task_done(self, frame_id: int, task: asyncio.Task[None]) -> None:
         """Every request ends here, whether or not its coroutine ever ran."""
         self._tasks.pop(frame_id, None)
-        self._feeds.pop(frame_id, None)
+        feed = self._feeds.pop(frame_id, None)
+        if feed is not None:
+            feed.close()
         cancelled = frame_id in self._cancel_requested
         self._cancel_requested.discard(frame_id)
         timed_out = None

@@ -3,7 +3,6 @@ the deadline that requests made here inherit."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -51,6 +50,12 @@ class ReplicaContext:
     node_id: str = ""  # the node the replica runs on (SERVE_NODE_ID, else the hostname)
 
 
+class Feed(Protocol):
+    """The inputs fed to a running request, in order (``replica/feed.py``)."""
+
+    async def get(self) -> dict[str, Any]: ...
+
+
 @dataclasses.dataclass(eq=False)
 class RequestContext:
     """The request a replica is running; nested handle calls inherit its id and are its children.
@@ -67,7 +72,7 @@ class RequestContext:
     route: str = ""  # Ray's field; the HTTP route prefix is not tracked per request here
     children: set[Cancellable] = dataclasses.field(default_factory=set)
     # Inputs the caller feeds to the running request (an ingress request's ASGI messages).
-    feed: asyncio.Queue[bytes] | None = None
+    feed: Feed | None = None
     deadline_s: float = 0.0
 
 

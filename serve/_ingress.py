@@ -22,6 +22,20 @@ FED_METHODS = frozenset({ASGI_METHOD})  # calls whose caller feeds them inputs w
 APP_ATTRIBUTE = "__serve_asgi_app__"  # set on a class by serve.ingress
 
 
+class GrpcStatusError(Exception):
+    """A forwarded gRPC call ends with this status: ``code`` names a ``grpc.StatusCode``
+    (``"UNIMPLEMENTED"``, ``"INVALID_ARGUMENT"``, ...). Raised in the ingress replica, where
+    the user's protos are, and answered as that status by the proxy, which has none of them."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.details}"
+
+
 def body_messages(status: int, body: bytes, content_type: bytes) -> list[dict[str, Any]]:
     """The ASGI messages of a whole response: its start, then its one body."""
     return [

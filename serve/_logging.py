@@ -6,13 +6,16 @@ write one access line per request (``serve.access``): method, outcome, duration.
 to the log file only, buffered (as in Ray, where they live in the replica's log file): printing
 one per request to a terminal would cost as much as serving it.
 ``SERVE_LOG_FORMAT=json`` (or a deployment's ``logging_config={"encoding": "JSON"}``) switches
-to one JSON object per line.
+to one JSON object per line. Log files are rotated by size, as Ray's are:
+``SERVE_ROTATION_MAX_BYTES`` (512 MiB), keeping ``SERVE_ROTATION_BACKUP_COUNT`` (5) old files
+(``replica_x.log.1`` is the newest); 0 for either turns rotation off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -111,8 +114,10 @@ class AccessLog:
 
     FLUSH_EVERY_S = 0.2
 
-    def __init__(self, path: Path, component: str, json_lines: bool) -> None:
-        self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
+    def __init__(
+        self, handler: PrivateRotatingFileHandler, component: str, json_lines: bool
+    ) -> None:
+        self._handler = handler  # the log file's handler: its stream, its rotation
         self._component = component
         self._json = json_lines
         self._pending: list[tuple[float, str, str, str, float]] = []
@@ -132,15 +137,13 @@ class AccessLog:
     def flush(self) -> None:
         self._timer = None
         pending, self._pending = self._pending, []
-        if pending and not self._file.closed:
-            self._file.write("".join(self._line(*entry) for entry in pending))
-            self._file.flush()
+        if pending:
+            self._handler.write_lines("".join(self._line(*entry) for entry in pending))
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self.flush()
-        self._file.close()
 
     def _asctime(self, when: float) -> str:
         second = int(when)
@@ -166,6 +169,29 @@ class AccessLog:
             return orjson.dumps(entry).decode() + "\n"
         tag = f" [{request_id}]" if request_id else ""
         return f"{self._asctime(when)} INFO {self._component} {ACCESS_LOGGER}{tag}: {message}\n"
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A log file rotated by size, every generation created 0600 (logs hold request data)."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def write_lines(self, text: str) -> None:
+        """Append already formatted lines (the access log's batches), rotating first if
+        they would pass the size limit."""
+        self.acquire()
+        try:
+            if self.stream is None:
+                return  # closed: late access lines are dropped
+            rotates = self.maxBytes > 0 and self.backupCount > 0
+            if rotates and self.stream.tell() + len(text) >= self.maxBytes:
+                self.doRollover()
+            self.stream.write(text)
+            self.stream.flush()
+        finally:
+            self.release()
 
 
 _access_log: AccessLog | None = None
@@ -205,9 +231,17 @@ def configure(
     formatter: logging.Formatter = JsonFormatter() if use_json else logging.Formatter(_TEXT_FORMAT)
     # The process's real stderr: a replica routes user output through sys.stderr.
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.__stderr__ or sys.stderr)]
+    file_handler = None
     if log_file is not None:
         _create_private(log_file)
-        handlers.append(logging.FileHandler(log_file))
+        file_handler = PrivateRotatingFileHandler(
+            log_file, maxBytes=s.rotation_max_bytes, backupCount=s.rotation_backup_count
+        )
+        handlers.append(file_handler)
+    global _access_log
+    if _access_log is not None:  # flushed into the handler it was made for, before it closes
+        _access_log.close()
+        _access_log = None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -218,9 +252,5 @@ def configure(
         handler.addFilter(context)
         root.addHandler(handler)
     root.setLevel(level if level is not None else s.log_level)
-    global _access_log
-    if _access_log is not None:
-        _access_log.close()
-        _access_log = None
-    if log_file is not None and root.isEnabledFor(logging.INFO):
-        _access_log = AccessLog(log_file, component, use_json)
+    if file_handler is not None and root.isEnabledFor(logging.INFO):
+        _access_log = AccessLog(file_handler, component, use_json)

@@ -55,6 +55,44 @@ def new_request_id() -> str:
     return f"{_ids.getrandbits(128):032x}"
 
 
+class InputWindow:
+    """The inputs fed to a running request that its replica has not read yet, and room for
+    more: a feeder waits while ``max_messages`` or ``max_bytes`` are in flight, so a request
+    body or a WebSocket flows only as fast as the replica reads it. One input larger than the
+    whole window goes alone. Home loop only."""
+
+    __slots__ = ("_room", "bytes", "max_bytes", "max_messages", "messages")
+
+    def __init__(self, max_bytes: int, max_messages: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.bytes = 0
+        self.messages = 0
+        self._room: asyncio.Event | None = None
+
+    def full(self) -> bool:
+        return self.messages >= self.max_messages or self.bytes >= self.max_bytes
+
+    def sent(self, nbytes: int) -> None:
+        self.messages += 1
+        self.bytes += nbytes
+
+    def read(self, count: int, nbytes: int) -> None:
+        """The replica read ``count`` inputs of ``nbytes``."""
+        self.messages = max(self.messages - count, 0)
+        self.bytes = max(self.bytes - nbytes, 0)
+        if self._room is not None and not self.full():
+            self._room.set()
+
+    async def room(self) -> None:
+        """Until one more input may be sent."""
+        while self.full():
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
+
+
 class Request:
     """A request, from ``handle.remote()`` to its outcome."""
 
@@ -81,6 +119,7 @@ class Request:
         "seq",
         "state",
         "stream_buffer",
+        "window",
     )
 
     def __init__(
@@ -126,6 +165,7 @@ class Request:
         # Inputs fed to the running request (the proxy's ASGI messages), kept until the replica
         # proves it admitted the request (its first item), so a rejected request is re-fed.
         self.fed: list[bytes] | tuple[()] | None = None
+        self.window: InputWindow | None = None  # what was fed and not yet read by the replica
         self.inputs: list[tuple[int | str, Request]] | None = None
         self.args = args
         self.kwargs = kwargs

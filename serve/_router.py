@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from serve._context import current_deadline, current_request
 from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost
+from serve._ingress import FED_METHODS
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._policy import backoff_s, candidate_tiers, choose
@@ -79,7 +80,10 @@ class Router:
         self._repump = False
         self._repump_probe = False
         self._rng = random.Random()
-        self._stream_window_bytes = settings().stream_window_bytes
+        s = settings()
+        self._stream_window_bytes = s.stream_window_bytes
+        # A forwarded HTTP or WebSocket connection streams with the ingress window both ways.
+        self._ingress_window = (s.websocket_max_queue, s.ingress_window_bytes)
         self.num_requests = 0
 
     def __repr__(self) -> str:
@@ -135,8 +139,12 @@ class Router:
                 self._add_queued(-1)
             raise
         if request.stream:
-            request.envelope.stream_window = STREAM_WINDOW
-            request.envelope.stream_window_bytes = self._stream_window_bytes
+            envelope = request.envelope
+            if envelope.method in FED_METHODS:
+                envelope.stream_window, envelope.stream_window_bytes = self._ingress_window
+            else:
+                envelope.stream_window = STREAM_WINDOW
+                envelope.stream_window_bytes = self._stream_window_bytes
         request.holds_queue_slot = queued
         return request
 
@@ -444,6 +452,11 @@ class Router:
             request, error=RequestCancelledError(request.request_id) if cancelled else error
         )
         self.state().wake()
+
+    def on_input_read(self, request: Request, count: int, nbytes: int) -> None:
+        request.fed = ADMITTED  # reading proves admission: no re-feeding from now on
+        if request.window is not None:
+            request.window.read(count, nbytes)
 
     def on_item(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
         if request.fed is not None:

@@ -17,6 +17,24 @@
 | SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
 | SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
 | SERVE_NODE_ID | the node this process runs on (prefer-local routing, replica context) | hostname |
+| SERVE_ROTATION_MAX_BYTES | a daemon's log file is rotated at this size (as Ray's) | 512 MiB |
+| SERVE_ROTATION_BACKUP_COUNT | rotated log files kept | 5 |
+| SERVE_MAX_REQUEST_ID_LENGTH | a longer client request id is replaced by a new one | 128 |
+
+The HTTP proxy's bounds (see serve/_proxy/protocol.py):
+
+| variable | meaning | default |
+|---|---|---|
+| SERVE_HTTP_MAX_HEADER_BYTES | request line plus headers; more is answered 431 | 64 KiB |
+| SERVE_HTTP_MAX_HEADERS | header fields in one request; more is answered 431 | 100 |
+| SERVE_HTTP_HEADER_TIMEOUT_S | a request head must be complete this long after it began | 10 |
+| SERVE_HTTP_BODY_TIMEOUT_S | a request body that sends nothing this long is cut (408) | 60 |
+| SERVE_HTTP_MAX_BODY_BYTES | largest request body (413 over it) | 100 MiB |
+| SERVE_HTTP_BODY_BUFFER_BYTES | body read before the request is routed to a replica | 64 KiB |
+| SERVE_HTTP_MAX_CONNECTIONS | connections one proxy process holds (idle ones make room) | 10,000 |
+| SERVE_INGRESS_WINDOW_BYTES | body or WebSocket bytes sent ahead of the replica's reading | 1 MiB |
+| SERVE_WEBSOCKET_MAX_QUEUE | WebSocket messages queued in each direction | 32 |
+| SERVE_WEBSOCKET_MAX_MESSAGE_BYTES | largest WebSocket message a client may send | 16 MiB |
 
 A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
 its body is buffered. The control limit applies to requests made only of names and numbers; it
@@ -66,6 +84,19 @@ class Settings:
     proxy_health_check_period_s: float
     proxy_health_check_timeout_s: float
     node_id: str
+    rotation_max_bytes: int
+    rotation_backup_count: int
+    max_request_id_length: int
+    http_max_header_bytes: int
+    http_max_headers: int
+    http_header_timeout_s: float
+    http_body_timeout_s: float
+    http_max_body_bytes: int
+    http_body_buffer_bytes: int
+    http_max_connections: int
+    ingress_window_bytes: int
+    websocket_max_queue: int
+    websocket_max_message_bytes: int
 
 
 def _float_env(name: str, default: float) -> float:
@@ -89,6 +120,20 @@ def _positive_int_env(name: str, maximum: int = 2**63 - 1) -> int | None:
         raise ValueError(f"{name}={raw!r} is not a whole number.") from exc
     if not 0 < value <= maximum:
         raise ValueError(f"{name}={raw!r} must be between 1 and {maximum}.")
+    return value
+
+
+def _count_env(name: str, default: int) -> int:
+    """A whole number from 0 up."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a whole number.") from exc
+    if value < 0:
+        raise ValueError(f"{name}={raw!r} must be 0 or more.")
     return value
 
 
@@ -131,4 +176,20 @@ def settings() -> Settings:
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
         # A cluster launcher sets it (Slurm: the node's name), since hosts may share a hostname.
         node_id=os.environ.get(NODE_ID_ENV) or socket.gethostname(),
+        rotation_max_bytes=_positive_int_env("SERVE_ROTATION_MAX_BYTES") or 512 * 2**20,
+        rotation_backup_count=_count_env("SERVE_ROTATION_BACKUP_COUNT", 5),
+        max_request_id_length=_positive_int_env("SERVE_MAX_REQUEST_ID_LENGTH") or 128,
+        # Envoy's 60 KiB, rounded; nginx allows 4 x 8 KiB, h11 16 KiB.
+        http_max_header_bytes=_positive_int_env("SERVE_HTTP_MAX_HEADER_BYTES") or 64 * 2**10,
+        http_max_headers=_positive_int_env("SERVE_HTTP_MAX_HEADERS") or 100,  # Envoy's default
+        http_header_timeout_s=_positive_float_env("SERVE_HTTP_HEADER_TIMEOUT_S", 10.0),
+        http_body_timeout_s=_positive_float_env("SERVE_HTTP_BODY_TIMEOUT_S", 60.0),  # nginx's
+        http_max_body_bytes=_positive_int_env("SERVE_HTTP_MAX_BODY_BYTES") or 100 * 2**20,
+        http_body_buffer_bytes=_positive_int_env("SERVE_HTTP_BODY_BUFFER_BYTES") or 64 * 2**10,
+        http_max_connections=_positive_int_env("SERVE_HTTP_MAX_CONNECTIONS") or 10_000,
+        ingress_window_bytes=_positive_int_env("SERVE_INGRESS_WINDOW_BYTES") or 2**20,
+        websocket_max_queue=_positive_int_env("SERVE_WEBSOCKET_MAX_QUEUE") or 32,  # uvicorn's
+        websocket_max_message_bytes=(
+            _positive_int_env("SERVE_WEBSOCKET_MAX_MESSAGE_BYTES") or 16 * 2**20  # uvicorn's
+        ),
     )

@@ -20,8 +20,9 @@ from serve import _client
 from serve._broadcast import gather_async, gather_sync, start_broadcast
 from serve._models import DeploymentID, ReplicaID
 from serve._options import DEFAULT, HandleOptions, validate_handle_options
-from serve._request import Request, RequestState, ResponseBase
+from serve._request import InputWindow, Request, RequestState, ResponseBase
 from serve._router import Reservation, Router
+from serve._settings import settings
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
 from serve.exceptions import BackPressureError, RequestTimeoutError, ServeError
 
@@ -388,13 +389,21 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
     replica yields them; an exception raised mid-stream comes after the items before it.
     """
 
-    __slots__ = ("_consumed", "_consumed_bytes", "_credit_bytes_every", "_detached")
+    __slots__ = (
+        "_consumed",
+        "_consumed_bytes",
+        "_credit_bytes_every",
+        "_credit_every",
+        "_detached",
+    )
 
     def __init__(self, request: Request, router: Router) -> None:
         super().__init__(request, router)
         self._consumed = 0
         self._consumed_bytes = 0
-        self._credit_bytes_every = max(request.envelope.stream_window_bytes // 4, 1)
+        envelope = request.envelope
+        self._credit_every = min(max(envelope.stream_window // 2, 1), CREDIT_EVERY)
+        self._credit_bytes_every = max(envelope.stream_window_bytes // 4, 1)
         self._detached = False
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -407,7 +416,7 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         body, buffers = item
         self._consumed += 1
         self._consumed_bytes += len(body) + sum(len(b) for b in buffers or ())
-        if self._consumed >= CREDIT_EVERY or self._consumed_bytes >= self._credit_bytes_every:
+        if self._consumed >= self._credit_every or self._consumed_bytes >= self._credit_bytes_every:
             count, nbytes = self._consumed, self._consumed_bytes
             self._consumed = self._consumed_bytes = 0
             post(self._router.credit, self._request, count, nbytes)
@@ -439,8 +448,26 @@ class DeploymentResponseGenerator(_ResponseFacade, Generic[R]):
         return self._router.decode_item(self._request, body)  # type: ignore[no-any-return]
 
     def _feed(self, payload: bytes) -> None:
-        """Send one more input to the running request (the proxy's ASGI receive messages)."""
-        post(self._router.feed, self._request, payload)
+        """Send one more input to the running request (the proxy's ASGI receive messages).
+        Home loop; call :meth:`_input_room` first to keep within the ingress window."""
+        request = self._request
+        window = request.window
+        if window is None:
+            s = settings()
+            window = request.window = InputWindow(s.ingress_window_bytes, s.websocket_max_queue)
+        window.sent(len(payload))
+        self._router.feed(request, payload)
+
+    def _input_full(self) -> bool:
+        """Whether the inputs fed and not yet read by the replica fill the ingress window."""
+        window = self._request.window
+        return window is not None and window.full()
+
+    async def _input_room(self) -> None:
+        """Until the replica has read enough of the fed inputs for one more (home loop)."""
+        window = self._request.window
+        if window is not None:
+            await window.room()
 
     def _detach(self) -> None:
         """Stop reading without cancelling: the request finishes on its own (the proxy, once

@@ -59,6 +59,13 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     """replica -> router: the slot is held"""
     FRAME_KIND_RELEASE: _FrameKind.ValueType  # 13
     """router -> replica: the slot held under `id` goes unused"""
+    FRAME_KIND_INPUT_CREDIT: _FrameKind.ValueType  # 14
+    """replica -> router: the running request read `credit` more inputs (`credit_bytes` bytes of
+    INPUT bodies), so the router may send that much more. A router keeps what it has sent and
+    not yet seen credited within a window (SERVE_INGRESS_WINDOW_BYTES, SERVE_WEBSOCKET_MAX_QUEUE
+    messages): a request body or WebSocket flows only as fast as the replica reads it. The first
+    INPUT_CREDIT also proves the request was admitted.
+    """
 
 class FrameKind(_FrameKind, metaclass=_FrameKindEnumTypeWrapper): ...
 
@@ -95,6 +102,13 @@ FRAME_KIND_RESERVED: FrameKind.ValueType  # 12
 """replica -> router: the slot is held"""
 FRAME_KIND_RELEASE: FrameKind.ValueType  # 13
 """router -> replica: the slot held under `id` goes unused"""
+FRAME_KIND_INPUT_CREDIT: FrameKind.ValueType  # 14
+"""replica -> router: the running request read `credit` more inputs (`credit_bytes` bytes of
+INPUT bodies), so the router may send that much more. A router keeps what it has sent and
+not yet seen credited within a window (SERVE_INGRESS_WINDOW_BYTES, SERVE_WEBSOCKET_MAX_QUEUE
+messages): a request body or WebSocket flows only as fast as the replica reads it. The first
+INPUT_CREDIT also proves the request was admitted.
+"""
 Global___FrameKind: _TypeAlias = FrameKind  # noqa: Y015
 
 class _RejectReason:

@@ -20,7 +20,9 @@ import orjson
 
 from serve._context import RequestContext, request_deadline, set_current_request
 from serve._ingress import body_messages
+from serve._proxy.protocol import CONNECTION_KEY, ConnectionWatch
 from serve._proxy.routes import RouteTable
+from serve._settings import settings
 from serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -64,6 +66,9 @@ class ProxyApp:
         self._routes = routes
         self._timeout_s = request_timeout_s
         self.ready = False  # the first route table arrived
+        s = settings()
+        self._body_buffer_bytes = s.http_body_buffer_bytes
+        self._max_request_id_length = s.max_request_id_length
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -89,39 +94,55 @@ class ProxyApp:
             forwarded["root_path"] = scope.get("root_path", "") + route.route_prefix
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":  # the caller's request id, as in Ray
-                set_current_request(RequestContext(request_id=value.decode("latin-1")))
+                # A longer one is not the caller's to impose on every log line: a new id.
+                if len(value) <= self._max_request_id_length:
+                    set_current_request(RequestContext(request_id=value.decode("latin-1")))
             elif name == b"serve_multiplexed_model_id":  # Ray's header for multiplexing
                 handle = handle.options(multiplexed_model_id=value.decode("latin-1"))
         first: list[Message] = []
         if kind == "http":
-            first.append(await receive())  # the body (or its first chunk) travels with the call
-        state = _Forward()
+            # The body, up to the buffer size, is read before the request is routed, so a
+            # client that sends it slowly holds a connection, never a replica's slot. It
+            # travels with the call; the rest follows as inputs, as fast as the app reads.
+            buffered = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before its request could be routed
+                first.append(message)
+                buffered += len(message.get("body", b""))
+                if not message.get("more_body") or buffered >= self._body_buffer_bytes:
+                    break
+        state = _Forward(kind == "websocket")
+        watch = scope.get(CONNECTION_KEY)
         try:
             # The deadline travels with the request (and every nested call made to serve it):
             # the router fails it with RequestTimeoutError when it passes, the replicas cancel
             # the work.
             if self._timeout_s is None:
-                await self._forward(handle, forwarded, first, receive, send, state)
+                await self._forward(handle, forwarded, first, receive, send, state, watch)
             else:
                 with request_deadline(self._timeout_s):
-                    await self._forward(handle, forwarded, first, receive, send, state)
-        except RequestTimeoutError:  # not a TimeoutError of the user's own: that is a 500
-            await _fail(
-                scope,
-                send,
-                state,
-                408,
-                f"Request timed out after {self._timeout_s}s (request_timeout_s).",
-            )
-        except BackPressureError as exc:
-            await _fail(scope, send, state, 503, str(exc))
-        except DeploymentUnavailableError as exc:
-            await _fail(scope, send, state, 503, str(exc))
-        except RequestCancelledError:
-            pass  # the client went away
+                    await self._forward(handle, forwarded, first, receive, send, state, watch)
         except Exception as exc:
-            logger.warning("Request to %s failed: %s", route.app_name, exc)
-            await _fail(scope, send, state, 500, f"{type(exc).__name__}: {exc}")
+            # The error is also the ended request's outcome: its traceback (our frames, which
+            # hold the request) would make a cycle that keeps the request and its body alive
+            # until the cyclic collector happens to run.
+            exc.__traceback__ = None
+            answer = self._error_answer(exc, route.app_name)
+            if answer is not None:
+                await _fail(scope, send, state, *answer)
+
+    def _error_answer(self, exc: Exception, app_name: str) -> tuple[int, str] | None:
+        """The HTTP answer to a failed request, as Ray answers (None: the client left)."""
+        if isinstance(exc, RequestTimeoutError):  # not a TimeoutError of the user's: a 500
+            return 408, f"Request timed out after {self._timeout_s}s (request_timeout_s)."
+        if isinstance(exc, BackPressureError | DeploymentUnavailableError):
+            return 503, str(exc)
+        if isinstance(exc, RequestCancelledError):
+            return None  # the client went away
+        logger.warning("Request to %s failed: %s", app_name, exc)
+        return 500, f"{type(exc).__name__}: {exc}"
 
     async def _forward(
         self,
@@ -131,6 +152,7 @@ class ProxyApp:
         receive: Receive,
         send: Send,
         state: _Forward,
+        watch: ConnectionWatch | None,
     ) -> None:
         stream = handle.remote(scope, first)
         pump: asyncio.Task[None] | None = None
@@ -138,11 +160,9 @@ class ProxyApp:
 
         def start_pump() -> None:
             nonlocal pump
-            pump = asyncio.create_task(_pump(receive, stream, state), name="proxy:receive")
+            pump = asyncio.create_task(_pump(receive, stream, state, watch), name="proxy:receive")
 
-        if first and first[0]["type"] in DISCONNECTS:
-            pass  # the client is already gone
-        elif first and not first[0].get("more_body"):
+        if first and not first[-1].get("more_body"):
             # The whole body came with the call: until the response is slow, nothing more can
             # arrive but a disconnect, so most requests finish before any pump task exists.
             timer = asyncio.get_running_loop().call_later(PUMP_AFTER_S, start_pump)
@@ -194,23 +214,51 @@ class ProxyApp:
 class _Forward:
     """What one forwarded connection has done so far."""
 
-    __slots__ = ("complete", "finished", "started")
+    __slots__ = ("complete", "finished", "started", "websocket")
 
-    def __init__(self) -> None:
+    def __init__(self, websocket: bool) -> None:
+        self.websocket = websocket
         self.started = False  # the response started: errors can no longer be answered
         self.complete = False  # the whole response went out
         self.finished = False
 
 
-async def _pump(receive: Receive, stream: Any, state: _Forward) -> None:
-    """Feed what the client sends to the replica; a disconnect cancels the request."""
+async def _pump(
+    receive: Receive, stream: Any, state: _Forward, watch: ConnectionWatch | None
+) -> None:
+    """Feed what the client sends to the replica, never more than the ingress window ahead of
+    what the app has read (the client is not read meanwhile: TCP holds it back). A disconnect
+    cancels an HTTP request; a WebSocket app hears it (see ``replica/feed.py``)."""
     while True:
+        if stream._input_full() and not await _room_or_gone(stream, watch):
+            # The client left while the replica was behind: do not wait to read it.
+            if state.websocket and state.started:
+                gone = {"type": "websocket.disconnect", "code": 1006}
+                stream._feed(pickle.dumps(gone, protocol=5))
+            else:
+                stream.cancel()
+            return
         message = await receive()
         stream._feed(pickle.dumps(message, protocol=5))
         if message["type"] in DISCONNECTS:
             if message["type"] == "http.disconnect" or not state.started:
                 stream.cancel()
             return
+
+
+async def _room_or_gone(stream: Any, watch: ConnectionWatch | None) -> bool:
+    """Until the window has room (True) or the client's connection closed (False)."""
+    if watch is None:
+        await stream._input_room()
+        return True
+    room = asyncio.ensure_future(stream._input_room())
+    gone = asyncio.ensure_future(watch.wait_closed())
+    try:
+        await asyncio.wait((room, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        room.cancel()
+        gone.cancel()
+    return not watch.closed
 
 
 async def _fail(scope: Scope, send: Send, state: _Forward, status: int, text: str) -> None:

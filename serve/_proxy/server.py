@@ -25,8 +25,10 @@ from serve import _client
 from serve._daemon import OrphanClock, on_stdin_closed
 from serve._models import ProxyInfo
 from serve._proxy.http import ProxyApp
+from serve._proxy.protocol import protocol_classes
 from serve._proxy.routes import RouteTable
-from serve._rpc.channel import TlsFiles
+from serve._rpc.channel import TlsFiles, fd_connection_share, raise_open_file_limit
+from serve._settings import settings
 from serve._sync import set_home_loop
 from serve.config import HTTPOptions, gRPCOptions
 
@@ -101,10 +103,16 @@ class ProxyServer:
             http_address=http_address,
             grpc_address=grpc_address,
         )
+        s = settings()
+        # Connections beyond the cap would exhaust the descriptors the proxy needs.
+        max_connections = min(s.http_max_connections, fd_connection_share(raise_open_file_limit()))
+        http_protocol, ws_protocol = protocol_classes(max_connections)
         config = uvicorn.Config(
             self._app,
-            http="httptools",
-            ws="websockets",
+            http=http_protocol,
+            ws=ws_protocol,
+            ws_max_size=s.websocket_max_message_bytes,
+            ws_max_queue=s.websocket_max_queue,
             lifespan="off",
             access_log=False,
             proxy_headers=False,  # the proxy faces its clients: the peer is the client

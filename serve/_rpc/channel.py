@@ -51,6 +51,16 @@ def _ms(seconds: float) -> int:
     return int(min(seconds * 1000, _MAX_INT32))  # about 24 days at most (inf too): "never"
 
 
+def fd_connection_share(open_file_limit: int) -> int:
+    """The incoming connections this many file descriptors can afford (half of them)."""
+    return min(max(16, int(open_file_limit * _CONNECTION_FD_SHARE)), _MAX_INT32)
+
+
+def connection_cap(open_file_limit: int) -> int:
+    """The incoming connections a gRPC daemon holds: SERVE_MAX_CONNECTIONS, else half its fds."""
+    return min(settings().max_connections or fd_connection_share(open_file_limit), _MAX_INT32)
+
+
 def server_options(open_file_limit: int) -> list[tuple[str, Any]]:
     """Options of a daemon's gRPC server: every bound that protects it from its network.
 
@@ -62,15 +72,12 @@ def server_options(open_file_limit: int) -> list[tuple[str, Any]]:
     on accept instead of failing every accept with EMFILE).
     """
     s = settings()
-    max_connections = min(
-        s.max_connections or max(16, int(open_file_limit * _CONNECTION_FD_SHARE)), _MAX_INT32
-    )
     return [
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.server_handshake_timeout_ms", _ms(s.handshake_timeout_s)),
         ("grpc.max_connection_idle_ms", _ms(s.idle_connection_timeout_s)),
-        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_allowed_incoming_connections", connection_cap(open_file_limit)),
         ("grpc.so_reuseport", 0),
     ]
 

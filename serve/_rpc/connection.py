@@ -30,6 +30,7 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_END,
     FRAME_KIND_ERROR,
     FRAME_KIND_INPUT,
+    FRAME_KIND_INPUT_CREDIT,
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
     FRAME_KIND_RELEASE,
@@ -238,7 +239,7 @@ class ReplicaConnection:
         pending = self._pending
         for header, body, buffers in frames:
             kind = header.kind
-            if kind != FRAME_KIND_ITEM:
+            if kind != FRAME_KIND_ITEM and kind != FRAME_KIND_INPUT_CREDIT:
                 self._on_load(header.ongoing, header.acked)
             entry = pending.get(header.id)
             if entry is None:
@@ -261,6 +262,8 @@ class ReplicaConnection:
                     listener.on_rejected(request, header.reject_reason == REJECT_REASON_DRAINING)
                 elif kind == FRAME_KIND_RESERVED:
                     listener.on_reserved(request)
+                elif kind == FRAME_KIND_INPUT_CREDIT:
+                    listener.on_input_read(request, header.credit, header.credit_bytes)
             except Exception:
                 logger.exception("Handling a reply from %s failed", self.address)
 

@@ -11,17 +11,19 @@ The standard ``grpc.health.v1.Health`` service answers SERVING once routes are k
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
 from serve._context import RequestContext, request_deadline, set_current_request
-from serve._ingress import GRPC_METHOD
+from serve._ingress import GRPC_METHOD, GrpcStatusError
 from serve._models import Route
-from serve._rpc.channel import CHANNEL_OPTIONS
+from serve._rpc.channel import raise_open_file_limit, server_options
+from serve._settings import settings
 from serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -30,6 +32,7 @@ from serve.exceptions import (
 )
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+DEADLINE_SLACK_S = 0.01  # a call cancelled this close to its deadline was cancelled by it
 SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 NOT_SERVING = b"\x08\x02"
 
@@ -57,6 +60,7 @@ class _Ingress(grpc.GenericRpcHandler):
         self._functions = tuple(servicer_functions)
         self._timeout_s = request_timeout_s
         self._readiness = readiness
+        self._max_request_id_length = settings().max_request_id_length
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -73,16 +77,36 @@ class _Ingress(grpc.GenericRpcHandler):
     async def _forward(
         self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
+        relay = self._relay(method, request, context)
+        del request  # the relay holds it while it runs
+        status: tuple[grpc.StatusCode, str] | None = None
+        async for item in relay:
+            if isinstance(item, _Failed):
+                status = item.code, item.details
+                break
+            yield item
+        if status is not None:
+            await relay.aclose()
+            del relay, item
+            # Out of any except block, with nothing of the request left in this frame: grpc
+            # keeps the AbortError in a reference cycle with the call's state, which must not
+            # reach the request (and its payload) until the cyclic collector runs.
+            await context.abort(*status)
+
+    async def _relay(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[bytes | _Failed, None]:
+        """The forwarded call's responses, or, last, how it failed."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         route = self._route(metadata.get("application", ""))
         if route is None:
             known = sorted(r.app_name for r in self._routes.routes)
-            await context.abort(
+            yield _Failed(
                 grpc.StatusCode.NOT_FOUND,
                 f"Application {metadata.get('application', '')!r} not found; set the "
                 f"'application' metadata to one of {known}.",
             )
-        assert route is not None
+            return
         handle = self._routes.handle(route).options(
             method_name=GRPC_METHOD,
             stream=True,
@@ -90,34 +114,61 @@ class _Ingress(grpc.GenericRpcHandler):
             request_serialization="pickle",
             response_serialization="pickle",
         )
-        if metadata.get("request_id"):
-            set_current_request(RequestContext(request_id=metadata["request_id"]))
+        request_id = metadata.get("request_id", "")
+        if request_id and len(request_id) <= self._max_request_id_length:
+            set_current_request(RequestContext(request_id=request_id))
         remaining = context.time_remaining()
         limits = [t for t in (remaining, self._timeout_s) if t is not None]
         timeout_s = min(limits) if limits else None
+        with request_deadline(timeout_s):  # enforced by the router and the replicas
+            stream = handle.remote(method, request, self._functions)
         try:
-            with request_deadline(timeout_s):  # enforced by the router and the replicas
-                stream = handle.remote(method, request, self._functions)
             async for payload in stream:
                 yield payload
-        except RequestTimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"Request timed out after {timeout_s}s."
-            )
-        except BackPressureError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except DeploymentUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except RequestCancelledError as exc:
-            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= DEADLINE_SLACK_S:
+                # gRPC ended the call at its deadline. The replica has the same deadline and
+                # ends the work itself, failing nested calls with RequestTimeoutError first;
+                # a cancel sent now would race it.
+                stream._detach()
+            raise
         except Exception as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            # Also the ended request's outcome: its traceback (this frame holds the request)
+            # would keep the request alive in a cycle until the cyclic collector runs.
+            exc.__traceback__ = None
+            yield _Failed(*_status_of(exc, timeout_s))
 
     def _route(self, app_name: str) -> Route | None:
         if app_name:
             return self._routes.by_app(app_name)
         routes = self._routes.routes
         return routes[0] if len(routes) == 1 else None
+
+
+class _Failed:
+    """How a forwarded call failed: the status it ends with."""
+
+    __slots__ = ("code", "details")
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+
+
+def _status_of(exc: Exception, timeout_s: float | None) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a failed forwarded call ends with."""
+    if isinstance(exc, RequestTimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"Request timed out after {timeout_s}s."
+    if isinstance(exc, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, DeploymentUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, RequestCancelledError):
+        return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, GrpcStatusError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.details
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
 async def start_grpc_ingress(
@@ -130,7 +181,9 @@ async def start_grpc_ingress(
     ready: Readiness,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC ingress server; returns it and the port it took."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # The bounds of the daemons' own servers: message size (SERVE_MAX_MESSAGE_BYTES), handshake
+    # and idle timeouts, and the connection cap.
+    server = grpc.aio.server(options=server_options(raise_open_file_limit()))
     server.add_generic_rpc_handlers(
         (_Ingress(routes, servicer_functions, request_timeout_s, ready),)
     )

@@ -150,10 +150,25 @@ def test_standard_health_service(channel: grpc.Channel) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_unknown_method_names_the_problem(channel: grpc.Channel) -> None:
+@pytest.mark.parametrize("method", ["/greeter.Greeter/NoSuchMethod", "/no.such.Service/SayHello"])
+def test_unknown_method_is_unimplemented(channel: grpc.Channel, method: str) -> None:
+    """As a gRPC server answers an unknown service or method: UNIMPLEMENTED, naming it."""
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
-    call = channel.unary_unary("/greeter.Greeter/NoSuchMethod")
+    call = channel.unary_unary(method)
     with pytest.raises(grpc.RpcError) as error:
         call(b"", timeout=10)
-    assert error.value.code() == grpc.StatusCode.INTERNAL
-    assert "NoSuchMethod" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert method in error.value.details()
+
+
+def test_undecodable_message_is_invalid_argument(channel: grpc.Channel) -> None:
+    serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    call = channel.unary_unary("/greeter.Greeter/SayHello")
+    with pytest.raises(grpc.RpcError) as error:
+        call(b"\xff\xff\xff\xff garbage", timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "decode" in error.value.details()
+    # The replica is unharmed.
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    reply = stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=10)
+    assert reply.message == "Hello x [-]"
