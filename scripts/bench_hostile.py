@@ -110,6 +110,13 @@ class Polite:
         )
 
 
+class Rows:
+    """Each figure printed as soon as it is measured."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"{row[0]:<44}  {row[1]}", flush=True)
+
+
 def connect(host: str, port: int) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -168,6 +175,8 @@ def main() -> None:
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # This client needs a descriptor per connection too, and some to spare.
+    args.idle = min(args.idle, hard - 1000)
     with tempfile.TemporaryDirectory() as tmp:
         controller = StandaloneController(
             Path(tmp) / "state",
@@ -177,6 +186,8 @@ def main() -> None:
             "0",
             SERVE_ORPHAN_TIMEOUT_S="60",
             SERVE_LOG_LEVEL="WARNING",
+            # The one limit raised from its default: the upload figures need a big body.
+            SERVE_HTTP_MAX_BODY_BYTES=str(int(args.upload_gib * 2**30) + MiB),
         )
         try:
             controller.start()
@@ -209,7 +220,7 @@ def run(controller: StandaloneController, args: argparse.Namespace) -> None:
     port = int(port_text)
     url = f"http://{address}"
     process = psutil.Process(int(str(proxy["pid"])))
-    rows: list[tuple[str, str]] = []
+    rows = Rows()
 
     with Polite(url) as quiet:
         time.sleep(args.seconds)
@@ -320,9 +331,6 @@ def run(controller: StandaloneController, args: argparse.Namespace) -> None:
     )
     rows.append(("  polite client meanwhile", polite.summary()))
 
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
 
 
 if __name__ == "__main__":
