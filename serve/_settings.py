@@ -17,6 +17,8 @@
 | SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
 | SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
 | SERVE_NODE_ID | the node this process runs on (prefer-local routing, replica context) | hostname |
+| SERVE_CHOOSE_REPLICAS_TIMEOUT_S | a custom router's slower choose_replicas falls back | 10 |
+| SERVE_MAX_ROUTING_STATS_BYTES | largest record_routing_stats() JSON a replica sends | 64 KiB |
 
 A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
 its body is buffered. The control limit applies to requests made only of names and numbers; it
@@ -66,6 +68,8 @@ class Settings:
     proxy_health_check_period_s: float
     proxy_health_check_timeout_s: float
     node_id: str
+    choose_replicas_timeout_s: float = 10.0
+    max_routing_stats_bytes: int = 64 * 2**10
 
 
 def _float_env(name: str, default: float) -> float:
@@ -131,4 +135,8 @@ def settings() -> Settings:
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
         # A cluster launcher sets it (Slurm: the node's name), since hosts may share a hostname.
         node_id=os.environ.get(NODE_ID_ENV) or socket.gethostname(),
+        choose_replicas_timeout_s=_positive_float_env("SERVE_CHOOSE_REPLICAS_TIMEOUT_S", 10.0),
+        max_routing_stats_bytes=(
+            _positive_int_env("SERVE_MAX_ROUTING_STATS_BYTES", _GRPC_MAX) or 64 * 2**10
+        ),
     )

@@ -11,6 +11,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 
 from serve._models import (
     ApplicationStatus,
@@ -25,10 +27,87 @@ __all__ = [
     "DeploymentStatus",
     "DeploymentStatusOverview",
     "DeploymentStatusTrigger",
+    "LoggingConfig",
     "ProxyDetails",
+    "ReplicaRank",
     "ReplicaState",
     "ServeStatus",
 ]
+
+
+class ReplicaRank(int):
+    """A replica's rank among its deployment's replicas (Ray's ``ReplicaRank``).
+
+    ``rank`` is 0 .. world_size - 1, unique among the deployment's live replicas;
+    ``node_rank`` is the index of the replica's node among the nodes running the deployment
+    and ``local_rank`` its rank among the deployment's replicas on that node, both as they
+    stood when the replica started. It is also the ``int`` ``rank``, as it used to be here.
+
+    Example::
+
+        def reconfigure(self, user_config, rank: ReplicaRank):
+            self.shard = rank.rank
+    """
+
+    node_rank: int
+    local_rank: int
+
+    def __new__(cls, rank: int, node_rank: int = 0, local_rank: int | None = None) -> ReplicaRank:
+        self = super().__new__(cls, rank)
+        self.node_rank = node_rank
+        self.local_rank = rank if local_rank is None else local_rank
+        return self
+
+    @property
+    def rank(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplicaRank(rank={int(self)}, node_rank={self.node_rank}, "
+            f"local_rank={self.local_rank})"
+        )
+
+
+_LOG_ENCODINGS = ("TEXT", "JSON")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Logging options of a deployment, an application or serve itself (Ray's fields).
+
+    Example::
+
+        @serve.deployment(logging_config=LoggingConfig(encoding="JSON", log_level="DEBUG"))
+        class Model: ...
+    """
+
+    encoding: str = "TEXT"
+    log_level: int | str = "INFO"
+    logs_dir: str | None = None
+    enable_access_log: bool = True
+    additional_log_standard_attrs: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        encoding = str(self.encoding).upper()
+        if encoding not in _LOG_ENCODINGS:
+            raise ValueError(
+                f"LoggingConfig: encoding must be one of {list(_LOG_ENCODINGS)}, got "
+                f"{self.encoding!r}."
+            )
+        self.encoding = encoding
+        level: Any = self.log_level
+        if isinstance(level, str):
+            level = level.upper()
+            if logging.getLevelName(level) == f"Level {level}":
+                raise ValueError(f"LoggingConfig: log_level {level!r} is not a logging level.")
+        self.log_level = level
+        if not isinstance(self.enable_access_log, bool):
+            raise TypeError("LoggingConfig: enable_access_log must be a bool.")
+
+    def dict(self) -> dict[str, Any]:
+        """The fields as a dict (pydantic's spelling, which Ray's LoggingConfig has)."""
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)

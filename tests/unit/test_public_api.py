@@ -15,7 +15,16 @@ import serve.schema
 def test_serve_all_is_sorted_and_complete() -> None:
     assert serve.__all__ == sorted(serve.__all__)
     public = {name for name in dir(serve) if not name.startswith("_")}
-    modules = {"config", "context", "exceptions", "handle", "metrics", "schema"}
+    modules = {
+        "autoscaling_policy",
+        "config",
+        "context",
+        "exceptions",
+        "handle",
+        "metrics",
+        "request_router",
+        "schema",
+    }
     assert public - modules == set(serve.__all__)
 
 
