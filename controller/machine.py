@@ -130,6 +130,10 @@ class ControllerMachine:
                 record = self.replicas.get(event.replica_id)
                 if record is not None:
                     record.model_ids = event.model_ids
+            case ev.RoutingStatsReported():
+                record = self.replicas.get(event.replica_id)
+                if record is not None:
+                    record.routing_stats_json = event.stats_json
         self._converge(now_s, out)
         return out
 

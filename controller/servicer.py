@@ -20,6 +20,7 @@ from serve._rpc.channel import Context
 from serve._rpc.convert import (
     code_env_from_proto,
     deployment_id_from_proto,
+    policy_from_proto,
     replica_set_to_proto,
     spec_from_proto,
     user_metric_from_proto,
@@ -67,6 +68,11 @@ class ControllerServicer:
                 specs=specs,
                 code_env=code_env_from_proto(request.code_env),
                 config_json=request.config_json,
+                autoscaling_policy=(
+                    policy_from_proto(request.autoscaling_policy)
+                    if request.HasField("autoscaling_policy")
+                    else None
+                ),
             )
         except RouteConflict as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
@@ -218,9 +224,16 @@ class ControllerServicer:
                 latency_buckets=tuple(request.latency_bucket_counts),
                 latency_sum_ms=request.latency_sum_ms,
                 user_metrics=tuple(user_metric_from_proto(m) for m in request.user_metrics),
+                autoscaling_stats=tuple(sorted(request.autoscaling_stats.items())),
             )
         )
         return controller_pb2.ReportLoadResponse()
+
+    async def ReportRoutingStats(
+        self, request: controller_pb2.ReportRoutingStatsRequest, context: Context
+    ) -> controller_pb2.ReportRoutingStatsResponse:
+        self._controller.report_routing_stats(request.replica_id, request.stats_json)
+        return controller_pb2.ReportRoutingStatsResponse()
 
     async def Link(
         self, request: controller_pb2.LinkRequest, context: Context

@@ -21,6 +21,7 @@ from serve._models import (
     Failure,
     ReplicaState,
 )
+from serve.config import AutoscalingPolicy
 
 
 class Phase(enum.Enum):
@@ -93,6 +94,7 @@ class AppGoal:
     deployed_at_s: float  # wall clock, for display only
     deleting: bool = False
     config_json: str = ""  # as deployed from a config file (`serve config` prints it)
+    autoscaling_policy: AutoscalingPolicy | None = None  # decides for all its deployments
 
 
 @dataclasses.dataclass
@@ -114,6 +116,7 @@ class ReplicaRecord:
     next_health_check_s: float = 0.0  # monotonic
     rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
     pending: str = ""  # while the launcher cannot place it: why
+    routing_stats_json: bytes = b""  # its record_routing_stats(), published to routers
 
 
 @dataclasses.dataclass(frozen=True)
