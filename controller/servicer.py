@@ -107,6 +107,19 @@ class ControllerServicer:
                 message=view.message,
             )
             dep.replica_states.update(view.replica_states)
+            auto = goal.spec.config.autoscaling_config
+            if auto is not None and app.autoscaling_policy is not None:
+                dep.autoscaling_policy = str(app.autoscaling_policy.policy_function)
+            elif auto is not None and not auto.policy.is_default_policy_function():
+                dep.autoscaling_policy = str(auto.policy.policy_function)
+            for record in goal.scaling_decisions:
+                dep.scaling_decisions.add(
+                    timestamp_s=record.at_s,
+                    prev_num_replicas=record.prev_num_replicas,
+                    curr_num_replicas=record.curr_num_replicas,
+                    policy=record.policy,
+                    reason=record.reason,
+                )
             if goal.last_error is not None and (goal.failed or goal.failures):
                 dep.error.CopyFrom(
                     common_pb2.ErrorInfo(

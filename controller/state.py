@@ -51,6 +51,17 @@ class Phase(enum.Enum):
         }[self]
 
 
+@dataclasses.dataclass(frozen=True)
+class ScalingRecord:
+    """One change of an autoscaled deployment's target (``serve status`` shows the latest)."""
+
+    at_s: float  # wall clock
+    prev_num_replicas: int
+    curr_num_replicas: int
+    policy: str
+    reason: str
+
+
 @dataclasses.dataclass
 class DeploymentGoal:
     """What should run for one deployment."""
@@ -64,6 +75,9 @@ class DeploymentGoal:
     last_error: Failure | None = None
     unhealthy_reason: str = ""
     scaling: int = 0  # +1 / -1 while the autoscaler moves the target up / down
+    last_scale_up_s: float | None = None  # wall clock of the last autoscaling change up
+    last_scale_down_s: float | None = None
+    scaling_decisions: tuple[ScalingRecord, ...] = ()  # the latest first
 
     @property
     def version(self) -> str:

@@ -30,7 +30,7 @@ from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
 from serve._settings import settings
 from serve._sync import is_home_thread, run_sync, stop_io_thread
-from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
+from serve.config import AutoscalingPolicy, HTTPOptions, ProxyLocation, gRPCOptions
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
 from serve.schema import ApplicationStatusOverview, ServeStatus
@@ -347,10 +347,16 @@ async def _deploy(
     specs: list[DeploymentSpec],
     code_env: CodeEnv,
     progress: Progress | None = None,
+    autoscaling_policy: AutoscalingPolicy | None = None,
 ) -> int:
     """Deploy and wait until the application runs; returns the ingress replica-set version."""
     await client.controller.deploy(
-        app_name=name, route_prefix=route_prefix, ingress=ingress, specs=specs, code_env=code_env
+        app_name=name,
+        route_prefix=route_prefix,
+        ingress=ingress,
+        specs=specs,
+        code_env=code_env,
+        autoscaling_policy=autoscaling_policy,
     )
     return await _wait_settled(client, name, progress=progress)
 

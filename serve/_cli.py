@@ -83,14 +83,23 @@ def _progress(name: str) -> Any:
     return show
 
 
-def _deploy_and_wait(client: Any, name: str, route_prefix: Any, ingress: str, specs: Any) -> None:
+def _deploy_and_wait(
+    client: Any, name: str, route_prefix: Any, ingress: str, specs: Any, policy: Any = None
+) -> None:
     from serve._api import _deploy, code_env
     from serve._sync import run_sync
 
     try:
         run_sync(
             _deploy(
-                client, name, route_prefix, ingress, specs, code_env(), progress=_progress(name)
+                client,
+                name,
+                route_prefix,
+                ingress,
+                specs,
+                code_env(),
+                progress=_progress(name),
+                autoscaling_policy=policy,
             )
         )
     except ServeError as exc:
@@ -128,7 +137,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                 ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
                 deployed.append(app.name)
                 served.append((app.name, app.route_prefix))
-                _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
+                _deploy_and_wait(
+                    client, app.name, app.route_prefix, ingress, specs, app.autoscaling_policy
+                )
         else:
             ingress, specs = _app_specs(args.target, args.name, _builder_args(args.arguments))
             deployed.append(args.name)
@@ -180,6 +191,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
                     specs=specs,
                     code_env=env,
                     config_json=json.dumps(app.source),
+                    autoscaling_policy=app.autoscaling_policy,
                 )
             )
         except (ServeError, ValueError) as exc:
@@ -208,6 +220,8 @@ def _status_dict(status: Any) -> dict[str, Any]:
                     "status_trigger": str(dep.status_trigger),
                     "message": dep.message,
                     "replica_states": {str(k): v for k, v in dep.replica_states.items()},
+                    "autoscaling_policy": dep.autoscaling_policy,
+                    "scaling_decisions": [dataclasses.asdict(s) for s in dep.scaling_decisions],
                 }
                 for dep_name, dep in app.deployments.items()
             },
@@ -260,6 +274,25 @@ def cmd_status(args: argparse.Namespace) -> None:
             + "  "
             + row[5]
         )
+    for name, app in sorted(status.items()):
+        for dep_name, dep in sorted(app["deployments"].items()):
+            print(_autoscaling_line(f"{name}.{dep_name}", dep), end="")
+
+
+def _autoscaling_line(where: str, dep: dict[str, Any]) -> str:
+    """``serve status``'s line on an autoscaled deployment: its policy and last decision."""
+    policy, decisions = dep["autoscaling_policy"], dep["scaling_decisions"]
+    if not policy and not decisions:
+        return ""
+    line = f"{where}: autoscaling policy {policy or 'default'}"
+    if decisions:
+        last = decisions[0]
+        when = time.strftime("%H:%M:%S", time.localtime(last["timestamp_s"]))
+        line += (
+            f"; last decision {last['prev_num_replicas']} -> {last['curr_num_replicas']} "
+            f"replicas at {when}: {last['reason']}"
+        )
+    return line + "\n"
 
 
 def cmd_config(args: argparse.Namespace) -> None:

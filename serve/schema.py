@@ -31,6 +31,7 @@ __all__ = [
     "ProxyDetails",
     "ReplicaRank",
     "ReplicaState",
+    "ScalingDecision",
     "ServeStatus",
 ]
 
@@ -111,13 +112,31 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScalingDecision:
+    """One change of an autoscaled deployment's target replica count, and who decided it."""
+
+    timestamp_s: float  # wall clock
+    prev_num_replicas: int
+    curr_num_replicas: int
+    policy: str  # "default", or the custom policy's import path
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class DeploymentStatusOverview:
-    """One deployment: its status, why it has it, and how many replicas are in each state."""
+    """One deployment: its status, why it has it, and how many replicas are in each state.
+
+    For an autoscaled deployment, ``autoscaling_policy`` names a custom policy deciding its
+    replica count (empty: the default) and ``scaling_decisions`` lists its latest changes,
+    the newest first.
+    """
 
     status: DeploymentStatus
     status_trigger: DeploymentStatusTrigger
     replica_states: dict[ReplicaState, int]
     message: str = ""
+    autoscaling_policy: str = ""
+    scaling_decisions: tuple[ScalingDecision, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from serve.schema import (
     ApplicationStatusOverview,
     DeploymentStatusOverview,
     ProxyDetails,
+    ScalingDecision,
     ServeStatus,
 )
 
@@ -315,6 +316,17 @@ def application_status_from_proto(
                 _enum(ReplicaState, k, k): v for k, v in sorted(d.replica_states.items())
             },
             message=d.message,
+            autoscaling_policy=d.autoscaling_policy,
+            scaling_decisions=tuple(
+                ScalingDecision(
+                    timestamp_s=s.timestamp_s,
+                    prev_num_replicas=s.prev_num_replicas,
+                    curr_num_replicas=s.curr_num_replicas,
+                    policy=s.policy,
+                    reason=s.reason,
+                )
+                for s in d.scaling_decisions
+            ),
         )
         for d in msg.deployments
     }
