@@ -36,8 +36,7 @@ def replica_queue_length_autoscaling_policy(
     requests running in replicas and queued in handles (averaged over the look-back period).
     With no replica running it keeps the target (the controller starts one at once when
     requests wait)."""
-    running = ctx.current_num_replicas
-    if running == 0:
+    if ctx.current_num_replicas == 0 or ctx.config is None:
         return ctx.target_num_replicas, {}
     return ctx.total_num_requests / ctx.config.get_target_ongoing_requests(), {}
 
