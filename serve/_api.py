@@ -274,24 +274,38 @@ def _driver_log() -> logging.Logger:
     return logger
 
 
+_local_beside: LocalClient | None = None  # local testing mode next to a real controller
+
+
 def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
-    """Every deployment in this process, for unit tests (see serve/_local.py)."""
+    """Every deployment in this process, for unit tests (see serve/_local.py).
+
+    In a process already connected to a controller (as Ray allows), the local deployments
+    live beside it: their handles route to them, every other handle to the controller's.
+    """
+    global _local_beside
     client = _client.current()
     if client is None:
         client = LocalClient()
         _client.install(client)
         _shutdown_at_exit_once()
-    elif not isinstance(client, LocalClient):
-        raise ServeError(
-            "_local_testing_mode=True needs a process that is not connected to a serve "
-            "controller; call serve.shutdown() first (or run the test in its own process)."
-        )
-    ingress, built = build_application(target, name, make_handle=DeploymentHandle)
-    with _handles_lock:  # handles of an earlier run of this name routed to the old instances
-        for key in [k for k in _handles if k[0] == name]:
-            del _handles[key]
-    client.deploy(name, ingress, built)
-    return _cached_handle(ingress, name)
+    if isinstance(client, LocalClient):
+        ingress, built = build_application(target, name, make_handle=DeploymentHandle)
+        with _handles_lock:  # handles of an earlier run of this name routed to the old ones
+            for key in [k for k in _handles if k[0] == name]:
+                del _handles[key]
+        client.deploy(name, ingress, built)
+        return _cached_handle(ingress, name)
+    if _local_beside is None:
+        _local_beside = LocalClient()
+    beside = _local_beside
+
+    def make_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]:
+        return beside.bind(DeploymentHandle(deployment_name, app_name))
+
+    ingress, built = build_application(target, name, make_handle=make_handle)
+    beside.deploy(name, ingress, built)
+    return make_handle(ingress, name)
 
 
 def build_specs(
@@ -474,6 +488,7 @@ def shutdown() -> None:
     """Delete every application and stop serve (an embedded controller exits with its replicas)."""
     client = _client.current()
     if client is None:
+        _close_local_beside()
         return
     owner = client.owner
     try:
@@ -483,10 +498,19 @@ def shutdown() -> None:
         logger.warning("Shutting serve down: %s", exc)
     finally:
         _client.disconnect()
+        _close_local_beside()
         with _handles_lock:
             _handles.clear()
         if owner is not None:
             owner.stop(timeout_s=30)
+
+
+def _close_local_beside() -> None:
+    global _local_beside
+    beside, _local_beside = _local_beside, None
+    if beside is not None:
+        for name in list(beside.apps):
+            beside.delete(name)
 
 
 async def shutdown_async() -> None:
