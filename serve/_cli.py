@@ -32,12 +32,15 @@ def _connect(
     *,
     start_embedded: bool = False,
     controller_args: list[str] | None = None,
+    controller_env: dict[str, str] | None = None,
 ) -> Any:
     from serve import _api, _client
 
     try:
         if start_embedded:
-            return _api._connect(address, controller_args=controller_args)
+            return _api._connect(
+                address, controller_args=controller_args, controller_env=controller_env
+            )
         return _client.connect(address, start_embedded=False, controller_args=controller_args)
     except ControllerUnavailableError as exc:
         _fail(
@@ -121,10 +124,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     from serve import _api
     from serve._sync import run_sync
 
-    flags = None
+    flags = env = None
     if args.target.endswith((".yaml", ".yml")):
         flags = _proxy_options(args.target)
-    client = _connect(args.address, start_embedded=True, controller_args=flags)
+        env = _controller_env(args.target)
+    client = _connect(args.address, start_embedded=True, controller_args=flags, controller_env=env)
     deployed: list[str] = []
     served: list[tuple[str, str | None]] = []
     if not args.non_blocking:
@@ -385,6 +389,19 @@ def _proxy_options(path: str) -> list[str] | None:
         return load_proxy_options(path)
     except ConfigFileError as exc:
         _fail(str(exc))
+
+
+def _controller_env(path: str) -> dict[str, str] | None:
+    """An embedded controller's environment for a config file's logging_config and
+    controller_options."""
+    from serve._api import controller_env
+    from serve._config_file import ConfigFileError, load_top_level
+
+    try:
+        top = load_top_level(path)
+        return controller_env(top.get("logging_config"), top.get("controller_options"))
+    except (ConfigFileError, TypeError, ValueError) as exc:
+        _fail(f"{path}: {exc}")
 
 
 def _port_free(host: str, address: str) -> bool:

@@ -39,7 +39,7 @@ from serve.config import AutoscalingPolicy
 
 TOP_LEVEL_KEYS = frozenset(
     {"applications", "proxy_location", "http_options", "grpc_options", "logging_config",
-     "target_capacity"}
+     "target_capacity", "controller_options"}
 )  # fmt: skip
 APPLICATION_KEYS = frozenset(
     {"name", "route_prefix", "import_path", "args", "runtime_env", "deployments",
@@ -185,6 +185,17 @@ def load_config(path: str | Path) -> list[AppConfig]:
             )
         )
     return apps
+
+
+def load_top_level(path: str | Path) -> dict[str, Any]:
+    """The file's top-level mapping, as plain data."""
+    try:
+        top = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
+    if not isinstance(top, dict):
+        raise ConfigFileError(f"{path}: the config must be a mapping.")
+    return top
 
 
 def load_proxy_options(path: str | Path) -> list[str] | None:
