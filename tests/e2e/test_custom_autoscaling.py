@@ -45,7 +45,8 @@ def test_a_class_based_policy_scales_on_a_custom_metric(tmp_path: Path) -> None:
     assert any(d.curr_num_replicas == 4 for d in deployment.scaling_decisions)
     # The class was built once (the call count in its state keeps growing).
     calls = [int(d.reason.rsplit("call ", 1)[1].rstrip(")")) for d in deployment.scaling_decisions]
-    assert calls == sorted(calls, reverse=True) and len(set(calls)) == len(calls)
+    assert calls == sorted(calls, reverse=True)
+    assert len(set(calls)) == len(calls)
 
 
 def serve_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -80,8 +80,9 @@ def test_a_deployment_policy_decides_and_its_state_comes_back() -> None:
     assert g.target_replicas == 5
     (decision,) = g.scaling_decisions
     assert (decision.prev_num_replicas, decision.curr_num_replicas) == (2, 5)
-    assert decision.policy.endswith(":wants_five") and "five" in decision.reason
-    assert decision.at_s == 1000.0 and g.last_scale_up_s == 1000.0
+    assert decision.policy.endswith(":wants_five")
+    assert "five" in decision.reason
+    assert decision.at_s == g.last_scale_up_s == 1000.0
     autoscale_all(book, [app(g)], {A: ["app#A#r1", "app#A#r2"]}, now_s=2.0)
     assert SEEN[-1].policy_state["calls"] == 1  # what it returned last time
     ctx = SEEN[0]
