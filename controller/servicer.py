@@ -25,6 +25,7 @@ from serve._rpc.convert import (
     spec_from_proto,
     user_metric_from_proto,
 )
+from serve._settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,16 @@ class ControllerServicer:
     async def ReportRoutingStats(
         self, request: controller_pb2.ReportRoutingStatsRequest, context: Context
     ) -> controller_pb2.ReportRoutingStatsResponse:
-        self._controller.report_routing_stats(request.replica_id, request.stats_json)
+        stats = request.stats_json.encode()
+        limit = settings().max_routing_stats_bytes
+        if len(stats) > limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Routing stats of {request.replica_id} refused: {len(stats)} bytes, over the "
+                f"{limit}-byte limit (SERVE_MAX_ROUTING_STATS_BYTES); report less from "
+                "record_routing_stats().",
+            )
+        self._controller.report_routing_stats(request.replica_id, stats)
         return controller_pb2.ReportRoutingStatsResponse()
 
     async def Link(

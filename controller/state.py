@@ -213,20 +213,22 @@ def _plan_deployment(
     target = goal.target_replicas
     new = [r for r in active if r.code_version == goal.version]
     old = sorted((r for r in active if r.code_version != goal.version), key=_stop_order)
+    # Replicas of the last controller that have not re-linked are neither counted nor stopped
+    # by a wave: what they do is unknown until they link (or are given up).
+    known_old = [r for r in old if r.phase is not Phase.RECOVERING]
     to_stop: list[ReplicaRecord] = []
     surge = surge_allowance(goal)
-    if old and target > 0 and not goal.failed:  # a failed version replaces nothing
+    if known_old and target > 0 and not goal.failed:  # a failed version replaces nothing
         new_running = sum(1 for r in new if r.phase.routable)
         if surge:
             # Start first; stop old ones (a wave at a time) only while the target stays covered.
-            idle = [r for r in old if not r.phase.routable and r.phase is not Phase.RECOVERING]
-            serving = len(old) - len(idle)
-            spare = max(new_running + serving - target, 0)
-            candidates = idle + [r for r in old if r.phase.routable][:spare]
-            to_stop = candidates[: rollout_size(goal)]
+            serving = [r for r in known_old if r.phase.routable]
+            idle = [r for r in known_old if not r.phase.routable]
+            spare = max(new_running + len(serving) - target, 0)
+            to_stop = (idle + serving[:spare])[: rollout_size(goal)]
         elif target >= len(old) + old_stopping:  # a scale-down finishes first, as in Ray
-            pending = target - new_running - len(old)
-            to_stop = old[: max(rollout_size(goal) - pending, 0)]
+            pending = target - new_running - len(known_old)
+            to_stop = known_old[: max(rollout_size(goal) - pending, 0)]
     actions: list[Action] = [StopReplica(r.replica_id) for r in to_stop]
     kept_old = [r for r in old if r not in to_stop]
     live = len(new) + len(kept_old)

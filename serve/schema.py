@@ -39,10 +39,10 @@ __all__ = [
 class ReplicaRank(int):
     """A replica's rank among its deployment's replicas (Ray's ``ReplicaRank``).
 
-    ``rank`` is 0 .. world_size - 1, unique among the deployment's live replicas;
-    ``node_rank`` is the index of the replica's node among the nodes running the deployment
-    and ``local_rank`` its rank among the deployment's replicas on that node, both as they
-    stood when the replica started. It is also the ``int`` ``rank``, as it used to be here.
+    ``rank`` is 0 .. world_size - 1, unique among the deployment's live replicas (the lowest
+    free one when the replica starts, kept for its life). Per-node ranks are not computed
+    here: ``node_rank`` is 0 and ``local_rank`` equals ``rank`` unless given. It is also the
+    ``int`` ``rank``, as it used to be here.
 
     Example::
 

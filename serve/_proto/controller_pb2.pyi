@@ -868,17 +868,21 @@ Global___ReportLoadResponse: _TypeAlias = ReportLoadResponse  # noqa: Y015
 
 @_typing.final
 class ReportRoutingStatsRequest(_message.Message):
+    """Names and numbers only (JSON text), so the control-call limit bounds it; the controller also
+    refuses stats over SERVE_MAX_ROUTING_STATS_BYTES.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     STATS_JSON_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
-    stats_json: _builtins.bytes
+    stats_json: _builtins.str
     def __init__(
         self,
         *,
         replica_id: _builtins.str = ...,
-        stats_json: _builtins.bytes = ...,
+        stats_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

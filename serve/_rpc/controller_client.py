@@ -309,7 +309,7 @@ class ControllerClient:
         try:
             await self._stub.ReportRoutingStats(
                 controller_pb2.ReportRoutingStatsRequest(
-                    replica_id=replica_id, stats_json=stats_json
+                    replica_id=replica_id, stats_json=stats_json.decode()
                 ),
                 timeout=CALL_TIMEOUT_S,
                 metadata=self._metadata,
