@@ -26,10 +26,9 @@ from serve.request_router import (
     ReplicaQueueLengthCache,
     ReplicaResult,
     RequestMetadata,
-    RequestRouter,
     RunningReplica,
 )
-from serve.request_router._base import RouterFailure
+from serve.request_router._base import RouterFailure, router_class_of
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +113,7 @@ class CustomRouting:
         probe: ProbeQueueLength,
         node_id: str,
     ) -> None:
-        router_class = config.get_request_router_class()
-        if not (isinstance(router_class, type) and issubclass(router_class, RequestRouter)):
-            raise TypeError(f"{router_class!r} is not a serve.request_router.RequestRouter")
-        router = router_class(
+        router = router_class_of(config)(
             deployment_id=deployment_id,
             handle_source=None,
             self_node_id=node_id,

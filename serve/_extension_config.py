@@ -46,6 +46,14 @@ DEFAULT_BACKOFF_MULTIPLIER = 2.0
 DEFAULT_MAX_BACKOFF_S = 0.5
 
 
+def reject_unknown(what: str, given: Any, valid: Any) -> None:
+    """ValueError naming the keys of ``given`` that are not ``valid`` (private ones unlisted)."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        listed = sorted(v for v in valid if not v.startswith("_"))
+        raise ValueError(f"{what}: unknown field(s) {unknown}; valid fields are {listed}.")
+
+
 def _json_kwargs(what: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -81,6 +89,24 @@ def _resolve(
     if path in default_aliases:
         return default, ""
     return path, dumps_by_value(obj)
+
+
+# The private field holding the by-value pickle of each config's class or function.
+_PICKLED_FIELD = {
+    "request_router_class": "_serialized_request_router_cls",
+    "policy_function": "_serialized_policy_def",
+}
+
+
+def _resolve_into(config: Any, field: str, default: str, aliases: frozenset[str]) -> None:
+    """Set ``config.<field>`` to the import path of what it names and its pickle field to the
+    pickle (left alone when restored from the store or the wire, pickle included)."""
+    pickled_field = _PICKLED_FIELD[field]
+    if getattr(config, pickled_field):
+        return
+    path, pickled = _resolve(getattr(config, field) or default, field, default, aliases)
+    object.__setattr__(config, field, path)
+    object.__setattr__(config, pickled_field, pickled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +159,9 @@ class RequestRouterConfig:
                 f"backoff_multiplier must be >= 1 (the backoff never shrinks), got "
                 f"{self.backoff_multiplier}."
             )
-        if self._serialized_request_router_cls:  # restored from the store or the wire
-            return
-        path, pickled = _resolve(
-            self.request_router_class or DEFAULT_REQUEST_ROUTER_PATH,
-            "request_router_class",
-            DEFAULT_REQUEST_ROUTER_PATH,
-            _DEFAULT_ROUTER_ALIASES,
+        _resolve_into(
+            self, "request_router_class", DEFAULT_REQUEST_ROUTER_PATH, _DEFAULT_ROUTER_ALIASES
         )
-        set_(self, "request_router_class", path)
-        set_(self, "_serialized_request_router_cls", pickled)
 
     @property
     def is_default(self) -> bool:
@@ -171,13 +190,7 @@ class RequestRouterConfig:
                 f"request_router_config must be a dict or RequestRouterConfig, got "
                 f"{type(value).__name__}."
             )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - fields)
-        if unknown:
-            valid = sorted(f for f in fields if not f.startswith("_"))
-            raise ValueError(
-                f"request_router_config: unknown field(s) {unknown}; valid fields are {valid}."
-            )
+        reject_unknown("request_router_config", value, {f.name for f in dataclasses.fields(cls)})
         return cls(**value)
 
 
@@ -203,16 +216,9 @@ class AutoscalingPolicy:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "policy_kwargs", _json_kwargs("policy_kwargs", self.policy_kwargs))
-        if self._serialized_policy_def:
-            return
-        path, pickled = _resolve(
-            self.policy_function or DEFAULT_AUTOSCALING_POLICY_NAME,
-            "policy_function",
-            DEFAULT_AUTOSCALING_POLICY_NAME,
-            _DEFAULT_POLICY_ALIASES,
+        _resolve_into(
+            self, "policy_function", DEFAULT_AUTOSCALING_POLICY_NAME, _DEFAULT_POLICY_ALIASES
         )
-        set_(self, "policy_function", path)
-        set_(self, "_serialized_policy_def", pickled)
 
     def is_default_policy_function(self) -> bool:
         return not self._serialized_policy_def
@@ -247,11 +253,7 @@ class AutoscalingPolicy:
         data = dict(value)
         if "name" in data:  # Ray's earlier spelling of policy_function
             data.setdefault("policy_function", data.pop("name"))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            valid = sorted(f for f in fields if not f.startswith("_"))
-            raise ValueError(f"{what}: unknown field(s) {unknown}; valid fields are {valid}.")
+        reject_unknown(what, data, {f.name for f in dataclasses.fields(cls)})
         return cls(**data)
 
 

@@ -19,7 +19,7 @@ from serve._logging import check_logging_config
 from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
 from serve.config import AutoscalingConfig, RequestRouterConfig
-from serve.request_router import RequestRouter
+from serve.request_router._base import router_class_of
 
 
 class DEFAULT(enum.Enum):
@@ -202,13 +202,10 @@ def _check_router_config(value: Any) -> RequestRouterConfig | None:
     except (TypeError, ValueError, ImportError, AttributeError) as exc:
         raise type(exc)(f"serve.deployment: {exc}") from exc
     if not config.is_default:
-        router_class = config.get_request_router_class()
-        if not (isinstance(router_class, type) and issubclass(router_class, RequestRouter)):
-            raise TypeError(
-                f"serve.deployment: request_router_class {config.request_router_class!r} must "
-                "be a subclass of serve.request_router.RequestRouter (implementing "
-                f"choose_replicas), got {router_class!r}."
-            )
+        try:
+            router_class_of(config)
+        except TypeError as exc:
+            raise TypeError(f"serve.deployment: {exc}") from exc
     return config
 
 

@@ -17,6 +17,7 @@ from serve._extension_config import (
     AutoscalingPolicy,
     ControllerOptions,
     RequestRouterConfig,
+    reject_unknown,
 )
 
 __all__ = [
@@ -135,13 +136,7 @@ class AutoscalingConfig:
     def check_keys(cls, value: Mapping[str, Any]) -> None:
         """Reject keys that are not fields, naming the valid ones."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        fields.update(_LEGACY_TARGET_NAMES)
-        unknown = sorted(set(value) - fields)
-        if unknown:
-            raise ValueError(
-                f"autoscaling_config: unknown field(s) {unknown}; valid fields are "
-                f"{sorted(fields)}."
-            )
+        reject_unknown("autoscaling_config", value, fields | set(_LEGACY_TARGET_NAMES))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as given (``policy`` stays an ``AutoscalingPolicy``)."""

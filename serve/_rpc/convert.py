@@ -104,16 +104,21 @@ def policy_from_proto(msg: common_pb2.AutoscalingPolicy) -> AutoscalingPolicy:
     )
 
 
+_ROUTER_NUMBERS = (  # RequestRouterConfig's numeric fields: the same names on the wire
+    "request_routing_stats_period_s",
+    "request_routing_stats_timeout_s",
+    "initial_backoff_s",
+    "backoff_multiplier",
+    "max_backoff_s",
+)
+
+
 def router_config_to_proto(config: RequestRouterConfig) -> common_pb2.RequestRouterConfig:
     return common_pb2.RequestRouterConfig(
         request_router_class=str(config.request_router_class),
         serialized=config._serialized_request_router_cls,
         request_router_kwargs_json=orjson.dumps(config.request_router_kwargs),
-        request_routing_stats_period_s=config.request_routing_stats_period_s,
-        request_routing_stats_timeout_s=config.request_routing_stats_timeout_s,
-        initial_backoff_s=config.initial_backoff_s,
-        backoff_multiplier=config.backoff_multiplier,
-        max_backoff_s=config.max_backoff_s,
+        **{name: getattr(config, name) for name in _ROUTER_NUMBERS},
     )
 
 
@@ -121,12 +126,8 @@ def router_config_from_proto(msg: common_pb2.RequestRouterConfig) -> RequestRout
     return RequestRouterConfig(
         request_router_class=msg.request_router_class,
         request_router_kwargs=orjson.loads(msg.request_router_kwargs_json or b"{}"),
-        request_routing_stats_period_s=msg.request_routing_stats_period_s,
-        request_routing_stats_timeout_s=msg.request_routing_stats_timeout_s,
-        initial_backoff_s=msg.initial_backoff_s,
-        backoff_multiplier=msg.backoff_multiplier,
-        max_backoff_s=msg.max_backoff_s,
         _serialized_request_router_cls=msg.serialized,
+        **{name: getattr(msg, name) for name in _ROUTER_NUMBERS},
     )
 
 

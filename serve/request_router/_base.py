@@ -32,6 +32,19 @@ DEFAULT_CHOOSE_REPLICAS_TIMEOUT_S = 10.0
 _MAX_IMMEDIATE_PASSES = 3
 
 
+def router_class_of(config: Any) -> type[RequestRouter]:
+    """The ``RequestRouter`` subclass a ``RequestRouterConfig`` names (``TypeError`` if it
+    names something else; ``ImportError`` if it cannot be loaded here)."""
+    router_class = config.get_request_router_class()
+    if not (isinstance(router_class, type) and issubclass(router_class, RequestRouter)):
+        raise TypeError(
+            f"request_router_class {config.request_router_class!r} must be a subclass of "
+            "serve.request_router.RequestRouter (implementing choose_replicas), got "
+            f"{router_class!r}."
+        )
+    return router_class
+
+
 class RouterFailure(Exception):
     """A custom router's ``choose_replicas`` raised, timed out or returned something unusable.
 

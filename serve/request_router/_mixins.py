@@ -15,6 +15,17 @@ from serve.request_router._replica import RunningReplica
 MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S = 1.0
 
 
+def three_ranks(
+    replicas: list[RunningReplica], first: set[Any], second: set[Any]
+) -> list[list[RunningReplica]]:
+    """The replicas whose id is in ``first``, then in ``second``, then the others."""
+    ranks: list[list[RunningReplica]] = [[], [], []]
+    for replica in replicas:
+        rank = 0 if replica.replica_id in first else 1 if replica.replica_id in second else 2
+        ranks[rank].append(replica)
+    return ranks
+
+
 class LocalityScope(enum.StrEnum):
     NODE = "NODE"
     AVAILABILITY_ZONE = "AVAILABILITY_ZONE"
@@ -76,17 +87,9 @@ class LocalityMixin:
         self, replicas: list[RunningReplica]
     ) -> list[list[RunningReplica]]:
         """Three ranks: this node's replicas, this zone's, the others."""
-        ranks: list[list[RunningReplica]] = [[], [], []]
         node = self._colocated_replica_ids[LocalityScope.NODE]
         zone = self._colocated_replica_ids[LocalityScope.AVAILABILITY_ZONE]
-        for replica in replicas:
-            if replica.replica_id in node:
-                ranks[0].append(replica)
-            elif replica.replica_id in zone:
-                ranks[1].append(replica)
-            else:
-                ranks[2].append(replica)
-        return ranks
+        return three_ranks(replicas, node, zone)
 
 
 class MultiplexMixin:
@@ -152,16 +155,9 @@ class MultiplexMixin:
     ) -> list[list[RunningReplica]]:
         """Three ranks: replicas holding the model, those holding the fewest models, others."""
         holding = self._multiplexed_model_id_to_replica_ids.get(multiplexed_model_id, set())
-        fewest = self._get_replica_ids_with_fewest_multiplexed_models()
-        ranks: list[list[RunningReplica]] = [[], [], []]
-        for replica in replicas:
-            if replica.replica_id in holding:
-                ranks[0].append(replica)
-            elif replica.replica_id in fewest:
-                ranks[1].append(replica)
-            else:
-                ranks[2].append(replica)
-        return ranks
+        return three_ranks(
+            replicas, holding, self._get_replica_ids_with_fewest_multiplexed_models()
+        )
 
 
 class FIFOMixin:

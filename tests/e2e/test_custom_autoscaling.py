@@ -15,7 +15,13 @@ import yaml
 
 import serve
 from tests.support.extensions import JobQueue
-from tests.support.procs import ROOT, StandaloneController, python_env, wait_for
+from tests.support.procs import (
+    ROOT,
+    StandaloneController,
+    python_env,
+    running_controller,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -63,11 +69,8 @@ def serve_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 @pytest.fixture
 def info_controller(tmp_path: Path) -> Iterator[StandaloneController]:
     """A standalone controller logging at INFO (decisions are INFO lines)."""
-    controller = StandaloneController(tmp_path / "state", SERVE_LOG_LEVEL="INFO")
-    try:
-        yield controller.start()
-    finally:
-        controller.cleanup()
+    with running_controller(tmp_path / "state", SERVE_LOG_LEVEL="INFO") as controller:
+        yield controller
 
 
 def test_an_application_policy_scales_two_deployments_together(
@@ -84,7 +87,7 @@ def test_an_application_policy_scales_two_deployments_together(
                     {
                         "name": "linked",
                         "route_prefix": None,
-                        "import_path": "tests.support.extensions:pipeline",
+                        "import_path": "examples.app_autoscaling:app",
                         "autoscaling_policy": {
                             "policy_function": "tests.support.extensions:LinkedPolicy",
                             "policy_kwargs": {"path": str(signal_file)},
@@ -135,11 +138,11 @@ def test_an_application_policy_scales_two_deployments_together(
         "6 -> 2 replicas" in table
     ), table
     assert "n=1" in table
-    script = "import serve; print(serve.get_app_handle('linked').remote('HeLLo').result())"
+    script = "import serve; print(serve.get_app_handle('linked').remote(' HeLLo ').result())"
     called = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
     )
-    assert called.stdout.strip() == "model(hello)", called.stderr
+    assert called.stdout.strip() == "label(hello)", called.stderr
     log = (info_controller.state_dir / "logs" / "controller.log").read_text()
     assert (
         "Using custom autoscaling policy 'tests.support.extensions:LinkedPolicy' for "

@@ -178,32 +178,6 @@ class LinkedPolicy:
         return decisions, states
 
 
-@serve.deployment
-class Preprocessor:
-    def __call__(self, text: str) -> str:
-        return text.lower()
-
-
-@serve.deployment
-class Model:
-    def __call__(self, text: str) -> str:
-        return f"model({text})"
-
-
-@serve.deployment
-class Pipeline:
-    def __init__(self, preprocessor: Any, model: Any) -> None:
-        self._pre = preprocessor
-        self._model = model
-
-    async def __call__(self, text: str) -> str:
-        result: str = await self._model.remote(await self._pre.remote(text))
-        return result
-
-
-pipeline = Pipeline.bind(Preprocessor.bind(), Model.bind())
-
-
 @serve.deployment(num_replicas=3)
 class SlowStart:
     """A constructor that takes a while, so rollouts can be watched."""
