@@ -163,6 +163,14 @@ class RequestRouterConfig:
             self, "request_router_class", DEFAULT_REQUEST_ROUTER_PATH, _DEFAULT_ROUTER_ALIASES
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (a config file's ``request_router_config``)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not f.name.startswith("_")
+        }
+
     @property
     def is_default(self) -> bool:
         """Routing by power of two choices (no custom class)."""
@@ -219,6 +227,10 @@ class AutoscalingPolicy:
         _resolve_into(
             self, "policy_function", DEFAULT_AUTOSCALING_POLICY_NAME, _DEFAULT_POLICY_ALIASES
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (a config file's ``policy``)."""
+        return {"policy_function": self.policy_function, "policy_kwargs": self.policy_kwargs}
 
     def is_default_policy_function(self) -> bool:
         return not self._serialized_policy_def

@@ -139,8 +139,11 @@ class AutoscalingConfig:
         reject_unknown("autoscaling_config", value, fields | set(_LEGACY_TARGET_NAMES))
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as given (``policy`` stays an ``AutoscalingPolicy``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The fields as plain data (a config file's ``autoscaling_config``)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["aggregation_function"] = self.aggregation_function.value
+        data["policy"] = self.policy.to_dict()
+        return data
 
     def get_upscaling_factor(self) -> float:
         return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor

@@ -325,3 +325,20 @@ def test_a_class_that_cannot_be_serialized_fails_at_decoration() -> None:
     with pytest.raises(TypeError, match="cannot be serialized") as info:
         serve.deployment(Holder)
     assert "create them in __init__" in str(info.value)
+
+
+def test_extension_configs_become_plain_data_for_config_files() -> None:
+    import yaml
+
+    from serve.config import AutoscalingConfig, RequestRouterConfig
+
+    auto = AutoscalingConfig(max_replicas=3, policy={"policy_function": "math:floor"})
+    router = RequestRouterConfig(request_router_kwargs={"k": 1})
+    text = yaml.safe_dump({"autoscaling_config": auto.to_dict(), "router": router.to_dict()})
+    data = yaml.safe_load(text)
+    assert data["autoscaling_config"]["policy"] == {
+        "policy_function": "math:floor",
+        "policy_kwargs": {},
+    }
+    assert AutoscalingConfig.from_value(data["autoscaling_config"]) == auto
+    assert RequestRouterConfig.from_value(data["router"]) == router
