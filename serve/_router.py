@@ -25,7 +25,6 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from serve._context import current_deadline, current_request
@@ -47,6 +46,7 @@ from serve.exceptions import (
     RequestTimeoutError,
     ServeError,
 )
+from serve.request_router._base import RouterFailure
 
 STREAM_WINDOW = 64  # stream items a replica may send ahead of the consumer
 
@@ -84,6 +84,8 @@ class Router:
         self._rng = random.Random()
         self._custom_task: asyncio.Task[None] | None = None  # routing by a custom router
         self._custom_wake: asyncio.Event | None = None
+        self._routing: Request | None = None  # the request the custom router chooses for
+        self._routing_abandoned = False
         self._stream_window_bytes = settings().stream_window_bytes
         self.num_requests = 0
 
@@ -404,19 +406,27 @@ class Router:
                     await wake.wait()
                     continue
                 pending = pending_view(request, self.deployment_id.app_name)
-                chooser = asyncio.get_running_loop().create_task(
-                    custom.choose(pending), name=f"router:choose:{self.deployment_id}"
-                )
-                request.completion.add_done_callback(_canceller(chooser))
+                self._routing = request
+                request.completion.add_done_callback(self._abandon_routing)
+                chosen: Any = None
+                error: BaseException | None = None
                 try:
-                    await asyncio.wait([chooser])
+                    chosen = await custom.choose(pending)
+                except RouterFailure as exc:
+                    error = exc
+                except asyncio.CancelledError:
+                    if not self._routing_abandoned:
+                        raise
+                    self._routing_abandoned = False
+                    task = asyncio.current_task()
+                    if task is not None and task.uncancel():
+                        raise  # cancelled from outside too
                 finally:
-                    chooser.cancel()
-                if request.state != RequestState.QUEUED or chooser.cancelled():
+                    self._routing = None
+                if request.state != RequestState.QUEUED:
                     continue  # it finished (cancelled, expired) while the router chose
-                error = chooser.exception()
                 if error is None:
-                    info = custom.routable(chooser.result())
+                    info = custom.routable(chosen)
                     if info is None:
                         continue  # that replica went away meanwhile: ask again
                 else:
@@ -437,6 +447,15 @@ class Router:
         finally:
             self._custom_task = None
             self._custom_wake = None
+
+    def _abandon_routing(self, _: Any) -> None:
+        """A request finished while the custom router was choosing for it: stop choosing."""
+        routing, task = self._routing, self._custom_task
+        if routing is None or task is None or self._routing_abandoned:
+            return
+        if routing.state == RequestState.DONE:
+            self._routing_abandoned = True
+            task.cancel()
 
     def _schedule_retry(self) -> None:
         """Arrange the next probing pass: at once after one failure, then with backoff."""
@@ -667,15 +686,6 @@ class Router:
 
 
 ADMITTED: tuple[()] = ()  # Request.fed once the replica admitted it
-
-
-def _canceller(task: asyncio.Task[Any]) -> Callable[[Any], None]:
-    """A done-callback that cancels ``task`` (a routing decision nobody waits for any more)."""
-
-    def cancel(_: Any) -> None:
-        task.cancel()
-
-    return cancel
 
 
 class Reservation:

@@ -12,8 +12,11 @@ import httpx
 import pytest
 
 import serve
+from serve._context import request_deadline
 from serve.config import RequestRouterConfig
-from tests.support.extensions import FlakyRouter, Front, LowestRankRouter, Sticky
+from serve.exceptions import RequestCancelledError, RequestTimeoutError
+from tests.support.apps import Signal
+from tests.support.extensions import FlakyRouter, Front, LowestRankRouter, Sticky, StickyRouter
 from tests.support.procs import pids_alive, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("serve_instance")]
@@ -125,3 +128,36 @@ def test_a_router_that_fails_falls_back_to_the_default_with_a_log_line(
         and "Routing by power of two choices instead" in line
         for line in lines
     ), lines
+
+
+@serve.deployment(
+    max_ongoing_requests=1, request_router_config={"request_router_class": StickyRouter}
+)
+class Gated:
+    def __init__(self, signal: Any) -> None:
+        self._signal = signal
+
+    async def __call__(self, session: str = "") -> str:
+        if session == "hold":
+            await self._signal.wait.remote()
+        return session
+
+
+def test_requests_waiting_on_a_custom_router_can_be_cancelled_or_time_out() -> None:
+    serve.run(Signal.bind(), name="custom-gate", route_prefix=None)
+    gate = serve.get_app_handle("custom-gate")
+    h = serve.run(Gated.bind(gate), name="gated", route_prefix=None)
+    held = h.remote(session="hold")
+    wait_for(lambda: gate.num_waiters.remote().result() == 1)
+    # The only replica is full: these wait in the router, backing off between passes.
+    cancelled = h.remote(session="a")
+    with request_deadline(0.5):
+        late = h.remote(session="b")
+    cancelled.cancel()
+    with pytest.raises(RequestCancelledError):
+        cancelled.result(timeout_s=30)
+    with pytest.raises(RequestTimeoutError):
+        late.result(timeout_s=30)
+    gate.send.remote().result()
+    assert held.result(timeout_s=30) == "hold"
+    assert h.remote(session="c").result(timeout_s=30) == "c"  # the router still routes
