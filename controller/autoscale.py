@@ -42,7 +42,12 @@ class ScaleDecider:
         self, config: AutoscalingConfig, current: int, load: float, now_s: float
     ) -> int | None:
         """The new replica count to apply now, or None to keep ``current``."""
-        desired = desired_replicas(config, current, load)
+        return self.gate(config, current, desired_replicas(config, current, load), now_s)
+
+    def gate(
+        self, config: AutoscalingConfig, current: int, desired: int, now_s: float
+    ) -> int | None:
+        """``desired`` once it has been wanted for the delay (at once from zero), else None."""
         if desired == current:
             self.direction = 0
             return None
@@ -62,6 +67,19 @@ class ScaleDecider:
             return None
         self.direction = 0
         return desired
+
+
+def apply_scaling_factors(desired: float, running: int, config: AutoscalingConfig) -> int:
+    """A custom policy's count moved towards by upscaling_factor / downscaling_factor (Ray's
+    rule: the factor scales the change from the running count; from zero it does not)."""
+    if running == 0:
+        return math.ceil(desired)
+    delta = desired - running
+    factor = config.get_upscaling_factor() if delta > 0 else config.get_downscaling_factor()
+    scaled = math.ceil(running + factor * delta)
+    if math.ceil(desired) < running and scaled == running:
+        scaled -= 1  # a small factor must not stall a downscale
+    return scaled
 
 
 class LoadWindow:
@@ -110,3 +128,12 @@ class LoadSource:
     latency_sum_ms: float = 0.0
     user_metrics: tuple[Sample, ...] = ()
     seen_s: float = 0.0
+    # record_autoscaling_stats() reports: (monotonic, wall clock, metric -> value)
+    stats: deque[tuple[float, float, dict[str, float]]] = dataclasses.field(default_factory=deque)
+
+    def add_stats(
+        self, now_s: float, wall_s: float, values: dict[str, float], look_back_s: float
+    ) -> None:
+        self.stats.append((now_s, wall_s, values))
+        while self.stats and now_s - self.stats[0][0] > look_back_s:
+            self.stats.popleft()

@@ -13,6 +13,7 @@ import enum
 from controller.resources import ResourceRequest
 from controller.state import AppGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, Failure
+from serve.config import AutoscalingPolicy
 from serve.metrics import Sample
 
 # Events.
@@ -50,6 +51,7 @@ class AppDeployed:
     code_env: CodeEnv
     deployed_at_s: float  # wall clock, for display only
     config_json: str = ""  # the config file's section for this application (serve deploy)
+    autoscaling_policy: AutoscalingPolicy | None = None  # application-level policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,15 @@ class LoadReported:
     latency_buckets: tuple[int, ...] = ()
     latency_sum_ms: float = 0.0
     user_metrics: tuple[Sample, ...] = ()  # serve.metrics recorded by the replica's code
+    autoscaling_stats: tuple[tuple[str, float], ...] = ()  # record_autoscaling_stats()
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingStatsReported:
+    """What a replica's record_routing_stats() returned (JSON), for its routers."""
+
+    replica_id: str
+    stats_json: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +171,7 @@ Event = (
     | CallDone
     | LoadReported
     | ModelsReported
+    | RoutingStatsReported
     | ShutdownRequested
 )
 

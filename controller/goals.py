@@ -44,6 +44,7 @@ def build_app(event: AppDeployed, previous: AppGoal | None) -> AppGoal:
         deployments=goals,
         deployed_at_s=event.deployed_at_s,
         config_json=event.config_json,
+        autoscaling_policy=event.autoscaling_policy,
     )
 
 

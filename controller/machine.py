@@ -17,7 +17,7 @@ from collections.abc import Callable
 from controller import events as ev, views
 from controller.goals import build_app, count_failure, free_rank, new_replica_id
 from controller.health import Health, HealthDecider, HealthPolicy
-from controller.load import Autoscaler, LoadBook, autoscale, look_back_s
+from controller.load import Autoscaler, LoadBook, autoscale_all, look_back_s
 from controller.resources import ResourceRequest
 from controller.state import (
     AppGoal,
@@ -130,6 +130,10 @@ class ControllerMachine:
                 record = self.replicas.get(event.replica_id)
                 if record is not None:
                     record.model_ids = event.model_ids
+            case ev.RoutingStatsReported():
+                record = self.replicas.get(event.replica_id)
+                if record is not None:
+                    record.routing_stats_json = event.stats_json
         self._converge(now_s, out)
         return out
 
@@ -221,13 +225,11 @@ class ControllerMachine:
     def _converge(self, now_s: float, out: list[ev.Action]) -> None:
         """Autoscale, then move replicas towards the goals, then finish deletions."""
         goals = self.goals()
-        for deployment_id, goal in goals.items():
-            routable = [
-                r.replica_id
-                for r in self.replicas.values()
-                if r.deployment_id == deployment_id and r.phase.routable
-            ]
-            autoscale(self.load, goal, routable, now_s)
+        routable: dict[DeploymentID, list[str]] = {}
+        for r in self.replicas.values():
+            if r.phase.routable:
+                routable.setdefault(r.deployment_id, []).append(r.replica_id)
+        autoscale_all(self.load, self.apps.values(), routable, now_s)
         for action in plan(goals, list(self.replicas.values())):
             if isinstance(action, StartReplicas):
                 for _ in range(action.count):

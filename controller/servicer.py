@@ -20,10 +20,12 @@ from serve._rpc.channel import Context
 from serve._rpc.convert import (
     code_env_from_proto,
     deployment_id_from_proto,
+    policy_from_proto,
     replica_set_to_proto,
     spec_from_proto,
     user_metric_from_proto,
 )
+from serve._settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,11 @@ class ControllerServicer:
                 specs=specs,
                 code_env=code_env_from_proto(request.code_env),
                 config_json=request.config_json,
+                autoscaling_policy=(
+                    policy_from_proto(request.autoscaling_policy)
+                    if request.HasField("autoscaling_policy")
+                    else None
+                ),
             )
         except RouteConflict as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
@@ -101,6 +108,19 @@ class ControllerServicer:
                 message=view.message,
             )
             dep.replica_states.update(view.replica_states)
+            auto = goal.spec.config.autoscaling_config
+            if auto is not None and app.autoscaling_policy is not None:
+                dep.autoscaling_policy = str(app.autoscaling_policy.policy_function)
+            elif auto is not None and not auto.policy.is_default_policy_function():
+                dep.autoscaling_policy = str(auto.policy.policy_function)
+            for record in goal.scaling_decisions:
+                dep.scaling_decisions.add(
+                    timestamp_s=record.at_s,
+                    prev_num_replicas=record.prev_num_replicas,
+                    curr_num_replicas=record.curr_num_replicas,
+                    policy=record.policy,
+                    reason=record.reason,
+                )
             if goal.last_error is not None and (goal.failed or goal.failures):
                 dep.error.CopyFrom(
                     common_pb2.ErrorInfo(
@@ -218,9 +238,25 @@ class ControllerServicer:
                 latency_buckets=tuple(request.latency_bucket_counts),
                 latency_sum_ms=request.latency_sum_ms,
                 user_metrics=tuple(user_metric_from_proto(m) for m in request.user_metrics),
+                autoscaling_stats=tuple(sorted(request.autoscaling_stats.items())),
             )
         )
         return controller_pb2.ReportLoadResponse()
+
+    async def ReportRoutingStats(
+        self, request: controller_pb2.ReportRoutingStatsRequest, context: Context
+    ) -> controller_pb2.ReportRoutingStatsResponse:
+        stats = request.stats_json.encode()
+        limit = settings().max_routing_stats_bytes
+        if len(stats) > limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Routing stats of {request.replica_id} refused: {len(stats)} bytes, over the "
+                f"{limit}-byte limit (SERVE_MAX_ROUTING_STATS_BYTES); report less from "
+                "record_routing_stats().",
+            )
+        self._controller.report_routing_stats(request.replica_id, stats)
+        return controller_pb2.ReportRoutingStatsResponse()
 
     async def Link(
         self, request: controller_pb2.LinkRequest, context: Context

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from serve._models import (
@@ -21,6 +22,7 @@ from serve._models import (
     Failure,
     ReplicaState,
 )
+from serve.config import AutoscalingPolicy
 
 
 class Phase(enum.Enum):
@@ -49,6 +51,17 @@ class Phase(enum.Enum):
         }[self]
 
 
+@dataclasses.dataclass(frozen=True)
+class ScalingRecord:
+    """One change of an autoscaled deployment's target (``serve status`` shows the latest)."""
+
+    at_s: float  # wall clock
+    prev_num_replicas: int
+    curr_num_replicas: int
+    policy: str
+    reason: str
+
+
 @dataclasses.dataclass
 class DeploymentGoal:
     """What should run for one deployment."""
@@ -62,6 +75,9 @@ class DeploymentGoal:
     last_error: Failure | None = None
     unhealthy_reason: str = ""
     scaling: int = 0  # +1 / -1 while the autoscaler moves the target up / down
+    last_scale_up_s: float | None = None  # wall clock of the last autoscaling change up
+    last_scale_down_s: float | None = None
+    scaling_decisions: tuple[ScalingRecord, ...] = ()  # the latest first
 
     @property
     def version(self) -> str:
@@ -93,6 +109,7 @@ class AppGoal:
     deployed_at_s: float  # wall clock, for display only
     deleting: bool = False
     config_json: str = ""  # as deployed from a config file (`serve config` prints it)
+    autoscaling_policy: AutoscalingPolicy | None = None  # decides for all its deployments
 
 
 @dataclasses.dataclass
@@ -114,6 +131,7 @@ class ReplicaRecord:
     next_health_check_s: float = 0.0  # monotonic
     rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
     pending: str = ""  # while the launcher cannot place it: why
+    routing_stats_json: bytes = b""  # its record_routing_stats(), published to routers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,37 +170,79 @@ def plan(
 ) -> list[Action]:
     """The actions that move the replicas towards the goals.
 
-    Rolling updates start every replica of the new code version at once and stop an old one
-    for each new one that is RUNNING, so capacity never drops below the target. A deployment
-    whose constructor keeps failing starts nothing more and keeps its old replicas serving.
+    Replicas of an old code version are replaced in waves of at most
+    ``max(int(rolling_update_percentage * target), 1)``, as in Ray: with ``max_surge_percent``
+    0 (the default) old replicas stop first and no more than the target ever run or start;
+    with a surge, replacements start first (up to ``ceil(target * max_surge_percent / 100)``
+    above the target) and old replicas stop only while the running ones cover the target. A
+    deployment whose constructor keeps failing starts nothing more.
     """
-    by_deployment: dict[DeploymentID, list[ReplicaRecord]] = {}
+    active: dict[DeploymentID, list[ReplicaRecord]] = {}
+    stopping: dict[DeploymentID, int] = {}
     actions: list[Action] = []
     for record in replicas:
-        if record.phase is Phase.STOPPING:
-            continue
         if record.deployment_id not in goals:
-            actions.append(StopReplica(record.replica_id))
-            continue
-        by_deployment.setdefault(record.deployment_id, []).append(record)
-    for deployment_id, goal in goals.items():
-        records = by_deployment.get(deployment_id, [])
-        current = [r for r in records if r.code_version == goal.version]
-        old = [r for r in records if r.code_version != goal.version]
-        target = goal.target_replicas
-        if len(current) < target and not goal.failed:
-            actions.append(StartReplicas(deployment_id, target - len(current)))
-        elif len(current) > target:
-            for record in sorted(current, key=_stop_order)[: len(current) - target]:
+            if record.phase is not Phase.STOPPING:
                 actions.append(StopReplica(record.replica_id))
-                current.remove(record)
-        running_current = sum(1 for r in current if r.phase.routable)
-        keep_old = max(0, target - running_current)
-        for record in sorted(old, key=_stop_order)[: max(0, len(old) - keep_old)]:
-            actions.append(StopReplica(record.replica_id))
-        for record in current:
-            if record.phase is Phase.RUNNING and needs_reconfigure(goal, record):
-                actions.append(ReconfigureReplica(record.replica_id))
+        elif record.phase is Phase.STOPPING:
+            if record.code_version != goals[record.deployment_id].version:
+                stopping[record.deployment_id] = stopping.get(record.deployment_id, 0) + 1
+        else:
+            active.setdefault(record.deployment_id, []).append(record)
+    for deployment_id, goal in goals.items():
+        actions.extend(
+            _plan_deployment(goal, active.get(deployment_id, []), stopping.get(deployment_id, 0))
+        )
+    return actions
+
+
+def rollout_size(goal: DeploymentGoal) -> int:
+    """How many old replicas a rollout replaces at once (Ray's formula)."""
+    fraction = goal.spec.config.rolling_update_percentage
+    return max(int(fraction * goal.target_replicas), 1)
+
+
+def surge_allowance(goal: DeploymentGoal) -> int:
+    """How many replicas a rollout may run above the target (0: it stops old ones first)."""
+    return math.ceil(goal.target_replicas * goal.spec.config.max_surge_percent / 100)
+
+
+def _plan_deployment(
+    goal: DeploymentGoal, active: list[ReplicaRecord], old_stopping: int
+) -> list[Action]:
+    target = goal.target_replicas
+    new = [r for r in active if r.code_version == goal.version]
+    old = sorted((r for r in active if r.code_version != goal.version), key=_stop_order)
+    # Replicas of the last controller that have not re-linked are neither counted nor stopped
+    # by a wave: what they do is unknown until they link (or are given up).
+    known_old = [r for r in old if r.phase is not Phase.RECOVERING]
+    to_stop: list[ReplicaRecord] = []
+    surge = surge_allowance(goal)
+    if known_old and target > 0 and not goal.failed:  # a failed version replaces nothing
+        new_running = sum(1 for r in new if r.phase.routable)
+        if surge:
+            # Start first; stop old ones (a wave at a time) only while the target stays covered.
+            serving = [r for r in known_old if r.phase.routable]
+            idle = [r for r in known_old if not r.phase.routable]
+            spare = max(new_running + len(serving) - target, 0)
+            to_stop = (idle + serving[:spare])[: rollout_size(goal)]
+        elif target >= len(old) + old_stopping:  # a scale-down finishes first, as in Ray
+            pending = target - new_running - len(known_old)
+            to_stop = known_old[: max(rollout_size(goal) - pending, 0)]
+    actions: list[Action] = [StopReplica(r.replica_id) for r in to_stop]
+    kept_old = [r for r in old if r not in to_stop]
+    live = len(new) + len(kept_old)
+    rolling = bool(surge and kept_old)  # old ones stop as the new ones run, not now
+    count = min(target - len(new), target + surge - live) if rolling else target - live
+    if count > 0 and not goal.failed:
+        actions.append(StartReplicas(goal.deployment_id, count))
+    # Too many: old ones go first, then those not serving yet, then the newest.
+    extra = sorted(new, key=_stop_order) if rolling else kept_old + sorted(new, key=_stop_order)
+    excess = len(new) - target if rolling else live - target
+    actions.extend(StopReplica(r.replica_id) for r in extra[: max(excess, 0)])
+    for record in new:
+        if record.phase is Phase.RUNNING and needs_reconfigure(goal, record):
+            actions.append(ReconfigureReplica(record.replica_id))
     return actions
 
 

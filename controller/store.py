@@ -27,7 +27,7 @@ import orjson
 
 from controller.state import AppGoal, DeploymentGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec
-from serve.config import AutoscalingConfig
+from serve.config import AutoscalingConfig, AutoscalingPolicy
 
 T = TypeVar("T")
 
@@ -264,6 +264,9 @@ class GoalStore:
                 "deployed_at_s": app.deployed_at_s,
                 "deleting": app.deleting,
                 "config_json": app.config_json,
+                "autoscaling_policy": (
+                    dataclasses.asdict(app.autoscaling_policy) if app.autoscaling_policy else None
+                ),
             }
         )
         with self._transaction():
@@ -332,6 +335,11 @@ class GoalStore:
                     deployed_at_s=meta["deployed_at_s"],
                     deleting=meta["deleting"],
                     config_json=meta.get("config_json", ""),
+                    autoscaling_policy=(
+                        AutoscalingPolicy.from_value(meta["autoscaling_policy"])
+                        if meta.get("autoscaling_policy")
+                        else None
+                    ),
                 )
             )
         return apps

@@ -43,6 +43,7 @@ from controller.events import (
     ReplicaLinked,
     ReplicaPending,
     Restored,
+    RoutingStatsReported,
     SaveReplica,
     ShutdownRequested,
     Stop,
@@ -61,6 +62,7 @@ from controller.views import metrics_snapshot, replica_sets, status_key
 from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure, Route
 from serve._rpc.channel import TlsFiles
 from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
+from serve.config import AutoscalingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +387,7 @@ class Supervisor:
         specs: Sequence[DeploymentSpec],
         code_env: CodeEnv,
         config_json: str = "",
+        autoscaling_policy: AutoscalingPolicy | None = None,
     ) -> None:
         """Replace an application's goal; returns once it is durable.
 
@@ -402,7 +405,14 @@ class Supervisor:
                     f'Failed to deploy application "{app_name}".'
                 )
         event = AppDeployed(
-            app_name, route_prefix, ingress, tuple(specs), code_env, time.time(), config_json
+            app_name,
+            route_prefix,
+            ingress,
+            tuple(specs),
+            code_env,
+            time.time(),
+            config_json,
+            autoscaling_policy,
         )
         _, writes = self._feed(event)
         await asyncio.shield(asyncio.gather(*writes))  # the state already moved on: finish
@@ -476,6 +486,10 @@ class Supervisor:
     def report_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """A replica's multiplexed models changed: routers learn it with the next set."""
         self._feed(ModelsReported(replica_id, model_ids))
+
+    def report_routing_stats(self, replica_id: str, stats_json: bytes) -> None:
+        """A replica's record_routing_stats(): routers get it with the next replica set."""
+        self._feed(RoutingStatsReported(replica_id, stats_json))
 
     def report_load(self, event: LoadReported) -> None:
         """Load from replicas (running) and handles (queued): for autoscaling and metrics."""

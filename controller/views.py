@@ -62,6 +62,7 @@ def replica_sets(
                     host=r.host,
                     max_ongoing_requests=r.max_ongoing_requests,
                     model_ids=r.model_ids,
+                    routing_stats_json=r.routing_stats_json,
                 )
                 for r in running
             ),
@@ -70,6 +71,7 @@ def replica_sets(
             autoscaling=auto is not None,
             metrics_interval_s=auto.metrics_interval_s if auto is not None else 0.0,
             unavailable=unavailable,
+            request_router=config.request_router_config,
         )
     return sets
 

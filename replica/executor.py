@@ -26,7 +26,6 @@ from replica.loader import apply_code_env, apply_runtime_env, load_callable, loa
 from replica.workers import SyncWorkers
 from serve._context import (
     ReplicaContext,
-    ReplicaRank,
     RequestContext,
     current_request,
     set_current_deadline,
@@ -40,6 +39,7 @@ from serve._multiplex import registry as multiplex_registry
 from serve._settings import settings
 from serve._user_methods import build_target, maybe_await, user_method
 from serve.exceptions import ServeError
+from serve.schema import ReplicaRank
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Executor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._slot_freed = asyncio.Event()
+        self.rank: ReplicaRank | None = None
 
     # Lifecycle.
 
@@ -107,12 +108,13 @@ class Executor:
         self.code_version = spec.code_version
         target = load_callable(spec.serialized_callable)
         args, kwargs = load_init_args(spec.serialized_init_args)
+        self.rank = ReplicaRank(rank) if rank >= 0 else None
         context = ReplicaContext(
             app_name=self.app_name,
             deployment=self.deployment,
             replica_tag=self.replica_id.unique_id,
             replica_id=self.replica_id,
-            rank=ReplicaRank(rank) if rank >= 0 else None,
+            rank=self.rank,
             world_size=world_size or None,
             node_id=settings().node_id,
         )
@@ -127,7 +129,7 @@ class Executor:
             self._lifespan = Lifespan(self._asgi)
             await self._lifespan.startup()
         user_config = spec.config.user_config_json()
-        if user_config is not None:
+        if user_config is not None or self._takes_rank():
             await self._call_reconfigure(spec.config.user_config)
         self.user_config_json = user_config
         self.initialized = True
@@ -141,6 +143,17 @@ class Executor:
             await self._call_reconfigure(config.user_config)
             self.user_config_json = config.user_config_json()
 
+    def _takes_rank(self) -> bool:
+        """Whether the user's ``reconfigure`` has a ``rank`` parameter (then, as in Ray, it is
+        called with the replica's rank even without a user_config)."""
+        method = getattr(self._target, "reconfigure", None) if not self._is_function else None
+        if method is None:
+            return False
+        try:
+            return "rank" in inspect.signature(method).parameters
+        except (TypeError, ValueError):
+            return False
+
     async def _call_reconfigure(self, user_config: Any) -> None:
         method = getattr(self._target, "reconfigure", None) if not self._is_function else None
         if method is None:
@@ -148,17 +161,30 @@ class Executor:
                 f"Deployment '{self.deployment}' has a user_config but no "
                 "`reconfigure(self, config)` method to receive it."
             )
-        await self._run_hook(method, user_config)
+        if self._takes_rank():
+            await self._run_hook(method, user_config, rank=self.rank)
+        else:
+            await self._run_hook(method, user_config)
+
+    def has_hook(self, name: str) -> bool:
+        """Whether the user's class defines ``name`` (record_routing_stats, ...)."""
+        return not self._is_function and callable(getattr(self._target, name, None))
+
+    async def call_hook(self, name: str, timeout_s: float) -> Any:
+        """Call the user's ``name()`` (sync ones on a worker thread), within ``timeout_s``."""
+        method = getattr(self._target, name)
+        async with asyncio.timeout(timeout_s):
+            return await self._run_hook(method)
 
     async def check_health(self) -> None:
         method = getattr(self._target, "check_health", None) if not self._is_function else None
         if method is not None:
             await self._run_hook(method)
 
-    async def _run_hook(self, method: Callable[..., Any], *args: Any) -> Any:
+    async def _run_hook(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if _kind(method) == "async":
-            return await method(*args)
-        return await maybe_await(await self.run_sync(method, *args))
+            return await method(*args, **kwargs)
+        return await maybe_await(await self.run_sync(method, *args, **kwargs))
 
     async def shutdown(self) -> None:
         """Unload multiplexed models, call the user's ``__del__`` (if any), stop the pool."""

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from replica import stats
 from replica.executor import Executor
 from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
@@ -102,11 +103,15 @@ class ReplicaServer:
         multiplex_registry.set_listener(self._models_changed)
         link = asyncio.create_task(self._link_loop(address), name="replica:link")
         reporter = asyncio.create_task(self._report_loop(), name="replica:report-load")
+        routing_stats = asyncio.create_task(
+            stats.routing_stats_loop(executor, self._report_routing_stats),
+            name="replica:report-routing-stats",
+        )
         try:
             await self._stopped.wait()
         finally:
             multiplex_registry.set_listener(None)
-            tasks = [link, reporter, *([self._report] if self._report else [])]
+            tasks = [link, reporter, routing_stats, *([self._report] if self._report else [])]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -183,14 +188,15 @@ class ReplicaServer:
                 continue
             last_report = time.monotonic()
             ongoing, samples = sum(samples) / len(samples), []
-            stats = executor.stats
+            counts = executor.stats
             load = ReplicaLoad(
                 ongoing=ongoing,
-                requests_total=stats.requests,
-                errors_total=stats.errors,
-                latency_bucket_counts=tuple(stats.cumulative_buckets()),
-                latency_sum_ms=stats.sum_ms,
+                requests_total=counts.requests,
+                errors_total=counts.errors,
+                latency_bucket_counts=tuple(counts.cumulative_buckets()),
+                latency_sum_ms=counts.sum_ms,
                 user_metrics=tuple(user_metrics_snapshot()),
+                autoscaling_stats=await stats.autoscaling_stats(executor, interval_s),
             )
             try:
                 await self._controller.report_replica_load(
@@ -198,6 +204,10 @@ class ReplicaServer:
                 )
             except ServeError:
                 pass  # no controller right now: the next report carries the same counters
+
+    async def _report_routing_stats(self, stats_json: bytes) -> None:
+        assert self._controller is not None
+        await self._controller.report_routing_stats(str(self.replica_id), stats_json)
 
     def _models_changed(self, model_ids: frozenset[str]) -> None:
         """Multiplexed models changed: tell the controller now (one report in flight at a time)."""

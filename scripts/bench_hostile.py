@@ -332,6 +332,5 @@ def run(controller: StandaloneController, args: argparse.Namespace) -> None:
     rows.append(("  polite client meanwhile", polite.summary()))
 
 
-
 if __name__ == "__main__":
     main()

@@ -30,7 +30,13 @@ from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
 from serve._settings import settings
 from serve._sync import is_home_thread, run_sync, stop_io_thread
-from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
+from serve.config import (
+    AutoscalingPolicy,
+    ControllerOptions,
+    HTTPOptions,
+    ProxyLocation,
+    gRPCOptions,
+)
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
 from serve.schema import ApplicationStatusOverview, ServeStatus
@@ -69,8 +75,14 @@ def _cached_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]
         return handle
 
 
-def _connect(address: str | None = None, controller_args: list[str] | None = None) -> ServeClient:
-    client = _client.connect(address, controller_args=controller_args)
+def _connect(
+    address: str | None = None,
+    controller_args: list[str] | None = None,
+    controller_env: dict[str, str] | None = None,
+) -> ServeClient:
+    client = _client.connect(
+        address, controller_args=controller_args, controller_env=controller_env
+    )
     if client.owner is not None:
         _shutdown_at_exit_once()
     return client
@@ -89,17 +101,37 @@ def start(
     proxy_location: ProxyLocation | str | None = None,
     http_options: HTTPOptions | dict[str, Any] | None = None,
     grpc_options: gRPCOptions | dict[str, Any] | None = None,
+    logging_config: Any = None,
+    controller_options: ControllerOptions | dict[str, Any] | None = None,
     **_ray_options: Any,
 ) -> None:
     """Connect to serve: the controller at ``address`` (or SERVE_ADDRESS), else an embedded one
     started with these proxy options (Ray's: HTTP on 127.0.0.1:8000, gRPC on 9000 when
     ``grpc_servicer_functions`` are given, a proxy on every node).
 
-    Other Ray cluster options (``detached``, ``dedicated_cpu`` ...) are accepted and ignored.
+    ``logging_config`` sets the log level and encoding of the controller and proxy (and of
+    replicas whose deployment sets none); ``controller_options.runtime_env["env_vars"]`` are
+    set in the controller's environment (its replicas inherit them). Other Ray cluster options
+    (``detached``, ``dedicated_cpu`` ...) are accepted and ignored.
     """
     given = (proxy_location, http_options, grpc_options) != (None, None, None)
     flags = controller_flags(proxy_location, http_options, grpc_options) if given else None
-    _connect(address, controller_args=flags)
+    _connect(
+        address,
+        controller_args=flags,
+        controller_env=controller_env(logging_config, controller_options),
+    )
+
+
+def controller_env(logging_config: Any, controller_options: Any) -> dict[str, str] | None:
+    """The environment an embedded controller gets for serve.start's logging_config and
+    controller_options (None when neither is given)."""
+    env = dict(ControllerOptions.from_value(controller_options).env_vars)
+    logging = check_logging_config(logging_config)
+    if logging:
+        env["SERVE_LOG_LEVEL"] = str(logging.get("log_level", "INFO"))
+        env["SERVE_LOG_FORMAT"] = "json" if logging.get("encoding") == "JSON" else "text"
+    return env or None
 
 
 def _serialize(built: BuiltDeployment, stable_version: bool) -> DeploymentSpec:
@@ -150,6 +182,7 @@ def run(
     logging_config: Any = None,
     _local_testing_mode: bool = False,
     external_scaler_enabled: bool = False,
+    controller_options: ControllerOptions | dict[str, Any] | None = None,
 ) -> DeploymentHandle[Any]:
     """Deploy an application, wait until every replica runs, return its ingress handle.
 
@@ -165,6 +198,8 @@ def run(
         assert handle.remote("world").result() == "Hello world!"
     """
     targets = [RunTarget(target, name, route_prefix, logging_config, external_scaler_enabled)]
+    if controller_options is not None and not _local_testing_mode:
+        _connect(controller_env=controller_env(None, controller_options))
     return run_many(targets, blocking=blocking, _local_testing_mode=_local_testing_mode)[0]
 
 
@@ -274,24 +309,38 @@ def _driver_log() -> logging.Logger:
     return logger
 
 
+_local_beside: LocalClient | None = None  # local testing mode next to a real controller
+
+
 def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
-    """Every deployment in this process, for unit tests (see serve/_local.py)."""
+    """Every deployment in this process, for unit tests (see serve/_local.py).
+
+    In a process already connected to a controller (as Ray allows), the local deployments
+    live beside it: their handles route to them, every other handle to the controller's.
+    """
+    global _local_beside
     client = _client.current()
     if client is None:
         client = LocalClient()
         _client.install(client)
         _shutdown_at_exit_once()
-    elif not isinstance(client, LocalClient):
-        raise ServeError(
-            "_local_testing_mode=True needs a process that is not connected to a serve "
-            "controller; call serve.shutdown() first (or run the test in its own process)."
-        )
-    ingress, built = build_application(target, name, make_handle=DeploymentHandle)
-    with _handles_lock:  # handles of an earlier run of this name routed to the old instances
-        for key in [k for k in _handles if k[0] == name]:
-            del _handles[key]
-    client.deploy(name, ingress, built)
-    return _cached_handle(ingress, name)
+    if isinstance(client, LocalClient):
+        ingress, built = build_application(target, name, make_handle=DeploymentHandle)
+        with _handles_lock:  # handles of an earlier run of this name routed to the old ones
+            for key in [k for k in _handles if k[0] == name]:
+                del _handles[key]
+        client.deploy(name, ingress, built)
+        return _cached_handle(ingress, name)
+    if _local_beside is None:
+        _local_beside = LocalClient()
+    beside = _local_beside
+
+    def make_handle(deployment_name: str, app_name: str) -> DeploymentHandle[Any]:
+        return beside.bind(DeploymentHandle(deployment_name, app_name))
+
+    ingress, built = build_application(target, name, make_handle=make_handle)
+    beside.deploy(name, ingress, built)
+    return make_handle(ingress, name)
 
 
 def build_specs(
@@ -347,10 +396,16 @@ async def _deploy(
     specs: list[DeploymentSpec],
     code_env: CodeEnv,
     progress: Progress | None = None,
+    autoscaling_policy: AutoscalingPolicy | None = None,
 ) -> int:
     """Deploy and wait until the application runs; returns the ingress replica-set version."""
     await client.controller.deploy(
-        app_name=name, route_prefix=route_prefix, ingress=ingress, specs=specs, code_env=code_env
+        app_name=name,
+        route_prefix=route_prefix,
+        ingress=ingress,
+        specs=specs,
+        code_env=code_env,
+        autoscaling_policy=autoscaling_policy,
     )
     return await _wait_settled(client, name, progress=progress)
 
@@ -468,6 +523,7 @@ def shutdown() -> None:
     """Delete every application and stop serve (an embedded controller exits with its replicas)."""
     client = _client.current()
     if client is None:
+        _close_local_beside()
         return
     owner = client.owner
     try:
@@ -477,10 +533,19 @@ def shutdown() -> None:
         logger.warning("Shutting serve down: %s", exc)
     finally:
         _client.disconnect()
+        _close_local_beside()
         with _handles_lock:
             _handles.clear()
         if owner is not None:
             owner.stop(timeout_s=30)
+
+
+def _close_local_beside() -> None:
+    global _local_beside
+    beside, _local_beside = _local_beside, None
+    if beside is not None:
+        for name in list(beside.apps):
+            beside.delete(name)
 
 
 async def shutdown_async() -> None:

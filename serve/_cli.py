@@ -32,12 +32,15 @@ def _connect(
     *,
     start_embedded: bool = False,
     controller_args: list[str] | None = None,
+    controller_env: dict[str, str] | None = None,
 ) -> Any:
     from serve import _api, _client
 
     try:
         if start_embedded:
-            return _api._connect(address, controller_args=controller_args)
+            return _api._connect(
+                address, controller_args=controller_args, controller_env=controller_env
+            )
         return _client.connect(address, start_embedded=False, controller_args=controller_args)
     except ControllerUnavailableError as exc:
         _fail(
@@ -83,14 +86,23 @@ def _progress(name: str) -> Any:
     return show
 
 
-def _deploy_and_wait(client: Any, name: str, route_prefix: Any, ingress: str, specs: Any) -> None:
+def _deploy_and_wait(
+    client: Any, name: str, route_prefix: Any, ingress: str, specs: Any, policy: Any = None
+) -> None:
     from serve._api import _deploy, code_env
     from serve._sync import run_sync
 
     try:
         run_sync(
             _deploy(
-                client, name, route_prefix, ingress, specs, code_env(), progress=_progress(name)
+                client,
+                name,
+                route_prefix,
+                ingress,
+                specs,
+                code_env(),
+                progress=_progress(name),
+                autoscaling_policy=policy,
             )
         )
     except ServeError as exc:
@@ -112,10 +124,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     from serve import _api
     from serve._sync import run_sync
 
-    flags = None
+    flags = env = None
     if args.target.endswith((".yaml", ".yml")):
         flags = _proxy_options(args.target)
-    client = _connect(args.address, start_embedded=True, controller_args=flags)
+        env = _controller_env(args.target)
+    client = _connect(args.address, start_embedded=True, controller_args=flags, controller_env=env)
     deployed: list[str] = []
     served: list[tuple[str, str | None]] = []
     if not args.non_blocking:
@@ -128,7 +141,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                 ingress, specs = _app_specs(app.import_path, app.name, app.args, overrides)
                 deployed.append(app.name)
                 served.append((app.name, app.route_prefix))
-                _deploy_and_wait(client, app.name, app.route_prefix, ingress, specs)
+                _deploy_and_wait(
+                    client, app.name, app.route_prefix, ingress, specs, app.autoscaling_policy
+                )
         else:
             ingress, specs = _app_specs(args.target, args.name, _builder_args(args.arguments))
             deployed.append(args.name)
@@ -180,6 +195,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
                     specs=specs,
                     code_env=env,
                     config_json=json.dumps(app.source),
+                    autoscaling_policy=app.autoscaling_policy,
                 )
             )
         except (ServeError, ValueError) as exc:
@@ -208,6 +224,8 @@ def _status_dict(status: Any) -> dict[str, Any]:
                     "status_trigger": str(dep.status_trigger),
                     "message": dep.message,
                     "replica_states": {str(k): v for k, v in dep.replica_states.items()},
+                    "autoscaling_policy": dep.autoscaling_policy,
+                    "scaling_decisions": [dataclasses.asdict(s) for s in dep.scaling_decisions],
                 }
                 for dep_name, dep in app.deployments.items()
             },
@@ -260,6 +278,25 @@ def cmd_status(args: argparse.Namespace) -> None:
             + "  "
             + row[5]
         )
+    for name, app in sorted(status.items()):
+        for dep_name, dep in sorted(app["deployments"].items()):
+            print(_autoscaling_line(f"{name}.{dep_name}", dep), end="")
+
+
+def _autoscaling_line(where: str, dep: dict[str, Any]) -> str:
+    """``serve status``'s line on an autoscaled deployment: its policy and last decision."""
+    policy, decisions = dep["autoscaling_policy"], dep["scaling_decisions"]
+    if not policy and not decisions:
+        return ""
+    line = f"{where}: autoscaling policy {policy or 'default'}"
+    if decisions:
+        last = decisions[0]
+        when = time.strftime("%H:%M:%S", time.localtime(last["timestamp_s"]))
+        line += (
+            f"; last decision {last['prev_num_replicas']} -> {last['curr_num_replicas']} "
+            f"replicas at {when}: {last['reason']}"
+        )
+    return line + "\n"
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -352,6 +389,19 @@ def _proxy_options(path: str) -> list[str] | None:
         return load_proxy_options(path)
     except ConfigFileError as exc:
         _fail(str(exc))
+
+
+def _controller_env(path: str) -> dict[str, str] | None:
+    """An embedded controller's environment for a config file's logging_config and
+    controller_options."""
+    from serve._api import controller_env
+    from serve._config_file import ConfigFileError, load_top_level
+
+    try:
+        top = load_top_level(path)
+        return controller_env(top.get("logging_config"), top.get("controller_options"))
+    except (ConfigFileError, TypeError, ValueError) as exc:
+        _fail(f"{path}: {exc}")
 
 
 def _port_free(host: str, address: str) -> bool:

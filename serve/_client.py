@@ -127,11 +127,14 @@ class EmbeddedController:
         self.address = ""
 
     @classmethod
-    def start(cls, extra_args: list[str] | None = None) -> EmbeddedController:
-        """Start the daemon and wait (bounded) for its READY line."""
+    def start(
+        cls, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None
+    ) -> EmbeddedController:
+        """Start the daemon (with ``extra_env`` added to its environment, which its replicas
+        inherit) and wait (bounded) for its READY line."""
         state_dir = Path(tempfile.mkdtemp(prefix="serve-"))
         token = secrets.token_urlsafe(32)
-        env = dict(os.environ)
+        env = {**os.environ, **(extra_env or {})}
         env[TOKEN_ENV] = token
         env.pop("SERVE_ADDRESS", None)
         # Logs outlive the embedded controller's private state directory: one directory per
@@ -242,15 +245,17 @@ def connect(
     *,
     start_embedded: bool = True,
     controller_args: list[str] | None = None,
+    controller_env: dict[str, str] | None = None,
 ) -> ServeClient:
     """The process's client, connecting (or starting an embedded controller) on first use.
 
-    ``controller_args`` are flags for an embedded controller (``serve.start``'s proxy options);
-    a controller that already runs keeps its own, with a warning."""
+    ``controller_args`` are flags for an embedded controller (``serve.start``'s proxy options)
+    and ``controller_env`` environment variables for it (``controller_options``, logging); a
+    controller that already runs keeps its own, with a warning."""
     global _client
     with _lock:
         if _client is not None:
-            if controller_args:
+            if controller_args or controller_env:
                 _options_ignored(_client.address)
             if address is not None and address != _client.address:
                 raise ValueError(
@@ -267,9 +272,9 @@ def connect(
                 raise ControllerUnavailableError(
                     "No serve controller is running; call serve.run() or serve.start() first."
                 )
-            owner = EmbeddedController.start(controller_args)
+            owner = EmbeddedController.start(controller_args, controller_env)
             found, token = owner.address, owner.token
-        elif controller_args:
+        elif controller_args or controller_env:
             _options_ignored(found)
         target: str = found
         tls = tls_from_settings()
@@ -291,8 +296,9 @@ def connect(
 
 def _options_ignored(address: str) -> None:
     logger.warning(
-        "serve is already running (controller at %s): its proxy options stay as they are; "
-        "the http_options, grpc_options and proxy_location given now are ignored. Restart "
+        "serve is already running (controller at %s): its options stay as they are; the "
+        "http_options, grpc_options, proxy_location, logging_config and controller_options "
+        "given now are ignored. Restart "
         "serve (serve.shutdown(), or `serve shutdown` for a standalone controller) to change "
         "them.",
         address,

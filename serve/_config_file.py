@@ -12,7 +12,9 @@ Example::
             num_replicas: 2
             user_config: {threshold: 0.5}
 
-Unknown keys and bad values are rejected with ``file:line:column``. Ray's cluster-level fields
+An application's ``autoscaling_policy: {policy_function: module:name}`` decides for all of its
+autoscaled deployments together (imported where the file is read, as Ray does). Unknown keys
+and bad values are rejected with ``file:line:column``. Ray's cluster-level fields
 ``proxy_location``, ``http_options`` and ``grpc_options`` configure the proxy of a controller
 that ``serve run`` starts (a running controller keeps its own, with a warning);
 ``logging_config`` is accepted.
@@ -33,14 +35,15 @@ import yaml
 from serve._deployment import Application
 from serve._options import DEPLOYMENT_OPTION_NAMES, validate_deployment_options
 from serve._proxy_flags import controller_flags
+from serve.config import AutoscalingPolicy
 
 TOP_LEVEL_KEYS = frozenset(
     {"applications", "proxy_location", "http_options", "grpc_options", "logging_config",
-     "target_capacity"}
+     "target_capacity", "controller_options"}
 )  # fmt: skip
 APPLICATION_KEYS = frozenset(
     {"name", "route_prefix", "import_path", "args", "runtime_env", "deployments",
-     "logging_config", "external_scaler_enabled"}
+     "logging_config", "external_scaler_enabled", "autoscaling_policy"}
 )  # fmt: skip
 DEPLOYMENT_KEYS = frozenset(DEPLOYMENT_OPTION_NAMES - {"version"}) | {"name"}
 
@@ -66,6 +69,8 @@ class AppConfig:
     logging_config: dict[str, Any] | None
     where: str
     source: dict[str, Any] = dataclasses.field(default_factory=dict)  # as written in the file
+    # an application-level policy: decides for all its autoscaled deployments together
+    autoscaling_policy: AutoscalingPolicy | None = None
 
 
 class _Reader:
@@ -143,6 +148,13 @@ def load_config(path: str | Path) -> list[AppConfig]:
                 fields["logging_config"],
                 {"logging_config": reader.value(fields["logging_config"])},
             )["logging_config"]
+        policy = None
+        if "autoscaling_policy" in fields:
+            node = fields["autoscaling_policy"]
+            try:
+                policy = AutoscalingPolicy.from_value(reader.value(node), "autoscaling_policy")
+            except (TypeError, ValueError, ImportError, AttributeError) as exc:
+                raise reader.fail(node, str(exc)) from exc
         overrides: list[DeploymentOverride] = []
         if "deployments" in fields:
             deployments_node = fields["deployments"]
@@ -169,9 +181,21 @@ def load_config(path: str | Path) -> list[AppConfig]:
                 logging_config=logging_config,
                 where=reader.where(app_node),
                 source=reader.value(app_node),
+                autoscaling_policy=policy,
             )
         )
     return apps
+
+
+def load_top_level(path: str | Path) -> dict[str, Any]:
+    """The file's top-level mapping, as plain data."""
+    try:
+        top = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
+    if not isinstance(top, dict):
+        raise ConfigFileError(f"{path}: the config must be a mapping.")
+    return top
 
 
 def load_proxy_options(path: str | Path) -> list[str] | None:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from serve._models import ReplicaID
 from serve.exceptions import ServeError
+from serve.schema import ReplicaRank
 
 
 class Cancellable(Protocol):
@@ -21,19 +22,6 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
     def expire(self) -> None:
         """End it with the timeout error: the deadline it inherited passed."""
-
-
-class ReplicaRank(int):
-    """A replica's rank among its deployment's replicas (0 .. world_size - 1). An ``int``, and,
-    as Ray's ``ReplicaRank``, ``.rank`` is the same integer. (Ray's per-node ``node_rank`` and
-    ``local_rank`` are not computed here.)"""
-
-    @property
-    def rank(self) -> int:
-        return int(self)
-
-    def __repr__(self) -> str:
-        return f"ReplicaRank(rank={int(self)})"
 
 
 @dataclasses.dataclass(frozen=True)

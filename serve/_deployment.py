@@ -125,7 +125,13 @@ class Deployment(Generic[T]):
         logging_config: Any = _UNSET,
         request_router_config: Any = _UNSET,
         request_router_class: Any = _UNSET,
+        request_router_kwargs: Any = _UNSET,
+        request_routing_stats_period_s: Any = _UNSET,
+        request_routing_stats_timeout_s: Any = _UNSET,
         max_constructor_retry_count: Any = _UNSET,
+        rolling_update_percentage: Any = _UNSET,
+        max_surge_percent: Any = _UNSET,
+        placement_group_bundle_label_selector: Any = _UNSET,
     ) -> Deployment[T]:
         """A copy with the given options changed; the original is not modified."""
         given = {k: v for k, v in locals().items() if k not in ("self", "func_or_class")}
@@ -199,7 +205,13 @@ def deployment(
     logging_config: Any = _UNSET,
     request_router_config: Any = _UNSET,
     request_router_class: Any = _UNSET,
+    request_router_kwargs: Any = _UNSET,
+    request_routing_stats_period_s: Any = _UNSET,
+    request_routing_stats_timeout_s: Any = _UNSET,
     max_constructor_retry_count: Any = _UNSET,
+    rolling_update_percentage: Any = _UNSET,
+    max_surge_percent: Any = _UNSET,
+    placement_group_bundle_label_selector: Any = _UNSET,
 ) -> Any:
     """Turn a class or function into a ``Deployment``.
 

@@ -15,9 +15,12 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from serve import _custom_routing
+from serve._custom_routing import CustomRouting
 from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
-from serve._policy import QueueLengths, probe_deadline_s
+from serve._policy import QueueLengths, backoff_s, probe_deadline_s
+from serve.config import RequestRouterConfig
 from serve.exceptions import ServeError
 
 logger = logging.getLogger(__name__)
@@ -86,6 +89,9 @@ class DeploymentState:
         self.replica_set: ReplicaSet | None = None
         self.routable: list[ReplicaInfo] = []
         self.queue_lens = QueueLengths()
+        # A custom request router (request_router_config); None: power of two choices.
+        self.custom: CustomRouting | None = None
+        self._router_config: RequestRouterConfig | None = None
         self._replicas: dict[str, ReplicaInfo] = {}
         self._excluded: set[str] = set()  # broken or draining, until the controller drops them
         self._connections: dict[str, Connection] = {}
@@ -159,6 +165,13 @@ class DeploymentState:
             self.queue_lens.report(replica_id, 0, now)
         self._replicas = fresh
         self._excluded &= fresh.keys()
+        if replica_set.request_router != self._router_config:
+            self._router_config = config = replica_set.request_router
+            self.custom = None
+            if config is not None and not config.is_default:
+                self.custom = _custom_routing.build(
+                    self.deployment_id, config, self.queue_lens, self.probe_now, self.local_host
+                )
         self._recompute()
         for listener in self._listeners():
             listener.on_replica_set(replica_set)
@@ -188,6 +201,8 @@ class DeploymentState:
 
     def _recompute(self) -> None:
         self.routable = [r for r in self._replicas.values() if r.replica_id not in self._excluded]
+        if self.custom is not None:
+            self.custom.update(self.routable)
 
     def exclude(self, replica_id: str) -> None:
         """Stop routing to a replica before the controller says so (it broke or is draining)."""
@@ -289,6 +304,28 @@ class DeploymentState:
             if self._probing.get(replica_id) is asyncio.current_task():
                 del self._probing[replica_id]
         self.wake()
+
+    def backoff_s(self, failed_passes: int) -> float:
+        """How long to wait before the next routing pass (request_router_config's backoff)."""
+        config = self._router_config
+        if config is None:
+            return backoff_s(failed_passes)
+        return backoff_s(
+            failed_passes,
+            initial_s=config.initial_backoff_s,
+            multiplier=config.backoff_multiplier,
+            maximum_s=config.max_backoff_s,
+        )
+
+    async def probe_now(self, replica: ReplicaInfo, deadline_s: float) -> int:
+        """Ask one replica its ongoing requests (a custom router's probe); raises
+        ConnectionLost if it cannot answer or drains (then it is no longer routed to)."""
+        ongoing, accepting = await self.connection(replica).queue_length(deadline_s)
+        if not accepting:
+            self.exclude(replica.replica_id)
+            raise ConnectionLost(f"replica {replica.replica_id} is draining")
+        self.queue_lens.report(replica.replica_id, ongoing, time.monotonic())
+        return ongoing
 
     async def aclose(self) -> None:
         if self._closed:

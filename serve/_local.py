@@ -37,10 +37,12 @@ from serve._models import (
     ReplicaSet,
     ReplicaState,
 )
+from serve._router import Router
 from serve._serialization import decode_args, encode_buffers
 from serve._sync import run_sync
 from serve._user_methods import build_target, maybe_await, user_method
 from serve.exceptions import RequestCancelledError, ServeError
+from serve.handle import DeploymentHandle
 from serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 
@@ -301,6 +303,12 @@ class LocalClient(ServeClient):
             self._states[deployment_id] = state
             state.start()
         return state
+
+    def bind(self, handle: DeploymentHandle[Any]) -> DeploymentHandle[Any]:
+        """Make ``handle`` route to this process's local deployments (local testing mode beside
+        a real controller, which every other handle keeps using)."""
+        handle._core.router = Router(self, handle.deployment_id)
+        return handle
 
     def deploy(self, app_name: str, ingress: str, built: list[BuiltDeployment]) -> None:
         """Build every deployment of an application in this process (children first),

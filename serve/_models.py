@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from serve.config import AutoscalingConfig
+from serve.config import AutoscalingConfig, RequestRouterConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +45,12 @@ class ReplicaID:
     def __str__(self) -> str:
         return self.to_full_id_str()
 
+    def __repr__(self) -> str:  # as Ray's ReplicaID shows itself
+        return (
+            f"Replica(id='{self.unique_id}', deployment='{self.deployment_id.name}', "
+            f"app='{self.deployment_id.app_name}')"
+        )
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Route:
@@ -74,6 +80,7 @@ class ReplicaInfo:
     host: str = ""
     max_ongoing_requests: int = 5
     model_ids: frozenset[str] = frozenset()
+    routing_stats_json: bytes = b""  # what record_routing_stats() last returned, as JSON
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +95,7 @@ class ReplicaSet:
     autoscaling: bool = False
     metrics_interval_s: float = 0.0
     unavailable: str = ""  # why requests cannot be served now (a failed deploy); "": they can
+    request_router: RequestRouterConfig | None = None  # a custom router; None: the default
 
 
 class _Status(enum.StrEnum):
@@ -156,6 +164,19 @@ class DeploymentConfig:
     logging_config: Any = None
     ray_actor_options: Any = None  # resources and runtime_env, as Ray spells them (JSON types)
     max_replicas_per_node: int | None = None  # placement: at most this many on one node
+    request_router_config: RequestRouterConfig | None = None  # None: power of two choices
+    # Rollouts (Ray's knobs): replace at most max(int(pct * target), 1) replicas at a time;
+    # with max_surge_percent > 0, start replacements first, up to ceil(target * pct / 100)
+    # replicas above the target.
+    rolling_update_percentage: float = 0.2
+    max_surge_percent: float = 0.0
+
+    def __post_init__(self) -> None:
+        router: Any = self.request_router_config
+        if router is not None and not isinstance(router, RequestRouterConfig):
+            object.__setattr__(
+                self, "request_router_config", RequestRouterConfig.from_value(router)
+            )
 
     def user_config_json(self) -> bytes | None:
         if self.user_config is None:

@@ -18,7 +18,8 @@ import orjson
 from serve._logging import check_logging_config
 from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
-from serve.config import AutoscalingConfig
+from serve.config import AutoscalingConfig, RequestRouterConfig
+from serve.request_router._base import router_class_of
 
 
 class DEFAULT(enum.Enum):
@@ -183,33 +184,52 @@ def check_runtime_env(value: Any) -> dict[str, Any]:
     return env
 
 
-def _check_any_dict(name: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value is not None and not isinstance(value, Mapping) and not hasattr(value, "__dict__"):
-            raise _bad(name, "a dict or config object", value)
-        return value
-
-    return check
-
-
-_DEFAULT_ROUTER = "PowerOfTwoChoicesRequestRouter"
+# Ray's older spellings of request_router_config's fields, given to the decorator directly.
+_ROUTER_SHORTHANDS = (
+    "request_router_class",
+    "request_router_kwargs",
+    "request_routing_stats_period_s",
+    "request_routing_stats_timeout_s",
+)
 
 
-def _check_router_config(value: Any) -> Any:
-    """Accept Ray's request_router_config; a custom router class is refused, not ignored."""
-    _check_any_dict("request_router_config")(value)
+def _check_router_config(value: Any) -> RequestRouterConfig | None:
+    """Ray's request_router_config: a dict or RequestRouterConfig naming a RequestRouter."""
     if value is None:
         return None
-    fields = value if isinstance(value, Mapping) else vars(value)
-    router = fields.get("request_router_class")
-    name = router if isinstance(router, str) else getattr(router, "__name__", router)
-    if router is not None and str(name).replace(":", ".").rpartition(".")[2] != _DEFAULT_ROUTER:
-        raise ValueError(
-            f"request_router_config: custom request routers ({name}) are not supported; "
-            f"serve routes by power of two choices ({_DEFAULT_ROUTER}). Remove "
-            "request_router_class."
+    try:
+        config = RequestRouterConfig.from_value(value)
+    except (TypeError, ValueError, ImportError, AttributeError) as exc:
+        raise type(exc)(f"serve.deployment: {exc}") from exc
+    if not config.is_default:
+        try:
+            router_class_of(config)
+        except TypeError as exc:
+            raise TypeError(f"serve.deployment: {exc}") from exc
+    return config
+
+
+def _fraction(name: str, value: Any, *, low: float, high: float, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise _bad(name, "a number", value)
+    if (value <= low if low_open else value < low) or value > high:
+        bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+        raise ValueError(f"serve.deployment: {name} must be {bound}, got {value}.")
+    return float(value)
+
+
+def _check_label_selector(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(s, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in s.items())
+        for s in value
+    ):
+        raise _bad(
+            "placement_group_bundle_label_selector", "a list of dicts of strings to strings", value
         )
-    return value
+    return [dict(s) for s in value]
 
 
 def _check_bundles(value: Any) -> Any:
@@ -269,8 +289,15 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "health_check_period_s": lambda v: _float("health_check_period_s", v, positive=True),
     "health_check_timeout_s": lambda v: _float("health_check_timeout_s", v, positive=True),
     "logging_config": lambda v: check_logging_config(v),
-    "request_router_config": lambda v: _check_router_config(v),
+    "request_router_config": _check_router_config,
     "max_constructor_retry_count": lambda v: _int("max_constructor_retry_count", v, minimum=1),
+    "rolling_update_percentage": lambda v: _fraction(
+        "rolling_update_percentage", v, low=0.0, high=1.0, low_open=True
+    ),
+    "max_surge_percent": lambda v: _fraction(
+        "max_surge_percent", v, low=0.0, high=100.0, low_open=False
+    ),
+    "placement_group_bundle_label_selector": _check_label_selector,
 }
 
 DEPLOYMENT_OPTION_NAMES = frozenset(_CHECKS)
@@ -279,11 +306,13 @@ DEPLOYMENT_OPTION_NAMES = frozenset(_CHECKS)
 def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check each given option (DEFAULT entries are dropped) and return the normalized values."""
     out: dict[str, Any] = {}
+    shorthand = {
+        k: options[k]
+        for k in _ROUTER_SHORTHANDS
+        if k in options and options[k] is not DEFAULT.VALUE
+    }
     for key, value in options.items():
-        if value is DEFAULT.VALUE:
-            continue
-        if key == "request_router_class":  # Ray's shorthand for request_router_config's field
-            _check_router_config({"request_router_class": value})
+        if value is DEFAULT.VALUE or key in _ROUTER_SHORTHANDS:
             continue
         if key not in _CHECKS:
             raise TypeError(
@@ -291,6 +320,13 @@ def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
                 f"{sorted(_CHECKS)}."
             )
         out[key] = _CHECKS[key](value)
+    if shorthand:
+        if out.get("request_router_config") is not None:
+            raise ValueError(
+                f"serve.deployment: {sorted(shorthand)} and request_router_config were both "
+                "given; put them in request_router_config only."
+            )
+        out["request_router_config"] = _check_router_config(shorthand)
     if out.get("placement_group_bundles") is not None and out.get("max_replicas_per_node"):
         raise ValueError(
             "serve.deployment: Setting max_replicas_per_node is not allowed when "
@@ -301,6 +337,16 @@ def validate_deployment_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_deployment_config(options: Mapping[str, Any]) -> DeploymentConfig:
     """Turn validated options into a DeploymentConfig (resolving num_replicas="auto")."""
+    selector = options.get("placement_group_bundle_label_selector")
+    if selector is not None:
+        bundles = options.get("placement_group_bundles")
+        if bundles is None or len(bundles) != len(selector):
+            raise ValueError(
+                "serve.deployment: placement_group_bundle_label_selector needs "
+                "placement_group_bundles, one selector per bundle; got "
+                f"{len(selector)} selector(s) for "
+                f"{'no' if bundles is None else len(bundles)} bundle(s)."
+            )
     num_replicas = options.get("num_replicas")
     given = options.get("autoscaling_config")
     autoscaling: AutoscalingConfig | None = None

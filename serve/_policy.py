@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 from serve._models import ReplicaInfo
+
+R = TypeVar("R")
 
 QUEUE_LENGTH_TTL_S: Final = 10.0
 INITIAL_BACKOFF_S: Final = 0.025
@@ -105,7 +107,7 @@ class Choice:
     probe: tuple[ReplicaInfo, ...] = ()
 
 
-def sample_two(candidates: Sequence[ReplicaInfo], rng: random.Random) -> list[ReplicaInfo]:
+def sample_two(candidates: Sequence[R], rng: random.Random) -> list[R]:
     """Two distinct replicas uniformly at random (the one, if there is one)."""
     n = len(candidates)
     if n <= 1:

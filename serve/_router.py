@@ -19,6 +19,7 @@ between retries, or sent (its replica got the time left and ends the work itself
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -27,12 +28,13 @@ import time
 from typing import Any, Protocol
 
 from serve._context import current_deadline, current_request
+from serve._custom_routing import pending_view
 from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost
 from serve._ingress import FED_METHODS
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
-from serve._policy import backoff_s, candidate_tiers, choose
+from serve._policy import candidate_tiers, choose
 from serve._request import Request, RequestState
 from serve._serialization import CODEC_NAMES, decode
 from serve._settings import settings
@@ -45,6 +47,7 @@ from serve.exceptions import (
     RequestTimeoutError,
     ServeError,
 )
+from serve.request_router._base import RouterFailure
 
 STREAM_WINDOW = 64  # stream items a replica may send ahead of the consumer
 
@@ -80,6 +83,10 @@ class Router:
         self._repump = False
         self._repump_probe = False
         self._rng = random.Random()
+        self._custom_task: asyncio.Task[None] | None = None  # routing by a custom router
+        self._custom_wake: asyncio.Event | None = None
+        self._routing: Request | None = None  # the request the custom router chooses for
+        self._routing_abandoned = False
         s = settings()
         self._stream_window_bytes = s.stream_window_bytes
         # A forwarded HTTP or WebSocket connection streams with the ingress window both ways.
@@ -305,14 +312,11 @@ class Router:
 
     def _pump_once(self, probe: bool) -> None:
         state = self.state()
+        if state.custom is not None:
+            self._route_custom(state)
+            return
         pending = self._pending
-        rng = self._rng
-        queue_lens = state.queue_lens
         now = time.monotonic()
-
-        def estimate(replica_id: str) -> int | None:
-            return queue_lens.estimate(replica_id, now)
-
         while pending:
             request = pending[0][1]
             if request.state != RequestState.QUEUED:
@@ -323,24 +327,10 @@ class Router:
                 heapq.heappop(pending)
                 self._expire(request)
                 continue
-            candidates = state.routable
-            if not candidates:
+            if not state.routable:
                 state.push_load()  # scaled to zero: the autoscaler learns of the wait now
                 return  # wait for the controller to publish replicas
-            chosen = None
-            for tier in candidate_tiers(
-                candidates,
-                model_id=request.model_id,
-                local_host=state.local_host,
-                prefer_local=self.prefer_local_routing or request.prefer_local,
-            ):
-                choice = choose(tier, estimate, rng)
-                if probe:
-                    for replica in choice.probe:
-                        state.probe(replica, self._failed_passes)
-                if choice.replica is not None:
-                    chosen = choice.replica
-                    break
+            chosen = self._choose_default(request, state, probe, now)
             if chosen is None:
                 if probe:
                     self._failed_passes += 1
@@ -350,11 +340,136 @@ class Router:
             self._failed_passes = 0
             self._send(request, chosen, state)
 
+    def _choose_default(
+        self, request: Request, state: DeploymentState, probe: bool, now: float
+    ) -> ReplicaInfo | None:
+        """Power of two choices, tier by tier; with ``probe``, ask the replicas it knows
+        nothing of (or thinks full) for their load."""
+        queue_lens = state.queue_lens
+
+        def estimate(replica_id: str) -> int | None:
+            return queue_lens.estimate(replica_id, now)
+
+        for tier in candidate_tiers(
+            state.routable,
+            model_id=request.model_id,
+            local_host=state.local_host,
+            prefer_local=self.prefer_local_routing or request.prefer_local,
+        ):
+            choice = choose(tier, estimate, self._rng)
+            if probe:
+                for replica in choice.probe:
+                    state.probe(replica, self._failed_passes)
+            if choice.replica is not None:
+                return choice.replica
+        return None
+
+    # Home loop: a custom request router (request_router_config) picks the replicas.
+
+    def _route_custom(self, state: DeploymentState) -> None:
+        """Let the routing task take the waiting requests, oldest first."""
+        if self._custom_task is None and self._pending:
+            self._custom_task = asyncio.get_running_loop().create_task(
+                self._custom_loop(state), name=f"router:custom:{self.deployment_id}"
+            )
+        if self._custom_wake is not None:
+            self._custom_wake.set()
+
+    def _head(self) -> Request | None:
+        """The oldest waiting request (dropping finished ones, and expiring late ones)."""
+        pending = self._pending
+        while pending:
+            request = pending[0][1]
+            deadline_s = request.envelope.deadline_s
+            if request.state != RequestState.QUEUED:
+                heapq.heappop(pending)
+            elif deadline_s and time.monotonic() >= deadline_s:
+                heapq.heappop(pending)
+                self._expire(request)
+            else:
+                return request
+        return None
+
+    def _take(self, request: Request) -> None:
+        """Remove ``request`` from the queue (it may no longer be first)."""
+        if self._pending and self._pending[0][1] is request:
+            heapq.heappop(self._pending)
+            return
+        self._pending = [entry for entry in self._pending if entry[1] is not request]
+        heapq.heapify(self._pending)
+
+    async def _custom_loop(self, state: DeploymentState) -> None:
+        """Route waiting requests one at a time through the custom router; a request whose
+        routing failed goes by power of two choices (logged by the router's FallbackLog)."""
+        self._custom_wake = wake = asyncio.Event()
+        try:
+            while True:
+                custom = state.custom
+                request = self._head()
+                if custom is None or request is None:
+                    return
+                if not state.routable:
+                    state.push_load()  # scaled to zero: the autoscaler learns of the wait now
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                pending = pending_view(request, self.deployment_id.app_name)
+                self._routing = request
+                request.completion.add_done_callback(self._abandon_routing)
+                chosen: Any = None
+                error: BaseException | None = None
+                try:
+                    chosen = await custom.choose(pending)
+                except RouterFailure as exc:
+                    error = exc
+                except asyncio.CancelledError:
+                    if not self._routing_abandoned:
+                        raise
+                    self._routing_abandoned = False
+                    task = asyncio.current_task()
+                    if task is not None and task.uncancel():
+                        raise  # cancelled from outside too
+                finally:
+                    self._routing = None
+                if request.state != RequestState.QUEUED:
+                    continue  # it finished (cancelled, expired) while the router chose
+                if error is None:
+                    info = custom.routable(chosen)
+                    if info is None:
+                        continue  # that replica went away meanwhile: ask again
+                else:
+                    custom.log.failed("choose_replicas", error)
+                    info = self._choose_default(request, state, True, time.monotonic())
+                    if info is None:
+                        self._failed_passes += 1
+                        wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(state.backoff_s(self._failed_passes)):
+                                await wake.wait()
+                        continue
+                self._failed_passes = 0
+                self._take(request)
+                self._send(request, info, state)
+                if request.conn is not None:  # sent (not requeued after a broken connection)
+                    custom.routed(pending, request, info)
+        finally:
+            self._custom_task = None
+            self._custom_wake = None
+
+    def _abandon_routing(self, _: Any) -> None:
+        """A request finished while the custom router was choosing for it: stop choosing."""
+        routing, task = self._routing, self._custom_task
+        if routing is None or task is None or self._routing_abandoned:
+            return
+        if routing.state == RequestState.DONE:
+            self._routing_abandoned = True
+            task.cancel()
+
     def _schedule_retry(self) -> None:
         """Arrange the next probing pass: at once after one failure, then with backoff."""
         if self._retry_timer is not None:
             return
-        delay_s = backoff_s(self._failed_passes)
+        delay_s = self.state().backoff_s(self._failed_passes)
         loop = asyncio.get_running_loop()
         self._retry_timer = loop.call_later(delay_s, self._on_retry_timer)
 
@@ -579,6 +694,8 @@ class Router:
         pending, self._pending = self._pending, []
         for _, request in pending:
             self.finish(request, error=error)
+        if self._custom_wake is not None:
+            self._custom_wake.set()  # the custom routing task finds the queue empty and ends
 
 
 ADMITTED: tuple[()] = ()  # Request.fed once the replica admitted it

@@ -17,6 +17,8 @@
 | SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
 | SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
 | SERVE_NODE_ID | the node this process runs on (prefer-local routing, replica context) | hostname |
+| SERVE_CHOOSE_REPLICAS_TIMEOUT_S | a custom router's slower choose_replicas falls back | 10 |
+| SERVE_MAX_ROUTING_STATS_BYTES | largest record_routing_stats() JSON a replica sends | 64 KiB |
 | SERVE_ROTATION_MAX_BYTES | a daemon's log file is rotated at this size (as Ray's) | 512 MiB |
 | SERVE_ROTATION_BACKUP_COUNT | rotated log files kept | 5 |
 | SERVE_MAX_REQUEST_ID_LENGTH | a longer client request id is replaced by a new one | 128 |
@@ -97,6 +99,8 @@ class Settings:
     ingress_window_bytes: int
     websocket_max_queue: int
     websocket_max_message_bytes: int
+    choose_replicas_timeout_s: float = 10.0
+    max_routing_stats_bytes: int = 64 * 2**10
 
 
 def _float_env(name: str, default: float) -> float:
@@ -191,5 +195,9 @@ def settings() -> Settings:
         websocket_max_queue=_positive_int_env("SERVE_WEBSOCKET_MAX_QUEUE") or 32,  # uvicorn's
         websocket_max_message_bytes=(
             _positive_int_env("SERVE_WEBSOCKET_MAX_MESSAGE_BYTES") or 16 * 2**20  # uvicorn's
+        ),
+        choose_replicas_timeout_s=_positive_float_env("SERVE_CHOOSE_REPLICAS_TIMEOUT_S", 10.0),
+        max_routing_stats_bytes=(
+            _positive_int_env("SERVE_MAX_ROUTING_STATS_BYTES", _GRPC_MAX) or 64 * 2**10
         ),
     )

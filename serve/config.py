@@ -1,5 +1,6 @@
-"""Public configuration objects, as Ray Serve spells them: ``AutoscalingConfig``, and the proxy's
-``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``."""
+"""Public configuration objects, as Ray Serve spells them: ``AutoscalingConfig`` (with its custom
+``AutoscalingPolicy`` and the ``AutoscalingContext`` a policy sees), ``RequestRouterConfig``,
+``ControllerOptions``, and the proxy's ``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,27 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AutoscalingConfig", "HTTPOptions", "ProxyLocation", "gRPCOptions"]
+from serve._autoscaling_context import AutoscalingContext, TimeStampedValue
+from serve._extension_config import (
+    AggregationFunction,
+    AutoscalingPolicy,
+    ControllerOptions,
+    RequestRouterConfig,
+    reject_unknown,
+)
+
+__all__ = [
+    "AggregationFunction",
+    "AutoscalingConfig",
+    "AutoscalingContext",
+    "AutoscalingPolicy",
+    "ControllerOptions",
+    "HTTPOptions",
+    "ProxyLocation",
+    "RequestRouterConfig",
+    "TimeStampedValue",
+    "gRPCOptions",
+]
 
 _LEGACY_TARGET_NAMES = ("target_num_ongoing_requests_per_replica", "target_num_ongoing_requests")
 
@@ -42,8 +63,20 @@ class AutoscalingConfig:
     downscale_delay_s: float = 600.0
     downscale_to_zero_delay_s: float | None = None
     upscale_delay_s: float = 30.0
+    aggregation_function: AggregationFunction = AggregationFunction.MEAN
+    # The policy deciding the replica count; the default is Ray's request-based one.
+    policy: AutoscalingPolicy = dataclasses.field(default_factory=AutoscalingPolicy)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", AutoscalingPolicy.from_value(self.policy))
+        try:
+            aggregation = AggregationFunction(str(self.aggregation_function).lower())
+        except ValueError:
+            raise ValueError(
+                f"autoscaling_config: aggregation_function must be one of "
+                f"{[a.value for a in AggregationFunction]}, got {self.aggregation_function!r}."
+            ) from None
+        object.__setattr__(self, "aggregation_function", aggregation)
         _check_int(self, "min_replicas", minimum=0)
         _check_int(self, "max_replicas", minimum=1)
         if self.initial_replicas is not None:
@@ -103,16 +136,23 @@ class AutoscalingConfig:
     def check_keys(cls, value: Mapping[str, Any]) -> None:
         """Reject keys that are not fields, naming the valid ones."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        fields.update(_LEGACY_TARGET_NAMES)
-        unknown = sorted(set(value) - fields)
-        if unknown:
-            raise ValueError(
-                f"autoscaling_config: unknown field(s) {unknown}; valid fields are "
-                f"{sorted(fields)}."
-            )
+        reject_unknown("autoscaling_config", value, fields | set(_LEGACY_TARGET_NAMES))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain data (a config file's ``autoscaling_config``)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["aggregation_function"] = self.aggregation_function.value
+        data["policy"] = self.policy.to_dict()
+        return data
+
+    def get_upscaling_factor(self) -> float:
+        return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor
+
+    def get_downscaling_factor(self) -> float:
+        return self.downscaling_factor or self.downscale_smoothing_factor or self.smoothing_factor
+
+    def get_target_ongoing_requests(self) -> float:
+        return self.target_ongoing_requests
 
     def start_replicas(self) -> int:
         """How many replicas a fresh deployment starts with."""

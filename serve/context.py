@@ -8,13 +8,27 @@ outside a request and inside a ``@serve.batch`` method, where
 
 from __future__ import annotations
 
-from serve._context import RequestContext, batch_requests, current_request, get_replica_context
+from serve._context import (
+    ReplicaContext,
+    RequestContext,
+    batch_requests,
+    current_request,
+    get_replica_context,
+    replica_context,
+)
 
 __all__ = [
+    "_get_internal_replica_context",
     "_get_serve_batch_request_context",
     "_get_serve_request_context",
     "get_replica_context",
 ]
+
+
+def _get_internal_replica_context() -> ReplicaContext | None:
+    """The replica context, or None outside a replica (Ray's internal spelling, which its
+    request-router documentation uses to read ``replica_id``)."""
+    return replica_context()
 
 
 def _get_serve_request_context() -> RequestContext:

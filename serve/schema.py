@@ -11,6 +11,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 
 from serve._models import (
     ApplicationStatus,
@@ -25,20 +27,116 @@ __all__ = [
     "DeploymentStatus",
     "DeploymentStatusOverview",
     "DeploymentStatusTrigger",
+    "LoggingConfig",
     "ProxyDetails",
+    "ReplicaRank",
     "ReplicaState",
+    "ScalingDecision",
     "ServeStatus",
 ]
 
 
+class ReplicaRank(int):
+    """A replica's rank among its deployment's replicas (Ray's ``ReplicaRank``).
+
+    ``rank`` is 0 .. world_size - 1, unique among the deployment's live replicas (the lowest
+    free one when the replica starts, kept for its life). Per-node ranks are not computed
+    here: ``node_rank`` is 0 and ``local_rank`` equals ``rank`` unless given. It is also the
+    ``int`` ``rank``, as it used to be here.
+
+    Example::
+
+        def reconfigure(self, user_config, rank: ReplicaRank):
+            self.shard = rank.rank
+    """
+
+    node_rank: int
+    local_rank: int
+
+    def __new__(cls, rank: int, node_rank: int = 0, local_rank: int | None = None) -> ReplicaRank:
+        self = super().__new__(cls, rank)
+        self.node_rank = node_rank
+        self.local_rank = rank if local_rank is None else local_rank
+        return self
+
+    @property
+    def rank(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplicaRank(rank={int(self)}, node_rank={self.node_rank}, "
+            f"local_rank={self.local_rank})"
+        )
+
+
+_LOG_ENCODINGS = ("TEXT", "JSON")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Logging options of a deployment, an application or serve itself (Ray's fields).
+
+    Example::
+
+        @serve.deployment(logging_config=LoggingConfig(encoding="JSON", log_level="DEBUG"))
+        class Model: ...
+    """
+
+    encoding: str = "TEXT"
+    log_level: int | str = "INFO"
+    logs_dir: str | None = None
+    enable_access_log: bool = True
+    additional_log_standard_attrs: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        encoding = str(self.encoding).upper()
+        if encoding not in _LOG_ENCODINGS:
+            raise ValueError(
+                f"LoggingConfig: encoding must be one of {list(_LOG_ENCODINGS)}, got "
+                f"{self.encoding!r}."
+            )
+        self.encoding = encoding
+        level: Any = self.log_level
+        if isinstance(level, str):
+            level = level.upper()
+            if logging.getLevelName(level) == f"Level {level}":
+                raise ValueError(f"LoggingConfig: log_level {level!r} is not a logging level.")
+        self.log_level = level
+        if not isinstance(self.enable_access_log, bool):
+            raise TypeError("LoggingConfig: enable_access_log must be a bool.")
+
+    def dict(self) -> dict[str, Any]:
+        """The fields as a dict (pydantic's spelling, which Ray's LoggingConfig has)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingDecision:
+    """One change of an autoscaled deployment's target replica count, and who decided it."""
+
+    timestamp_s: float  # wall clock
+    prev_num_replicas: int
+    curr_num_replicas: int
+    policy: str  # "default", or the custom policy's import path
+    reason: str = ""
+
+
 @dataclasses.dataclass(frozen=True)
 class DeploymentStatusOverview:
-    """One deployment: its status, why it has it, and how many replicas are in each state."""
+    """One deployment: its status, why it has it, and how many replicas are in each state.
+
+    For an autoscaled deployment, ``autoscaling_policy`` names a custom policy deciding its
+    replica count (empty: the default) and ``scaling_decisions`` lists its latest changes,
+    the newest first.
+    """
 
     status: DeploymentStatus
     status_trigger: DeploymentStatusTrigger
     replica_states: dict[ReplicaState, int]
     message: str = ""
+    autoscaling_policy: str = ""
+    scaling_decisions: tuple[ScalingDecision, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

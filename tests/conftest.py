@@ -15,6 +15,7 @@ from tests.support.procs import (
     StandaloneController,
     kill_tree,
     proxy_details,
+    running_controller,
     serve_processes,
     wait_for,
 )
@@ -85,8 +86,5 @@ def http_url(serve_instance: None) -> str:
 @pytest.fixture
 def standalone_controller(tmp_path: Path) -> Iterator[StandaloneController]:
     """A controller daemon of the test's own (not the shared one), which a test may kill."""
-    controller = StandaloneController(tmp_path / "state", SERVE_ORPHAN_TIMEOUT_S="60")
-    try:
-        yield controller.start()
-    finally:
-        controller.cleanup()
+    with running_controller(tmp_path / "state", SERVE_ORPHAN_TIMEOUT_S="60") as controller:
+        yield controller

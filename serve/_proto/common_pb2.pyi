@@ -115,6 +115,8 @@ class AutoscalingConfig(_message.Message):
     UPSCALING_FACTOR_FIELD_NUMBER: _builtins.int
     DOWNSCALING_FACTOR_FIELD_NUMBER: _builtins.int
     DOWNSCALE_TO_ZERO_DELAY_S_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FUNCTION_FIELD_NUMBER: _builtins.int
     min_replicas: _builtins.int
     max_replicas: _builtins.int
     initial_replicas: _builtins.int
@@ -126,6 +128,12 @@ class AutoscalingConfig(_message.Message):
     upscaling_factor: _builtins.float
     downscaling_factor: _builtins.float
     downscale_to_zero_delay_s: _builtins.float
+    aggregation_function: _builtins.str
+    """mean (default), max or min"""
+    @_builtins.property
+    def policy(self) -> Global___AutoscalingPolicy:
+        """unset: the default (request-based) policy"""
+
     def __init__(
         self,
         *,
@@ -140,10 +148,12 @@ class AutoscalingConfig(_message.Message):
         upscaling_factor: _builtins.float | None = ...,
         downscaling_factor: _builtins.float | None = ...,
         downscale_to_zero_delay_s: _builtins.float | None = ...,
+        policy: Global___AutoscalingPolicy | None = ...,
+        aggregation_function: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_upscaling_factor", b"_upscaling_factor", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_upscaling_factor", b"_upscaling_factor", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "policy", b"policy", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_upscaling_factor", b"_upscaling_factor", "downscale_delay_s", b"downscale_delay_s", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "look_back_period_s", b"look_back_period_s", "max_replicas", b"max_replicas", "metrics_interval_s", b"metrics_interval_s", "min_replicas", b"min_replicas", "target_ongoing_requests", b"target_ongoing_requests", "upscale_delay_s", b"upscale_delay_s", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_upscaling_factor", b"_upscaling_factor", "aggregation_function", b"aggregation_function", "downscale_delay_s", b"downscale_delay_s", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "look_back_period_s", b"look_back_period_s", "max_replicas", b"max_replicas", "metrics_interval_s", b"metrics_interval_s", "min_replicas", b"min_replicas", "policy", b"policy", "target_ongoing_requests", b"target_ongoing_requests", "upscale_delay_s", b"upscale_delay_s", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__downscale_to_zero_delay_s: _TypeAlias = _typing.Literal["downscale_to_zero_delay_s"]  # noqa: Y015
     _WhichOneofArgType__downscale_to_zero_delay_s: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s"]  # noqa: Y015
@@ -165,6 +175,81 @@ class AutoscalingConfig(_message.Message):
 Global___AutoscalingConfig: _TypeAlias = AutoscalingConfig  # noqa: Y015
 
 @_typing.final
+class AutoscalingPolicy(_message.Message):
+    """A custom autoscaling policy, run by the controller. `serialized` is the base64 cloudpickle of
+    the function or class (its module's code included); empty means the default policy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FUNCTION_FIELD_NUMBER: _builtins.int
+    SERIALIZED_FIELD_NUMBER: _builtins.int
+    POLICY_KWARGS_JSON_FIELD_NUMBER: _builtins.int
+    policy_function: _builtins.str
+    """its import path, for display and logs"""
+    serialized: _builtins.str
+    policy_kwargs_json: _builtins.bytes
+    """keyword arguments of a class policy's constructor"""
+    def __init__(
+        self,
+        *,
+        policy_function: _builtins.str = ...,
+        serialized: _builtins.str = ...,
+        policy_kwargs_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_function", b"policy_function", "policy_kwargs_json", b"policy_kwargs_json", "serialized", b"serialized"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoscalingPolicy: _TypeAlias = AutoscalingPolicy  # noqa: Y015
+
+@_typing.final
+class RequestRouterConfig(_message.Message):
+    """A custom request router, run by every process that routes to the deployment (same encoding
+    as AutoscalingPolicy; an unset message means power of two choices).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ROUTER_CLASS_FIELD_NUMBER: _builtins.int
+    SERIALIZED_FIELD_NUMBER: _builtins.int
+    REQUEST_ROUTER_KWARGS_JSON_FIELD_NUMBER: _builtins.int
+    REQUEST_ROUTING_STATS_PERIOD_S_FIELD_NUMBER: _builtins.int
+    REQUEST_ROUTING_STATS_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_S_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_S_FIELD_NUMBER: _builtins.int
+    request_router_class: _builtins.str
+    serialized: _builtins.str
+    request_router_kwargs_json: _builtins.bytes
+    request_routing_stats_period_s: _builtins.float
+    request_routing_stats_timeout_s: _builtins.float
+    initial_backoff_s: _builtins.float
+    backoff_multiplier: _builtins.float
+    max_backoff_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        request_router_class: _builtins.str = ...,
+        serialized: _builtins.str = ...,
+        request_router_kwargs_json: _builtins.bytes = ...,
+        request_routing_stats_period_s: _builtins.float = ...,
+        request_routing_stats_timeout_s: _builtins.float = ...,
+        initial_backoff_s: _builtins.float = ...,
+        backoff_multiplier: _builtins.float = ...,
+        max_backoff_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff_s", b"initial_backoff_s", "max_backoff_s", b"max_backoff_s", "request_router_class", b"request_router_class", "request_router_kwargs_json", b"request_router_kwargs_json", "request_routing_stats_period_s", b"request_routing_stats_period_s", "request_routing_stats_timeout_s", b"request_routing_stats_timeout_s", "serialized", b"serialized"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestRouterConfig: _TypeAlias = RequestRouterConfig  # noqa: Y015
+
+@_typing.final
 class DeploymentConfig(_message.Message):
     """Options of one deployment that the controller and its replicas act on."""
 
@@ -183,6 +268,9 @@ class DeploymentConfig(_message.Message):
     LOGGING_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     RAY_ACTOR_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     MAX_REPLICAS_PER_NODE_FIELD_NUMBER: _builtins.int
+    REQUEST_ROUTER_FIELD_NUMBER: _builtins.int
+    ROLLING_UPDATE_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    MAX_SURGE_PERCENT_FIELD_NUMBER: _builtins.int
     num_replicas: _builtins.int
     max_ongoing_requests: _builtins.int
     max_queued_requests: _builtins.int
@@ -199,9 +287,16 @@ class DeploymentConfig(_message.Message):
     """resources and runtime_env, as JSON (empty: none)"""
     max_replicas_per_node: _builtins.int
     """0: no limit"""
+    rolling_update_percentage: _builtins.float
+    """unset: 0.2"""
+    max_surge_percent: _builtins.float
     @_builtins.property
     def autoscaling(self) -> Global___AutoscalingConfig:
         """set only when the deployment autoscales"""
+
+    @_builtins.property
+    def request_router(self) -> Global___RequestRouterConfig:
+        """unset: power of two choices"""
 
     def __init__(
         self,
@@ -219,13 +314,21 @@ class DeploymentConfig(_message.Message):
         logging_config_json: _builtins.bytes = ...,
         ray_actor_options_json: _builtins.bytes = ...,
         max_replicas_per_node: _builtins.int = ...,
+        request_router: Global___RequestRouterConfig | None = ...,
+        rolling_update_percentage: _builtins.float | None = ...,
+        max_surge_percent: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "max_surge_percent", b"max_surge_percent", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rolling_update_percentage: _TypeAlias = _typing.Literal["rolling_update_percentage"]  # noqa: Y015
+    _WhichOneofArgType__rolling_update_percentage: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage"]  # noqa: Y015
     _WhichOneofReturnType__user_config_json: _TypeAlias = _typing.Literal["user_config_json"]  # noqa: Y015
     _WhichOneofArgType__user_config_json: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rolling_update_percentage) -> _WhichOneofReturnType__rolling_update_percentage | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__user_config_json) -> _WhichOneofReturnType__user_config_json | None: ...
 
 Global___DeploymentConfig: _TypeAlias = DeploymentConfig  # noqa: Y015
@@ -305,12 +408,15 @@ class ReplicaInfo(_message.Message):
     HOST_FIELD_NUMBER: _builtins.int
     MAX_ONGOING_REQUESTS_FIELD_NUMBER: _builtins.int
     MODEL_IDS_FIELD_NUMBER: _builtins.int
+    ROUTING_STATS_JSON_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     """host:port of the replica's gRPC server"""
     host: _builtins.str
     """the machine it runs on, for _prefer_local_routing"""
     max_ongoing_requests: _builtins.int
+    routing_stats_json: _builtins.bytes
+    """what the replica's record_routing_stats() last returned"""
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """multiplexed models loaded or loading"""
@@ -323,10 +429,11 @@ class ReplicaInfo(_message.Message):
         host: _builtins.str = ...,
         max_ongoing_requests: _builtins.int = ...,
         model_ids: _abc.Iterable[_builtins.str] | None = ...,
+        routing_stats_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "host", b"host", "max_ongoing_requests", b"max_ongoing_requests", "model_ids", b"model_ids", "replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "host", b"host", "max_ongoing_requests", b"max_ongoing_requests", "model_ids", b"model_ids", "replica_id", b"replica_id", "routing_stats_json", b"routing_stats_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,6 +453,7 @@ class ReplicaSet(_message.Message):
     AUTOSCALING_FIELD_NUMBER: _builtins.int
     METRICS_INTERVAL_S_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ROUTER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     exists: _builtins.bool
     """false once the deployment is deleted (or before it is deployed)"""
@@ -360,6 +468,10 @@ class ReplicaSet(_message.Message):
     """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]: ...
+    @_builtins.property
+    def request_router(self) -> Global___RequestRouterConfig:
+        """unset: power of two choices"""
+
     def __init__(
         self,
         *,
@@ -371,10 +483,11 @@ class ReplicaSet(_message.Message):
         autoscaling: _builtins.bool = ...,
         metrics_interval_s: _builtins.float = ...,
         unavailable: _builtins.str = ...,
+        request_router: Global___RequestRouterConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request_router", b"request_router"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "unavailable", b"unavailable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "request_router", b"request_router", "unavailable", b"unavailable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,6 +32,7 @@ class DeployRequest(_message.Message):
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     CODE_ENV_FIELD_NUMBER: _builtins.int
     CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    AUTOSCALING_POLICY_FIELD_NUMBER: _builtins.int
     app_name: _builtins.str
     route_prefix: _builtins.str
     ingress: _builtins.str
@@ -42,6 +43,10 @@ class DeployRequest(_message.Message):
     def deployments(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DeploymentSpec]: ...
     @_builtins.property
     def code_env(self) -> _common_pb2.CodeEnv: ...
+    @_builtins.property
+    def autoscaling_policy(self) -> _common_pb2.AutoscalingPolicy:
+        """application-level policy; unset: none"""
+
     def __init__(
         self,
         *,
@@ -51,10 +56,11 @@ class DeployRequest(_message.Message):
         deployments: _abc.Iterable[_common_pb2.DeploymentSpec] | None = ...,
         code_env: _common_pb2.CodeEnv | None = ...,
         config_json: _builtins.str = ...,
+        autoscaling_policy: _common_pb2.AutoscalingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "code_env", b"code_env", "route_prefix", b"route_prefix"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "autoscaling_policy", b"autoscaling_policy", "code_env", b"code_env", "route_prefix", b"route_prefix"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "app_name", b"app_name", "code_env", b"code_env", "config_json", b"config_json", "deployments", b"deployments", "ingress", b"ingress", "route_prefix", b"route_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix", "app_name", b"app_name", "autoscaling_policy", b"autoscaling_policy", "code_env", b"code_env", "config_json", b"config_json", "deployments", b"deployments", "ingress", b"ingress", "route_prefix", b"route_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__route_prefix: _TypeAlias = _typing.Literal["route_prefix"]  # noqa: Y015
     _WhichOneofArgType__route_prefix: _TypeAlias = _typing.Literal["_route_prefix", b"_route_prefix"]  # noqa: Y015
@@ -164,15 +170,23 @@ class DeploymentStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     REPLICA_STATES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    AUTOSCALING_POLICY_FIELD_NUMBER: _builtins.int
+    SCALING_DECISIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     status: _builtins.str
     status_trigger: _builtins.str
     message: _builtins.str
+    autoscaling_policy: _builtins.str
+    """the custom policy deciding its replicas (empty: default)"""
     @_builtins.property
     def replica_states(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     @_builtins.property
     def error(self) -> _common_pb2.ErrorInfo:
         """the last constructor failure, if any"""
+
+    @_builtins.property
+    def scaling_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScalingDecision]:
+        """the latest first"""
 
     def __init__(
         self,
@@ -183,14 +197,51 @@ class DeploymentStatus(_message.Message):
         message: _builtins.str = ...,
         replica_states: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         error: _common_pb2.ErrorInfo | None = ...,
+        autoscaling_policy: _builtins.str = ...,
+        scaling_decisions: _abc.Iterable[Global___ScalingDecision] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "message", b"message", "name", b"name", "replica_states", b"replica_states", "status", b"status", "status_trigger", b"status_trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling_policy", b"autoscaling_policy", "error", b"error", "message", b"message", "name", b"name", "replica_states", b"replica_states", "scaling_decisions", b"scaling_decisions", "status", b"status", "status_trigger", b"status_trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeploymentStatus: _TypeAlias = DeploymentStatus  # noqa: Y015
+
+@_typing.final
+class ScalingDecision(_message.Message):
+    """One change of an autoscaled deployment's target replica count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMESTAMP_S_FIELD_NUMBER: _builtins.int
+    PREV_NUM_REPLICAS_FIELD_NUMBER: _builtins.int
+    CURR_NUM_REPLICAS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    timestamp_s: _builtins.float
+    """wall clock"""
+    prev_num_replicas: _builtins.int
+    curr_num_replicas: _builtins.int
+    policy: _builtins.str
+    """the policy that decided it"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        timestamp_s: _builtins.float = ...,
+        prev_num_replicas: _builtins.int = ...,
+        curr_num_replicas: _builtins.int = ...,
+        policy: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["curr_num_replicas", b"curr_num_replicas", "policy", b"policy", "prev_num_replicas", b"prev_num_replicas", "reason", b"reason", "timestamp_s", b"timestamp_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScalingDecision: _TypeAlias = ScalingDecision  # noqa: Y015
 
 @_typing.final
 class ApplicationStatus(_message.Message):
@@ -652,6 +703,26 @@ class ReportLoadRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AutoscalingStatsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     SOURCE_ID_FIELD_NUMBER: _builtins.int
     ONGOING_FIELD_NUMBER: _builtins.int
@@ -661,6 +732,7 @@ class ReportLoadRequest(_message.Message):
     LATENCY_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
     LATENCY_SUM_MS_FIELD_NUMBER: _builtins.int
     USER_METRICS_FIELD_NUMBER: _builtins.int
+    AUTOSCALING_STATS_FIELD_NUMBER: _builtins.int
     source_id: _builtins.str
     """a replica id, or a handle source (host:pid)"""
     ongoing: _builtins.float
@@ -679,6 +751,10 @@ class ReportLoadRequest(_message.Message):
     def user_metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserMetric]:
         """serve.metrics recorded by the replica's code"""
 
+    @_builtins.property
+    def autoscaling_stats(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """what record_autoscaling_stats() returned"""
+
     def __init__(
         self,
         *,
@@ -691,10 +767,11 @@ class ReportLoadRequest(_message.Message):
         latency_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
         latency_sum_ms: _builtins.float = ...,
         user_metrics: _abc.Iterable[Global___UserMetric] | None = ...,
+        autoscaling_stats: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors_total", b"errors_total", "id", b"id", "is_handle", b"is_handle", "latency_bucket_counts", b"latency_bucket_counts", "latency_sum_ms", b"latency_sum_ms", "ongoing", b"ongoing", "requests_total", b"requests_total", "source_id", b"source_id", "user_metrics", b"user_metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling_stats", b"autoscaling_stats", "errors_total", b"errors_total", "id", b"id", "is_handle", b"is_handle", "latency_bucket_counts", b"latency_bucket_counts", "latency_sum_ms", b"latency_sum_ms", "ongoing", b"ongoing", "requests_total", b"requests_total", "source_id", b"source_id", "user_metrics", b"user_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -788,3 +865,44 @@ class ReportLoadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportLoadResponse: _TypeAlias = ReportLoadResponse  # noqa: Y015
+
+@_typing.final
+class ReportRoutingStatsRequest(_message.Message):
+    """Names and numbers only (JSON text), so the control-call limit bounds it; the controller also
+    refuses stats over SERVE_MAX_ROUTING_STATS_BYTES.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    STATS_JSON_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    stats_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        stats_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_id", b"replica_id", "stats_json", b"stats_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportRoutingStatsRequest: _TypeAlias = ReportRoutingStatsRequest  # noqa: Y015
+
+@_typing.final
+class ReportRoutingStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportRoutingStatsResponse: _TypeAlias = ReportRoutingStatsResponse  # noqa: Y015

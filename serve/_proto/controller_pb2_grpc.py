@@ -90,6 +90,11 @@ class ControllerStub:
                 request_serializer=serve_dot___proto_dot_controller__pb2.ReportLoadRequest.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_controller__pb2.ReportLoadResponse.FromString,
                 _registered_method=True)
+        self.ReportRoutingStats = channel.unary_unary(
+                '/serve.v1.Controller/ReportRoutingStats',
+                request_serializer=serve_dot___proto_dot_controller__pb2.ReportRoutingStatsRequest.SerializeToString,
+                response_deserializer=serve_dot___proto_dot_controller__pb2.ReportRoutingStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -173,6 +178,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportRoutingStats(self, request, context):
+        """Replica -> controller: what record_routing_stats() returned (published to routers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +242,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ReportLoad,
                     request_deserializer=serve_dot___proto_dot_controller__pb2.ReportLoadRequest.FromString,
                     response_serializer=serve_dot___proto_dot_controller__pb2.ReportLoadResponse.SerializeToString,
+            ),
+            'ReportRoutingStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRoutingStats,
+                    request_deserializer=serve_dot___proto_dot_controller__pb2.ReportRoutingStatsRequest.FromString,
+                    response_serializer=serve_dot___proto_dot_controller__pb2.ReportRoutingStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +546,33 @@ class Controller:
             '/serve.v1.Controller/ReportLoad',
             serve_dot___proto_dot_controller__pb2.ReportLoadRequest.SerializeToString,
             serve_dot___proto_dot_controller__pb2.ReportLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRoutingStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/serve.v1.Controller/ReportRoutingStats',
+            serve_dot___proto_dot_controller__pb2.ReportRoutingStatsRequest.SerializeToString,
+            serve_dot___proto_dot_controller__pb2.ReportRoutingStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

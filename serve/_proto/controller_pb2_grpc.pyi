@@ -60,6 +60,8 @@ class ControllerStub:
     """Replica -> controller: multiplexed model ids changed."""
     ReportLoad: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ReportLoadRequest, _controller_pb2.ReportLoadResponse]
     """Handles and replicas -> controller: load figures for autoscaling."""
+    ReportRoutingStats: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ReportRoutingStatsRequest, _controller_pb2.ReportRoutingStatsResponse]
+    """Replica -> controller: what record_routing_stats() returned (published to routers)."""
 
 @_typing.type_check_only
 class ControllerAsyncStub(ControllerStub):
@@ -90,6 +92,8 @@ class ControllerAsyncStub(ControllerStub):
     """Replica -> controller: multiplexed model ids changed."""
     ReportLoad: _aio.UnaryUnaryMultiCallable[_controller_pb2.ReportLoadRequest, _controller_pb2.ReportLoadResponse]  # type: ignore[assignment]
     """Handles and replicas -> controller: load figures for autoscaling."""
+    ReportRoutingStats: _aio.UnaryUnaryMultiCallable[_controller_pb2.ReportRoutingStatsRequest, _controller_pb2.ReportRoutingStatsResponse]  # type: ignore[assignment]
+    """Replica -> controller: what record_routing_stats() returned (published to routers)."""
 
 class ControllerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -183,5 +187,13 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_controller_pb2.ReportLoadResponse, _abc.Awaitable[_controller_pb2.ReportLoadResponse]]:
         """Handles and replicas -> controller: load figures for autoscaling."""
+
+    @_abc_1.abstractmethod
+    def ReportRoutingStats(
+        self,
+        request: _controller_pb2.ReportRoutingStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ReportRoutingStatsResponse, _abc.Awaitable[_controller_pb2.ReportRoutingStatsResponse]]:
+        """Replica -> controller: what record_routing_stats() returned (published to routers)."""
 
 def add_ControllerServicer_to_server(servicer: ControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,12 +15,14 @@ from serve._rpc.convert import (
     application_status_from_proto,
     code_env_to_proto,
     deployment_id_to_proto,
+    policy_to_proto,
     replica_set_from_proto,
     serve_status_from_proto,
     spec_to_proto,
     user_metric_to_proto,
 )
 from serve._rpc.status import controller_error, rebuild
+from serve.config import AutoscalingPolicy
 from serve.exceptions import ServeError
 from serve.metrics import Sample
 from serve.schema import ApplicationStatusOverview, ServeStatus
@@ -54,6 +56,7 @@ class ReplicaLoad:
     latency_bucket_counts: tuple[int, ...]
     latency_sum_ms: float
     user_metrics: tuple[Sample, ...] = ()
+    autoscaling_stats: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class ControllerClient:
@@ -105,6 +108,7 @@ class ControllerClient:
         specs: Sequence[DeploymentSpec],
         code_env: CodeEnv,
         config_json: str = "",
+        autoscaling_policy: AutoscalingPolicy | None = None,
     ) -> None:
         request = controller_pb2.DeployRequest(
             app_name=app_name,
@@ -113,6 +117,8 @@ class ControllerClient:
             code_env=code_env_to_proto(code_env),
             config_json=config_json,
         )
+        if autoscaling_policy is not None:
+            request.autoscaling_policy.CopyFrom(policy_to_proto(autoscaling_policy))
         if route_prefix is not None:
             request.route_prefix = route_prefix
         try:
@@ -291,12 +297,25 @@ class ControllerClient:
                     latency_bucket_counts=list(load.latency_bucket_counts),
                     latency_sum_ms=load.latency_sum_ms,
                     user_metrics=[user_metric_to_proto(m) for m in load.user_metrics],
+                    autoscaling_stats=load.autoscaling_stats,
                 ),
                 timeout=CALL_TIMEOUT_S,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise controller_error(exc, self.address, "report load") from exc
+
+    async def report_routing_stats(self, replica_id: str, stats_json: bytes) -> None:
+        try:
+            await self._stub.ReportRoutingStats(
+                controller_pb2.ReportRoutingStatsRequest(
+                    replica_id=replica_id, stats_json=stats_json.decode()
+                ),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise controller_error(exc, self.address, "report routing stats") from exc
 
     async def report_models(self, replica_id: str, model_ids: Sequence[str]) -> None:
         try:

@@ -19,12 +19,18 @@ from serve._models import (
     ReplicaState,
 )
 from serve._proto import common_pb2, controller_pb2
-from serve.config import AutoscalingConfig
+from serve.config import (
+    AggregationFunction,
+    AutoscalingConfig,
+    AutoscalingPolicy,
+    RequestRouterConfig,
+)
 from serve.metrics import Sample
 from serve.schema import (
     ApplicationStatusOverview,
     DeploymentStatusOverview,
     ProxyDetails,
+    ScalingDecision,
     ServeStatus,
 )
 
@@ -70,7 +76,59 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
             value = getattr(auto, name)
             if value is not None:
                 setattr(msg.autoscaling, name, value)
+        msg.autoscaling.aggregation_function = auto.aggregation_function.value
+        if not auto.policy.is_default_policy_function():
+            msg.autoscaling.policy.CopyFrom(policy_to_proto(auto.policy))
+    if config.request_router_config is not None:
+        msg.request_router.CopyFrom(router_config_to_proto(config.request_router_config))
+    msg.rolling_update_percentage = config.rolling_update_percentage
+    msg.max_surge_percent = config.max_surge_percent
     return msg
+
+
+def policy_to_proto(policy: AutoscalingPolicy) -> common_pb2.AutoscalingPolicy:
+    return common_pb2.AutoscalingPolicy(
+        policy_function=str(policy.policy_function),
+        serialized=policy._serialized_policy_def,
+        policy_kwargs_json=orjson.dumps(policy.policy_kwargs),
+    )
+
+
+def policy_from_proto(msg: common_pb2.AutoscalingPolicy) -> AutoscalingPolicy:
+    if not msg.serialized:
+        return AutoscalingPolicy()
+    return AutoscalingPolicy(
+        policy_function=msg.policy_function,
+        policy_kwargs=orjson.loads(msg.policy_kwargs_json or b"{}"),
+        _serialized_policy_def=msg.serialized,
+    )
+
+
+_ROUTER_NUMBERS = (  # RequestRouterConfig's numeric fields: the same names on the wire
+    "request_routing_stats_period_s",
+    "request_routing_stats_timeout_s",
+    "initial_backoff_s",
+    "backoff_multiplier",
+    "max_backoff_s",
+)
+
+
+def router_config_to_proto(config: RequestRouterConfig) -> common_pb2.RequestRouterConfig:
+    return common_pb2.RequestRouterConfig(
+        request_router_class=str(config.request_router_class),
+        serialized=config._serialized_request_router_cls,
+        request_router_kwargs_json=orjson.dumps(config.request_router_kwargs),
+        **{name: getattr(config, name) for name in _ROUTER_NUMBERS},
+    )
+
+
+def router_config_from_proto(msg: common_pb2.RequestRouterConfig) -> RequestRouterConfig:
+    return RequestRouterConfig(
+        request_router_class=msg.request_router_class,
+        request_router_kwargs=orjson.loads(msg.request_router_kwargs_json or b"{}"),
+        _serialized_request_router_cls=msg.serialized,
+        **{name: getattr(msg, name) for name in _ROUTER_NUMBERS},
+    )
 
 
 def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
@@ -91,6 +149,8 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
             downscale_to_zero_delay_s=(
                 a.downscale_to_zero_delay_s if a.HasField("downscale_to_zero_delay_s") else None
             ),
+            aggregation_function=AggregationFunction(a.aggregation_function or "mean"),
+            policy=policy_from_proto(a.policy) if a.HasField("policy") else AutoscalingPolicy(),
         )
     user_config: Any = None
     if msg.HasField("user_config_json"):
@@ -111,6 +171,13 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
             orjson.loads(msg.ray_actor_options_json) if msg.ray_actor_options_json else None
         ),
         max_replicas_per_node=msg.max_replicas_per_node or None,
+        request_router_config=(
+            router_config_from_proto(msg.request_router) if msg.HasField("request_router") else None
+        ),
+        rolling_update_percentage=(
+            msg.rolling_update_percentage if msg.HasField("rolling_update_percentage") else 0.2
+        ),
+        max_surge_percent=msg.max_surge_percent,
     )
 
 
@@ -189,6 +256,7 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
                 host=r.host,
                 max_ongoing_requests=r.max_ongoing_requests,
                 model_ids=sorted(r.model_ids),
+                routing_stats_json=r.routing_stats_json,
             )
             for r in rs.replicas
         ],
@@ -197,6 +265,9 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
         autoscaling=rs.autoscaling,
         metrics_interval_s=rs.metrics_interval_s,
         unavailable=rs.unavailable,
+        request_router=(
+            router_config_to_proto(rs.request_router) if rs.request_router is not None else None
+        ),
     )
 
 
@@ -211,6 +282,7 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
                 host=r.host,
                 max_ongoing_requests=r.max_ongoing_requests,
                 model_ids=frozenset(r.model_ids),
+                routing_stats_json=r.routing_stats_json,
             )
             for r in msg.replicas
         ),
@@ -219,6 +291,9 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
         autoscaling=msg.autoscaling,
         metrics_interval_s=msg.metrics_interval_s,
         unavailable=msg.unavailable,
+        request_router=(
+            router_config_from_proto(msg.request_router) if msg.HasField("request_router") else None
+        ),
     )
 
 
@@ -242,6 +317,17 @@ def application_status_from_proto(
                 _enum(ReplicaState, k, k): v for k, v in sorted(d.replica_states.items())
             },
             message=d.message,
+            autoscaling_policy=d.autoscaling_policy,
+            scaling_decisions=tuple(
+                ScalingDecision(
+                    timestamp_s=s.timestamp_s,
+                    prev_num_replicas=s.prev_num_replicas,
+                    curr_num_replicas=s.curr_num_replicas,
+                    policy=s.policy,
+                    reason=s.reason,
+                )
+                for s in d.scaling_decisions
+            ),
         )
         for d in msg.deployments
     }

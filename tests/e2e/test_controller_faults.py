@@ -60,8 +60,11 @@ ROLLOUT_DRIVER = textwrap.dedent(
 
     def redeploy():
         try:  # the controller is killed while this waits; the rollout must go on anyway
-            serve.run(
-                Versioned.options(version="v2").bind("v2", float(sys.argv[1])), name="rollout"
+            serve.run(  # replacements start before old replicas stop (a 100% surge)
+                Versioned.options(version="v2", max_surge_percent=100).bind(
+                    "v2", float(sys.argv[1])
+                ),
+                name="rollout",
             )
         except Exception:
             pass

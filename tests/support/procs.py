@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,16 @@ class StandaloneController:
         self.stop()
         for pid in [*self.replica_pids(), *self.proxy_pids()]:
             kill_tree(pid)
+
+
+@contextlib.contextmanager
+def running_controller(state_dir: Path, **env: str) -> Iterator[StandaloneController]:
+    """A standalone controller (with ``env`` added) for the ``with`` block, cleaned up after."""
+    controller = StandaloneController(state_dir, **env)
+    try:
+        yield controller.start()
+    finally:
+        controller.cleanup()
 
 
 def proxy_details(timeout_s: float = 30.0) -> Any:

@@ -101,10 +101,10 @@ def test_deploy_persists_then_launches_and_runs() -> None:
     assert h.routable() == 2
 
 
-def test_rolling_update_keeps_capacity() -> None:
+def test_rolling_update_with_a_surge_keeps_capacity() -> None:
     h = Harness()
     old = started(h)
-    new = launched(h.deploy(spec("v2")))
+    new = launched(h.deploy(spec("v2", max_surge_percent=100)))
     assert len(new) == 2
     assert h.routable() == 2
     actions = h.bring_up(new[0])
@@ -120,6 +120,22 @@ def test_rolling_update_keeps_capacity() -> None:
         h.feed(ev.ReplicaExited(replica_id, 0))
     assert h.running() == sorted(new)
     assert h.status()[0] is ApplicationStatus.RUNNING
+
+
+def test_rolling_update_by_default_replaces_a_wave_without_exceeding_the_target() -> None:
+    h = Harness()
+    old = started(h, replicas=4)  # a wave is max(int(0.2 * 4), 1) = 1 replica
+    actions = h.deploy(spec("v2", num_replicas=4))
+    (stopped,) = [a.replica_id for a in of(actions, ev.Stop)]
+    (first,) = launched(actions)  # its replacement starts while it drains (Ray's order)
+    assert stopped in old
+    assert h.routable() == 3
+    h.feed(ev.ReplicaExited(stopped, 0))
+    actions = h.bring_up(first)
+    assert len(of(actions, ev.Stop)) == 1  # the next wave once the replacement runs
+    assert len(launched(actions)) == 1
+    live = [r for r in h.machine.replicas.values() if r.phase is not Phase.STOPPING]
+    assert len(live) == 4
 
 
 def test_user_config_change_reconfigures_in_place() -> None:
@@ -141,7 +157,7 @@ def test_user_config_change_reconfigures_in_place() -> None:
 def test_constructor_failures_fail_the_deploy_and_keep_old_replicas() -> None:
     h = Harness()
     old = started(h)
-    pending = launched(h.deploy(spec("v2", max_constructor_retry_count=3)))
+    pending = launched(h.deploy(spec("v2", max_constructor_retry_count=3, max_surge_percent=100)))
     failures = 0
     while pending:
         replica_id = pending.pop()
@@ -302,7 +318,8 @@ def test_delete_stops_replicas_then_forgets_the_app() -> None:
 def test_recovery_mid_rollout_readopts_both_versions_and_continues_the_rollout() -> None:
     first = Harness()
     first.deploy(spec("v1"))
-    first.deploy(spec("v2"))  # the saved goal: v2, while v1 replicas still served
+    # the saved goal: v2 (started before stopping), while v1 replicas still served
+    first.deploy(spec("v2", max_surge_percent=100))
     h = Harness()
     previous = (
         ev.PreviousReplica("app#Model#old1", 11, "v1", alive=True),

@@ -57,14 +57,72 @@ def test_scale_down_stops_not_yet_running_then_newest() -> None:
     assert plan({DEP: goal(replicas=1)}, replicas) == [StopReplica("starting"), StopReplica("new")]
 
 
-def test_rolling_update_starts_new_before_stopping_old() -> None:
+def rollout_goal(replicas: int, percentage: float = 0.2, surge: float = 0.0) -> DeploymentGoal:
+    config = DeploymentConfig(
+        num_replicas=replicas, rolling_update_percentage=percentage, max_surge_percent=surge
+    )
+    return DeploymentGoal(DEP, DeploymentSpec("Model", b"", b"", "v2", config), replicas)
+
+
+def test_rolling_update_stops_a_wave_of_old_replicas_before_starting_new_ones() -> None:
+    old = [record(f"o{i}", "v1", started=i) for i in range(5)]
+    # max(int(0.4 * 5), 1) = 2 old replicas stop, then 2 new ones start in their place
+    actions = plan({DEP: rollout_goal(5, percentage=0.4)}, old)
+    assert [a for a in actions if isinstance(a, StopReplica)] == [
+        StopReplica("o4"),
+        StopReplica("o3"),
+    ]
+    assert [a for a in actions if isinstance(a, StartReplicas)] == [StartReplicas(DEP, 2)]
+
+
+def test_rolling_update_with_a_surge_starts_new_before_stopping_old() -> None:
+    g = rollout_goal(2, surge=100)
     old = [record("o1", "v1"), record("o2", "v1")]
-    assert plan({DEP: goal("v2")}, old) == [StartReplicas(DEP, 2)]
-    one_new_running = [*old, record("n1", "v2"), record("n2", "v2", Phase.INITIALIZING)]
-    actions = plan({DEP: goal("v2")}, one_new_running)
-    assert len([a for a in actions if isinstance(a, StopReplica)]) == 1
-    all_new = [*old, record("n1", "v2"), record("n2", "v2")]
-    assert sorted(a.replica_id for a in plan({DEP: goal("v2")}, all_new)) == ["o1", "o2"]  # type: ignore[union-attr]
+    assert plan({DEP: g}, old) == [StartReplicas(DEP, 2)]  # ceil(2 * 100 / 100) above target
+    starting = [*old, record("n1", "v2", Phase.INITIALIZING), record("n2", "v2", Phase.STARTING)]
+    assert plan({DEP: g}, starting) == []  # nothing stops before a replacement runs
+    one_running = [*old, record("n1", "v2"), record("n2", "v2", Phase.INITIALIZING)]
+    assert len([a for a in plan({DEP: g}, one_running) if isinstance(a, StopReplica)]) == 1
+
+
+def simulate_rollout(goal: DeploymentGoal, replicas: int) -> list[tuple[int, int]]:
+    """Run a rollout to the end, replicas starting and stopping one step after asked; returns
+    (replicas neither stopping nor gone, replicas of any state) after every step."""
+    records = [record(f"o{i}", "v1", started=i) for i in range(replicas)]
+    seen: list[tuple[int, int]] = []
+    serial = 0
+    for _ in range(100):
+        # what was asked last step happens now: started replicas run, stopped ones are gone
+        records = [r for r in records if r.phase is not Phase.STOPPING]
+        for r in records:
+            if r.phase is Phase.STARTING:
+                r.phase = Phase.RUNNING
+        actions = plan({DEP: goal}, records)
+        if not actions and all(r.code_version == "v2" for r in records):
+            return seen
+        for action in actions:
+            if isinstance(action, StopReplica):
+                next(r for r in records if r.replica_id == action.replica_id).phase = Phase.STOPPING
+            elif isinstance(action, StartReplicas):
+                for _ in range(action.count):
+                    serial += 1
+                    records.append(record(f"n{serial}", "v2", Phase.STARTING, started=10 + serial))
+        live = sum(1 for r in records if r.phase is not Phase.STOPPING)
+        seen.append((live, len(records)))
+    raise AssertionError("the rollout did not finish")
+
+
+def test_a_rollout_without_surge_never_exceeds_the_target() -> None:
+    seen = simulate_rollout(rollout_goal(5, percentage=0.2), 5)
+    assert max(live for live, _ in seen) == 5
+    # and it replaced one replica at a time: never more than one old one stopping
+    assert max(total for _, total in seen) <= 6
+
+
+def test_a_rollout_with_surge_stays_within_the_surge() -> None:
+    seen = simulate_rollout(rollout_goal(4, percentage=0.5, surge=50), 4)
+    assert max(live for live, _ in seen) == 6  # 4 + ceil(4 * 50 / 100)
+    assert min(live for live, _ in seen) >= 4
 
 
 def test_failed_deployment_keeps_old_replicas_and_starts_nothing() -> None:

@@ -72,13 +72,42 @@ def test_decorator_forms() -> None:
         ({"autoscaling_config": {"min_replica": 1}}, ValueError, "unknown field(s)"),
         (
             {"request_router_config": {"request_router_class": "my.routers:Sticky"}},
-            ValueError,
-            "custom request routers (my.routers:Sticky) are not supported",
+            ImportError,
+            "request_router_class 'my.routers:Sticky': cannot import module 'my.routers'",
         ),
-        (  # Ray's shorthand, refused the same way
-            {"request_router_class": "my.routers:Sticky"},
+        (  # Ray's shorthand, checked the same way
+            {"request_router_class": "collections:OrderedDict"},
+            TypeError,
+            "must be a subclass of serve.request_router.RequestRouter",
+        ),
+        (
+            {"request_router_config": {"request_router_kwargs": {"f": object()}}},
             ValueError,
-            "custom request routers (my.routers:Sticky) are not supported",
+            "request_router_kwargs is not JSON-serializable",
+        ),
+        (
+            {"request_router_config": {"request_routing_stats_period_s": 0}},
+            ValueError,
+            "request_routing_stats_period_s must be > 0",
+        ),
+        ({"rolling_update_percentage": 0}, ValueError, "must be > 0 and <= 1"),
+        ({"rolling_update_percentage": 1.5}, ValueError, "must be > 0 and <= 1"),
+        ({"max_surge_percent": -1}, ValueError, "must be >= 0 and <= 100"),
+        ({"max_surge_percent": "10%"}, TypeError, "max_surge_percent must be a number"),
+        (
+            {"placement_group_bundle_label_selector": [{"zone": "a"}]},
+            ValueError,
+            "placement_group_bundle_label_selector needs placement_group_bundles",
+        ),
+        (
+            {"autoscaling_config": {"policy": {"policy_function": "no_such_module:f"}}},
+            ImportError,
+            "policy_function 'no_such_module:f': cannot import module 'no_such_module'",
+        ),
+        (
+            {"autoscaling_config": {"policy": {"policy_function": "math:pi", "x": 1}}},
+            ValueError,
+            "policy: unknown field(s) ['x']",
         ),
         (
             {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
@@ -140,8 +169,16 @@ def test_ray_only_options_are_accepted() -> None:
             "request_router_class": "ray.serve.request_router.PowerOfTwoChoicesRequestRouter",
             "initial_backoff_s": 0.05,
         },
+        placement_group_bundle_label_selector=[{"ray.io/accelerator-type": "H100"}],
+        rolling_update_percentage=0.5,
+        max_surge_percent=25,
     )(Model)
     assert d.version == "v1"
+    config = d.config
+    assert config.request_router_config is not None
+    assert config.request_router_config.is_default  # Ray's path names serve's default router
+    assert config.request_router_config.initial_backoff_s == 0.05
+    assert (config.rolling_update_percentage, config.max_surge_percent) == (0.5, 25.0)
 
 
 def test_decorating_something_else_fails() -> None:
@@ -288,3 +325,20 @@ def test_a_class_that_cannot_be_serialized_fails_at_decoration() -> None:
     with pytest.raises(TypeError, match="cannot be serialized") as info:
         serve.deployment(Holder)
     assert "create them in __init__" in str(info.value)
+
+
+def test_extension_configs_become_plain_data_for_config_files() -> None:
+    import yaml
+
+    from serve.config import AutoscalingConfig, RequestRouterConfig
+
+    auto = AutoscalingConfig(max_replicas=3, policy={"policy_function": "math:floor"})
+    router = RequestRouterConfig(request_router_kwargs={"k": 1})
+    text = yaml.safe_dump({"autoscaling_config": auto.to_dict(), "router": router.to_dict()})
+    data = yaml.safe_load(text)
+    assert data["autoscaling_config"]["policy"] == {
+        "policy_function": "math:floor",
+        "policy_kwargs": {},
+    }
+    assert AutoscalingConfig.from_value(data["autoscaling_config"]) == auto
+    assert RequestRouterConfig.from_value(data["router"]) == router

@@ -15,7 +15,16 @@ import serve.schema
 def test_serve_all_is_sorted_and_complete() -> None:
     assert serve.__all__ == sorted(serve.__all__)
     public = {name for name in dir(serve) if not name.startswith("_")}
-    modules = {"config", "context", "exceptions", "handle", "metrics", "schema"}
+    modules = {
+        "autoscaling_policy",
+        "config",
+        "context",
+        "exceptions",
+        "handle",
+        "metrics",
+        "request_router",
+        "schema",
+    }
     assert public - modules == set(serve.__all__)
 
 
@@ -44,7 +53,18 @@ def test_ray_serve_names_exist() -> None:
 
 
 def test_public_modules_export_what_they_define() -> None:
-    for module in (serve.handle, serve.exceptions, serve.config, serve.metrics, serve.schema):
+    import serve.autoscaling_policy
+    import serve.request_router
+
+    for module in (
+        serve.handle,
+        serve.exceptions,
+        serve.config,
+        serve.metrics,
+        serve.schema,
+        serve.request_router,
+        serve.autoscaling_policy,
+    ):
         assert module.__all__ == sorted(module.__all__)
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"

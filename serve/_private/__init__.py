@@ -1,0 +1,1 @@
+"""Names Ray's documentation imports from ``ray.serve._private`` (see ``common``)."""
