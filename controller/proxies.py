@@ -288,4 +288,5 @@ async def _healthz(address: str, timeout_s: float) -> bool:
                     await writer.wait_closed()
     except (OSError, TimeoutError, ValueError):
         return False
-    return status_line.split(b" ")[1:2] == [b"200"]
+    # 503 is a live proxy that has no route yet (Ray's "Route table is not populated yet.").
+    return status_line.split(b" ")[1:2] in ([b"200"], [b"503"])

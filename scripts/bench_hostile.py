@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.procs import StandaloneController, run_script, wait_for  # noqa: E402
+from tests.support.procs import StandaloneController, run_script  # noqa: E402
 
 MiB = 2**20
 
@@ -198,23 +196,8 @@ def main() -> None:
             controller.cleanup()
 
 
-def proxy_of(controller: StandaloneController) -> dict[str, object]:
-    def healthy() -> dict[str, object] | None:
-        out = subprocess.run(
-            [sys.executable, "-m", "serve", "status", "--json"],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, **controller.driver_env()},
-        )
-        proxies = list(json.loads(out.stdout)["proxies"].values()) if out.returncode == 0 else []
-        return proxies[0] if proxies and proxies[0]["status"] == "HEALTHY" else None
-
-    return wait_for(healthy, timeout_s=60, interval_s=0.2)  # type: ignore[no-any-return]
-
-
 def run(controller: StandaloneController, args: argparse.Namespace) -> None:
-    proxy = proxy_of(controller)
+    proxy = controller.healthy_proxy(timeout_s=60)
     address = str(proxy["http_address"])
     host, port_text = address.rsplit(":", 1)
     port = int(port_text)

@@ -25,7 +25,7 @@ from serve._local import LocalClient
 from serve._logging import check_logging_config
 from serve._models import ApplicationStatus, CodeEnv, DeploymentID, DeploymentSpec
 from serve._options import check_route_prefix
-from serve._proxy_flags import controller_flags
+from serve._proxy_flags import controller_flags, secret_env
 from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
 from serve._settings import settings
@@ -116,11 +116,8 @@ def start(
     """
     given = (proxy_location, http_options, grpc_options) != (None, None, None)
     flags = controller_flags(proxy_location, http_options, grpc_options) if given else None
-    _connect(
-        address,
-        controller_args=flags,
-        controller_env=controller_env(logging_config, controller_options),
-    )
+    env = {**(controller_env(logging_config, controller_options) or {}), **secret_env(http_options)}
+    _connect(address, controller_args=flags, controller_env=env or None)
 
 
 def controller_env(logging_config: Any, controller_options: Any) -> dict[str, str] | None:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from serve._proxy_flags import add_proxy_options, options_from_args, proxy_flags
+from serve._proxy_flags import add_proxy_options, options_from_args, proxy_flags, secret_env
 from serve.config import ProxyLocation
 from serve.exceptions import ControllerUnavailableError, ServeError
 
@@ -399,7 +399,9 @@ def _controller_env(path: str) -> dict[str, str] | None:
 
     try:
         top = load_top_level(path)
-        return controller_env(top.get("logging_config"), top.get("controller_options"))
+        env = controller_env(top.get("logging_config"), top.get("controller_options")) or {}
+        env.update(secret_env(top.get("http_options")))
+        return env or None
     except (ConfigFileError, TypeError, ValueError) as exc:
         _fail(f"{path}: {exc}")
 

@@ -4,8 +4,13 @@ and the flags that hand ``HTTPOptions`` / ``gRPCOptions`` from a driver to its c
 from __future__ import annotations
 
 import argparse
+import os
 
 from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
+
+# The key's password never goes on a command line (any user can read those): it travels in
+# the environment, from the driver to its controller and from the controller to the proxy.
+SSL_KEYFILE_PASSWORD_ENV = "SERVE_HTTP_SSL_KEYFILE_PASSWORD"
 
 
 def add_proxy_options(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +32,13 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="answer 408 after this long; the deadline travels with nested calls",
     )
     parser.add_argument("--http-keep-alive-timeout-s", type=float, default=90.0)
+    parser.add_argument(
+        "--http-ssl-keyfile", default=None, help="serve HTTPS with this PEM key (and certfile)"
+    )
+    parser.add_argument("--http-ssl-certfile", default=None, help="PEM certificate for HTTPS")
+    parser.add_argument(
+        "--http-ssl-ca-certs", default=None, help="CA file for client certificates (HTTPS)"
+    )
     parser.add_argument(
         "--grpc-port",
         type=int,
@@ -54,6 +66,10 @@ def options_from_args(args: argparse.Namespace) -> tuple[HTTPOptions, gRPCOption
         port=args.http_port,
         request_timeout_s=args.http_request_timeout_s,
         keep_alive_timeout_s=args.http_keep_alive_timeout_s,
+        ssl_keyfile=args.http_ssl_keyfile,
+        ssl_certfile=args.http_ssl_certfile,
+        ssl_ca_certs=args.http_ssl_ca_certs,
+        ssl_keyfile_password=os.environ.get(SSL_KEYFILE_PASSWORD_ENV) or None,
     )
     functions = tuple(f.strip() for f in args.grpc_servicer_functions.split(",") if f.strip())
     grpc = gRPCOptions(
@@ -86,7 +102,20 @@ def proxy_flags(http: HTTPOptions, grpc: gRPCOptions, workers: int = 1) -> list[
         flags += ["--grpc-request-timeout-s", str(grpc.request_timeout_s)]
     if grpc.grpc_servicer_functions:
         flags += ["--grpc-servicer-functions", ",".join(grpc.grpc_servicer_functions)]
+    for flag, value in (
+        ("--http-ssl-keyfile", http.ssl_keyfile),
+        ("--http-ssl-certfile", http.ssl_certfile),
+        ("--http-ssl-ca-certs", http.ssl_ca_certs),
+    ):
+        if value:
+            flags += [flag, os.path.abspath(value)]
     return flags
+
+
+def secret_env(http_options: HTTPOptions | dict[str, object] | None) -> dict[str, str]:
+    """What the options say that must not be on a command line, as environment variables."""
+    password = HTTPOptions.from_value(http_options).ssl_keyfile_password
+    return {SSL_KEYFILE_PASSWORD_ENV: password} if password else {}
 
 
 def controller_flags(

@@ -204,8 +204,10 @@ class ProxyLocation(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class HTTPOptions:
-    """The HTTP proxy's options (Ray's ``http_options``): where it listens, and how long a
-    request may take before it is answered 408 (``None``: no limit)."""
+    """The HTTP proxy's options (Ray's ``http_options``): where it listens, how long a request
+    may take before it is answered 408 (``None``: no limit), and, with ``ssl_keyfile`` and
+    ``ssl_certfile`` (PEM files), HTTPS instead of HTTP; ``ssl_ca_certs`` names the CA file
+    for client certificates, ``ssl_keyfile_password`` the key's password."""
 
     host: str = "127.0.0.1"
     port: int = dataclasses.field(
@@ -214,6 +216,10 @@ class HTTPOptions:
     root_path: str = ""
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 90.0
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = dataclasses.field(default=None, repr=False)
+    ssl_ca_certs: str | None = None
 
     def __post_init__(self) -> None:
         _check_port(self.port, "http_options")
@@ -221,6 +227,20 @@ class HTTPOptions:
         _check_timeout(self.keep_alive_timeout_s, "http_options.keep_alive_timeout_s")
         if self.root_path and not self.root_path.startswith("/"):
             raise ValueError(f"http_options.root_path must start with '/', got {self.root_path!r}")
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_keyfile_password", "ssl_ca_certs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"http_options.{name} must be a path (str), got {value!r}.")
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ValueError(
+                "Both ssl_keyfile and ssl_certfile must be provided together to enable HTTPS "
+                f"(got ssl_keyfile={self.ssl_keyfile!r}, ssl_certfile={self.ssl_certfile!r})."
+            )
+
+    @property
+    def https(self) -> bool:
+        """Whether the proxy serves HTTPS."""
+        return bool(self.ssl_keyfile and self.ssl_certfile)
 
     @classmethod
     def from_value(cls, value: HTTPOptions | Mapping[str, Any] | None) -> HTTPOptions:

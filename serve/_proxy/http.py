@@ -55,6 +55,7 @@ SCOPE_KEYS = (
     "extensions",
 )
 STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
+NO_ROUTES_MESSAGE = "Route table is not populated yet."
 PUMP_AFTER_S = 0.05  # a request answered within this needs no task watching for a disconnect
 DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
@@ -65,7 +66,7 @@ class ProxyApp:
     def __init__(self, routes: RouteTable, *, request_timeout_s: float | None) -> None:
         self._routes = routes
         self._timeout_s = request_timeout_s
-        self.ready = False  # the first route table arrived
+        self.ready = False  # a route table with some route in it arrived (then stays True)
         s = settings()
         self._body_buffer_bytes = s.http_body_buffer_bytes
         self._max_request_id_length = s.max_request_id_length
@@ -202,8 +203,8 @@ class ProxyApp:
         if path == "/-/healthz":
             if self.ready:
                 await _send_body(send, 200, b"success", b"text/plain")
-            else:
-                await _send_body(send, 503, b"The proxy has no route table yet.", b"text/plain")
+            else:  # as Ray answers until an application is exposed
+                await _send_body(send, 503, NO_ROUTES_MESSAGE.encode(), b"text/plain")
         elif path == "/-/routes":
             table = {r.route_prefix: r.app_name for r in self._routes.routes}
             await _send_body(send, 200, orjson.dumps(table), b"application/json")

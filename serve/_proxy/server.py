@@ -118,7 +118,19 @@ class ProxyServer:
             proxy_headers=False,  # the proxy faces its clients: the peer is the client
             log_config=None,
             timeout_keep_alive=max(1, round(self._http.keep_alive_timeout_s)),
+            ssl_keyfile=self._http.ssl_keyfile,
+            ssl_certfile=self._http.ssl_certfile,
+            ssl_keyfile_password=self._http.ssl_keyfile_password,
+            ssl_ca_certs=self._http.ssl_ca_certs,
         )
+        try:
+            config.load()  # the TLS files are read here: a bad one is reported, not retried
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise SystemExit(
+                f"serve-proxy: cannot serve HTTPS with ssl_keyfile={self._http.ssl_keyfile!r} "
+                f"and ssl_certfile={self._http.ssl_certfile!r}: {exc}. Check the files (PEM) "
+                "and the key's password (ssl_keyfile_password)."
+            ) from exc
         server = self._server = uvicorn.Server(config)
         watch = asyncio.create_task(self._watch_routes(client, info), name="proxy:routes")
         children: list[subprocess.Popen[bytes]] = []
@@ -196,7 +208,8 @@ class ProxyServer:
             try:
                 async for routes in client.controller.watch_routes(info):
                     self._routes.update(routes)
-                    self._app.ready = True
+                    if self._routes.routes:
+                        self._app.ready = True
                     self._have_routes.set()
                     clock.linked()
             except Exception as exc:  # ControllerUnavailableError, or a refusal

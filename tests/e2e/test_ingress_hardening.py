@@ -134,32 +134,13 @@ class Front:
     def __init__(self, controller: StandaloneController, markers: Path) -> None:
         self.controller = controller
         self.markers = markers
-        proxy = wait_for(self._healthy, timeout_s=30, interval_s=0.2)
+        proxy = controller.healthy_proxy()
         self.http = proxy["http_address"]
         self.grpc = proxy["grpc_address"]
         self.host, port = self.http.rsplit(":", 1)
         self.port = int(port)
         self.url = f"http://{self.http}"
         self.process = psutil.Process(int(proxy["pid"]))
-
-    def _healthy(self) -> dict[str, str] | None:
-        import json
-        import subprocess
-        import sys
-
-        from tests.support.procs import ROOT, python_env
-
-        out = subprocess.run(
-            [sys.executable, "-m", "serve", "status", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env=python_env(**self.controller.driver_env()),
-        )
-        proxies = list(json.loads(out.stdout)["proxies"].values()) if out.returncode == 0 else []
-        healthy = proxies[0] if proxies and proxies[0]["status"] == "HEALTHY" else None
-        return healthy  # type: ignore[no-any-return]
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=10)

@@ -4,7 +4,6 @@ shutdown (nothing left behind)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -107,36 +106,10 @@ def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
         controller.cleanup()
 
 
-def _serve(controller: StandaloneController, *args: str) -> str:
-    """Run a `serve` command against the controller; its stdout."""
-    result = subprocess.run(
-        [*SERVE, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=python_env(**controller.driver_env()),
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def _status(controller: StandaloneController) -> dict[str, object]:
-    return json.loads(_serve(controller, "status", "--json"))  # type: ignore[no-any-return]
-
-
-def _proxy(controller: StandaloneController) -> dict[str, object]:
-    def healthy() -> object:
-        proxies = list(_status(controller)["proxies"].values())  # type: ignore[attr-defined]
-        return proxies[0] if proxies and proxies[0]["status"] == "HEALTHY" else None
-
-    return wait_for(healthy, timeout_s=30, interval_s=0.2)  # type: ignore[no-any-return]
-
-
 def test_request_timeout_is_408_and_workers_share_the_port(
     proxied: StandaloneController,
 ) -> None:
-    url = f"http://{_proxy(proxied)['http_address']}/hello"
+    url = f"http://{proxied.healthy_proxy()['http_address']}/hello"
     assert len(proxied.proxy_pids()) == 2  # the proxy and its second worker
     with httpx.Client(timeout=30) as client:
         assert client.get(url).text == "hello"
@@ -155,7 +128,7 @@ def test_the_request_timeout_travels_with_nested_calls(
 ) -> None:
     """request_timeout_s becomes the deadline of the nested call too: it fails with
     RequestTimeoutError in the outer replica, and the inner replica's work is cancelled."""
-    url = f"http://{_proxy(proxied)['http_address']}/nested"
+    url = f"http://{proxied.healthy_proxy()['http_address']}/nested"
     marker = tmp_path / "inner"
     reply = httpx.get(url, params={"marker": str(marker)}, timeout=30)
     assert reply.status_code == 408
@@ -167,24 +140,24 @@ def test_the_request_timeout_travels_with_nested_calls(
 
 
 def test_status_shows_the_proxy(proxied: StandaloneController) -> None:
-    proxy = _proxy(proxied)
+    proxy = proxied.healthy_proxy()
     assert proxy["http_address"]
     assert proxy["pid"] in proxied.proxy_pids()
-    assert f"HEALTHY (http {proxy['http_address']})" in _serve(proxied, "status")
+    assert f"HEALTHY (http {proxy['http_address']})" in proxied.serve("status")
 
 
 def test_proxy_outlives_a_controller_crash_and_is_readopted(
     proxied: StandaloneController,
 ) -> None:
-    proxy = _proxy(proxied)
+    proxy = proxied.healthy_proxy()
     url = f"http://{proxy['http_address']}/hello"
     proxied.kill()  # SIGKILL: no chance to stop anything
     assert httpx.get(url, timeout=30).text == "hello"  # served on the last route table
     proxied.start()  # same port, same state directory
-    readopted = _proxy(proxied)
+    readopted = proxied.healthy_proxy()
     assert readopted["pid"] == proxy["pid"]
     assert httpx.get(url, timeout=30).text == "hello"
-    _serve(proxied, "shutdown")  # stops the adopted proxy too, though it is not its child
+    proxied.serve("shutdown")  # stops the adopted proxy too, though it is not its child
     wait_for(lambda: not pids_alive([int(proxy["pid"])]), timeout_s=30)
 
 
@@ -202,11 +175,11 @@ def test_a_hung_proxy_fails_its_health_checks_and_is_replaced(tmp_path: Path) ->
         controller.start()
         deployed = run_script(DEPLOY, **controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
-        hung = _proxy(controller)
+        hung = controller.healthy_proxy()
         os.kill(int(hung["pid"]), signal.SIGSTOP)  # alive, but answers nothing
 
         def replaced() -> object:
-            proxy = _proxy(controller)
+            proxy = controller.healthy_proxy()
             return proxy if proxy["pid"] != hung["pid"] else None
 
         new = wait_for(replaced, timeout_s=30, interval_s=0.2)
@@ -226,8 +199,8 @@ def test_proxy_location(tmp_path: Path, location: str, proxies: int) -> None:
     try:
         controller.start()
         if proxies:
-            _proxy(controller)
-        assert len(_status(controller)["proxies"]) == proxies  # type: ignore[arg-type]
+            controller.healthy_proxy()
+        assert len(controller.status()["proxies"]) == proxies  # type: ignore[arg-type]
         assert len(controller.proxy_pids()) == proxies
     finally:
         controller.cleanup()
@@ -236,7 +209,7 @@ def test_proxy_location(tmp_path: Path, location: str, proxies: int) -> None:
 def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
     pids = proxied.proxy_pids()
     assert pids
-    _serve(proxied, "shutdown")
+    proxied.serve("shutdown")
     wait_for(lambda: not pids_alive(pids), timeout_s=30)
 
 

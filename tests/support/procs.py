@@ -172,6 +172,34 @@ class StandaloneController:
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
 
+    def serve(self, *args: str) -> str:
+        """Run a `serve` command against this controller; its stdout (it must succeed)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=python_env(**self.driver_env()),
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def status(self) -> dict[str, Any]:
+        """`serve status --json`."""
+        import json
+
+        return json.loads(self.serve("status", "--json"))  # type: ignore[no-any-return]
+
+    def healthy_proxy(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """This controller's proxy, as `serve status --json` lists it, once it is HEALTHY."""
+
+        def healthy() -> dict[str, Any] | None:
+            proxies = list(self.status()["proxies"].values())
+            return proxies[0] if proxies and proxies[0]["status"] == "HEALTHY" else None
+
+        return wait_for(healthy, timeout_s=timeout_s, interval_s=0.2)  # type: ignore[no-any-return]
+
     def replica_pids(self) -> list[int]:
         """Replica processes launched by this controller, found by their command line."""
         return replica_pids_of(self.address)
