@@ -25,6 +25,7 @@ def changed(a: ReplicaSet, b: ReplicaSet) -> bool:
         or a.max_ongoing_requests != b.max_ongoing_requests
         or a.autoscaling != b.autoscaling
         or a.unavailable != b.unavailable
+        or a.backpressure != b.backpressure
     )
 
 

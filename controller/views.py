@@ -72,6 +72,7 @@ def replica_sets(
             metrics_interval_s=auto.metrics_interval_s if auto is not None else 0.0,
             unavailable=unavailable,
             request_router=config.request_router_config,
+            backpressure=config.backpressure_config,
         )
     return sets
 

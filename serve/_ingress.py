@@ -36,13 +36,22 @@ class GrpcStatusError(Exception):
         return f"{self.code}: {self.details}"
 
 
-def body_messages(status: int, body: bytes, content_type: bytes) -> list[dict[str, Any]]:
+def body_messages(
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> list[dict[str, Any]]:
     """The ASGI messages of a whole response: its start, then its one body."""
     return [
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", b"%d" % len(body)),
+                *headers,
+            ],
         },
         {"type": "http.response.body", "body": body, "more_body": False},
     ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from serve.config import AutoscalingConfig, RequestRouterConfig
+from serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +96,7 @@ class ReplicaSet:
     metrics_interval_s: float = 0.0
     unavailable: str = ""  # why requests cannot be served now (a failed deploy); "": they can
     request_router: RequestRouterConfig | None = None  # a custom router; None: the default
+    backpressure: BackpressureConfig | None = None  # how the proxy answers a dropped request
 
 
 class _Status(enum.StrEnum):
@@ -170,6 +171,8 @@ class DeploymentConfig:
     # replicas above the target.
     rolling_update_percentage: float = 0.2
     max_surge_percent: float = 0.0
+    # The HTTP answer to a request dropped by max_queued_requests (None: 503, no Retry-After).
+    backpressure_config: BackpressureConfig | None = None
 
     def __post_init__(self) -> None:
         router: Any = self.request_router_config

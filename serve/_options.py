@@ -18,7 +18,7 @@ import orjson
 from serve._logging import check_logging_config
 from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
-from serve.config import AutoscalingConfig, RequestRouterConfig
+from serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 from serve.request_router._base import router_class_of
 
 
@@ -193,6 +193,16 @@ _ROUTER_SHORTHANDS = (
 )
 
 
+def _check_backpressure(value: Any) -> BackpressureConfig | None:
+    """Ray's backpressure_config: a dict or BackpressureConfig (None: 503, no Retry-After)."""
+    if value is None:
+        return None
+    try:
+        return BackpressureConfig.from_value(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"serve.deployment: {exc}") from exc
+
+
 def _check_router_config(value: Any) -> RequestRouterConfig | None:
     """Ray's request_router_config: a dict or RequestRouterConfig naming a RequestRouter."""
     if value is None:
@@ -290,6 +300,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "health_check_timeout_s": lambda v: _float("health_check_timeout_s", v, positive=True),
     "logging_config": lambda v: check_logging_config(v),
     "request_router_config": _check_router_config,
+    "backpressure_config": lambda v: _check_backpressure(v),
     "max_constructor_retry_count": lambda v: _int("max_constructor_retry_count", v, minimum=1),
     "rolling_update_percentage": lambda v: _fraction(
         "rolling_update_percentage", v, low=0.0, high=1.0, low_open=True

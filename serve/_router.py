@@ -38,6 +38,7 @@ from serve._policy import candidate_tiers, choose
 from serve._request import Request, RequestState
 from serve._serialization import CODEC_NAMES, decode
 from serve._settings import settings
+from serve.config import BackpressureConfig
 from serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -76,6 +77,7 @@ class Router:
         self._lock = threading.Lock()
         self._num_queued = 0
         self._max_queued = -1
+        self._backpressure: BackpressureConfig | None = None  # the deployment's HTTP answer
         self._seq = itertools.count()
         self._failed_passes = 0
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -124,10 +126,13 @@ class Router:
         with self._lock:
             if queued:
                 if limit != -1 and self._num_queued >= limit:
+                    answer = self._backpressure
                     raise BackPressureError(
                         num_queued_requests=self._num_queued,
                         max_queued_requests=limit,
                         deployment=str(self.deployment_id),
+                        status_code=answer.status_code if answer else 503,
+                        retry_after_s=answer.retry_after_s if answer else None,
                     )
                 self._num_queued += 1
             self.num_requests += 1
@@ -191,6 +196,7 @@ class Router:
 
     def on_replica_set(self, replica_set: ReplicaSet) -> None:
         self._max_queued = replica_set.max_queued_requests
+        self._backpressure = replica_set.backpressure
         if not replica_set.exists or replica_set.unavailable:
             self.fail_all(self._gone(replica_set))
             return

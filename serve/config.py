@@ -25,6 +25,7 @@ __all__ = [
     "AutoscalingConfig",
     "AutoscalingContext",
     "AutoscalingPolicy",
+    "BackpressureConfig",
     "ControllerOptions",
     "HTTPOptions",
     "ProxyLocation",
@@ -34,6 +35,52 @@ __all__ = [
 ]
 
 _LEGACY_TARGET_NAMES = ("target_num_ongoing_requests_per_replica", "target_num_ongoing_requests")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackpressureConfig:
+    """The HTTP answer to a request dropped because ``max_queued_requests`` is reached (Ray
+    2.58's): ``status_code`` 503 (the default) or 429, and, with ``retry_after_s``, a
+    ``Retry-After`` header of that many seconds, rounded up. A deployment that is unavailable
+    (its deploy failed) still answers 503; over gRPC a dropped request is always
+    RESOURCE_EXHAUSTED.
+
+    Example::
+
+        @serve.deployment(
+            max_queued_requests=64,
+            backpressure_config=BackpressureConfig(status_code=429, retry_after_s=5),
+        )
+        class Model: ...
+    """
+
+    status_code: int = 503
+    retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.status_code, bool) or self.status_code not in (503, 429):
+            raise ValueError(
+                f"backpressure_config.status_code must be 503 or 429, got {self.status_code!r}."
+            )
+        retry = self.retry_after_s
+        if retry is not None:
+            if isinstance(retry, bool) or not isinstance(retry, int | float):
+                raise TypeError(
+                    f"backpressure_config.retry_after_s must be a number of seconds or None, "
+                    f"got {retry!r}."
+                )
+            if not math.isfinite(retry) or retry < 0:
+                raise ValueError(
+                    f"backpressure_config.retry_after_s must be a finite number >= 0, got {retry}."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status_code": self.status_code, "retry_after_s": self.retry_after_s}
+
+    @classmethod
+    def from_value(cls, value: Any) -> BackpressureConfig:
+        config: BackpressureConfig = _options_from(cls, value, "backpressure_config", frozenset())
+        return config
 
 
 @dataclasses.dataclass(frozen=True)

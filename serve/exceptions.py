@@ -47,33 +47,59 @@ RayServeException = ServeError
 class BackPressureError(ServeError):
     """The handle already holds ``max_queued_requests`` requests waiting for a replica.
 
-    The caller should retry later, or raise the deployment's ``max_queued_requests``.
+    The caller should retry later, or raise the deployment's ``max_queued_requests``. Over
+    HTTP it is answered ``status_code`` (503, or 429 by the deployment's
+    ``backpressure_config``), with a ``Retry-After`` header when ``retry_after_s`` is set.
     """
 
     def __init__(
-        self, *, num_queued_requests: int, max_queued_requests: int, deployment: str = ""
+        self,
+        num_queued_requests: int,
+        max_queued_requests: int,
+        status_code: int = 503,
+        retry_after_s: float | None = None,
+        *,
+        deployment: str = "",
     ) -> None:
         self.num_queued_requests = num_queued_requests
         self.max_queued_requests = max_queued_requests
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
         self.deployment = deployment
-        where = f" to '{deployment}'" if deployment else ""
-        super().__init__(
-            f"Request{where} dropped due to backpressure "
-            f"(num_queued_requests={num_queued_requests}, "
-            f"max_queued_requests={max_queued_requests}); retry later or raise the limit."
+        where = (
+            f" Retry later, or raise max_queued_requests of '{deployment}'." if deployment else ""
         )
+        # Ray's text first: clients match on it.
+        super().__init__(
+            f"Request dropped due to backpressure (num_queued_requests={num_queued_requests}, "
+            f"max_queued_requests={max_queued_requests}).{where}"
+        )
+
+    @property
+    def message(self) -> str:
+        return str(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_backpressure,
-            (self.num_queued_requests, self.max_queued_requests, self.deployment),
+            (
+                self.num_queued_requests,
+                self.max_queued_requests,
+                self.deployment,
+                self.status_code,
+                self.retry_after_s,
+            ),
         )
 
 
-def _rebuild_backpressure(queued: int, limit: int, deployment: str) -> BackPressureError:
-    return BackPressureError(
-        num_queued_requests=queued, max_queued_requests=limit, deployment=deployment
-    )
+def _rebuild_backpressure(
+    queued: int,
+    limit: int,
+    deployment: str,
+    status_code: int = 503,
+    retry_after_s: float | None = None,
+) -> BackPressureError:
+    return BackPressureError(queued, limit, status_code, retry_after_s, deployment=deployment)
 
 
 class RequestCancelledError(ServeError):

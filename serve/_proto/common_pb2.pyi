@@ -271,6 +271,7 @@ class DeploymentConfig(_message.Message):
     REQUEST_ROUTER_FIELD_NUMBER: _builtins.int
     ROLLING_UPDATE_PERCENTAGE_FIELD_NUMBER: _builtins.int
     MAX_SURGE_PERCENT_FIELD_NUMBER: _builtins.int
+    BACKPRESSURE_FIELD_NUMBER: _builtins.int
     num_replicas: _builtins.int
     max_ongoing_requests: _builtins.int
     max_queued_requests: _builtins.int
@@ -298,6 +299,10 @@ class DeploymentConfig(_message.Message):
     def request_router(self) -> Global___RequestRouterConfig:
         """unset: power of two choices"""
 
+    @_builtins.property
+    def backpressure(self) -> Global___BackpressureConfig:
+        """unset: 503, no Retry-After"""
+
     def __init__(
         self,
         *,
@@ -317,10 +322,11 @@ class DeploymentConfig(_message.Message):
         request_router: Global___RequestRouterConfig | None = ...,
         rolling_update_percentage: _builtins.float | None = ...,
         max_surge_percent: _builtins.float = ...,
+        backpressure: Global___BackpressureConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "backpressure", b"backpressure", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "max_surge_percent", b"max_surge_percent", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "backpressure", b"backpressure", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "max_surge_percent", b"max_surge_percent", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rolling_update_percentage: _TypeAlias = _typing.Literal["rolling_update_percentage"]  # noqa: Y015
     _WhichOneofArgType__rolling_update_percentage: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage"]  # noqa: Y015
@@ -332,6 +338,34 @@ class DeploymentConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__user_config_json) -> _WhichOneofReturnType__user_config_json | None: ...
 
 Global___DeploymentConfig: _TypeAlias = DeploymentConfig  # noqa: Y015
+
+@_typing.final
+class BackpressureConfig(_message.Message):
+    """The HTTP answer to a request dropped by max_queued_requests (Ray's BackpressureConfig)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
+    status_code: _builtins.int
+    """503 or 429"""
+    retry_after_s: _builtins.float
+    """unset: no Retry-After header"""
+    def __init__(
+        self,
+        *,
+        status_code: _builtins.int = ...,
+        retry_after_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_after_s", b"_retry_after_s", "retry_after_s", b"retry_after_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_after_s", b"_retry_after_s", "retry_after_s", b"retry_after_s", "status_code", b"status_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__retry_after_s: _TypeAlias = _typing.Literal["retry_after_s"]  # noqa: Y015
+    _WhichOneofArgType__retry_after_s: _TypeAlias = _typing.Literal["_retry_after_s", b"_retry_after_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_after_s) -> _WhichOneofReturnType__retry_after_s | None: ...
+
+Global___BackpressureConfig: _TypeAlias = BackpressureConfig  # noqa: Y015
 
 @_typing.final
 class DeploymentSpec(_message.Message):
@@ -454,6 +488,7 @@ class ReplicaSet(_message.Message):
     METRICS_INTERVAL_S_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
     REQUEST_ROUTER_FIELD_NUMBER: _builtins.int
+    BACKPRESSURE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     exists: _builtins.bool
     """false once the deployment is deleted (or before it is deployed)"""
@@ -472,6 +507,10 @@ class ReplicaSet(_message.Message):
     def request_router(self) -> Global___RequestRouterConfig:
         """unset: power of two choices"""
 
+    @_builtins.property
+    def backpressure(self) -> Global___BackpressureConfig:
+        """unset: 503, no Retry-After"""
+
     def __init__(
         self,
         *,
@@ -484,10 +523,11 @@ class ReplicaSet(_message.Message):
         metrics_interval_s: _builtins.float = ...,
         unavailable: _builtins.str = ...,
         request_router: Global___RequestRouterConfig | None = ...,
+        backpressure: Global___BackpressureConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request_router", b"request_router"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backpressure", b"backpressure", "request_router", b"request_router"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "request_router", b"request_router", "unavailable", b"unavailable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "backpressure", b"backpressure", "exists", b"exists", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "metrics_interval_s", b"metrics_interval_s", "replicas", b"replicas", "request_router", b"request_router", "unavailable", b"unavailable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 Scope = dict[str, Any]
+Headers = tuple[tuple[bytes, bytes], ...]
+_Answer = tuple[int, str, Headers]  # status, body text, extra headers
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
@@ -134,16 +137,20 @@ class ProxyApp:
             if answer is not None:
                 await _fail(scope, send, state, *answer)
 
-    def _error_answer(self, exc: Exception, app_name: str) -> tuple[int, str] | None:
+    def _error_answer(self, exc: Exception, app_name: str) -> _Answer | None:
         """The HTTP answer to a failed request, as Ray answers (None: the client left)."""
         if isinstance(exc, RequestTimeoutError):  # not a TimeoutError of the user's: a 500
-            return 408, f"Request timed out after {self._timeout_s}s (request_timeout_s)."
-        if isinstance(exc, BackPressureError | DeploymentUnavailableError):
-            return 503, str(exc)
+            return 408, f"Request timed out after {self._timeout_s}s (request_timeout_s).", ()
+        if isinstance(exc, BackPressureError):  # the deployment's backpressure_config
+            retry = exc.retry_after_s
+            headers = () if retry is None else ((b"retry-after", b"%d" % max(0, math.ceil(retry))),)
+            return exc.status_code, str(exc), headers
+        if isinstance(exc, DeploymentUnavailableError):
+            return 503, str(exc), ()
         if isinstance(exc, RequestCancelledError):
             return None  # the client went away
         logger.warning("Request to %s failed: %s", app_name, exc)
-        return 500, f"{type(exc).__name__}: {exc}"
+        return 500, f"{type(exc).__name__}: {exc}", ()
 
     async def _forward(
         self,
@@ -262,23 +269,27 @@ async def _room_or_gone(stream: Any, watch: ConnectionWatch | None) -> bool:
     return not watch.closed
 
 
-async def _fail(scope: Scope, send: Send, state: _Forward, status: int, text: str) -> None:
+async def _fail(
+    scope: Scope, send: Send, state: _Forward, status: int, text: str, headers: Headers = ()
+) -> None:
     if state.started:
         return  # too late to answer: the client sees the connection end
     state.started = True
-    await _answer(scope, send, status, text)
+    await _answer(scope, send, status, text, headers)
 
 
-async def _answer(scope: Scope, send: Send, status: int, text: str) -> None:
+async def _answer(scope: Scope, send: Send, status: int, text: str, headers: Headers = ()) -> None:
     if scope["type"] == "websocket":
         # Before accept, closing answers the handshake with 403; 1011 after it.
         await send({"type": "websocket.close", "code": 1011, "reason": text[:120]})
         return
-    await _send_body(send, status, text.encode(), b"text/plain; charset=utf-8")
+    await _send_body(send, status, text.encode(), b"text/plain; charset=utf-8", headers)
 
 
-async def _send_body(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    for message in body_messages(status, body, content_type):
+async def _send_body(
+    send: Send, status: int, body: bytes, content_type: bytes, headers: Headers = ()
+) -> None:
+    for message in body_messages(status, body, content_type, headers):
         await send(message)
 
 

@@ -23,6 +23,7 @@ from serve.config import (
     AggregationFunction,
     AutoscalingConfig,
     AutoscalingPolicy,
+    BackpressureConfig,
     RequestRouterConfig,
 )
 from serve.metrics import Sample
@@ -83,7 +84,23 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
         msg.request_router.CopyFrom(router_config_to_proto(config.request_router_config))
     msg.rolling_update_percentage = config.rolling_update_percentage
     msg.max_surge_percent = config.max_surge_percent
+    if config.backpressure_config is not None:
+        msg.backpressure.CopyFrom(backpressure_to_proto(config.backpressure_config))
     return msg
+
+
+def backpressure_to_proto(config: BackpressureConfig) -> common_pb2.BackpressureConfig:
+    msg = common_pb2.BackpressureConfig(status_code=config.status_code)
+    if config.retry_after_s is not None:
+        msg.retry_after_s = config.retry_after_s
+    return msg
+
+
+def backpressure_from_proto(msg: common_pb2.BackpressureConfig) -> BackpressureConfig:
+    return BackpressureConfig(
+        status_code=msg.status_code or 503,
+        retry_after_s=msg.retry_after_s if msg.HasField("retry_after_s") else None,
+    )
 
 
 def policy_to_proto(policy: AutoscalingPolicy) -> common_pb2.AutoscalingPolicy:
@@ -178,6 +195,9 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
             msg.rolling_update_percentage if msg.HasField("rolling_update_percentage") else 0.2
         ),
         max_surge_percent=msg.max_surge_percent,
+        backpressure_config=(
+            backpressure_from_proto(msg.backpressure) if msg.HasField("backpressure") else None
+        ),
     )
 
 
@@ -268,6 +288,9 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
         request_router=(
             router_config_to_proto(rs.request_router) if rs.request_router is not None else None
         ),
+        backpressure=(
+            backpressure_to_proto(rs.backpressure) if rs.backpressure is not None else None
+        ),
     )
 
 
@@ -293,6 +316,9 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
         unavailable=msg.unavailable,
         request_router=(
             router_config_from_proto(msg.request_router) if msg.HasField("request_router") else None
+        ),
+        backpressure=(
+            backpressure_from_proto(msg.backpressure) if msg.HasField("backpressure") else None
         ),
     )
 

@@ -1,0 +1,221 @@
+"""Ray 2.60's ingress surface through real daemons: backpressure answers (BackpressureConfig),
+HTTPS (HTTPOptions' ssl_* fields), and /-/healthz before any application is exposed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.requests import Request
+
+import serve
+from serve.config import BackpressureConfig, HTTPOptions
+from tests.support.procs import StandaloneController, run_script, wait_for
+from tests.support.tls import make_certs
+
+pytestmark = pytest.mark.e2e
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class Gate:
+    """Holds each request until the test opens the gate (a file)."""
+
+    def __init__(self, gate: str) -> None:
+        self.gate = Path(gate)
+
+    async def __call__(self, request: Request) -> str:
+        while not self.gate.exists():  # noqa: ASYNC110 - the test opens it from outside
+            await asyncio.sleep(0.02)
+        return "through"
+
+
+def _fill(url: str, client: httpx.AsyncClient) -> tuple[asyncio.Task[httpx.Response], ...]:
+    """One request running and one queued: the next one is dropped."""
+    return tuple(asyncio.ensure_future(client.get(url)) for _ in range(2))
+
+
+async def _dropped(url: str, gate: Path) -> tuple[httpx.Response, list[int]]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        held = _fill(url, client)
+        await asyncio.sleep(0.5)  # both reached the proxy's queue
+        dropped = await client.get(url)
+        gate.touch()
+        statuses = [r.status_code for r in await asyncio.gather(*held)]
+    return dropped, statuses
+
+
+def test_backpressure_config_sets_the_status_and_retry_after(http_url: str, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    app = Gate.options(
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=2.5)
+    ).bind(str(gate))
+    serve.run(app, name="shed", route_prefix="/shed")
+    dropped, held = asyncio.run(_dropped(f"{http_url}/shed", gate))
+    assert held == [200, 200]
+    assert dropped.status_code == 429
+    assert dropped.headers["retry-after"] == "3"  # rounded up to whole seconds
+    assert dropped.text.startswith("Request dropped due to backpressure")
+
+
+def test_backpressure_defaults_to_503_without_retry_after(http_url: str, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    serve.run(Gate.bind(str(gate)), name="shed", route_prefix="/shed")
+    dropped, held = asyncio.run(_dropped(f"{http_url}/shed", gate))
+    assert held == [200, 200]
+    assert dropped.status_code == 503
+    assert "retry-after" not in dropped.headers
+
+
+def test_backpressure_config_is_validated_as_ray_validates_it() -> None:
+    with pytest.raises(ValueError, match="503 or 429"):
+        BackpressureConfig(status_code=500)
+    with pytest.raises(ValueError, match="retry_after_s"):
+        BackpressureConfig(retry_after_s=-1)
+    with pytest.raises(ValueError, match="retry_after_s"):
+        BackpressureConfig(retry_after_s=float("inf"))
+    with pytest.raises(ValueError, match="retry_after"):  # a typo is refused, not dropped
+        Gate.options(backpressure_config={"retry_after": 5})
+    assert Gate.options(backpressure_config={"status_code": 429}) is not None
+
+
+# HTTPS.
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> dict[str, str]:
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    files = make_certs(directory)
+    return {
+        "key": files["SERVE_TLS_KEY"],
+        "cert": files["SERVE_TLS_CERT"],
+        "ca": files["SERVE_TLS_CA"],
+    }
+
+
+def _encrypted_copy(key: str, password: str) -> str:
+    out = f"{key}.enc"
+    subprocess.run(
+        ["openssl", "rsa", "-aes256", "-in", key, "-out", out, "-passout", f"pass:{password}"],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+DRIVER = """
+import serve
+from starlette.requests import Request
+
+@serve.deployment
+class Hello:
+    def __call__(self, request: Request) -> str:
+        return f"hello over {request.url.scheme}"
+
+serve.run(Hello.bind(), name="hello", route_prefix="/")
+"""
+
+
+@pytest.fixture
+def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[StandaloneController]:
+    key = _encrypted_copy(certs["key"], "s3cret")
+    controller = StandaloneController(
+        tmp_path / "state",
+        "--proxy-location",
+        "EveryNode",
+        "--http-port",
+        "0",
+        "--http-ssl-keyfile",
+        key,
+        "--http-ssl-certfile",
+        certs["cert"],
+        SERVE_HTTP_SSL_KEYFILE_PASSWORD="s3cret",  # never on a command line
+    )
+    try:
+        controller.start()
+        deployed = run_script(DRIVER, **controller.driver_env())
+        assert deployed.returncode == 0, deployed.stderr
+        yield controller
+    finally:
+        controller.cleanup()
+
+
+def test_https_with_a_password_protected_key(
+    https_controller: StandaloneController, certs: dict[str, str]
+) -> None:
+    address = https_controller.healthy_proxy()["http_address"]
+    trust = ssl.create_default_context(cafile=certs["ca"])
+    reply = httpx.get(f"https://{address}/", verify=trust, timeout=10)
+    assert reply.text == "hello over https"
+    with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on that port
+        httpx.get(f"http://{address}/", timeout=10)
+    # The password is in no process's command line.
+    for pid in https_controller.proxy_pids():
+        assert "s3cret" not in " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode())
+
+
+def test_https_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="ssl_keyfile and ssl_certfile must be provided together"):
+        HTTPOptions(ssl_keyfile="key.pem")
+    with pytest.raises(ValueError, match="ssl_keyfile and ssl_certfile must be provided together"):
+        serve.start(http_options={"ssl_certfile": "cert.pem"})
+
+
+def test_a_bad_key_is_reported_in_status(tmp_path: Path, certs: dict[str, str]) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    controller = StandaloneController(
+        tmp_path / "state",
+        "--proxy-location",
+        "EveryNode",
+        "--http-port",
+        "0",
+        "--http-ssl-keyfile",
+        str(bad),
+        "--http-ssl-certfile",
+        certs["cert"],
+    )
+    try:
+        controller.start()
+
+        def unhealthy() -> str:
+            proxies = list(controller.status()["proxies"].values())
+            return proxies[0]["message"] if proxies and proxies[0]["status"] == "UNHEALTHY" else ""
+
+        message = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
+        assert "cannot serve HTTPS" in message
+    finally:
+        controller.cleanup()
+
+
+# Health before any application.
+
+
+def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
+    controller = StandaloneController(
+        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0"
+    )
+    try:
+        controller.start()
+        address = controller.healthy_proxy()["http_address"]  # up from the start
+        early = httpx.get(f"http://{address}/-/healthz", timeout=10)
+        assert (early.status_code, early.text) == (503, "Route table is not populated yet.")
+        deployed = run_script(DRIVER, **controller.driver_env())
+        assert deployed.returncode == 0, deployed.stderr
+
+        def healthy() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"http://{address}/-/healthz", timeout=10).text == "success"
+            return False
+
+        wait_for(healthy, timeout_s=30)
+        controller.serve("delete", "hello")
+        assert httpx.get(f"http://{address}/-/healthz", timeout=10).status_code == 200
+    finally:
+        controller.cleanup()
