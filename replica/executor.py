@@ -15,13 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from replica.ingress import (
-    Lifespan,
-    bind_class_routes,
-    call_app,
-    grpc_method_handler,
-    serve_asgi,
-)
+from replica.grpc_methods import serve_grpc_call
+from replica.ingress import Lifespan, bind_class_routes, call_app, serve_asgi
 from replica.loader import apply_code_env, apply_runtime_env, load_callable, load_init_args
 from replica.workers import SyncWorkers
 from serve._context import (
@@ -32,7 +27,7 @@ from serve._context import (
     set_current_request,
     set_replica_context,
 )
-from serve._ingress import ASGI_METHOD, GRPC_METHOD, GrpcStatusError, asgi_app_of
+from serve._ingress import ASGI_METHOD, GRPC_METHOD, GrpcCall, asgi_app_of
 from serve._metrics import RequestStats
 from serve._models import CodeEnv, DeploymentConfig, DeploymentSpec, ReplicaID
 from serve._multiplex import registry as multiplex_registry
@@ -280,38 +275,19 @@ class Executor:
         await serve_asgi(self._asgi_app(), *args, **kwargs, feed=request.feed, emit=emit)
 
     async def _serve_grpc(
-        self, method: str, payload: bytes, servicer_functions: tuple[str, ...]
-    ) -> AsyncIterator[bytes]:
-        """A gRPC call the proxy forwarded: the method named after the RPC method gets the
-        deserialized request; each response (one, or one per item) goes back serialized."""
-        # As a gRPC server answers: an unknown service or method is UNIMPLEMENTED, a request
-        # that does not decode INVALID_ARGUMENT.
-        try:
-            handler = grpc_method_handler(tuple(servicer_functions), method)
-        except LookupError as exc:
-            raise GrpcStatusError("UNIMPLEMENTED", str(exc)) from None
-        name = method.rsplit("/", 1)[-1]
-        try:
-            _, kind = self.resolve(name)
-        except ServeError as exc:
-            raise GrpcStatusError(
-                "UNIMPLEMENTED", f"Method {method} is not implemented by {self.deployment}: {exc}"
-            ) from None
-        deserialize = handler.request_deserializer
-        serialize = handler.response_serializer or (lambda value: value)
-        try:
-            message = deserialize(payload) if deserialize is not None else payload
-        except Exception as exc:
-            raise GrpcStatusError(
-                "INVALID_ARGUMENT", f"Could not decode the request message of {method}: {exc}"
-            ) from None
+        self,
+        method: str,
+        messages: list[bytes],
+        servicer_functions: tuple[str, ...],
+        call: GrpcCall | None = None,
+    ) -> AsyncIterator[Any]:
+        """A gRPC call the proxy forwarded (see ``replica/grpc_methods.py``)."""
         request = current_request()
         assert request is not None
-        if kind in ("gen", "asyncgen") or handler.response_streaming:
-            async for item in self._stream(name, (message,), {}, request):
-                yield serialize(item)
-        else:
-            yield serialize(await self.call(name, (message,), {}, request))
+        async for item in serve_grpc_call(
+            self, self.deployment, method, messages, servicer_functions, call, request
+        ):
+            yield item
 
     def workers(self) -> SyncWorkers:
         if self._workers is None:

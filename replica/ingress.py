@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -226,62 +225,3 @@ class Lifespan:
 
     async def _send(self, message: Message) -> None:
         self._answer.put_nowait(message)
-
-
-class _Capture:
-    """Stands in for a grpc server: records the handlers a servicer function registers."""
-
-    def __init__(self) -> None:
-        self.generic: list[Any] = []
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self.generic.extend(handlers)
-
-    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-        pass  # the generic handlers registered alongside cover the same methods
-
-
-class _AnyServicer:
-    """A servicer with every method: servicer functions only bind them."""
-
-    def __getattr__(self, name: str) -> Any:
-        return None
-
-
-class _Details:
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.invocation_metadata: tuple[Any, ...] = ()
-
-
-_grpc_handlers: dict[tuple[str, ...], list[Any]] = {}
-
-
-class UnknownGrpcMethod(LookupError):
-    """No servicer function registers the method."""
-
-
-def grpc_method_handler(servicer_functions: tuple[str, ...], method: str) -> Any:
-    """The grpc method handler (its request deserializer and response serializer) that the
-    user's ``add_XServicer_to_server`` functions register for ``method``."""
-    handlers = _grpc_handlers.get(servicer_functions)
-    if handlers is None:
-        capture = _Capture()
-        for path in servicer_functions:
-            module_name, _, attribute = path.rpartition(".")
-            try:
-                function = getattr(importlib.import_module(module_name), attribute)
-            except (ImportError, AttributeError, ValueError) as exc:
-                raise ServeError(
-                    f"Could not import the gRPC servicer function {path!r} in the replica: "
-                    f"{exc}. It must be importable where the deployment's code runs."
-                ) from exc
-            function(_AnyServicer(), capture)
-        handlers = _grpc_handlers[servicer_functions] = capture.generic
-    for generic in handlers:
-        found = generic.service(_Details(method))
-        if found is not None:
-            return found
-    raise UnknownGrpcMethod(
-        f"gRPC method {method!r} is not in the servicer functions {list(servicer_functions)}."
-    )

@@ -4,11 +4,12 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-mkdir -p "$scratch/serve/_proto" "$scratch/tests/support"
+mkdir -p "$scratch/serve/_proto" "$scratch/serve/generated" "$scratch/tests/support"
 cp -r "$root/proto" "$scratch/proto"
 cp -r "$root/tests/support/protos" "$scratch/tests/support/protos"
 cd "$scratch"
 eval "$PROTOC" proto/*.proto
+eval "$API_PROTOC" proto/api/*.proto
 eval "$TEST_PROTOC" tests/support/protos/*.proto
 cd "$root"
 status=0
@@ -19,6 +20,13 @@ for f in "$scratch"/serve/_proto/*; do
     status=1
   fi
 done
+for f in "$scratch"/serve/generated/*; do
+  name=$(basename "$f")
+  if ! cmp -s "$f" "serve/generated/$name"; then
+    echo "proto drift: serve/generated/$name differs from what proto/api generates; run 'make proto'." >&2
+    status=1
+  fi
+done
 for f in "$scratch"/tests/support/*_pb2*.py; do
   name=$(basename "$f")
   if ! cmp -s "$f" "tests/support/$name"; then
@@ -26,7 +34,7 @@ for f in "$scratch"/tests/support/*_pb2*.py; do
     status=1
   fi
 done
-for f in serve/_proto/*_pb2*; do
-  [ -e "$scratch/serve/_proto/$(basename "$f")" ] || { echo "proto drift: stale $f" >&2; status=1; }
+for f in serve/_proto/*_pb2* serve/generated/*_pb2*; do
+  [ -e "$scratch/$f" ] || { echo "proto drift: stale $f" >&2; status=1; }
 done
 exit $status

@@ -11,6 +11,7 @@ HTTP library: the SDK stays light.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
@@ -18,8 +19,41 @@ from typing import Any
 
 ASGI_METHOD = "__serve_asgi__"
 GRPC_METHOD = "__serve_grpc__"
-FED_METHODS = frozenset({ASGI_METHOD})  # calls whose caller feeds them inputs while they run
+# Calls whose caller feeds them inputs while they run: an HTTP connection's receive messages,
+# a gRPC call's further request messages (client and bidirectional streaming).
+FED_METHODS = frozenset({ASGI_METHOD, GRPC_METHOD})
 APP_ATTRIBUTE = "__serve_asgi_app__"  # set on a class by serve.ingress
+
+# A forwarded gRPC call (GRPC_METHOD) streams back, in order: INPUT_WANTED when the method
+# reads a request stream (the proxy then starts feeding the client's further messages as
+# ``{"type": "grpc.message", "body": bytes}`` inputs, then ``{"type": "grpc.end"}``); each
+# response message as bytes; and last, a GrpcCallEnd when the method set a status, details,
+# trailing metadata or compression on its grpc_context.
+INPUT_WANTED = "serve.grpc.input_wanted"
+GRPC_END_INPUT = {"type": "grpc.end"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GrpcCall:
+    """What the proxy tells the replica of a gRPC call (Ray's RayServegRPCContext is built
+    from it): plain values, so it pickles."""
+
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
+    peer: str = ""
+    auth_context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    peer_identities: Any = None
+    peer_identity_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GrpcCallEnd:
+    """What the method set on its grpc_context, for the proxy to apply to the real call.
+    ``code`` is a ``grpc.StatusCode`` name ("" when not set)."""
+
+    code: str = ""
+    details: str = ""
+    trailing_metadata: tuple[tuple[str, Any], ...] = ()
+    compression: Any = None
 
 
 class GrpcStatusError(Exception):

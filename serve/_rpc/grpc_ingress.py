@@ -1,18 +1,26 @@
 """The proxy's gRPC ingress: user-defined gRPC services served by ingress deployments, as Ray's
 gRPC proxy serves them, without the user's protos in the proxy.
 
-Every method path is accepted and forwarded as raw bytes: the ingress replica deserializes the
-request with the servicer functions' own (de)serializers, calls the deployment's method named
-after the RPC method, and sends back serialized responses (one for a unary method, one per
-item for a server-streaming one). The application is chosen by the ``application`` metadata
-key (or is the only one); ``multiplexed_model_id`` and ``request_id`` metadata are honoured.
-The standard ``grpc.health.v1.Health`` service answers SERVING once routes are known.
+Every method path is accepted as a bidirectional stream of raw messages, which is what every
+gRPC method is on the wire: a unary client sends one message and half-closes, a
+client-streaming one sends several. The first message travels with the call; when the method
+reads a request stream the replica asks for the rest (INPUT_WANTED) and they follow as inputs,
+within the ingress window. The ingress replica decodes with the servicer functions' own
+(de)serializers and calls the deployment's method named after the RPC method (see
+``replica/grpc_methods.py``). The application is chosen by the ``application`` metadata key
+(or is the only one); ``multiplexed_model_id`` and ``request_id`` metadata are honoured, and
+the request id comes back in the trailing metadata. What the method set on its
+``grpc_context`` (code, details, trailing metadata, compression) is applied to the call.
+Ray's ``RayServeAPIService`` (``ListApplications``, ``Healthz``) and the standard
+``grpc.health.v1.Health`` service are answered here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import pickle
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
@@ -20,7 +28,14 @@ import grpc
 import grpc.aio
 
 from serve._context import RequestContext, request_deadline, set_current_request
-from serve._ingress import GRPC_METHOD, GrpcStatusError
+from serve._ingress import (
+    GRPC_END_INPUT,
+    GRPC_METHOD,
+    INPUT_WANTED,
+    GrpcCall,
+    GrpcCallEnd,
+    GrpcStatusError,
+)
 from serve._models import Route
 from serve._rpc.channel import raise_open_file_limit, server_options
 from serve._settings import settings
@@ -32,6 +47,10 @@ from serve.exceptions import (
 )
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+LIST_APPLICATIONS = "/ray.serve.RayServeAPIService/ListApplications"
+HEALTHZ = "/ray.serve.RayServeAPIService/Healthz"
+NO_ROUTES_MESSAGE = "Route table is not populated yet."
+MAX_DETAILS_LENGTH = 4096  # status details travel in HTTP/2 trailers, which are bounded
 DEADLINE_SLACK_S = 0.01  # a call cancelled this close to its deadline was cancelled by it
 SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 NOT_SERVING = b"\x08\x02"
@@ -68,17 +87,42 @@ class _Ingress(grpc.GenericRpcHandler):
         method = handler_call_details.method
         if method == HEALTH_CHECK:
             return grpc.unary_unary_rpc_method_handler(self._health)
+        if method == LIST_APPLICATIONS:
+            return grpc.unary_unary_rpc_method_handler(self._list_applications)
+        if method == HEALTHZ:
+            return grpc.unary_unary_rpc_method_handler(self._healthz)
         # A partial of an async generator function still reads as one to grpc.aio.
-        return grpc.unary_stream_rpc_method_handler(functools.partial(self._forward, method))
+        return grpc.stream_stream_rpc_method_handler(functools.partial(self._forward, method))
 
     async def _health(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         return SERVING if self._readiness.ready else NOT_SERVING
 
+    async def _list_applications(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """Ray's ListApplicationsResponse{application_names}, encoded by hand (field 1)."""
+        if not self._readiness.ready:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(NO_ROUTES_MESSAGE)
+        names = sorted({r.app_name for r in self._routes.routes})
+        return b"".join(_length_delimited(1, name.encode()) for name in names)
+
+    async def _healthz(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """Ray's HealthzResponse{message}: "success", or UNAVAILABLE with the reason."""
+        message = "success" if self._readiness.ready else NO_ROUTES_MESSAGE
+        if not self._readiness.ready:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(message)
+        return _length_delimited(1, message.encode())
+
     async def _forward(
-        self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[bytes]:
-        relay = self._relay(method, request, context)
-        del request  # the relay holds it while it runs
+        relay = self._relay(method, requests, context)
+        del requests  # the relay holds it while it runs
         status: tuple[grpc.StatusCode, str] | None = None
         async for item in relay:
             if isinstance(item, _Failed):
@@ -94,17 +138,27 @@ class _Ingress(grpc.GenericRpcHandler):
             await context.abort(*status)
 
     async def _relay(
-        self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncGenerator[bytes | _Failed, None]:
         """The forwarded call's responses, or, last, how it failed."""
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        route = self._route(metadata.get("application", ""))
+        invocation = tuple(
+            (k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)
+        )
+        metadata = dict(invocation)
+        app_name = metadata.get("application", "")
+        route = self._route(app_name)
         if route is None:
-            known = sorted(r.app_name for r in self._routes.routes)
+            which = (
+                f"Application '{app_name}' not found."
+                if app_name
+                else ("Application metadata not set.")
+            )
             yield _Failed(
                 grpc.StatusCode.NOT_FOUND,
-                f"Application {metadata.get('application', '')!r} not found; set the "
-                f"'application' metadata to one of {known}.",
+                f"{which} Ping {LIST_APPLICATIONS} for available applications.",
             )
             return
         handle = self._routes.handle(route).options(
@@ -120,11 +174,25 @@ class _Ingress(grpc.GenericRpcHandler):
         remaining = context.time_remaining()
         limits = [t for t in (remaining, self._timeout_s) if t is not None]
         timeout_s = min(limits) if limits else None
-        with request_deadline(timeout_s):  # enforced by the router and the replicas
-            stream = handle.remote(method, request, self._functions)
         try:
-            async for payload in stream:
-                yield payload
+            first = [await anext(requests)]  # a unary call's one message, with the call
+        except StopAsyncIteration:
+            first = []
+        call = GrpcCall(invocation_metadata=invocation, peer=context.peer())
+        with request_deadline(timeout_s):  # enforced by the router and the replicas
+            stream = handle.remote(method, first, self._functions, call)
+        del first
+        pump: asyncio.Task[None] | None = None
+        end: GrpcCallEnd | None = None
+        try:
+            async for item in stream:
+                if type(item) is bytes:
+                    yield item
+                elif item == INPUT_WANTED:
+                    pump = asyncio.create_task(_pump(requests, stream), name="proxy:grpc-input")
+                elif isinstance(item, GrpcCallEnd):
+                    end = item
+            _finish(context, end, stream.request_id)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= DEADLINE_SLACK_S:
@@ -138,6 +206,11 @@ class _Ingress(grpc.GenericRpcHandler):
             # would keep the request alive in a cycle until the cyclic collector runs.
             exc.__traceback__ = None
             yield _Failed(*_status_of(exc, timeout_s))
+        finally:
+            if pump is not None:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
 
     def _route(self, app_name: str) -> Route | None:
         if app_name:
@@ -156,10 +229,48 @@ class _Failed:
         self.details = details
 
 
+async def _pump(requests: AsyncIterator[bytes], stream: Any) -> None:
+    """Feed the client's further request messages to the replica, within the ingress window
+    (the client is not read meanwhile: HTTP/2 flow control holds it back), then the end."""
+    async for message in requests:
+        if stream._input_full():
+            await stream._input_room()
+        stream._feed(pickle.dumps({"type": "grpc.message", "body": message}, protocol=5))
+    stream._feed(pickle.dumps(GRPC_END_INPUT, protocol=5))
+
+
+def _finish(context: grpc.aio.ServicerContext[Any, Any], end: GrpcCallEnd | None, rid: str) -> None:
+    """Apply what the method set on its grpc_context; the request id goes back, as Ray's."""
+    if end is None:
+        context.set_trailing_metadata((("request_id", rid),))
+        return
+    if end.code:
+        context.set_code(getattr(grpc.StatusCode, end.code, grpc.StatusCode.UNKNOWN))
+    if end.details:
+        context.set_details(end.details)
+    if end.compression is not None:
+        context.set_compression(end.compression)
+    context.set_trailing_metadata(end.trailing_metadata or (("request_id", rid),))
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (a string or bytes)."""
+    size = len(payload)
+    varint = bytearray()
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        varint.append(byte | 0x80 if size else byte)
+        if not size:
+            break
+    return bytes([field << 3 | 2]) + bytes(varint) + payload
+
+
 def _status_of(exc: Exception, timeout_s: float | None) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status a failed forwarded call ends with."""
+    """The gRPC status a failed forwarded call ends with, as Ray's proxy answers."""
     if isinstance(exc, RequestTimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, f"Request timed out after {timeout_s}s."
+        text = f"Request timed out after {timeout_s}s." if timeout_s else "Request timed out."
+        return grpc.StatusCode.DEADLINE_EXCEEDED, text
     if isinstance(exc, BackPressureError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DeploymentUnavailableError):
@@ -167,8 +278,16 @@ def _status_of(exc: Exception, timeout_s: float | None) -> tuple[grpc.StatusCode
     if isinstance(exc, RequestCancelledError):
         return grpc.StatusCode.CANCELLED, str(exc)
     if isinstance(exc, GrpcStatusError):
-        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.details
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
+        return code, _truncated(exc.details or str(exc.__cause__ or ""))
+    return grpc.StatusCode.INTERNAL, _truncated(f"{type(exc).__name__}: {exc}")
+
+
+def _truncated(text: str) -> str:
+    if len(text) <= MAX_DETAILS_LENGTH:
+        return text
+    notice = "... [truncated]"
+    return text[: MAX_DETAILS_LENGTH - len(notice)] + notice
 
 
 async def start_grpc_ingress(

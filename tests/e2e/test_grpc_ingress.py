@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import serve
 import serve.context
 import serve.exceptions
+from serve.generated import serve_pb2, serve_pb2_grpc
+from serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from serve.handle import DeploymentHandle
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.procs import proxy_details, wait_for
@@ -172,3 +174,117 @@ def test_undecodable_message_is_invalid_argument(channel: grpc.Channel) -> None:
     stub = greeter_pb2_grpc.GreeterStub(channel)
     reply = stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=10)
     assert reply.message == "Hello x [-]"
+
+
+@serve.deployment
+class Contextual:
+    """Ray's gRPC context, client streaming and bidirectional streaming."""
+
+    def SayHello(
+        self, request: greeter_pb2.HelloRequest, grpc_context: RayServegRPCContext
+    ) -> greeter_pb2.HelloReply:
+        metadata = dict(grpc_context.invocation_metadata())
+        if request.name == "teapot":  # a status without raising
+            grpc_context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+            grpc_context.set_details("short and stout")
+            return greeter_pb2.HelloReply(message="unseen")
+        if request.name == "raise":  # the code set before raising is the call's status
+            grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            raise ValueError("not for you")
+        grpc_context.set_trailing_metadata([("x-seen", metadata.get("x-user", "?"))])
+        return greeter_pb2.HelloReply(
+            message=f"hello {metadata.get('x-user')} at {grpc_context.peer()}"
+        )
+
+    async def JoinNames(self, requests: gRPCInputStream) -> greeter_pb2.HelloReply:
+        names = [request.name async for request in requests]
+        return greeter_pb2.HelloReply(message=",".join(names))
+
+    async def Echo(self, requests: gRPCInputStream) -> AsyncIterator[greeter_pb2.HelloReply]:
+        async for request in requests:
+            yield greeter_pb2.HelloReply(message=request.name.upper())
+
+
+def test_grpc_context_reads_metadata_and_sets_status_and_trailers(channel: grpc.Channel) -> None:
+    serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    metadata = (("application", "ctx"), ("x-user", "ada"), ("request_id", "rid-9"))
+    reply, call = stub.SayHello.with_call(
+        greeter_pb2.HelloRequest(name="x"), metadata=metadata, timeout=10
+    )
+    assert reply.message.startswith("hello ada at ipv")
+    trailers = dict(call.trailing_metadata())
+    assert trailers["x-seen"] == "ada"
+    assert trailers["request_id"] == "rid-9"  # as Ray, the request id comes back
+    with pytest.raises(grpc.RpcError) as teapot:
+        stub.SayHello(greeter_pb2.HelloRequest(name="teapot"), metadata=metadata, timeout=10)
+    assert teapot.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert teapot.value.details() == "short and stout"
+    with pytest.raises(grpc.RpcError) as denied:
+        stub.SayHello(greeter_pb2.HelloRequest(name="raise"), metadata=metadata, timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not for you" in denied.value.details()
+
+
+def test_client_streaming_and_bidirectional_streaming(channel: grpc.Channel) -> None:
+    serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    metadata = (("application", "ctx"),)
+    names = [f"n{i}" for i in range(300)]  # more than the ingress window holds at once
+    joined = stub.JoinNames(
+        (greeter_pb2.HelloRequest(name=n) for n in names), metadata=metadata, timeout=30
+    )
+    assert joined.message == ",".join(names)
+    empty = stub.JoinNames(iter(()), metadata=metadata, timeout=30)
+    assert empty.message == ""
+    echoed = stub.Echo(
+        (greeter_pb2.HelloRequest(name=n) for n in ("a", "b", "c")), metadata=metadata, timeout=30
+    )
+    assert [r.message for r in echoed] == ["A", "B", "C"]
+
+
+def test_bidirectional_streaming_answers_each_message_as_it_comes(
+    serve_instance: None,
+) -> None:
+    """A reply arrives before the client sends its next message: the call really streams."""
+    serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
+    address = proxy_details().grpc_address
+
+    async def talk() -> list[str]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = greeter_pb2_grpc.GreeterStub(channel)
+            call = stub.Echo(metadata=(("application", "ctx"),), timeout=30)
+            heard = []
+            for name in ("x", "y", "z"):
+                await call.write(greeter_pb2.HelloRequest(name=name))
+                heard.append((await call.read()).message)
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+            return heard
+
+    assert asyncio.run(talk()) == ["X", "Y", "Z"]
+
+
+def test_ray_serve_api_service(channel: grpc.Channel) -> None:
+    serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    stub = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+    listed = stub.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10)
+    assert "greet" in listed.application_names
+    assert stub.Healthz(serve_pb2.HealthzRequest(), timeout=10).message == "success"
+
+
+def test_not_found_says_where_to_look(channel: grpc.Channel) -> None:
+    serve.run(Greeter.bind("Hello"), name="en", route_prefix="/en")
+    serve.run(Greeter.bind("Bonjour"), name="fr", route_prefix="/fr")
+    stub = greeter_pb2_grpc.GreeterStub(channel)
+    request = greeter_pb2.HelloRequest(name="Ada")
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.SayHello(request, metadata=(("application", "de"),), timeout=10)
+    assert unknown.value.details() == (
+        "Application 'de' not found. Ping /ray.serve.RayServeAPIService/ListApplications for "
+        "available applications."
+    )
+    with pytest.raises(grpc.RpcError) as unset:
+        stub.SayHello(request, timeout=10)
+    assert unset.value.code() == grpc.StatusCode.NOT_FOUND
+    assert unset.value.details().startswith("Application metadata not set.")

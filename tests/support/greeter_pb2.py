@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btests/support/greeter.proto\x12\x07greeter\"+\n\x0cHelloRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x1d\n\nHelloReply\x12\x0f\n\x07message\x18\x01 \x01(\t2z\n\x07Greeter\x12\x36\n\x08SayHello\x12\x15.greeter.HelloRequest\x1a\x13.greeter.HelloReply\x12\x37\n\x07\x43ountTo\x12\x15.greeter.HelloRequest\x1a\x13.greeter.HelloReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btests/support/greeter.proto\x12\x07greeter\"+\n\x0cHelloRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x1d\n\nHelloReply\x12\x0f\n\x07message\x18\x01 \x01(\t2\xed\x01\n\x07Greeter\x12\x36\n\x08SayHello\x12\x15.greeter.HelloRequest\x1a\x13.greeter.HelloReply\x12\x37\n\x07\x43ountTo\x12\x15.greeter.HelloRequest\x1a\x13.greeter.HelloReply0\x01\x12\x39\n\tJoinNames\x12\x15.greeter.HelloRequest\x1a\x13.greeter.HelloReply(\x01\x12\x36\n\x04\x45\x63ho\x12\x15.greeter.HelloRequest\x1a\x13.greeter.HelloReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREQUEST']._serialized_end=83
   _globals['_HELLOREPLY']._serialized_start=85
   _globals['_HELLOREPLY']._serialized_end=114
-  _globals['_GREETER']._serialized_start=116
-  _globals['_GREETER']._serialized_end=238
+  _globals['_GREETER']._serialized_start=117
+  _globals['_GREETER']._serialized_end=354
 # @@protoc_insertion_point(module_scope)

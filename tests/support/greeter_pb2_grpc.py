@@ -44,6 +44,16 @@ class GreeterStub:
                 request_serializer=tests_dot_support_dot_greeter__pb2.HelloRequest.SerializeToString,
                 response_deserializer=tests_dot_support_dot_greeter__pb2.HelloReply.FromString,
                 _registered_method=True)
+        self.JoinNames = channel.stream_unary(
+                '/greeter.Greeter/JoinNames',
+                request_serializer=tests_dot_support_dot_greeter__pb2.HelloRequest.SerializeToString,
+                response_deserializer=tests_dot_support_dot_greeter__pb2.HelloReply.FromString,
+                _registered_method=True)
+        self.Echo = channel.stream_stream(
+                '/greeter.Greeter/Echo',
+                request_serializer=tests_dot_support_dot_greeter__pb2.HelloRequest.SerializeToString,
+                response_deserializer=tests_dot_support_dot_greeter__pb2.HelloReply.FromString,
+                _registered_method=True)
 
 
 class GreeterServicer:
@@ -61,6 +71,18 @@ class GreeterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinNames(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Echo(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GreeterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -71,6 +93,16 @@ def add_GreeterServicer_to_server(servicer, server):
             ),
             'CountTo': grpc.unary_stream_rpc_method_handler(
                     servicer.CountTo,
+                    request_deserializer=tests_dot_support_dot_greeter__pb2.HelloRequest.FromString,
+                    response_serializer=tests_dot_support_dot_greeter__pb2.HelloReply.SerializeToString,
+            ),
+            'JoinNames': grpc.stream_unary_rpc_method_handler(
+                    servicer.JoinNames,
+                    request_deserializer=tests_dot_support_dot_greeter__pb2.HelloRequest.FromString,
+                    response_serializer=tests_dot_support_dot_greeter__pb2.HelloReply.SerializeToString,
+            ),
+            'Echo': grpc.stream_stream_rpc_method_handler(
+                    servicer.Echo,
                     request_deserializer=tests_dot_support_dot_greeter__pb2.HelloRequest.FromString,
                     response_serializer=tests_dot_support_dot_greeter__pb2.HelloReply.SerializeToString,
             ),
@@ -127,6 +159,60 @@ class Greeter:
             request,
             target,
             '/greeter.Greeter/CountTo',
+            tests_dot_support_dot_greeter__pb2.HelloRequest.SerializeToString,
+            tests_dot_support_dot_greeter__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinNames(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/greeter.Greeter/JoinNames',
+            tests_dot_support_dot_greeter__pb2.HelloRequest.SerializeToString,
+            tests_dot_support_dot_greeter__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/greeter.Greeter/Echo',
             tests_dot_support_dot_greeter__pb2.HelloRequest.SerializeToString,
             tests_dot_support_dot_greeter__pb2.HelloReply.FromString,
             options,
