@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 
 import cloudpickle
 
+from serve._ingress import asgi_app_of_class
 from serve._models import DeploymentConfig
 from serve._options import (
     DEFAULT,
@@ -18,6 +19,7 @@ from serve._options import (
     validate_deployment_options,
 )
 from serve._serialization import dumps_code
+from serve.exceptions import ServeError
 
 T = TypeVar("T")
 
@@ -309,7 +311,19 @@ def build_application(
         return _replace_nested(value, replace)
 
     ingress = visit(app)
+    _check_single_asgi_ingress(built, app_name)
     return ingress, built
+
+
+def _check_single_asgi_ingress(built: list[BuiltDeployment], app_name: str) -> None:
+    """As Ray: one application serves HTTP through at most one @serve.ingress app."""
+    asgi = [b.name for b in built if asgi_app_of_class(b.deployment.func_or_class) is not None]
+    if len(asgi) > 1:
+        raise ServeError(
+            f'Found multiple FastAPI deployments in application "{app_name}". Please only '
+            "include one deployment with @serve.ingress in your application to avoid this "
+            f"issue (found {asgi})."
+        )
 
 
 _PLAIN = frozenset({str, bytes, int, float, bool, type(None), set, frozenset})

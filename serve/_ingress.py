@@ -120,21 +120,26 @@ def ingress(app: Any) -> Callable[..., Any]:
                 pass
 
             cls = ASGIIngress
-        if not inspect.isclass(cls):
+        if not inspect.isclass(cls):  # Ray's words first
             raise ValueError(
-                "@serve.ingress must decorate a class (put it under @serve.deployment); "
-                f"got {type(cls).__name__}."
+                "@serve.ingress must be used with a class. Put it under @serve.deployment, "
+                f"on a class; got {type(cls).__name__}."
             )
-        if "__call__" in cls.__dict__:
+        if callable(getattr(cls, "__call__", None)) and "__call__" in _own_attributes(cls):
             raise ValueError(
-                f"Class {cls.__name__} decorated with @serve.ingress cannot define __call__: "
-                "the ASGI app answers HTTP requests."
+                "Classes passed to @serve.ingress may not have __call__ method. The ASGI app "
+                f"answers HTTP requests for {cls.__name__}: remove its __call__."
             )
         _resolve_annotations(app, cls)
         setattr(cls, APP_ATTRIBUTE, app)
         return cls
 
     return decorator
+
+
+def _own_attributes(cls: type) -> set[str]:
+    """Names defined by the class or its bases, ``object`` and ``type`` aside."""
+    return {name for klass in cls.__mro__ if klass is not object for name in vars(klass)}
 
 
 def _resolve_annotations(app: Any, cls: type) -> None:
@@ -155,4 +160,9 @@ def _resolve_annotations(app: Any, cls: type) -> None:
 
 def asgi_app_of(target: Any) -> Any | None:
     """The ASGI app a deployment's class was given by ``serve.ingress``, if any."""
-    return getattr(type(target), APP_ATTRIBUTE, None)
+    return asgi_app_of_class(type(target))
+
+
+def asgi_app_of_class(cls: Any) -> Any | None:
+    """The ASGI app ``serve.ingress`` gave a class, if any (None for a function too)."""
+    return getattr(cls, APP_ATTRIBUTE, None) if inspect.isclass(cls) else None
