@@ -49,6 +49,8 @@ typecheck: install
 
 TEST_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Itests/support=tests/support/protos \
 	--python_out=. --grpc_python_out=.
+EXAMPLE_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Iexamples=examples/protos \
+	--python_out=. --grpc_python_out=.
 # Ray's public gRPC API (RayServeAPIService), importable as serve.generated.serve_pb2.
 API_PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc \
 	-Iserve/generated=proto/api --python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=.
@@ -57,9 +59,11 @@ proto: install
 	$(PROTOC) proto/*.proto
 	$(API_PROTOC) proto/api/*.proto
 	$(TEST_PROTOC) tests/support/protos/*.proto
+	$(EXAMPLE_PROTOC) examples/protos/*.proto
 
 proto-check: install
-	PROTOC='$(PROTOC)' API_PROTOC='$(API_PROTOC)' TEST_PROTOC='$(TEST_PROTOC)' scripts/check_proto.sh
+	PROTOC='$(PROTOC)' API_PROTOC='$(API_PROTOC)' TEST_PROTOC='$(TEST_PROTOC)' \
+		EXAMPLE_PROTOC='$(EXAMPLE_PROTOC)' scripts/check_proto.sh
 
 bench: install
 	-scripts/install_wrk.sh

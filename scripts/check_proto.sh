@@ -4,13 +4,15 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-mkdir -p "$scratch/serve/_proto" "$scratch/serve/generated" "$scratch/tests/support"
+mkdir -p "$scratch/serve/_proto" "$scratch/serve/generated" "$scratch/tests/support" "$scratch/examples"
 cp -r "$root/proto" "$scratch/proto"
 cp -r "$root/tests/support/protos" "$scratch/tests/support/protos"
+cp -r "$root/examples/protos" "$scratch/examples/protos"
 cd "$scratch"
 eval "$PROTOC" proto/*.proto
 eval "$API_PROTOC" proto/api/*.proto
 eval "$TEST_PROTOC" tests/support/protos/*.proto
+eval "$EXAMPLE_PROTOC" examples/protos/*.proto
 cd "$root"
 status=0
 for f in "$scratch"/serve/_proto/*; do
@@ -27,10 +29,10 @@ for f in "$scratch"/serve/generated/*; do
     status=1
   fi
 done
-for f in "$scratch"/tests/support/*_pb2*.py; do
-  name=$(basename "$f")
-  if ! cmp -s "$f" "tests/support/$name"; then
-    echo "proto drift: tests/support/$name differs from tests/support/protos; run 'make proto'." >&2
+for f in "$scratch"/tests/support/*_pb2*.py "$scratch"/examples/*_pb2*.py; do
+  name=${f#"$scratch"/}
+  if ! cmp -s "$f" "$name"; then
+    echo "proto drift: $name differs from what its .proto generates; run 'make proto'." >&2
     status=1
   fi
 done

@@ -20,6 +20,8 @@ def test_serve_all_is_sorted_and_complete() -> None:
         "config",
         "context",
         "exceptions",
+        "generated",
+        "grpc_util",
         "handle",
         "metrics",
         "request_router",
@@ -54,9 +56,11 @@ def test_ray_serve_names_exist() -> None:
 
 def test_public_modules_export_what_they_define() -> None:
     import serve.autoscaling_policy
+    import serve.grpc_util
     import serve.request_router
 
     for module in (
+        serve.grpc_util,
         serve.handle,
         serve.exceptions,
         serve.config,
