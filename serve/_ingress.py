@@ -125,7 +125,7 @@ def ingress(app: Any) -> Callable[..., Any]:
                 "@serve.ingress must be used with a class. Put it under @serve.deployment, "
                 f"on a class; got {type(cls).__name__}."
             )
-        if callable(getattr(cls, "__call__", None)) and "__call__" in _own_attributes(cls):
+        if "__call__" in _own_attributes(cls):
             raise ValueError(
                 "Classes passed to @serve.ingress may not have __call__ method. The ASGI app "
                 f"answers HTTP requests for {cls.__name__}: remove its __call__."
