@@ -80,7 +80,7 @@ if __name__ == "__main__":
             "grpc_servicer_functions": ["examples.hello_pb2_grpc.add_GreeterServicer_to_server"],
         }
     )
-    serve.run(Greeter.bind(), name="greeter", route_prefix=None)
+    serve.run(Greeter.bind(), name="greeter")
     grpc_address = next(iter(serve.status().proxy_details.values())).grpc_address
     asyncio.run(main(grpc_address))
     serve.shutdown()
