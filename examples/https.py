@@ -36,7 +36,8 @@ def make_certificate(directory: Path) -> tuple[str, str, str]:
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
             "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.cnf")  # fmt: skip
+            "-CAcreateserial", "-out", "server.pem", "-days", "1",
+            "-extfile", "san.cnf")  # fmt: skip
     return str(directory / "server.key"), str(directory / "server.pem"), str(directory / "ca.pem")
 
 

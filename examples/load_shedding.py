@@ -1,5 +1,6 @@
 """Load shedding: when a deployment's queue is full, answer 429 with a Retry-After header
-instead of queueing more (Ray 2.58's BackpressureConfig). Run it: ``python examples/load_shedding.py``.
+instead of queueing more (Ray 2.58's BackpressureConfig).
+Run it: ``python examples/load_shedding.py``.
 
 ``max_ongoing_requests`` bounds what each replica runs at once and ``max_queued_requests`` what
 waits for a replica; a request beyond both is dropped at once. By default the answer is 503;
