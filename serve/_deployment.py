@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 
 import cloudpickle
 
-from serve._ingress import asgi_app_of_class
+from serve._ingress import has_asgi_app
 from serve._models import DeploymentConfig
 from serve._options import (
     DEFAULT,
@@ -317,7 +317,7 @@ def build_application(
 
 def _check_single_asgi_ingress(built: list[BuiltDeployment], app_name: str) -> None:
     """As Ray: one application serves HTTP through at most one @serve.ingress app."""
-    asgi = [b.name for b in built if asgi_app_of_class(b.deployment.func_or_class) is not None]
+    asgi = [b.name for b in built if has_asgi_app(b.deployment.func_or_class)]
     if len(asgi) > 1:
         raise ServeError(
             f'Found multiple FastAPI deployments in application "{app_name}". Please only '

@@ -17,6 +17,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from serve._frozen import Frozen
+
 ASGI_METHOD = "__serve_asgi__"
 GRPC_METHOD = "__serve_grpc__"
 # Calls whose caller feeds them inputs while they run: an HTTP connection's receive messages,
@@ -131,7 +133,9 @@ def ingress(app: Any) -> Callable[..., Any]:
                 f"answers HTTP requests for {cls.__name__}: remove its __call__."
             )
         _resolve_annotations(app, cls)
-        setattr(cls, APP_ATTRIBUTE, app)
+        # As Ray: the app as it is now (a builder function is called in the replica). Routes
+        # added to it later, or by another class decorated with it, are not this class's.
+        setattr(cls, APP_ATTRIBUTE, app if inspect.isfunction(app) else Frozen(app))
         return cls
 
     return decorator
@@ -163,6 +167,12 @@ def asgi_app_of(target: Any) -> Any | None:
     return asgi_app_of_class(type(target))
 
 
+def has_asgi_app(cls: Any) -> bool:
+    """Whether ``serve.ingress`` decorated the class (without unpickling its app)."""
+    return inspect.isclass(cls) and getattr(cls, APP_ATTRIBUTE, None) is not None
+
+
 def asgi_app_of_class(cls: Any) -> Any | None:
-    """The ASGI app ``serve.ingress`` gave a class, if any (None for a function too)."""
-    return getattr(cls, APP_ATTRIBUTE, None) if inspect.isclass(cls) else None
+    """The ASGI app (or app builder) ``serve.ingress`` gave a class, if any."""
+    found = getattr(cls, APP_ATTRIBUTE, None) if inspect.isclass(cls) else None
+    return found.get() if isinstance(found, Frozen) else found

@@ -12,17 +12,16 @@ orjson keeps JSON types (no bytes; tuples come back as lists; dict keys must be 
 
 from __future__ import annotations
 
-import copyreg
 import hashlib
 import pickle
 import re
-import sys
 from typing import Any, Final
 
 import cloudpickle
 import msgpack
 import orjson
 
+from serve._frozen import register_starlette_state
 from serve.exceptions import ServeError
 
 CODEC_NAMES: Final = ("cloudpickle", "pickle", "msgpack", "orjson")
@@ -302,17 +301,7 @@ def dumps_code(value: Any) -> bytes:
             table = ChainMap({types.CodeType: reducer}, table)
         # The C pickler reads dispatch_table from the class when it is created.
         _code_pickler = type("_CodePickler", (cloudpickle.Pickler,), {"dispatch_table": table})
-    _register_starlette_state()
+    register_starlette_state()
     buffer = io.BytesIO()
     _code_pickler(buffer, protocol=5).dump(value)
     return buffer.getvalue()
-
-
-def _register_starlette_state() -> None:
-    """Starlette's ``State`` (in every FastAPI app) unpickles into endless recursion: its
-    ``__getattr__`` reads ``_state`` before it exists. Pickle it by its contents instead, once
-    Starlette is loaded (an app given to ``serve.ingress`` travels with its class)."""
-    module = sys.modules.get("starlette.datastructures")
-    state = getattr(module, "State", None)
-    if state is not None and state not in copyreg.dispatch_table:
-        copyreg.pickle(state, lambda s: (state, (dict(s._state),)))

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import APIRouter, FastAPI
 from starlette.requests import Request
 
 import serve
+import serve.exceptions
 from serve.config import BackpressureConfig, HTTPOptions
 from tests.support.procs import StandaloneController, run_script, wait_for
 from tests.support.tls import make_certs
@@ -219,3 +221,80 @@ def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
         assert httpx.get(f"http://{address}/-/healthz", timeout=10).status_code == 200
     finally:
         controller.cleanup()
+
+
+# FastAPI rules, as Ray's.
+
+
+def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
+    """Two classes decorated with one FastAPI app each serve their own routes; a route added
+    to the app afterwards is served by neither; an included router (FastAPI keeps a lock in
+    it) travels."""
+    app = FastAPI()
+
+    @serve.deployment
+    @serve.ingress(app)
+    class First:
+        @app.get("/")
+        def root(self) -> str:
+            return "first"
+
+    @serve.deployment
+    @serve.ingress(app)
+    class Second:
+        @app.get("/")
+        def root(self) -> str:
+            return "second"
+
+    @app.get("/late")
+    def late() -> str:
+        return "late"
+
+    serve.run(First.bind(), name="first", route_prefix="/v1")
+    serve.run(Second.bind(), name="second", route_prefix="/v2")
+    assert httpx.get(f"{http_url}/v1", follow_redirects=True).json() == "first"
+    assert httpx.get(f"{http_url}/v2", follow_redirects=True).json() == "second"
+    for prefix in ("/v1", "/v2"):
+        assert httpx.get(f"{http_url}{prefix}/late").status_code == 404
+
+    routed = FastAPI()
+    router = APIRouter(prefix="/sub")
+
+    @router.get("/path")
+    def sub() -> str:
+        return "included"
+
+    routed.include_router(router)
+    serve.run(serve.deployment(serve.ingress(routed)()).bind(), name="routed", route_prefix="/r")
+    assert httpx.get(f"{http_url}/r/sub/path").json() == "included"
+
+
+def test_one_fastapi_ingress_per_application(serve_instance: None) -> None:
+    first, second = FastAPI(), FastAPI()
+
+    @serve.deployment
+    @serve.ingress(second)
+    class Inner:
+        pass
+
+    @serve.deployment
+    @serve.ingress(first)
+    class Outer:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+    with pytest.raises(serve.exceptions.ServeError, match="Found multiple FastAPI deployments"):
+        serve.run(Outer.bind(Inner.bind()), name="twice", route_prefix="/twice")
+
+
+def test_ingress_misuse_is_refused_with_rays_words() -> None:
+    app = FastAPI()
+    with pytest.raises(ValueError, match="may not have __call__ method"):
+
+        @serve.ingress(app)
+        class Callable:
+            def __call__(self) -> None:
+                pass
+
+    with pytest.raises(ValueError, match="must be used with a class"):
+        serve.ingress(app)(lambda: None)
