@@ -118,10 +118,14 @@ def ingress(app: Any) -> Callable[..., Any]:
     def decorator(cls: Any = None) -> Any:
         if cls is None:  # serve.ingress(app)(): a deployment class with only the app, as Ray
 
-            class ASGIIngress:
-                pass
+            class ASGIIngressDeployment:
+                """Keeps what it is bound with (a builder's routes may use it)."""
 
-            cls = ASGIIngress
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    self.args = args
+                    self.kwargs = kwargs
+
+            cls = ASGIIngressDeployment
         if not inspect.isclass(cls):  # Ray's words first
             raise ValueError(
                 "@serve.ingress must be used with a class. Put it under @serve.deployment, "

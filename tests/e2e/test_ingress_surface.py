@@ -298,3 +298,32 @@ def test_ingress_misuse_is_refused_with_rays_words() -> None:
 
     with pytest.raises(ValueError, match="must be used with a class"):
         serve.ingress(app)(lambda: None)
+
+
+@serve.deployment
+class AddOne:
+    def __call__(self, a: int) -> int:
+        return a + 1
+
+
+def _adder_app() -> FastAPI:
+    """A builder: called in the replica, its routes reach another deployment of the app."""
+    from fastapi import Depends
+
+    app = FastAPI()
+
+    def add_one() -> object:
+        return serve.get_deployment_handle("AddOne", "built")
+
+    @app.get("/add")
+    async def add(a: int, handle: object = Depends(add_one)) -> int:
+        return await handle.remote(a)  # type: ignore[attr-defined, no-any-return]
+
+    return app
+
+
+def test_a_builder_ingress_without_a_class_takes_arguments(http_url: str) -> None:
+    deployment = serve.deployment(serve.ingress(_adder_app)())
+    assert deployment.name == "ASGIIngressDeployment"  # Ray's name for it
+    serve.run(deployment.bind(AddOne.bind()), name="built", route_prefix="/built")
+    assert httpx.get(f"{http_url}/built/add", params={"a": 2}, timeout=10).json() == 3
