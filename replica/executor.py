@@ -16,7 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from replica.grpc_methods import serve_grpc_call
-from replica.ingress import Lifespan, bind_class_routes, call_app, serve_asgi
+from replica.ingress import (
+    Lifespan,
+    answer_serve_errors,
+    bind_class_routes,
+    call_app,
+    serve_asgi,
+)
 from replica.loader import apply_code_env, apply_runtime_env, load_callable, load_init_args
 from replica.workers import SyncWorkers
 from serve._context import (
@@ -121,6 +127,7 @@ class Executor:
             if inspect.isfunction(app):
                 app = app()
             self._asgi = bind_class_routes(app, type(self._target))
+            answer_serve_errors(self._asgi)
             self._lifespan = Lifespan(self._asgi)
             await self._lifespan.startup()
         user_config = spec.config.user_config_json()

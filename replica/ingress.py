@@ -16,12 +16,13 @@ import asyncio
 import collections
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serve._context import Feed, get_replica_context
 from serve._ingress import body_messages
-from serve.exceptions import ServeError
+from serve.exceptions import BackPressureError, DeploymentUnavailableError, ServeError
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,28 @@ def bind_class_routes(app: Any, cls: type) -> Any:
         router.routes.append(route)
     app.include_router(router)  # re-reads each endpoint's signature
     return app
+
+
+def answer_serve_errors(app: Any) -> None:
+    """Make an app with exception handlers (FastAPI, Starlette) answer a nested call's
+    BackPressureError (its status: 503 or 429, with Retry-After) and DeploymentUnavailableError
+    (503) as the proxy answers them, as Ray does: the framework would answer them 500."""
+    add = getattr(app, "add_exception_handler", None)
+    if add is None:
+        return
+    from starlette.responses import PlainTextResponse
+
+    def answer(request: Any, exc: Exception) -> Any:
+        headers = {}
+        status = 503
+        if isinstance(exc, BackPressureError):
+            status = exc.status_code
+            if exc.retry_after_s is not None:
+                headers["retry-after"] = str(max(0, math.ceil(exc.retry_after_s)))
+        return PlainTextResponse(str(exc), status_code=status, headers=headers)
+
+    for kind in (BackPressureError, DeploymentUnavailableError):
+        add(kind, answer)
 
 
 def _defined_in_class(endpoint: Any) -> bool:

@@ -327,3 +327,42 @@ def test_a_builder_ingress_without_a_class_takes_arguments(http_url: str) -> Non
     assert deployment.name == "ASGIIngressDeployment"  # Ray's name for it
     serve.run(deployment.bind(AddOne.bind()), name="built", route_prefix="/built")
     assert httpx.get(f"{http_url}/built/add", params={"a": 2}, timeout=10).json() == 3
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class Busy:
+    def __init__(self, gate: str) -> None:
+        self.gate = Path(gate)
+
+    async def __call__(self) -> str:
+        while not self.gate.exists():  # noqa: ASYNC110 - the test opens it from outside
+            await asyncio.sleep(0.02)
+        return "done"
+
+
+def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
+    http_url: str, tmp_path: Path
+) -> None:
+    """A FastAPI route whose nested call is dropped answers the child's backpressure status
+    (429 and Retry-After here), not FastAPI's 500, as Ray answers it."""
+    app = FastAPI()
+    gate = tmp_path / "gate"
+
+    @serve.deployment(max_ongoing_requests=10)
+    @serve.ingress(app)
+    class Front:
+        def __init__(self, busy: object) -> None:
+            self.busy = busy
+
+        @app.get("/")
+        async def root(self) -> str:
+            return await self.busy.remote()  # type: ignore[attr-defined, no-any-return]
+
+    busy = Busy.options(backpressure_config={"status_code": 429, "retry_after_s": 1}).bind(
+        str(gate)
+    )
+    serve.run(Front.bind(busy), name="front", route_prefix="/front")
+    dropped, held = asyncio.run(_dropped(f"{http_url}/front/", gate))
+    assert held == [200, 200]
+    assert (dropped.status_code, dropped.headers.get("retry-after")) == (429, "1")
+    assert dropped.text.startswith("Request dropped due to backpressure")
