@@ -226,9 +226,13 @@ class Forget:
 
 @dataclasses.dataclass(frozen=True)
 class SaveReplica:
+    """Make the replica durable: written before it is launched (so it is on disk before it can
+    be counted as running), and again with its pid."""
+
     replica_id: str
     pid: int
     code_version: str
+    request: ResourceRequest
 
 
 @dataclasses.dataclass(frozen=True)

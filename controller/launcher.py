@@ -10,7 +10,8 @@ The contract is the same for every engine (local processes, Slurm jobs, later Ku
   host), or None if it ended first; ``wait()`` returns its ``Exit`` (exit or loss, including a
   replica that dies, or is cancelled, before it ever links); ``stop(grace_s)`` signals it,
   waits ``grace_s``, then kills it; ``kill()`` kills it now.
-- ``adopt(replica_id, pid)`` finds a replica the previous controller launched (None if gone).
+- ``adopt(replica_id, pid, request)`` finds a replica the previous controller launched (None
+  if gone), and holds what it asked for again (``request``, kept in the state database).
 
 Replicas always link back to the controller themselves; the engine's own state only reports
 what happens to a process, never its address.
@@ -66,7 +67,9 @@ class Launcher(Protocol):
         self, replica_id: str, request: ResourceRequest, on_pending: Callable[[str], None]
     ) -> Launched: ...
 
-    async def adopt(self, replica_id: str, pid: int) -> Launched | None: ...
+    async def adopt(
+        self, replica_id: str, pid: int, request: ResourceRequest
+    ) -> Launched | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -209,6 +212,7 @@ class LocalProcessLauncher:
         self._replica_host = replica_host
         self._changed: asyncio.Event | None = None
         self._replicas: dict[str, LocalReplica] = {}
+        self._adopted: dict[str, asyncio.Task[None]] = {}  # replicas of the last controller
 
     async def launch(
         self, replica_id: str, request: ResourceRequest, on_pending: Callable[[str], None]
@@ -300,12 +304,30 @@ class LocalProcessLauncher:
             start_new_session=True,  # terminal signals go to the driver, not to replicas
         )
 
-    async def adopt(self, replica_id: str, pid: int) -> PidReplica | None:
-        return PidReplica(pid) if pid and pid_alive(pid) else None
+    async def adopt(self, replica_id: str, pid: int, request: ResourceRequest) -> PidReplica | None:
+        """A replica of the previous controller: it holds its CPUs (and the GPUs it was given,
+        read from its environment) again until it exits."""
+        if not pid or not pid_alive(pid):
+            return None
+        if replica_id not in self._replicas and replica_id not in self._adopted:
+            self._capacity.hold(replica_id, request, _visible_gpus(pid))
+            self._adopted[replica_id] = asyncio.create_task(
+                self._release_when_gone(replica_id, PidReplica(pid)),
+                name=f"launcher:local:adopted:{replica_id}",
+            )
+        return PidReplica(pid)
+
+    async def _release_when_gone(self, replica_id: str, replica: PidReplica) -> None:
+        try:
+            await replica.wait()
+        finally:
+            self._adopted.pop(replica_id, None)
+            self._free(replica_id)
 
     async def aclose(self) -> None:
         """Stop waiting for room; replicas already running are the supervisor's to stop."""
         tasks = [r.task for r in self._replicas.values() if r.task is not None]
+        tasks += self._adopted.values()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,6 +339,19 @@ def pid_alive(pid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _visible_gpus(pid: int) -> tuple[int, ...]:
+    """The GPU indices a running process was handed (its CUDA_VISIBLE_DEVICES), if readable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return ()
+    for item in environ:
+        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
+            value = item.split(b"=", 1)[1].decode(errors="replace")
+            return tuple(int(i) for i in value.split(",") if i.strip().isdigit())
+    return ()
 
 
 def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:

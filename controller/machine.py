@@ -247,6 +247,7 @@ class ControllerMachine:
     def _start(self, deployment_id: DeploymentID, now_s: float, out: list[ev.Action]) -> None:
         goal = self.goals()[deployment_id]
         replica_id = self._new_replica_id(deployment_id)
+        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
         self.replicas[replica_id] = ReplicaRecord(
             replica_id=replica_id,
             deployment_id=deployment_id,
@@ -254,9 +255,10 @@ class ControllerMachine:
             phase=Phase.STARTING,
             started_at_s=now_s,
             rank=free_rank(self.replicas.values(), deployment_id),
+            request=request,
         )
         self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
-        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
+        out.append(ev.SaveReplica(replica_id, 0, goal.version, request))  # durable first
         out.append(ev.Launch(replica_id, request))
 
     def _begin_stop(
@@ -314,7 +316,9 @@ class ControllerMachine:
         record.pid = event.pid
         record.pending = ""
         record.started_at_s = now_s  # the link timeout counts from here, not from pending
-        out.append(ev.SaveReplica(record.replica_id, event.pid, record.code_version))
+        out.append(
+            ev.SaveReplica(record.replica_id, event.pid, record.code_version, record.request)
+        )
         logger.info("Started replica %s (pid %d)", record.replica_id, event.pid)  # 0: remote
 
     def _launch_failed(self, event: ev.LaunchFailed, out: list[ev.Action]) -> None:
@@ -421,6 +425,7 @@ class ControllerMachine:
                 "Replica %s is not part of the goal state; telling it to stop", event.replica_id
             )
             return False
+        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
         self.replicas[event.replica_id] = ReplicaRecord(
             replica_id=event.replica_id,
             deployment_id=deployment_id,
@@ -433,8 +438,9 @@ class ControllerMachine:
             user_config_json=event.user_config_json or None,
             max_ongoing_requests=goal.max_ongoing_requests,
             next_health_check_s=now_s + goal.spec.config.health_check_period_s,
+            request=request,
         )
-        out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version))
+        out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version, request))
         goal.ever_running = goal.ever_running or current
         logger.info("Re-adopted replica %s (pid %d)", event.replica_id, event.pid)
         return True

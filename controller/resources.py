@@ -9,6 +9,7 @@ No I/O here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,21 @@ class ResourceRequest:
             max_replicas_per_node=config.max_replicas_per_node,
             group=group,
         )
+
+    def to_json(self) -> str:
+        """The request as the state database keeps it (a restarted controller re-adopts its
+        replicas with what they asked for: spreading and resource accounting hold)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ResourceRequest:
+        """Inverse of ``to_json``; an empty or unreadable record is the default request."""
+        try:
+            data = json.loads(text) if text else {}
+            data["custom"] = tuple((str(k), float(v)) for k, v in data.get("custom", ()))
+            return cls(**data)
+        except (ValueError, TypeError, AttributeError):
+            return cls()
 
     def describe(self) -> str:
         """Ray's way of showing a request: {"CPU": 1.0, "GPU": 1.0, "memory": ..., ...}."""
@@ -141,6 +157,16 @@ class NodeCapacity:
         grant = Grant(gpu_ids)
         self._held[holder] = (request, grant)
         return grant
+
+    def hold(self, holder: str, request: ResourceRequest, gpu_ids: tuple[int, ...]) -> None:
+        """Count what a running replica already holds (re-adopted after a restart), even past
+        the capacity: it runs, so it uses it."""
+        share = min(request.num_gpus, 1.0)
+        if self.num_gpus is not None:
+            for index in gpu_ids:
+                if 0 <= index < len(self._gpu_free):
+                    self._gpu_free[index] = max(0.0, self._gpu_free[index] - share)
+        self._held[holder] = (request, Grant(gpu_ids))
 
     def release(self, holder: str) -> None:
         """Give back what ``holder`` held (nothing if it held nothing)."""

@@ -44,10 +44,31 @@ _UNPLACEABLE = (  # sbatch refusals that mean "no node can ever run this", not "
     "Invalid generic resource",
     "Requested partition configuration not available",
 )
+# What Slurm's commands print when slurmctld is down, restarting or overloaded: no verdict about
+# the job, so it is tried again (with backoff) and never counted as a replica failure.
+_TRANSIENT = (
+    "Unable to contact slurm controller",
+    "Socket timed out",
+    "Slurm temporarily unable",
+    "Zero Bytes were transmitted",
+    "Connection refused",
+    "Communication connection failure",
+    "Transport endpoint is not connected",
+    "Resource temporarily unavailable",
+    "backup controller in standby mode",
+    "did not answer within",  # our own timeout of a command
+)
+RETRY_START_S = 0.5  # transient Slurm errors: the first wait before trying again
+RETRY_MAX_S = 8.0  # ... doubling up to this
 
 
 class SlurmError(Exception):
     """A Slurm command failed; the message has the command and what it printed."""
+
+    @property
+    def transient(self) -> bool:
+        """Slurm could not be asked (slurmctld down, restarting, overloaded): try again."""
+        return any(marker in str(self) for marker in _TRANSIENT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,19 +381,26 @@ class SlurmLauncher:
             replica_command(self._controller_address, job.replica_id, "auto", self._log_dir)
         )
         reported = ""
+        backoff_s = RETRY_START_S
         while not job.done():
             try:
                 out = await run_command(
                     args, timeout_s=self.options.command_timeout_s, stdin=script, env=self._env()
                 )
             except SlurmError as exc:
-                if not any(marker in str(exc) for marker in _UNPLACEABLE):
+                if exc.transient:  # no verdict about the job: ask again, later
+                    reason = f"Slurm is unreachable ({exc}); submitting again in {backoff_s:g}s"
+                    delay_s, backoff_s = backoff_s, min(backoff_s * 2, RETRY_MAX_S)
+                elif any(marker in str(exc) for marker in _UNPLACEABLE):
+                    reason = f"Slurm cannot place {job.request.describe()}: {exc}"
+                    delay_s = self.options.retry_s
+                else:
                     raise
-                reason = f"Slurm cannot place {job.request.describe()}: {exc}"
                 if reason != reported:
+                    logger.warning("Replica %s: %s", job.replica_id, reason)
                     on_pending(reason)
                     reported = reason
-                await asyncio.sleep(self.options.retry_s)
+                await asyncio.sleep(delay_s)
                 continue
             job_id = out.strip().split(";", 1)[0]
             if job.done():  # stopped while sbatch ran: nobody wants this job
@@ -405,12 +433,7 @@ class SlurmLauncher:
         if not watched:
             self._forget_done()
             return
-        out = await run_command(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
-            timeout_s=self.options.command_timeout_s,
-            env=None,
-        )
-        listed = parse_squeue(out)
+        listed = await self._squeue()
         for job in watched:
             state = listed.get(job.job_id)
             if state is None:
@@ -436,34 +459,53 @@ class SlurmLauncher:
         self._forget_done()
 
     async def _ended(self, job: SlurmJob) -> None:
-        try:
-            out = await run_command(
-                ["scontrol", "-o", "show", "job", job.job_id],
-                timeout_s=self.options.command_timeout_s,
-                env=None,
-            )
+        state, code = "gone", None
+        for attempt in range(3):  # how it ended; a slurmctld blip is not worth a wrong answer
+            try:
+                out = await run_command(
+                    ["scontrol", "-o", "show", "job", job.job_id],
+                    timeout_s=self.options.command_timeout_s,
+                    env=None,
+                )
+            except SlurmError as exc:
+                if not exc.transient:
+                    break
+                await asyncio.sleep(RETRY_START_S * 2**attempt)
+                continue
             state, code = parse_scontrol_job(out)
-        except SlurmError:
-            state, code = "gone", None
+            break
         where = f" on {job.node}" if job.node else ""
         job.ended(Exit(code, f"Slurm job {job.job_id}{where} ended: {state}, exit code {code}"))
+
+    async def _squeue(self) -> dict[str, JobState]:
+        """This user's jobs, as Slurm lists them now."""
+        out = await run_command(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
+            timeout_s=self.options.command_timeout_s,
+            env=None,
+        )
+        return parse_squeue(out)
 
     def _forget_done(self) -> None:
         for replica_id in [r for r, j in self._jobs.items() if j.done()]:
             job = self._jobs.pop(replica_id)
             self._on_pending.pop(job.job_id, None)
 
-    async def adopt(self, replica_id: str, pid: int) -> SlurmJob | None:
-        """A replica the previous controller launched: its job, if still queued or running."""
-        out = await run_command(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
-            timeout_s=self.options.command_timeout_s,
-            env=None,
-        )
+    async def adopt(self, replica_id: str, pid: int, request: ResourceRequest) -> SlurmJob | None:
+        """A replica the previous controller launched: its job, if still queued or running,
+        with the request it was submitted with (so spreading counts it where it runs)."""
+        for attempt in range(3):  # a restarted controller may meet a restarting slurmctld
+            try:
+                listed = await self._squeue()
+                break
+            except SlurmError as exc:
+                if not exc.transient or attempt == 2:
+                    raise
+                await asyncio.sleep(RETRY_MAX_S)
         name = job_name(self._instance, replica_id)
-        for state in parse_squeue(out).values():
+        for state in listed.values():
             if state.name == name:
-                job = SlurmJob(replica_id, ResourceRequest(), self)
+                job = SlurmJob(replica_id, request, self)
                 job.submitted(state.job_id)
                 if state.state == "RUNNING":
                     job.started(state.node)

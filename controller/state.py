@@ -11,6 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 
+from controller.resources import ResourceRequest
 from serve._models import (
     ApplicationStatus,
     CodeEnv,
@@ -114,6 +115,7 @@ class ReplicaRecord:
     next_health_check_s: float = 0.0  # monotonic
     rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
     pending: str = ""  # while the launcher cannot place it: why
+    request: ResourceRequest = dataclasses.field(default_factory=ResourceRequest)
 
 
 @dataclasses.dataclass(frozen=True)

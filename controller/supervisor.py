@@ -9,6 +9,7 @@ diffed with the last published one, and status waiters wake when the status chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -93,6 +94,7 @@ class Supervisor:
         self._processes: dict[str, Launched] = {}
         self._clients: dict[str, ReplicaClient] = {}
         self._links: dict[str, asyncio.Event] = {}
+        self._saved: dict[str, asyncio.Future[None]] = {}  # each replica's last record write
         self._status_event = asyncio.Event()
         self._status_key: object = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,8 +121,8 @@ class Supervisor:
         """Restore the goal state and the last controller's replicas, then start ticking."""
         apps = await self._store.load()
         previous = []
-        for replica_id, pid, code_version in await self._store.load_replicas():
-            found = await self._launcher.adopt(replica_id, pid)
+        for replica_id, pid, code_version, request in await self._store.load_replicas():
+            found = await self._launcher.adopt(replica_id, pid, ResourceRequest.from_json(request))
             if found is not None:
                 self._watch(replica_id, found)
             previous.append(PreviousReplica(replica_id, pid, code_version, found is not None))
@@ -237,9 +239,13 @@ class Supervisor:
                 self._release(action.replica_id)
                 return self._write(self._store.forget_replica(action.replica_id))
             case SaveReplica():
-                return self._write(
-                    self._store.save_replica(action.replica_id, action.pid, action.code_version)
+                saved = self._write(
+                    self._store.save_replica(
+                        action.replica_id, action.pid, action.code_version, action.request.to_json()
+                    )
                 )
+                self._saved[action.replica_id] = saved
+                return saved
             case PersistApp():
                 return self._write(self._store.save(action.app))
             case MarkDeleting():
@@ -261,6 +267,10 @@ class Supervisor:
             if not self._closed:
                 self._feed(ReplicaPending(replica_id, reason))
 
+        saved = self._saved.get(replica_id)
+        if saved is not None:  # on disk before it runs: a restart re-adopts it, never doubles it
+            with contextlib.suppress(Exception):  # a failed write is logged; launch anyway
+                await asyncio.shield(saved)
         try:
             process = await self._launcher.launch(replica_id, request, on_pending)
         except Exception as exc:
@@ -316,7 +326,7 @@ class Supervisor:
                 pass
         process = self._processes.get(replica_id)
         if process is None and action.pid:  # re-linked without being adopted at start
-            process = await self._launcher.adopt(replica_id, action.pid)
+            process = await self._launcher.adopt(replica_id, action.pid, self._request(replica_id))
             if process is None:
                 self._feed(ReplicaExited(replica_id, None, "gone before it was stopped"))
                 return
@@ -341,12 +351,16 @@ class Supervisor:
 
     async def _kill_unknown(self, replica_id: str, pid: int) -> None:
         """A replica that re-linked without being adopted at start: find it, then kill it."""
-        process = await self._launcher.adopt(replica_id, pid)
+        process = await self._launcher.adopt(replica_id, pid, self._request(replica_id))
         if process is None:
             self._feed(ReplicaExited(replica_id, None, "gone before it was killed"))
             return
         self._watch(replica_id, process)
         process.kill()
+
+    def _request(self, replica_id: str) -> ResourceRequest:
+        record = self.machine.replicas.get(replica_id)
+        return record.request if record is not None else ResourceRequest()
 
     def _client(self, replica_id: str, address: str) -> ReplicaClient:
         client = self._clients.get(replica_id)
@@ -357,6 +371,7 @@ class Supervisor:
 
     def _release(self, replica_id: str) -> None:
         self._processes.pop(replica_id, None)
+        self._saved.pop(replica_id, None)
         link = self._links.pop(replica_id, None)
         if link is not None:
             link.set()

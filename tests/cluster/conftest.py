@@ -71,6 +71,7 @@ class SlurmController(StandaloneController):
 
 def clean_cluster(cluster: SlurmCluster) -> None:
     """No job left: the next test starts on an idle cluster."""
+    cluster.ensure_slurmctld()
     if cluster.squeue():
         subprocess.run(
             ["scancel", "--full", "-u", "root"],

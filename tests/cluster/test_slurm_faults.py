@@ -4,6 +4,7 @@ semantics allow, and nothing is left behind."""
 from __future__ import annotations
 
 import textwrap
+import time
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,8 @@ from tests.support.procs import pids_alive, wait_for
 from tests.support.slurm_cluster import NODES
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+OUTAGE_S = 12.0
 
 DRIVER = textwrap.dedent(
     """
@@ -35,6 +38,19 @@ DRIVER = textwrap.dedent(
 
     def running():
         return sorted((j[0], j[2]) for j in jobs() if j[1] == "RUNNING")
+
+    def deploy_nowait(app, name):
+        target = serve.RunTarget(app, name=name, route_prefix=None)
+        serve.run_many([target], wait_for_applications_running=False)
+
+    def message(name):
+        return serve.status().applications[name].deployments["Where"].message
+
+    def wait_running(name, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while serve.status().applications[name].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status().applications[name]
+            time.sleep(0.2)
 
     def calls_until(handle, done, timeout_s=60):
         # Sequential calls until done(); only ReplicaDiedError is an allowed failure.
@@ -135,7 +151,12 @@ def test_a_lost_node_is_replaced_on_a_healthy_one(slurm_controller: SlurmControl
     wait_for(lambda: not pids_alive(cluster.replica_pids_in(lost_node)), timeout_s=30)
 
 
-def test_jobs_survive_a_slurmctld_restart(slurm_controller: SlurmController) -> None:
+def test_slurmctld_down_during_traffic_and_a_deploy_is_ridden_out(
+    slurm_controller: SlurmController,
+) -> None:
+    """slurmctld stops: traffic goes on, a deploy made meanwhile waits (sbatch fails at once,
+    "Unable to contact slurm controller"; nothing is counted as a replica failure) and completes
+    once slurmctld is back, with the jobs that ran before still running."""
     cluster = slurm_controller.cluster
     before = slurm_controller.drive(
         DRIVER
@@ -146,33 +167,61 @@ def test_jobs_survive_a_slurmctld_restart(slurm_controller: SlurmController) -> 
             """
         )
     )
-    cluster.restart_slurmctld()
+    cluster.stop_slurmctld()
+    down_at = time.monotonic()
     out = slurm_controller.drive(
         DRIVER
         + textwrap.dedent(
             """
             handle = serve.get_app_handle("w")
             answers = [handle.remote().result(timeout_s=15) for _ in range(20)]
-            handle = serve.run(Where.options(num_replicas=3).bind(), name="w")
-            print(json.dumps([len(answers), running()]))
+            deploy_nowait(Where.options(num_replicas=3).bind(), "w")
+            deadline = time.monotonic() + 30
+            while "Slurm is unreachable" not in message("w"):
+                assert time.monotonic() < deadline, message("w")
+                time.sleep(0.2)
+            print(json.dumps([len(answers), message("w")]))
             """
         )
     )
-    answered, after = out
+    answered, waiting = out
     assert answered == 20
+    assert "Unable to contact slurm controller" in waiting, waiting
+    # Longer than the old controller took to give up for good (about 10 s, 11 sbatch calls).
+    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+    status = slurm_controller.drive(
+        DRIVER + "\nprint(json.dumps(serve.status().applications['w'].status))\n"
+    )
+    assert status == "DEPLOYING"
+    cluster.start_slurmctld()
+    out = slurm_controller.drive(
+        DRIVER
+        + textwrap.dedent(
+            """
+            wait_running("w")
+            handle = serve.get_app_handle("w")
+            nodes = {handle.remote().result(timeout_s=15) for _ in range(30)}
+            print(json.dumps([running(), message("w")]))
+            """
+        )
+    )
+    after, settled = out
     assert len(after) == 3
     assert {tuple(j) for j in before} <= {tuple(j) for j in after}  # the same jobs, one more
+    assert "failure" not in settled
 
 
-def test_a_restarted_controller_re_adopts_replicas_on_every_node(
+def test_a_restarted_controller_re_adopts_replicas_and_keeps_spreading_them(
     slurm_controller: SlurmController,
 ) -> None:
+    """The same jobs come back under the new controller, with their resource requests: scaling
+    3 -> 4 with max_replicas_per_node=1 on three nodes holds the fourth back."""
     before = slurm_controller.drive(
         DRIVER
         + textwrap.dedent(
             """
             app = Where.options(
-                num_replicas=3, max_replicas_per_node=1, ray_actor_options={"num_cpus": 1}
+                num_replicas=3, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5}
             )
             serve.run(app.bind(), name="w")
             print(json.dumps(running()))
@@ -187,18 +236,66 @@ def test_a_restarted_controller_re_adopts_replicas_on_every_node(
         + textwrap.dedent(
             """
             handle = serve.get_app_handle("w")
-            deadline = time.monotonic() + 30
-            while serve.status().applications["w"].status != "RUNNING":
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_running("w", timeout_s=30)
             nodes = sorted({handle.remote().result(timeout_s=15) for _ in range(60)})
             jobs_now = running()
+            app = Where.options(
+                num_replicas=4, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5}
+            )
+            deploy_nowait(app.bind(), "w")
+            deadline = time.monotonic() + 30
+            while "pending" not in message("w"):
+                assert time.monotonic() < deadline, message("w")
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few polls: nothing more is placed
+            print(json.dumps([jobs_now, nodes, message("w"), running()]))
             serve.shutdown()
-            print(json.dumps([jobs_now, nodes]))
             """
         )
     )
-    after, nodes = out
+    after, nodes, pending, spread = out
     assert after == before  # re-adopted: the same jobs, nothing restarted
     assert nodes == list(NODES)
+    assert "every node (3) already runs 1 replica(s)" in pending, pending
+    assert sorted(node for _, node in spread) == list(NODES)  # never two on one node
     wait_for(lambda: not slurm_controller.jobs(), timeout_s=20, interval_s=0.2)
+
+
+def test_a_controller_killed_right_after_serve_run_keeps_every_replica(
+    slurm_controllers: Callable[..., SlurmController],
+) -> None:
+    """Each replica is in the state database before it is launched, so serve.run can never
+    count one the next controller would not know: killed at once, restarted, nothing is
+    cancelled or submitted again. (A slow poll: replicas link and run before it sees their
+    jobs RUNNING, the window in which one used to be known only in memory.)"""
+    slurm_controller = slurm_controllers("--slurm-poll-s", "2")
+    assert slurm_controller.process is not None
+    for version in ("1", "2"):  # the second round replaces every replica of the first
+        first = slurm_controller.drive(
+            DRIVER
+            + textwrap.dedent(
+                f"""
+                import os, signal
+                serve.run(Where.options(num_replicas=3, version="{version}").bind(), name="w")
+                os.kill({slurm_controller.process.pid}, signal.SIGKILL)
+                print(json.dumps(running()))
+                """
+            )
+        )
+        slurm_controller.kill()  # reaped (it is gone already)
+        submitted = slurm_controller.cluster.all_job_ids()
+        slurm_controller.start()
+        out = slurm_controller.drive(
+            DRIVER
+            + textwrap.dedent(
+                """
+                wait_running("w", timeout_s=30)
+                time.sleep(1.0)  # a few polls: a replica wrongly replaced would show by now
+                print(json.dumps(running()))
+                """
+            )
+        )
+        # The same jobs (an old version's job may still have been ending in the first list).
+        assert len(out) == 3
+        assert {tuple(j) for j in out} <= {tuple(j) for j in first}, f"{first} -> {out}"
+        assert slurm_controller.cluster.all_job_ids() == submitted  # nothing submitted again

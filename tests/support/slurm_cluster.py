@@ -270,7 +270,9 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         return found
 
     def heal(self) -> None:
-        """Every slurmd running again and every node idle (after a test killed one)."""
+        """slurmctld and every slurmd running again and every node idle (after a test killed
+        one)."""
+        self.ensure_slurmctld()
         for name in NODES:
             if name not in self._slurmd:
                 self.start_slurmd(name)
@@ -280,10 +282,19 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         _wait(self._all_idle, 30, "three idle nodes again")
 
     def restart_slurmctld(self) -> None:
+        self.stop_slurmctld()
+        self.start_slurmctld()
+
+    def ensure_slurmctld(self) -> None:
+        """slurmctld running (a test that stopped it may have failed before it restarted it)."""
+        if self._slurmctld is None or self._slurmctld.poll() is not None:
+            self.start_slurmctld()
+
+    def stop_slurmctld(self) -> None:
+        """slurmctld goes away (jobs keep running); ``start_slurmctld()`` brings it back."""
         assert self._slurmctld is not None
         self._slurmctld.terminate()
         self._slurmctld.wait(20)
-        self.start_slurmctld()
 
     def kill_namespace_processes(self, name: str) -> None:
         for pid in self.namespace_pids(name):
@@ -311,6 +322,16 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             env={**os.environ, **self.env()},
         ).stdout
         return [tuple(line.split("|", 3)) for line in out.splitlines() if line]  # type: ignore[misc]
+
+    def all_job_ids(self) -> list[int]:
+        """Every job Slurm still knows, ended ones included (for MinJobAge): what was submitted."""
+        out = self.scontrol("-o", "show", "jobs").stdout
+        return sorted(
+            int(field.split("=", 1)[1])
+            for line in out.splitlines()
+            for field in line.split()
+            if field.startswith("JobId=")
+        )
 
     def node_states(self) -> dict[str, str]:
         out = self.scontrol("-o", "show", "nodes").stdout
