@@ -84,6 +84,7 @@ class ReplicaExited:
     replica_id: str
     code: int | None
     reason: str = ""  # what the launcher saw: "exited with code 1", "Slurm job 7 NODE_FAIL"
+    node: str = ""  # where it ran, when the launcher knows (before it linked, say)
 
 
 @dataclasses.dataclass(frozen=True)

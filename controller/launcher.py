@@ -44,6 +44,7 @@ class Exit:
 
     code: int | None
     reason: str = ""
+    node: str = ""  # where it ran, when the engine says (a Slurm job's node)
 
 
 class Launched(Protocol):

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from controller import events as ev, views
-from controller.goals import build_app, count_failure, free_rank, new_replica_id
+from controller.goals import build_app, count_failure, count_start, free_rank, new_replica_id
 from controller.health import Health, HealthDecider, HealthPolicy
 from controller.load import Autoscaler, LoadBook, autoscale, look_back_s
 from controller.resources import ResourceRequest
@@ -115,9 +115,9 @@ class ControllerMachine:
                         logger.info("Replica %s pending: %s", event.replica_id, event.reason)
                     record.pending = event.reason
             case ev.LaunchFailed():
-                self._launch_failed(event, out)
+                self._launch_failed(event, now_s, out)
             case ev.ReplicaExited():
-                self._exited(event, out)
+                self._exited(event, now_s, out)
             case ev.ReplicaLinked():
                 self._link(event, now_s, out)
             case ev.LinkEnded():
@@ -206,7 +206,10 @@ class ControllerMachine:
                 and now_s - late.started_at_s > LINK_TIMEOUT_S
             ):
                 self._fail_start(
-                    late, Failure(f"replica did not start within {LINK_TIMEOUT_S:.0f}s"), out
+                    late,
+                    Failure(f"replica did not start within {LINK_TIMEOUT_S:.0f}s"),
+                    now_s,
+                    out,
                 )
         for record in self.replicas.values():
             goal = self.goal(record.deployment_id)
@@ -230,6 +233,8 @@ class ControllerMachine:
             autoscale(self.load, goal, routable, now_s)
         for action in plan(goals, list(self.replicas.values())):
             if isinstance(action, StartReplicas):
+                if now_s < goals[action.deployment_id].retry_at_s:
+                    continue  # backing off after repeated start failures
                 for _ in range(action.count):
                     self._start(action.deployment_id, now_s, out)
             elif isinstance(action, StopReplica):
@@ -247,7 +252,9 @@ class ControllerMachine:
     def _start(self, deployment_id: DeploymentID, now_s: float, out: list[ev.Action]) -> None:
         goal = self.goals()[deployment_id]
         replica_id = self._new_replica_id(deployment_id)
-        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
+        request = ResourceRequest.from_config(
+            goal.spec.config, str(deployment_id), avoid_nodes=goal.avoided_nodes(now_s)
+        )
         self.replicas[replica_id] = ReplicaRecord(
             replica_id=replica_id,
             deployment_id=deployment_id,
@@ -321,16 +328,16 @@ class ControllerMachine:
         )
         logger.info("Started replica %s (pid %d)", record.replica_id, event.pid)  # 0: remote
 
-    def _launch_failed(self, event: ev.LaunchFailed, out: list[ev.Action]) -> None:
+    def _launch_failed(self, event: ev.LaunchFailed, now_s: float, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
         if record is None:
             return
         self._count_failure(
-            record, Failure(f"could not launch the replica process: {event.message}")
+            record, Failure(f"could not launch the replica process: {event.message}"), now_s
         )
         self._forget(record.replica_id, out)
 
-    def _exited(self, event: ev.ReplicaExited, out: list[ev.Action]) -> None:
+    def _exited(self, event: ev.ReplicaExited, now_s: float, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
         if event.replica_id in self._launched:
             self._ended.add(event.replica_id)
@@ -344,6 +351,8 @@ class ControllerMachine:
                         f"the replica process ended while starting ({what}); see its log for "
                         "the reason"
                     ),
+                    now_s,
+                    event.node,
                 )
         self._forget(event.replica_id, out)
 
@@ -354,13 +363,17 @@ class ControllerMachine:
         self._health.forget(replica_id)
         out.append(ev.Forget(replica_id))
 
-    def _count_failure(self, record: ReplicaRecord, failure: Failure) -> None:
+    def _count_failure(
+        self, record: ReplicaRecord, failure: Failure, now_s: float, node: str = ""
+    ) -> None:
         goal = self.goal(record.deployment_id)
         if goal is not None and goal.version == record.code_version:
-            count_failure(goal, failure)
+            count_failure(goal, failure, node or record.host, now_s)
 
-    def _fail_start(self, record: ReplicaRecord, failure: Failure, out: list[ev.Action]) -> None:
-        self._count_failure(record, failure)
+    def _fail_start(
+        self, record: ReplicaRecord, failure: Failure, now_s: float, out: list[ev.Action]
+    ) -> None:
+        self._count_failure(record, failure, now_s)
         self._begin_stop(record, out, timeout_s=0.0)
 
     # Links.
@@ -478,14 +491,13 @@ class ControllerMachine:
                 logger.warning(
                     "Replica %s failed to initialize: %s", record.replica_id, failure.message
                 )
-                self._fail_start(record, failure, out)
+                self._fail_start(record, failure, now_s, out)
                 return
             record.user_config_json = goal.user_config_json
             record.max_ongoing_requests = goal.max_ongoing_requests
             record.next_health_check_s = now_s + goal.spec.config.health_check_period_s
             if goal.version == record.code_version:
-                goal.ever_running = True
-                goal.failures = 0
+                count_start(goal, record.host)
             logger.info("Replica %s is running", record.replica_id)
         else:
             applied = self._applying.pop(record.replica_id, (None, 0))

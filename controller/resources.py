@@ -30,9 +30,12 @@ class ResourceRequest:
     custom: tuple[tuple[str, float], ...] = ()  # Ray's custom `resources`, sorted by name
     max_replicas_per_node: int | None = None
     group: str = ""  # the deployment: max_replicas_per_node counts replicas of one group
+    avoid_nodes: tuple[str, ...] = ()  # where the group's replicas kept failing to start
 
     @classmethod
-    def from_config(cls, config: DeploymentConfig, group: str) -> ResourceRequest:
+    def from_config(
+        cls, config: DeploymentConfig, group: str, avoid_nodes: tuple[str, ...] = ()
+    ) -> ResourceRequest:
         options: Mapping[str, Any] = config.ray_actor_options or {}
         num_cpus = options.get("num_cpus")
         custom = options.get("resources") or {}
@@ -43,6 +46,7 @@ class ResourceRequest:
             custom=tuple(sorted((str(k), float(v)) for k, v in custom.items() if v)),
             max_replicas_per_node=config.max_replicas_per_node,
             group=group,
+            avoid_nodes=avoid_nodes,
         )
 
     def to_json(self) -> str:
@@ -56,6 +60,7 @@ class ResourceRequest:
         try:
             data = json.loads(text) if text else {}
             data["custom"] = tuple((str(k), float(v)) for k, v in data.get("custom", ()))
+            data["avoid_nodes"] = tuple(str(n) for n in data.get("avoid_nodes", ()))
             return cls(**data)
         except (ValueError, TypeError, AttributeError):
             return cls()

@@ -316,7 +316,7 @@ class SlurmLauncher:
 
     async def _submit_one(self, job: SlurmJob, on_pending: Callable[[str], None]) -> None:
         try:
-            await self._submit(job, on_pending, exclude=())
+            await self._submit(job, on_pending, exclude=await self._exclusions(job.request, set()))
         except SlurmError as exc:
             job.ended(Exit(None, str(exc)))
 
@@ -340,12 +340,26 @@ class SlurmLauncher:
                     await asyncio.sleep(self.options.poll_s)
                     continue
                 try:
-                    await self._submit(job, on_pending, exclude=sorted(full))
+                    exclude = await self._exclusions(request, full, nodes)
+                    await self._submit(job, on_pending, exclude=exclude)
                 except SlurmError as exc:
                     job.ended(Exit(None, str(exc)))
                     return
                 await job.running()  # placed (or gone): the next one may go
                 return
+
+    async def _exclusions(
+        self, request: ResourceRequest, full: set[str], nodes: list[str] | None = None
+    ) -> list[str]:
+        """Nodes to --exclude: those full for max_replicas_per_node, and those where the
+        deployment's replicas kept failing to start, unless that would leave no node at all."""
+        if not request.avoid_nodes:
+            return sorted(full)
+        nodes = await self._nodes() if nodes is None else nodes
+        avoid = (full | set(request.avoid_nodes)) & set(nodes)
+        if not nodes or avoid >= set(nodes):
+            return sorted(full)
+        return sorted(avoid)
 
     def _full_nodes(self, group: str, limit: int) -> set[str]:
         counts: dict[str, int] = {}
@@ -475,7 +489,9 @@ class SlurmLauncher:
             state, code = parse_scontrol_job(out)
             break
         where = f" on {job.node}" if job.node else ""
-        job.ended(Exit(code, f"Slurm job {job.job_id}{where} ended: {state}, exit code {code}"))
+        job.ended(
+            Exit(code, f"Slurm job {job.job_id}{where} ended: {state}, exit code {code}", job.node)
+        )
 
     async def _squeue(self) -> dict[str, JobState]:
         """This user's jobs, as Slurm lists them now."""

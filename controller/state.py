@@ -63,6 +63,13 @@ class DeploymentGoal:
     last_error: Failure | None = None
     unhealthy_reason: str = ""
     scaling: int = 0  # +1 / -1 while the autoscaler moves the target up / down
+    # Past failure_limit() (once a replica of this version ran): no start before retry_at_s,
+    # each failure doubling backoff_s (Ray's schedule: 1, 2, 4, ... 64 s).
+    backoff_s: float = 0.0
+    retry_at_s: float = 0.0  # monotonic
+    # Start failures per node in a row, and the nodes to keep replicas off until when.
+    node_failures: dict[str, int] = dataclasses.field(default_factory=dict)
+    avoid_until_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -80,6 +87,15 @@ class DeploymentGoal:
         """Constructor failures allowed before the deploy fails (Ray's formula)."""
         limit = self.spec.config.max_constructor_retry_count
         return max(1, min(max(self.target_replicas, 1) * 3, limit))
+
+    @property
+    def backing_off(self) -> bool:
+        """Starts keep failing past the limit, though this version ran: Ray's UNHEALTHY."""
+        return not self.failed and self.ever_running and self.failures >= self.failure_limit()
+
+    def avoided_nodes(self, now_s: float) -> tuple[str, ...]:
+        """Nodes where this deployment's replicas failed to start repeatedly, for a while."""
+        return tuple(sorted(n for n, until_s in self.avoid_until_s.items() if until_s > now_s))
 
 
 @dataclasses.dataclass
@@ -224,6 +240,16 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
         r for r in replicas if r.code_version == goal.version and r.phase is not Phase.STOPPING
     ]
     ready = [r for r in current if r.phase is Phase.RUNNING and not needs_reconfigure(goal, r)]
+    if goal.backing_off:
+        detail = goal.last_error.message if goal.last_error else ""
+        return DeploymentView(  # Ray's words
+            DeploymentStatus.UNHEALTHY,
+            DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+            f"The deployment failed to start {goal.failures} times in a row. This may be due "
+            "to a problem with its constructor or initial health check failing. See controller "
+            f"logs for details. Retrying after {goal.backoff_s:g} seconds. Error:\n{detail}",
+            states,
+        )
     if goal.unhealthy_reason:
         return DeploymentView(
             DeploymentStatus.UNHEALTHY,

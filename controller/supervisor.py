@@ -282,7 +282,7 @@ class Supervisor:
         if pid is not None:
             self._feed(ReplicaLaunched(replica_id, pid))
         ended = await process.wait()
-        self._feed(ReplicaExited(replica_id, ended.code, ended.reason))
+        self._feed(ReplicaExited(replica_id, ended.code, ended.reason, ended.node))
 
     def _watch(self, replica_id: str, process: Launched) -> None:
         """A replica this controller did not launch: report its exit like a launched one's."""
@@ -291,7 +291,7 @@ class Supervisor:
         async def watch() -> None:
             ended = await process.wait()
             if self._processes.get(replica_id) is process:
-                self._feed(ReplicaExited(replica_id, ended.code, ended.reason))
+                self._feed(ReplicaExited(replica_id, ended.code, ended.reason, ended.node))
 
         self._spawn(watch(), f"controller:watch:{replica_id}")
 

@@ -114,6 +114,40 @@ def test_a_job_that_fails_before_it_links_fails_the_deploy_with_slurms_reason(
     assert not controller.jobs()
 
 
+def test_a_constructor_that_fails_on_one_node_is_placed_elsewhere(
+    slurm_controller: SlurmController,
+) -> None:
+    """Three 1-CPU replicas land on n1, n1 and n2; the constructor fails on n2 only. After two
+    failures there n2 is avoided (--exclude) and the third replica runs on n3: the deploy
+    completes instead of resubmitting to n2 forever."""
+    out = slurm_controller.drive(
+        DRIVER
+        + textwrap.dedent(
+            """
+            @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 1})
+            class Picky:
+                def __init__(self):
+                    if serve.get_replica_context().node_id == "n2":
+                        raise RuntimeError("no GPU driver on n2")
+                def __call__(self):
+                    return serve.get_replica_context().node_id
+
+            handle = serve.run(Picky.bind(), name="picky")
+            print(json.dumps(sorted({handle.remote().result() for _ in range(60)})))
+            """
+        ),
+    )
+    assert "n2" not in out
+    assert len(out) >= 2
+    ours = [
+        job
+        for job in slurm_controller.cluster.all_jobs().values()
+        if job["JobName"].startswith("serve-") and "Picky" in job["JobName"]
+    ]
+    on_n2 = [job for job in ours if job.get("NodeList") == "n2"]
+    assert len(on_n2) == 2, on_n2  # NODE_FAILURES_TO_AVOID, then never again
+
+
 def test_a_lost_node_is_replaced_on_a_healthy_one(slurm_controller: SlurmController) -> None:
     """Its slurmd dies: Slurm declares the node down and the job NODE_FAIL; the replica, still
     alive there, is told to stop, and its replacement runs on another node."""

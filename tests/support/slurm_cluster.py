@@ -323,15 +323,20 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         ).stdout
         return [tuple(line.split("|", 3)) for line in out.splitlines() if line]  # type: ignore[misc]
 
-    def all_job_ids(self) -> list[int]:
-        """Every job Slurm still knows, ended ones included (for MinJobAge): what was submitted."""
+    def all_jobs(self) -> dict[int, dict[str, str]]:
+        """Every job Slurm still knows, ended ones included (for MinJobAge), by id: its
+        ``scontrol show job`` fields (JobName, JobState, NodeList, ...)."""
         out = self.scontrol("-o", "show", "jobs").stdout
-        return sorted(
-            int(field.split("=", 1)[1])
-            for line in out.splitlines()
-            for field in line.split()
-            if field.startswith("JobId=")
-        )
+        jobs = {}
+        for line in out.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if "JobId" in fields:
+                jobs[int(fields["JobId"])] = fields
+        return jobs
+
+    def all_job_ids(self) -> list[int]:
+        """What was ever submitted (as far as Slurm remembers)."""
+        return sorted(self.all_jobs())
 
     def node_states(self) -> dict[str, str]:
         out = self.scontrol("-o", "show", "nodes").stdout

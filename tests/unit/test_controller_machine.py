@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller import events as ev
+from controller.goals import NODE_AVOID_S
 from controller.health import UNHEALTHY_AFTER
 from controller.machine import RECOVERY_WAIT_S, ControllerMachine
 from controller.state import Phase
@@ -52,12 +53,16 @@ class Harness:
     def deploy(self, *specs: DeploymentSpec) -> list[ev.Action]:
         return self.feed(ev.AppDeployed(APP, None, specs[0].name, specs, CodeEnv("/", ()), 0.0))
 
-    def bring_up(self, replica_id: str, failure: Failure | None = None) -> list[ev.Action]:
-        """Launched, linked, then its Initialize call's outcome."""
+    def bring_up(
+        self, replica_id: str, failure: Failure | None = None, host: str = "h"
+    ) -> list[ev.Action]:
+        """Launched, linked (from ``host``), then its Initialize call's outcome."""
         actions = self.feed(ev.ReplicaLaunched(replica_id, next(self.pids)))
         record = self.machine.replicas[replica_id]
         actions += self.feed(
-            ev.ReplicaLinked(replica_id, f"127.0.0.1:{record.pid}", record.pid, "h", False, "", b"")
+            ev.ReplicaLinked(
+                replica_id, f"127.0.0.1:{record.pid}", record.pid, host, False, "", b""
+            )
         )
         assert of(actions, ev.Initialize)
         return actions + self.feed(ev.CallDone(replica_id, ev.Call.INITIALIZE, failure))
@@ -158,6 +163,73 @@ def test_constructor_failures_fail_the_deploy_and_keep_old_replicas() -> None:
     assert "boom" in message
     assert h.running() == sorted(old)  # the old version keeps serving
     assert not launched(h.feed(ev.Tick()))
+
+
+def test_each_replica_is_saved_before_it_is_launched() -> None:
+    actions = Harness().deploy(spec(num_replicas=3))
+    for launch in of(actions, ev.Launch):
+        save = next(
+            a
+            for a in actions
+            if isinstance(a, ev.SaveReplica) and a.replica_id == launch.replica_id
+        )
+        assert actions.index(save) < actions.index(launch)
+        assert save.request == launch.request
+
+
+def fail_to_start(h: Harness, replica_id: str, host: str = "h") -> list[str]:
+    """The replica's constructor raises; it is stopped and exits. What started after it."""
+    actions = h.bring_up(replica_id, Failure("RuntimeError: no GPU here"), host=host)
+    assert [a.replica_id for a in of(actions, ev.Stop)] == [replica_id]
+    return launched(actions + h.feed(ev.ReplicaExited(replica_id, 1)))
+
+
+def test_start_failures_past_the_limit_back_off_as_rays_and_the_deployment_is_unhealthy() -> None:
+    h = Harness()
+    first, second = launched(h.deploy(spec(num_replicas=2, max_constructor_retry_count=3)))
+    h.bring_up(first)  # this version ran: failures now back off instead of failing the deploy
+    (second,) = fail_to_start(h, second)
+    (second,) = fail_to_start(h, second)  # below the limit (3): replaced at once
+    assert h.deployment_status() is DeploymentStatus.UPDATING
+    waits = []
+    for _ in range(9):
+        assert not fail_to_start(h, second)
+        status, message = h.status()
+        assert status is ApplicationStatus.UNHEALTHY
+        assert "failed to start" in message
+        assert "times in a row" in message
+        assert "RuntimeError: no GPU here" in message
+        waited = 0.0
+        while not (new := launched(h.feed(ev.Tick()))):
+            h.now += 0.5
+            waited += 0.5
+        assert f"Retrying after {waited:g} seconds" in message
+        waits.append(waited)
+        (second,) = new
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 64, 64]  # Ray's schedule, capped at 64 s
+    h.bring_up(second)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    assert h.machine.goals()[DEP].backoff_s == 0
+
+
+def test_a_node_where_replicas_keep_failing_is_avoided_for_a_while() -> None:
+    h = Harness()
+    replicas = launched(h.deploy(spec(num_replicas=3)))
+    for replica_id in replicas[:2]:
+        h.bring_up(replica_id, host="n1")
+    (again,) = fail_to_start(h, replicas[2], host="n2")
+    assert h.machine.replicas[again].request.avoid_nodes == ()  # once is not a pattern
+    (avoiding,) = fail_to_start(h, again, host="n2")
+    assert h.machine.replicas[avoiding].request.avoid_nodes == ("n2",)
+    (later,) = fail_to_start(h, avoiding, host="n3")  # elsewhere: n2 is still avoided
+    assert h.machine.replicas[later].request.avoid_nodes == ("n2",)
+    h.bring_up(later, host="n3")
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    h.now += NODE_AVOID_S
+    (victim, *_) = replicas[:2]
+    actions = h.feed(ev.ReplicaExited(victim, -9))
+    (replacement,) = launched(actions)
+    assert h.machine.replicas[replacement].request.avoid_nodes == ()  # the while is over
 
 
 def checks(h: Harness) -> list[ev.CheckHealth]:
