@@ -1,12 +1,14 @@
-"""The controller's proxies: one ``serve-proxy`` on this node, started, health-checked and
-replaced like a replica, and stopped with the cluster.
+"""The controller's proxies: one ``serve-proxy`` on this node, started, watched and replaced
+like a replica, and stopped with the cluster.
 
-A proxy tells the controller it is alive by holding its route-table stream (``WatchRoutes``).
-The controller also asks it ``GET /-/healthz`` every ``SERVE_PROXY_HEALTH_CHECK_PERIOD_S`` (10 s,
-each answer within ``SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S``, 5 s); three misses in a row and it
-is killed and replaced. A proxy that exits is replaced after a backoff (0.5 s doubling
-to 30 s, reset once one has served for a while), and ``serve status`` says why. A proxy that
-outlived a controller restart re-links within ``ADOPT_WAIT_S`` and is kept.
+A proxy tells the controller it is alive by holding its route-table stream (``WatchRoutes``)
+and sending a heartbeat on it every ``SERVE_HEARTBEAT_PERIOD_S`` from its event loop. One
+silent for ``SERVE_HEARTBEAT_TIMEOUT_S`` (stopped, its loop stuck, its host cut off) is killed
+and replaced. Its liveness never goes through its public HTTP port: a proxy flooded with
+connections (over its connection cap), but whose loop still runs, is alive and is kept. A proxy
+that exits is replaced after a backoff (0.5 s doubling to 30 s, reset once one has served for a
+while), and ``serve status`` says why. A proxy that outlived a controller restart re-links
+within ``ADOPT_WAIT_S`` and is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from controller.launcher import PidReplica, finished_within, kill_pid, pid_alive
@@ -32,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
-HEALTH_MISSES = 3
 BACKOFF_MAX_S = 30.0
 STABLE_S = 30.0  # a proxy that served this long resets the restart backoff
 ADOPT_WAIT_S = 5.0
@@ -75,6 +77,7 @@ class ProxyManager:
         self.state = ProxyState(node_id)
         self._process: asyncio.subprocess.Process | None = None
         self._linked = asyncio.Event()
+        self._silent = asyncio.Event()  # the current proxy stopped heartbeating
         self._task: asyncio.Task[None] | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=5)
 
@@ -117,6 +120,17 @@ class ProxyManager:
     def unlinked(self, info: ProxyInfo) -> None:
         if info.node_id == self._node_id and info.pid == self.state.pid:
             self._linked.clear()
+
+    def silent(self, info: ProxyInfo) -> None:
+        """The proxy sent nothing on its stream for the heartbeat timeout: it is replaced."""
+        if info.node_id == self._node_id and info.pid == self.state.pid:
+            logger.warning(
+                "serve-proxy pid %d sent no heartbeat for %.0fs (SERVE_HEARTBEAT_TIMEOUT_S); "
+                "replacing it",
+                info.pid,
+                settings().heartbeat_timeout_s,
+            )
+            self._silent.set()
 
     # Supervision.
 
@@ -165,6 +179,7 @@ class ProxyManager:
     async def _run_once(self) -> None:
         self.state.status, self.state.message = "STARTING", ""
         self._linked.clear()
+        self._silent.clear()
         env = dict(os.environ)
         env[TOKEN_ENV] = self._token
         env.pop(ADDRESS_ENV, None)
@@ -183,16 +198,17 @@ class ProxyManager:
         drain = asyncio.create_task(self._drain_stderr(process), name="controller:proxy-stderr")
         try:
             ready = await self._read_ready(process)
+            killed = ""
             if ready is not None:
                 self.state.pid = process.pid
                 self.state.http_address = str(ready.get("http", ""))
                 self.state.grpc_address = str(ready.get("grpc", ""))
                 self._record.write_text(json.dumps({"pid": process.pid}))
                 self._record.chmod(0o600)
-                await self._watch(process)
+                killed = await self._watch(process)
             code = await process.wait()
             await asyncio.wait_for(asyncio.shield(drain), 1.0)
-            self._unhealthy(self._exit_reason(code))
+            self._unhealthy(killed or self._exit_reason(code))
         finally:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -215,31 +231,48 @@ class ProxyManager:
             process.kill()
         return None
 
-    async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Until the process exits, or misses HEALTH_MISSES health checks in a row (killed)."""
-        misses = 0
-        s = settings()
-        exited = asyncio.ensure_future(process.wait())
-        try:
-            while True:
-                done, _ = await asyncio.wait({exited}, timeout=s.proxy_health_check_period_s)
-                if done:
-                    return
-                if await _healthz(self.state.http_address, s.proxy_health_check_timeout_s):
-                    misses = 0
-                    self.state.status, self.state.message = "HEALTHY", ""
-                    continue
-                misses += 1
-                if misses >= HEALTH_MISSES:
-                    logger.warning("serve-proxy failed %d health checks; replacing it", misses)
-                    process.kill()
-                    return
-        finally:
-            exited.cancel()
+    async def _watch(self, process: asyncio.subprocess.Process) -> str:
+        """Until the process exits, or falls silent (killed: why)."""
+        if not await self._silent_before(process.wait()):
+            return ""
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        return f"{self.state.message}; killed"
 
     async def _watch_adopted(self, pid: int) -> None:
-        exit_ = await PidReplica(pid).wait()
-        self._unhealthy(f"pid {pid} {exit_.reason}")
+        adopted = PidReplica(pid)
+        if await self._silent_before(adopted.wait()):
+            adopted.kill()
+            await adopted.wait()
+            self._unhealthy(f"pid {pid} {self.state.message}; killed")
+            return
+        self._unhealthy(f"pid {pid} exited (not a child of this controller)")
+
+    async def _silent_before(self, exit_: Awaitable[object]) -> bool:
+        """Wait for the proxy to exit; True if it fell silent first (or never linked within
+        the heartbeat timeout of being ready)."""
+        timeout_s = settings().heartbeat_timeout_s
+        loop = asyncio.get_running_loop()
+        exited = loop.create_task(_wait(exit_), name="controller:proxy:exit")
+        silent = loop.create_task(self._silent_or_unlinked(timeout_s), name="controller:proxy:live")
+        try:
+            await asyncio.wait({exited, silent}, return_when=asyncio.FIRST_COMPLETED)
+            return not exited.done()
+        finally:
+            for task in (exited, silent):
+                task.cancel()
+            await asyncio.gather(exited, silent, return_exceptions=True)
+
+    async def _silent_or_unlinked(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._linked.wait()
+        except TimeoutError:
+            logger.warning("serve-proxy did not link within %.0fs; replacing it", timeout_s)
+            self.state.message = f"did not link within {timeout_s:g}s"
+            return
+        await self._silent.wait()
+        self.state.message = f"sent no heartbeat for {timeout_s:g}s"
 
     async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
@@ -272,20 +305,5 @@ class ProxyManager:
         self.state = ProxyState(self._node_id, status="DRAINING")
 
 
-async def _healthz(address: str, timeout_s: float) -> bool:
-    """GET /-/healthz answered 200."""
-    host, _, port = address.rpartition(":")
-    try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            try:
-                writer.write(b"GET /-/healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-                status_line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except (OSError, TimeoutError, ValueError):
-        return False
-    return status_line.split(b" ")[1:2] == [b"200"]
+async def _wait(awaitable: Awaitable[object]) -> None:
+    await awaitable

@@ -238,13 +238,15 @@ class ReplicaServer:
                 draining=executor.draining,
             )
             try:
-                async for keep in self._controller.link(info):
-                    if not keep:
-                        logger.info("The controller does not want this replica; stopping")
-                        await self.drain(executor.config.graceful_shutdown_timeout_s)
-                        return
-                    clock.linked()
-            except Exception as exc:  # ControllerUnavailableError, or a refusal
+                async with asyncio.timeout(clock.remaining_s()) as deadline:
+                    async for keep in self._controller.link(info):
+                        if not keep:
+                            logger.info("The controller does not want this replica; stopping")
+                            await self.drain(executor.config.graceful_shutdown_timeout_s)
+                            return
+                        clock.linked()
+                        deadline.reschedule(None)  # linked: no orphan deadline while it lasts
+            except Exception as exc:  # ControllerUnavailableError, a refusal, the orphan timeout
                 logger.debug("Link to the controller failed: %s", exc)
             if clock.orphaned():
                 await self.drain(0)

@@ -1,6 +1,11 @@
 """What serve's daemons share about staying alive: how long one has been without its
 controller (it exits after ``orphan_timeout_s`` alone, so nothing leaks), and the watch that
-stops a process when its owner closes its stdin (or dies)."""
+stops a process when its owner closes its stdin (or dies).
+
+The clock starts when the loss is noticed: a stream that breaks, or one that falls silent for
+``SERVE_HEARTBEAT_TIMEOUT_S`` (a network cut breaks nothing; see ``serve._rpc.controller_client``).
+Each attempt to reach the controller again is bounded by the time left (``remaining_s``), so a
+daemon cut off from its controller exits on time even while a connection attempt hangs."""
 
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ class OrphanClock:
     def linked(self) -> None:
         self._lost_since = 0.0
         self._delay_s = RETRY_START_S
+
+    def remaining_s(self) -> float | None:
+        """How long an attempt to (re)link may take before the orphan timeout (None: linked)."""
+        if not self._lost_since:
+            return None
+        return max(0.0, self._timeout_s - (time.monotonic() - self._lost_since))
 
     def orphaned(self) -> bool:
         now = time.monotonic()

@@ -186,12 +186,14 @@ class ProxyServer:
         clock = OrphanClock(self._controller_address, self._orphan_timeout_s, lost=False)
         while True:
             try:
-                async for routes in client.controller.watch_routes(info):
-                    self._routes.update(routes)
-                    self._app.ready = True
-                    self._have_routes.set()
-                    clock.linked()
-            except Exception as exc:  # ControllerUnavailableError, or a refusal
+                async with asyncio.timeout(clock.remaining_s()) as deadline:
+                    async for routes in client.controller.watch_routes(info):
+                        self._routes.update(routes)
+                        self._app.ready = True
+                        self._have_routes.set()
+                        clock.linked()
+                        deadline.reschedule(None)
+            except Exception as exc:  # ControllerUnavailableError, a refusal, the orphan timeout
                 logger.debug("Route watch failed: %s", exc)
             if clock.orphaned():
                 self._stop()

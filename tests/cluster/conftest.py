@@ -45,9 +45,7 @@ class SlurmController(StandaloneController):
             "--slurm-poll-s",
             "0.2",
             *args,
-            SERVE_ORPHAN_TIMEOUT_S="30",
-            **cluster.env(),
-            **env,
+            **{"SERVE_ORPHAN_TIMEOUT_S": "30", **cluster.env(), **env},
         )
         self.cluster = cluster
 

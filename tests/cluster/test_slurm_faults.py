@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from serve._settings import settings
 from tests.cluster.conftest import SlurmController
 from tests.support.procs import pids_alive, wait_for
 from tests.support.slurm_cluster import NODES
@@ -16,6 +17,7 @@ from tests.support.slurm_cluster import NODES
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 OUTAGE_S = 12.0
+CUT_ORPHAN_TIMEOUT_S = 6.0
 
 DRIVER = textwrap.dedent(
     """
@@ -183,6 +185,59 @@ def test_a_lost_node_is_replaced_on_a_healthy_one(slurm_controller: SlurmControl
     assert died == 0  # the lost replica was still reachable: it drained
     # The replica on the lost node was told to stop when it re-linked: nothing left there.
     wait_for(lambda: not pids_alive(cluster.replica_pids_in(lost_node)), timeout_s=30)
+
+
+def test_a_replica_cut_off_by_the_network_exits_within_the_orphan_timeout(
+    slurm_controllers: Callable[..., SlurmController],
+) -> None:
+    """A node's link goes down (packets lost, nothing closed): its replica hears no heartbeat
+    for SERVE_HEARTBEAT_TIMEOUT_S, starts its orphan clock then and exits after
+    SERVE_ORPHAN_TIMEOUT_S, before Slurm gives up on the node; the replacement serves."""
+    controller = slurm_controllers(SERVE_ORPHAN_TIMEOUT_S=str(CUT_ORPHAN_TIMEOUT_S))
+    cluster = controller.cluster
+    first = controller.drive(
+        DRIVER
+        + textwrap.dedent(
+            """
+            app = Where.options(max_replicas_per_node=1)
+            serve.run(app.bind(), name="w")
+            print(json.dumps(running()))
+            """
+        )
+    )
+    cut_job, cut_node = first[0]
+    assert cluster.replica_pids_in(cut_node)
+    (cut_replica,) = [
+        name.split(":", 1)[1] for job, _, _, name in controller.jobs() if job == cut_job
+    ]
+    cluster.cut_network(cut_node)
+    cut_at = time.monotonic()
+    job_gone_s = 0.0
+    while cluster.replica_pids_in(cut_node):
+        assert time.monotonic() - cut_at < 60, "the cut-off replica runs on"
+        if not job_gone_s and cut_job not in [j[0] for j in controller.jobs() if j[1] == "RUNNING"]:
+            job_gone_s = time.monotonic() - cut_at
+        time.sleep(0.2)
+    gone_s = time.monotonic() - cut_at
+    print(f"replica gone {gone_s:.1f}s after the cut; Slurm dropped its job at {job_gone_s:.1f}s")
+    assert gone_s < CUT_ORPHAN_TIMEOUT_S + settings().heartbeat_timeout_s + 6, gone_s
+    log = controller.state_dir / "logs" / "controller.log"
+    assert f"Replica {cut_replica} said nothing" in log.read_text()  # the controller knew too
+    out = controller.drive(
+        DRIVER
+        + textwrap.dedent(
+            f"""
+            handle = serve.get_app_handle("w")
+            def replaced():
+                now = running()
+                return len(now) == 2 and "{cut_node}" not in [n for _, n in now]
+            died, ok = calls_until(handle, replaced, timeout_s=90)
+            print(json.dumps(running()))
+            """
+        ),
+        timeout_s=150,
+    )
+    assert cut_node not in [node for _, node in out]
 
 
 def test_slurmctld_down_during_traffic_and_a_deploy_is_ridden_out(

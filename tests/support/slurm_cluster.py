@@ -256,6 +256,16 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             proc.kill()
             proc.wait(10)
 
+    def cut_network(self, name: str) -> None:
+        """The node's link goes down: packets to and from it are lost, nothing is closed."""
+        _run("ip", "link", "set", self._host_end(name), "down")
+
+    def restore_network(self, name: str) -> None:
+        _run("ip", "link", "set", self._host_end(name), "up")
+
+    def _host_end(self, name: str) -> str:
+        return f"svh{NODES.index(name) + 1}"
+
     def namespace_pids(self, name: str) -> list[int]:
         out = _run("ip", "netns", "pids", self.namespaces[name], check=False).stdout
         return [int(pid) for pid in out.split()]
@@ -270,9 +280,11 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         return found
 
     def heal(self) -> None:
-        """slurmctld and every slurmd running again and every node idle (after a test killed
-        one)."""
+        """slurmctld, every slurmd and every node's link up again and every node idle (after a
+        test broke one)."""
         self.ensure_slurmctld()
+        for name in NODES:
+            self.restore_network(name)
         for name in NODES:
             if name not in self._slurmd:
                 self.start_slurmd(name)
