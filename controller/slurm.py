@@ -96,6 +96,11 @@ def job_name(instance: str, replica_id: str) -> str:
     return f"serve-{instance}:{replica_id}"
 
 
+def proxy_key(node: str) -> str:
+    """How a node's proxy is known among the jobs (never a replica id: those have two '#')."""
+    return f"proxy:{node}"
+
+
 def instance_tag(state_dir: Path) -> str:
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
 
@@ -107,6 +112,7 @@ def sbatch_args(
     name: str,
     output: str,
     exclude: Sequence[str] = (),
+    nodelist: str | None = None,
 ) -> list[str]:
     """The sbatch command for one replica (its batch script comes on stdin)."""
     args = [
@@ -131,6 +137,8 @@ def sbatch_args(
         args.append(f"--mem={math.ceil(request.memory_bytes / _MIB)}M")
     if exclude:
         args.append(f"--exclude={','.join(sorted(exclude))}")
+    if nodelist:
+        args.append(f"--nodelist={nodelist}")
     args += options.sbatch_options
     return args
 
@@ -348,6 +356,41 @@ class SlurmLauncher:
                 await job.running()  # placed (or gone): the next one may go
                 return
 
+    async def launch_proxy(
+        self, node: str, command: Sequence[str], on_pending: Callable[[str], None]
+    ) -> SlurmJob:
+        """A serve-proxy on ``node``: a job like a replica's (1 CPU), pinned there."""
+        job = SlurmJob(proxy_key(node), ResourceRequest(), self)
+        self._jobs[job.replica_id] = job
+        self._ensure_poller()
+        self.spawn(self._submit_proxy(job, command, node, on_pending), f"submit:{job.replica_id}")
+        return job
+
+    async def _submit_proxy(
+        self, job: SlurmJob, command: Sequence[str], node: str, on_pending: Callable[[str], None]
+    ) -> None:
+        try:
+            await self._submit(job, on_pending, (), command=command, nodelist=node)
+        except SlurmError as exc:
+            job.ended(Exit(None, str(exc)))
+
+    async def adopt_proxies(self) -> dict[str, SlurmJob]:
+        """The node proxies the previous controller launched that still run, by node."""
+        prefix = job_name(self._instance, proxy_key(""))
+        found = {}
+        for state in (await self._squeue()).values():
+            if state.name.startswith(prefix):
+                node = state.name[len(prefix) :]
+                job = SlurmJob(proxy_key(node), ResourceRequest(), self)
+                job.submitted(state.job_id)
+                if state.state == "RUNNING":
+                    job.started(state.node)
+                self._jobs[job.replica_id] = job
+                found[node] = job
+        if found:
+            self._ensure_poller()
+        return found
+
     async def _exclusions(
         self, request: ResourceRequest, full: set[str], nodes: list[str] | None = None
     ) -> list[str]:
@@ -380,20 +423,30 @@ class SlurmLauncher:
         return sorted({line.strip() for line in out.splitlines() if line.strip()})
 
     async def _submit(
-        self, job: SlurmJob, on_pending: Callable[[str], None], exclude: Sequence[str]
+        self,
+        job: SlurmJob,
+        on_pending: Callable[[str], None],
+        exclude: Sequence[str],
+        *,
+        command: Sequence[str] | None = None,
+        nodelist: str | None = None,
     ) -> None:
-        """sbatch; a job no node can run is retried every retry_s and reported pending."""
-        safe = job.replica_id.replace("#", "_").replace("/", "_")
+        """sbatch (the replica, or ``command``); a job no node can run is retried every
+        retry_s, and one Slurm cannot be asked about with backoff, both reported pending."""
+        safe = job.replica_id.replace("#", "_").replace("/", "_").replace(":", "_")
         args = sbatch_args(
             job.request,
             self.options,
             name=job_name(self._instance, job.replica_id),
             output=str(self._log_dir / f"slurm_{safe}_%j.out"),
             exclude=exclude,
+            nodelist=nodelist,
         )
-        script = batch_script(
-            replica_command(self._controller_address, job.replica_id, "auto", self._log_dir)
-        )
+        if command is None:
+            command = replica_command(
+                self._controller_address, job.replica_id, "auto", self._log_dir
+            )
+        script = batch_script(command)
         reported = ""
         backoff_s = RETRY_START_S
         while not job.done():

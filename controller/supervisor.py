@@ -56,7 +56,7 @@ from controller.machine import SETTLED, ControllerMachine
 from controller.metrics import Snapshot
 from controller.publisher import Publisher
 from controller.resources import ResourceRequest
-from controller.state import AppGoal, DeploymentView
+from controller.state import AppGoal, DeploymentView, Phase
 from controller.store import GoalStore
 from controller.views import metrics_snapshot, replica_sets, status_key
 from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure, Route
@@ -483,6 +483,17 @@ class Supervisor:
             if app.route_prefix is not None and not app.deleting
         ]
         return sorted(routes, key=lambda r: r.route_prefix)
+
+    def replica_nodes(self) -> set[str] | None:
+        """The nodes that run replicas (not stopping), as the replicas said when they linked;
+        None while replicas of the last controller may still re-link (nobody knows yet)."""
+        if not self.machine.recovered:
+            return None
+        return {
+            r.host
+            for r in self.machine.replicas.values()
+            if r.host and r.phase is not Phase.STOPPING
+        }
 
     async def status_changed(self) -> None:
         """Return at the next change of any application's or replica's status."""

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     from replica.server import ReplicaServer
+    from serve._daemon import route_address
     from serve._logging import configure
     from serve._rpc.channel import tls_from_settings
 
@@ -55,18 +56,3 @@ def main(argv: list[str] | None = None) -> None:
         log_file=log_file,
     )
     sys.exit(uvloop.run(server.run()))
-
-
-def route_address(controller_address: str) -> str:
-    """This node's address on the route to the controller: what peers on other nodes reach.
-
-    A UDP "connect" sends nothing; it only asks the kernel which local address it would use.
-    """
-    import socket
-
-    host = controller_address.rsplit(":", 1)[0].strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))
-        address: str = probe.getsockname()[0]
-    return address

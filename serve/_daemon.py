@@ -58,6 +58,22 @@ class OrphanClock:
         self._delay_s = min(self._delay_s * 2, RETRY_MAX_S)
 
 
+def route_address(controller_address: str) -> str:
+    """This node's address on the route to the controller: what peers on other nodes reach
+    (what a daemon given the host ``auto`` binds, or advertises when it binds a wildcard).
+
+    A UDP "connect" sends nothing; it only asks the kernel which local address it would use.
+    """
+    import socket
+
+    host = controller_address.rsplit(":", 1)[0].strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        address: str = probe.getsockname()[0]
+    return address
+
+
 def on_stdin_closed(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
     """Call ``callback`` on ``loop`` once stdin reaches end of file: the process that holds its
     other end closed it, or died."""

@@ -7,6 +7,7 @@ Skipped, with the reason, where Slurm is not installed or the tests do not run a
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -61,6 +62,10 @@ class SlurmController(StandaloneController):
         )
         assert result.returncode == 0, f"driver failed:\n{result.stdout}\n{result.stderr[-4000:]}"
         return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def cluster_head(self) -> str:
+        """The node id of the controller's own host (its proxy is the head's)."""
+        return socket.gethostname()
 
     def jobs(self) -> list[tuple[str, str, str, str]]:
         """Replica jobs of this controller: (job id, state, node, name)."""

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.cluster.conftest import SlurmController
@@ -266,3 +267,73 @@ def test_tls_across_nodes(
     refused = run_script("import serve\nserve.start()\n", timeout_s=60, **plain)
     assert refused.returncode != 0
     assert "ControllerUnavailableError" in refused.stderr
+
+
+EVERY_NODE = textwrap.dedent(
+    """
+    import json, time
+    import serve
+
+    @serve.deployment(
+        version="1", max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5}
+    )
+    class WhereHttp:
+        def __call__(self, request):
+            return serve.get_replica_context().node_id
+
+    def proxies_once(count):
+        deadline = time.monotonic() + 60
+        while True:
+            details = serve.status().proxy_details
+            healthy = {n: d.http_address for n, d in details.items() if d.status == "HEALTHY"}
+            if len(details) == count and len(healthy) == count:
+                return healthy
+            assert time.monotonic() < deadline, details
+            time.sleep(0.2)
+    """
+)
+
+
+def test_every_node_with_replicas_runs_a_proxy_that_answers_on_its_address(
+    slurm_controllers: Callable[..., SlurmController], slurm_cluster: SlurmCluster
+) -> None:
+    """EveryNode: a proxy job on each node that runs replicas (besides the controller's own),
+    answering HTTP on the node's address and preferring the node's replica; a node's proxy
+    goes with its last replica, and `serve shutdown` leaves no proxy job."""
+    controller = slurm_controllers(
+        "--proxy-location", "EveryNode", "--http-host", "0.0.0.0", "--http-port", "0"
+    )
+    proxies = controller.drive(
+        EVERY_NODE
+        + textwrap.dedent(
+            """
+            serve.run(WhereHttp.options(num_replicas=3).bind(), name="w", route_prefix="/w")
+            print(json.dumps(proxies_once(4)))
+            """
+        )
+    )
+    assert set(proxies) == {*NODES, controller.cluster_head()}
+    for node in NODES:
+        address = proxies[node]
+        assert address.startswith(f"{slurm_cluster.node_ips[node]}:"), proxies
+        answers = {httpx.get(f"http://{address}/w", timeout=30).text for _ in range(5)}
+        assert answers == {node}  # served on the node: its proxy prefers its replica
+    proxy_jobs = [j for j in controller.jobs() if ":proxy:" in j[3]]
+    assert sorted(j[2] for j in proxy_jobs if j[1] == "RUNNING") == list(NODES)
+    left = controller.drive(
+        EVERY_NODE
+        + textwrap.dedent(
+            """
+            serve.run(WhereHttp.options(num_replicas=1).bind(), name="w", route_prefix="/w")
+            print(json.dumps(proxies_once(2)))
+            """
+        )
+    )
+    (node,) = set(left) - {controller.cluster_head()}
+    wait_for(
+        lambda: [j[2] for j in controller.jobs() if ":proxy:" in j[3]] == [node],
+        timeout_s=30,
+        interval_s=0.2,
+    )
+    controller.drive(EVERY_NODE + "\nserve.status()\nserve.shutdown()\nprint(json.dumps(True))\n")
+    wait_for(lambda: not controller.jobs(), timeout_s=30, interval_s=0.2)
