@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from controller.state import AppGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, Failure
 from serve.metrics import Sample
@@ -97,6 +97,9 @@ class ReplicaLinked:
     code_version: str
     user_config_json: bytes
     draining: bool = False
+    gang_id: str = ""
+    gang_rank: int = -1
+    gang_members: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +174,14 @@ Event = (
 class Launch:
     replica_id: str
     request: ResourceRequest = dataclasses.field(default_factory=ResourceRequest)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchGang:
+    """Launch a whole gang at once: all its members start together, or none does."""
+
+    gang: GangSpec
+    request: ResourceRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +277,7 @@ class LinkVerdict:
 
 Action = (
     Launch
+    | LaunchGang
     | Initialize
     | Reconfigure
     | CheckHealth

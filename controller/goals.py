@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable
 
 from controller.events import AppDeployed
@@ -50,6 +51,21 @@ def build_app(event: AppDeployed, previous: AppGoal | None) -> AppGoal:
 def new_replica_id(deployment_id: DeploymentID) -> str:
     """A fresh replica id (random: unique across controller restarts)."""
     return str(ReplicaID.new(deployment_id))
+
+
+def new_gang_id() -> str:
+    """A fresh gang id (a restarted gang is a new gang)."""
+    return secrets.token_hex(4)
+
+
+def whole_gangs(goal: DeploymentGoal) -> None:
+    """An autoscaled gang deployment scales by whole gangs, as Ray's: up to the next multiple
+    of gang_size, down to the one below (never under one gang)."""
+    size = goal.gang_size
+    if not size or goal.target_replicas % size == 0:
+        return
+    whole = goal.target_replicas // size + (1 if goal.scaling > 0 else 0)
+    goal.target_replicas = max(whole, 1) * size
 
 
 def free_rank(records: Iterable[ReplicaRecord], deployment_id: DeploymentID) -> int:

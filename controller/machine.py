@@ -11,14 +11,23 @@ re-link (re-adopted as they are) or RECOVERY_WAIT_S passes (killed).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 from controller import events as ev, views
-from controller.goals import build_app, count_failure, count_start, free_rank, new_replica_id
+from controller.goals import (
+    build_app,
+    count_failure,
+    count_start,
+    free_rank,
+    new_gang_id,
+    new_replica_id,
+    whole_gangs,
+)
 from controller.health import Health, HealthDecider, HealthPolicy
 from controller.load import Autoscaler, LoadBook, autoscale, look_back_s
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from controller.state import (
     AppGoal,
     DeploymentGoal,
@@ -222,7 +231,7 @@ class ControllerMachine:
             )
 
     def _converge(self, now_s: float, out: list[ev.Action]) -> None:
-        """Autoscale, then move replicas towards the goals, then finish deletions."""
+        """Autoscale, keep gangs whole, move replicas towards the goals, finish deletions."""
         goals = self.goals()
         for deployment_id, goal in goals.items():
             routable = [
@@ -231,10 +240,18 @@ class ControllerMachine:
                 if r.deployment_id == deployment_id and r.phase.routable
             ]
             autoscale(self.load, goal, routable, now_s)
+            whole_gangs(goal)
+        if self.recovered:  # until then, a gang's members may still be re-linking
+            self._restart_broken_gangs(out)
         for action in plan(goals, list(self.replicas.values())):
             if isinstance(action, StartReplicas):
-                if now_s < goals[action.deployment_id].retry_at_s:
+                goal = goals[action.deployment_id]
+                if now_s < goal.retry_at_s:
                     continue  # backing off after repeated start failures
+                if goal.gang_size:
+                    for _ in range(action.count // goal.gang_size):
+                        self._start_gang(goal, now_s, out)
+                    continue
                 for _ in range(action.count):
                     self._start(action.deployment_id, now_s, out)
             elif isinstance(action, StopReplica):
@@ -267,6 +284,56 @@ class ControllerMachine:
         self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
         out.append(ev.SaveReplica(replica_id, 0, goal.version, request))  # durable first
         out.append(ev.Launch(replica_id, request))
+
+    def _start_gang(self, goal: DeploymentGoal, now_s: float, out: list[ev.Action]) -> None:
+        """gang_size replicas, saved, then launched as one: they start together or not at all."""
+        deployment_id = goal.deployment_id
+        gang = goal.spec.config.gang_scheduling_config
+        members = tuple(self._new_replica_id(deployment_id) for _ in range(goal.gang_size))
+        spec = GangSpec(new_gang_id(), members, str(gang["gang_placement_strategy"]))
+        request = dataclasses.replace(
+            ResourceRequest.from_config(
+                goal.spec.config, str(deployment_id), avoid_nodes=goal.avoided_nodes(now_s)
+            ),
+            gang_id=spec.gang_id,
+            gang_size=goal.gang_size,
+            gang_strategy=spec.strategy,
+        )
+        for rank, replica_id in enumerate(members):
+            self.replicas[replica_id] = ReplicaRecord(
+                replica_id=replica_id,
+                deployment_id=deployment_id,
+                code_version=goal.version,
+                phase=Phase.STARTING,
+                started_at_s=now_s,
+                rank=free_rank(self.replicas.values(), deployment_id),
+                request=request,
+                gang_id=spec.gang_id,
+                gang_rank=rank,
+                gang_members=members,
+            )
+            self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
+            out.append(ev.SaveReplica(replica_id, 0, goal.version, request))  # durable first
+        out.append(ev.LaunchGang(spec, request))
+
+    def _restart_broken_gangs(self, out: list[ev.Action]) -> None:
+        """RESTART_GANG: a gang that lost a member (it exited, failed, or is being replaced)
+        is stopped whole; the plan then starts a new gang in its place."""
+        gangs: dict[str, list[ReplicaRecord]] = {}
+        for record in self.replicas.values():
+            if record.gang_id and record.phase is not Phase.STOPPING:
+                gangs.setdefault(record.gang_id, []).append(record)
+        for gang_id, members in gangs.items():
+            if len(members) < len(members[0].gang_members):
+                logger.warning(
+                    "Gang %s of %s lost %d of its %d members; restarting it whole",
+                    gang_id,
+                    members[0].deployment_id,
+                    len(members[0].gang_members) - len(members),
+                    len(members[0].gang_members),
+                )
+                for record in members:
+                    self._begin_stop(record, out, timeout_s=KILL)
 
     def _begin_stop(
         self, record: ReplicaRecord, out: list[ev.Action], timeout_s: float | None = None
@@ -452,6 +519,9 @@ class ControllerMachine:
             max_ongoing_requests=goal.max_ongoing_requests,
             next_health_check_s=now_s + goal.spec.config.health_check_period_s,
             request=request,
+            gang_id=event.gang_id,
+            gang_rank=event.gang_rank,
+            gang_members=event.gang_members,
         )
         out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version, request))
         goal.ever_running = goal.ever_running or current

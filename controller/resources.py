@@ -31,6 +31,10 @@ class ResourceRequest:
     max_replicas_per_node: int | None = None
     group: str = ""  # the deployment: max_replicas_per_node counts replicas of one group
     avoid_nodes: tuple[str, ...] = ()  # where the group's replicas kept failing to start
+    # A gang member: its gang is placed as one unit (under Slurm, one job of gang_size tasks).
+    gang_id: str = ""
+    gang_size: int = 0
+    gang_strategy: str = ""  # serve.gang.GangPlacementStrategy
 
     @classmethod
     def from_config(
@@ -77,6 +81,25 @@ class ResourceRequest:
         if self.max_replicas_per_node:
             text += f" with max_replicas_per_node={self.max_replicas_per_node}"
         return text
+
+
+@dataclasses.dataclass(frozen=True)
+class GangSpec:
+    """A gang to launch: its members' replica ids, by rank (each asks for the same request)."""
+
+    gang_id: str
+    members: tuple[str, ...]
+    strategy: str
+
+    def context(self, rank: int, pg_name: str = "") -> dict[str, Any]:
+        """What member ``rank`` sees as its serve.gang.GangContext (Ray's fields)."""
+        return {
+            "gang_id": self.gang_id,
+            "rank": rank,
+            "world_size": len(self.members),
+            "member_replica_ids": [member.rsplit("#", 1)[-1] for member in self.members],
+            "pg_name": pg_name,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

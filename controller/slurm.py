@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from controller.launcher import Exit, finished_within, replica_command
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from serve._settings import ADDRESS_ENV, NODE_ID_ENV, TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -115,32 +115,69 @@ def sbatch_args(
     nodelist: str | None = None,
 ) -> list[str]:
     """The sbatch command for one replica (its batch script comes on stdin)."""
+    cpus = max(1, math.ceil(request.num_cpus))
     args = [
         "sbatch",
         "--parsable",
         f"--job-name={name}",
         f"--output={output}",
-        "--ntasks=1",
-        f"--cpus-per-task={max(1, math.ceil(request.num_cpus))}",
+        f"--ntasks={max(1, request.gang_size)}",  # a gang: one task per member
+        f"--cpus-per-task={cpus}",
         "--no-requeue",  # a lost replica is replaced by the controller, not restarted by Slurm
         "--export=ALL",  # the token travels in the job's environment
     ]
     if options.partition:
         args.append(f"--partition={options.partition}")
+    gang = request.gang_size > 0
     gres = []
-    if request.num_gpus:
+    if request.num_gpus and gang:
+        args.append(f"--gpus-per-task={math.ceil(request.num_gpus)}")
+    elif request.num_gpus:
         gres.append(f"gpu:{math.ceil(request.num_gpus)}")
-    gres += [f"{name_}:{math.ceil(amount)}" for name_, amount in request.custom]
+    gres += [f"{name_}:{math.ceil(amount)}" for name_, amount in request.custom]  # per node
     if gres:
         args.append(f"--gres={','.join(gres)}")
-    if request.memory_bytes:
+    if request.memory_bytes and gang:  # --mem is per node; a gang's members may share one
+        args.append(f"--mem-per-cpu={math.ceil(request.memory_bytes / _MIB / cpus)}M")
+    elif request.memory_bytes:
         args.append(f"--mem={math.ceil(request.memory_bytes / _MIB)}M")
+    if gang:
+        args += _GANG_FLAGS.get(request.gang_strategy, [])
     if exclude:
         args.append(f"--exclude={','.join(sorted(exclude))}")
     if nodelist:
         args.append(f"--nodelist={nodelist}")
     args += options.sbatch_options
     return args
+
+
+def gang_key(gang_id: str) -> str:
+    """How a gang's one job is known among the jobs."""
+    return f"gang:{gang_id}"
+
+
+_GANG_FLAGS = {  # serve.gang.GangPlacementStrategy -> sbatch
+    "PACK": [],  # Slurm packs tasks onto as few nodes as fit, by default
+    "SPREAD": ["--spread-job"],
+    "STRICT_PACK": ["--nodes=1"],
+    "STRICT_SPREAD": ["--ntasks-per-node=1"],
+}
+
+
+def gang_batch_script(commands: Sequence[Sequence[str]], cpus_per_task: int) -> str:
+    """A gang's job: one ``srun`` task per member, each running its own command (by
+    SLURM_PROCID) on the node Slurm gave it. A member that fails ends the step, and so the job
+    and every member with it (--kill-on-bad-exit): the gang lives and dies as one."""
+    cases = " ".join(f"{rank}) exec {shlex.join(cmd)};;" for rank, cmd in enumerate(commands))
+    task = (
+        f'export {NODE_ID_ENV}="${{SLURMD_NODENAME:-$(hostname)}}"; '
+        f'case "$SLURM_PROCID" in {cases} esac; exit 1'
+    )
+    return (
+        "#!/bin/sh\n"
+        f"exec srun --kill-on-bad-exit=1 --cpus-per-task={cpus_per_task} "
+        f"sh -c {shlex.quote(task)}\n"
+    )
 
 
 def batch_script(command: Sequence[str]) -> str:
@@ -265,6 +302,31 @@ class SlurmJob:
         self._launcher.spawn(self._launcher.scancel(self.job_id), f"scancel:{self.job_id}")
 
 
+class GangMember:
+    """One member of a gang: its gang's job (shared with the others). Stopping or killing one
+    member ends the whole job: a gang is stopped whole (RESTART_GANG)."""
+
+    def __init__(self, job: SlurmJob) -> None:
+        self._job = job
+
+    @property
+    def ident(self) -> str:
+        return f"{self._job.ident} (gang)"
+
+    async def running(self) -> int | None:
+        return await self._job.running()
+
+    async def wait(self) -> Exit:
+        ended = await self._job.wait()
+        return dataclasses.replace(ended, node="")  # the job's nodes, not this member's
+
+    async def stop(self, grace_s: float) -> None:
+        await self._job.stop(grace_s)
+
+    def kill(self) -> None:
+        self._job.kill()
+
+
 class SlurmLauncher:
     """Submits one batch job per replica and follows them all with one poller."""
 
@@ -356,6 +418,34 @@ class SlurmLauncher:
                 await job.running()  # placed (or gone): the next one may go
                 return
 
+    async def launch_gang(
+        self, gang: GangSpec, request: ResourceRequest, on_pending: Callable[[str], None]
+    ) -> list[GangMember]:
+        """One job of ``gang_size`` tasks, placed by the gang's strategy: Slurm allocates them
+        all at once or keeps the job pending."""
+        job = SlurmJob(gang_key(gang.gang_id), request, self)
+        self._jobs[job.replica_id] = job
+        self._ensure_poller()
+        pg_name = job_name(self._instance, job.replica_id)
+        commands = [
+            replica_command(
+                self._controller_address, member, "auto", self._log_dir, gang.context(rank, pg_name)
+            )
+            for rank, member in enumerate(gang.members)
+        ]
+        script = gang_batch_script(commands, max(1, math.ceil(request.num_cpus)))
+        self.spawn(self._submit_gang(job, script, on_pending), f"submit:{job.replica_id}")
+        return [GangMember(job) for _ in gang.members]
+
+    async def _submit_gang(
+        self, job: SlurmJob, script: str, on_pending: Callable[[str], None]
+    ) -> None:
+        try:
+            exclude = await self._exclusions(job.request, set())
+            await self._submit(job, on_pending, exclude, script=script)
+        except SlurmError as exc:
+            job.ended(Exit(None, str(exc)))
+
     async def launch_proxy(
         self, node: str, command: Sequence[str], on_pending: Callable[[str], None]
     ) -> SlurmJob:
@@ -430,6 +520,7 @@ class SlurmLauncher:
         *,
         command: Sequence[str] | None = None,
         nodelist: str | None = None,
+        script: str | None = None,
     ) -> None:
         """sbatch (the replica, or ``command``); a job no node can run is retried every
         retry_s, and one Slurm cannot be asked about with backoff, both reported pending."""
@@ -442,11 +533,12 @@ class SlurmLauncher:
             exclude=exclude,
             nodelist=nodelist,
         )
-        if command is None:
-            command = replica_command(
-                self._controller_address, job.replica_id, "auto", self._log_dir
-            )
-        script = batch_script(command)
+        if script is None:
+            if command is None:
+                command = replica_command(
+                    self._controller_address, job.replica_id, "auto", self._log_dir
+                )
+            script = batch_script(command)
         reported = ""
         backoff_s = RETRY_START_S
         while not job.done():
@@ -560,9 +652,19 @@ class SlurmLauncher:
             job = self._jobs.pop(replica_id)
             self._on_pending.pop(job.job_id, None)
 
-    async def adopt(self, replica_id: str, pid: int, request: ResourceRequest) -> SlurmJob | None:
-        """A replica the previous controller launched: its job, if still queued or running,
-        with the request it was submitted with (so spreading counts it where it runs)."""
+    async def adopt(
+        self, replica_id: str, pid: int, request: ResourceRequest
+    ) -> SlurmJob | GangMember | None:
+        """A replica the previous controller launched: its job (a gang member: its gang's
+        job), if still queued or running, with the request it was submitted with (so spreading
+        counts it where it runs)."""
+        if request.gang_id:
+            key = gang_key(request.gang_id)
+            shared = self._jobs.get(key)
+            if shared is None:
+                found = await self.adopt(key, pid, dataclasses.replace(request, gang_id=""))
+                shared = found if isinstance(found, SlurmJob) else None
+            return GangMember(shared) if shared is not None else None
         for attempt in range(3):  # a restarted controller may meet a restarting slurmctld
             try:
                 listed = await self._squeue()

@@ -80,6 +80,12 @@ class DeploymentGoal:
         return self.spec.config.user_config_json()
 
     @property
+    def gang_size(self) -> int:
+        """Replicas per gang (gang_scheduling_config), or 0 without gangs."""
+        gang = self.spec.config.gang_scheduling_config
+        return int(gang["gang_size"]) if gang else 0
+
+    @property
     def max_ongoing_requests(self) -> int:
         return self.spec.config.max_ongoing_requests
 
@@ -132,6 +138,9 @@ class ReplicaRecord:
     rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
     pending: str = ""  # while the launcher cannot place it: why
     request: ResourceRequest = dataclasses.field(default_factory=ResourceRequest)
+    gang_id: str = ""  # a gang member: its gang, its rank in it, and all members by rank
+    gang_rank: int = -1
+    gang_members: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +174,14 @@ def _stop_order(record: ReplicaRecord) -> tuple[int, float]:
     return (1 if record.phase.routable else 0, -record.started_at_s)
 
 
+def _units(records: Iterable[ReplicaRecord]) -> list[list[ReplicaRecord]]:
+    """What stops together, in stop order: one replica, or a whole gang."""
+    units: dict[str, list[ReplicaRecord]] = {}
+    for record in records:
+        units.setdefault(record.gang_id or record.replica_id, []).append(record)
+    return sorted(units.values(), key=lambda unit: max(_stop_order(r) for r in unit))
+
+
 def plan(
     goals: Mapping[DeploymentID, DeploymentGoal], replicas: Iterable[ReplicaRecord]
 ) -> list[Action]:
@@ -191,13 +208,20 @@ def plan(
         if len(current) < target and not goal.failed:
             actions.append(StartReplicas(deployment_id, target - len(current)))
         elif len(current) > target:
-            for record in sorted(current, key=_stop_order)[: len(current) - target]:
-                actions.append(StopReplica(record.replica_id))
-                current.remove(record)
+            for unit in _units(current):  # whole gangs, never part of one
+                if len(current) - len(unit) < target:
+                    break
+                for record in unit:
+                    actions.append(StopReplica(record.replica_id))
+                    current.remove(record)
         running_current = sum(1 for r in current if r.phase.routable)
         keep_old = max(0, target - running_current)
-        for record in sorted(old, key=_stop_order)[: max(0, len(old) - keep_old)]:
-            actions.append(StopReplica(record.replica_id))
+        kept = len(old)
+        for unit in _units(old):
+            if kept - len(unit) < keep_old:
+                break
+            kept -= len(unit)
+            actions.extend(StopReplica(record.replica_id) for record in unit)
         for record in current:
             if record.phase is Phase.RUNNING and needs_reconfigure(goal, record):
                 actions.append(ReconfigureReplica(record.replica_id))

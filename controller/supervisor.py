@@ -31,6 +31,7 @@ from controller.events import (
     Kill,
     Launch,
     LaunchFailed,
+    LaunchGang,
     LinkEnded,
     LinkVerdict,
     LoadReported,
@@ -55,7 +56,7 @@ from controller.load import LoadBook
 from controller.machine import SETTLED, ControllerMachine
 from controller.metrics import Snapshot
 from controller.publisher import Publisher
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from controller.state import AppGoal, DeploymentView, Phase
 from controller.store import GoalStore
 from controller.views import metrics_snapshot, replica_sets, status_key
@@ -213,6 +214,11 @@ class Supervisor:
                     self._launch(action.replica_id, action.request),
                     f"controller:launch:{action.replica_id}",
                 )
+            case LaunchGang():
+                self._spawn(
+                    self._launch_gang(action.gang, action.request),
+                    f"controller:launch-gang:{action.gang.gang_id}",
+                )
             case Initialize():
                 self._call(action.replica_id, action.address, Call.INITIALIZE, _initializer(action))
             case Reconfigure():
@@ -262,21 +268,48 @@ class Supervisor:
 
     # Replica processes.
 
-    async def _launch(self, replica_id: str, request: ResourceRequest) -> None:
+    def _pending(self, replica_ids: Sequence[str]) -> Callable[[str], None]:
         def on_pending(reason: str) -> None:
             if not self._closed:
-                self._feed(ReplicaPending(replica_id, reason))
+                for replica_id in replica_ids:
+                    self._feed(ReplicaPending(replica_id, reason))
 
-        saved = self._saved.get(replica_id)
-        if saved is not None:  # on disk before it runs: a restart re-adopts it, never doubles it
-            with contextlib.suppress(Exception):  # a failed write is logged; launch anyway
-                await asyncio.shield(saved)
+        return on_pending
+
+    async def _saved_first(self, replica_ids: Sequence[str]) -> None:
+        """On disk before it runs: a restart re-adopts it, never doubles it."""
+        saved = [self._saved[r] for r in replica_ids if r in self._saved]
+        with contextlib.suppress(Exception):  # a failed write is logged; launch anyway
+            await asyncio.shield(asyncio.gather(*saved))
+
+    async def _launch(self, replica_id: str, request: ResourceRequest) -> None:
+        await self._saved_first([replica_id])
         try:
-            process = await self._launcher.launch(replica_id, request, on_pending)
+            process = await self._launcher.launch(replica_id, request, self._pending([replica_id]))
         except Exception as exc:
             logger.exception("Could not launch replica %s", replica_id)
             self._feed(LaunchFailed(replica_id, str(exc)))
             return
+        await self._follow(replica_id, process)
+
+    async def _launch_gang(self, gang: GangSpec, request: ResourceRequest) -> None:
+        await self._saved_first(gang.members)
+        try:
+            members = await self._launcher.launch_gang(gang, request, self._pending(gang.members))
+        except Exception as exc:
+            logger.exception("Could not launch gang %s", gang.gang_id)
+            for replica_id in gang.members:
+                self._feed(LaunchFailed(replica_id, str(exc)))
+            return
+        await asyncio.gather(
+            *(
+                self._follow(replica_id, m)
+                for replica_id, m in zip(gang.members, members, strict=True)
+            )
+        )
+
+    async def _follow(self, replica_id: str, process: Launched) -> None:
+        """Report a launched replica's start and its end."""
         self._processes[replica_id] = process
         pid = await process.running()
         if pid is not None:

@@ -126,6 +126,7 @@ class Deployment(Generic[T]):
         request_router_config: Any = _UNSET,
         request_router_class: Any = _UNSET,
         max_constructor_retry_count: Any = _UNSET,
+        gang_scheduling_config: Any = _UNSET,
     ) -> Deployment[T]:
         """A copy with the given options changed; the original is not modified."""
         given = {k: v for k, v in locals().items() if k not in ("self", "func_or_class")}
@@ -200,6 +201,7 @@ def deployment(
     request_router_config: Any = _UNSET,
     request_router_class: Any = _UNSET,
     max_constructor_retry_count: Any = _UNSET,
+    gang_scheduling_config: Any = _UNSET,
 ) -> Any:
     """Turn a class or function into a ``Deployment``.
 

@@ -156,6 +156,7 @@ class DeploymentConfig:
     logging_config: Any = None
     ray_actor_options: Any = None  # resources and runtime_env, as Ray spells them (JSON types)
     max_replicas_per_node: int | None = None  # placement: at most this many on one node
+    gang_scheduling_config: Any = None  # serve.gang.GangSchedulingConfig.to_dict(), or None
 
     def user_config_json(self) -> bytes | None:
         if self.user_config is None:

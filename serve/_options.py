@@ -19,6 +19,7 @@ from serve._logging import check_logging_config
 from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
 from serve.config import AutoscalingConfig
+from serve.gang import check_gang_fits, gang_option
 
 
 class DEFAULT(enum.Enum):
@@ -271,6 +272,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "logging_config": lambda v: check_logging_config(v),
     "request_router_config": lambda v: _check_router_config(v),
     "max_constructor_retry_count": lambda v: _int("max_constructor_retry_count", v, minimum=1),
+    "gang_scheduling_config": gang_option,
 }
 
 DEPLOYMENT_OPTION_NAMES = frozenset(_CHECKS)
@@ -327,6 +329,12 @@ def build_deployment_config(options: Mapping[str, Any]) -> DeploymentConfig:
         for f in dataclasses.fields(DeploymentConfig)
         if f.name in options and f.name not in ("num_replicas", "autoscaling_config")
     }
+    check_gang_fits(
+        kwargs.get("gang_scheduling_config"),
+        num_replicas=num_replicas,
+        replica_bounds=autoscaling.replica_bounds() if autoscaling is not None else None,
+        max_replicas_per_node=kwargs.get("max_replicas_per_node"),
+    )
     return DeploymentConfig(num_replicas=num_replicas, autoscaling_config=autoscaling, **kwargs)
 
 

@@ -1,5 +1,6 @@
-"""Public configuration objects, as Ray Serve spells them: ``AutoscalingConfig``, and the proxy's
-``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``."""
+"""Public configuration objects, as Ray Serve spells them: ``AutoscalingConfig``, the proxy's
+``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``, and gang scheduling's options (defined in
+``serve.gang``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AutoscalingConfig", "HTTPOptions", "ProxyLocation", "gRPCOptions"]
+from serve.gang import GangPlacementStrategy, GangRuntimeFailurePolicy, GangSchedulingConfig
+
+__all__ = [
+    "AutoscalingConfig",
+    "GangPlacementStrategy",
+    "GangRuntimeFailurePolicy",
+    "GangSchedulingConfig",
+    "HTTPOptions",
+    "ProxyLocation",
+    "gRPCOptions",
+]
 
 _LEGACY_TARGET_NAMES = ("target_num_ongoing_requests_per_replica", "target_num_ongoing_requests")
 
@@ -113,6 +124,10 @@ class AutoscalingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replica_bounds(self) -> tuple[int, int, int | None]:
+        """(min_replicas, max_replicas, initial_replicas)."""
+        return self.min_replicas, self.max_replicas, self.initial_replicas
 
     def start_replicas(self) -> int:
         """How many replicas a fresh deployment starts with."""

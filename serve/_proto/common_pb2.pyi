@@ -183,6 +183,7 @@ class DeploymentConfig(_message.Message):
     LOGGING_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     RAY_ACTOR_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     MAX_REPLICAS_PER_NODE_FIELD_NUMBER: _builtins.int
+    GANG_SCHEDULING_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     num_replicas: _builtins.int
     max_ongoing_requests: _builtins.int
     max_queued_requests: _builtins.int
@@ -199,6 +200,8 @@ class DeploymentConfig(_message.Message):
     """resources and runtime_env, as JSON (empty: none)"""
     max_replicas_per_node: _builtins.int
     """0: no limit"""
+    gang_scheduling_config_json: _builtins.bytes
+    """GangSchedulingConfig fields, as JSON (empty: none)"""
     @_builtins.property
     def autoscaling(self) -> Global___AutoscalingConfig:
         """set only when the deployment autoscales"""
@@ -219,10 +222,11 @@ class DeploymentConfig(_message.Message):
         logging_config_json: _builtins.bytes = ...,
         ray_actor_options_json: _builtins.bytes = ...,
         max_replicas_per_node: _builtins.int = ...,
+        gang_scheduling_config_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "user_config_json", b"user_config_json"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "gang_scheduling_config_json", b"gang_scheduling_config_json", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__user_config_json: _TypeAlias = _typing.Literal["user_config_json"]  # noqa: Y015
     _WhichOneofArgType__user_config_json: _TypeAlias = _typing.Literal["_user_config_json", b"_user_config_json"]  # noqa: Y015

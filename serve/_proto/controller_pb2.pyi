@@ -688,6 +688,9 @@ class LinkRequest(_message.Message):
     USER_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     MODEL_IDS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    GANG_ID_FIELD_NUMBER: _builtins.int
+    GANG_RANK_FIELD_NUMBER: _builtins.int
+    GANG_MEMBERS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     pid: _builtins.int
@@ -698,8 +701,15 @@ class LinkRequest(_message.Message):
     user_config_json: _builtins.bytes
     draining: _builtins.bool
     """stopping: never to be re-adopted as running"""
+    gang_id: _builtins.str
+    """Its gang (gang_scheduling_config), if any: a restarted controller keeps gangs whole."""
+    gang_rank: _builtins.int
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def gang_members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the members' replica ids, by rank"""
+
     def __init__(
         self,
         *,
@@ -712,10 +722,13 @@ class LinkRequest(_message.Message):
         user_config_json: _builtins.bytes = ...,
         model_ids: _abc.Iterable[_builtins.str] | None = ...,
         draining: _builtins.bool = ...,
+        gang_id: _builtins.str = ...,
+        gang_rank: _builtins.int = ...,
+        gang_members: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "host", b"host", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "gang_id", b"gang_id", "gang_members", b"gang_members", "gang_rank", b"gang_rank", "host", b"host", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

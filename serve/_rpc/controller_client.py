@@ -45,6 +45,9 @@ class LinkInfo:
     user_config_json: bytes
     model_ids: tuple[str, ...]
     draining: bool
+    gang_id: str = ""
+    gang_rank: int = -1
+    gang_members: tuple[str, ...] = ()  # replica ids, by rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +285,9 @@ class ControllerClient:
                 user_config_json=info.user_config_json,
                 model_ids=list(info.model_ids),
                 draining=info.draining,
+                gang_id=info.gang_id,
+                gang_rank=info.gang_rank,
+                gang_members=list(info.gang_members),
             )
         )
         heartbeat = controller_pb2.LinkMessage(heartbeat=_HEARTBEAT)

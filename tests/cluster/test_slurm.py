@@ -6,6 +6,8 @@ are Slurm jobs that bind their node's address, so every request crosses real rou
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -337,3 +339,80 @@ def test_every_node_with_replicas_runs_a_proxy_that_answers_on_its_address(
     )
     controller.drive(EVERY_NODE + "\nserve.status()\nserve.shutdown()\nprint(json.dumps(True))\n")
     wait_for(lambda: not controller.jobs(), timeout_s=30, interval_s=0.2)
+
+
+GANG = textwrap.dedent(
+    """
+    import json, os, time
+    import serve
+    from serve.config import GangPlacementStrategy, GangSchedulingConfig
+
+    @serve.deployment(
+        num_replicas=3,
+        ray_actor_options={"num_cpus": 1},
+        gang_scheduling_config=GangSchedulingConfig(
+            gang_size=3, gang_placement_strategy=GangPlacementStrategy.SPREAD
+        ),
+    )
+    class Member:
+        def __call__(self):
+            context = serve.get_replica_context()
+            gang = context.gang_context
+            return [context.node_id, context.replica_tag, gang.gang_id, gang.rank,
+                    gang.world_size, gang.member_replica_ids, gang.pg_name]
+
+    def members(handle):
+        seen, deadline = {}, time.monotonic() + 60
+        while len(seen) < 3:
+            assert time.monotonic() < deadline, seen
+            answer = handle.remote().result(timeout_s=30)
+            seen[answer[1]] = answer
+        return sorted(seen.values(), key=lambda a: a[3])
+    """
+)
+
+
+def test_a_gang_of_three_is_one_job_across_nodes_and_restarts_whole(
+    slurm_controller: SlurmController,
+) -> None:
+    """gang_size=3, SPREAD: one Slurm job of three tasks, one per node; every member sees the
+    gang (ranks 0-2, the same members). One member killed ends the job; a new gang runs."""
+    first = slurm_controller.drive(
+        GANG
+        + textwrap.dedent(
+            """
+            handle = serve.run(Member.bind(), name="gang")
+            print(json.dumps(members(handle)))
+            """
+        )
+    )
+    assert sorted(m[0] for m in first) == list(NODES)  # spread: a member on every node
+    assert [m[3] for m in first] == [0, 1, 2]
+    assert {m[4] for m in first} == {3}
+    assert len({m[2] for m in first}) == 1  # one gang
+    assert all(m[5] == [f[1] for f in first] for m in first)  # members by rank, everywhere
+    jobs = slurm_controller.jobs()
+    assert len(jobs) == 1  # the gang is one job
+    assert first[0][6] == jobs[0][3]  # pg_name: that job
+    victim_node = first[1][0]
+    (victim,) = slurm_controller.cluster.replica_pids_in(victim_node)
+    os.kill(victim, signal.SIGKILL)
+    second = slurm_controller.drive(
+        GANG
+        + textwrap.dedent(
+            f"""
+            handle = serve.get_app_handle("gang")
+            deadline = time.monotonic() + 60
+            while True:
+                now = members(handle)
+                if len({{m[2] for m in now}}) == 1 and now[0][2] != "{first[0][2]}":
+                    break
+                assert time.monotonic() < deadline, now
+                time.sleep(0.2)
+            print(json.dumps(now))
+            """
+        )
+    )
+    assert not {m[1] for m in second} & {m[1] for m in first}  # every member is new
+    assert sorted(m[0] for m in second) == list(NODES)
+    wait_for(lambda: len(slurm_controller.jobs()) == 1, timeout_s=30, interval_s=0.2)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller import events as ev
-from controller.goals import NODE_AVOID_S
+from controller.goals import NODE_AVOID_S, whole_gangs
 from controller.health import UNHEALTHY_AFTER
 from controller.machine import RECOVERY_WAIT_S, ControllerMachine
 from controller.state import Phase
@@ -462,3 +462,78 @@ def test_a_replica_that_ended_is_not_re_adopted_when_it_links_again() -> None:
         h.feed(ev.ReplicaLinked(replica, "10.0.0.1:5", 7, "n1", True, "v1", b"")), ev.LinkVerdict
     )
     assert [v.verdict for v in verdicts] == [ev.Verdict.STOP]
+
+
+def gang_spec(replicas: int = 4, version: str = "v1", **config: Any) -> DeploymentSpec:
+    gang = {
+        "gang_size": 2,
+        "gang_timeout_s": 300.0,
+        "gang_placement_strategy": "SPREAD",
+        "max_retries": 3,
+        "runtime_failure_policy": "RESTART_GANG",
+    }
+    return spec(version, num_replicas=replicas, gang_scheduling_config=gang, **config)
+
+
+def gangs_launched(actions: Sequence[ev.Action]) -> list[ev.LaunchGang]:
+    return of(actions, ev.LaunchGang)
+
+
+def test_gangs_are_saved_then_launched_whole_with_their_context() -> None:
+    h = Harness()
+    actions = h.deploy(gang_spec())
+    assert not launched(actions)  # no replica is launched alone
+    gangs = gangs_launched(actions)
+    assert len(gangs) == 2
+    for gang in gangs:
+        assert len(gang.gang.members) == 2
+        assert gang.request.gang_size == 2
+        assert gang.request.gang_strategy == "SPREAD"
+        assert gang.request.gang_id == gang.gang.gang_id
+        saves = [
+            i
+            for i, a in enumerate(actions)
+            if isinstance(a, ev.SaveReplica) and a.replica_id in gang.gang.members
+        ]
+        assert len(saves) == 2
+        assert actions.index(gang) > max(saves)  # every member durable before the launch
+        context = gang.gang.context(1)
+        assert context["rank"] == 1
+        assert context["world_size"] == 2
+        assert context["member_replica_ids"] == [m.rsplit("#", 1)[1] for m in gang.gang.members]
+    assert gangs[0].gang.gang_id != gangs[1].gang.gang_id
+
+
+def test_a_gang_that_loses_a_member_is_restarted_whole() -> None:
+    h = Harness()
+    gangs = [g.gang for g in gangs_launched(h.deploy(gang_spec()))]
+    for gang in gangs:
+        for member in gang.members:
+            h.bring_up(member)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    broken, whole = gangs
+    actions = h.feed(ev.ReplicaExited(broken.members[0], -9))
+    killed = {a.replica_id for a in of(actions, ev.Kill)}
+    assert killed == {broken.members[1]}  # its sibling, not the other gang
+    (replacement,) = gangs_launched(actions)  # a new gang of two in its place
+    assert not set(replacement.gang.members) & set(broken.members)
+    h.feed(ev.ReplicaExited(broken.members[1], -9))
+    assert sorted(h.running()) == sorted(whole.members)
+
+
+def test_gangs_scale_down_whole_and_autoscale_by_whole_gangs() -> None:
+    h = Harness()
+    for launch in gangs_launched(h.deploy(gang_spec(version="v1"))):
+        for member in launch.gang.members:
+            h.bring_up(member)
+    actions = h.deploy(gang_spec(replicas=2, version="v1"))
+    stopped = {a.replica_id for a in of(actions, ev.Stop)}
+    assert len(stopped) == 2
+    assert len({h.machine.replicas[r].gang_id for r in stopped}) == 1  # one whole gang
+    goal = h.machine.goals()[DEP]
+    goal.target_replicas, goal.scaling = 3, 1
+    whole_gangs(goal)
+    assert goal.target_replicas == 4  # up: the next whole gang
+    goal.target_replicas, goal.scaling = 3, -1
+    whole_gangs(goal)
+    assert goal.target_replicas == 2  # down: the gang below

@@ -7,6 +7,7 @@ import serve
 import serve.config
 import serve.context
 import serve.exceptions
+import serve.gang
 import serve.handle
 import serve.metrics
 import serve.schema
@@ -15,7 +16,7 @@ import serve.schema
 def test_serve_all_is_sorted_and_complete() -> None:
     assert serve.__all__ == sorted(serve.__all__)
     public = {name for name in dir(serve) if not name.startswith("_")}
-    modules = {"config", "context", "exceptions", "handle", "metrics", "schema"}
+    modules = {"config", "context", "exceptions", "gang", "handle", "metrics", "schema"}
     assert public - modules == set(serve.__all__)
 
 
@@ -44,7 +45,14 @@ def test_ray_serve_names_exist() -> None:
 
 
 def test_public_modules_export_what_they_define() -> None:
-    for module in (serve.handle, serve.exceptions, serve.config, serve.metrics, serve.schema):
+    for module in (
+        serve.handle,
+        serve.exceptions,
+        serve.config,
+        serve.gang,
+        serve.metrics,
+        serve.schema,
+    ):
         assert module.__all__ == sorted(module.__all__)
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"
