@@ -6,7 +6,7 @@ from pathlib import Path
 
 from controller.node_proxies import node_proxy_command
 from controller.resources import ResourceRequest
-from controller.slurm import (
+from controller.slurm_cli import (
     SlurmError,
     SlurmOptions,
     batch_script,
