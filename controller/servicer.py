@@ -271,6 +271,9 @@ class ControllerServicer:
             code_version=request.code_version,
             user_config_json=request.user_config_json,
             draining=request.draining,
+            gang_id=request.gang_id,
+            gang_rank=request.gang_rank if request.gang_id else -1,
+            gang_members=tuple(request.gang_members),
         )
         if verdict is Verdict.STOP or ended is None:
             yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_STOP)

@@ -488,10 +488,24 @@ class Supervisor:
         code_version: str,
         user_config_json: bytes,
         draining: bool = False,
+        gang_id: str = "",
+        gang_rank: int = -1,
+        gang_members: tuple[str, ...] = (),
     ) -> tuple[Verdict, asyncio.Event | None]:
-        """A replica linked (or re-linked). Returns the verdict and an event ending the link."""
+        """A replica linked (or re-linked; a gang member says its gang, so a restarted
+        controller keeps gangs whole). Returns the verdict and an event ending the link."""
         event = ReplicaLinked(
-            replica_id, address, pid, host, initialized, code_version, user_config_json, draining
+            replica_id,
+            address,
+            pid,
+            host,
+            initialized,
+            code_version,
+            user_config_json,
+            draining,
+            gang_id,
+            gang_rank,
+            gang_members,
         )
         actions, _ = self._feed(event)
         verdict = next((a.verdict for a in actions if isinstance(a, LinkVerdict)), Verdict.STOP)

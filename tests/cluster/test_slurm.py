@@ -372,11 +372,12 @@ GANG = textwrap.dedent(
 )
 
 
-def test_a_gang_of_three_is_one_job_across_nodes_and_restarts_whole(
+def test_a_gang_of_three_is_one_job_across_nodes_restarts_whole_and_is_readopted(
     slurm_controller: SlurmController,
 ) -> None:
     """gang_size=3, SPREAD: one Slurm job of three tasks, one per node; every member sees the
-    gang (ranks 0-2, the same members). One member killed ends the job; a new gang runs."""
+    gang (ranks 0-2, the same members). One member killed ends the job; a new gang runs. A
+    restarted controller re-adopts the gang as it is."""
     first = slurm_controller.drive(
         GANG
         + textwrap.dedent(
@@ -416,3 +417,21 @@ def test_a_gang_of_three_is_one_job_across_nodes_and_restarts_whole(
     assert not {m[1] for m in second} & {m[1] for m in first}  # every member is new
     assert sorted(m[0] for m in second) == list(NODES)
     wait_for(lambda: len(slurm_controller.jobs()) == 1, timeout_s=30, interval_s=0.2)
+    job = slurm_controller.jobs()
+    slurm_controller.kill()  # a restarted controller re-adopts the gang, whole
+    slurm_controller.start()
+    third = slurm_controller.drive(
+        GANG
+        + textwrap.dedent(
+            """
+            deadline = time.monotonic() + 30
+            while serve.status().applications["gang"].status != "RUNNING":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few polls: a gang wrongly restarted would show by now
+            print(json.dumps(members(serve.get_app_handle("gang"))))
+            """
+        )
+    )
+    assert third == second
+    assert slurm_controller.jobs() == job

@@ -537,3 +537,31 @@ def test_gangs_scale_down_whole_and_autoscale_by_whole_gangs() -> None:
     goal.target_replicas, goal.scaling = 3, -1
     whole_gangs(goal)
     assert goal.target_replicas == 2  # down: the gang below
+
+
+def test_a_restarted_controller_keeps_gangs_whole() -> None:
+    """Gang members re-link with their gang; one that never comes back gets its gang restarted
+    once recovery is over (Ray's incomplete gang detection)."""
+    first = Harness()
+    (launch,) = gangs_launched(first.deploy(gang_spec(replicas=2)))
+    members = launch.gang.members
+    h = Harness()
+    previous = tuple(ev.PreviousReplica(m, 10 + i, "v1", True) for i, m in enumerate(members))
+    h.feed(ev.Restored((first.machine.apps[APP],), previous))
+    back, lost = members
+    h.feed(
+        ev.ReplicaLinked(
+            back, "127.0.0.1:1", 10, "n1", True, "v1", b"", False, launch.gang.gang_id, 0, members
+        )
+    )
+    record = h.machine.replicas[back]
+    assert (record.gang_id, record.gang_rank, record.gang_members) == (
+        launch.gang.gang_id,
+        0,
+        members,
+    )
+    h.now += RECOVERY_WAIT_S + 1
+    actions = h.feed(ev.Tick())  # the lost member never re-linked: its gang restarts whole
+    assert {a.replica_id for a in of(actions, ev.Kill)} == {back, lost}
+    (restart,) = gangs_launched(actions)
+    assert restart.gang.gang_id != launch.gang.gang_id
