@@ -269,20 +269,8 @@ class ControllerMachine:
     def _start(self, deployment_id: DeploymentID, now_s: float, out: list[ev.Action]) -> None:
         goal = self.goals()[deployment_id]
         replica_id = self._new_replica_id(deployment_id)
-        request = ResourceRequest.from_config(
-            goal.spec.config, str(deployment_id), avoid_nodes=goal.avoided_nodes(now_s)
-        )
-        self.replicas[replica_id] = ReplicaRecord(
-            replica_id=replica_id,
-            deployment_id=deployment_id,
-            code_version=goal.version,
-            phase=Phase.STARTING,
-            started_at_s=now_s,
-            rank=free_rank(self.replicas.values(), deployment_id),
-            request=request,
-        )
-        self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
-        out.append(ev.SaveReplica(replica_id, 0, goal.version, request))  # durable first
+        request = self._request(goal, now_s)
+        self._new_record(goal, replica_id, request, now_s, out)
         out.append(ev.Launch(replica_id, request))
 
     def _start_gang(self, goal: DeploymentGoal, now_s: float, out: list[ev.Action]) -> None:
@@ -292,29 +280,44 @@ class ControllerMachine:
         members = tuple(self._new_replica_id(deployment_id) for _ in range(goal.gang_size))
         spec = GangSpec(new_gang_id(), members, str(gang["gang_placement_strategy"]))
         request = dataclasses.replace(
-            ResourceRequest.from_config(
-                goal.spec.config, str(deployment_id), avoid_nodes=goal.avoided_nodes(now_s)
-            ),
+            self._request(goal, now_s),
             gang_id=spec.gang_id,
             gang_size=goal.gang_size,
             gang_strategy=spec.strategy,
         )
         for rank, replica_id in enumerate(members):
-            self.replicas[replica_id] = ReplicaRecord(
-                replica_id=replica_id,
-                deployment_id=deployment_id,
-                code_version=goal.version,
-                phase=Phase.STARTING,
-                started_at_s=now_s,
-                rank=free_rank(self.replicas.values(), deployment_id),
-                request=request,
-                gang_id=spec.gang_id,
-                gang_rank=rank,
-                gang_members=members,
-            )
-            self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
-            out.append(ev.SaveReplica(replica_id, 0, goal.version, request))  # durable first
+            record = self._new_record(goal, replica_id, request, now_s, out)
+            record.gang_id, record.gang_rank, record.gang_members = spec.gang_id, rank, members
         out.append(ev.LaunchGang(spec, request))
+
+    @staticmethod
+    def _request(goal: DeploymentGoal, now_s: float) -> ResourceRequest:
+        return ResourceRequest.from_config(
+            goal.spec.config, str(goal.deployment_id), avoid_nodes=goal.avoided_nodes(now_s)
+        )
+
+    def _new_record(
+        self,
+        goal: DeploymentGoal,
+        replica_id: str,
+        request: ResourceRequest,
+        now_s: float,
+        out: list[ev.Action],
+    ) -> ReplicaRecord:
+        """A replica about to be launched: recorded, and made durable first."""
+        deployment_id = goal.deployment_id
+        record = self.replicas[replica_id] = ReplicaRecord(
+            replica_id=replica_id,
+            deployment_id=deployment_id,
+            code_version=goal.version,
+            phase=Phase.STARTING,
+            started_at_s=now_s,
+            rank=free_rank(self.replicas.values(), deployment_id),
+            request=request,
+        )
+        self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
+        out.append(ev.SaveReplica(replica_id, 0, goal.version, request))
+        return record
 
     def _restart_broken_gangs(self, out: list[ev.Action]) -> None:
         """RESTART_GANG: a gang that lost a member (it exited, failed, or is being replaced)

@@ -26,6 +26,7 @@ from controller.proxy_watch import ProxyState, ProxyWatch, keep_running
 logger = logging.getLogger(__name__)
 
 LINK_TIMEOUT_S = 60.0  # a proxy job that runs must link by then (interpreter start included)
+ADOPT_WAIT_S = 5.0  # a proxy of the last controller must re-link by then
 STOP_TIMEOUT_S = 5.0
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _WILDCARD = ("0.0.0.0", "::", "")
@@ -176,9 +177,7 @@ class NodeProxies:
             proxy.job = None
             watch.unhealthy((await job.wait()).reason)
             return
-        killed = await watch.silent_before(
-            job.wait(), STOP_TIMEOUT_S if adopted else LINK_TIMEOUT_S
-        )
+        killed = await watch.silent_before(job.wait(), ADOPT_WAIT_S if adopted else LINK_TIMEOUT_S)
         if killed:
             job.kill()
         ended = await job.wait()

@@ -54,6 +54,14 @@ DRIVER = textwrap.dedent(
             assert time.monotonic() < deadline, serve.status().applications[name]
             time.sleep(0.2)
 
+    def replaced_off(lost, timeout_s=90):
+        # Calls until two replicas run again, none on the node (or in the job) that was lost.
+        def replaced():
+            now = running()
+            return len(now) == 2 and lost not in [x for job in now for x in job]
+        handle = serve.get_app_handle("w")
+        return calls_until(handle, replaced, timeout_s=timeout_s)
+
     def calls_until(handle, done, timeout_s=60):
         # Sequential calls until done(); only ReplicaDiedError is an allowed failure.
         died, ok, deadline = 0, 0, time.monotonic() + timeout_s
@@ -78,10 +86,7 @@ def test_a_cancelled_job_is_replaced(slurm_controller: SlurmController) -> None:
             before = running()
             victim = before[0][0]
             subprocess.run(["scancel", victim], check=True, timeout=15)
-            def replaced():
-                now = running()
-                return len(now) == 2 and victim not in [j for j, _ in now]
-            died, ok = calls_until(handle, replaced)
+            died, ok = replaced_off(victim, timeout_s=60)
             answers = [handle.remote().result(timeout_s=15) for _ in range(30)]
             print(json.dumps([running(), died, len(answers)]))
             """
@@ -170,11 +175,7 @@ def test_a_lost_node_is_replaced_on_a_healthy_one(slurm_controller: SlurmControl
         DRIVER
         + textwrap.dedent(
             f"""
-            handle = serve.get_app_handle("w")
-            def replaced():
-                now = running()
-                return len(now) == 2 and "{lost_job}" not in [j for j, _ in now]
-            died, ok = calls_until(handle, replaced, timeout_s=90)
+            died, ok = replaced_off("{lost_job}")
             print(json.dumps([running(), died]))
             """
         ),
@@ -227,11 +228,7 @@ def test_a_replica_cut_off_by_the_network_exits_within_the_orphan_timeout(
         DRIVER
         + textwrap.dedent(
             f"""
-            handle = serve.get_app_handle("w")
-            def replaced():
-                now = running()
-                return len(now) == 2 and "{cut_node}" not in [n for _, n in now]
-            died, ok = calls_until(handle, replaced, timeout_s=90)
+            died, ok = replaced_off("{cut_node}")
             print(json.dumps(running()))
             """
         ),
