@@ -246,7 +246,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     for node, proxy in sorted(proxies.items()):
         where = ", ".join(
-            f"{kind} {proxy[f'{kind}_address']}"
+            f"{'https' if kind == 'http' and proxy['https'] else kind} {proxy[f'{kind}_address']}"
             for kind in ("http", "grpc")
             if proxy[f"{kind}_address"]
         )

@@ -54,7 +54,8 @@ class ReplicaID:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Route:
-    """An application served over HTTP: requests under ``route_prefix`` go to its ingress."""
+    """An application the proxy serves: HTTP requests under ``route_prefix`` ("" for none:
+    gRPC only) and gRPC calls naming the application go to its ingress."""
 
     route_prefix: str
     app_name: str
@@ -173,6 +174,7 @@ class DeploymentConfig:
     max_surge_percent: float = 0.0
     # The HTTP answer to a request dropped by max_queued_requests (None: 503, no Retry-After).
     backpressure_config: BackpressureConfig | None = None
+    gang_scheduling_config: Any = None  # serve.gang.GangSchedulingConfig.to_dict(), or None
 
     def __post_init__(self) -> None:
         router: Any = self.request_router_config

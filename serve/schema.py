@@ -159,6 +159,7 @@ class ProxyDetails:
     grpc_address: str = ""  # host:port, empty when the gRPC proxy is off
     pid: int = 0
     message: str = ""  # why it is not healthy
+    https: bool = False  # HTTPS on http_address (http_options' ssl_keyfile and ssl_certfile)
 
 
 @dataclasses.dataclass(frozen=True)

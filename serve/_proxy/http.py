@@ -213,7 +213,7 @@ class ProxyApp:
             else:  # as Ray answers until an application is exposed
                 await _send_body(send, 503, NO_ROUTES_MESSAGE.encode(), b"text/plain")
         elif path == "/-/routes":
-            table = {r.route_prefix: r.app_name for r in self._routes.routes}
+            table = {r.route_prefix: r.app_name for r in self._routes.routes if r.route_prefix}
             await _send_body(send, 200, orjson.dumps(table), b"application/json")
         else:
             await _send_body(send, 404, f"Path '{path}' not found.".encode(), b"text/plain")

@@ -39,6 +39,8 @@ class RouteTable:
     def match(self, path: str) -> Route | None:
         for route in self._routes:
             prefix = route.route_prefix
+            if not prefix:  # no route prefix: gRPC only
+                continue
             if (
                 prefix == "/"
                 or path == prefix
@@ -67,5 +69,9 @@ class RouteTable:
         key = (route.app_name, route.ingress)
         found = self._handles.get(key)
         if found is None:
-            found = self._handles[key] = DeploymentHandle(route.ingress, route.app_name)
+            # As Ray's proxies (RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING): replicas on this
+            # proxy's node first, so a node's proxy keeps its traffic on the node.
+            found = self._handles[key] = DeploymentHandle(route.ingress, route.app_name).options(
+                _prefer_local_routing=True
+            )
         return found

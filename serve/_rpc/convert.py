@@ -55,6 +55,8 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
         msg.logging_config_json = orjson.dumps(config.logging_config)
     if config.ray_actor_options:
         msg.ray_actor_options_json = orjson.dumps(config.ray_actor_options)
+    if config.gang_scheduling_config:
+        msg.gang_scheduling_config_json = orjson.dumps(config.gang_scheduling_config)
     auto = config.autoscaling_config
     if auto is not None:
         msg.autoscaling.CopyFrom(
@@ -197,6 +199,11 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
         max_surge_percent=msg.max_surge_percent,
         backpressure_config=(
             backpressure_from_proto(msg.backpressure) if msg.HasField("backpressure") else None
+        ),
+        gang_scheduling_config=(
+            orjson.loads(msg.gang_scheduling_config_json)
+            if msg.gang_scheduling_config_json
+            else None
         ),
     )
 
@@ -371,7 +378,9 @@ def serve_status_from_proto(msg: controller_pb2.GetStatusResponse) -> ServeStatu
         applications={a.name: application_status_from_proto(a) for a in msg.applications},
         proxies={p.node_id: p.status for p in msg.proxies},
         proxy_details={
-            p.node_id: ProxyDetails(p.status, p.http_address, p.grpc_address, p.pid, p.message)
+            p.node_id: ProxyDetails(
+                p.status, p.http_address, p.grpc_address, p.pid, p.message, p.https
+            )
             for p in msg.proxies
         },
     )
