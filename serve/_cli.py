@@ -392,15 +392,17 @@ def _proxy_options(path: str) -> list[str] | None:
 
 
 def _controller_env(path: str) -> dict[str, str] | None:
-    """An embedded controller's environment for a config file's logging_config and
-    controller_options."""
+    """An embedded controller's environment for a config file's logging_config,
+    controller_options and tracing_config."""
     from serve._api import controller_env
     from serve._config_file import ConfigFileError, load_top_level
 
     try:
         top = load_top_level(path)
-        return controller_env(top.get("logging_config"), top.get("controller_options"))
-    except (ConfigFileError, TypeError, ValueError) as exc:
+        return controller_env(
+            top.get("logging_config"), top.get("controller_options"), top.get("tracing_config")
+        )
+    except (ConfigFileError, TypeError, ValueError, ImportError, AttributeError) as exc:
         _fail(f"{path}: {exc}")
 
 
