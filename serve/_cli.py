@@ -242,8 +242,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     status = _status_dict(full)
     proxies = {node: dataclasses.asdict(p) for node, p in full.proxy_details.items()}
     if args.json:
-        print(json.dumps({"proxies": proxies, "applications": status}, indent=2))
+        out = {"proxies": proxies, "applications": status, "dashboard_url": full.dashboard_url}
+        print(json.dumps(out, indent=2))
         return
+    if full.dashboard_url:
+        print(f"Dashboard: {full.dashboard_url}")
     for node, proxy in sorted(proxies.items()):
         where = ", ".join(
             f"{kind} {proxy[f'{kind}_address']}"
@@ -440,7 +443,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         sys.executable, "-P", "-m", "controller", "--state-dir", str(state_dir),
         "--host", args.host, "--port", str(port),
     ]  # fmt: skip
-    if args.metrics_port is not None:
+    if not args.no_dashboard:
         command += ["--metrics-port", str(args.metrics_port)]
     try:
         http, grpc = options_from_args(args)
@@ -468,8 +471,8 @@ def cmd_start(args: argparse.Namespace) -> None:
     print(f"serve controller running at {ready['address']} (pid {ready['pid']}).")
     if location is not ProxyLocation.Disabled:
         print(f"HTTP proxy on {http.host}:{http.port} (see `serve status`).")
-    if "metrics" in ready:
-        print(f"Prometheus metrics at http://{ready['metrics']}/metrics.")
+    if "dashboard" in ready:
+        print(f"Dashboard at {ready['dashboard']} (Prometheus metrics at /metrics).")
     print(f"State and logs in {state_dir}; stop it with `serve shutdown`.")
 
 
@@ -527,7 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="port to bind (default: the last controller's, so its replicas re-link; else free)",
     )
-    start.add_argument("--metrics-port", type=int, default=None)
+    start.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of the dashboard and Prometheus metrics, on loopback (default: a free one)",
+    )
+    start.add_argument(
+        "--no-dashboard", action="store_true", help="serve no dashboard nor metrics port"
+    )
     start.add_argument(
         "--proxy-location",
         default=None,

@@ -147,6 +147,18 @@ def tracing_env(config: TracingConfig) -> dict[str, str]:
     }
 
 
+def describe() -> dict[str, Any]:
+    """This process's tracing settings, as the dashboard shows them."""
+    s = settings()
+    path = s.tracing_exporter_import_path
+    return {
+        "enabled": bool(path),
+        "exporter": path,
+        "sampling_ratio": s.tracing_sampling_ratio,
+        "file_exporter": bool(path) and is_default_exporter(path),
+    }
+
+
 def spans_dir(log_dir: Path) -> Path:
     """Where the default exporter of processes logging to ``log_dir`` writes."""
     return log_dir / SPANS_DIR

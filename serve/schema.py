@@ -229,9 +229,11 @@ class ProxyDetails:
 @dataclasses.dataclass(frozen=True)
 class ServeStatus:
     """Every application the controller knows, and its proxies (node id -> status, as Ray;
-    ``proxy_details`` adds where each one listens)."""
+    ``proxy_details`` adds where each one listens; ``dashboard_url`` is the controller's
+    dashboard, empty when it serves none)."""
 
     applications: dict[str, ApplicationStatusOverview] = dataclasses.field(default_factory=dict)
     proxies: dict[str, str] = dataclasses.field(default_factory=dict)
     target_capacity: float | None = None
     proxy_details: dict[str, ProxyDetails] = dataclasses.field(default_factory=dict)
+    dashboard_url: str = ""

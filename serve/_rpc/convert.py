@@ -348,4 +348,5 @@ def serve_status_from_proto(msg: controller_pb2.GetStatusResponse) -> ServeStatu
             p.node_id: ProxyDetails(p.status, p.http_address, p.grpc_address, p.pid, p.message)
             for p in msg.proxies
         },
+        dashboard_url=msg.dashboard_url,
     )
