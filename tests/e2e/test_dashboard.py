@@ -130,7 +130,7 @@ def test_the_dashboard_shows_the_graph_live_in_a_browser(
         wait_for(lambda: len(running(driver, "dash.Model")) == 2, timeout_s=30)
         assert len(running(driver, "dash.Ingress")) == 1
         app_status = driver.execute_script(
-            'return document.querySelector(\'#applications tr[data-app="dash"]\').textContent'
+            "return document.querySelector('#applications tr[data-app=\"dash\"]').textContent"
         )
         assert "RUNNING" in app_status
 
@@ -155,13 +155,9 @@ def test_the_dashboard_shows_the_graph_live_in_a_browser(
         assert victim["id"] in driver.find_element("id", "log-replica").text
 
         # Recent traces (tracing is on): a trace's spans drawn when picked.
-        wait_for(
-            lambda: driver.find_elements("css selector", "#traces tbody tr"), timeout_s=30
-        )
+        wait_for(lambda: driver.find_elements("css selector", "#traces tbody tr"), timeout_s=30)
         click(driver, "#traces tbody tr")
-        wait_for(
-            lambda: driver.find_elements("css selector", "#waterfall .span"), timeout_s=10
-        )
+        wait_for(lambda: driver.find_elements("css selector", "#waterfall .span"), timeout_s=10)
         assert "replica_handle_request" in driver.find_element("id", "waterfall").text
 
         # Kill a replica: the page shows its replacement.

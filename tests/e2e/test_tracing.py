@@ -6,6 +6,8 @@ collector."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import pytest
 import serve
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.otlp_collector import OtlpCollector
-from tests.support.procs import StandaloneController, run_script, wait_for
+from tests.support.procs import StandaloneController, python_env, run_script, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -289,3 +291,17 @@ def test_a_wrong_exporter_fails_serve_start_before_anything_starts() -> None:
         serve.TracingConfig(sampling_ratio=2)
     with pytest.raises(ValueError, match="unknown field"):
         serve.start(tracing_config={"enabeld": True})
+
+
+def test_a_controller_with_a_wrong_exporter_refuses_to_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=python_env(SERVE_TRACING_EXPORTER_IMPORT_PATH="no_such_module:exporter"),
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "SERVE_TRACING_EXPORTER_IMPORT_PATH='no_such_module:exporter'" in result.stderr
+    assert "cannot import module 'no_such_module'" in result.stderr

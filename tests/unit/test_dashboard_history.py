@@ -16,9 +16,8 @@ OTHER = DeploymentID("Other", "app")
 
 def buckets(*latencies_ms: float) -> tuple[int, ...]:
     """Prometheus-style cumulative buckets of these latencies."""
-    return tuple(
-        sum(1 for x in latencies_ms if x <= bound) for bound in LATENCY_BUCKETS_MS
-    ) + (len(latencies_ms),)
+    under = [sum(1 for x in latencies_ms if x <= bound) for bound in LATENCY_BUCKETS_MS]
+    return (*under, len(latencies_ms))
 
 
 def report(seen_s: float, requests: int, errors: int = 0, latency_ms: float = 3.0) -> LoadSource:
