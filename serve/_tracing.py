@@ -30,6 +30,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from serve._import_path import import_attr
 from serve._ingress import ASGI_METHOD, GRPC_METHOD
 from serve._settings import settings
@@ -80,22 +82,89 @@ def is_default_exporter(path: str) -> bool:
 
 
 def default_tracing_exporter(tracing_file_name: str) -> list[Any]:
-    """Ray's default exporter: each span as one JSON line, appended to ``tracing_file_name``
-    (a file under the logs directory's ``spans/`` folder, private to its user)."""
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+    """Ray's default exporter: each span as one JSON line (the SDK's ``to_json`` fields),
+    appended to ``tracing_file_name`` (under the logs directory's ``spans/``, private to its
+    user). Spans are written in batches by the SDK's worker thread, not on the request path."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     path = Path(tracing_file_name)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    out = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
+    return [
+        BatchSpanProcessor(
+            _json_lines_exporter()(path), max_queue_size=16384, schedule_delay_millis=500
+        )
+    ]
 
-    class _FileExporter(ConsoleSpanExporter):
+
+def _json_lines_exporter() -> Any:
+    """The default exporter's class (made on first use: OpenTelemetry is imported then)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    from opentelemetry.sdk.util import ns_to_iso_str
+
+    def context(span_context: Any) -> dict[str, str]:
+        return {
+            "trace_id": f"0x{span_context.trace_id:032x}",
+            "span_id": f"0x{span_context.span_id:016x}",
+            "trace_state": repr(span_context.trace_state),
+        }
+
+    class JsonLinesExporter(SpanExporter):
+        def __init__(self, path: Path) -> None:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._resource: bytes | None = None
+
+        def _line(self, span: Any) -> bytes:
+            status = {"status_code": span.status.status_code.name}
+            if span.status.description:
+                status["description"] = span.status.description
+            if self._resource is None:
+                resource = span.resource
+                self._resource = orjson.dumps(
+                    {"attributes": dict(resource.attributes), "schema_url": resource.schema_url}
+                )
+            body = orjson.dumps(
+                {
+                    "name": span.name,
+                    "context": context(span.context),
+                    "kind": str(span.kind),
+                    "parent_id": f"0x{span.parent.span_id:016x}" if span.parent else None,
+                    "start_time": ns_to_iso_str(span.start_time),
+                    "end_time": ns_to_iso_str(span.end_time) if span.end_time else None,
+                    "status": status,
+                    "attributes": dict(span.attributes or {}),
+                    "events": [
+                        {
+                            "name": e.name,
+                            "timestamp": ns_to_iso_str(e.timestamp),
+                            "attributes": dict(e.attributes or {}),
+                        }
+                        for e in span.events
+                    ],
+                    "links": [
+                        {
+                            "context": context(link.context),
+                            "attributes": dict(link.attributes or {}),
+                        }
+                        for link in span.links
+                    ],
+                }
+            )
+            return body[:-1] + b',"resource":' + self._resource + b"}\n"
+
+        def export(self, spans: Any) -> Any:
+            try:
+                os.write(self._fd, b"".join(self._line(span) for span in spans))
+            except (OSError, TypeError, ValueError):
+                logger.exception("Could not write %d span(s)", len(spans))
+                return SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS
+
         def shutdown(self) -> None:
-            if not out.closed:
-                out.flush()
-                out.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
-    exporter = _FileExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
-    return [SimpleSpanProcessor(exporter)]
+    return JsonLinesExporter
 
 
 def check_exporter(path: str) -> Callable[..., Any]:
