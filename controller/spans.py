@@ -12,7 +12,10 @@ from typing import Any
 
 import orjson
 
-MAX_TRACES = 20
+MAX_TRACES = 10
+# A trace whose last span ended this close to the newest one read may still be being written
+# (each process writes its spans in batches, every half second): shown at the next read.
+SETTLE_S = 1.0
 SPAN_TAIL_BYTES = 512 * 1024  # read from the end of each span file
 LOG_TAIL_BYTES = 64 * 1024
 MAX_LOG_LINES = 200
@@ -88,6 +91,9 @@ def recent_traces(spans: Iterable[dict[str, Any]], limit: int = MAX_TRACES) -> l
         if isinstance(trace_id, str):
             traces.setdefault(trace_id, []).append(span)
     out = []
+    newest = max(
+        (_time_s(s.get("end_time")) for members in traces.values() for s in members), default=0.0
+    )
     for trace_id, members in traces.items():
         starts = [_time_s(s.get("start_time")) for s in members]
         ends = [_time_s(s.get("end_time")) for s in members]
@@ -112,6 +118,8 @@ def recent_traces(spans: Iterable[dict[str, Any]], limit: int = MAX_TRACES) -> l
                     "attributes": {k: attributes[k] for k in SHOWN_ATTRIBUTES if k in attributes},
                 }
             )
+        if newest - max(ends) < SETTLE_S:
+            continue
         rows.sort(key=lambda r: r["start_ms"])
         out.append(
             {

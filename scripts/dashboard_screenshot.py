@@ -25,7 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.browser import headless_chromium  # noqa: E402
+from tests.support.browser import headless_chromium, save_screenshot  # noqa: E402
 from tests.support.procs import StandaloneController, run_script, wait_for  # noqa: E402
 
 DEPLOY = textwrap.dedent(
@@ -134,10 +134,7 @@ def main() -> None:
             wait_for(lambda: driver.find_elements("css selector", "#traces tr[data-trace-id]"))
             driver.find_element("css selector", "#traces tr[data-trace-id]").click()
             time.sleep(2.5)
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(1400, min(int(height) + 40, 4000))
-            time.sleep(0.5)
-            driver.save_screenshot(args.out)
+            save_screenshot(driver, "", Path(args.out))
         print(f"controller CPU over {PHASE_S:.0f} s under load: {closed:.2f} s with no page open")
         print(f"controller CPU over {PHASE_S:.0f} s under load: {opened:.2f} s with the page open")
         print(f"/api/state: {state_bytes} bytes; screenshot: {args.out}")

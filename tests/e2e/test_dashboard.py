@@ -155,8 +155,10 @@ def test_the_dashboard_shows_the_graph_live_in_a_browser(
         assert victim["id"] in driver.find_element("id", "log-replica").text
 
         # Recent traces (tracing is on): a trace's spans drawn when picked.
-        wait_for(lambda: driver.find_elements("css selector", "#traces tbody tr"), timeout_s=30)
-        click(driver, "#traces tbody tr")
+        wait_for(
+            lambda: driver.find_elements("css selector", "#traces tr[data-trace-id]"), timeout_s=30
+        )
+        click(driver, "#traces tr[data-trace-id]")
         wait_for(lambda: driver.find_elements("css selector", "#waterfall .span"), timeout_s=10)
         assert "replica_handle_request" in driver.find_element("id", "waterfall").text
 

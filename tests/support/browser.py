@@ -6,6 +6,7 @@ browser starts with a fresh profile and nothing that reaches the network on its 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -57,11 +58,20 @@ def headless_chromium(width: int = 1400, height: int = 1800) -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def save_screenshot(driver: Any, name: str) -> Path:
-    """A full-page PNG under test-artifacts/ (gitignored), for a person to look at."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(int(height) + 40, 800), 6000))
-    driver.save_screenshot(str(path))
+def save_screenshot(driver: Any, name: str, path: Path | None = None) -> Path:
+    """The whole page as a PNG (by default under test-artifacts/, gitignored), for a person
+    to look at."""
+    if path is None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        },
+    )
+    path.write_bytes(base64.b64decode(shot["data"]))
     return path
