@@ -496,6 +496,12 @@ def start_replica(
     request.trace = (span, _otel.attach(_otel.set_span_in_context(span)))
 
 
+def enter_request(request: Any) -> None:
+    """Make ``request``'s span the current context (of a fresh context run for it: a batch
+    runs in one, on behalf of its first caller, as Ray's BatchTraceContextManager does)."""
+    _otel.attach(_otel.set_span_in_context(request.trace[0]))
+
+
 def end_replica(request: Any, outcome: Any) -> None:
     """The request's outcome (a FrameHeader; None: the stream is gone) is known. An error is
     recorded as an exception event; the status stays unset, as Ray's."""
