@@ -338,7 +338,7 @@ class Dashboard:
     def _traces(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self._tracing, "traces": []}
         if self._tracing.get("enabled") and self._tracing.get("file_exporter"):
-            out["traces"] = recent_traces(read_spans(self._log_dir / "spans"))
+            out["traces"] = recent_traces(read_spans(self._log_dir / "spans"), time.time())
         return out
 
 

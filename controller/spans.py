@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 
 MAX_TRACES = 10
-# A trace whose last span ended this close to the newest one read may still be being written
-# (each process writes its spans in batches, every half second): shown at the next read.
+# A trace whose last span ended less than this long ago may still be being written (each
+# process writes its spans in batches, every half second): shown at the next read.
 SETTLE_S = 1.0
 SPAN_TAIL_BYTES = 512 * 1024  # read from the end of each span file
 LOG_TAIL_BYTES = 64 * 1024
@@ -83,17 +83,17 @@ def read_spans(spans_dir: Path) -> list[dict[str, Any]]:
     return spans
 
 
-def recent_traces(spans: Iterable[dict[str, Any]], limit: int = MAX_TRACES) -> list[dict[str, Any]]:
-    """The latest traces, newest first: each its spans as offsets from the trace's start."""
+def recent_traces(
+    spans: Iterable[dict[str, Any]], now_s: float, limit: int = MAX_TRACES
+) -> list[dict[str, Any]]:
+    """The latest traces, newest first: each its spans as offsets from the trace's start
+    (``now_s``: wall clock, to leave out traces that may still be being written)."""
     traces: dict[str, list[dict[str, Any]]] = {}
     for span in spans:
         trace_id = span["context"].get("trace_id")
         if isinstance(trace_id, str):
             traces.setdefault(trace_id, []).append(span)
     out = []
-    newest = max(
-        (_time_s(s.get("end_time")) for members in traces.values() for s in members), default=0.0
-    )
     for trace_id, members in traces.items():
         starts = [_time_s(s.get("start_time")) for s in members]
         ends = [_time_s(s.get("end_time")) for s in members]
@@ -118,7 +118,7 @@ def recent_traces(spans: Iterable[dict[str, Any]], limit: int = MAX_TRACES) -> l
                     "attributes": {k: attributes[k] for k in SHOWN_ATTRIBUTES if k in attributes},
                 }
             )
-        if newest - max(ends) < SETTLE_S:
+        if now_s - max(ends) < SETTLE_S:
             continue
         rows.sort(key=lambda r: r["start_ms"])
         out.append(

@@ -3,6 +3,7 @@ ordered, traces still being written held back."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def test_traces_are_grouped_newest_first_and_unsettled_ones_wait(tmp_path: Path)
         "\n".join(json.dumps(s) for s in [old[0], *newer, *writing]) + "\n{not json\n"
     )
     (spans_dir / "replica_x_tracing.json").write_text(json.dumps(old[1]) + "\n")
-    traces = recent_traces(read_spans(spans_dir))
-    assert [t["trace_id"] for t in traces] == ["0xb", "0xa"]  # 0xc ended < 1 s before the last
+    now = datetime.datetime.fromisoformat("2026-12-06T06:00:04+00:00").timestamp()
+    traces = recent_traces(read_spans(spans_dir), now)
+    assert [t["trace_id"] for t in traces] == ["0xb", "0xa"]  # 0xc ended < 1 s ago
+    assert recent_traces(read_spans(spans_dir), now + 1)[0]["trace_id"] == "0xc"
     first = traces[1]
     assert first["root"] == "proxy_http_request"
     assert first["duration_ms"] == 50.0
