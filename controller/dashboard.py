@@ -30,6 +30,7 @@ from controller.launcher import replica_log_file
 from controller.spans import log_tail, read_spans, recent_traces
 from controller.state import AppGoal, DeploymentView, Phase, ReplicaRecord
 from serve._models import ApplicationStatus, DeploymentID
+from serve._tracing import spans_dir
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class Dashboard:
     def _traces(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self._tracing, "traces": []}
         if self._tracing.get("enabled") and self._tracing.get("file_exporter"):
-            out["traces"] = recent_traces(read_spans(self._log_dir / "spans"), time.time())
+            out["traces"] = recent_traces(read_spans(spans_dir(self._log_dir)), time.time())
         return out
 
 
