@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from controller.launchers import LauncherConfig
     from controller.server import ControllerServer
-    from controller.slurm import SlurmOptions
+    from controller.slurm_cli import SlurmOptions
     from serve._logging import configure
     from serve._state_dir import ensure_private_dir
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from controller.state import AppGoal
 from serve._models import CodeEnv, DeploymentConfig, DeploymentID, DeploymentSpec, Failure
 from serve.config import AutoscalingPolicy
@@ -86,6 +86,7 @@ class ReplicaExited:
     replica_id: str
     code: int | None
     reason: str = ""  # what the launcher saw: "exited with code 1", "Slurm job 7 NODE_FAIL"
+    node: str = ""  # where it ran, when the launcher knows (before it linked, say)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,9 @@ class ReplicaLinked:
     code_version: str
     user_config_json: bytes
     draining: bool = False
+    gang_id: str = ""
+    gang_rank: int = -1
+    gang_members: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +189,14 @@ class Launch:
 
 
 @dataclasses.dataclass(frozen=True)
+class LaunchGang:
+    """Launch a whole gang at once: all its members start together, or none does."""
+
+    gang: GangSpec
+    request: ResourceRequest
+
+
+@dataclasses.dataclass(frozen=True)
 class Initialize:
     replica_id: str
     address: str
@@ -238,9 +250,13 @@ class Forget:
 
 @dataclasses.dataclass(frozen=True)
 class SaveReplica:
+    """Make the replica durable: written before it is launched (so it is on disk before it can
+    be counted as running), and again with its pid."""
+
     replica_id: str
     pid: int
     code_version: str
+    request: ResourceRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +289,7 @@ class LinkVerdict:
 
 Action = (
     Launch
+    | LaunchGang
     | Initialize
     | Reconfigure
     | CheckHealth

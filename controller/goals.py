@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable
 
 from controller.events import AppDeployed
@@ -53,6 +54,21 @@ def new_replica_id(deployment_id: DeploymentID) -> str:
     return str(ReplicaID.new(deployment_id))
 
 
+def new_gang_id() -> str:
+    """A fresh gang id (a restarted gang is a new gang)."""
+    return secrets.token_hex(4)
+
+
+def whole_gangs(goal: DeploymentGoal) -> None:
+    """An autoscaled gang deployment scales by whole gangs, as Ray's: up to the next multiple
+    of gang_size, down to the one below (never under one gang)."""
+    size = goal.gang_size
+    if not size or goal.target_replicas % size == 0:
+        return
+    whole = goal.target_replicas // size + (1 if goal.scaling > 0 else 0)
+    goal.target_replicas = max(whole, 1) * size
+
+
 def free_rank(records: Iterable[ReplicaRecord], deployment_id: DeploymentID) -> int:
     """The lowest rank no live replica of the deployment holds (Ray's replica rank)."""
     taken = {
@@ -66,14 +82,39 @@ def free_rank(records: Iterable[ReplicaRecord], deployment_id: DeploymentID) -> 
     return rank
 
 
-def count_failure(goal: DeploymentGoal, failure: Failure) -> None:
-    """A replica of the goal's code version failed to start; past the limit, the deploy fails.
+BACKOFF_START_S = 1.0  # Ray's replica start backoff: 1 s, doubling ...
+BACKOFF_MAX_S = 64.0  # ... up to 64 s
+NODE_FAILURES_TO_AVOID = 2  # start failures in a row on one node that make it avoided ...
+NODE_AVOID_S = 60.0  # ... for this long
 
-    Only while no replica of this version ever ran: a version that ran is not a failed deploy.
+
+def count_failure(goal: DeploymentGoal, failure: Failure, node: str, now_s: float) -> None:
+    """A replica of the goal's code version failed to start (on ``node``, if known).
+
+    Up to the limit, replacements start at once. Past it, the deploy fails if no replica of
+    this version ever ran (Ray's DEPLOY_FAILED); otherwise starts back off exponentially (the
+    deployment is UNHEALTHY meanwhile), as Ray's do. A node where replicas failed
+    NODE_FAILURES_TO_AVOID times in a row is avoided for NODE_AVOID_S, so one bad node cannot
+    stall a deploy.
     """
     goal.failures += 1
     goal.last_error = failure
-    if not goal.ever_running and goal.failures >= goal.failure_limit():
+    if node:
+        goal.node_failures[node] = goal.node_failures.get(node, 0) + 1
+        if goal.node_failures[node] >= NODE_FAILURES_TO_AVOID:
+            goal.node_failures[node] = 0
+            goal.avoid_until_s[node] = now_s + NODE_AVOID_S
+            logger.warning(
+                "Replicas of %s failed to start on %s %d times in a row; keeping them off it "
+                "for %.0fs where other nodes can take them",
+                goal.deployment_id,
+                node,
+                NODE_FAILURES_TO_AVOID,
+                NODE_AVOID_S,
+            )
+    if goal.failures < goal.failure_limit():
+        return
+    if not goal.ever_running:
         goal.failed = True
         logger.error(
             "Deployment %s failed %d time(s); giving up: %s",
@@ -81,3 +122,21 @@ def count_failure(goal: DeploymentGoal, failure: Failure) -> None:
             goal.failures,
             failure.message,
         )
+        return
+    goal.backoff_s = min(goal.backoff_s * 2, BACKOFF_MAX_S) if goal.backoff_s else BACKOFF_START_S
+    goal.retry_at_s = now_s + goal.backoff_s
+    logger.warning(
+        "Deployment %s failed to start %d times in a row; next start in %.0fs: %s",
+        goal.deployment_id,
+        goal.failures,
+        goal.backoff_s,
+        failure.message,
+    )
+
+
+def count_start(goal: DeploymentGoal, node: str) -> None:
+    """A replica of the goal's code version started: the failure streaks end."""
+    goal.ever_running = True
+    goal.failures = 0
+    goal.backoff_s = goal.retry_at_s = 0.0
+    goal.node_failures.pop(node, None)

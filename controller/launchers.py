@@ -11,7 +11,8 @@ from pathlib import Path
 
 from controller.launcher import Launcher, LocalProcessLauncher
 from controller.resources import NodeCapacity
-from controller.slurm import SlurmLauncher, SlurmOptions, instance_tag
+from controller.slurm import SlurmLauncher
+from controller.slurm_cli import SlurmOptions, instance_tag
 
 KINDS = ("local", "slurm")
 

@@ -11,14 +11,23 @@ re-link (re-adopted as they are) or RECOVERY_WAIT_S passes (killed).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 from controller import events as ev, views
-from controller.goals import build_app, count_failure, free_rank, new_replica_id
+from controller.goals import (
+    build_app,
+    count_failure,
+    count_start,
+    free_rank,
+    new_gang_id,
+    new_replica_id,
+    whole_gangs,
+)
 from controller.health import Health, HealthDecider, HealthPolicy
 from controller.load import Autoscaler, LoadBook, autoscale_all, look_back_s
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from controller.state import (
     AppGoal,
     DeploymentGoal,
@@ -115,9 +124,9 @@ class ControllerMachine:
                         logger.info("Replica %s pending: %s", event.replica_id, event.reason)
                     record.pending = event.reason
             case ev.LaunchFailed():
-                self._launch_failed(event, out)
+                self._launch_failed(event, now_s, out)
             case ev.ReplicaExited():
-                self._exited(event, out)
+                self._exited(event, now_s, out)
             case ev.ReplicaLinked():
                 self._link(event, now_s, out)
             case ev.LinkEnded():
@@ -210,7 +219,10 @@ class ControllerMachine:
                 and now_s - late.started_at_s > LINK_TIMEOUT_S
             ):
                 self._fail_start(
-                    late, Failure(f"replica did not start within {LINK_TIMEOUT_S:.0f}s"), out
+                    late,
+                    Failure(f"replica did not start within {LINK_TIMEOUT_S:.0f}s"),
+                    now_s,
+                    out,
                 )
         for record in self.replicas.values():
             goal = self.goal(record.deployment_id)
@@ -223,15 +235,28 @@ class ControllerMachine:
             )
 
     def _converge(self, now_s: float, out: list[ev.Action]) -> None:
-        """Autoscale, then move replicas towards the goals, then finish deletions."""
+        """Autoscale, keep gangs whole, move replicas towards the goals, finish deletions."""
         goals = self.goals()
         routable: dict[DeploymentID, list[str]] = {}
         for r in self.replicas.values():
             if r.phase.routable:
                 routable.setdefault(r.deployment_id, []).append(r.replica_id)
+        # Application-level policies decide for all of an application's deployments at once;
+        # then a gang deployment's target is rounded to whole gangs, whoever decided it.
         autoscale_all(self.load, self.apps.values(), routable, now_s)
+        for goal in goals.values():
+            whole_gangs(goal)
+        if self.recovered:  # until then, a gang's members may still be re-linking
+            self._restart_broken_gangs(out)
         for action in plan(goals, list(self.replicas.values())):
             if isinstance(action, StartReplicas):
+                goal = goals[action.deployment_id]
+                if now_s < goal.retry_at_s:
+                    continue  # backing off after repeated start failures
+                if goal.gang_size:
+                    for _ in range(action.count // goal.gang_size):
+                        self._start_gang(goal, now_s, out)
+                    continue
                 for _ in range(action.count):
                     self._start(action.deployment_id, now_s, out)
             elif isinstance(action, StopReplica):
@@ -249,17 +274,74 @@ class ControllerMachine:
     def _start(self, deployment_id: DeploymentID, now_s: float, out: list[ev.Action]) -> None:
         goal = self.goals()[deployment_id]
         replica_id = self._new_replica_id(deployment_id)
-        self.replicas[replica_id] = ReplicaRecord(
+        request = self._request(goal, now_s)
+        self._new_record(goal, replica_id, request, now_s, out)
+        out.append(ev.Launch(replica_id, request))
+
+    def _start_gang(self, goal: DeploymentGoal, now_s: float, out: list[ev.Action]) -> None:
+        """gang_size replicas, saved, then launched as one: they start together or not at all."""
+        deployment_id = goal.deployment_id
+        gang = goal.spec.config.gang_scheduling_config
+        members = tuple(self._new_replica_id(deployment_id) for _ in range(goal.gang_size))
+        spec = GangSpec(new_gang_id(), members, str(gang["gang_placement_strategy"]))
+        request = dataclasses.replace(
+            self._request(goal, now_s),
+            gang_id=spec.gang_id,
+            gang_size=goal.gang_size,
+            gang_strategy=spec.strategy,
+        )
+        for rank, replica_id in enumerate(members):
+            record = self._new_record(goal, replica_id, request, now_s, out)
+            record.gang_id, record.gang_rank, record.gang_members = spec.gang_id, rank, members
+        out.append(ev.LaunchGang(spec, request))
+
+    @staticmethod
+    def _request(goal: DeploymentGoal, now_s: float) -> ResourceRequest:
+        return ResourceRequest.from_config(
+            goal.spec.config, str(goal.deployment_id), avoid_nodes=goal.avoided_nodes(now_s)
+        )
+
+    def _new_record(
+        self,
+        goal: DeploymentGoal,
+        replica_id: str,
+        request: ResourceRequest,
+        now_s: float,
+        out: list[ev.Action],
+    ) -> ReplicaRecord:
+        """A replica about to be launched: recorded, and made durable first."""
+        deployment_id = goal.deployment_id
+        record = self.replicas[replica_id] = ReplicaRecord(
             replica_id=replica_id,
             deployment_id=deployment_id,
             code_version=goal.version,
             phase=Phase.STARTING,
             started_at_s=now_s,
             rank=free_rank(self.replicas.values(), deployment_id),
+            request=request,
         )
         self.replica_starts[deployment_id] = self.replica_starts.get(deployment_id, 0) + 1
-        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
-        out.append(ev.Launch(replica_id, request))
+        out.append(ev.SaveReplica(replica_id, 0, goal.version, request))
+        return record
+
+    def _restart_broken_gangs(self, out: list[ev.Action]) -> None:
+        """RESTART_GANG: a gang that lost a member (it exited, failed, or is being replaced)
+        is stopped whole; the plan then starts a new gang in its place."""
+        gangs: dict[str, list[ReplicaRecord]] = {}
+        for record in self.replicas.values():
+            if record.gang_id and record.phase is not Phase.STOPPING:
+                gangs.setdefault(record.gang_id, []).append(record)
+        for gang_id, members in gangs.items():
+            if len(members) < len(members[0].gang_members):
+                logger.warning(
+                    "Gang %s of %s lost %d of its %d members; restarting it whole",
+                    gang_id,
+                    members[0].deployment_id,
+                    len(members[0].gang_members) - len(members),
+                    len(members[0].gang_members),
+                )
+                for record in members:
+                    self._begin_stop(record, out, timeout_s=KILL)
 
     def _begin_stop(
         self, record: ReplicaRecord, out: list[ev.Action], timeout_s: float | None = None
@@ -316,19 +398,21 @@ class ControllerMachine:
         record.pid = event.pid
         record.pending = ""
         record.started_at_s = now_s  # the link timeout counts from here, not from pending
-        out.append(ev.SaveReplica(record.replica_id, event.pid, record.code_version))
+        out.append(
+            ev.SaveReplica(record.replica_id, event.pid, record.code_version, record.request)
+        )
         logger.info("Started replica %s (pid %d)", record.replica_id, event.pid)  # 0: remote
 
-    def _launch_failed(self, event: ev.LaunchFailed, out: list[ev.Action]) -> None:
+    def _launch_failed(self, event: ev.LaunchFailed, now_s: float, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
         if record is None:
             return
         self._count_failure(
-            record, Failure(f"could not launch the replica process: {event.message}")
+            record, Failure(f"could not launch the replica process: {event.message}"), now_s
         )
         self._forget(record.replica_id, out)
 
-    def _exited(self, event: ev.ReplicaExited, out: list[ev.Action]) -> None:
+    def _exited(self, event: ev.ReplicaExited, now_s: float, out: list[ev.Action]) -> None:
         record = self.replicas.get(event.replica_id)
         if event.replica_id in self._launched:
             self._ended.add(event.replica_id)
@@ -342,6 +426,8 @@ class ControllerMachine:
                         f"the replica process ended while starting ({what}); see its log for "
                         "the reason"
                     ),
+                    now_s,
+                    event.node,
                 )
         self._forget(event.replica_id, out)
 
@@ -352,13 +438,17 @@ class ControllerMachine:
         self._health.forget(replica_id)
         out.append(ev.Forget(replica_id))
 
-    def _count_failure(self, record: ReplicaRecord, failure: Failure) -> None:
+    def _count_failure(
+        self, record: ReplicaRecord, failure: Failure, now_s: float, node: str = ""
+    ) -> None:
         goal = self.goal(record.deployment_id)
         if goal is not None and goal.version == record.code_version:
-            count_failure(goal, failure)
+            count_failure(goal, failure, node or record.host, now_s)
 
-    def _fail_start(self, record: ReplicaRecord, failure: Failure, out: list[ev.Action]) -> None:
-        self._count_failure(record, failure)
+    def _fail_start(
+        self, record: ReplicaRecord, failure: Failure, now_s: float, out: list[ev.Action]
+    ) -> None:
+        self._count_failure(record, failure, now_s)
         self._begin_stop(record, out, timeout_s=0.0)
 
     # Links.
@@ -423,6 +513,7 @@ class ControllerMachine:
                 "Replica %s is not part of the goal state; telling it to stop", event.replica_id
             )
             return False
+        request = ResourceRequest.from_config(goal.spec.config, str(deployment_id))
         self.replicas[event.replica_id] = ReplicaRecord(
             replica_id=event.replica_id,
             deployment_id=deployment_id,
@@ -435,8 +526,12 @@ class ControllerMachine:
             user_config_json=event.user_config_json or None,
             max_ongoing_requests=goal.max_ongoing_requests,
             next_health_check_s=now_s + goal.spec.config.health_check_period_s,
+            request=request,
+            gang_id=event.gang_id,
+            gang_rank=event.gang_rank,
+            gang_members=event.gang_members,
         )
-        out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version))
+        out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version, request))
         goal.ever_running = goal.ever_running or current
         logger.info("Re-adopted replica %s (pid %d)", event.replica_id, event.pid)
         return True
@@ -474,14 +569,13 @@ class ControllerMachine:
                 logger.warning(
                     "Replica %s failed to initialize: %s", record.replica_id, failure.message
                 )
-                self._fail_start(record, failure, out)
+                self._fail_start(record, failure, now_s, out)
                 return
             record.user_config_json = goal.user_config_json
             record.max_ongoing_requests = goal.max_ongoing_requests
             record.next_health_check_s = now_s + goal.spec.config.health_check_period_s
             if goal.version == record.code_version:
-                goal.ever_running = True
-                goal.failures = 0
+                count_start(goal, record.host)
             logger.info("Replica %s is running", record.replica_id)
         else:
             applied = self._applying.pop(record.replica_id, (None, 0))

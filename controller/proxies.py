@@ -1,12 +1,15 @@
-"""The controller's proxies: one ``serve-proxy`` on this node, started, health-checked and
-replaced like a replica, and stopped with the cluster.
+"""The controller's proxies: one ``serve-proxy`` on this node (the head), and with
+``EveryNode`` on a cluster one on every node that runs replicas (``controller.node_proxies``);
+each started, watched and replaced like a replica, and stopped with the cluster.
 
-A proxy tells the controller it is alive by holding its route-table stream (``WatchRoutes``).
-The controller also asks it ``GET /-/healthz`` every ``SERVE_PROXY_HEALTH_CHECK_PERIOD_S`` (10 s,
-each answer within ``SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S``, 5 s); three misses in a row and it
-is killed and replaced. A proxy that exits is replaced after a backoff (0.5 s doubling
-to 30 s, reset once one has served for a while), and ``serve status`` says why. A proxy that
-outlived a controller restart re-links within ``ADOPT_WAIT_S`` and is kept.
+A proxy tells the controller it is alive by holding its route-table stream (``WatchRoutes``)
+and sending a heartbeat on it every ``SERVE_HEARTBEAT_PERIOD_S`` from its event loop. One
+silent for ``SERVE_HEARTBEAT_TIMEOUT_S`` (stopped, its loop stuck, its host cut off) is killed
+and replaced. Its liveness never goes through its public HTTP port: a proxy flooded with
+connections (over its connection cap), but whose loop still runs, is alive and is kept. A proxy
+that exits is replaced after a backoff (0.5 s doubling to 30 s, reset once one has served for a
+while), and ``serve status`` says why. A proxy that outlived a controller restart re-links
+within ``ADOPT_WAIT_S`` and is kept.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
+from typing import Protocol
 
 from controller.launcher import PidReplica, finished_within, kill_pid, pid_alive
+from controller.proxy_watch import ProxyState, ProxyWatch, keep_running
 from serve._models import ProxyInfo
 from serve._settings import ADDRESS_ENV, TOKEN_ENV, settings
 from serve.config import ProxyLocation
@@ -32,27 +35,25 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
-HEALTH_MISSES = 3
-BACKOFF_MAX_S = 30.0
-STABLE_S = 30.0  # a proxy that served this long resets the restart backoff
 ADOPT_WAIT_S = 5.0
 RECORD_FILE = "proxy.json"
 
 
-@dataclasses.dataclass
-class ProxyState:
-    """One node's proxy, as ``serve status`` shows it."""
+class OtherProxies(Protocol):
+    """The proxies on other nodes (EveryNode on a cluster), behind the head's manager."""
 
-    node_id: str
-    status: str = "STARTING"
-    message: str = ""
-    pid: int = 0
-    http_address: str = ""
-    grpc_address: str = ""
+    def start(self) -> None: ...
+
+    async def aclose(self, *, stop_proxies: bool) -> None: ...
+
+    def statuses(self) -> list[ProxyState]: ...
+
+    def watch_of(self, node_id: str) -> ProxyWatch | None: ...
 
 
 class ProxyManager:
-    """Keeps this node's proxy running while the controller runs."""
+    """Keeps this node's proxy running while the controller runs (and, through ``others``,
+    the proxies of other nodes); the servicer reports every proxy's link here."""
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class ProxyManager:
         node_id: str,
         state_dir: Path,
         log_dir: Path | None,
+        others: OtherProxies | None = None,
     ) -> None:
         self.location = location
         self._flags = flags
@@ -72,9 +74,9 @@ class ProxyManager:
         self._node_id = node_id
         self._record = state_dir / RECORD_FILE
         self._log_dir = log_dir
-        self.state = ProxyState(node_id)
+        self._others = others
+        self.watch = ProxyWatch(node_id)
         self._process: asyncio.subprocess.Process | None = None
-        self._linked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=5)
 
@@ -82,12 +84,20 @@ class ProxyManager:
     def enabled(self) -> bool:
         return self.location is not ProxyLocation.Disabled
 
+    @property
+    def state(self) -> ProxyState:
+        return self.watch.state
+
     def start(self) -> None:
         if self.enabled:
             self._task = asyncio.create_task(self._supervise(), name="controller:proxy")
+        if self._others is not None:
+            self._others.start()
 
     async def aclose(self, *, stop_proxy: bool) -> None:
-        """Stop supervising; with ``stop_proxy`` stop the proxy too (else it outlives us)."""
+        """Stop supervising; with ``stop_proxy`` stop the proxies too (else they outlive us)."""
+        if self._others is not None:
+            await self._others.aclose(stop_proxies=stop_proxy)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -98,51 +108,43 @@ class ProxyManager:
                 self._record.unlink()
 
     def statuses(self) -> list[ProxyState]:
-        return [self.state] if self.enabled else []
+        head = [self.state] if self.enabled else []
+        return head + (self._others.statuses() if self._others is not None else [])
 
-    # What the servicer reports.
+    # What the servicer reports, for the proxy of any node.
+
+    def _watch_of(self, node_id: str) -> ProxyWatch | None:
+        if node_id == self._node_id:
+            return self.watch
+        return self._others.watch_of(node_id) if self._others is not None else None
 
     def linked(self, info: ProxyInfo) -> None:
-        if info.node_id != self._node_id:
-            return
-        state = self.state
-        state.pid, state.http_address, state.grpc_address = (
-            info.pid,
-            info.http_address,
-            info.grpc_address,
-        )
-        state.status, state.message = "HEALTHY", ""
-        self._linked.set()
+        watch = self._watch_of(info.node_id)
+        if watch is not None:
+            watch.linked(info)
 
     def unlinked(self, info: ProxyInfo) -> None:
-        if info.node_id == self._node_id and info.pid == self.state.pid:
-            self._linked.clear()
+        watch = self._watch_of(info.node_id)
+        if watch is not None:
+            watch.unlinked(info)
 
-    # Supervision.
+    def silent(self, info: ProxyInfo) -> None:
+        """The proxy sent nothing on its stream for the heartbeat timeout: it is replaced."""
+        watch = self._watch_of(info.node_id)
+        if watch is not None:
+            watch.silent(info, settings().heartbeat_timeout_s)
+
+    # Supervision of this node's proxy.
 
     async def _supervise(self) -> None:
         await self._adopt_previous()
-        delay_s = 0.5
-        while True:
-            started = time.monotonic()
-            try:
-                if self.state.pid and self._process is None:
-                    await self._watch_adopted(self.state.pid)
-                else:
-                    await self._run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.exception("Proxy supervision failed")
-                self._unhealthy(str(exc))
-            self.state.pid = 0
-            if time.monotonic() - started > STABLE_S:
-                delay_s = 0.5
-            logger.warning(
-                "serve-proxy is down (%s); starting another in %.1fs", self.state.message, delay_s
-            )
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, BACKOFF_MAX_S)
+        await keep_running(self._run_or_watch_adopted, self.watch)
+
+    async def _run_or_watch_adopted(self) -> None:
+        if self.state.pid and self._process is None:
+            await self._watch_adopted(self.state.pid)
+        else:
+            await self._run_once()
 
     async def _adopt_previous(self) -> None:
         """A proxy the last controller started, still alive, re-links to us: keep it."""
@@ -153,18 +155,14 @@ class ProxyManager:
             return
         if not pid_alive(pid):
             return
-        try:
-            async with asyncio.timeout(ADOPT_WAIT_S):
-                await self._linked.wait()
-        except TimeoutError:
+        if not await self.watch.wait_linked(ADOPT_WAIT_S):
             logger.warning("The previous serve-proxy (pid %d) did not re-link; replacing it", pid)
             kill_pid(pid)
             return
         logger.info("Re-adopted serve-proxy pid %d", self.state.pid)
 
     async def _run_once(self) -> None:
-        self.state.status, self.state.message = "STARTING", ""
-        self._linked.clear()
+        self.watch.starting()
         env = dict(os.environ)
         env[TOKEN_ENV] = self._token
         env.pop(ADDRESS_ENV, None)
@@ -183,16 +181,22 @@ class ProxyManager:
         drain = asyncio.create_task(self._drain_stderr(process), name="controller:proxy-stderr")
         try:
             ready = await self._read_ready(process)
+            killed = ""
             if ready is not None:
                 self.state.pid = process.pid
                 self.state.http_address = str(ready.get("http", ""))
                 self.state.grpc_address = str(ready.get("grpc", ""))
                 self._record.write_text(json.dumps({"pid": process.pid}))
                 self._record.chmod(0o600)
-                await self._watch(process)
+                killed = await self.watch.silent_before(
+                    process.wait(), settings().heartbeat_timeout_s
+                )
+                if killed:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
             code = await process.wait()
             await asyncio.wait_for(asyncio.shield(drain), 1.0)
-            self._unhealthy(self._exit_reason(code))
+            self.watch.unhealthy(f"{killed}; killed" if killed else self._exit_reason(code))
         finally:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -211,35 +215,19 @@ class ProxyManager:
                         if isinstance(event, dict) and event.get("event") == "ready":
                             return event
         except TimeoutError:
-            self._unhealthy(f"not ready within {READY_TIMEOUT_S:.0f}s")
+            self.watch.unhealthy(f"not ready within {READY_TIMEOUT_S:.0f}s")
             process.kill()
         return None
 
-    async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Until the process exits, or misses HEALTH_MISSES health checks in a row (killed)."""
-        misses = 0
-        s = settings()
-        exited = asyncio.ensure_future(process.wait())
-        try:
-            while True:
-                done, _ = await asyncio.wait({exited}, timeout=s.proxy_health_check_period_s)
-                if done:
-                    return
-                if await _healthz(self.state.http_address, s.proxy_health_check_timeout_s):
-                    misses = 0
-                    self.state.status, self.state.message = "HEALTHY", ""
-                    continue
-                misses += 1
-                if misses >= HEALTH_MISSES:
-                    logger.warning("serve-proxy failed %d health checks; replacing it", misses)
-                    process.kill()
-                    return
-        finally:
-            exited.cancel()
-
     async def _watch_adopted(self, pid: int) -> None:
-        exit_ = await PidReplica(pid).wait()
-        self._unhealthy(f"pid {pid} {exit_.reason}")
+        adopted = PidReplica(pid)
+        killed = await self.watch.silent_before(adopted.wait(), settings().heartbeat_timeout_s)
+        if killed:
+            adopted.kill()
+            await adopted.wait()
+            self.watch.unhealthy(f"pid {pid} {killed}; killed")
+            return
+        self.watch.unhealthy(f"pid {pid} exited (not a child of this controller)")
 
     async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
@@ -253,10 +241,6 @@ class ProxyManager:
         last = self._stderr_tail[-1] if self._stderr_tail and code > 0 else ""
         return f"{how}: {last}" if last else how
 
-    def _unhealthy(self, message: str) -> None:
-        self.state.status, self.state.message = "UNHEALTHY", message
-        self._linked.clear()
-
     async def _stop_process(self) -> None:
         process = self._process
         pid = process.pid if process is not None else self.state.pid
@@ -269,23 +253,4 @@ class ProxyManager:
                 await process.wait()
         elif pid and pid_alive(pid):  # adopted: not our child
             await PidReplica(pid).stop(STOP_TIMEOUT_S)
-        self.state = ProxyState(self._node_id, status="DRAINING")
-
-
-async def _healthz(address: str, timeout_s: float) -> bool:
-    """GET /-/healthz answered 200."""
-    host, _, port = address.rpartition(":")
-    try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            try:
-                writer.write(b"GET /-/healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-                status_line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except (OSError, TimeoutError, ValueError):
-        return False
-    return status_line.split(b" ")[1:2] == [b"200"]
+        self.watch.state = ProxyState(self._node_id, status="DRAINING")

@@ -9,6 +9,7 @@ No I/O here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -29,9 +30,16 @@ class ResourceRequest:
     custom: tuple[tuple[str, float], ...] = ()  # Ray's custom `resources`, sorted by name
     max_replicas_per_node: int | None = None
     group: str = ""  # the deployment: max_replicas_per_node counts replicas of one group
+    avoid_nodes: tuple[str, ...] = ()  # where the group's replicas kept failing to start
+    # A gang member: its gang is placed as one unit (under Slurm, one job of gang_size tasks).
+    gang_id: str = ""
+    gang_size: int = 0
+    gang_strategy: str = ""  # serve.gang.GangPlacementStrategy
 
     @classmethod
-    def from_config(cls, config: DeploymentConfig, group: str) -> ResourceRequest:
+    def from_config(
+        cls, config: DeploymentConfig, group: str, avoid_nodes: tuple[str, ...] = ()
+    ) -> ResourceRequest:
         options: Mapping[str, Any] = config.ray_actor_options or {}
         num_cpus = options.get("num_cpus")
         custom = options.get("resources") or {}
@@ -42,7 +50,24 @@ class ResourceRequest:
             custom=tuple(sorted((str(k), float(v)) for k, v in custom.items() if v)),
             max_replicas_per_node=config.max_replicas_per_node,
             group=group,
+            avoid_nodes=avoid_nodes,
         )
+
+    def to_json(self) -> str:
+        """The request as the state database keeps it (a restarted controller re-adopts its
+        replicas with what they asked for: spreading and resource accounting hold)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ResourceRequest:
+        """Inverse of ``to_json``; an empty or unreadable record is the default request."""
+        try:
+            data = json.loads(text) if text else {}
+            data["custom"] = tuple((str(k), float(v)) for k, v in data.get("custom", ()))
+            data["avoid_nodes"] = tuple(str(n) for n in data.get("avoid_nodes", ()))
+            return cls(**data)
+        except (ValueError, TypeError, AttributeError):
+            return cls()
 
     def describe(self) -> str:
         """Ray's way of showing a request: {"CPU": 1.0, "GPU": 1.0, "memory": ..., ...}."""
@@ -56,6 +81,25 @@ class ResourceRequest:
         if self.max_replicas_per_node:
             text += f" with max_replicas_per_node={self.max_replicas_per_node}"
         return text
+
+
+@dataclasses.dataclass(frozen=True)
+class GangSpec:
+    """A gang to launch: its members' replica ids, by rank (each asks for the same request)."""
+
+    gang_id: str
+    members: tuple[str, ...]
+    strategy: str
+
+    def context(self, rank: int, pg_name: str = "") -> dict[str, Any]:
+        """What member ``rank`` sees as its serve.gang.GangContext (Ray's fields)."""
+        return {
+            "gang_id": self.gang_id,
+            "rank": rank,
+            "world_size": len(self.members),
+            "member_replica_ids": [member.rsplit("#", 1)[-1] for member in self.members],
+            "pg_name": pg_name,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +185,16 @@ class NodeCapacity:
         grant = Grant(gpu_ids)
         self._held[holder] = (request, grant)
         return grant
+
+    def hold(self, holder: str, request: ResourceRequest, gpu_ids: tuple[int, ...]) -> None:
+        """Count what a running replica already holds (re-adopted after a restart), even past
+        the capacity: it runs, so it uses it."""
+        share = min(request.num_gpus, 1.0)
+        if self.num_gpus is not None:
+            for index in gpu_ids:
+                if 0 <= index < len(self._gpu_free):
+                    self._gpu_free[index] = max(0.0, self._gpu_free[index] - share)
+        self._held[holder] = (request, Grant(gpu_ids))
 
     def release(self, holder: str) -> None:
         """Give back what ``holder`` held (nothing if it held nothing)."""

@@ -21,7 +21,9 @@ from typing import IO
 
 import grpc.aio
 
+from controller.launcher import Launcher
 from controller.launchers import LauncherConfig
+from controller.node_proxies import NodeProxies, ProxyLauncher, node_proxy_command
 from controller.proxies import ProxyManager
 from controller.servicer import ControllerServicer
 from controller.store import GoalStore, StoreError
@@ -115,6 +117,7 @@ class ControllerServer:
                     node_id=settings().node_id,
                     state_dir=self._state_dir,
                     log_dir=self._log_dir,
+                    others=self._node_proxies(launcher, supervisor, address),
                 )
                 servicer = ControllerServicer(
                     supervisor, on_shutdown=self._request_full_stop, proxies=proxies
@@ -199,6 +202,28 @@ class ControllerServer:
                 metrics.close()
             if dashboard is not None:
                 await dashboard.aclose()
+
+    def _node_proxies(
+        self, launcher: Launcher, supervisor: Supervisor, address: str
+    ) -> NodeProxies | None:
+        """EveryNode on a cluster: a proxy on each node that runs replicas, besides this one."""
+        if self._proxy_location is not ProxyLocation.EveryNode or not isinstance(
+            launcher, ProxyLauncher
+        ):
+            return None
+        head = settings().node_id
+        flags, log_dir = self._proxy_flags, self._log_dir
+
+        def nodes() -> set[str] | None:
+            running = supervisor.replica_nodes()
+            return None if running is None else running - {head}
+
+        return NodeProxies(
+            launcher=launcher,
+            command=lambda node: node_proxy_command(address, flags, log_dir, node),
+            nodes=nodes,
+            changed=supervisor.status_changed,
+        )
 
     def _request_full_stop(self) -> None:
         assert self._stop is not None

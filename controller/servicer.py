@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from controller.events import LoadReported, Verdict
+from controller.liveness import with_heartbeats
 from controller.proxies import ProxyManager
 from controller.state import AppGoal
 from controller.supervisor import RouteConflict, Supervisor
@@ -180,25 +182,41 @@ class ControllerServicer:
         )
 
     async def WatchDeployment(
-        self, request: controller_pb2.WatchDeploymentRequest, context: Context
-    ) -> AsyncIterator[common_pb2.ReplicaSet]:
-        deployment_id = deployment_id_from_proto(request.id)
-        async for replica_set in self._controller.publisher.watch(deployment_id):
-            yield replica_set_to_proto(replica_set)
+        self, requests: AsyncIterator[controller_pb2.WatchDeploymentMessage], context: Context
+    ) -> AsyncIterator[controller_pb2.DeploymentUpdate]:
+        first = await _first(requests, "watch", context)
+        deployment_id = deployment_id_from_proto(first.watch.id)
+
+        async def updates() -> AsyncIterator[controller_pb2.DeploymentUpdate]:
+            async for replica_set in self._controller.publisher.watch(deployment_id):
+                yield controller_pb2.DeploymentUpdate(replica_set=replica_set_to_proto(replica_set))
+
+        def silent() -> None:
+            logger.info("A watcher of %s went silent; closing its stream", deployment_id)
+
+        async for update in _with_heartbeats(
+            requests,
+            updates(),
+            controller_pb2.DeploymentUpdate(heartbeat=_HEARTBEAT),
+            silent,
+            f"controller:watch:{deployment_id}",
+        ):
+            yield update
 
     async def WatchRoutes(
-        self, request: controller_pb2.WatchRoutesRequest, context: Context
-    ) -> AsyncIterator[controller_pb2.RouteTable]:
+        self, requests: AsyncIterator[controller_pb2.WatchRoutesMessage], context: Context
+    ) -> AsyncIterator[controller_pb2.RoutesUpdate]:
+        request = (await _first(requests, "watch", context)).watch
         info = ProxyInfo(request.node_id, request.pid, request.http_address, request.grpc_address)
-        if self._proxies is not None:
-            self._proxies.linked(info)
-        sent = None
-        try:
+        proxies = self._proxies
+
+        async def updates() -> AsyncIterator[controller_pb2.RoutesUpdate]:
+            sent = None
             while True:
                 routes = self._controller.routes()
                 if routes != sent:
                     sent = routes
-                    yield controller_pb2.RouteTable(
+                    table = controller_pb2.RouteTable(
                         routes=[
                             controller_pb2.Route(
                                 route_prefix=r.route_prefix, app_name=r.app_name, ingress=r.ingress
@@ -206,10 +224,27 @@ class ControllerServicer:
                             for r in routes
                         ]
                     )
+                    yield controller_pb2.RoutesUpdate(table=table)
                 await self._controller.status_changed()
+
+        def silent() -> None:
+            if proxies is not None:
+                proxies.silent(info)
+
+        if proxies is not None:
+            proxies.linked(info)
+        try:
+            async for update in _with_heartbeats(
+                requests,
+                updates(),
+                controller_pb2.RoutesUpdate(heartbeat=_HEARTBEAT),
+                silent,
+                f"controller:routes:{info.node_id}:{info.pid}",
+            ):
+                yield update
         finally:
-            if self._proxies is not None:
-                self._proxies.unlinked(info)
+            if proxies is not None:
+                proxies.unlinked(info)
 
     async def Shutdown(
         self, request: controller_pb2.ShutdownRequest, context: Context
@@ -261,8 +296,9 @@ class ControllerServicer:
         return controller_pb2.ReportRoutingStatsResponse()
 
     async def Link(
-        self, request: controller_pb2.LinkRequest, context: Context
+        self, requests: AsyncIterator[controller_pb2.LinkMessage], context: Context
     ) -> AsyncIterator[controller_pb2.LinkResponse]:
+        request = (await _first(requests, "link", context)).link
         verdict, ended = self._controller.link(
             replica_id=request.replica_id,
             address=request.address,
@@ -272,12 +308,76 @@ class ControllerServicer:
             code_version=request.code_version,
             user_config_json=request.user_config_json,
             draining=request.draining,
+            gang_id=request.gang_id,
+            gang_rank=request.gang_rank if request.gang_id else -1,
+            gang_members=tuple(request.gang_members),
         )
         if verdict is Verdict.STOP or ended is None:
             yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_STOP)
             return
-        yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_ACCEPTED)
+        link_ended = ended
+
+        async def updates() -> AsyncIterator[controller_pb2.LinkResponse]:
+            yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_ACCEPTED)
+            await link_ended.wait()
+
+        def silent() -> None:
+            logger.warning(
+                "Replica %s said nothing for %.0fs (SERVE_HEARTBEAT_TIMEOUT_S); its link is lost",
+                request.replica_id,
+                settings().heartbeat_timeout_s,
+            )
+
         try:
-            await ended.wait()
+            async for update in _with_heartbeats(
+                requests,
+                updates(),
+                controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_HEARTBEAT),
+                silent,
+                f"controller:link:{request.replica_id}",
+            ):
+                yield update
         finally:
             self._controller.unlink(request.replica_id, ended)
+
+
+_HEARTBEAT = controller_pb2.Heartbeat()
+M = TypeVar("M", bound=Message)
+U = TypeVar("U")
+
+
+async def _first(requests: AsyncIterator[M], kind: str, context: Context) -> M:
+    """A stream's first message, which must carry ``kind``; bounded by the heartbeat timeout."""
+    timeout_s = settings().heartbeat_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            first = await anext(requests)
+    except (TimeoutError, StopAsyncIteration):
+        first = None
+    if first is None or first.WhichOneof("kind") != kind:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"The first message of this stream must carry `{kind}` (within {timeout_s:g}s); "
+            "then only heartbeats.",
+        )
+    assert first is not None
+    return first
+
+
+def _with_heartbeats(
+    requests: AsyncIterator[object],
+    updates: AsyncIterator[U],
+    heartbeat: U,
+    on_silent: Callable[[], None],
+    name: str,
+) -> AsyncIterator[U]:
+    s = settings()
+    return with_heartbeats(
+        requests,
+        updates,
+        heartbeat,
+        period_s=s.heartbeat_period_s,
+        timeout_s=s.heartbeat_timeout_s,
+        on_silent=on_silent,
+        name=name,
+    )

@@ -1,13 +1,12 @@
-"""``SlurmLauncher``: each replica is one Slurm batch job, placed and sized by Slurm.
+"""``SlurmLauncher``: each replica is one Slurm batch job (a gang, one job of a task per
+member; a node's proxy, one job pinned to the node), placed and sized by Slurm.
 
-Slurm is driven through its CLI with text output (``sbatch --parsable``, ``squeue -h -o``,
-``scontrol -o``), whose formats are stable across versions. A replica's resources map to the
-job: ``num_cpus`` -> ``--cpus-per-task`` (rounded up, at least 1), ``num_gpus`` ->
-``--gres=gpu:N``, ``memory`` -> ``--mem`` (MiB, rounded up), custom ``resources`` -> GRES of
-the same name; ``max_replicas_per_node`` -> ``--exclude`` of the nodes that already hold that
-many replicas of the deployment (such replicas are submitted one at a time, so each sees where
-the last one landed). A job Slurm cannot place stays pending, with Slurm's reason shown by
-``serve status``.
+Jobs are submitted and read through ``controller.slurm_cli``. ``max_replicas_per_node`` ->
+``--exclude`` of the nodes that already hold that many replicas of the deployment (such
+replicas are submitted one at a time, so each sees where the last one landed), and so are the
+nodes a deployment's replicas kept failing to start on. A job Slurm cannot place stays pending,
+with Slurm's reason shown by ``serve status``; one Slurm cannot be asked about (slurmctld down)
+is submitted again with backoff, never counted as a failure.
 
 The cluster token reaches the job through the environment ``sbatch`` exports (job
 environments are readable only by their owner and Slurm's admins), never through a command
@@ -22,155 +21,34 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
-import hashlib
 import logging
 import math
 import os
-import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from controller.launcher import Exit, finished_within, replica_command
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
+from controller.slurm_cli import (
+    RETRY_MAX_S,
+    RETRY_START_S,
+    UNPLACEABLE,
+    JobState,
+    SlurmError,
+    SlurmOptions,
+    batch_script,
+    gang_batch_script,
+    gang_key,
+    job_name,
+    parse_scontrol_job,
+    parse_squeue,
+    proxy_key,
+    run_command,
+    sbatch_args,
+)
 from serve._settings import ADDRESS_ENV, NODE_ID_ENV, TOKEN_ENV
 
 logger = logging.getLogger(__name__)
-
-_MIB = 2**20
-_UNPLACEABLE = (  # sbatch refusals that mean "no node can ever run this", not "bad request"
-    "Requested node configuration is not available",
-    "More processors requested than permitted",
-    "Memory required by task is not available",
-    "Invalid generic resource",
-    "Requested partition configuration not available",
-)
-
-
-class SlurmError(Exception):
-    """A Slurm command failed; the message has the command and what it printed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SlurmOptions:
-    """How this controller submits jobs (``serve-controller --launcher slurm ...``)."""
-
-    partition: str | None = None
-    sbatch_options: tuple[str, ...] = ()  # passed to sbatch as given, e.g. "--time=1-00:00:00"
-    poll_s: float = 0.5
-    command_timeout_s: float = 30.0
-    retry_s: float = 5.0  # how often a job Slurm refused to place is submitted again
-
-
-@dataclasses.dataclass(frozen=True)
-class JobState:
-    job_id: str
-    state: str  # PENDING, RUNNING, COMPLETING, ...
-    node: str
-    reason: str
-    name: str
-
-
-def job_name(instance: str, replica_id: str) -> str:
-    """The job's name: which controller (by its state directory) and which replica."""
-    return f"serve-{instance}:{replica_id}"
-
-
-def instance_tag(state_dir: Path) -> str:
-    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
-
-
-def sbatch_args(
-    request: ResourceRequest,
-    options: SlurmOptions,
-    *,
-    name: str,
-    output: str,
-    exclude: Sequence[str] = (),
-) -> list[str]:
-    """The sbatch command for one replica (its batch script comes on stdin)."""
-    args = [
-        "sbatch",
-        "--parsable",
-        f"--job-name={name}",
-        f"--output={output}",
-        "--ntasks=1",
-        f"--cpus-per-task={max(1, math.ceil(request.num_cpus))}",
-        "--no-requeue",  # a lost replica is replaced by the controller, not restarted by Slurm
-        "--export=ALL",  # the token travels in the job's environment
-    ]
-    if options.partition:
-        args.append(f"--partition={options.partition}")
-    gres = []
-    if request.num_gpus:
-        gres.append(f"gpu:{math.ceil(request.num_gpus)}")
-    gres += [f"{name_}:{math.ceil(amount)}" for name_, amount in request.custom]
-    if gres:
-        args.append(f"--gres={','.join(gres)}")
-    if request.memory_bytes:
-        args.append(f"--mem={math.ceil(request.memory_bytes / _MIB)}M")
-    if exclude:
-        args.append(f"--exclude={','.join(sorted(exclude))}")
-    args += options.sbatch_options
-    return args
-
-
-def batch_script(command: Sequence[str]) -> str:
-    """The job: the replica process itself, knowing which node it is on."""
-    return (
-        "#!/bin/sh\n"
-        f'export {NODE_ID_ENV}="${{SLURMD_NODENAME:-$(hostname)}}"\n'
-        f"exec {shlex.join(command)}\n"
-    )
-
-
-def parse_squeue(text: str) -> dict[str, JobState]:
-    """``squeue -h -o '%i|%T|%N|%r|%j'`` output, by job id."""
-    jobs = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|", 4)
-        if len(parts) == 5:
-            job_id, state, node, reason, name = parts
-            jobs[job_id] = JobState(job_id, state, node, reason, name)
-    return jobs
-
-
-def parse_scontrol_job(text: str) -> tuple[str, int | None]:
-    """``scontrol -o show job ID``: the job's state and exit code (or the signal, negated)."""
-    fields = dict(
-        item.split("=", 1) for item in text.split() if "=" in item and not item.startswith("=")
-    )
-    state = fields.get("JobState", "UNKNOWN")
-    code: int | None = None
-    raw = fields.get("ExitCode", "")
-    if ":" in raw:
-        status, sig = raw.split(":", 1)
-        with contextlib.suppress(ValueError):
-            code = -int(sig) if int(sig) else int(status)
-    return state, code
-
-
-async def run_command(
-    args: Sequence[str], *, timeout_s: float, stdin: str | None = None, env: dict[str, str] | None
-) -> str:
-    """Run a Slurm command; its stdout, or SlurmError with what it printed."""
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await process.communicate(stdin.encode() if stdin is not None else None)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise SlurmError(f"{args[0]} did not answer within {timeout_s:.0f}s") from None
-    if process.returncode != 0:
-        raise SlurmError(f"{args[0]} failed: {err.decode(errors='replace').strip()}")
-    return out.decode(errors="replace")
 
 
 class SlurmJob:
@@ -236,6 +114,31 @@ class SlurmJob:
         self._launcher.spawn(self._launcher.scancel(self.job_id), f"scancel:{self.job_id}")
 
 
+class GangMember:
+    """One member of a gang: its gang's job (shared with the others). Stopping or killing one
+    member ends the whole job: a gang is stopped whole (RESTART_GANG)."""
+
+    def __init__(self, job: SlurmJob) -> None:
+        self._job = job
+
+    @property
+    def ident(self) -> str:
+        return f"{self._job.ident} (gang)"
+
+    async def running(self) -> int | None:
+        return await self._job.running()
+
+    async def wait(self) -> Exit:
+        ended = await self._job.wait()
+        return dataclasses.replace(ended, node="")  # the job's nodes, not this member's
+
+    async def stop(self, grace_s: float) -> None:
+        await self._job.stop(grace_s)
+
+    def kill(self) -> None:
+        self._job.kill()
+
+
 class SlurmLauncher:
     """Submits one batch job per replica and follows them all with one poller."""
 
@@ -295,7 +198,7 @@ class SlurmLauncher:
 
     async def _submit_one(self, job: SlurmJob, on_pending: Callable[[str], None]) -> None:
         try:
-            await self._submit(job, on_pending, exclude=())
+            await self._submit(job, on_pending, exclude=await self._exclusions(job.request, set()))
         except SlurmError as exc:
             job.ended(Exit(None, str(exc)))
 
@@ -319,12 +222,89 @@ class SlurmLauncher:
                     await asyncio.sleep(self.options.poll_s)
                     continue
                 try:
-                    await self._submit(job, on_pending, exclude=sorted(full))
+                    exclude = await self._exclusions(request, full, nodes)
+                    await self._submit(job, on_pending, exclude=exclude)
                 except SlurmError as exc:
                     job.ended(Exit(None, str(exc)))
                     return
                 await job.running()  # placed (or gone): the next one may go
                 return
+
+    async def launch_gang(
+        self, gang: GangSpec, request: ResourceRequest, on_pending: Callable[[str], None]
+    ) -> list[GangMember]:
+        """One job of ``gang_size`` tasks, placed by the gang's strategy: Slurm allocates them
+        all at once or keeps the job pending."""
+        job = SlurmJob(gang_key(gang.gang_id), request, self)
+        self._jobs[job.replica_id] = job
+        self._ensure_poller()
+        pg_name = job_name(self._instance, job.replica_id)
+        commands = [
+            replica_command(
+                self._controller_address, member, "auto", self._log_dir, gang.context(rank, pg_name)
+            )
+            for rank, member in enumerate(gang.members)
+        ]
+        script = gang_batch_script(commands, max(1, math.ceil(request.num_cpus)))
+        self.spawn(self._submit_gang(job, script, on_pending), f"submit:{job.replica_id}")
+        return [GangMember(job) for _ in gang.members]
+
+    async def _submit_gang(
+        self, job: SlurmJob, script: str, on_pending: Callable[[str], None]
+    ) -> None:
+        try:
+            exclude = await self._exclusions(job.request, set())
+            await self._submit(job, on_pending, exclude, script=script)
+        except SlurmError as exc:
+            job.ended(Exit(None, str(exc)))
+
+    async def launch_proxy(
+        self, node: str, command: Sequence[str], on_pending: Callable[[str], None]
+    ) -> SlurmJob:
+        """A serve-proxy on ``node``: a job like a replica's (1 CPU), pinned there."""
+        job = SlurmJob(proxy_key(node), ResourceRequest(), self)
+        self._jobs[job.replica_id] = job
+        self._ensure_poller()
+        self.spawn(self._submit_proxy(job, command, node, on_pending), f"submit:{job.replica_id}")
+        return job
+
+    async def _submit_proxy(
+        self, job: SlurmJob, command: Sequence[str], node: str, on_pending: Callable[[str], None]
+    ) -> None:
+        try:
+            await self._submit(job, on_pending, (), command=command, nodelist=node)
+        except SlurmError as exc:
+            job.ended(Exit(None, str(exc)))
+
+    async def adopt_proxies(self) -> dict[str, SlurmJob]:
+        """The node proxies the previous controller launched that still run, by node."""
+        prefix = job_name(self._instance, proxy_key(""))
+        found = {}
+        for state in (await self._squeue()).values():
+            if state.name.startswith(prefix):
+                node = state.name[len(prefix) :]
+                job = SlurmJob(proxy_key(node), ResourceRequest(), self)
+                job.submitted(state.job_id)
+                if state.state == "RUNNING":
+                    job.started(state.node)
+                self._jobs[job.replica_id] = job
+                found[node] = job
+        if found:
+            self._ensure_poller()
+        return found
+
+    async def _exclusions(
+        self, request: ResourceRequest, full: set[str], nodes: list[str] | None = None
+    ) -> list[str]:
+        """Nodes to --exclude: those full for max_replicas_per_node, and those where the
+        deployment's replicas kept failing to start, unless that would leave no node at all."""
+        if not request.avoid_nodes:
+            return sorted(full)
+        nodes = await self._nodes() if nodes is None else nodes
+        avoid = (full | set(request.avoid_nodes)) & set(nodes)
+        if not nodes or avoid >= set(nodes):
+            return sorted(full)
+        return sorted(avoid)
 
     def _full_nodes(self, group: str, limit: int) -> set[str]:
         counts: dict[str, int] = {}
@@ -345,34 +325,53 @@ class SlurmLauncher:
         return sorted({line.strip() for line in out.splitlines() if line.strip()})
 
     async def _submit(
-        self, job: SlurmJob, on_pending: Callable[[str], None], exclude: Sequence[str]
+        self,
+        job: SlurmJob,
+        on_pending: Callable[[str], None],
+        exclude: Sequence[str],
+        *,
+        command: Sequence[str] | None = None,
+        nodelist: str | None = None,
+        script: str | None = None,
     ) -> None:
-        """sbatch; a job no node can run is retried every retry_s and reported pending."""
-        safe = job.replica_id.replace("#", "_").replace("/", "_")
+        """sbatch (the replica, or ``command``); a job no node can run is retried every
+        retry_s, and one Slurm cannot be asked about with backoff, both reported pending."""
+        safe = job.replica_id.replace("#", "_").replace("/", "_").replace(":", "_")
         args = sbatch_args(
             job.request,
             self.options,
             name=job_name(self._instance, job.replica_id),
             output=str(self._log_dir / f"slurm_{safe}_%j.out"),
             exclude=exclude,
+            nodelist=nodelist,
         )
-        script = batch_script(
-            replica_command(self._controller_address, job.replica_id, "auto", self._log_dir)
-        )
+        if script is None:
+            if command is None:
+                command = replica_command(
+                    self._controller_address, job.replica_id, "auto", self._log_dir
+                )
+            script = batch_script(command)
         reported = ""
+        backoff_s = RETRY_START_S
         while not job.done():
             try:
                 out = await run_command(
                     args, timeout_s=self.options.command_timeout_s, stdin=script, env=self._env()
                 )
             except SlurmError as exc:
-                if not any(marker in str(exc) for marker in _UNPLACEABLE):
+                if exc.transient:  # no verdict about the job: ask again, later
+                    reason = f"Slurm is unreachable ({exc}); submitting again in {backoff_s:g}s"
+                    delay_s, backoff_s = backoff_s, min(backoff_s * 2, RETRY_MAX_S)
+                elif any(marker in str(exc) for marker in UNPLACEABLE):
+                    reason = f"Slurm cannot place {job.request.describe()}: {exc}"
+                    delay_s = self.options.retry_s
+                else:
                     raise
-                reason = f"Slurm cannot place {job.request.describe()}: {exc}"
                 if reason != reported:
+                    logger.warning("Replica %s: %s", job.replica_id, reason)
                     on_pending(reason)
                     reported = reason
-                await asyncio.sleep(self.options.retry_s)
+                await asyncio.sleep(delay_s)
                 continue
             job_id = out.strip().split(";", 1)[0]
             if job.done():  # stopped while sbatch ran: nobody wants this job
@@ -405,12 +404,7 @@ class SlurmLauncher:
         if not watched:
             self._forget_done()
             return
-        out = await run_command(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
-            timeout_s=self.options.command_timeout_s,
-            env=None,
-        )
-        listed = parse_squeue(out)
+        listed = await self._squeue()
         for job in watched:
             state = listed.get(job.job_id)
             if state is None:
@@ -436,34 +430,65 @@ class SlurmLauncher:
         self._forget_done()
 
     async def _ended(self, job: SlurmJob) -> None:
-        try:
-            out = await run_command(
-                ["scontrol", "-o", "show", "job", job.job_id],
-                timeout_s=self.options.command_timeout_s,
-                env=None,
-            )
+        state, code = "gone", None
+        for attempt in range(3):  # how it ended; a slurmctld blip is not worth a wrong answer
+            try:
+                out = await run_command(
+                    ["scontrol", "-o", "show", "job", job.job_id],
+                    timeout_s=self.options.command_timeout_s,
+                    env=None,
+                )
+            except SlurmError as exc:
+                if not exc.transient:
+                    break
+                await asyncio.sleep(RETRY_START_S * 2**attempt)
+                continue
             state, code = parse_scontrol_job(out)
-        except SlurmError:
-            state, code = "gone", None
+            break
         where = f" on {job.node}" if job.node else ""
-        job.ended(Exit(code, f"Slurm job {job.job_id}{where} ended: {state}, exit code {code}"))
+        job.ended(
+            Exit(code, f"Slurm job {job.job_id}{where} ended: {state}, exit code {code}", job.node)
+        )
+
+    async def _squeue(self) -> dict[str, JobState]:
+        """This user's jobs, as Slurm lists them now."""
+        out = await run_command(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
+            timeout_s=self.options.command_timeout_s,
+            env=None,
+        )
+        return parse_squeue(out)
 
     def _forget_done(self) -> None:
         for replica_id in [r for r, j in self._jobs.items() if j.done()]:
             job = self._jobs.pop(replica_id)
             self._on_pending.pop(job.job_id, None)
 
-    async def adopt(self, replica_id: str, pid: int) -> SlurmJob | None:
-        """A replica the previous controller launched: its job, if still queued or running."""
-        out = await run_command(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r|%j"],
-            timeout_s=self.options.command_timeout_s,
-            env=None,
-        )
+    async def adopt(
+        self, replica_id: str, pid: int, request: ResourceRequest
+    ) -> SlurmJob | GangMember | None:
+        """A replica the previous controller launched: its job (a gang member: its gang's
+        job), if still queued or running, with the request it was submitted with (so spreading
+        counts it where it runs)."""
+        if request.gang_id:
+            key = gang_key(request.gang_id)
+            shared = self._jobs.get(key)
+            if shared is None:
+                found = await self.adopt(key, pid, dataclasses.replace(request, gang_id=""))
+                shared = found if isinstance(found, SlurmJob) else None
+            return GangMember(shared) if shared is not None else None
+        for attempt in range(3):  # a restarted controller may meet a restarting slurmctld
+            try:
+                listed = await self._squeue()
+                break
+            except SlurmError as exc:
+                if not exc.transient or attempt == 2:
+                    raise
+                await asyncio.sleep(RETRY_MAX_S)
         name = job_name(self._instance, replica_id)
-        for state in parse_squeue(out).values():
+        for state in listed.values():
             if state.name == name:
-                job = SlurmJob(replica_id, ResourceRequest(), self)
+                job = SlurmJob(replica_id, request, self)
                 job.submitted(state.job_id)
                 if state.state == "RUNNING":
                     job.started(state.node)

@@ -12,6 +12,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+from controller.resources import ResourceRequest
 from serve._models import (
     ApplicationStatus,
     CodeEnv,
@@ -78,6 +79,13 @@ class DeploymentGoal:
     last_scale_up_s: float | None = None  # wall clock of the last autoscaling change up
     last_scale_down_s: float | None = None
     scaling_decisions: tuple[ScalingRecord, ...] = ()  # the latest first
+    # Past failure_limit() (once a replica of this version ran): no start before retry_at_s,
+    # each failure doubling backoff_s (Ray's schedule: 1, 2, 4, ... 64 s).
+    backoff_s: float = 0.0
+    retry_at_s: float = 0.0  # monotonic
+    # Start failures per node in a row, and the nodes to keep replicas off until when.
+    node_failures: dict[str, int] = dataclasses.field(default_factory=dict)
+    avoid_until_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -88,6 +96,12 @@ class DeploymentGoal:
         return self.spec.config.user_config_json()
 
     @property
+    def gang_size(self) -> int:
+        """Replicas per gang (gang_scheduling_config), or 0 without gangs."""
+        gang = self.spec.config.gang_scheduling_config
+        return int(gang["gang_size"]) if gang else 0
+
+    @property
     def max_ongoing_requests(self) -> int:
         return self.spec.config.max_ongoing_requests
 
@@ -95,6 +109,15 @@ class DeploymentGoal:
         """Constructor failures allowed before the deploy fails (Ray's formula)."""
         limit = self.spec.config.max_constructor_retry_count
         return max(1, min(max(self.target_replicas, 1) * 3, limit))
+
+    @property
+    def backing_off(self) -> bool:
+        """Starts keep failing past the limit, though this version ran: Ray's UNHEALTHY."""
+        return not self.failed and self.ever_running and self.failures >= self.failure_limit()
+
+    def avoided_nodes(self, now_s: float) -> tuple[str, ...]:
+        """Nodes where this deployment's replicas failed to start repeatedly, for a while."""
+        return tuple(sorted(n for n, until_s in self.avoid_until_s.items() if until_s > now_s))
 
 
 @dataclasses.dataclass
@@ -132,6 +155,10 @@ class ReplicaRecord:
     rank: int = -1  # 0..n-1 among its deployment's replicas (get_replica_context().rank)
     pending: str = ""  # while the launcher cannot place it: why
     routing_stats_json: bytes = b""  # its record_routing_stats(), published to routers
+    request: ResourceRequest = dataclasses.field(default_factory=ResourceRequest)
+    gang_id: str = ""  # a gang member: its gang, its rank in it, and all members by rank
+    gang_rank: int = -1
+    gang_members: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +192,14 @@ def _stop_order(record: ReplicaRecord) -> tuple[int, float]:
     return (1 if record.phase.routable else 0, -record.started_at_s)
 
 
+def _units(records: Iterable[ReplicaRecord]) -> list[list[ReplicaRecord]]:
+    """What stops together, in stop order: one replica, or a whole gang."""
+    units: dict[str, list[ReplicaRecord]] = {}
+    for record in records:
+        units.setdefault(record.gang_id or record.replica_id, []).append(record)
+    return sorted(units.values(), key=lambda unit: max(_stop_order(r) for r in unit))
+
+
 def plan(
     goals: Mapping[DeploymentID, DeploymentGoal], replicas: Iterable[ReplicaRecord]
 ) -> list[Action]:
@@ -176,6 +211,9 @@ def plan(
     with a surge, replacements start first (up to ``ceil(target * max_surge_percent / 100)``
     above the target) and old replicas stop only while the running ones cover the target. A
     deployment whose constructor keeps failing starts nothing more.
+
+    Gangs start, stop and are replaced whole: a gang deployment's waves and surge are whole
+    gangs (at least one), and it starts whole gangs only.
     """
     active: dict[DeploymentID, list[ReplicaRecord]] = {}
     stopping: dict[DeploymentID, int] = {}
@@ -197,20 +235,45 @@ def plan(
 
 
 def rollout_size(goal: DeploymentGoal) -> int:
-    """How many old replicas a rollout replaces at once (Ray's formula)."""
+    """How many old replicas a rollout replaces at once (Ray's formula), in whole gangs."""
     fraction = goal.spec.config.rolling_update_percentage
-    return max(int(fraction * goal.target_replicas), 1)
+    return _whole_gangs(goal, max(int(fraction * goal.target_replicas), 1))
 
 
 def surge_allowance(goal: DeploymentGoal) -> int:
     """How many replicas a rollout may run above the target (0: it stops old ones first)."""
-    return math.ceil(goal.target_replicas * goal.spec.config.max_surge_percent / 100)
+    surge = math.ceil(goal.target_replicas * goal.spec.config.max_surge_percent / 100)
+    return _whole_gangs(goal, surge)
+
+
+def _whole_gangs(goal: DeploymentGoal, replicas: int) -> int:
+    """``replicas`` rounded up to whole gangs (unchanged without gangs)."""
+    size = max(goal.gang_size, 1)
+    return -(-replicas // size) * size
+
+
+def _take(units: Iterable[list[ReplicaRecord]], limit: int, most: int) -> list[ReplicaRecord]:
+    """The first units, in order and whole, that fit in ``limit`` replicas.
+
+    A unit larger than ``most`` (the largest ``limit`` can get) could never fit: an old gang
+    bigger than a wave, its gang size changed since. It goes alone once ``limit`` reaches
+    ``most``, so a rollout never stalls on it.
+    """
+    taken: list[ReplicaRecord] = []
+    for unit in units:
+        if len(taken) + len(unit) > limit:
+            if not taken and 0 < most <= limit:
+                taken.extend(unit)
+            break
+        taken.extend(unit)
+    return taken
 
 
 def _plan_deployment(
     goal: DeploymentGoal, active: list[ReplicaRecord], old_stopping: int
 ) -> list[Action]:
     target = goal.target_replicas
+    gang = max(goal.gang_size, 1)
     new = [r for r in active if r.code_version == goal.version]
     old = sorted((r for r in active if r.code_version != goal.version), key=_stop_order)
     # Replicas of the last controller that have not re-linked are neither counted nor stopped
@@ -218,28 +281,40 @@ def _plan_deployment(
     known_old = [r for r in old if r.phase is not Phase.RECOVERING]
     to_stop: list[ReplicaRecord] = []
     surge = surge_allowance(goal)
+    wave = rollout_size(goal)
     if known_old and target > 0 and not goal.failed:  # a failed version replaces nothing
         new_running = sum(1 for r in new if r.phase.routable)
+        units = _units(known_old)
         if surge:
             # Start first; stop old ones (a wave at a time) only while the target stays covered.
-            serving = [r for r in known_old if r.phase.routable]
-            idle = [r for r in known_old if not r.phase.routable]
-            spare = max(new_running + len(serving) - target, 0)
-            to_stop = (idle + serving[:spare])[: rollout_size(goal)]
+            idle: list[list[ReplicaRecord]] = []
+            serving: list[list[ReplicaRecord]] = []
+            for unit in units:
+                (serving if any(r.phase.routable for r in unit) else idle).append(unit)
+            routable = sum(1 for r in known_old if r.phase.routable)
+            # Room too small for a whole gang is never filled: nothing waits for it.
+            unfillable = max(target + surge - len(new) - len(old), 0) % gang
+            spare = max(new_running + routable - target, 0) + unfillable
+            to_stop = _take(idle, wave, most=wave)
+            to_stop += _take(serving, min(spare, wave - len(to_stop)), most=min(surge, wave))
         elif target >= len(old) + old_stopping:  # a scale-down finishes first, as in Ray
-            pending = target - new_running - len(known_old)
-            to_stop = known_old[: max(rollout_size(goal) - pending, 0)]
+            unfillable = max(target - len(new) - len(old), 0) % gang  # as above
+            pending = target - new_running - len(known_old) - unfillable
+            to_stop = _take(units, wave - pending, most=wave)
     actions: list[Action] = [StopReplica(r.replica_id) for r in to_stop]
     kept_old = [r for r in old if r not in to_stop]
     live = len(new) + len(kept_old)
     rolling = bool(surge and kept_old)  # old ones stop as the new ones run, not now
     count = min(target - len(new), target + surge - live) if rolling else target - live
+    count = count // gang * gang
     if count > 0 and not goal.failed:
         actions.append(StartReplicas(goal.deployment_id, count))
-    # Too many: old ones go first, then those not serving yet, then the newest.
-    extra = sorted(new, key=_stop_order) if rolling else kept_old + sorted(new, key=_stop_order)
+    # Too many: old ones go first (an old gang at least), then those not serving yet, then
+    # the newest; whole gangs only.
     excess = len(new) - target if rolling else live - target
-    actions.extend(StopReplica(r.replica_id) for r in extra[: max(excess, 0)])
+    extra = [] if rolling else _take(_units(kept_old), excess, most=1)
+    extra += _take(_units(new), excess - len(extra), most=0)
+    actions.extend(StopReplica(r.replica_id) for r in extra)
     for record in new:
         if record.phase is Phase.RUNNING and needs_reconfigure(goal, record):
             actions.append(ReconfigureReplica(record.replica_id))
@@ -282,6 +357,16 @@ def deployment_status(goal: DeploymentGoal, replicas: Sequence[ReplicaRecord]) -
         r for r in replicas if r.code_version == goal.version and r.phase is not Phase.STOPPING
     ]
     ready = [r for r in current if r.phase is Phase.RUNNING and not needs_reconfigure(goal, r)]
+    if goal.backing_off:
+        detail = goal.last_error.message if goal.last_error else ""
+        return DeploymentView(  # Ray's words
+            DeploymentStatus.UNHEALTHY,
+            DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+            f"The deployment failed to start {goal.failures} times in a row. This may be due "
+            "to a problem with its constructor or initial health check failing. See controller "
+            f"logs for details. Retrying after {goal.backoff_s:g} seconds. Error:\n{detail}",
+            states,
+        )
     if goal.unhealthy_reason:
         return DeploymentView(
             DeploymentStatus.UNHEALTHY,

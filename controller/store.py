@@ -31,7 +31,11 @@ from serve.config import AutoscalingConfig, AutoscalingPolicy
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Each step upgrades a database of the previous schema in place (one transaction for all).
+_MIGRATIONS = {
+    1: "ALTER TABLE replicas ADD COLUMN request TEXT NOT NULL DEFAULT ''",
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,7 +47,8 @@ CREATE TABLE IF NOT EXISTS apps (
 CREATE TABLE IF NOT EXISTS replicas (
     replica_id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
-    code_version TEXT NOT NULL
+    code_version TEXT NOT NULL,
+    request TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS deployments (
     app TEXT NOT NULL,
@@ -190,11 +195,18 @@ class GoalStore:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
+            return
+        version = int(row[0])
+        if version != SCHEMA_VERSION and version not in _MIGRATIONS:
             raise RuntimeError(
                 f"State database {path} has schema {row[0]}, this controller reads "
                 f"{SCHEMA_VERSION}; use a fresh --state-dir."
             )
+        with self._transaction():
+            while version < SCHEMA_VERSION:
+                self._db.execute(_MIGRATIONS[version])
+                version += 1
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
 
     async def aclose(self) -> None:
         """Finish queued writes, then close. Idempotent."""
@@ -240,15 +252,18 @@ class GoalStore:
     def load(self) -> asyncio.Future[list[AppGoal]]:
         return self._run(self._load)
 
-    def save_replica(self, replica_id: str, pid: int, code_version: str) -> asyncio.Future[None]:
-        """Remember a replica process, so a restarted controller knows whom to wait for."""
-        return self._run(self._save_replica, replica_id, pid, code_version)
+    def save_replica(
+        self, replica_id: str, pid: int, code_version: str, request: str
+    ) -> asyncio.Future[None]:
+        """Remember a replica (its pid once known, its resource request as JSON), so a
+        restarted controller knows whom to wait for and what each one holds."""
+        return self._run(self._save_replica, replica_id, pid, code_version, request)
 
     def forget_replica(self, replica_id: str) -> asyncio.Future[None]:
         return self._run(self._forget_replica, replica_id)
 
-    def load_replicas(self) -> asyncio.Future[list[tuple[str, int, str]]]:
-        """(replica id, pid, code version) of every replica the last controller ran."""
+    def load_replicas(self) -> asyncio.Future[list[tuple[str, int, str, str]]]:
+        """(replica id, pid, code version, request) of every replica the last controller ran."""
         return self._run(self._load_replicas)
 
     # In the writer thread.
@@ -344,18 +359,19 @@ class GoalStore:
             )
         return apps
 
-    def _save_replica(self, replica_id: str, pid: int, code_version: str) -> None:
+    def _save_replica(self, replica_id: str, pid: int, code_version: str, request: str) -> None:
         with self._transaction():
             self.db.execute(
-                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?)", (replica_id, pid, code_version)
+                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?)",
+                (replica_id, pid, code_version, request),
             )
 
     def _forget_replica(self, replica_id: str) -> None:
         with self._transaction():
             self.db.execute("DELETE FROM replicas WHERE replica_id=?", (replica_id,))
 
-    def _load_replicas(self) -> list[tuple[str, int, str]]:
-        return list(self.db.execute("SELECT replica_id, pid, code_version FROM replicas"))
+    def _load_replicas(self) -> list[tuple[str, int, str, str]]:
+        return list(self.db.execute("SELECT replica_id, pid, code_version, request FROM replicas"))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)

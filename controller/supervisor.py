@@ -9,6 +9,7 @@ diffed with the last published one, and status waiters wake when the status chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -31,6 +32,7 @@ from controller.events import (
     Kill,
     Launch,
     LaunchFailed,
+    LaunchGang,
     LinkEnded,
     LinkVerdict,
     LoadReported,
@@ -56,8 +58,8 @@ from controller.load import LoadBook
 from controller.machine import SETTLED, ControllerMachine
 from controller.metrics import Snapshot
 from controller.publisher import Publisher
-from controller.resources import ResourceRequest
-from controller.state import AppGoal, DeploymentView, ReplicaRecord
+from controller.resources import GangSpec, ResourceRequest
+from controller.state import AppGoal, DeploymentView, Phase, ReplicaRecord
 from controller.store import GoalStore
 from controller.views import metrics_snapshot, replica_sets, status_key
 from serve._models import (
@@ -103,6 +105,7 @@ class Supervisor:
         self._processes: dict[str, Launched] = {}
         self._clients: dict[str, ReplicaClient] = {}
         self._links: dict[str, asyncio.Event] = {}
+        self._saved: dict[str, asyncio.Future[None]] = {}  # each replica's last record write
         self._status_event = asyncio.Event()
         self._status_key: object = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -129,8 +132,8 @@ class Supervisor:
         """Restore the goal state and the last controller's replicas, then start ticking."""
         apps = await self._store.load()
         previous = []
-        for replica_id, pid, code_version in await self._store.load_replicas():
-            found = await self._launcher.adopt(replica_id, pid)
+        for replica_id, pid, code_version, request in await self._store.load_replicas():
+            found = await self._launcher.adopt(replica_id, pid, ResourceRequest.from_json(request))
             if found is not None:
                 self._watch(replica_id, found)
             previous.append(PreviousReplica(replica_id, pid, code_version, found is not None))
@@ -221,6 +224,11 @@ class Supervisor:
                     self._launch(action.replica_id, action.request),
                     f"controller:launch:{action.replica_id}",
                 )
+            case LaunchGang():
+                self._spawn(
+                    self._launch_gang(action.gang, action.request),
+                    f"controller:launch-gang:{action.gang.gang_id}",
+                )
             case Initialize():
                 self._call(action.replica_id, action.address, Call.INITIALIZE, _initializer(action))
             case Reconfigure():
@@ -247,9 +255,13 @@ class Supervisor:
                 self._release(action.replica_id)
                 return self._write(self._store.forget_replica(action.replica_id))
             case SaveReplica():
-                return self._write(
-                    self._store.save_replica(action.replica_id, action.pid, action.code_version)
+                saved = self._write(
+                    self._store.save_replica(
+                        action.replica_id, action.pid, action.code_version, action.request.to_json()
+                    )
                 )
+                self._saved[action.replica_id] = saved
+                return saved
             case PersistApp():
                 return self._write(self._store.save(action.app))
             case MarkDeleting():
@@ -266,23 +278,54 @@ class Supervisor:
 
     # Replica processes.
 
-    async def _launch(self, replica_id: str, request: ResourceRequest) -> None:
+    def _pending(self, replica_ids: Sequence[str]) -> Callable[[str], None]:
         def on_pending(reason: str) -> None:
             if not self._closed:
-                self._feed(ReplicaPending(replica_id, reason))
+                for replica_id in replica_ids:
+                    self._feed(ReplicaPending(replica_id, reason))
 
+        return on_pending
+
+    async def _saved_first(self, replica_ids: Sequence[str]) -> None:
+        """On disk before it runs: a restart re-adopts it, never doubles it."""
+        saved = [self._saved[r] for r in replica_ids if r in self._saved]
+        with contextlib.suppress(Exception):  # a failed write is logged; launch anyway
+            await asyncio.shield(asyncio.gather(*saved))
+
+    async def _launch(self, replica_id: str, request: ResourceRequest) -> None:
+        await self._saved_first([replica_id])
         try:
-            process = await self._launcher.launch(replica_id, request, on_pending)
+            process = await self._launcher.launch(replica_id, request, self._pending([replica_id]))
         except Exception as exc:
             logger.exception("Could not launch replica %s", replica_id)
             self._feed(LaunchFailed(replica_id, str(exc)))
             return
+        await self._follow(replica_id, process)
+
+    async def _launch_gang(self, gang: GangSpec, request: ResourceRequest) -> None:
+        await self._saved_first(gang.members)
+        try:
+            members = await self._launcher.launch_gang(gang, request, self._pending(gang.members))
+        except Exception as exc:
+            logger.exception("Could not launch gang %s", gang.gang_id)
+            for replica_id in gang.members:
+                self._feed(LaunchFailed(replica_id, str(exc)))
+            return
+        await asyncio.gather(
+            *(
+                self._follow(replica_id, m)
+                for replica_id, m in zip(gang.members, members, strict=True)
+            )
+        )
+
+    async def _follow(self, replica_id: str, process: Launched) -> None:
+        """Report a launched replica's start and its end."""
         self._processes[replica_id] = process
         pid = await process.running()
         if pid is not None:
             self._feed(ReplicaLaunched(replica_id, pid))
         ended = await process.wait()
-        self._feed(ReplicaExited(replica_id, ended.code, ended.reason))
+        self._feed(ReplicaExited(replica_id, ended.code, ended.reason, ended.node))
 
     def _watch(self, replica_id: str, process: Launched) -> None:
         """A replica this controller did not launch: report its exit like a launched one's."""
@@ -291,7 +334,7 @@ class Supervisor:
         async def watch() -> None:
             ended = await process.wait()
             if self._processes.get(replica_id) is process:
-                self._feed(ReplicaExited(replica_id, ended.code, ended.reason))
+                self._feed(ReplicaExited(replica_id, ended.code, ended.reason, ended.node))
 
         self._spawn(watch(), f"controller:watch:{replica_id}")
 
@@ -326,7 +369,7 @@ class Supervisor:
                 pass
         process = self._processes.get(replica_id)
         if process is None and action.pid:  # re-linked without being adopted at start
-            process = await self._launcher.adopt(replica_id, action.pid)
+            process = await self._launcher.adopt(replica_id, action.pid, self._request(replica_id))
             if process is None:
                 self._feed(ReplicaExited(replica_id, None, "gone before it was stopped"))
                 return
@@ -351,12 +394,16 @@ class Supervisor:
 
     async def _kill_unknown(self, replica_id: str, pid: int) -> None:
         """A replica that re-linked without being adopted at start: find it, then kill it."""
-        process = await self._launcher.adopt(replica_id, pid)
+        process = await self._launcher.adopt(replica_id, pid, self._request(replica_id))
         if process is None:
             self._feed(ReplicaExited(replica_id, None, "gone before it was killed"))
             return
         self._watch(replica_id, process)
         process.kill()
+
+    def _request(self, replica_id: str) -> ResourceRequest:
+        record = self.machine.replicas.get(replica_id)
+        return record.request if record is not None else ResourceRequest()
 
     def _client(self, replica_id: str, address: str) -> ReplicaClient:
         client = self._clients.get(replica_id)
@@ -367,6 +414,7 @@ class Supervisor:
 
     def _release(self, replica_id: str) -> None:
         self._processes.pop(replica_id, None)
+        self._saved.pop(replica_id, None)
         link = self._links.pop(replica_id, None)
         if link is not None:
             link.set()
@@ -468,10 +516,24 @@ class Supervisor:
         code_version: str,
         user_config_json: bytes,
         draining: bool = False,
+        gang_id: str = "",
+        gang_rank: int = -1,
+        gang_members: tuple[str, ...] = (),
     ) -> tuple[Verdict, asyncio.Event | None]:
-        """A replica linked (or re-linked). Returns the verdict and an event ending the link."""
+        """A replica linked (or re-linked; a gang member says its gang, so a restarted
+        controller keeps gangs whole). Returns the verdict and an event ending the link."""
         event = ReplicaLinked(
-            replica_id, address, pid, host, initialized, code_version, user_config_json, draining
+            replica_id,
+            address,
+            pid,
+            host,
+            initialized,
+            code_version,
+            user_config_json,
+            draining,
+            gang_id,
+            gang_rank,
+            gang_members,
         )
         actions, _ = self._feed(event)
         verdict = next((a.verdict for a in actions if isinstance(a, LinkVerdict)), Verdict.STOP)
@@ -496,6 +558,17 @@ class Supervisor:
             if app.route_prefix is not None and not app.deleting
         ]
         return sorted(routes, key=lambda r: r.route_prefix)
+
+    def replica_nodes(self) -> set[str] | None:
+        """The nodes that run replicas (not stopping), as the replicas said when they linked;
+        None while replicas of the last controller may still re-link (nobody knows yet)."""
+        if not self.machine.recovered:
+            return None
+        return {
+            r.host
+            for r in self.machine.replicas.values()
+            if r.host and r.phase is not Phase.STOPPING
+        }
 
     async def status_changed(self) -> None:
         """Return at the next change of any application's or replica's status."""

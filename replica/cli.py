@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--port", type=int, default=0, help="port to bind (default ephemeral)")
     parser.add_argument("--log-file", default=None, help="also write logs to this file")
+    parser.add_argument(
+        "--gang",
+        default=None,
+        help="its gang, as JSON (serve.gang.GangContext's fields): set by the launcher",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
@@ -38,10 +43,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from replica.server import ReplicaServer
     from serve import _tracing
+    from serve._daemon import route_address
     from serve._logging import configure
     from serve._rpc.channel import tls_from_settings
 
     host = route_address(args.controller) if args.host == "auto" else args.host
+    if args.gang:
+        import json
+
+        from serve._context import set_gang_context
+        from serve.gang import GangContext
+
+        try:
+            set_gang_context(GangContext.from_dict(json.loads(args.gang)))
+        except (ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--gang must be a GangContext as JSON: {exc}")
     log_file = Path(args.log_file) if args.log_file else None
     configure(f"replica:{replica_id}", log_file)
     _tracing.setup(log_file.stem if log_file else f"replica_{replica_id.unique_id}", log_file)
@@ -57,18 +73,3 @@ def main(argv: list[str] | None = None) -> None:
         log_file=log_file,
     )
     sys.exit(uvloop.run(server.run()))
-
-
-def route_address(controller_address: str) -> str:
-    """This node's address on the route to the controller: what peers on other nodes reach.
-
-    A UDP "connect" sends nothing; it only asks the kernel which local address it would use.
-    """
-    import socket
-
-    host = controller_address.rsplit(":", 1)[0].strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))
-        address: str = probe.getsockname()[0]
-    return address

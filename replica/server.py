@@ -15,12 +15,14 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from replica import stats
 from replica.executor import Executor
 from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
 from serve import _client
+from serve._context import current_gang_context as replica_context_gang
 from serve._daemon import OrphanClock
 from serve._logging import access_log, configure
 from serve._models import ReplicaID
@@ -229,6 +231,15 @@ class ReplicaServer:
                 return  # the next change (or the next link) reports them again
             self._reported_models = current
 
+    def _gang_fields(self) -> dict[str, Any]:
+        """Its gang as the controller records it (members by full replica id)."""
+        gang = replica_context_gang()
+        if gang is None:
+            return {}
+        deployment_id = self.replica_id.deployment_id
+        members = tuple(str(ReplicaID(tag, deployment_id)) for tag in gang.member_replica_ids)
+        return {"gang_id": gang.gang_id, "gang_rank": gang.rank, "gang_members": members}
+
     async def _link_loop(self, address: str) -> None:
         """Hold the Link stream; re-link after a loss; exit after orphan_timeout_s alone."""
         assert self._executor is not None
@@ -246,15 +257,18 @@ class ReplicaServer:
                 user_config_json=executor.user_config_json or b"",
                 model_ids=tuple(sorted(multiplex_registry.model_ids())),
                 draining=executor.draining,
+                **self._gang_fields(),
             )
             try:
-                async for keep in self._controller.link(info):
-                    if not keep:
-                        logger.info("The controller does not want this replica; stopping")
-                        await self.drain(executor.config.graceful_shutdown_timeout_s)
-                        return
-                    clock.linked()
-            except Exception as exc:  # ControllerUnavailableError, or a refusal
+                async with asyncio.timeout(clock.remaining_s()) as deadline:
+                    async for keep in self._controller.link(info):
+                        if not keep:
+                            logger.info("The controller does not want this replica; stopping")
+                            await self.drain(executor.config.graceful_shutdown_timeout_s)
+                            return
+                        clock.linked()
+                        deadline.reschedule(None)  # linked: no orphan deadline while it lasts
+            except Exception as exc:  # ControllerUnavailableError, a refusal, the orphan timeout
                 logger.debug("Link to the controller failed: %s", exc)
             if clock.orphaned():
                 await self.drain(0)

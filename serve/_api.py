@@ -162,6 +162,8 @@ def _serialize(built: BuiltDeployment, stable_version: bool) -> DeploymentSpec:
     placement: dict[str, Any] = dict(config.ray_actor_options or {})
     if config.max_replicas_per_node is not None:
         placement["max_replicas_per_node"] = config.max_replicas_per_node
+    if config.gang_scheduling_config is not None:
+        placement["gang_scheduling_config"] = config.gang_scheduling_config
     actor_options = orjson.dumps(placement, option=orjson.OPT_SORT_KEYS)
     # The code version decides whether running replicas are kept (only config options changed)
     # or replaced. Declarative deploys (config files) derive it from the code, so an unchanged

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from serve._models import ReplicaID
 from serve.exceptions import ServeError
+from serve.gang import GangContext
 from serve.schema import ReplicaRank
 
 
@@ -36,6 +37,12 @@ class ReplicaContext:
     rank: ReplicaRank | None = None
     world_size: int | None = None
     node_id: str = ""  # the node the replica runs on (SERVE_NODE_ID, else the hostname)
+
+    @property
+    def gang_context(self) -> GangContext | None:
+        """This replica's gang (gang_scheduling_config), or None. It is the process's: given
+        to the replica when it was launched with its gang."""
+        return _gang_context
 
 
 class Feed(Protocol):
@@ -66,6 +73,7 @@ class RequestContext:
 
 
 _replica_context: ReplicaContext | None = None
+_gang_context: GangContext | None = None
 # In local testing mode several deployments share one process: each call sees its own.
 local_replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
     "serve_local_replica_context", default=None
@@ -78,6 +86,16 @@ _request_context: contextvars.ContextVar[RequestContext | None] = contextvars.Co
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar(
     "serve_request_deadline", default=0.0
 )
+
+
+def current_gang_context() -> GangContext | None:
+    return _gang_context
+
+
+def set_gang_context(context: GangContext | None) -> None:
+    """The replica process's gang, set once at start (serve-replica --gang)."""
+    global _gang_context
+    _gang_context = context
 
 
 def set_replica_context(context: ReplicaContext | None) -> None:

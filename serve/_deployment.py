@@ -132,6 +132,7 @@ class Deployment(Generic[T]):
         rolling_update_percentage: Any = _UNSET,
         max_surge_percent: Any = _UNSET,
         placement_group_bundle_label_selector: Any = _UNSET,
+        gang_scheduling_config: Any = _UNSET,
     ) -> Deployment[T]:
         """A copy with the given options changed; the original is not modified."""
         given = {k: v for k, v in locals().items() if k not in ("self", "func_or_class")}
@@ -212,6 +213,7 @@ def deployment(
     rolling_update_percentage: Any = _UNSET,
     max_surge_percent: Any = _UNSET,
     placement_group_bundle_label_selector: Any = _UNSET,
+    gang_scheduling_config: Any = _UNSET,
 ) -> Any:
     """Turn a class or function into a ``Deployment``.
 

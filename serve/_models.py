@@ -170,6 +170,7 @@ class DeploymentConfig:
     # replicas above the target.
     rolling_update_percentage: float = 0.2
     max_surge_percent: float = 0.0
+    gang_scheduling_config: Any = None  # serve.gang.GangSchedulingConfig.to_dict(), or None
 
     def __post_init__(self) -> None:
         router: Any = self.request_router_config

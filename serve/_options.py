@@ -19,6 +19,7 @@ from serve._logging import check_logging_config
 from serve._models import DeploymentConfig, encode_user_config
 from serve._serialization import CODEC_NAMES
 from serve.config import AutoscalingConfig, RequestRouterConfig
+from serve.gang import check_gang_fits, gang_option
 from serve.request_router._base import router_class_of
 
 
@@ -298,6 +299,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
         "max_surge_percent", v, low=0.0, high=100.0, low_open=False
     ),
     "placement_group_bundle_label_selector": _check_label_selector,
+    "gang_scheduling_config": gang_option,
 }
 
 DEPLOYMENT_OPTION_NAMES = frozenset(_CHECKS)
@@ -373,6 +375,12 @@ def build_deployment_config(options: Mapping[str, Any]) -> DeploymentConfig:
         for f in dataclasses.fields(DeploymentConfig)
         if f.name in options and f.name not in ("num_replicas", "autoscaling_config")
     }
+    check_gang_fits(
+        kwargs.get("gang_scheduling_config"),
+        num_replicas=num_replicas,
+        replica_bounds=autoscaling.replica_bounds() if autoscaling is not None else None,
+        max_replicas_per_node=kwargs.get("max_replicas_per_node"),
+    )
     return DeploymentConfig(num_replicas=num_replicas, autoscaling_config=autoscaling, **kwargs)
 
 

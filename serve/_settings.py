@@ -8,6 +8,8 @@
 | SERVE_LOG_LEVEL | log level of serve's own loggers | INFO |
 | SERVE_LOG_FORMAT | ``text`` or ``json`` | text |
 | SERVE_ORPHAN_TIMEOUT_S | a replica with no controller for this long exits | 30 |
+| SERVE_HEARTBEAT_PERIOD_S | each end of a long-lived stream says it is alive this often | 1 |
+| SERVE_HEARTBEAT_TIMEOUT_S | a stream silent this long is lost (a proxy is replaced) | 5 |
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
 | SERVE_STREAM_WINDOW_BYTES | stream bytes a replica may send ahead of its consumer | 16 MiB |
@@ -85,8 +87,8 @@ class Settings:
     idle_connection_timeout_s: float
     max_connections: int | None
     proxy_location: str  # the default proxy_location (Ray's default: EveryNode)
-    proxy_health_check_period_s: float
-    proxy_health_check_timeout_s: float
+    heartbeat_period_s: float
+    heartbeat_timeout_s: float
     node_id: str
     rotation_max_bytes: int
     rotation_backup_count: int
@@ -164,6 +166,14 @@ def settings() -> Settings:
     """The process's settings, read from the environment the first time they are needed."""
     state_dir = os.environ.get(STATE_DIR_ENV) or str(Path.home() / ".serve")
     log_format = os.environ.get("SERVE_LOG_FORMAT", "text").lower()
+    heartbeat_period_s = _positive_float_env("SERVE_HEARTBEAT_PERIOD_S", 1.0)
+    heartbeat_timeout_s = _positive_float_env("SERVE_HEARTBEAT_TIMEOUT_S", 5.0)
+    if heartbeat_timeout_s <= heartbeat_period_s:
+        raise ValueError(
+            f"SERVE_HEARTBEAT_TIMEOUT_S={heartbeat_timeout_s:g} must be greater than "
+            f"SERVE_HEARTBEAT_PERIOD_S={heartbeat_period_s:g} (a few periods: one late "
+            "heartbeat must not end a stream)."
+        )
     if log_format not in ("text", "json"):
         raise ValueError(f"SERVE_LOG_FORMAT={log_format!r}: use 'text' or 'json'.")
     return Settings(
@@ -185,8 +195,8 @@ def settings() -> Settings:
         ),
         handshake_timeout_s=_positive_float_env("SERVE_HANDSHAKE_TIMEOUT_S", 10.0),
         proxy_location=os.environ.get("SERVE_PROXY_LOCATION") or "EveryNode",
-        proxy_health_check_period_s=_positive_float_env("SERVE_PROXY_HEALTH_CHECK_PERIOD_S", 10.0),
-        proxy_health_check_timeout_s=_positive_float_env("SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", 5.0),
+        heartbeat_period_s=heartbeat_period_s,
+        heartbeat_timeout_s=heartbeat_timeout_s,
         idle_connection_timeout_s=_positive_float_env("SERVE_IDLE_CONNECTION_TIMEOUT_S", 120.0),
         max_connections=_positive_int_env("SERVE_MAX_CONNECTIONS"),
         # A cluster launcher sets it (Slurm: the node's name), since hosts may share a hostname.

@@ -1,6 +1,7 @@
 """Public configuration objects, as Ray Serve spells them: ``AutoscalingConfig`` (with its custom
 ``AutoscalingPolicy`` and the ``AutoscalingContext`` a policy sees), ``RequestRouterConfig``,
-``ControllerOptions``, and the proxy's ``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``."""
+``ControllerOptions``, the proxy's ``HTTPOptions``, ``gRPCOptions`` and ``ProxyLocation``, and gang
+scheduling's options (defined in ``serve.gang``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from serve._extension_config import (
     RequestRouterConfig,
     reject_unknown,
 )
+from serve.gang import GangPlacementStrategy, GangRuntimeFailurePolicy, GangSchedulingConfig
 
 __all__ = [
     "AggregationFunction",
@@ -26,6 +28,9 @@ __all__ = [
     "AutoscalingContext",
     "AutoscalingPolicy",
     "ControllerOptions",
+    "GangPlacementStrategy",
+    "GangRuntimeFailurePolicy",
+    "GangSchedulingConfig",
     "HTTPOptions",
     "ProxyLocation",
     "RequestRouterConfig",
@@ -153,6 +158,10 @@ class AutoscalingConfig:
 
     def get_target_ongoing_requests(self) -> float:
         return self.target_ongoing_requests
+
+    def replica_bounds(self) -> tuple[int, int, int | None]:
+        """(min_replicas, max_replicas, initial_replicas)."""
+        return self.min_replicas, self.max_replicas, self.initial_replicas
 
     def start_replicas(self) -> int:
         """How many replicas a fresh deployment starts with."""

@@ -271,6 +271,7 @@ class DeploymentConfig(_message.Message):
     REQUEST_ROUTER_FIELD_NUMBER: _builtins.int
     ROLLING_UPDATE_PERCENTAGE_FIELD_NUMBER: _builtins.int
     MAX_SURGE_PERCENT_FIELD_NUMBER: _builtins.int
+    GANG_SCHEDULING_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     num_replicas: _builtins.int
     max_ongoing_requests: _builtins.int
     max_queued_requests: _builtins.int
@@ -290,6 +291,8 @@ class DeploymentConfig(_message.Message):
     rolling_update_percentage: _builtins.float
     """unset: 0.2"""
     max_surge_percent: _builtins.float
+    gang_scheduling_config_json: _builtins.bytes
+    """GangSchedulingConfig fields, as JSON (empty: none)"""
     @_builtins.property
     def autoscaling(self) -> Global___AutoscalingConfig:
         """set only when the deployment autoscales"""
@@ -317,10 +320,11 @@ class DeploymentConfig(_message.Message):
         request_router: Global___RequestRouterConfig | None = ...,
         rolling_update_percentage: _builtins.float | None = ...,
         max_surge_percent: _builtins.float = ...,
+        gang_scheduling_config_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "max_surge_percent", b"max_surge_percent", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage", "_user_config_json", b"_user_config_json", "autoscaling", b"autoscaling", "gang_scheduling_config_json", b"gang_scheduling_config_json", "graceful_shutdown_timeout_s", b"graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", b"graceful_shutdown_wait_loop_s", "health_check_period_s", b"health_check_period_s", "health_check_timeout_s", b"health_check_timeout_s", "logging_config_json", b"logging_config_json", "max_constructor_retry_count", b"max_constructor_retry_count", "max_ongoing_requests", b"max_ongoing_requests", "max_queued_requests", b"max_queued_requests", "max_replicas_per_node", b"max_replicas_per_node", "max_surge_percent", b"max_surge_percent", "num_replicas", b"num_replicas", "ray_actor_options_json", b"ray_actor_options_json", "request_router", b"request_router", "rolling_update_percentage", b"rolling_update_percentage", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rolling_update_percentage: _TypeAlias = _typing.Literal["rolling_update_percentage"]  # noqa: Y015
     _WhichOneofArgType__rolling_update_percentage: _TypeAlias = _typing.Literal["_rolling_update_percentage", b"_rolling_update_percentage"]  # noqa: Y015

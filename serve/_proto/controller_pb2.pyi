@@ -352,6 +352,77 @@ class ProxyStatus(_message.Message):
 Global___ProxyStatus: _TypeAlias = ProxyStatus  # noqa: Y015
 
 @_typing.final
+class Heartbeat(_message.Message):
+    """A sign of life on a long-lived stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class WatchRoutesMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATCH_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def watch(self) -> Global___WatchRoutesRequest:
+        """first, and only first"""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        watch: Global___WatchRoutesRequest | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "watch", b"watch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "watch", b"watch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["watch", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchRoutesMessage: _TypeAlias = WatchRoutesMessage  # noqa: Y015
+
+@_typing.final
+class RoutesUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def table(self) -> Global___RouteTable: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        table: Global___RouteTable | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "table", b"table"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["table", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RoutesUpdate: _TypeAlias = RoutesUpdate  # noqa: Y015
+
+@_typing.final
 class WatchRoutesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -548,6 +619,60 @@ class WatchDeploymentRequest(_message.Message):
 Global___WatchDeploymentRequest: _TypeAlias = WatchDeploymentRequest  # noqa: Y015
 
 @_typing.final
+class WatchDeploymentMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATCH_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def watch(self) -> Global___WatchDeploymentRequest:
+        """first, and only first"""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        watch: Global___WatchDeploymentRequest | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "watch", b"watch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "watch", b"watch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["watch", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchDeploymentMessage: _TypeAlias = WatchDeploymentMessage  # noqa: Y015
+
+@_typing.final
+class DeploymentUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_SET_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replica_set(self) -> _common_pb2.ReplicaSet: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        replica_set: _common_pb2.ReplicaSet | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "replica_set", b"replica_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "replica_set", b"replica_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["replica_set", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___DeploymentUpdate: _TypeAlias = DeploymentUpdate  # noqa: Y015
+
+@_typing.final
 class ShutdownRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -578,6 +703,34 @@ class ShutdownResponse(_message.Message):
 Global___ShutdownResponse: _TypeAlias = ShutdownResponse  # noqa: Y015
 
 @_typing.final
+class LinkMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINK_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def link(self) -> Global___LinkRequest:
+        """first, and only first"""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        link: Global___LinkRequest | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "link", b"link"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "kind", b"kind", "link", b"link"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["link", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___LinkMessage: _TypeAlias = LinkMessage  # noqa: Y015
+
+@_typing.final
 class LinkRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -590,6 +743,9 @@ class LinkRequest(_message.Message):
     USER_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     MODEL_IDS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    GANG_ID_FIELD_NUMBER: _builtins.int
+    GANG_RANK_FIELD_NUMBER: _builtins.int
+    GANG_MEMBERS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     pid: _builtins.int
@@ -600,8 +756,15 @@ class LinkRequest(_message.Message):
     user_config_json: _builtins.bytes
     draining: _builtins.bool
     """stopping: never to be re-adopted as running"""
+    gang_id: _builtins.str
+    """Its gang (gang_scheduling_config), if any: a restarted controller keeps gangs whole."""
+    gang_rank: _builtins.int
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def gang_members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the members' replica ids, by rank"""
+
     def __init__(
         self,
         *,
@@ -614,10 +777,13 @@ class LinkRequest(_message.Message):
         user_config_json: _builtins.bytes = ...,
         model_ids: _abc.Iterable[_builtins.str] | None = ...,
         draining: _builtins.bool = ...,
+        gang_id: _builtins.str = ...,
+        gang_rank: _builtins.int = ...,
+        gang_members: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "host", b"host", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "gang_id", b"gang_id", "gang_members", b"gang_members", "gang_rank", b"gang_rank", "host", b"host", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,6 +804,8 @@ class LinkResponse(_message.Message):
         """keep serving (or wait for Initialize)"""
         ACTION_STOP: LinkResponse._Action.ValueType  # 2
         """not wanted: exit"""
+        ACTION_HEARTBEAT: LinkResponse._Action.ValueType  # 3
+        """still here (after the verdict)"""
 
     class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
     ACTION_UNSPECIFIED: LinkResponse.Action.ValueType  # 0
@@ -645,6 +813,8 @@ class LinkResponse(_message.Message):
     """keep serving (or wait for Initialize)"""
     ACTION_STOP: LinkResponse.Action.ValueType  # 2
     """not wanted: exit"""
+    ACTION_HEARTBEAT: LinkResponse.Action.ValueType  # 3
+    """still here (after the verdict)"""
 
     ACTION_FIELD_NUMBER: _builtins.int
     action: Global___LinkResponse.Action.ValueType

@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from serve._proto import common_pb2 as serve_dot___proto_dot_common__pb2
 from serve._proto import controller_pb2 as serve_dot___proto_dot_controller__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,24 +59,24 @@ class ControllerStub:
                 request_serializer=serve_dot___proto_dot_controller__pb2.GetApplicationRequest.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_controller__pb2.GetApplicationResponse.FromString,
                 _registered_method=True)
-        self.WatchDeployment = channel.unary_stream(
+        self.WatchDeployment = channel.stream_stream(
                 '/serve.v1.Controller/WatchDeployment',
-                request_serializer=serve_dot___proto_dot_controller__pb2.WatchDeploymentRequest.SerializeToString,
-                response_deserializer=serve_dot___proto_dot_common__pb2.ReplicaSet.FromString,
+                request_serializer=serve_dot___proto_dot_controller__pb2.WatchDeploymentMessage.SerializeToString,
+                response_deserializer=serve_dot___proto_dot_controller__pb2.DeploymentUpdate.FromString,
                 _registered_method=True)
-        self.WatchRoutes = channel.unary_stream(
+        self.WatchRoutes = channel.stream_stream(
                 '/serve.v1.Controller/WatchRoutes',
-                request_serializer=serve_dot___proto_dot_controller__pb2.WatchRoutesRequest.SerializeToString,
-                response_deserializer=serve_dot___proto_dot_controller__pb2.RouteTable.FromString,
+                request_serializer=serve_dot___proto_dot_controller__pb2.WatchRoutesMessage.SerializeToString,
+                response_deserializer=serve_dot___proto_dot_controller__pb2.RoutesUpdate.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/serve.v1.Controller/Shutdown',
                 request_serializer=serve_dot___proto_dot_controller__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_controller__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
-        self.Link = channel.unary_stream(
+        self.Link = channel.stream_stream(
                 '/serve.v1.Controller/Link',
-                request_serializer=serve_dot___proto_dot_controller__pb2.LinkRequest.SerializeToString,
+                request_serializer=serve_dot___proto_dot_controller__pb2.LinkMessage.SerializeToString,
                 response_deserializer=serve_dot___proto_dot_controller__pb2.LinkResponse.FromString,
                 _registered_method=True)
         self.ReportModels = channel.unary_unary(
@@ -133,17 +132,22 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchDeployment(self, request, context):
+    def WatchDeployment(self, request_iterator, context):
         """Push the routable replica set of one deployment: the current one at once, then every change.
+        The first message names the deployment; then each end sends a Heartbeat every
+        SERVE_HEARTBEAT_PERIOD_S while it has nothing else to say, and gives the stream up after
+        SERVE_HEARTBEAT_TIMEOUT_S without a word from the other (the same holds for every stream of
+        this service).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchRoutes(self, request, context):
+    def WatchRoutes(self, request_iterator, context):
         """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
-        change. The request says which proxy is watching, so the controller knows its proxies
-        (and re-adopts one that outlived a controller restart).
+        change. The first message says which proxy is watching, so the controller knows its
+        proxies (and re-adopts one that outlived a controller restart); its heartbeats are the
+        proxy's liveness: a proxy silent for SERVE_HEARTBEAT_TIMEOUT_S is replaced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,9 +160,10 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Link(self, request, context):
-        """Replica -> controller. Held open for the replica's life: the controller answers with one
-        LinkResponse and keeps the stream open; either side sees the other die when it breaks.
+    def Link(self, request_iterator, context):
+        """Replica -> controller. Held open for the replica's life: the first message links, the
+        controller answers with its verdict, then both ends exchange heartbeats; either side knows
+        the other is gone when the stream breaks or falls silent (SERVE_HEARTBEAT_TIMEOUT_S).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,24 +218,24 @@ def add_ControllerServicer_to_server(servicer, server):
                     request_deserializer=serve_dot___proto_dot_controller__pb2.GetApplicationRequest.FromString,
                     response_serializer=serve_dot___proto_dot_controller__pb2.GetApplicationResponse.SerializeToString,
             ),
-            'WatchDeployment': grpc.unary_stream_rpc_method_handler(
+            'WatchDeployment': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchDeployment,
-                    request_deserializer=serve_dot___proto_dot_controller__pb2.WatchDeploymentRequest.FromString,
-                    response_serializer=serve_dot___proto_dot_common__pb2.ReplicaSet.SerializeToString,
+                    request_deserializer=serve_dot___proto_dot_controller__pb2.WatchDeploymentMessage.FromString,
+                    response_serializer=serve_dot___proto_dot_controller__pb2.DeploymentUpdate.SerializeToString,
             ),
-            'WatchRoutes': grpc.unary_stream_rpc_method_handler(
+            'WatchRoutes': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchRoutes,
-                    request_deserializer=serve_dot___proto_dot_controller__pb2.WatchRoutesRequest.FromString,
-                    response_serializer=serve_dot___proto_dot_controller__pb2.RouteTable.SerializeToString,
+                    request_deserializer=serve_dot___proto_dot_controller__pb2.WatchRoutesMessage.FromString,
+                    response_serializer=serve_dot___proto_dot_controller__pb2.RoutesUpdate.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
                     request_deserializer=serve_dot___proto_dot_controller__pb2.ShutdownRequest.FromString,
                     response_serializer=serve_dot___proto_dot_controller__pb2.ShutdownResponse.SerializeToString,
             ),
-            'Link': grpc.unary_stream_rpc_method_handler(
+            'Link': grpc.stream_stream_rpc_method_handler(
                     servicer.Link,
-                    request_deserializer=serve_dot___proto_dot_controller__pb2.LinkRequest.FromString,
+                    request_deserializer=serve_dot___proto_dot_controller__pb2.LinkMessage.FromString,
                     response_serializer=serve_dot___proto_dot_controller__pb2.LinkResponse.SerializeToString,
             ),
             'ReportModels': grpc.unary_unary_rpc_method_handler(
@@ -395,7 +400,7 @@ class Controller:
             _registered_method=True)
 
     @staticmethod
-    def WatchDeployment(request,
+    def WatchDeployment(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -405,12 +410,12 @@ class Controller:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/serve.v1.Controller/WatchDeployment',
-            serve_dot___proto_dot_controller__pb2.WatchDeploymentRequest.SerializeToString,
-            serve_dot___proto_dot_common__pb2.ReplicaSet.FromString,
+            serve_dot___proto_dot_controller__pb2.WatchDeploymentMessage.SerializeToString,
+            serve_dot___proto_dot_controller__pb2.DeploymentUpdate.FromString,
             options,
             channel_credentials,
             insecure,
@@ -422,7 +427,7 @@ class Controller:
             _registered_method=True)
 
     @staticmethod
-    def WatchRoutes(request,
+    def WatchRoutes(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -432,12 +437,12 @@ class Controller:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/serve.v1.Controller/WatchRoutes',
-            serve_dot___proto_dot_controller__pb2.WatchRoutesRequest.SerializeToString,
-            serve_dot___proto_dot_controller__pb2.RouteTable.FromString,
+            serve_dot___proto_dot_controller__pb2.WatchRoutesMessage.SerializeToString,
+            serve_dot___proto_dot_controller__pb2.RoutesUpdate.FromString,
             options,
             channel_credentials,
             insecure,
@@ -476,7 +481,7 @@ class Controller:
             _registered_method=True)
 
     @staticmethod
-    def Link(request,
+    def Link(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -486,11 +491,11 @@ class Controller:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/serve.v1.Controller/Link',
-            serve_dot___proto_dot_controller__pb2.LinkRequest.SerializeToString,
+            serve_dot___proto_dot_controller__pb2.LinkMessage.SerializeToString,
             serve_dot___proto_dot_controller__pb2.LinkResponse.FromString,
             options,
             channel_credentials,

@@ -7,7 +7,6 @@ every replica keeps to its controller.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from serve._proto import common_pb2 as _common_pb2
 from serve._proto import controller_pb2 as _controller_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -43,18 +42,25 @@ class ControllerStub:
     WaitApplication: _grpc.UnaryUnaryMultiCallable[_controller_pb2.WaitApplicationRequest, _controller_pb2.WaitApplicationResponse]
     """Block until the application is RUNNING, failed or deleted, or until timeout_s passes."""
     GetApplication: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetApplicationRequest, _controller_pb2.GetApplicationResponse]
-    WatchDeployment: _grpc.UnaryStreamMultiCallable[_controller_pb2.WatchDeploymentRequest, _common_pb2.ReplicaSet]
-    """Push the routable replica set of one deployment: the current one at once, then every change."""
-    WatchRoutes: _grpc.UnaryStreamMultiCallable[_controller_pb2.WatchRoutesRequest, _controller_pb2.RouteTable]
+    WatchDeployment: _grpc.StreamStreamMultiCallable[_controller_pb2.WatchDeploymentMessage, _controller_pb2.DeploymentUpdate]
+    """Push the routable replica set of one deployment: the current one at once, then every change.
+    The first message names the deployment; then each end sends a Heartbeat every
+    SERVE_HEARTBEAT_PERIOD_S while it has nothing else to say, and gives the stream up after
+    SERVE_HEARTBEAT_TIMEOUT_S without a word from the other (the same holds for every stream of
+    this service).
+    """
+    WatchRoutes: _grpc.StreamStreamMultiCallable[_controller_pb2.WatchRoutesMessage, _controller_pb2.RoutesUpdate]
     """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
-    change. The request says which proxy is watching, so the controller knows its proxies
-    (and re-adopts one that outlived a controller restart).
+    change. The first message says which proxy is watching, so the controller knows its
+    proxies (and re-adopts one that outlived a controller restart); its heartbeats are the
+    proxy's liveness: a proxy silent for SERVE_HEARTBEAT_TIMEOUT_S is replaced.
     """
     Shutdown: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ShutdownRequest, _controller_pb2.ShutdownResponse]
     """Delete every application and stop the controller."""
-    Link: _grpc.UnaryStreamMultiCallable[_controller_pb2.LinkRequest, _controller_pb2.LinkResponse]
-    """Replica -> controller. Held open for the replica's life: the controller answers with one
-    LinkResponse and keeps the stream open; either side sees the other die when it breaks.
+    Link: _grpc.StreamStreamMultiCallable[_controller_pb2.LinkMessage, _controller_pb2.LinkResponse]
+    """Replica -> controller. Held open for the replica's life: the first message links, the
+    controller answers with its verdict, then both ends exchange heartbeats; either side knows
+    the other is gone when the stream breaks or falls silent (SERVE_HEARTBEAT_TIMEOUT_S).
     """
     ReportModels: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ReportModelsRequest, _controller_pb2.ReportModelsResponse]
     """Replica -> controller: multiplexed model ids changed."""
@@ -75,18 +81,25 @@ class ControllerAsyncStub(ControllerStub):
     WaitApplication: _aio.UnaryUnaryMultiCallable[_controller_pb2.WaitApplicationRequest, _controller_pb2.WaitApplicationResponse]  # type: ignore[assignment]
     """Block until the application is RUNNING, failed or deleted, or until timeout_s passes."""
     GetApplication: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetApplicationRequest, _controller_pb2.GetApplicationResponse]  # type: ignore[assignment]
-    WatchDeployment: _aio.UnaryStreamMultiCallable[_controller_pb2.WatchDeploymentRequest, _common_pb2.ReplicaSet]  # type: ignore[assignment]
-    """Push the routable replica set of one deployment: the current one at once, then every change."""
-    WatchRoutes: _aio.UnaryStreamMultiCallable[_controller_pb2.WatchRoutesRequest, _controller_pb2.RouteTable]  # type: ignore[assignment]
+    WatchDeployment: _aio.StreamStreamMultiCallable[_controller_pb2.WatchDeploymentMessage, _controller_pb2.DeploymentUpdate]  # type: ignore[assignment]
+    """Push the routable replica set of one deployment: the current one at once, then every change.
+    The first message names the deployment; then each end sends a Heartbeat every
+    SERVE_HEARTBEAT_PERIOD_S while it has nothing else to say, and gives the stream up after
+    SERVE_HEARTBEAT_TIMEOUT_S without a word from the other (the same holds for every stream of
+    this service).
+    """
+    WatchRoutes: _aio.StreamStreamMultiCallable[_controller_pb2.WatchRoutesMessage, _controller_pb2.RoutesUpdate]  # type: ignore[assignment]
     """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
-    change. The request says which proxy is watching, so the controller knows its proxies
-    (and re-adopts one that outlived a controller restart).
+    change. The first message says which proxy is watching, so the controller knows its
+    proxies (and re-adopts one that outlived a controller restart); its heartbeats are the
+    proxy's liveness: a proxy silent for SERVE_HEARTBEAT_TIMEOUT_S is replaced.
     """
     Shutdown: _aio.UnaryUnaryMultiCallable[_controller_pb2.ShutdownRequest, _controller_pb2.ShutdownResponse]  # type: ignore[assignment]
     """Delete every application and stop the controller."""
-    Link: _aio.UnaryStreamMultiCallable[_controller_pb2.LinkRequest, _controller_pb2.LinkResponse]  # type: ignore[assignment]
-    """Replica -> controller. Held open for the replica's life: the controller answers with one
-    LinkResponse and keeps the stream open; either side sees the other die when it breaks.
+    Link: _aio.StreamStreamMultiCallable[_controller_pb2.LinkMessage, _controller_pb2.LinkResponse]  # type: ignore[assignment]
+    """Replica -> controller. Held open for the replica's life: the first message links, the
+    controller answers with its verdict, then both ends exchange heartbeats; either side knows
+    the other is gone when the stream breaks or falls silent (SERVE_HEARTBEAT_TIMEOUT_S).
     """
     ReportModels: _aio.UnaryUnaryMultiCallable[_controller_pb2.ReportModelsRequest, _controller_pb2.ReportModelsResponse]  # type: ignore[assignment]
     """Replica -> controller: multiplexed model ids changed."""
@@ -138,20 +151,26 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def WatchDeployment(
         self,
-        request: _controller_pb2.WatchDeploymentRequest,
+        request_iterator: _MaybeAsyncIterator[_controller_pb2.WatchDeploymentMessage],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_common_pb2.ReplicaSet], _abc.AsyncIterator[_common_pb2.ReplicaSet]]:
-        """Push the routable replica set of one deployment: the current one at once, then every change."""
+    ) -> _typing.Union[_abc.Iterator[_controller_pb2.DeploymentUpdate], _abc.AsyncIterator[_controller_pb2.DeploymentUpdate]]:
+        """Push the routable replica set of one deployment: the current one at once, then every change.
+        The first message names the deployment; then each end sends a Heartbeat every
+        SERVE_HEARTBEAT_PERIOD_S while it has nothing else to say, and gives the stream up after
+        SERVE_HEARTBEAT_TIMEOUT_S without a word from the other (the same holds for every stream of
+        this service).
+        """
 
     @_abc_1.abstractmethod
     def WatchRoutes(
         self,
-        request: _controller_pb2.WatchRoutesRequest,
+        request_iterator: _MaybeAsyncIterator[_controller_pb2.WatchRoutesMessage],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_controller_pb2.RouteTable], _abc.AsyncIterator[_controller_pb2.RouteTable]]:
+    ) -> _typing.Union[_abc.Iterator[_controller_pb2.RoutesUpdate], _abc.AsyncIterator[_controller_pb2.RoutesUpdate]]:
         """Proxy -> controller. Held open for the proxy's life: the route table at once, then every
-        change. The request says which proxy is watching, so the controller knows its proxies
-        (and re-adopts one that outlived a controller restart).
+        change. The first message says which proxy is watching, so the controller knows its
+        proxies (and re-adopts one that outlived a controller restart); its heartbeats are the
+        proxy's liveness: a proxy silent for SERVE_HEARTBEAT_TIMEOUT_S is replaced.
         """
 
     @_abc_1.abstractmethod
@@ -165,11 +184,12 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Link(
         self,
-        request: _controller_pb2.LinkRequest,
+        request_iterator: _MaybeAsyncIterator[_controller_pb2.LinkMessage],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_controller_pb2.LinkResponse], _abc.AsyncIterator[_controller_pb2.LinkResponse]]:
-        """Replica -> controller. Held open for the replica's life: the controller answers with one
-        LinkResponse and keeps the stream open; either side sees the other die when it breaks.
+        """Replica -> controller. Held open for the replica's life: the first message links, the
+        controller answers with its verdict, then both ends exchange heartbeats; either side knows
+        the other is gone when the stream breaks or falls silent (SERVE_HEARTBEAT_TIMEOUT_S).
         """
 
     @_abc_1.abstractmethod

@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     add_proxy_options(parser)
     args = parser.parse_args(argv)
+    if args.http_host == "auto":  # a proxy on a cluster node: the node's own address
+        from serve._daemon import route_address
+
+        args.http_host = route_address(args.controller)
     try:
         http, grpc = options_from_args(args)
     except (TypeError, ValueError) as exc:

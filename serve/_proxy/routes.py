@@ -67,5 +67,9 @@ class RouteTable:
         key = (route.app_name, route.ingress)
         found = self._handles.get(key)
         if found is None:
-            found = self._handles[key] = DeploymentHandle(route.ingress, route.app_name)
+            # As Ray's proxies (RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING): replicas on this
+            # proxy's node first, so a node's proxy keeps its traffic on the node.
+            found = self._handles[key] = DeploymentHandle(route.ingress, route.app_name).options(
+                _prefer_local_routing=True
+            )
         return found

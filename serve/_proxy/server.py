@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from serve import _client
-from serve._daemon import OrphanClock, on_stdin_closed
+from serve._daemon import OrphanClock, on_stdin_closed, route_address
 from serve._models import ProxyInfo
 from serve._proxy.http import ProxyApp
 from serve._proxy.protocol import protocol_classes
@@ -82,6 +82,8 @@ class ProxyServer:
         _client.install(client)
         sock = self._socket()
         host, port = sock.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):  # every interface: say the one peers reach it on
+            host = route_address(self._controller_address)
         http_address = f"{host}:{port}"
         grpc_server = None
         grpc_address = ""
@@ -96,7 +98,7 @@ class ProxyServer:
                 request_timeout_s=self._grpc.request_timeout_s,
                 ready=self._app,
             )
-            grpc_address = f"{self._http.host}:{grpc_port}"
+            grpc_address = f"{host}:{grpc_port}"
         info = ProxyInfo(
             node_id="" if self.is_worker else self._node_id,
             pid=os.getpid(),
@@ -194,12 +196,14 @@ class ProxyServer:
         clock = OrphanClock(self._controller_address, self._orphan_timeout_s, lost=False)
         while True:
             try:
-                async for routes in client.controller.watch_routes(info):
-                    self._routes.update(routes)
-                    self._app.ready = True
-                    self._have_routes.set()
-                    clock.linked()
-            except Exception as exc:  # ControllerUnavailableError, or a refusal
+                async with asyncio.timeout(clock.remaining_s()) as deadline:
+                    async for routes in client.controller.watch_routes(info):
+                        self._routes.update(routes)
+                        self._app.ready = True
+                        self._have_routes.set()
+                        clock.linked()
+                        deadline.reschedule(None)
+            except Exception as exc:  # ControllerUnavailableError, a refusal, the orphan timeout
                 logger.debug("Route watch failed: %s", exc)
             if clock.orphaned():
                 self._stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -22,8 +24,9 @@ from serve._rpc.convert import (
     user_metric_to_proto,
 )
 from serve._rpc.status import controller_error, rebuild
+from serve._settings import settings
 from serve.config import AutoscalingPolicy
-from serve.exceptions import ServeError
+from serve.exceptions import ControllerUnavailableError, ServeError
 from serve.metrics import Sample
 from serve.schema import ApplicationStatusOverview, ServeStatus
 
@@ -44,6 +47,9 @@ class LinkInfo:
     user_config_json: bytes
     model_ids: tuple[str, ...]
     draining: bool
+    gang_id: str = ""
+    gang_rank: int = -1
+    gang_members: tuple[str, ...] = ()  # replica ids, by rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +76,8 @@ class ControllerClient:
         self.address = address
         self._metadata = token_metadata(token)
         self._tls = tls
+        self._heartbeat_period_s = settings().heartbeat_period_s
+        self._heartbeat_timeout_s = settings().heartbeat_timeout_s
         self._channel_: grpc.aio.Channel | None = None
         self._stub_: controller_pb2_grpc.ControllerAsyncStub | None = None
         self._closed = False
@@ -204,19 +212,50 @@ class ControllerClient:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:  # it stopped before answering
                 raise controller_error(exc, self.address, "shut down serve") from exc
 
-    async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
-        """Replica sets of one deployment: the current one, then each change. Ends on error."""
-        call = self._stub.WatchDeployment(
-            controller_pb2.WatchDeploymentRequest(id=deployment_id_to_proto(deployment_id)),
-            metadata=self._metadata,
-        )
+    async def _hold(self, method: Any, first: Any, heartbeat: Any, what: str) -> AsyncIterator[Any]:
+        """Hold a long-lived stream: send ``first``, then ``heartbeat`` every heartbeat period
+        (from this loop: a stuck loop goes silent); yield what the controller sends, bar its
+        heartbeats. Raises ControllerUnavailableError when the stream breaks, or when nothing
+        came for the heartbeat timeout (the controller is gone, or the network to it is)."""
+        period_s, timeout_s = self._heartbeat_period_s, self._heartbeat_timeout_s
+
+        async def requests() -> AsyncIterator[Any]:
+            yield first
+            while True:
+                await asyncio.sleep(period_s)
+                yield heartbeat
+
+        call = method(requests(), metadata=self._metadata)
         try:
-            async for message in call:
-                yield replica_set_from_proto(message)
+            while True:
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        message = await call.read()
+                except TimeoutError:
+                    raise ControllerUnavailableError(
+                        f"Could not {what}: the controller at {self.address} said nothing for "
+                        f"{timeout_s:g}s (SERVE_HEARTBEAT_TIMEOUT_S); it, or the network to it, "
+                        "is down."
+                    ) from None
+                if message is grpc.aio.EOF:
+                    return
+                if not _is_heartbeat(message):
+                    yield message
         except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, f"watch {deployment_id}") from exc
+            raise controller_error(exc, self.address, what) from exc
         finally:
             call.cancel()
+
+    async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
+        """Replica sets of one deployment: the current one, then each change. Ends on error
+        (and on a silent controller)."""
+        first = controller_pb2.WatchDeploymentMessage(
+            watch=controller_pb2.WatchDeploymentRequest(id=deployment_id_to_proto(deployment_id))
+        )
+        heartbeat = controller_pb2.WatchDeploymentMessage(heartbeat=_HEARTBEAT)
+        updates = self._hold(self._stub.WatchDeployment, first, heartbeat, f"watch {deployment_id}")
+        async for update in updates:
+            yield replica_set_from_proto(update.replica_set)
 
     async def report_handle_load(
         self, deployment_id: DeploymentID, source_id: str, queued: float, requests_total: int
@@ -239,10 +278,10 @@ class ControllerClient:
 
     async def link(self, info: LinkInfo) -> AsyncIterator[bool]:
         """Hold a replica's Link stream: yields True while the controller keeps the replica,
-        and False once if it wants it to stop. Ends when the stream breaks (raises
-        ControllerUnavailableError and the like)."""
-        call = self._stub.Link(
-            controller_pb2.LinkRequest(
+        and False once if it wants it to stop. Ends when the stream breaks or falls silent
+        (raises ControllerUnavailableError and the like)."""
+        first = controller_pb2.LinkMessage(
+            link=controller_pb2.LinkRequest(
                 replica_id=info.replica_id,
                 address=info.address,
                 pid=info.pid,
@@ -252,36 +291,35 @@ class ControllerClient:
                 user_config_json=info.user_config_json,
                 model_ids=list(info.model_ids),
                 draining=info.draining,
-            ),
-            metadata=self._metadata,
+                gang_id=info.gang_id,
+                gang_rank=info.gang_rank,
+                gang_members=list(info.gang_members),
+            )
         )
-        try:
-            async for response in call:
-                yield response.action != controller_pb2.LinkResponse.ACTION_STOP
-        except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, "link to the controller") from exc
-        finally:
-            call.cancel()
+        heartbeat = controller_pb2.LinkMessage(heartbeat=_HEARTBEAT)
+        async for response in self._hold(
+            self._stub.Link, first, heartbeat, "link to the controller"
+        ):
+            yield response.action != controller_pb2.LinkResponse.ACTION_STOP
 
     async def watch_routes(self, proxy: ProxyInfo) -> AsyncIterator[list[Route]]:
-        """Hold a proxy's WatchRoutes stream: the route table at once, then each change. Ends
-        when the stream breaks (raises ControllerUnavailableError and the like)."""
-        call = self._stub.WatchRoutes(
-            controller_pb2.WatchRoutesRequest(
+        """Hold a proxy's WatchRoutes stream: the route table at once, then each change; its
+        heartbeats are how the controller knows the proxy lives. Ends when the stream breaks or
+        falls silent (raises ControllerUnavailableError and the like)."""
+        first = controller_pb2.WatchRoutesMessage(
+            watch=controller_pb2.WatchRoutesRequest(
                 node_id=proxy.node_id,
                 pid=proxy.pid,
                 http_address=proxy.http_address,
                 grpc_address=proxy.grpc_address,
-            ),
-            metadata=self._metadata,
+            )
         )
-        try:
-            async for table in call:
-                yield [Route(r.route_prefix, r.app_name, r.ingress) for r in table.routes]
-        except grpc.aio.AioRpcError as exc:
-            raise controller_error(exc, self.address, "watch the route table") from exc
-        finally:
-            call.cancel()
+        heartbeat = controller_pb2.WatchRoutesMessage(heartbeat=_HEARTBEAT)
+        async for update in self._hold(
+            self._stub.WatchRoutes, first, heartbeat, "watch the route table"
+        ):
+            table = update.table
+            yield [Route(r.route_prefix, r.app_name, r.ingress) for r in table.routes]
 
     async def report_replica_load(
         self, deployment_id: DeploymentID, replica_id: str, load: ReplicaLoad
@@ -326,6 +364,15 @@ class ControllerClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise controller_error(exc, self.address, "report model ids") from exc
+
+
+_HEARTBEAT = controller_pb2.Heartbeat()
+
+
+def _is_heartbeat(message: Any) -> bool:
+    if isinstance(message, controller_pb2.LinkResponse):
+        return bool(message.action == controller_pb2.LinkResponse.ACTION_HEARTBEAT)
+    return bool(message.WhichOneof("kind") == "heartbeat")
 
 
 def lookup_application_blocking(client: object, app_name: str) -> tuple[str, list[str]] | None:

@@ -54,6 +54,8 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
         msg.logging_config_json = orjson.dumps(config.logging_config)
     if config.ray_actor_options:
         msg.ray_actor_options_json = orjson.dumps(config.ray_actor_options)
+    if config.gang_scheduling_config:
+        msg.gang_scheduling_config_json = orjson.dumps(config.gang_scheduling_config)
     auto = config.autoscaling_config
     if auto is not None:
         msg.autoscaling.CopyFrom(
@@ -178,6 +180,11 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
             msg.rolling_update_percentage if msg.HasField("rolling_update_percentage") else 0.2
         ),
         max_surge_percent=msg.max_surge_percent,
+        gang_scheduling_config=(
+            orjson.loads(msg.gang_scheduling_config_json)
+            if msg.gang_scheduling_config_json
+            else None
+        ),
     )
 
 

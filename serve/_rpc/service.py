@@ -4,6 +4,8 @@ gRPC's own path for an undecodable request is an UNKNOWN status and a logged tra
 the caller gets INVALID_ARGUMENT naming the message type it should have sent, and the daemon logs
 nothing. Methods named in ``raw`` take and return bytes (the Connect stream); server-streaming
 methods named in ``raw_responses`` parse their request but return bytes (the Results lane).
+Other bidirectional methods get their requests parsed, one by one; the first malformed one ends
+the call with INVALID_ARGUMENT.
 
 A request made only of names and numbers (no ``bytes`` field anywhere in it: GetStatus,
 CheckHealth, ReportLoad, ...) larger than SERVE_MAX_CONTROL_MESSAGE_BYTES is refused with
@@ -110,6 +112,20 @@ def _unary_stream(fn: Callable[..., Any]) -> Any:
     return handle
 
 
+def _stream_stream(fn: Callable[..., Any]) -> Any:
+    async def handle(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Refused):
+                    await context.abort(request.code, request.details)
+                yield request
+
+        async for reply in fn(parsed(), context):
+            yield reply
+
+    return handle
+
+
 def add_service(
     server: grpc.aio.Server,
     file_descriptor: FileDescriptor,
@@ -136,8 +152,12 @@ def add_service(
         if method.name in raw_response_methods:
             serialize = None
         if method.client_streaming:
-            raise ValueError(f"{method.name}: client-streaming methods must be raw")
-        if method.server_streaming:
+            if not method.server_streaming:
+                raise ValueError(f"{method.name}: client-streaming methods must be bidirectional")
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _stream_stream(fn), request_deserializer=parse, response_serializer=serialize
+            )
+        elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _unary_stream(fn),
                 request_deserializer=parse,

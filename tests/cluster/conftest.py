@@ -7,6 +7,7 @@ Skipped, with the reason, where Slurm is not installed or the tests do not run a
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -45,9 +46,7 @@ class SlurmController(StandaloneController):
             "--slurm-poll-s",
             "0.2",
             *args,
-            SERVE_ORPHAN_TIMEOUT_S="30",
-            **cluster.env(),
-            **env,
+            **{"SERVE_ORPHAN_TIMEOUT_S": "30", **cluster.env(), **env},
         )
         self.cluster = cluster
 
@@ -64,6 +63,10 @@ class SlurmController(StandaloneController):
         assert result.returncode == 0, f"driver failed:\n{result.stdout}\n{result.stderr[-4000:]}"
         return json.loads(result.stdout.strip().splitlines()[-1])
 
+    def cluster_head(self) -> str:
+        """The node id of the controller's own host (its proxy is the head's)."""
+        return socket.gethostname()
+
     def jobs(self) -> list[tuple[str, str, str, str]]:
         """Replica jobs of this controller: (job id, state, node, name)."""
         return [j for j in self.cluster.squeue() if j[3].startswith("serve-")]
@@ -71,6 +74,7 @@ class SlurmController(StandaloneController):
 
 def clean_cluster(cluster: SlurmCluster) -> None:
     """No job left: the next test starts on an idle cluster."""
+    cluster.ensure_slurmctld()
     if cluster.squeue():
         subprocess.run(
             ["scancel", "--full", "-u", "root"],

@@ -6,10 +6,13 @@ are Slurm jobs that bind their node's address, so every request crosses real rou
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.cluster.conftest import SlurmController
@@ -266,3 +269,169 @@ def test_tls_across_nodes(
     refused = run_script("import serve\nserve.start()\n", timeout_s=60, **plain)
     assert refused.returncode != 0
     assert "ControllerUnavailableError" in refused.stderr
+
+
+EVERY_NODE = textwrap.dedent(
+    """
+    import json, time
+    import serve
+
+    @serve.deployment(
+        version="1", max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5}
+    )
+    class WhereHttp:
+        def __call__(self, request):
+            return serve.get_replica_context().node_id
+
+    def proxies_once(count):
+        deadline = time.monotonic() + 60
+        while True:
+            details = serve.status().proxy_details
+            healthy = {n: d.http_address for n, d in details.items() if d.status == "HEALTHY"}
+            if len(details) == count and len(healthy) == count:
+                return healthy
+            assert time.monotonic() < deadline, details
+            time.sleep(0.2)
+    """
+)
+
+
+def test_every_node_with_replicas_runs_a_proxy_that_answers_on_its_address(
+    slurm_controllers: Callable[..., SlurmController], slurm_cluster: SlurmCluster
+) -> None:
+    """EveryNode: a proxy job on each node that runs replicas (besides the controller's own),
+    answering HTTP on the node's address and preferring the node's replica; a node's proxy
+    goes with its last replica, and `serve shutdown` leaves no proxy job."""
+    controller = slurm_controllers(
+        "--proxy-location", "EveryNode", "--http-host", "0.0.0.0", "--http-port", "0"
+    )
+    proxies = controller.drive(
+        EVERY_NODE
+        + textwrap.dedent(
+            """
+            serve.run(WhereHttp.options(num_replicas=3).bind(), name="w", route_prefix="/w")
+            print(json.dumps(proxies_once(4)))
+            """
+        )
+    )
+    assert set(proxies) == {*NODES, controller.cluster_head()}
+    for node in NODES:
+        address = proxies[node]
+        assert address.startswith(f"{slurm_cluster.node_ips[node]}:"), proxies
+        answers = {httpx.get(f"http://{address}/w", timeout=30).text for _ in range(5)}
+        assert answers == {node}  # served on the node: its proxy prefers its replica
+    proxy_jobs = [j for j in controller.jobs() if ":proxy:" in j[3]]
+    assert sorted(j[2] for j in proxy_jobs if j[1] == "RUNNING") == list(NODES)
+    left = controller.drive(
+        EVERY_NODE
+        + textwrap.dedent(
+            """
+            serve.run(WhereHttp.options(num_replicas=1).bind(), name="w", route_prefix="/w")
+            print(json.dumps(proxies_once(2)))
+            """
+        )
+    )
+    (node,) = set(left) - {controller.cluster_head()}
+    wait_for(
+        lambda: [j[2] for j in controller.jobs() if ":proxy:" in j[3]] == [node],
+        timeout_s=30,
+        interval_s=0.2,
+    )
+    controller.drive(EVERY_NODE + "\nserve.status()\nserve.shutdown()\nprint(json.dumps(True))\n")
+    wait_for(lambda: not controller.jobs(), timeout_s=30, interval_s=0.2)
+
+
+GANG = textwrap.dedent(
+    """
+    import json, os, time
+    import serve
+    from serve.config import GangPlacementStrategy, GangSchedulingConfig
+
+    @serve.deployment(
+        num_replicas=3,
+        ray_actor_options={"num_cpus": 1},
+        gang_scheduling_config=GangSchedulingConfig(
+            gang_size=3, gang_placement_strategy=GangPlacementStrategy.SPREAD
+        ),
+    )
+    class Member:
+        def __call__(self):
+            context = serve.get_replica_context()
+            gang = context.gang_context
+            return [context.node_id, context.replica_tag, gang.gang_id, gang.rank,
+                    gang.world_size, gang.member_replica_ids, gang.pg_name]
+
+    def members(handle):
+        seen, deadline = {}, time.monotonic() + 60
+        while len(seen) < 3:
+            assert time.monotonic() < deadline, seen
+            answer = handle.remote().result(timeout_s=30)
+            seen[answer[1]] = answer
+        return sorted(seen.values(), key=lambda a: a[3])
+    """
+)
+
+
+def test_a_gang_of_three_is_one_job_across_nodes_restarts_whole_and_is_readopted(
+    slurm_controller: SlurmController,
+) -> None:
+    """gang_size=3, SPREAD: one Slurm job of three tasks, one per node; every member sees the
+    gang (ranks 0-2, the same members). One member killed ends the job; a new gang runs. A
+    restarted controller re-adopts the gang as it is."""
+    first = slurm_controller.drive(
+        GANG
+        + textwrap.dedent(
+            """
+            handle = serve.run(Member.bind(), name="gang")
+            print(json.dumps(members(handle)))
+            """
+        )
+    )
+    assert sorted(m[0] for m in first) == list(NODES)  # spread: a member on every node
+    assert [m[3] for m in first] == [0, 1, 2]
+    assert {m[4] for m in first} == {3}
+    assert len({m[2] for m in first}) == 1  # one gang
+    assert all(m[5] == [f[1] for f in first] for m in first)  # members by rank, everywhere
+    jobs = slurm_controller.jobs()
+    assert len(jobs) == 1  # the gang is one job
+    assert first[0][6] == jobs[0][3]  # pg_name: that job
+    victim_node = first[1][0]
+    (victim,) = slurm_controller.cluster.replica_pids_in(victim_node)
+    os.kill(victim, signal.SIGKILL)
+    second = slurm_controller.drive(
+        GANG
+        + textwrap.dedent(
+            f"""
+            handle = serve.get_app_handle("gang")
+            deadline = time.monotonic() + 60
+            while True:
+                now = members(handle)
+                if len({{m[2] for m in now}}) == 1 and now[0][2] != "{first[0][2]}":
+                    break
+                assert time.monotonic() < deadline, now
+                time.sleep(0.2)
+            print(json.dumps(now))
+            """
+        )
+    )
+    assert not {m[1] for m in second} & {m[1] for m in first}  # every member is new
+    assert sorted(m[0] for m in second) == list(NODES)
+    wait_for(lambda: len(slurm_controller.jobs()) == 1, timeout_s=30, interval_s=0.2)
+    job = slurm_controller.jobs()
+    slurm_controller.kill()  # a restarted controller re-adopts the gang, whole
+    slurm_controller.start()
+    third = slurm_controller.drive(
+        GANG
+        + textwrap.dedent(
+            """
+            deadline = time.monotonic() + 30
+            while serve.status().applications["gang"].status != "RUNNING":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few polls: a gang wrongly restarted would show by now
+            print(json.dumps(members(serve.get_app_handle("gang"))))
+            """
+        )
+    )
+    assert third == second
+    assert slurm_controller.jobs() == job

@@ -447,6 +447,37 @@ def test_failing_constructor_makes_run_raise_with_the_users_traceback() -> None:
     assert serve.status().applications["broken"].status == "DEPLOY_FAILED"
 
 
+@serve.deployment(num_replicas=2, max_constructor_retry_count=2)
+class FailsAsSecond:
+    def __init__(self) -> None:
+        context = serve.get_replica_context()
+        if context.rank == 1:  # the first replica runs; every second one fails
+            raise RuntimeError("rank 1 cannot start")
+
+    def __call__(self) -> str:
+        return "serving"
+
+
+def test_a_version_that_ran_is_unhealthy_and_backs_off_when_starts_keep_failing() -> None:
+    """Past the limit (min(2 * 3, max_constructor_retry_count=2)) a version that ran is not a
+    failed deploy: Ray's UNHEALTHY, its message with the last error, and starts back off."""
+    with pytest.raises(DeploymentFailedError) as info:
+        serve.run(FailsAsSecond.bind(), name="half")
+    text = str(info.value)
+    assert "failed to start 2 times in a row" in text
+    assert "Retrying after 1 seconds" in text
+    assert "rank 1 cannot start" in text
+    assert serve.status().applications["half"].status == "UNHEALTHY"
+
+    def backed_off_further() -> bool:
+        message = serve.status().applications["half"].deployments["FailsAsSecond"].message
+        return "Retrying after 2 seconds" in message
+
+    wait_for(backed_off_further, timeout_s=30, interval_s=0.2)
+    assert serve.get_app_handle("half").remote().result(timeout_s=10) == "serving"  # one does
+    serve.delete("half")
+
+
 @serve.deployment
 class AsyncInit:
     async def __init__(self, value: int) -> None:  # type: ignore[misc]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from starlette.requests import Request
 
 import serve
+from serve._settings import settings
 from tests.support.procs import (
     ROOT,
     StandaloneController,
@@ -46,6 +48,7 @@ TIMEOUT_S = 1.0
 DEPLOY = """
 import asyncio
 import serve
+from serve._settings import settings
 from starlette.requests import Request
 
 @serve.deployment(max_ongoing_requests=100)
@@ -188,33 +191,79 @@ def test_proxy_outlives_a_controller_crash_and_is_readopted(
     wait_for(lambda: not pids_alive([int(proxy["pid"])]), timeout_s=30)
 
 
-def test_a_hung_proxy_fails_its_health_checks_and_is_replaced(tmp_path: Path) -> None:
+@pytest.fixture
+def heartbeating(tmp_path: Path) -> Iterator[StandaloneController]:
+    """A controller with a proxy and an app, at the default heartbeat settings."""
     controller = StandaloneController(
-        tmp_path / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
-        SERVE_PROXY_HEALTH_CHECK_PERIOD_S="0.3",
-        SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S="0.3",
+        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0"
     )
     try:
         controller.start()
         deployed = run_script(DEPLOY, **controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
-        hung = _proxy(controller)
-        os.kill(int(hung["pid"]), signal.SIGSTOP)  # alive, but answers nothing
-
-        def replaced() -> object:
-            proxy = _proxy(controller)
-            return proxy if proxy["pid"] != hung["pid"] else None
-
-        new = wait_for(replaced, timeout_s=30, interval_s=0.2)
-        assert not pids_alive([int(hung["pid"])])  # killed, not left stopped
-        url = f"http://{new['http_address']}/hello"  # type: ignore[index]
-        assert httpx.get(url, timeout=30).text == "hello"
+        yield controller
     finally:
         controller.cleanup()
+
+
+def test_a_stopped_proxy_falls_silent_and_is_replaced_within_seconds(
+    heartbeating: StandaloneController,
+) -> None:
+    """SIGSTOP: its sockets still accept, but its loop says nothing on its controller stream;
+    after SERVE_HEARTBEAT_TIMEOUT_S (5 s) it is killed and a new one serves."""
+    hung = _proxy(heartbeating)
+    os.kill(int(hung["pid"]), signal.SIGSTOP)  # alive, but answers nothing
+    stopped_at = time.monotonic()
+
+    def replaced() -> object:
+        proxy = _proxy(heartbeating)
+        return proxy if proxy["pid"] != hung["pid"] else None
+
+    new = wait_for(replaced, timeout_s=30, interval_s=0.2)
+    took_s = time.monotonic() - stopped_at
+    assert took_s < settings().heartbeat_timeout_s + 10, took_s  # was about 30 s
+    assert not pids_alive([int(hung["pid"])])  # killed, not left stopped
+    url = f"http://{new['http_address']}/hello"  # type: ignore[index]
+    assert httpx.get(url, timeout=30).text == "hello"
+
+
+def _starve_accept(pid: int, hard: int, url: str) -> None:
+    """Lower the process's open-file limit to its lowest free descriptor: accept() fails with
+    EMFILE, so the port takes no connection. A descriptor it closed after we looked (the last
+    request's connection, on a loaded machine) lets one connection in: then look again."""
+    for _ in range(5):
+        in_use = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = next(fd for fd in range(len(in_use) + 1) if fd not in in_use)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            return  # the port takes nothing
+    raise AssertionError(f"the proxy (pid {pid}) kept accepting connections")
+
+
+def test_a_proxy_whose_public_port_takes_no_connection_is_kept(
+    heartbeating: StandaloneController,
+) -> None:
+    """Its liveness is its heartbeats, never its public port: a proxy that cannot accept one
+    more HTTP connection (here: no file descriptor left for one) but whose loop runs is alive;
+    it stays HEALTHY, with the same pid, for two heartbeat timeouts."""
+    proxy = _proxy(heartbeating)
+    pid = int(proxy["pid"])
+    url = f"http://{proxy['http_address']}/hello"
+    assert httpx.get(url, timeout=30).text == "hello"
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        _starve_accept(pid, hard, url)
+        kept_until = time.monotonic() + 2 * settings().heartbeat_timeout_s
+        while time.monotonic() < kept_until:
+            (now,) = _status(heartbeating)["proxies"].values()  # type: ignore[attr-defined]
+            assert now["pid"] == proxy["pid"]
+            assert now["status"] == "HEALTHY"
+            time.sleep(0.5)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert httpx.get(url, timeout=30).text == "hello"  # and serves again
 
 
 @pytest.mark.parametrize(("location", "proxies"), [("HeadOnly", 1), ("Disabled", 0)])

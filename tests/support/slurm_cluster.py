@@ -256,6 +256,16 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             proc.kill()
             proc.wait(10)
 
+    def cut_network(self, name: str) -> None:
+        """The node's link goes down: packets to and from it are lost, nothing is closed."""
+        _run("ip", "link", "set", self._host_end(name), "down")
+
+    def restore_network(self, name: str) -> None:
+        _run("ip", "link", "set", self._host_end(name), "up")
+
+    def _host_end(self, name: str) -> str:
+        return f"svh{NODES.index(name) + 1}"
+
     def namespace_pids(self, name: str) -> list[int]:
         out = _run("ip", "netns", "pids", self.namespaces[name], check=False).stdout
         return [int(pid) for pid in out.split()]
@@ -270,7 +280,11 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         return found
 
     def heal(self) -> None:
-        """Every slurmd running again and every node idle (after a test killed one)."""
+        """slurmctld, every slurmd and every node's link up again and every node idle (after a
+        test broke one)."""
+        self.ensure_slurmctld()
+        for name in NODES:
+            self.restore_network(name)
         for name in NODES:
             if name not in self._slurmd:
                 self.start_slurmd(name)
@@ -280,10 +294,19 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         _wait(self._all_idle, 30, "three idle nodes again")
 
     def restart_slurmctld(self) -> None:
+        self.stop_slurmctld()
+        self.start_slurmctld()
+
+    def ensure_slurmctld(self) -> None:
+        """slurmctld running (a test that stopped it may have failed before it restarted it)."""
+        if self._slurmctld is None or self._slurmctld.poll() is not None:
+            self.start_slurmctld()
+
+    def stop_slurmctld(self) -> None:
+        """slurmctld goes away (jobs keep running); ``start_slurmctld()`` brings it back."""
         assert self._slurmctld is not None
         self._slurmctld.terminate()
         self._slurmctld.wait(20)
-        self.start_slurmctld()
 
     def kill_namespace_processes(self, name: str) -> None:
         for pid in self.namespace_pids(name):
@@ -311,6 +334,21 @@ PartitionName=serve Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             env={**os.environ, **self.env()},
         ).stdout
         return [tuple(line.split("|", 3)) for line in out.splitlines() if line]  # type: ignore[misc]
+
+    def all_jobs(self) -> dict[int, dict[str, str]]:
+        """Every job Slurm still knows, ended ones included (for MinJobAge), by id: its
+        ``scontrol show job`` fields (JobName, JobState, NodeList, ...)."""
+        out = self.scontrol("-o", "show", "jobs").stdout
+        jobs = {}
+        for line in out.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if "JobId" in fields:
+                jobs[int(fields["JobId"])] = fields
+        return jobs
+
+    def all_job_ids(self) -> list[int]:
+        """What was ever submitted (as far as Slurm remembers)."""
+        return sorted(self.all_jobs())
 
     def node_states(self) -> dict[str, str]:
         out = self.scontrol("-o", "show", "nodes").stdout

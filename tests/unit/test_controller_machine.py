@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller import events as ev
+from controller.goals import NODE_AVOID_S, whole_gangs
 from controller.health import UNHEALTHY_AFTER
 from controller.machine import RECOVERY_WAIT_S, ControllerMachine
 from controller.state import Phase
@@ -20,7 +21,7 @@ from serve._models import (
     DeploymentStatus,
     Failure,
 )
-from serve.config import AutoscalingConfig
+from serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
 APP = "app"
 DEP = DeploymentID("Model", APP)
@@ -52,12 +53,16 @@ class Harness:
     def deploy(self, *specs: DeploymentSpec) -> list[ev.Action]:
         return self.feed(ev.AppDeployed(APP, None, specs[0].name, specs, CodeEnv("/", ()), 0.0))
 
-    def bring_up(self, replica_id: str, failure: Failure | None = None) -> list[ev.Action]:
-        """Launched, linked, then its Initialize call's outcome."""
+    def bring_up(
+        self, replica_id: str, failure: Failure | None = None, host: str = "h"
+    ) -> list[ev.Action]:
+        """Launched, linked (from ``host``), then its Initialize call's outcome."""
         actions = self.feed(ev.ReplicaLaunched(replica_id, next(self.pids)))
         record = self.machine.replicas[replica_id]
         actions += self.feed(
-            ev.ReplicaLinked(replica_id, f"127.0.0.1:{record.pid}", record.pid, "h", False, "", b"")
+            ev.ReplicaLinked(
+                replica_id, f"127.0.0.1:{record.pid}", record.pid, host, False, "", b""
+            )
         )
         assert of(actions, ev.Initialize)
         return actions + self.feed(ev.CallDone(replica_id, ev.Call.INITIALIZE, failure))
@@ -174,6 +179,73 @@ def test_constructor_failures_fail_the_deploy_and_keep_old_replicas() -> None:
     assert "boom" in message
     assert h.running() == sorted(old)  # the old version keeps serving
     assert not launched(h.feed(ev.Tick()))
+
+
+def test_each_replica_is_saved_before_it_is_launched() -> None:
+    actions = Harness().deploy(spec(num_replicas=3))
+    for launch in of(actions, ev.Launch):
+        save = next(
+            a
+            for a in actions
+            if isinstance(a, ev.SaveReplica) and a.replica_id == launch.replica_id
+        )
+        assert actions.index(save) < actions.index(launch)
+        assert save.request == launch.request
+
+
+def fail_to_start(h: Harness, replica_id: str, host: str = "h") -> list[str]:
+    """The replica's constructor raises; it is stopped and exits. What started after it."""
+    actions = h.bring_up(replica_id, Failure("RuntimeError: no GPU here"), host=host)
+    assert [a.replica_id for a in of(actions, ev.Stop)] == [replica_id]
+    return launched(actions + h.feed(ev.ReplicaExited(replica_id, 1)))
+
+
+def test_start_failures_past_the_limit_back_off_as_rays_and_the_deployment_is_unhealthy() -> None:
+    h = Harness()
+    first, second = launched(h.deploy(spec(num_replicas=2, max_constructor_retry_count=3)))
+    h.bring_up(first)  # this version ran: failures now back off instead of failing the deploy
+    (second,) = fail_to_start(h, second)
+    (second,) = fail_to_start(h, second)  # below the limit (3): replaced at once
+    assert h.deployment_status() is DeploymentStatus.UPDATING
+    waits = []
+    for _ in range(9):
+        assert not fail_to_start(h, second)
+        status, message = h.status()
+        assert status is ApplicationStatus.UNHEALTHY
+        assert "failed to start" in message
+        assert "times in a row" in message
+        assert "RuntimeError: no GPU here" in message
+        waited = 0.0
+        while not (new := launched(h.feed(ev.Tick()))):
+            h.now += 0.5
+            waited += 0.5
+        assert f"Retrying after {waited:g} seconds" in message
+        waits.append(waited)
+        (second,) = new
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 64, 64]  # Ray's schedule, capped at 64 s
+    h.bring_up(second)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    assert h.machine.goals()[DEP].backoff_s == 0
+
+
+def test_a_node_where_replicas_keep_failing_is_avoided_for_a_while() -> None:
+    h = Harness()
+    replicas = launched(h.deploy(spec(num_replicas=3)))
+    for replica_id in replicas[:2]:
+        h.bring_up(replica_id, host="n1")
+    (again,) = fail_to_start(h, replicas[2], host="n2")
+    assert h.machine.replicas[again].request.avoid_nodes == ()  # once is not a pattern
+    (avoiding,) = fail_to_start(h, again, host="n2")
+    assert h.machine.replicas[avoiding].request.avoid_nodes == ("n2",)
+    (later,) = fail_to_start(h, avoiding, host="n3")  # elsewhere: n2 is still avoided
+    assert h.machine.replicas[later].request.avoid_nodes == ("n2",)
+    h.bring_up(later, host="n3")
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    h.now += NODE_AVOID_S
+    (victim, *_) = replicas[:2]
+    actions = h.feed(ev.ReplicaExited(victim, -9))
+    (replacement,) = launched(actions)
+    assert h.machine.replicas[replacement].request.avoid_nodes == ()  # the while is over
 
 
 def checks(h: Harness) -> list[ev.CheckHealth]:
@@ -407,3 +479,125 @@ def test_a_replica_that_ended_is_not_re_adopted_when_it_links_again() -> None:
         h.feed(ev.ReplicaLinked(replica, "10.0.0.1:5", 7, "n1", True, "v1", b"")), ev.LinkVerdict
     )
     assert [v.verdict for v in verdicts] == [ev.Verdict.STOP]
+
+
+def gang_spec(replicas: int = 4, version: str = "v1", **config: Any) -> DeploymentSpec:
+    gang = {
+        "gang_size": 2,
+        "gang_timeout_s": 300.0,
+        "gang_placement_strategy": "SPREAD",
+        "max_retries": 3,
+        "runtime_failure_policy": "RESTART_GANG",
+    }
+    return spec(version, num_replicas=replicas, gang_scheduling_config=gang, **config)
+
+
+def gangs_launched(actions: Sequence[ev.Action]) -> list[ev.LaunchGang]:
+    return of(actions, ev.LaunchGang)
+
+
+def test_gangs_are_saved_then_launched_whole_with_their_context() -> None:
+    h = Harness()
+    actions = h.deploy(gang_spec())
+    assert not launched(actions)  # no replica is launched alone
+    gangs = gangs_launched(actions)
+    assert len(gangs) == 2
+    for gang in gangs:
+        assert len(gang.gang.members) == 2
+        assert gang.request.gang_size == 2
+        assert gang.request.gang_strategy == "SPREAD"
+        assert gang.request.gang_id == gang.gang.gang_id
+        saves = [
+            i
+            for i, a in enumerate(actions)
+            if isinstance(a, ev.SaveReplica) and a.replica_id in gang.gang.members
+        ]
+        assert len(saves) == 2
+        assert actions.index(gang) > max(saves)  # every member durable before the launch
+        context = gang.gang.context(1)
+        assert context["rank"] == 1
+        assert context["world_size"] == 2
+        assert context["member_replica_ids"] == [m.rsplit("#", 1)[1] for m in gang.gang.members]
+    assert gangs[0].gang.gang_id != gangs[1].gang.gang_id
+
+
+def test_a_gang_that_loses_a_member_is_restarted_whole() -> None:
+    h = Harness()
+    gangs = [g.gang for g in gangs_launched(h.deploy(gang_spec()))]
+    for gang in gangs:
+        for member in gang.members:
+            h.bring_up(member)
+    assert h.status()[0] is ApplicationStatus.RUNNING
+    broken, whole = gangs
+    actions = h.feed(ev.ReplicaExited(broken.members[0], -9))
+    killed = {a.replica_id for a in of(actions, ev.Kill)}
+    assert killed == {broken.members[1]}  # its sibling, not the other gang
+    (replacement,) = gangs_launched(actions)  # a new gang of two in its place
+    assert not set(replacement.gang.members) & set(broken.members)
+    h.feed(ev.ReplicaExited(broken.members[1], -9))
+    assert sorted(h.running()) == sorted(whole.members)
+
+
+def test_gangs_scale_down_whole_and_autoscale_by_whole_gangs() -> None:
+    h = Harness()
+    for launch in gangs_launched(h.deploy(gang_spec(version="v1"))):
+        for member in launch.gang.members:
+            h.bring_up(member)
+    actions = h.deploy(gang_spec(replicas=2, version="v1"))
+    stopped = {a.replica_id for a in of(actions, ev.Stop)}
+    assert len(stopped) == 2
+    assert len({h.machine.replicas[r].gang_id for r in stopped}) == 1  # one whole gang
+    goal = h.machine.goals()[DEP]
+    goal.target_replicas, goal.scaling = 3, 1
+    whole_gangs(goal)
+    assert goal.target_replicas == 4  # up: the next whole gang
+    goal.target_replicas, goal.scaling = 3, -1
+    whole_gangs(goal)
+    assert goal.target_replicas == 2  # down: the gang below
+
+
+def three_each(contexts: dict[Any, AutoscalingContext]) -> Any:
+    return {d: 3 for d in contexts}, {}
+
+
+def test_an_application_policy_scales_a_gang_deployment_by_whole_gangs() -> None:
+    """autoscale_all decides for the whole application (3 replicas); the target is then
+    rounded up to whole gangs (4) and whole gangs start."""
+    h = Harness()
+    auto = AutoscalingConfig(min_replicas=2, max_replicas=6, upscale_delay_s=0)
+    gang = gang_spec(replicas=None, autoscaling_config=auto)
+    policy = AutoscalingPolicy(policy_function=three_each)
+    actions = h.feed(ev.AppDeployed(APP, None, "Model", (gang,), CodeEnv("/", ()), 0.0, "", policy))
+    goal = h.machine.goals()[DEP]
+    assert goal.scaling_decisions[0].policy.endswith("three_each")
+    assert goal.target_replicas == 4
+    assert [len(g.gang.members) for g in gangs_launched(actions)] == [2, 2]
+    assert not launched(actions)
+
+
+def test_a_restarted_controller_keeps_gangs_whole() -> None:
+    """Gang members re-link with their gang; one that never comes back gets its gang restarted
+    once recovery is over (Ray's incomplete gang detection)."""
+    first = Harness()
+    (launch,) = gangs_launched(first.deploy(gang_spec(replicas=2)))
+    members = launch.gang.members
+    h = Harness()
+    previous = tuple(ev.PreviousReplica(m, 10 + i, "v1", True) for i, m in enumerate(members))
+    h.feed(ev.Restored((first.machine.apps[APP],), previous))
+    back, lost = members
+    h.feed(
+        ev.ReplicaLinked(
+            back, "127.0.0.1:1", 10, "n1", True, "v1", b"", False, launch.gang.gang_id, 0, members
+        )
+    )
+    record = h.machine.replicas[back]
+    assert (record.gang_id, record.gang_rank, record.gang_members) == (
+        launch.gang.gang_id,
+        0,
+        members,
+    )
+    h.now += RECOVERY_WAIT_S + 1
+    actions = h.feed(ev.Tick())  # the lost member never re-linked: its gang restarts whole
+    assert {a.replica_id for a in of(actions, ev.Kill)} == {back, lost}
+    (restart,) = gangs_launched(actions)
+    assert restart.gang.gang_id != launch.gang.gang_id

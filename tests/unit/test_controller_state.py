@@ -57,9 +57,14 @@ def test_scale_down_stops_not_yet_running_then_newest() -> None:
     assert plan({DEP: goal(replicas=1)}, replicas) == [StopReplica("starting"), StopReplica("new")]
 
 
-def rollout_goal(replicas: int, percentage: float = 0.2, surge: float = 0.0) -> DeploymentGoal:
+def rollout_goal(
+    replicas: int, percentage: float = 0.2, surge: float = 0.0, gang: object = None
+) -> DeploymentGoal:
     config = DeploymentConfig(
-        num_replicas=replicas, rolling_update_percentage=percentage, max_surge_percent=surge
+        num_replicas=replicas,
+        rolling_update_percentage=percentage,
+        max_surge_percent=surge,
+        gang_scheduling_config=gang,
     )
     return DeploymentGoal(DEP, DeploymentSpec("Model", b"", b"", "v2", config), replicas)
 
@@ -85,10 +90,37 @@ def test_rolling_update_with_a_surge_starts_new_before_stopping_old() -> None:
     assert len([a for a in plan({DEP: g}, one_running) if isinstance(a, StopReplica)]) == 1
 
 
-def simulate_rollout(goal: DeploymentGoal, replicas: int) -> list[tuple[int, int]]:
+GANG = {
+    "gang_size": 2,
+    "gang_timeout_s": 300.0,
+    "gang_placement_strategy": "PACK",
+    "max_retries": 3,
+    "runtime_failure_policy": "RESTART_GANG",
+}
+
+
+def gangs(
+    prefix: str, version: str, sizes: list[int], phase: Phase, started: float = 0.0
+) -> list[ReplicaRecord]:
+    """Replicas in gangs of the given sizes (size 1: no gang), as the machine records them."""
+    out: list[ReplicaRecord] = []
+    for g, size in enumerate(sizes):
+        members = tuple(f"{prefix}{g}.{m}" for m in range(size))
+        for rank, rid in enumerate(members):
+            r = record(rid, version, phase, started=started + len(out))
+            if size > 1:
+                r.gang_id, r.gang_rank, r.gang_members = f"{prefix}{g}", rank, members
+            out.append(r)
+    return out
+
+
+def simulate_rollout(goal: DeploymentGoal, old: int | list[int]) -> list[tuple[int, int]]:
     """Run a rollout to the end, replicas starting and stopping one step after asked; returns
-    (replicas neither stopping nor gone, replicas of any state) after every step."""
-    records = [record(f"o{i}", "v1", started=i) for i in range(replicas)]
+    (replicas neither stopping nor gone, replicas of any state) after every step. ``old``: how
+    many old replicas, or the sizes of their gangs; every step must start and stop whole gangs.
+    """
+    records = gangs("o", "v1", [1] * old if isinstance(old, int) else old, Phase.RUNNING)
+    size = max(goal.gang_size, 1)
     seen: list[tuple[int, int]] = []
     serial = 0
     for _ in range(100):
@@ -100,13 +132,17 @@ def simulate_rollout(goal: DeploymentGoal, replicas: int) -> list[tuple[int, int
         actions = plan({DEP: goal}, records)
         if not actions and all(r.code_version == "v2" for r in records):
             return seen
+        stopped = {a.replica_id for a in actions if isinstance(a, StopReplica)}
+        for r in records:
+            if r.replica_id in stopped:
+                assert set(r.gang_members) <= stopped, f"{r.replica_id} stopped without its gang"
+                r.phase = Phase.STOPPING
         for action in actions:
-            if isinstance(action, StopReplica):
-                next(r for r in records if r.replica_id == action.replica_id).phase = Phase.STOPPING
-            elif isinstance(action, StartReplicas):
-                for _ in range(action.count):
+            if isinstance(action, StartReplicas):
+                assert action.count % size == 0, "a start of part of a gang"
+                for _ in range(action.count // size):
                     serial += 1
-                    records.append(record(f"n{serial}", "v2", Phase.STARTING, started=10 + serial))
+                    records += gangs(f"n{serial}.", "v2", [size], Phase.STARTING, 10 + serial)
         live = sum(1 for r in records if r.phase is not Phase.STOPPING)
         seen.append((live, len(records)))
     raise AssertionError("the rollout did not finish")
@@ -123,6 +159,41 @@ def test_a_rollout_with_surge_stays_within_the_surge() -> None:
     seen = simulate_rollout(rollout_goal(4, percentage=0.5, surge=50), 4)
     assert max(live for live, _ in seen) == 6  # 4 + ceil(4 * 50 / 100)
     assert min(live for live, _ in seen) >= 4
+
+
+def test_a_gang_rollout_without_surge_replaces_whole_gangs_within_the_target() -> None:
+    # a wave of max(int(0.2 * 6), 1) = 1 replica is rounded up to one whole gang
+    assert max(live for live, _ in simulate_rollout(rollout_goal(6, gang=GANG), [2, 2, 2])) == 6
+    first = plan({DEP: rollout_goal(6, gang=GANG)}, gangs("o", "v1", [2, 2, 2], Phase.RUNNING))
+    assert [a for a in first if isinstance(a, StartReplicas)] == [StartReplicas(DEP, 2)]
+    assert len([a for a in first if isinstance(a, StopReplica)]) == 2
+
+
+def test_a_gang_rollout_with_surge_starts_whole_gangs_first_and_keeps_capacity() -> None:
+    # a surge of ceil(4 * 25 / 100) = 1 replica is rounded up to one whole gang
+    seen = simulate_rollout(rollout_goal(4, surge=25, gang=GANG), [2, 2])
+    assert max(live for live, _ in seen) == 6
+    assert min(live for live, _ in seen) >= 4
+    first = plan(
+        {DEP: rollout_goal(4, surge=25, gang=GANG)}, gangs("o", "v1", [2, 2], Phase.RUNNING)
+    )
+    assert first == [StartReplicas(DEP, 2)]
+
+
+def test_a_rollout_that_changes_the_gang_size_finishes() -> None:
+    for surge in (0.0, 50.0):
+        simulate_rollout(rollout_goal(4, surge=surge, gang=GANG), [1, 1, 1, 1])  # no gangs -> gangs
+        simulate_rollout(
+            rollout_goal(4, surge=surge, gang=GANG), [4]
+        )  # an old gang bigger than a wave
+        simulate_rollout(rollout_goal(4, surge=surge, gang=GANG), [3, 3])  # and more old replicas
+
+
+def test_gangs_scale_down_whole_and_start_whole() -> None:
+    running = gangs("n", "v2", [2, 2, 2], Phase.RUNNING)
+    stops = plan({DEP: rollout_goal(4, gang=GANG)}, running)
+    assert {a.replica_id for a in stops if isinstance(a, StopReplica)} == {"n2.0", "n2.1"}
+    assert plan({DEP: rollout_goal(6, gang=GANG)}, running[:4]) == [StartReplicas(DEP, 2)]
 
 
 def test_failed_deployment_keeps_old_replicas_and_starts_nothing() -> None:

@@ -67,7 +67,9 @@ class FakeLauncher:
         self.launched.put_nowait(replica_id)
         return process
 
-    async def adopt(self, replica_id: str, pid: int) -> FakeProcess | None:
+    async def adopt(
+        self, replica_id: str, pid: int, request: ResourceRequest
+    ) -> FakeProcess | None:
         return None
 
     async def aclose(self) -> None:

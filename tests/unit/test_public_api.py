@@ -7,6 +7,7 @@ import serve
 import serve.config
 import serve.context
 import serve.exceptions
+import serve.gang
 import serve.handle
 import serve.metrics
 import serve.schema
@@ -20,6 +21,7 @@ def test_serve_all_is_sorted_and_complete() -> None:
         "config",
         "context",
         "exceptions",
+        "gang",
         "handle",
         "metrics",
         "request_router",
@@ -62,6 +64,7 @@ def test_public_modules_export_what_they_define() -> None:
         serve.handle,
         serve.exceptions,
         serve.config,
+        serve.gang,
         serve.metrics,
         serve.schema,
         serve.request_router,

@@ -92,3 +92,17 @@ def test_max_replicas_per_node_counts_one_deployment_on_this_node() -> None:
     assert node.why_not(ResourceRequest(max_replicas_per_node=1, group="app#Other")) is None
     node.release("a")
     assert node.why_not(spread) is None
+
+
+def test_a_request_survives_the_state_database() -> None:
+    request = ResourceRequest(
+        num_cpus=2.0,
+        num_gpus=0.5,
+        memory_bytes=2**30,
+        custom=(("nvme", 1.0),),
+        max_replicas_per_node=1,
+        group="app#Model",
+    )
+    assert ResourceRequest.from_json(request.to_json()) == request
+    assert ResourceRequest.from_json("") == ResourceRequest()
+    assert ResourceRequest.from_json("not json") == ResourceRequest()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from controller.node_proxies import node_proxy_command
 from controller.resources import ResourceRequest
-from controller.slurm import (
+from controller.slurm_cli import (
+    SlurmError,
     SlurmOptions,
     batch_script,
     parse_scontrol_job,
@@ -61,3 +65,28 @@ def test_squeue_and_scontrol_output_is_parsed() -> None:
     assert parse_scontrol_job(line) == ("FAILED", 1)
     assert parse_scontrol_job("JobId=9 JobState=CANCELLED ExitCode=0:15") == ("CANCELLED", -15)
     assert parse_scontrol_job("garbage") == ("UNKNOWN", None)
+
+
+def test_a_node_proxy_binds_the_nodes_own_address_unless_told_a_wildcard_or_loopback() -> None:
+    def host(flag: str) -> str:
+        command = node_proxy_command(
+            "10.0.0.5:7000", ["--http-host", flag, "--http-port", "0"], None, "n1"
+        )
+        return command[command.index("--http-host") + 1]
+
+    assert host("10.0.0.5") == "auto"  # the controller's host: each node binds its own
+    assert host("0.0.0.0") == "0.0.0.0"
+    assert host("127.0.0.1") == "127.0.0.1"
+    command = node_proxy_command("10.0.0.5:7000", [], Path("/logs"), "n1")
+    assert command[-2:] == ["--log-file", "/logs/proxy_n1.log"]
+    assert command[command.index("--controller") + 1] == "10.0.0.5:7000"
+
+
+def test_only_a_cluster_manager_that_cannot_be_asked_is_a_transient_error() -> None:
+    assert SlurmError(
+        "sbatch failed: Batch job submission failed: Unable to contact slurm controller"
+    ).transient
+    assert SlurmError("squeue failed: slurm_load_jobs error: Socket timed out").transient
+    assert SlurmError("sbatch did not answer within 30s").transient
+    assert not SlurmError("sbatch failed: Invalid partition name specified").transient
+    assert not SlurmError("sbatch failed: Requested node configuration is not available").transient
