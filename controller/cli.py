@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.slurm_poll_s <= 0:
         parser.error(f"--slurm-poll-s must be > 0, got {args.slurm_poll_s}")
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else settings().state_dir
+    exporter = settings().tracing_exporter_import_path
+    if exporter:  # proxies and replicas trace with it: a wrong one fails here, not in each
+        from serve._tracing import check_exporter
+
+        try:
+            check_exporter(exporter)
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            parser.error(f"SERVE_TRACING_EXPORTER_IMPORT_PATH={exporter!r}: {exc}")
 
     import uvloop
 

@@ -109,11 +109,16 @@ def replica_command(
         host,
     ]
     if log_dir is not None:
-        safe = replica_id.replace("#", "_").replace("/", "_")
-        command += ["--log-file", str(log_dir / f"replica_{safe}.log")]
+        command += ["--log-file", str(replica_log_file(log_dir, replica_id))]
     if gang is not None:
         command += ["--gang", json.dumps(gang, separators=(",", ":"))]
     return command
+
+
+def replica_log_file(log_dir: Path, replica_id: str) -> Path:
+    """Where a replica (``app#deployment#tag``) started with logs in ``log_dir`` writes."""
+    safe = replica_id.replace("#", "_").replace("/", "_")
+    return log_dir / f"replica_{safe}.log"
 
 
 class LocalReplica:

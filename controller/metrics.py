@@ -1,10 +1,15 @@
-"""Prometheus metrics at ``/metrics`` on an opt-in port, with Ray Serve's names where they exist.
+"""Prometheus metrics at ``/metrics`` on an opt-in port, with Ray Serve's names where they exist,
+and the dashboard (``controller/dashboard.py``) at ``/`` on the same port.
 
 The HTTP server (prometheus_client's WSGI app) runs in its own thread; each scrape asks the
 controller's loop for a consistent snapshot and renders it. The port binds loopback unless told
 otherwise; bound beyond loopback it lists applications to anyone who can reach it, so it then
 requires the cluster token as a bearer token (what Prometheus' ``authorization`` setting sends)
-unless the operator opts out.
+unless the operator opts out. A browser gets the token once, from ``/?token=<token>``, which
+sets it as a cookie (HttpOnly, SameSite=Strict) and sends the browser on to ``/``.
+
+On loopback, the dashboard's pages answer only requests that name a loopback host (``Host``),
+so a web page the browser visits cannot read them through a DNS name rebound to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import http.cookies
 import ipaddress
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import make_server
@@ -205,35 +212,94 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+TOKEN_COOKIE = "serve_token"
+
+
 def _bearer_guard(app: Any, token: str) -> Callable[..., Iterable[bytes]]:
-    expected = f"Bearer {token}".encode()
+    """The cluster token, as a bearer token or (a browser) the cookie ``/?token=`` sets."""
+    expected = token.encode()
+
+    def valid(given: str) -> bool:
+        return hmac.compare_digest(given.encode(), expected)
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        given = environ.get("HTTP_AUTHORIZATION", "").encode()
-        if hmac.compare_digest(given, expected):
+        bearer = environ.get("HTTP_AUTHORIZATION", "")
+        if bearer.startswith("Bearer ") and valid(bearer[len("Bearer ") :]):
             return app(environ, start_response)  # type: ignore[no-any-return]
+        cookies = http.cookies.SimpleCookie()
+        try:
+            cookies.load(environ.get("HTTP_COOKIE", ""))
+        except http.cookies.CookieError:
+            pass
+        cookie = cookies.get(TOKEN_COOKIE)
+        if cookie is not None and valid(cookie.value):
+            return app(environ, start_response)  # type: ignore[no-any-return]
+        given = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("token", [""])[0]
+        if environ.get("PATH_INFO") == "/" and given and valid(given):
+            start_response(
+                "303 See Other",
+                [
+                    ("Location", "/"),
+                    (
+                        "Set-Cookie",
+                        f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/",
+                    ),
+                ],
+            )
+            return [b""]
         start_response(
             "401 Unauthorized",
             [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="serve"')],
         )
         return [
             b"Send the cluster token as a bearer token (Authorization: Bearer <token>), for "
-            b"example with Prometheus' authorization setting.\n"
+            b"example with Prometheus' authorization setting; in a browser, open "
+            b"/?token=<token> once (the token is in the state directory's 'token' file).\n"
         ]
 
     return guarded
 
 
-class MetricsServer:
-    """Serves /metrics in a thread; ``port`` 0 picks a free port (see ``address``).
+def _host_name(header: str) -> str:
+    """The host a ``Host`` header names, without its port (or "" if it names none)."""
+    try:
+        return urllib.parse.urlsplit("//" + header).hostname or ""
+    except ValueError:
+        return ""
 
-    With ``token``, every scrape must send ``Authorization: Bearer <token>``.
+
+def _dispatch(metrics: Any, dashboard: Any, loopback: bool) -> Callable[..., Iterable[bytes]]:
+    """``/metrics`` to Prometheus' app; everything else to the dashboard (if any)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics" or dashboard is None:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        if loopback and not is_loopback(_host_name(environ.get("HTTP_HOST", ""))):
+            start_response("421 Misdirected Request", [("Content-Type", "text/plain")])
+            return [b"The dashboard answers requests for 127.0.0.1 or localhost only.\n"]
+        return dashboard(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+class MetricsServer:
+    """Serves /metrics (and the ``dashboard`` WSGI app, if given, at every other path) in a
+    thread; ``port`` 0 picks a free port (see ``address``).
+
+    With ``token``, every request must send ``Authorization: Bearer <token>`` (or the cookie).
     """
 
-    def __init__(self, snapshot: Any, host: str, port: int, token: str | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Any,
+        host: str,
+        port: int,
+        token: str | None = None,
+        dashboard: Callable[..., Iterable[bytes]] | None = None,
+    ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(snapshot, asyncio.get_running_loop()))
-        app = make_wsgi_app(registry)
+        app = _dispatch(make_wsgi_app(registry), dashboard, is_loopback(host))
         if token is not None:
             app = _bearer_guard(app, token)
         self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=QuietHandler)

@@ -41,6 +41,7 @@ from serve._state_dir import (
     forget_controller,
     record_controller,
 )
+from serve._tracing import describe as describe_tracing
 from serve.config import ProxyLocation
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class ControllerServer:
                 add_service(server, controller_pb2.DESCRIPTOR, "Controller", servicer)
                 await supervisor.start()
                 try:
-                    await self._serve(loop, server, supervisor, proxies, address, token)
+                    await self._serve(loop, server, supervisor, proxies, servicer, address, token)
                 finally:
                     await proxies.aclose(stop_proxy=self._stop_replicas)
                     await supervisor.aclose(stop_replicas=False)
@@ -143,6 +144,7 @@ class ControllerServer:
         server: grpc.aio.Server,
         supervisor: Supervisor,
         proxies: ProxyManager,
+        servicer: ControllerServicer,
         address: str,
         token: str,
     ) -> None:
@@ -150,16 +152,32 @@ class ControllerServer:
         await server.start()
         proxies.start()
         ready: dict[str, object] = {"event": "ready", "address": address, "pid": os.getpid()}
-        metrics = None
+        metrics = dashboard = None
         if self._metrics_port is not None:
+            from controller.dashboard import Dashboard
             from controller.metrics import MetricsServer, is_loopback
 
+            dashboard = Dashboard(
+                supervisor,
+                proxies,
+                address=address,
+                log_dir=self._log_dir,
+                report_interval_s=settings().metrics_interval_s,
+                tracing=describe_tracing(),
+            )
+            dashboard.start()
             guard = None if self._metrics_no_auth or is_loopback(self._metrics_host) else token
             metrics = MetricsServer(
-                supervisor.metrics_snapshot, self._metrics_host, self._metrics_port, guard
+                supervisor.metrics_snapshot,
+                self._metrics_host,
+                self._metrics_port,
+                guard,
+                dashboard=dashboard.wsgi,
             )
             ready["metrics"] = metrics.address
+            ready["dashboard"] = servicer.dashboard_url = f"http://{metrics.address}/"
             logger.info("Prometheus metrics at http://%s/metrics", metrics.address)
+            logger.info("Dashboard at http://%s/", metrics.address)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal)
         if self._embedded:
@@ -182,6 +200,8 @@ class ControllerServer:
         finally:
             if metrics is not None:
                 metrics.close()
+            if dashboard is not None:
+                await dashboard.aclose()
 
     def _node_proxies(
         self, launcher: Launcher, supervisor: Supervisor, address: str

@@ -44,6 +44,7 @@ class ControllerServicer:
         self._controller = controller
         self._on_shutdown = on_shutdown
         self._proxies = proxies
+        self.dashboard_url = ""  # set once the dashboard serves (GetStatus tells it)
 
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: Context
@@ -151,6 +152,7 @@ class ControllerServicer:
                 )
                 for p in proxies
             ],
+            dashboard_url=self.dashboard_url,
         )
 
     async def WaitApplication(

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
+from controller.autoscale import LoadSource
 from controller.events import (
     Action,
     AppDeleteRequested,
@@ -58,10 +59,17 @@ from controller.machine import SETTLED, ControllerMachine
 from controller.metrics import Snapshot
 from controller.publisher import Publisher
 from controller.resources import GangSpec, ResourceRequest
-from controller.state import AppGoal, DeploymentView, Phase
+from controller.state import AppGoal, DeploymentView, Phase, ReplicaRecord
 from controller.store import GoalStore
 from controller.views import metrics_snapshot, replica_sets, status_key
-from serve._models import ApplicationStatus, CodeEnv, DeploymentSpec, Failure, Route
+from serve._models import (
+    ApplicationStatus,
+    CodeEnv,
+    DeploymentID,
+    DeploymentSpec,
+    Failure,
+    Route,
+)
 from serve._rpc.channel import TlsFiles
 from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
 from serve.config import AutoscalingPolicy
@@ -419,6 +427,16 @@ class Supervisor:
     @property
     def apps(self) -> dict[str, AppGoal]:
         return self.machine.apps
+
+    @property
+    def replicas(self) -> dict[str, ReplicaRecord]:
+        return self.machine.replicas
+
+    @property
+    def load_sources(self) -> dict[DeploymentID, dict[str, LoadSource]]:
+        """What each replica and each process's handles last reported (the dashboard reads
+        it; the load book owns it)."""
+        return self._load.sources
 
     def deployment_views(self, app: AppGoal) -> dict[str, DeploymentView]:
         return self.machine.deployment_views(app)

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     from replica.server import ReplicaServer
+    from serve import _tracing
     from serve._daemon import route_address
     from serve._logging import configure
     from serve._rpc.channel import tls_from_settings
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--gang must be a GangContext as JSON: {exc}")
     log_file = Path(args.log_file) if args.log_file else None
     configure(f"replica:{replica_id}", log_file)
+    _tracing.setup(log_file.stem if log_file else f"replica_{replica_id.unique_id}", log_file)
     s = settings()
     server = ReplicaServer(
         replica_id,

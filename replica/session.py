@@ -32,6 +32,7 @@ import grpc.aio
 
 from replica.executor import Executor
 from replica.feed import InputFeed
+from serve import _tracing
 from serve._context import RequestContext
 from serve._ingress import ASGI_METHOD, FED_METHODS
 from serve._logging import access_log
@@ -326,6 +327,8 @@ class StreamSession:
             self._holding.discard(frame_id)
             executor.release()
             self._cancel_requested.discard(frame_id)
+            if request.trace is not None:
+                _tracing.end_replica(request, reply[0] if reply is not None else None)
             if reply is not None:
                 if deadline_s:
                     # Past its deadline the answer is the timeout, whatever the code did since.
@@ -377,6 +380,15 @@ class StreamSession:
                 )
             except Exception as exc:
                 raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
+            if _tracing.enabled:
+                _tracing.start_replica(
+                    request,
+                    header.trace_context,
+                    header.method,
+                    args,
+                    executor.replica_id.unique_id,
+                    header.stream,
+                )
             try:
                 executor.resolve(header.method)
             except ServeError as exc:

@@ -6,6 +6,9 @@ writes bench/results.json (``--out``). ``--quick`` shortens every measurement.
 Ingress (scripts/bench_ingress.py): HTTP through serve-proxy beside a bare uvicorn floor, both
 loaded by ``wrk`` (skipped, with one line, when wrk is missing), and gRPC through the proxy beside
 the grpc.aio floor. ``--no-ingress`` leaves them out.
+
+Tracing (scripts/bench_tracing.py): L1, C1 and T1 again with every request traced (sampling
+1.0, the default exporter), beside this run's untraced figures. ``--no-tracing`` leaves it out.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import serve  # noqa: E402
 from scripts.bench_ingress import have_wrk, measure_http_floor, measure_ingress  # noqa: E402
 from scripts.bench_routing import routing_cost_us  # noqa: E402
+from scripts.bench_tracing import measure_tracing, tracing_rows  # noqa: E402
 from serve import _client  # noqa: E402
 
 MB = 1024 * 1024
@@ -380,6 +384,7 @@ def table(
     routing: dict[str, float],
     http_floor: dict[str, Any] | None = None,
     ingress: dict[str, Any] | None = None,
+    traced: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
@@ -495,6 +500,8 @@ def table(
         )
     for replicas, cost in routing.items():
         row(f"routing cost, {replicas} replicas", cost, "us/request", None)
+    if traced is not None:
+        tracing_rows(ours, traced, row)
     if http_floor is not None and ingress is not None:
         floor_rps = http_floor["c64"]["rps"]
         floor_p50 = http_floor["c1"]["p50_us"]
@@ -555,6 +562,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--no-ingress", action="store_true", help="skip the HTTP/gRPC ingress")
+    parser.add_argument("--no-tracing", action="store_true", help="skip the tracing rows")
     args = parser.parse_args()
     # Measured with the defaults (INFO, one access line per request in the replica's log).
     s = Settings(args.quick)
@@ -565,6 +573,16 @@ def main() -> None:
         ours = measure_serve(s)
     finally:
         serve.shutdown()  # also on error: no controller or replica outlives the bench
+    traced = None
+    if not args.no_tracing:
+        traced = measure_tracing(
+            s,
+            Noop.bind(),
+            Ingress.bind(Noop.bind()),
+            latency=sync_latency,
+            rate=closed_loop,
+            cpu_s=cpu_s,
+        )
     http_floor = ingress = None
     if not args.no_ingress:
         http = have_wrk()
@@ -577,7 +595,7 @@ def main() -> None:
             rate=closed_loop,
             http=http,
         )
-    rows = table(floor, ours, routing, http_floor, ingress)
+    rows = table(floor, ours, routing, http_floor, ingress, traced)
     print_table(rows)
     http_runs = {"http_floor": http_floor or {}}
     http_runs.update((k, v) for k, v in (ingress or {}).items() if k.startswith("http_"))
@@ -598,6 +616,7 @@ def main() -> None:
             http_floor["c1"]["p50_us"] + 1.2 * ours["L1"]["p50_us"] if http_floor else None
         ),
         "ingress": ingress,
+        "tracing": traced,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ from serve._deployment import Application, Deployment, deployment
 from serve._ingress import ingress
 from serve._multiplex import multiplexed
 from serve._starlette_hook import install as _install_starlette_hook
+from serve._tracing import get_trace_context
+from serve.schema import TracingConfig
 
 _install_starlette_hook()
 
@@ -44,6 +46,7 @@ __all__ = [
     "Application",
     "Deployment",
     "RunTarget",
+    "TracingConfig",
     "batch",
     "delete",
     "deployment",
@@ -51,6 +54,7 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "get_trace_context",
     "ingress",
     "multiplexed",
     "run",

@@ -30,6 +30,7 @@ from serve._rpc.controller_client import lookup_application_blocking
 from serve._serialization import dumps_code
 from serve._settings import settings
 from serve._sync import is_home_thread, run_sync, stop_io_thread
+from serve._tracing import tracing_env
 from serve.config import (
     AutoscalingPolicy,
     ControllerOptions,
@@ -39,7 +40,7 @@ from serve.config import (
 )
 from serve.exceptions import DeploymentFailedError, ServeError
 from serve.handle import DeploymentHandle
-from serve.schema import ApplicationStatusOverview, ServeStatus
+from serve.schema import ApplicationStatusOverview, ServeStatus, TracingConfig
 
 __all__ = [
     "delete",
@@ -103,6 +104,7 @@ def start(
     grpc_options: gRPCOptions | dict[str, Any] | None = None,
     logging_config: Any = None,
     controller_options: ControllerOptions | dict[str, Any] | None = None,
+    tracing_config: TracingConfig | dict[str, Any] | None = None,
     **_ray_options: Any,
 ) -> None:
     """Connect to serve: the controller at ``address`` (or SERVE_ADDRESS), else an embedded one
@@ -111,23 +113,32 @@ def start(
 
     ``logging_config`` sets the log level and encoding of the controller and proxy (and of
     replicas whose deployment sets none); ``controller_options.runtime_env["env_vars"]`` are
-    set in the controller's environment (its replicas inherit them). Other Ray cluster options
+    set in the controller's environment (its replicas inherit them). ``tracing_config``
+    turns on OpenTelemetry tracing in the proxies and replicas (see ``TracingConfig``); its
+    exporter is imported here first, so a wrong path fails now. Other Ray cluster options
     (``detached``, ``dedicated_cpu`` ...) are accepted and ignored.
     """
     given = (proxy_location, http_options, grpc_options) != (None, None, None)
     flags = controller_flags(proxy_location, http_options, grpc_options) if given else None
-    env = {**(controller_env(logging_config, controller_options) or {}), **secret_env(http_options)}
+    env = {
+        **(controller_env(logging_config, controller_options, tracing_config) or {}),
+        **secret_env(http_options),
+    }
     _connect(address, controller_args=flags, controller_env=env or None)
 
 
-def controller_env(logging_config: Any, controller_options: Any) -> dict[str, str] | None:
-    """The environment an embedded controller gets for serve.start's logging_config and
-    controller_options (None when neither is given)."""
+def controller_env(
+    logging_config: Any, controller_options: Any, tracing_config: Any = None
+) -> dict[str, str] | None:
+    """The environment an embedded controller gets for serve.start's logging_config,
+    controller_options and tracing_config (None when none is given)."""
     env = dict(ControllerOptions.from_value(controller_options).env_vars)
     logging = check_logging_config(logging_config)
     if logging:
         env["SERVE_LOG_LEVEL"] = str(logging.get("log_level", "INFO"))
         env["SERVE_LOG_FORMAT"] = "json" if logging.get("encoding") == "JSON" else "text"
+    if tracing_config is not None:
+        env.update(tracing_env(TracingConfig.from_value(tracing_config)))
     return env or None
 
 

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+from serve import _tracing
 from serve._context import (
     RequestContext,
     set_batch_requests,
@@ -55,6 +56,8 @@ def _context_with(
     context.run(set_current_request, request)
     context.run(set_current_deadline, request.deadline_s if request is not None else 0.0)
     context.run(set_batch_requests, batch)
+    if _tracing.enabled and request is not None and request.trace is not None:
+        context.run(_tracing.enter_request, request)  # the batch's calls: this one's children
     return context
 
 

@@ -242,8 +242,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     status = _status_dict(full)
     proxies = {node: dataclasses.asdict(p) for node, p in full.proxy_details.items()}
     if args.json:
-        print(json.dumps({"proxies": proxies, "applications": status}, indent=2))
+        out = {"proxies": proxies, "applications": status, "dashboard_url": full.dashboard_url}
+        print(json.dumps(out, indent=2))
         return
+    if full.dashboard_url:
+        print(f"Dashboard: {full.dashboard_url}")
     for node, proxy in sorted(proxies.items()):
         where = ", ".join(
             f"{'https' if kind == 'http' and proxy['https'] else kind} {proxy[f'{kind}_address']}"
@@ -392,17 +395,22 @@ def _proxy_options(path: str) -> list[str] | None:
 
 
 def _controller_env(path: str) -> dict[str, str] | None:
-    """An embedded controller's environment for a config file's logging_config and
-    controller_options."""
+    """An embedded controller's environment for a config file's logging_config,
+    controller_options and tracing_config."""
     from serve._api import controller_env
     from serve._config_file import ConfigFileError, load_top_level
 
     try:
         top = load_top_level(path)
-        env = controller_env(top.get("logging_config"), top.get("controller_options")) or {}
+        env = (
+            controller_env(
+                top.get("logging_config"), top.get("controller_options"), top.get("tracing_config")
+            )
+            or {}
+        )
         env.update(secret_env(top.get("http_options")))
         return env or None
-    except (ConfigFileError, TypeError, ValueError) as exc:
+    except (ConfigFileError, TypeError, ValueError, ImportError, AttributeError) as exc:
         _fail(f"{path}: {exc}")
 
 
@@ -440,7 +448,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         sys.executable, "-P", "-m", "controller", "--state-dir", str(state_dir),
         "--host", args.host, "--port", str(port),
     ]  # fmt: skip
-    if args.metrics_port is not None:
+    if not args.no_dashboard:
         command += ["--metrics-port", str(args.metrics_port)]
     try:
         http, grpc = options_from_args(args)
@@ -468,8 +476,8 @@ def cmd_start(args: argparse.Namespace) -> None:
     print(f"serve controller running at {ready['address']} (pid {ready['pid']}).")
     if location is not ProxyLocation.Disabled:
         print(f"HTTP proxy on {http.host}:{http.port} (see `serve status`).")
-    if "metrics" in ready:
-        print(f"Prometheus metrics at http://{ready['metrics']}/metrics.")
+    if "dashboard" in ready:
+        print(f"Dashboard at {ready['dashboard']} (Prometheus metrics at /metrics).")
     print(f"State and logs in {state_dir}; stop it with `serve shutdown`.")
 
 
@@ -527,7 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="port to bind (default: the last controller's, so its replicas re-link; else free)",
     )
-    start.add_argument("--metrics-port", type=int, default=None)
+    start.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of the dashboard and Prometheus metrics, on loopback (default: a free one)",
+    )
+    start.add_argument(
+        "--no-dashboard", action="store_true", help="serve no dashboard nor metrics port"
+    )
     start.add_argument(
         "--proxy-location",
         default=None,

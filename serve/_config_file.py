@@ -16,8 +16,8 @@ An application's ``autoscaling_policy: {policy_function: module:name}`` decides 
 autoscaled deployments together (imported where the file is read, as Ray does). Unknown keys
 and bad values are rejected with ``file:line:column``. Ray's cluster-level fields
 ``proxy_location``, ``http_options`` and ``grpc_options`` configure the proxy of a controller
-that ``serve run`` starts (a running controller keeps its own, with a warning);
-``logging_config`` is accepted.
+that ``serve run`` starts (a running controller keeps its own, with a warning), and so do
+``logging_config``, ``controller_options`` and ``tracing_config``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from serve.config import AutoscalingPolicy
 
 TOP_LEVEL_KEYS = frozenset(
     {"applications", "proxy_location", "http_options", "grpc_options", "logging_config",
-     "target_capacity", "controller_options"}
+     "target_capacity", "controller_options", "tracing_config"}
 )  # fmt: skip
 APPLICATION_KEYS = frozenset(
     {"name", "route_prefix", "import_path", "args", "runtime_env", "deployments",

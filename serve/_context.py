@@ -69,6 +69,7 @@ class RequestContext:
     # Inputs the caller feeds to the running request (an ingress request's ASGI messages).
     feed: Feed | None = None
     deadline_s: float = 0.0
+    trace: Any = None  # its span and context token, with tracing on (serve._tracing)
 
 
 _replica_context: ReplicaContext | None = None

@@ -32,6 +32,7 @@ class Envelope:
     kwargs: bytes = b""
     buffers: list[bytes] = dataclasses.field(default_factory=list)  # out of band, args first
     args_buffer_count: int = 0
+    trace_context: dict[str, str] | None = None  # W3C trace context, with tracing on
 
 
 class ConnectionLost(Exception):

@@ -117,6 +117,7 @@ class Request:
         "reserving",
         "selection",
         "seq",
+        "span",
         "state",
         "stream_buffer",
         "window",
@@ -155,6 +156,7 @@ class Request:
         self.completion = Completion()
         self.stream_buffer: ItemQueue | None = ItemQueue() if stream else None
         self.replica_id = ""
+        self.span: Any = None  # its route_to_replica span, with tracing on (serve._tracing)
         self.conn: Any = None  # the connection it was sent on (a Connection)
         self.frame_id = 0
         # handle.choose_replica(): a request that only holds a slot (``reserving``), and the

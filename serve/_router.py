@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from serve import _tracing
 from serve._context import current_deadline, current_request
 from serve._custom_routing import pending_view
 from serve._deployment_state import DeploymentState
@@ -158,6 +159,8 @@ class Router:
                 envelope.stream_window = STREAM_WINDOW
                 envelope.stream_window_bytes = self._stream_window_bytes
         request.holds_queue_slot = queued
+        if _tracing.enabled:
+            _tracing.start_route(request, self.deployment_id.app_name, self.deployment_id.name)
         return request
 
     def refused_request(self, options: HandleOptions, error: BaseException) -> Request:
@@ -629,6 +632,8 @@ class Router:
             timer.cancel()
         if request.parent is not None:
             request.parent.children.discard(request)
+        if request.span is not None:
+            _tracing.end_route(request, error)
         buffer = request.stream_buffer
         if buffer is not None:
             buffer.close(error)

@@ -24,6 +24,8 @@
 | SERVE_ROTATION_MAX_BYTES | a daemon's log file is rotated at this size (as Ray's) | 512 MiB |
 | SERVE_ROTATION_BACKUP_COUNT | rotated log files kept | 5 |
 | SERVE_MAX_REQUEST_ID_LENGTH | a longer client request id is replaced by a new one | 128 |
+| SERVE_TRACING_EXPORTER_IMPORT_PATH | tracing on, spans to this exporter function | unset: off |
+| SERVE_TRACING_SAMPLING_RATIO | share of traces sampled at their root | 0.01 |
 
 The HTTP proxy's bounds (see serve/_proxy/protocol.py):
 
@@ -103,6 +105,8 @@ class Settings:
     websocket_max_message_bytes: int
     choose_replicas_timeout_s: float = 10.0
     max_routing_stats_bytes: int = 64 * 2**10
+    tracing_exporter_import_path: str = ""  # empty: tracing off
+    tracing_sampling_ratio: float = 0.01  # Ray's default
 
 
 def _float_env(name: str, default: float) -> float:
@@ -140,6 +144,13 @@ def _count_env(name: str, default: int) -> int:
         raise ValueError(f"{name}={raw!r} is not a whole number.") from exc
     if value < 0:
         raise ValueError(f"{name}={raw!r} must be 0 or more.")
+    return value
+
+
+def _ratio_env(name: str, default: float) -> float:
+    value = _float_env(name, default)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r} must be between 0.0 and 1.0.")
     return value
 
 
@@ -210,4 +221,6 @@ def settings() -> Settings:
         max_routing_stats_bytes=(
             _positive_int_env("SERVE_MAX_ROUTING_STATS_BYTES", _GRPC_MAX) or 64 * 2**10
         ),
+        tracing_exporter_import_path=os.environ.get("SERVE_TRACING_EXPORTER_IMPORT_PATH", ""),
+        tracing_sampling_ratio=_ratio_env("SERVE_TRACING_SAMPLING_RATIO", 0.01),
     )

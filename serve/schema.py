@@ -20,6 +20,7 @@ from serve._models import (
     DeploymentStatusTrigger,
     ReplicaState,
 )
+from serve._settings import settings
 
 __all__ = [
     "ApplicationStatus",
@@ -33,6 +34,7 @@ __all__ = [
     "ReplicaState",
     "ScalingDecision",
     "ServeStatus",
+    "TracingConfig",
 ]
 
 
@@ -111,6 +113,69 @@ class LoggingConfig:
         return dataclasses.asdict(self)
 
 
+# The exporter that appends spans, one JSON object a line, under the logs directory's spans/.
+DEFAULT_TRACING_EXPORTER_IMPORT_PATH = "serve._tracing:default_tracing_exporter"
+
+
+@dataclasses.dataclass
+class TracingConfig:
+    """OpenTelemetry tracing of serve's proxies and replicas (Ray's ``TracingConfig``).
+
+    The defaults come from ``SERVE_TRACING_EXPORTER_IMPORT_PATH`` (tracing is on when it is
+    set) and ``SERVE_TRACING_SAMPLING_RATIO`` (0.01). Enabled without an exporter, spans go to
+    the default exporter: JSON lines under the logs directory's ``spans/`` folder. An exporter
+    is a function taking no arguments that returns a list of OpenTelemetry ``SpanProcessor``s.
+
+    Example::
+
+        serve.start(tracing_config=TracingConfig(enabled=True, sampling_ratio=1.0))
+    """
+
+    enabled: bool = dataclasses.field(
+        default_factory=lambda: settings().tracing_exporter_import_path != ""
+    )
+    exporter_import_path: str = dataclasses.field(
+        default_factory=lambda: settings().tracing_exporter_import_path
+    )
+    sampling_ratio: float = dataclasses.field(
+        default_factory=lambda: settings().tracing_sampling_ratio
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"TracingConfig: enabled must be a bool, got {self.enabled!r}.")
+        if not isinstance(self.exporter_import_path, str):
+            raise TypeError(
+                "TracingConfig: exporter_import_path must be an import path such as "
+                f"'module:function', got {self.exporter_import_path!r}."
+            )
+        ratio = self.sampling_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+            raise TypeError(f"TracingConfig: sampling_ratio must be a number, got {ratio!r}.")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"sampling_ratio must be between 0.0 and 1.0, got {ratio}.")
+        self.sampling_ratio = float(ratio)
+        if self.enabled and not self.exporter_import_path:
+            self.exporter_import_path = DEFAULT_TRACING_EXPORTER_IMPORT_PATH
+
+    @classmethod
+    def from_value(cls, value: TracingConfig | dict[str, Any]) -> TracingConfig:
+        """A TracingConfig from itself or a dict of its fields (a config file's)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"tracing_config must be a TracingConfig or a dict, got {value!r}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"tracing_config: unknown field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**value)
+
+    def dict(self) -> dict[str, Any]:
+        """The fields as a dict (pydantic's spelling, which Ray's TracingConfig has)."""
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScalingDecision:
     """One change of an autoscaled deployment's target replica count, and who decided it."""
@@ -165,9 +230,11 @@ class ProxyDetails:
 @dataclasses.dataclass(frozen=True)
 class ServeStatus:
     """Every application the controller knows, and its proxies (node id -> status, as Ray;
-    ``proxy_details`` adds where each one listens)."""
+    ``proxy_details`` adds where each one listens; ``dashboard_url`` is the controller's
+    dashboard, empty when it serves none)."""
 
     applications: dict[str, ApplicationStatusOverview] = dataclasses.field(default_factory=dict)
     proxies: dict[str, str] = dataclasses.field(default_factory=dict)
     target_capacity: float | None = None
     proxy_details: dict[str, ProxyDetails] = dataclasses.field(default_factory=dict)
+    dashboard_url: str = ""

@@ -289,6 +289,9 @@ class GetStatusResponse(_message.Message):
 
     APPLICATIONS_FIELD_NUMBER: _builtins.int
     PROXIES_FIELD_NUMBER: _builtins.int
+    DASHBOARD_URL_FIELD_NUMBER: _builtins.int
+    dashboard_url: _builtins.str
+    """the controller's dashboard (empty: it has no metrics port)"""
     @_builtins.property
     def applications(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApplicationStatus]: ...
     @_builtins.property
@@ -298,10 +301,11 @@ class GetStatusResponse(_message.Message):
         *,
         applications: _abc.Iterable[Global___ApplicationStatus] | None = ...,
         proxies: _abc.Iterable[Global___ProxyStatus] | None = ...,
+        dashboard_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applications", b"applications", "proxies", b"proxies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applications", b"applications", "dashboard_url", b"dashboard_url", "proxies", b"proxies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

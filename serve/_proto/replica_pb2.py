@@ -25,43 +25,47 @@ _sym_db = _symbol_database.Default()
 from serve._proto import common_pb2 as serve_dot___proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserve/_proto/replica.proto\x12\x08serve.v1\x1a\x19serve/_proto/common.proto\"\x17\n\x05\x42\x61tch\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x0c\"\xc6\x04\n\x0b\x46rameHeader\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.serve.v1.FrameKind\x12\n\n\x02id\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12&\n\rrequest_codec\x18\x04 \x01(\x0e\x32\x0f.serve.v1.Codec\x12\'\n\x0eresponse_codec\x18\x05 \x01(\x0e\x32\x0f.serve.v1.Codec\x12\x10\n\x08\x61rgs_len\x18\x06 \x01(\r\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x0e\n\x06stream\x18\x08 \x01(\x08\x12\x11\n\tno_reject\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x15\n\rstream_window\x18\x0b \x01(\r\x12\x0f\n\x07ongoing\x18\x0c \x01(\r\x12\r\n\x05\x61\x63ked\x18\x13 \x01(\x04\x12-\n\rreject_reason\x18\r \x01(\x0e\x32\x16.serve.v1.RejectReason\x12\'\n\nerror_kind\x18\x0e \x01(\x0e\x32\x13.serve.v1.ErrorKind\x12\"\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x13.serve.v1.ErrorInfo\x12\x0e\n\x06\x63redit\x18\x10 \x01(\r\x12\x16\n\x0e\x62uffer_lengths\x18\x11 \x03(\x04\x12\x19\n\x11\x61rgs_buffer_count\x18\x12 \x01(\r\x12\x1b\n\x13stream_window_bytes\x18\x14 \x01(\x04\x12\x14\n\x0c\x63redit_bytes\x18\x15 \x01(\x04\x12\x11\n\ttimeout_s\x18\x16 \x01(\x01\x12\x10\n\x08reserved\x18\x17 \x01(\x08\"\x94\x01\n\x11InitializeRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.serve.v1.DeploymentSpec\x12#\n\x08\x63ode_env\x18\x03 \x01(\x0b\x32\x11.serve.v1.CodeEnv\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\"D\n\x12InitializeResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\"]\n\x12ReconfigureRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.serve.v1.DeploymentConfig\x12\x1b\n\x13user_config_changed\x18\x02 \x01(\x08\"E\n\x13ReconfigureResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\"\x14\n\x12\x43heckHealthRequest\"E\n\x13\x43heckHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\"\x14\n\x12QueueLengthRequest\"9\n\x13QueueLengthResponse\x12\x0f\n\x07ongoing\x18\x01 \x01(\r\x12\x11\n\taccepting\x18\x02 \x01(\x08\" \n\x0bStopRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"!\n\x0cStopResponse\x12\x11\n\tabandoned\x18\x01 \x01(\r*\xde\x02\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAME_KIND_REQUEST\x10\x01\x12\x15\n\x11\x46RAME_KIND_CANCEL\x10\x02\x12\x15\n\x11\x46RAME_KIND_CREDIT\x10\x03\x12\x17\n\x13\x46RAME_KIND_REJECTED\x10\x05\x12\x15\n\x11\x46RAME_KIND_RESULT\x10\x06\x12\x14\n\x10\x46RAME_KIND_ERROR\x10\x07\x12\x13\n\x0f\x46RAME_KIND_ITEM\x10\x08\x12\x12\n\x0e\x46RAME_KIND_END\x10\t\x12\x14\n\x10\x46RAME_KIND_INPUT\x10\n\x12\x16\n\x12\x46RAME_KIND_RESERVE\x10\x0b\x12\x17\n\x13\x46RAME_KIND_RESERVED\x10\x0c\x12\x16\n\x12\x46RAME_KIND_RELEASE\x10\r\x12\x1b\n\x17\x46RAME_KIND_INPUT_CREDIT\x10\x0e\"\x04\x08\x04\x10\x04*a\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12REJECT_REASON_FULL\x10\x01\x12\x1a\n\x16REJECT_REASON_DRAINING\x10\x02*m\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45RROR_KIND_USER\x10\x01\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x02\x12\x15\n\x11\x45RROR_KIND_SYSTEM\x10\x03\x32\x9e\x03\n\x07Replica\x12/\n\x07\x43onnect\x12\x0f.serve.v1.Batch\x1a\x0f.serve.v1.Batch(\x01\x30\x01\x12G\n\nInitialize\x12\x1b.serve.v1.InitializeRequest\x1a\x1c.serve.v1.InitializeResponse\x12J\n\x0bReconfigure\x12\x1c.serve.v1.ReconfigureRequest\x1a\x1d.serve.v1.ReconfigureResponse\x12J\n\x0b\x43heckHealth\x12\x1c.serve.v1.CheckHealthRequest\x1a\x1d.serve.v1.CheckHealthResponse\x12J\n\x0bQueueLength\x12\x1c.serve.v1.QueueLengthRequest\x1a\x1d.serve.v1.QueueLengthResponse\x12\x35\n\x04Stop\x12\x15.serve.v1.StopRequest\x1a\x16.serve.v1.StopResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserve/_proto/replica.proto\x12\x08serve.v1\x1a\x19serve/_proto/common.proto\"\x17\n\x05\x42\x61tch\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x0c\"\xbb\x05\n\x0b\x46rameHeader\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.serve.v1.FrameKind\x12\n\n\x02id\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12&\n\rrequest_codec\x18\x04 \x01(\x0e\x32\x0f.serve.v1.Codec\x12\'\n\x0eresponse_codec\x18\x05 \x01(\x0e\x32\x0f.serve.v1.Codec\x12\x10\n\x08\x61rgs_len\x18\x06 \x01(\r\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x0e\n\x06stream\x18\x08 \x01(\x08\x12\x11\n\tno_reject\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x15\n\rstream_window\x18\x0b \x01(\r\x12\x0f\n\x07ongoing\x18\x0c \x01(\r\x12\r\n\x05\x61\x63ked\x18\x13 \x01(\x04\x12-\n\rreject_reason\x18\r \x01(\x0e\x32\x16.serve.v1.RejectReason\x12\'\n\nerror_kind\x18\x0e \x01(\x0e\x32\x13.serve.v1.ErrorKind\x12\"\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x13.serve.v1.ErrorInfo\x12\x0e\n\x06\x63redit\x18\x10 \x01(\r\x12\x16\n\x0e\x62uffer_lengths\x18\x11 \x03(\x04\x12\x19\n\x11\x61rgs_buffer_count\x18\x12 \x01(\r\x12\x1b\n\x13stream_window_bytes\x18\x14 \x01(\x04\x12\x14\n\x0c\x63redit_bytes\x18\x15 \x01(\x04\x12\x11\n\ttimeout_s\x18\x16 \x01(\x01\x12\x10\n\x08reserved\x18\x17 \x01(\x08\x12>\n\rtrace_context\x18\x18 \x03(\x0b\x32\'.serve.v1.FrameHeader.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x01\n\x11InitializeRequest\x12\x10\n\x08\x61pp_name\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.serve.v1.DeploymentSpec\x12#\n\x08\x63ode_env\x18\x03 \x01(\x0b\x32\x11.serve.v1.CodeEnv\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\"D\n\x12InitializeResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\"]\n\x12ReconfigureRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.serve.v1.DeploymentConfig\x12\x1b\n\x13user_config_changed\x18\x02 \x01(\x08\"E\n\x13ReconfigureResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\"\x14\n\x12\x43heckHealthRequest\"E\n\x13\x43heckHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.serve.v1.ErrorInfo\"\x14\n\x12QueueLengthRequest\"9\n\x13QueueLengthResponse\x12\x0f\n\x07ongoing\x18\x01 \x01(\r\x12\x11\n\taccepting\x18\x02 \x01(\x08\" \n\x0bStopRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"!\n\x0cStopResponse\x12\x11\n\tabandoned\x18\x01 \x01(\r*\xde\x02\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAME_KIND_REQUEST\x10\x01\x12\x15\n\x11\x46RAME_KIND_CANCEL\x10\x02\x12\x15\n\x11\x46RAME_KIND_CREDIT\x10\x03\x12\x17\n\x13\x46RAME_KIND_REJECTED\x10\x05\x12\x15\n\x11\x46RAME_KIND_RESULT\x10\x06\x12\x14\n\x10\x46RAME_KIND_ERROR\x10\x07\x12\x13\n\x0f\x46RAME_KIND_ITEM\x10\x08\x12\x12\n\x0e\x46RAME_KIND_END\x10\t\x12\x14\n\x10\x46RAME_KIND_INPUT\x10\n\x12\x16\n\x12\x46RAME_KIND_RESERVE\x10\x0b\x12\x17\n\x13\x46RAME_KIND_RESERVED\x10\x0c\x12\x16\n\x12\x46RAME_KIND_RELEASE\x10\r\x12\x1b\n\x17\x46RAME_KIND_INPUT_CREDIT\x10\x0e\"\x04\x08\x04\x10\x04*a\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12REJECT_REASON_FULL\x10\x01\x12\x1a\n\x16REJECT_REASON_DRAINING\x10\x02*m\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45RROR_KIND_USER\x10\x01\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x02\x12\x15\n\x11\x45RROR_KIND_SYSTEM\x10\x03\x32\x9e\x03\n\x07Replica\x12/\n\x07\x43onnect\x12\x0f.serve.v1.Batch\x1a\x0f.serve.v1.Batch(\x01\x30\x01\x12G\n\nInitialize\x12\x1b.serve.v1.InitializeRequest\x1a\x1c.serve.v1.InitializeResponse\x12J\n\x0bReconfigure\x12\x1c.serve.v1.ReconfigureRequest\x1a\x1d.serve.v1.ReconfigureResponse\x12J\n\x0b\x43heckHealth\x12\x1c.serve.v1.CheckHealthRequest\x1a\x1d.serve.v1.CheckHealthResponse\x12J\n\x0bQueueLength\x12\x1c.serve.v1.QueueLengthRequest\x1a\x1d.serve.v1.QueueLengthResponse\x12\x35\n\x04Stop\x12\x15.serve.v1.StopRequest\x1a\x16.serve.v1.StopResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serve._proto.replica_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMEKIND']._serialized_start=1308
-  _globals['_FRAMEKIND']._serialized_end=1658
-  _globals['_REJECTREASON']._serialized_start=1660
-  _globals['_REJECTREASON']._serialized_end=1757
-  _globals['_ERRORKIND']._serialized_start=1759
-  _globals['_ERRORKIND']._serialized_end=1868
+  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_FRAMEKIND']._serialized_start=1425
+  _globals['_FRAMEKIND']._serialized_end=1775
+  _globals['_REJECTREASON']._serialized_start=1777
+  _globals['_REJECTREASON']._serialized_end=1874
+  _globals['_ERRORKIND']._serialized_start=1876
+  _globals['_ERRORKIND']._serialized_end=1985
   _globals['_BATCH']._serialized_start=67
   _globals['_BATCH']._serialized_end=90
   _globals['_FRAMEHEADER']._serialized_start=93
-  _globals['_FRAMEHEADER']._serialized_end=675
-  _globals['_INITIALIZEREQUEST']._serialized_start=678
-  _globals['_INITIALIZEREQUEST']._serialized_end=826
-  _globals['_INITIALIZERESPONSE']._serialized_start=828
-  _globals['_INITIALIZERESPONSE']._serialized_end=896
-  _globals['_RECONFIGUREREQUEST']._serialized_start=898
-  _globals['_RECONFIGUREREQUEST']._serialized_end=991
-  _globals['_RECONFIGURERESPONSE']._serialized_start=993
-  _globals['_RECONFIGURERESPONSE']._serialized_end=1062
-  _globals['_CHECKHEALTHREQUEST']._serialized_start=1064
-  _globals['_CHECKHEALTHREQUEST']._serialized_end=1084
-  _globals['_CHECKHEALTHRESPONSE']._serialized_start=1086
-  _globals['_CHECKHEALTHRESPONSE']._serialized_end=1155
-  _globals['_QUEUELENGTHREQUEST']._serialized_start=1157
-  _globals['_QUEUELENGTHREQUEST']._serialized_end=1177
-  _globals['_QUEUELENGTHRESPONSE']._serialized_start=1179
-  _globals['_QUEUELENGTHRESPONSE']._serialized_end=1236
-  _globals['_STOPREQUEST']._serialized_start=1238
-  _globals['_STOPREQUEST']._serialized_end=1270
-  _globals['_STOPRESPONSE']._serialized_start=1272
-  _globals['_STOPRESPONSE']._serialized_end=1305
-  _globals['_REPLICA']._serialized_start=1871
-  _globals['_REPLICA']._serialized_end=2285
+  _globals['_FRAMEHEADER']._serialized_end=792
+  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_start=741
+  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_end=792
+  _globals['_INITIALIZEREQUEST']._serialized_start=795
+  _globals['_INITIALIZEREQUEST']._serialized_end=943
+  _globals['_INITIALIZERESPONSE']._serialized_start=945
+  _globals['_INITIALIZERESPONSE']._serialized_end=1013
+  _globals['_RECONFIGUREREQUEST']._serialized_start=1015
+  _globals['_RECONFIGUREREQUEST']._serialized_end=1108
+  _globals['_RECONFIGURERESPONSE']._serialized_start=1110
+  _globals['_RECONFIGURERESPONSE']._serialized_end=1179
+  _globals['_CHECKHEALTHREQUEST']._serialized_start=1181
+  _globals['_CHECKHEALTHREQUEST']._serialized_end=1201
+  _globals['_CHECKHEALTHRESPONSE']._serialized_start=1203
+  _globals['_CHECKHEALTHRESPONSE']._serialized_end=1272
+  _globals['_QUEUELENGTHREQUEST']._serialized_start=1274
+  _globals['_QUEUELENGTHREQUEST']._serialized_end=1294
+  _globals['_QUEUELENGTHRESPONSE']._serialized_start=1296
+  _globals['_QUEUELENGTHRESPONSE']._serialized_end=1353
+  _globals['_STOPREQUEST']._serialized_start=1355
+  _globals['_STOPREQUEST']._serialized_end=1387
+  _globals['_STOPRESPONSE']._serialized_start=1389
+  _globals['_STOPRESPONSE']._serialized_end=1422
+  _globals['_REPLICA']._serialized_start=1988
+  _globals['_REPLICA']._serialized_end=2402
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from serve._proxy_flags import add_proxy_options, options_from_args
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvloop
 
+    from serve import _tracing
     from serve._logging import configure
     from serve._proxy.server import ProxyServer
     from serve._rpc.channel import tls_from_settings
 
-    configure("proxy", Path(args.log_file) if args.log_file else None)
+    log_file = Path(args.log_file) if args.log_file else None
+    configure("proxy", log_file)
+    _tracing.setup(f"proxy_{os.getpid()}", log_file)  # workers share the log, not span files
     s = settings()
     server = ProxyServer(
         controller_address=args.controller,

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from serve import _tracing
 from serve._context import RequestContext, request_deadline, set_current_request
 from serve._ingress import body_messages
 from serve._proxy.protocol import CONNECTION_KEY, ConnectionWatch
@@ -91,6 +92,9 @@ class ProxyApp:
                 404,
                 f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
             )
+            return
+        if _tracing.enabled and _tracing.TRACED_KEY not in scope:  # again, in its span
+            await _tracing.traced_http(self, scope, receive, send, route.app_name, route.ingress)
             return
         handle = self._routes.forwarder(route)
         forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}

@@ -160,6 +160,8 @@ class ReplicaConnection:
             # The time left, never 0 (which means no deadline): a request whose deadline passed
             # meanwhile reaches a replica that answers RequestTimeoutError without running it.
             header.timeout_s = max(deadline_s - time.monotonic(), MIN_TIMEOUT_S)
+        if envelope.trace_context:
+            header.trace_context.update(envelope.trace_context)
         lane.send(header, envelope.args, envelope.kwargs, buffers=envelope.buffers)
         return frame_id
 

@@ -383,4 +383,5 @@ def serve_status_from_proto(msg: controller_pb2.GetStatusResponse) -> ServeStatu
             )
             for p in msg.proxies
         },
+        dashboard_url=msg.dashboard_url,
     )

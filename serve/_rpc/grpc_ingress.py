@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
+from serve import _tracing
 from serve._context import RequestContext, request_deadline, set_current_request
 from serve._ingress import (
     GRPC_END_INPUT,
@@ -92,6 +93,9 @@ class _Ingress(grpc.GenericRpcHandler):
         if method == HEALTHZ:
             return grpc.unary_unary_rpc_method_handler(self._healthz)
         # A partial of an async generator function still reads as one to grpc.aio.
+        if _tracing.enabled:
+            traced = functools.partial(_tracing.traced_grpc, self._forward, method)
+            return grpc.stream_stream_rpc_method_handler(traced)
         return grpc.stream_stream_rpc_method_handler(functools.partial(self._forward, method))
 
     async def _health(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:

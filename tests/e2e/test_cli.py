@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,12 +232,21 @@ def test_an_unreachable_controller_error_mentions_serve_address_only_when_it_is_
     assert "unset SERVE_ADDRESS" in by_env.stderr
 
 
-def test_start_tells_where_metrics_are(tmp_path: Path) -> None:
+def test_start_and_status_link_the_dashboard(tmp_path: Path) -> None:
     env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
-    started = serve_cmd("start", "--metrics-port", "0", env=env)
+    started = serve_cmd("start", "--proxy-location", "Disabled", env=env)
     try:
         assert started.returncode == 0, started.stderr
-        assert "Prometheus metrics at http://127.0.0.1:" in started.stdout
+        line = next(x for x in started.stdout.splitlines() if x.startswith("Dashboard at "))
+        url = line.split()[2]
+        assert url.startswith("http://127.0.0.1:")
+        assert "(Prometheus metrics at /metrics)" in line
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert b"dashboard.js" in page.read()
+        status = serve_cmd("status", env=env)
+        assert f"Dashboard: {url}" in status.stdout
+        as_json = json.loads(serve_cmd("status", "--json", env=env).stdout)
+        assert as_json["dashboard_url"] == url
     finally:
         serve_cmd("shutdown", env=env)
         record = tmp_path / "state" / "controller.json"

@@ -52,6 +52,8 @@ def test_ray_serve_names_exist() -> None:
         "ingress",
         "context",
         "metrics",
+        "TracingConfig",
+        "get_trace_context",
     ]:
         assert hasattr(serve, name), name
 
@@ -94,6 +96,15 @@ def _run(code: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def test_import_serve_does_not_load_opentelemetry() -> None:
+    # Tracing is an optional extra, imported only by processes that trace.
+    code = (
+        "import sys, serve; serve.TracingConfig(); assert serve.get_trace_context() is None; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    assert _run(code) == "[]"
 
 
 def test_starlette_requests_is_reachable_after_a_bare_import_starlette_as_under_ray() -> None:
