@@ -57,6 +57,7 @@ from serve._proto.replica_pb2 import (
     REJECT_REASON_FULL,
     FrameHeader,
 )
+from serve._rpc import shm
 from serve._rpc.channel import Context
 from serve._rpc.frames import FrameError, FrameLane, read_frames
 from serve._rpc.status import error_info
@@ -66,6 +67,7 @@ from serve.exceptions import RemoteError, RequestTimeoutError, ServeError
 
 logger = logging.getLogger(__name__)
 
+SEGMENT_LINGER_S = 2.0  # a live router's time to take the last segments of a closing stream
 DEFAULT_STREAM_WINDOW = 64
 DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
 # A budget above this (or not a positive number) is no deadline at all: timers cannot hold it.
@@ -85,10 +87,17 @@ class _Unencodable(Exception):
 class StreamSession:
     """The requests of one Connect stream, their tasks, and the lane their answers go on."""
 
-    def __init__(self, executor: Executor, context: Context) -> None:
+    def __init__(self, executor: Executor, context: Context, shm_token: str = "") -> None:
+        """``shm_token``: the stream's shared-memory token, when the router proved it shares
+        this host's /dev/shm (serve/_rpc/shm.py); its segments are removed when it ends."""
         self._executor = executor
         self._context = context
         self._lane = FrameLane(context.write)
+        self._segments: shm.SegmentLane | None = None
+        if shm_token:
+            self._segments = self._lane.writer.segments = shm.SegmentLane(
+                shm_token, router=False, min_bytes=settings().shm_min_bytes
+            )
         self._acked = 0  # the highest request number read
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_requested: set[int] = set()
@@ -114,7 +123,8 @@ class StreamSession:
                 message = await self._context.read()
                 if message is grpc.aio.EOF:
                     break
-                for header, body, buffers in await read_frames(message, self._context.read):
+                frames = await read_frames(message, self._context.read, self._segments)
+                for header, body, buffers in frames:
                     self._on_frame(header, body, buffers)
             # The router half-closed: finish what it sent, then end the stream.
             while self._tasks:
@@ -133,11 +143,23 @@ class StreamSession:
             self._reserved.clear()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            if self._segments is not None:  # the router's segments nobody will read now
+                self._segments.sweep(own=False)
 
     @property
     def acked(self) -> int:
         """The highest request number read on this stream."""
         return self._acked
+
+    async def remove_segments(self, router_alive: bool) -> None:
+        """After :meth:`run`: remove this stream's shared-memory segments. A router still
+        alive (the replica closed the stream, or the router half-closed it) may still read the
+        last results: it gets a moment to take them first."""
+        segments = self._segments
+        if segments is not None:
+            if router_alive:
+                await segments.linger(SEGMENT_LINGER_S)
+            segments.sweep()
 
     async def wait_flushed(self) -> None:
         """Until everything queued for the router has been written (before closing)."""

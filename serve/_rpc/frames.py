@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 from serve._proto.replica_pb2 import FrameHeader
+from serve._rpc.shm import SegmentError, SegmentLane
 from serve._settings import settings
 
 _LENGTHS: Final = struct.Struct("<II")
@@ -70,7 +71,7 @@ class BatchWriter:
     gRPC whole.
     """
 
-    __slots__ = ("_last_id", "_max_bytes", "_messages", "_parts", "_size", "count")
+    __slots__ = ("_last_id", "_max_bytes", "_messages", "_parts", "_size", "count", "segments")
 
     def __init__(self, max_bytes: int | None = None) -> None:
         # A Batch never grows past the receiver's message limit: one that would is closed first.
@@ -80,12 +81,26 @@ class BatchWriter:
         self._last_id = 0  # the highest frame id in the batch being built
         self._messages: list[tuple[bytes | _Chunk, int]] = []
         self.count = 0
+        # Set once the stream's handshake proved a shared /dev/shm: big buffers go there.
+        self.segments: SegmentLane | None = None
 
     def add(
         self, header: FrameHeader, *body: bytes | memoryview, buffers: Sequence[bytes] = ()
     ) -> None:
         if buffers:
             header.buffer_lengths.extend(len(b) for b in buffers)
+            segments = self.segments
+            if segments is not None and segments.min_bytes:
+                total = 0
+                for buffer in buffers:
+                    total += len(buffer)
+                if total >= segments.min_bytes:
+                    try:
+                        header.shm_segment = segments.put(buffers)
+                    except OSError:
+                        pass  # /dev/shm full or gone: these go over gRPC
+                    else:
+                        buffers = ()
         encoded = header.SerializeToString()
         body_len = 0
         for part in body:
@@ -230,16 +245,41 @@ async def _read_buffer(read: Callable[[], Awaitable[object]], expected: int) -> 
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+# A segment this big is read on a worker thread, so the loop serves others meanwhile.
+_THREAD_READ_BYTES: Final = 4 * 1024 * 1024
+
+
+async def _take_segment(segments: SegmentLane | None, header: FrameHeader) -> list[bytes]:
+    number = header.shm_segment
+    if segments is None:
+        raise FrameError("A frame names a shared-memory segment on a stream without them.")
+    lengths = list(header.buffer_lengths)
+    try:
+        if sum(lengths) >= _THREAD_READ_BYTES:
+            return await asyncio.to_thread(segments.take, number, lengths)
+        return segments.take(number, lengths)
+    except SegmentError as exc:
+        raise FrameError(str(exc)) from exc
+    except asyncio.CancelledError:
+        segments.discard(number)
+        raise
+
+
 async def read_frames(
-    message: bytes, read: Callable[[], Awaitable[object]]
+    message: bytes,
+    read: Callable[[], Awaitable[object]],
+    segments: SegmentLane | None = None,
 ) -> list[tuple[FrameHeader, memoryview, list[bytes] | None]]:
-    """The frames of one Batch, each with its out-of-band buffers (read with ``read``)."""
+    """The frames of one Batch, each with its out-of-band buffers (read with ``read``, or
+    from the peer's shared-memory ``segments``)."""
     frames = list(iter_frames(message))
     out: list[tuple[FrameHeader, memoryview, list[bytes] | None]] = []
     last = len(frames) - 1
     for i, (header, body) in enumerate(frames):
         buffers: list[bytes] | None = None
-        if header.buffer_lengths:
+        if header.shm_segment:
+            buffers = await _take_segment(segments, header)
+        elif header.buffer_lengths:
             if i != last:
                 raise FrameError("A frame with out-of-band buffers must be the last of its batch.")
             buffers = []
