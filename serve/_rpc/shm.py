@@ -116,10 +116,10 @@ def answer_hello(token: str) -> str | None:
     except OSError:
         return None
     try:
-        _unlink(path)
         status = os.fstat(fd)
         if status.st_uid != os.getuid() or status.st_size > 64:
-            return None
+            return None  # not ours: neither read nor removed
+        _unlink(path)
         return os.read(fd, 64).decode("ascii", "replace")
     except OSError:
         return None
