@@ -77,9 +77,6 @@ async def test_big_buffers_go_through_shared_memory_both_ways(
     # Both ends are this process: the argument and the result were each written and read once.
     assert shm.counts["written"] - before["written"] == 2
     assert shm.counts["read"] - before["read"] == 2
-    small = b"y" * (256 * 1024)  # out of band, but under SERVE_SHM_MIN_BYTES: over gRPC
-    assert await _echo(conn, small) == small
-    assert shm.counts["written"] - before["written"] == 2
     await conn.aclose()
 
 

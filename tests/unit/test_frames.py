@@ -112,3 +112,41 @@ async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
     assert header.id == 7
     assert bytes(body) == b"body"
     assert buffers == [b"small", big]
+
+
+async def test_buffers_over_the_threshold_go_in_a_segment_and_stay_in_the_batch() -> None:
+    """With a stream's segments set, a frame's buffers of min_bytes or more in all travel
+    in one shared-memory segment and the frame stays in its Batch; smaller ones as before."""
+    import secrets
+
+    from serve._rpc import shm
+
+    token = secrets.token_hex(16)
+    sender = shm.SegmentLane(token, router=True, min_bytes=100)
+    receiver = shm.SegmentLane(token, router=False, min_bytes=100)
+    writer = BatchWriter()
+    writer.segments = sender
+    try:
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1), b"a", buffers=[b"x" * 60, b"y" * 60])
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=2), b"b", buffers=[b"z" * 99])
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=3), b"c")
+        messages = writer.take()
+        assert len(messages) == 3  # frames 1 and 2 in one batch, 2's buffer raw, then 3
+        rest = iter(messages[1:])
+
+        async def read() -> object:
+            return next(rest)
+
+        frames = await read_frames(messages[0], read, receiver)
+        assert [(h.id, h.shm_segment, bufs) for h, _, bufs in frames] == [
+            (1, 1, [b"x" * 60, b"y" * 60]),
+            (2, 0, [b"z" * 99]),
+        ]
+        assert [h.id for h, _, _ in await read_frames(next(rest), read, receiver)] == [3]
+        assert shm.sweep(token) == 0  # the receiver removed the segment as it opened it
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=4), buffers=[b"q" * 200])
+        stray = writer.take()[0]
+        with pytest.raises(FrameError, match="without them"):  # a stream without a handshake
+            await read_frames(stray, read)
+    finally:
+        shm.sweep(token)
