@@ -59,7 +59,13 @@ from serve._proto.replica_pb2 import (
 )
 from serve._rpc import shm
 from serve._rpc.channel import Context
-from serve._rpc.frames import FrameError, FrameLane, read_frames
+from serve._rpc.frames import (
+    FrameError,
+    FrameLane,
+    item_header,
+    outcome_header,
+    read_frames,
+)
 from serve._rpc.status import error_info
 from serve._serialization import decode_args, encode_buffers
 from serve._settings import settings
@@ -74,6 +80,12 @@ DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
 MAX_TIMEOUT_S = 1e7
 
 Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts, buffers
+
+
+# The common outcomes, as markers: their headers are serialized by outcome_header(), with the
+# request's number and the replica's load (an error's header is a FrameHeader of its own).
+_RESULT = FrameHeader(kind=FRAME_KIND_RESULT)
+_END = FrameHeader(kind=FRAME_KIND_END)
 
 
 class _SystemError(Exception):
@@ -417,10 +429,10 @@ class StreamSession:
                 raise _SystemError(str(exc)) from exc
             if header.stream:
                 await self._run_stream(header, args, kwargs, request)
-                return FrameHeader(kind=FRAME_KIND_END, id=frame_id), (), []
+                return _END, (), []
             value = await executor.call(header.method, args, kwargs, request)
             payload, reply_buffers = _encode(header.response_codec, value, "result")
-            return FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id), (payload,), reply_buffers
+            return _RESULT, (payload,), reply_buffers
         except asyncio.CancelledError:
             if frame_id in self._cancel_requested or frame_id in self._timed_out or self._closing:
                 raise
@@ -443,11 +455,25 @@ class StreamSession:
 
     def _finish(self, header: FrameHeader, reply: Reply, started: float) -> None:
         header_out, body, reply_buffers = reply
-        size = sum(len(part) for part in body) + sum(len(b) for b in reply_buffers)
+        size = 0
+        for part in body:
+            size += len(part)
+        for buffer in reply_buffers:
+            size += len(buffer)
         if size > self._max_bytes:
             header_out = _error(header.id, _too_big(header.method, "result", size), ERROR_KIND_USER)
             body, reply_buffers = (), []
-        self._send(header_out, *body, buffers=reply_buffers)
+        if header_out is _RESULT or header_out is _END:  # the common answers, serialized here
+            self._lane.send_encoded(
+                outcome_header(
+                    header.id, self._executor.ongoing, self._acked, end=header_out is _END
+                ),
+                header.id,
+                *body,
+                buffers=reply_buffers,
+            )
+        else:
+            self._send(header_out, *body, buffers=reply_buffers)
         executor = self._executor
         duration_ms = (time.perf_counter() - started) * 1000.0
         failed = header_out.kind == FRAME_KIND_ERROR
@@ -483,9 +509,7 @@ class StreamSession:
                 await event.wait()
             credit[0] -= 1
             credit[1] -= size
-            self._send(
-                FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
-            )
+            self._lane.send_encoded(item_header(frame_id), frame_id, payload, buffers=item_buffers)
 
         try:
             if header.method == ASGI_METHOD:  # the app pushes what it sends

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import serve  # noqa: E402
 from scripts.bench_ingress import have_wrk, measure_http_floor, measure_ingress  # noqa: E402
+from scripts.bench_profile import measure_profile, print_profile  # noqa: E402
 from scripts.bench_routing import routing_cost_us  # noqa: E402
 from scripts.bench_stream_floor import measure_stream_floor  # noqa: E402
 from scripts.bench_tracing import measure_tracing, tracing_rows  # noqa: E402
@@ -591,7 +592,24 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--no-ingress", action="store_true", help="skip the HTTP/gRPC ingress")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing rows")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the per-stage CPU table: T1 under py-spy (scripts/bench_profile.py)",
+    )
     args = parser.parse_args()
+    if args.profile:
+        profile = measure_profile(
+            {"async": Noop.bind(), "sync": SyncNoop.bind()},
+            4.0 if args.quick else 10.0,
+            rate=closed_loop,
+        )
+        print_profile(profile)
+        out = Path(args.out).with_name("profile.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(profile, indent=2))
+        print(f"\nresults in {out}")
+        return
     # Measured with the defaults (INFO, one access line per request in the replica's log).
     s = Settings(args.quick)
     started = time.monotonic()

@@ -34,7 +34,6 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
     FRAME_KIND_RELEASE,
-    FRAME_KIND_REQUEST,
     FRAME_KIND_RESERVE,
     FRAME_KIND_RESERVED,
     FRAME_KIND_RESULT,
@@ -45,7 +44,7 @@ from serve._proto.replica_pb2 import (
 )
 from serve._rpc import shm
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
-from serve._rpc.frames import FrameError, FrameLane, read_frames
+from serve._rpc.frames import FrameError, FrameLane, read_frames, request_header
 from serve._rpc.status import rebuild
 from serve._settings import ACKED_METADATA_KEY, REPLICA_ID_METADATA_KEY, settings
 
@@ -151,30 +150,31 @@ class ReplicaConnection:
             self._next_id += 1
             frame_id = self._next_id
         self._pending[frame_id] = (listener, request)
-        header = FrameHeader(
-            kind=FRAME_KIND_REQUEST,
-            id=frame_id,
-            method=envelope.method,
-            request_codec=envelope.request_codec,  # type: ignore[arg-type]
-            response_codec=envelope.response_codec,  # type: ignore[arg-type]
-            args_len=len(envelope.args),
-            model_id=envelope.model_id,
-            stream=envelope.stream,
-            no_reject=envelope.no_reject,
-            request_id=envelope.request_id,
-            stream_window=envelope.stream_window,
-            stream_window_bytes=envelope.stream_window_bytes,
-            args_buffer_count=envelope.args_buffer_count,
-            reserved=bool(reserved),
-        )
         deadline_s = envelope.deadline_s
-        if deadline_s:
+        encoded = request_header(
+            frame_id,
+            (
+                envelope.method,
+                envelope.request_codec,
+                envelope.response_codec,
+                envelope.model_id,
+                envelope.stream,
+                envelope.no_reject,
+                envelope.stream_window,
+                envelope.stream_window_bytes,
+            ),
+            request_id=envelope.request_id,
+            args_len=len(envelope.args),
+            args_buffer_count=envelope.args_buffer_count,
             # The time left, never 0 (which means no deadline): a request whose deadline passed
             # meanwhile reaches a replica that answers RequestTimeoutError without running it.
-            header.timeout_s = max(deadline_s - time.monotonic(), MIN_TIMEOUT_S)
-        if envelope.trace_context:
-            header.trace_context.update(envelope.trace_context)
-        lane.send(header, envelope.args, envelope.kwargs, buffers=envelope.buffers)
+            timeout_s=max(deadline_s - time.monotonic(), MIN_TIMEOUT_S) if deadline_s else 0.0,
+            reserved=bool(reserved),
+            trace_context=envelope.trace_context,
+        )
+        lane.send_encoded(
+            encoded, frame_id, envelope.args, envelope.kwargs, buffers=envelope.buffers
+        )
         return frame_id
 
     def reserve(self, listener: ReplyListener, request: Any) -> int:

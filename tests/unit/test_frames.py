@@ -150,3 +150,38 @@ async def test_buffers_over_the_threshold_go_in_a_segment_and_stay_in_the_batch(
             await read_frames(stray, read)
     finally:
         shm.sweep(token)
+
+
+def test_hand_serialized_headers_parse_as_the_frame_headers_they_stand_for() -> None:
+    from serve._proto.replica_pb2 import FRAME_KIND_END, FRAME_KIND_ITEM
+    from serve._rpc.frames import item_header, outcome_header, request_header
+
+    options = ("say_hi", 1, 2, "model-7", True, False, 64, 16 * 1024 * 1024)
+    for frame_id, extra in (
+        (1, {}),
+        (300, {"args_len": 17, "args_buffer_count": 2, "timeout_s": 1.5, "reserved": True}),
+        (2**40, {"args_len": 2**20, "trace_context": {"traceparent": "00-ab-cd-01"}}),
+    ):
+        fields = {"args_len": 0, **extra}
+        encoded = request_header(frame_id, options, request_id="r" * 32, **fields)
+        expected = FrameHeader(
+            kind=FRAME_KIND_REQUEST,
+            id=frame_id,
+            method="say_hi",
+            request_codec=1,
+            response_codec=2,
+            model_id="model-7",
+            stream=True,
+            stream_window=64,
+            stream_window_bytes=16 * 1024 * 1024,
+            request_id="r" * 32,
+            **fields,
+        )
+        assert FrameHeader.FromString(encoded) == expected
+    assert FrameHeader.FromString(outcome_header(5, 0, 5)) == FrameHeader(
+        kind=FRAME_KIND_RESULT, id=5, acked=5
+    )
+    assert FrameHeader.FromString(outcome_header(2**33, 900, 2**33, end=True)) == FrameHeader(
+        kind=FRAME_KIND_END, id=2**33, ongoing=900, acked=2**33
+    )
+    assert FrameHeader.FromString(item_header(129)) == FrameHeader(kind=FRAME_KIND_ITEM, id=129)
