@@ -27,7 +27,9 @@ the router, ``r``: by the replica), so whichever end outlives the stream can fin
 
 The token travels only inside the authenticated stream, names are built by the receiver from
 it and a number (never taken from the wire as a path), and files are opened with
-``O_NOFOLLOW`` and created with ``O_EXCL``.
+``O_NOFOLLOW`` and created with ``O_EXCL``. Last, for when both ends died (or a router died
+before its replica took the hello file): the token starts with the router's pid, and a
+router opening a stream removes this user's files of dead routers older than a minute.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ class Hello:
     """The router's side of the handshake: a file only a same-host peer can read."""
 
     def __init__(self) -> None:
-        self.token = secrets.token_hex(16)
+        # The token starts with the router's pid: remove_orphans() can tell a dead stream's.
+        self.token = f"{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(12)}"
         self.secret = secrets.token_hex(16)
         self.created = False
+        remove_orphans()
 
     def create(self) -> bool:
         try:
@@ -214,6 +218,46 @@ def sweep(token: str, side: str | None = None) -> int:
         if _unlink(path):
             removed += 1
     return removed
+
+
+ORPHAN_AGE_S: Final = 60.0
+_last_orphan_sweep = -ORPHAN_AGE_S
+
+
+def remove_orphans(now: float | None = None) -> int:
+    """Remove this user's segments (and hello files) of streams whose router process is gone
+    and that are over a minute old: what is left when both ends of a stream died, or a router
+    died before its replica took the hello file. Runs at most once a minute per process."""
+    global _last_orphan_sweep
+    now = time.monotonic() if now is None else now
+    if now - _last_orphan_sweep < ORPHAN_AGE_S:
+        return 0
+    _last_orphan_sweep = now
+    removed = 0
+    uid, wall = os.getuid(), time.time()
+    for path in glob.glob(f"{SHM_DIR}/serve-*-*"):
+        token = path[len(SHM_DIR) + len("/serve-") :].split("-", 1)[0]
+        if not valid_token(token):
+            continue
+        try:
+            status = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        if status.st_uid != uid or wall - status.st_mtime < ORPHAN_AGE_S:
+            continue
+        if not _alive(int(token[:8], 16)) and _unlink(path):
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's, or not ours to ask: assume it lives
+    return True
 
 
 def _read(fd: int, offset: int, length: int) -> bytes:

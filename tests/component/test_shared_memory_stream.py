@@ -145,3 +145,30 @@ def test_the_handshake_needs_the_file_and_the_same_user(tmp_path: Any) -> None:
         os.chown(f"{shm.SHM_DIR}/serve-{other.token}-hello", 65534, 65534)
         assert shm.answer_hello(other.token) is None
     other.remove()
+
+
+def test_files_of_dead_routers_are_removed_once_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ends of a stream died: the next router to open a stream removes what they left."""
+    import subprocess
+    import time
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    token = f"{dead.pid:08x}{'ab' * 12}"
+    lane = shm.SegmentLane(token, router=True, min_bytes=1)
+    lane.put([b"left behind"])
+    live = shm.SegmentLane(f"{os.getpid():08x}{'cd' * 12}", router=True, min_bytes=1)
+    live.put([b"still in use"])
+    old = time.time() - 2 * shm.ORPHAN_AGE_S
+    for path in glob.glob(f"{shm.SHM_DIR}/serve-{token}-*") + glob.glob(
+        f"{shm.SHM_DIR}/serve-{live.token}-*"
+    ):
+        os.utime(path, (old, old))
+    try:
+        monkeypatch.setattr(shm, "_last_orphan_sweep", -float("inf"))  # not swept lately
+        assert shm.remove_orphans() == 1
+        assert not glob.glob(f"{shm.SHM_DIR}/serve-{token}-*")
+        assert glob.glob(f"{shm.SHM_DIR}/serve-{live.token}-*")  # its router lives
+    finally:
+        shm.sweep(token)
+        shm.sweep(live.token)
