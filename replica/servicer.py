@@ -18,6 +18,7 @@ import grpc.aio
 from replica.executor import Executor
 from replica.session import StreamSession
 from serve._proto import replica_pb2
+from serve._rpc import shm
 from serve._rpc.channel import Context
 from serve._rpc.convert import code_env_from_proto, config_from_proto, spec_from_proto
 from serve._rpc.service import add_service
@@ -46,10 +47,12 @@ class ReplicaServicer:
         self._live: set[StreamSession] = set()
 
     async def Connect(self, request_iterator: Any, context: Context) -> None:
-        wanted = ""
+        wanted = shm_token = ""
         for key, value in context.invocation_metadata() or ():
             if key == REPLICA_ID_METADATA_KEY and isinstance(value, str):
                 wanted = value
+            elif key == shm.TOKEN_METADATA_KEY and isinstance(value, str):
+                shm_token = value
         if wanted != self._replica_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -58,20 +61,27 @@ class ReplicaServicer:
             )
         # The router writes nothing before these headers: a stream refused above never carried
         # a request, so the router may retry its requests elsewhere.
-        await context.send_initial_metadata(((REPLICA_ID_METADATA_KEY, self._replica_id),))
+        headers = [(REPLICA_ID_METADATA_KEY, self._replica_id)]
+        proof = shm.answer_hello(shm_token) if shm_token else None
+        if proof is not None:  # same host, same user: big buffers go through /dev/shm
+            headers.append((shm.PROOF_METADATA_KEY, proof))
+        await context.send_initial_metadata(tuple(headers))
         task = asyncio.current_task()
         assert task is not None
         self._sessions.add(task)
-        session = StreamSession(self._executor, context)
+        session = StreamSession(self._executor, context, shm_token if proof is not None else "")
         self._live.add(session)
+        router_alive = True  # unless the router broke the stream (it is gone, or gave up)
         try:
             await session.run()
         except asyncio.CancelledError:
             if task not in self._closing:
+                router_alive = False
                 raise
         finally:
             self._sessions.discard(task)
             self._live.discard(session)
+            await asyncio.shield(session.remove_segments(router_alive))
         # A graceful end (the replica stops): requests after this one were never read, so the
         # router may send them elsewhere.
         context.set_trailing_metadata(((ACKED_METADATA_KEY, str(session.acked)),))

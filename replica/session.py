@@ -57,8 +57,15 @@ from serve._proto.replica_pb2 import (
     REJECT_REASON_FULL,
     FrameHeader,
 )
+from serve._rpc import shm
 from serve._rpc.channel import Context
-from serve._rpc.frames import FrameError, FrameLane, read_frames
+from serve._rpc.frames import (
+    FrameError,
+    FrameLane,
+    item_header,
+    outcome_header,
+    read_frames,
+)
 from serve._rpc.status import error_info
 from serve._serialization import decode_args, encode_buffers
 from serve._settings import settings
@@ -66,12 +73,19 @@ from serve.exceptions import RemoteError, RequestTimeoutError, ServeError
 
 logger = logging.getLogger(__name__)
 
+SEGMENT_LINGER_S = 2.0  # a live router's time to take the last segments of a closing stream
 DEFAULT_STREAM_WINDOW = 64
 DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
 # A budget above this (or not a positive number) is no deadline at all: timers cannot hold it.
 MAX_TIMEOUT_S = 1e7
 
 Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts, buffers
+
+
+# The common outcomes, as markers: their headers are serialized by outcome_header(), with the
+# request's number and the replica's load (an error's header is a FrameHeader of its own).
+_RESULT = FrameHeader(kind=FRAME_KIND_RESULT)
+_END = FrameHeader(kind=FRAME_KIND_END)
 
 
 class _SystemError(Exception):
@@ -85,10 +99,17 @@ class _Unencodable(Exception):
 class StreamSession:
     """The requests of one Connect stream, their tasks, and the lane their answers go on."""
 
-    def __init__(self, executor: Executor, context: Context) -> None:
+    def __init__(self, executor: Executor, context: Context, shm_token: str = "") -> None:
+        """``shm_token``: the stream's shared-memory token, when the router proved it shares
+        this host's /dev/shm (serve/_rpc/shm.py); its segments are removed when it ends."""
         self._executor = executor
         self._context = context
         self._lane = FrameLane(context.write)
+        self._segments: shm.SegmentLane | None = None
+        if shm_token:
+            self._segments = self._lane.writer.segments = shm.SegmentLane(
+                shm_token, router=False, min_bytes=settings().shm_min_bytes
+            )
         self._acked = 0  # the highest request number read
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_requested: set[int] = set()
@@ -114,7 +135,8 @@ class StreamSession:
                 message = await self._context.read()
                 if message is grpc.aio.EOF:
                     break
-                for header, body, buffers in await read_frames(message, self._context.read):
+                frames = await read_frames(message, self._context.read, self._segments)
+                for header, body, buffers in frames:
                     self._on_frame(header, body, buffers)
             # The router half-closed: finish what it sent, then end the stream.
             while self._tasks:
@@ -133,11 +155,23 @@ class StreamSession:
             self._reserved.clear()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            if self._segments is not None:  # the router's segments nobody will read now
+                self._segments.sweep(own=False)
 
     @property
     def acked(self) -> int:
         """The highest request number read on this stream."""
         return self._acked
+
+    async def remove_segments(self, router_alive: bool) -> None:
+        """After :meth:`run`: remove this stream's shared-memory segments. A router still
+        alive (the replica closed the stream, or the router half-closed it) may still read the
+        last results: it gets a moment to take them first."""
+        segments = self._segments
+        if segments is not None:
+            if router_alive:
+                await segments.linger(SEGMENT_LINGER_S)
+            segments.sweep()
 
     async def wait_flushed(self) -> None:
         """Until everything queued for the router has been written (before closing)."""
@@ -395,10 +429,10 @@ class StreamSession:
                 raise _SystemError(str(exc)) from exc
             if header.stream:
                 await self._run_stream(header, args, kwargs, request)
-                return FrameHeader(kind=FRAME_KIND_END, id=frame_id), (), []
+                return _END, (), []
             value = await executor.call(header.method, args, kwargs, request)
             payload, reply_buffers = _encode(header.response_codec, value, "result")
-            return FrameHeader(kind=FRAME_KIND_RESULT, id=frame_id), (payload,), reply_buffers
+            return _RESULT, (payload,), reply_buffers
         except asyncio.CancelledError:
             if frame_id in self._cancel_requested or frame_id in self._timed_out or self._closing:
                 raise
@@ -421,11 +455,25 @@ class StreamSession:
 
     def _finish(self, header: FrameHeader, reply: Reply, started: float) -> None:
         header_out, body, reply_buffers = reply
-        size = sum(len(part) for part in body) + sum(len(b) for b in reply_buffers)
+        size = 0
+        for part in body:
+            size += len(part)
+        for buffer in reply_buffers:
+            size += len(buffer)
         if size > self._max_bytes:
             header_out = _error(header.id, _too_big(header.method, "result", size), ERROR_KIND_USER)
             body, reply_buffers = (), []
-        self._send(header_out, *body, buffers=reply_buffers)
+        if header_out is _RESULT or header_out is _END:  # the common answers, serialized here
+            self._lane.send_encoded(
+                outcome_header(
+                    header.id, self._executor.ongoing, self._acked, end=header_out is _END
+                ),
+                header.id,
+                *body,
+                buffers=reply_buffers,
+            )
+        else:
+            self._send(header_out, *body, buffers=reply_buffers)
         executor = self._executor
         duration_ms = (time.perf_counter() - started) * 1000.0
         failed = header_out.kind == FRAME_KIND_ERROR
@@ -461,9 +509,7 @@ class StreamSession:
                 await event.wait()
             credit[0] -= 1
             credit[1] -= size
-            self._send(
-                FrameHeader(kind=FRAME_KIND_ITEM, id=frame_id), payload, buffers=item_buffers
-            )
+            self._lane.send_encoded(item_header(frame_id), frame_id, payload, buffers=item_buffers)
 
         try:
             if header.method == ASGI_METHOD:  # the app pushes what it sends

@@ -1,8 +1,10 @@
 """The raw gRPC floor for `make bench`: a bare grpc.aio server in its own process (uvloop).
 
 Unary `Echo` returns its request; server-streaming `Stream` answers a request
-`u32 count | item` with `count` copies of `item`. Raw bytes, no protobuf, no serve code: the
-least any gRPC-based design can cost on this machine. Prints the port on stdout.
+`u32 count | item` with `count` copies of `item`; bidirectional `Mux` echoes every message it
+reads (the client multiplexes many requests over it, see scripts/bench_stream_floor.py). Raw
+bytes, no protobuf, no serve code: the least any gRPC-based design can cost on this machine.
+Prints the port on stdout.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ async def stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIter
         yield item
 
 
+async def mux(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for message in requests:
+        yield message
+
+
 async def main() -> None:
     server = grpc.aio.server(options=OPTIONS)
     server.add_generic_rpc_handlers(
@@ -39,6 +48,7 @@ async def main() -> None:
                 {
                     "Echo": grpc.unary_unary_rpc_method_handler(echo),
                     "Stream": grpc.unary_stream_rpc_method_handler(stream),
+                    "Mux": grpc.stream_stream_rpc_method_handler(mux),
                 },
             ),
         )

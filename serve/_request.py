@@ -209,7 +209,9 @@ class Request:
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         envelope = self.envelope
         encoded = EncodedArgs(envelope.request_codec, args, kwargs)
-        size = len(encoded.args) + len(encoded.kwargs) + sum(len(b) for b in encoded.buffers)
+        size = len(encoded.args) + len(encoded.kwargs)
+        for buffer in encoded.buffers:
+            size += len(buffer)
         limit = settings().max_message_bytes
         if size > limit:
             raise ValueError(

@@ -145,8 +145,11 @@ def _lift(value: Any) -> Any:
 
 def encode_buffers(codec: int, value: Any) -> tuple[bytes, list[bytes]]:
     """Encode one value; with the pickle codecs, big buffers come back separately, uncopied."""
-    if codec not in (CLOUDPICKLE, PICKLE):
+    if codec > PICKLE:
         return encode(codec, value), []
+    kind = type(value)
+    if kind in _PLAIN_TYPES and (kind is not bytes or len(value) < OOB_MIN_BYTES):
+        return pickle.dumps(value, protocol=5), []  # a plain small value: nothing out of band
     buffers: list[bytes] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -183,14 +186,34 @@ def decode(codec: int, data: bytes | memoryview, buffers: list[bytes] | None = N
     raise ValueError(f"Unknown codec id {codec}.")
 
 
+def _small_plain(values: tuple[Any, ...]) -> bool:
+    """True for positional arguments that pickle in band as they are: plain values, no big
+    bytes (which would go out of band). The common call, encoded with one C call."""
+    for value in values:
+        kind = type(value)
+        if kind is bytes:
+            if len(value) >= OOB_MIN_BYTES:
+                return False
+        elif kind not in _PLAIN_TYPES:
+            return False
+    return True
+
+
 class EncodedArgs:
     """Positional and keyword arguments encoded separately (as Ray does), plus big buffers."""
 
     __slots__ = ("args", "args_buffer_count", "buffers", "kwargs")
 
     def __init__(self, codec: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not kwargs and codec <= PICKLE and _small_plain(args):
+            # Plain values pickle the same with either codec, and with no buffer callback.
+            self.args = pickle.dumps(args, protocol=5) if args else b""
+            self.buffers: list[bytes] = []
+            self.args_buffer_count = 0
+            self.kwargs = b""
+            return
         self.args = b""
-        self.buffers: list[bytes] = []
+        self.buffers = []
         if args:
             pickled = codec in (CLOUDPICKLE, PICKLE)
             self.args, self.buffers = encode_buffers(codec, args if pickled else list(args))

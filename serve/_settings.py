@@ -107,6 +107,10 @@ class Settings:
     max_routing_stats_bytes: int = 64 * 2**10
     tracing_exporter_import_path: str = ""  # empty: tracing off
     tracing_sampling_ratio: float = 0.01  # Ray's default
+    # A frame's out-of-band buffers of at least this many bytes in all go through shared memory
+    # when both ends of its stream share /dev/shm (serve/_rpc/shm.py); 0: never. Measured: from
+    # 256 KiB up (where buffers go out of band at all) a segment beats the gRPC messages.
+    shm_min_bytes: int = 256 * 2**10
 
 
 def _float_env(name: str, default: float) -> float:
@@ -223,4 +227,5 @@ def settings() -> Settings:
         ),
         tracing_exporter_import_path=os.environ.get("SERVE_TRACING_EXPORTER_IMPORT_PATH", ""),
         tracing_sampling_ratio=_ratio_env("SERVE_TRACING_SAMPLING_RATIO", 0.01),
+        shm_min_bytes=_count_env("SERVE_SHM_MIN_BYTES", 256 * 2**10),
     )

@@ -224,6 +224,7 @@ class FrameHeader(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    SHM_SEGMENT_FIELD_NUMBER: _builtins.int
     kind: Global___FrameKind.ValueType
     id: _builtins.int
     """per-connection request number, chosen by the router"""
@@ -266,6 +267,12 @@ class FrameHeader(_message.Message):
     """
     reserved: _builtins.bool
     """REQUEST: run in the slot held under this `id` by an earlier RESERVE (never rejected)."""
+    shm_segment: _builtins.int
+    """Its out-of-band buffers (`buffer_lengths`) are not on the stream but in the sender's
+    shared-memory segment of this number (serve/_rpc/shm.py; only on a stream whose handshake
+    proved both ends share /dev/shm). The receiver removes the segment once it opened it. Such
+    a frame need not end its Batch.
+    """
     @_builtins.property
     def error(self) -> _common_pb2.ErrorInfo: ...
     @_builtins.property
@@ -305,10 +312,11 @@ class FrameHeader(_message.Message):
         timeout_s: _builtins.float = ...,
         reserved: _builtins.bool = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        shm_segment: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "reserved", b"reserved", "response_codec", b"response_codec", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "reserved", b"reserved", "response_codec", b"response_codec", "shm_segment", b"shm_segment", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -77,7 +77,9 @@ class ReplicaServicer:
 
         Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
         are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
-        Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+        Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw; or,
+        when both ends share a host (proved by the `serve-shm-token` / `serve-shm-proof` metadata
+        handshake), the frame names a shared-memory segment holding them (`shm_segment`).
 
         Admission is implicit: the replica answers each request with exactly one of REJECTED
         (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then

@@ -39,7 +39,9 @@ class ReplicaStub:
 
     Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
     are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
-    Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+    Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw; or,
+    when both ends share a host (proved by the `serve-shm-token` / `serve-shm-proof` metadata
+    handshake), the frame names a shared-memory segment holding them (`shm_segment`).
 
     Admission is implicit: the replica answers each request with exactly one of REJECTED
     (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
@@ -67,7 +69,9 @@ class ReplicaAsyncStub(ReplicaStub):
 
     Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
     are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
-    Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+    Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw; or,
+    when both ends share a host (proved by the `serve-shm-token` / `serve-shm-proof` metadata
+    handshake), the frame names a shared-memory segment holding them (`shm_segment`).
 
     Admission is implicit: the replica answers each request with exactly one of REJECTED
     (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then
@@ -98,7 +102,9 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
 
         Large buffers (pickle protocol 5 out-of-band buffers, such as big bytes values or arrays)
         are not copied into a Batch: a frame that lists `buffer_lengths` is the last frame of its
-        Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw.
+        Batch, and the next len(buffer_lengths) messages on the stream are those buffers, raw; or,
+        when both ends share a host (proved by the `serve-shm-token` / `serve-shm-proof` metadata
+        handshake), the frame names a shared-memory segment holding them (`shm_segment`).
 
         Admission is implicit: the replica answers each request with exactly one of REJECTED
         (full or draining, before any user code runs) or its outcome (RESULT, ERROR, or ITEMs then

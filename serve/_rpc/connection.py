@@ -34,7 +34,6 @@ from serve._proto.replica_pb2 import (
     FRAME_KIND_ITEM,
     FRAME_KIND_REJECTED,
     FRAME_KIND_RELEASE,
-    FRAME_KIND_REQUEST,
     FRAME_KIND_RESERVE,
     FRAME_KIND_RESERVED,
     FRAME_KIND_RESULT,
@@ -43,10 +42,11 @@ from serve._proto.replica_pb2 import (
     QueueLengthRequest,
     QueueLengthResponse,
 )
+from serve._rpc import shm
 from serve._rpc.channel import TlsFiles, open_channel, token_metadata
-from serve._rpc.frames import FrameError, FrameLane, read_frames
+from serve._rpc.frames import FrameError, FrameLane, read_frames, request_header
 from serve._rpc.status import rebuild
-from serve._settings import ACKED_METADATA_KEY, REPLICA_ID_METADATA_KEY
+from serve._settings import ACKED_METADATA_KEY, REPLICA_ID_METADATA_KEY, settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class ReplicaConnection:
         self._written_upto = 0  # request ids up to this one were taken for writing
         self.broken: ConnectionLost | None = None
         self._closed = False
+        # Shared memory for big buffers, once the replica proved it shares our /dev/shm.
+        self._hello: shm.Hello | None = None
+        self._segments: shm.SegmentLane | None = None
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else "closed" if self._closed else "open"
@@ -108,9 +111,17 @@ class ReplicaConnection:
         connect: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(
             CONNECT_METHOD
         )
-        call = self._call = connect(
-            metadata=(*token_metadata(self._token), (REPLICA_ID_METADATA_KEY, self.replica_id))
-        )
+        metadata = [*token_metadata(self._token), (REPLICA_ID_METADATA_KEY, self.replica_id)]
+        if settings().shm_min_bytes and shm.available():
+            hello = shm.Hello()
+            if hello.create():
+                self._hello = hello
+                metadata.append((shm.TOKEN_METADATA_KEY, hello.token))
+                # Read from the start: a replica that read the hello file writes segments.
+                self._segments = shm.SegmentLane(
+                    hello.token, router=True, min_bytes=settings().shm_min_bytes
+                )
+        call = self._call = connect(metadata=tuple(metadata))
         lane = self._lane = FrameLane(call.write)
         lane.on_written = self._written
         self._tasks = [
@@ -139,30 +150,31 @@ class ReplicaConnection:
             self._next_id += 1
             frame_id = self._next_id
         self._pending[frame_id] = (listener, request)
-        header = FrameHeader(
-            kind=FRAME_KIND_REQUEST,
-            id=frame_id,
-            method=envelope.method,
-            request_codec=envelope.request_codec,  # type: ignore[arg-type]
-            response_codec=envelope.response_codec,  # type: ignore[arg-type]
-            args_len=len(envelope.args),
-            model_id=envelope.model_id,
-            stream=envelope.stream,
-            no_reject=envelope.no_reject,
-            request_id=envelope.request_id,
-            stream_window=envelope.stream_window,
-            stream_window_bytes=envelope.stream_window_bytes,
-            args_buffer_count=envelope.args_buffer_count,
-            reserved=bool(reserved),
-        )
         deadline_s = envelope.deadline_s
-        if deadline_s:
+        encoded = request_header(
+            frame_id,
+            (
+                envelope.method,
+                envelope.request_codec,
+                envelope.response_codec,
+                envelope.model_id,
+                envelope.stream,
+                envelope.no_reject,
+                envelope.stream_window,
+                envelope.stream_window_bytes,
+            ),
+            request_id=envelope.request_id,
+            args_len=len(envelope.args),
+            args_buffer_count=envelope.args_buffer_count,
             # The time left, never 0 (which means no deadline): a request whose deadline passed
             # meanwhile reaches a replica that answers RequestTimeoutError without running it.
-            header.timeout_s = max(deadline_s - time.monotonic(), MIN_TIMEOUT_S)
-        if envelope.trace_context:
-            header.trace_context.update(envelope.trace_context)
-        lane.send(header, envelope.args, envelope.kwargs, buffers=envelope.buffers)
+            timeout_s=max(deadline_s - time.monotonic(), MIN_TIMEOUT_S) if deadline_s else 0.0,
+            reserved=bool(reserved),
+            trace_context=envelope.trace_context,
+        )
+        lane.send_encoded(
+            encoded, frame_id, envelope.args, envelope.kwargs, buffers=envelope.buffers
+        )
         return frame_id
 
     def reserve(self, listener: ReplyListener, request: Any) -> int:
@@ -202,9 +214,14 @@ class ReplicaConnection:
         """Write once the replica has confirmed, in its headers, that it is the replica this
         connection is for: until then nothing is written, so nothing can have run."""
         try:
-            metadata = await call.initial_metadata()
-            if (REPLICA_ID_METADATA_KEY, self.replica_id) not in tuple(metadata or ()):
+            metadata = tuple(await call.initial_metadata() or ())
+            if (REPLICA_ID_METADATA_KEY, self.replica_id) not in metadata:
                 return  # refused: the read loop reports the status it ended with
+            hello = self._hello
+            if hello is not None:
+                proof = next((v for k, v in metadata if k == shm.PROOF_METADATA_KEY), None)
+                if hello.proven(proof if isinstance(proof, str) else None):
+                    lane.writer.segments = self._segments  # ours go there too
             await lane.run()
         except asyncio.CancelledError:
             raise
@@ -229,7 +246,7 @@ class ReplicaConnection:
                         f"Replica at {self.address} ended the connection: {code.name}: {details}",
                         retryable=code != grpc.StatusCode.UNAUTHENTICATED,
                     )
-                self._dispatch(await read_frames(message, call.read))
+                self._dispatch(await read_frames(message, call.read, self._segments))
         except asyncio.CancelledError:
             raise
         except FrameError as exc:
@@ -274,6 +291,7 @@ class ReplicaConnection:
         if self.broken is not None:
             return
         self.broken = error
+        self._remove_segments()
         pending, self._pending = self._pending, {}
         written_upto = self._written_upto
         if error.read_upto is not None:  # a graceful close: later ones never reached it
@@ -325,6 +343,15 @@ class ReplicaConnection:
             self._call.cancel()
         if self._channel is not None:
             await self._channel.close()
+        self._remove_segments()  # written meanwhile by a replica still sending
+
+    def _remove_segments(self) -> None:
+        """Once nothing more is written here: every segment of this stream left in /dev/shm
+        (ours never read, the replica's never taken) goes."""
+        hello = self._hello
+        if hello is not None:
+            hello.remove()
+            shm.sweep(hello.token)
 
 
 def _read_upto(metadata: Any) -> int | None:

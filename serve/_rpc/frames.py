@@ -16,7 +16,14 @@ import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
-from serve._proto.replica_pb2 import FrameHeader
+from serve._proto.replica_pb2 import (
+    FRAME_KIND_END,
+    FRAME_KIND_ITEM,
+    FRAME_KIND_REQUEST,
+    FRAME_KIND_RESULT,
+    FrameHeader,
+)
+from serve._rpc.shm import SegmentError, SegmentLane
 from serve._settings import settings
 
 _LENGTHS: Final = struct.Struct("<II")
@@ -49,7 +56,12 @@ class FrameError(ValueError):
     """A Connect message that is not a well-formed batch of frames."""
 
 
+_SMALL_VARINTS: Final = tuple(bytes((i,)) for i in range(128))
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -70,7 +82,7 @@ class BatchWriter:
     gRPC whole.
     """
 
-    __slots__ = ("_last_id", "_max_bytes", "_messages", "_parts", "_size", "count")
+    __slots__ = ("_last_id", "_max_bytes", "_messages", "_parts", "_size", "count", "segments")
 
     def __init__(self, max_bytes: int | None = None) -> None:
         # A Batch never grows past the receiver's message limit: one that would is closed first.
@@ -80,25 +92,27 @@ class BatchWriter:
         self._last_id = 0  # the highest frame id in the batch being built
         self._messages: list[tuple[bytes | _Chunk, int]] = []
         self.count = 0
+        # Set once the stream's handshake proved a shared /dev/shm: big buffers go there.
+        self.segments: SegmentLane | None = None
 
     def add(
         self, header: FrameHeader, *body: bytes | memoryview, buffers: Sequence[bytes] = ()
     ) -> None:
         if buffers:
             header.buffer_lengths.extend(len(b) for b in buffers)
-        encoded = header.SerializeToString()
-        body_len = 0
-        for part in body:
-            body_len += len(part)
-        if body_len > MAX_FRAME_BODY:
-            raise FrameError(f"A frame body of {body_len} bytes is over {MAX_FRAME_BODY}.")
-        if self._parts and self._size + 8 + len(encoded) + body_len > self._max_bytes - 16:
-            self._close_batch()
-        self._parts.append(_LENGTHS.pack(len(encoded), body_len))
-        self._parts.append(encoded)
-        self._parts.extend(body)
-        self._size += 8 + len(encoded) + body_len
-        self.count += 1
+            segments = self.segments
+            if segments is not None and segments.min_bytes:
+                total = 0
+                for buffer in buffers:
+                    total += len(buffer)
+                if total >= segments.min_bytes:
+                    try:
+                        header.shm_segment = segments.put(buffers)
+                    except OSError:
+                        pass  # /dev/shm full or gone: these go over gRPC
+                    else:
+                        buffers = ()
+        self._append(header.SerializeToString(), body)
         if buffers:
             # The frame is complete only with its last buffer: that message carries its id.
             last_id = max(self._last_id, header.id)
@@ -114,6 +128,36 @@ class BatchWriter:
             self._messages[-1] = (self._messages[-1][0], last_id)
         elif header.id > self._last_id:
             self._last_id = header.id
+
+    def add_encoded(
+        self,
+        encoded: bytes,
+        frame_id: int,
+        *body: bytes | memoryview,
+        buffers: Sequence[bytes] = (),
+    ) -> None:
+        """Add a frame whose header is already serialized (see :func:`request_header`)."""
+        if buffers:  # rare and big: the header gains the buffers' lengths
+            self.add(FrameHeader.FromString(encoded), *body, buffers=buffers)
+            return
+        self._append(encoded, body)
+        if frame_id > self._last_id:
+            self._last_id = frame_id
+
+    def _append(self, encoded: bytes, body: tuple[bytes | memoryview, ...]) -> None:
+        body_len = 0
+        for part in body:
+            body_len += len(part)
+        if body_len > MAX_FRAME_BODY:
+            raise FrameError(f"A frame body of {body_len} bytes is over {MAX_FRAME_BODY}.")
+        if self._parts and self._size + 8 + len(encoded) + body_len > self._max_bytes - 16:
+            self._close_batch()
+        parts = self._parts
+        parts.append(_LENGTHS.pack(len(encoded), body_len))
+        parts.append(encoded)
+        parts.extend(body)
+        self._size += 8 + len(encoded) + body_len
+        self.count += 1
 
     def _close_batch(self, mark: int | None = None) -> None:
         if self._parts:
@@ -157,6 +201,19 @@ class FrameLane:
         if not self._wakeup.is_set():
             self._wakeup.set()
 
+    def send_encoded(
+        self,
+        encoded: bytes,
+        frame_id: int,
+        *body: bytes | memoryview,
+        buffers: Sequence[bytes] = (),
+    ) -> None:
+        """:meth:`send` for a header already serialized (the per-request hot path)."""
+        self.writer.add_encoded(encoded, frame_id, *body, buffers=buffers)
+        self.idle.clear()
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
     async def run(self) -> None:
         """Write until cancelled (or until a write fails, which raises)."""
         while True:
@@ -172,6 +229,96 @@ class FrameLane:
                 if completes and self.on_written is not None:
                     self.on_written(completes)
         self.idle.set()
+
+
+# Hand-serialized headers for the frames every request costs. Protobuf's wire format is a run
+# of (tag, value) pairs, and concatenated messages parse as one: a request's header is the
+# serialized fields its handle options fix (cached) followed by its own fields, written here.
+# tests/unit/test_frames.py checks them against FrameHeader's own serialization.
+_ID_TAG: Final = b"\x10"  # id = 2, varint
+_ARGS_LEN_TAG: Final = b"\x30"  # args_len = 6, varint
+_REQUEST_ID_TAG: Final = b"\x52"  # request_id = 10, length-delimited
+_ONGOING_TAG: Final = b"\x60"  # ongoing = 12, varint
+_ARGS_BUFFER_COUNT_TAG: Final = b"\x90\x01"  # args_buffer_count = 18, varint
+_ACKED_TAG: Final = b"\x98\x01"  # acked = 19, varint
+_TIMEOUT_TAG: Final = b"\xb1\x01"  # timeout_s = 22, fixed64 (double)
+_RESERVED_TRUE: Final = b"\xb8\x01\x01"  # reserved = 23, true
+_DOUBLE: Final = struct.Struct("<d")
+_prefixes: dict[tuple[Any, ...], bytes] = {}
+_MAX_PREFIXES: Final = 4096
+
+
+def request_header(
+    frame_id: int,
+    options: tuple[str, int, int, str, bool, bool, int, int],
+    *,
+    request_id: str,
+    args_len: int,
+    args_buffer_count: int = 0,
+    timeout_s: float = 0.0,
+    reserved: bool = False,
+    trace_context: dict[str, str] | None = None,
+) -> bytes:
+    """A REQUEST frame's serialized header. ``options``: (method, request codec, response
+    codec, model id, stream, no_reject, stream window, stream window bytes), the fields a
+    handle's options fix, serialized once per distinct value."""
+    prefix = _prefixes.get(options)
+    if prefix is None:
+        method, request_codec, response_codec, model_id, stream, no_reject, window, window_bytes = (
+            options
+        )
+        prefix = FrameHeader(
+            kind=FRAME_KIND_REQUEST,
+            method=method,
+            request_codec=request_codec,  # type: ignore[arg-type]
+            response_codec=response_codec,  # type: ignore[arg-type]
+            model_id=model_id,
+            stream=stream,
+            no_reject=no_reject,
+            stream_window=window,
+            stream_window_bytes=window_bytes,
+        ).SerializeToString()
+        if len(_prefixes) >= _MAX_PREFIXES:
+            _prefixes.clear()
+        _prefixes[options] = prefix
+    rid = request_id.encode()
+    parts = [prefix, _ID_TAG, _varint(frame_id), _REQUEST_ID_TAG, _varint(len(rid)), rid]
+    if args_len:
+        parts += (_ARGS_LEN_TAG, _varint(args_len))
+    if args_buffer_count:
+        parts += (_ARGS_BUFFER_COUNT_TAG, _varint(args_buffer_count))
+    if timeout_s:
+        parts += (_TIMEOUT_TAG, _DOUBLE.pack(timeout_s))
+    if reserved:
+        parts.append(_RESERVED_TRUE)
+    if trace_context:
+        parts.append(FrameHeader(trace_context=trace_context).SerializeToString())
+    return b"".join(parts)
+
+
+_RESULT_KIND: Final = b"\x08" + bytes((FRAME_KIND_RESULT,))
+_END_KIND: Final = b"\x08" + bytes((FRAME_KIND_END,))
+_ITEM_KIND: Final = b"\x08" + bytes((FRAME_KIND_ITEM,))
+
+
+def outcome_header(frame_id: int, ongoing: int, acked: int, *, end: bool = False) -> bytes:
+    """A RESULT (or, with ``end``, END) frame's serialized header, with the replica's load."""
+    return b"".join(
+        (
+            _END_KIND if end else _RESULT_KIND,
+            _ID_TAG,
+            _varint(frame_id),
+            _ONGOING_TAG,
+            _varint(ongoing),
+            _ACKED_TAG,
+            _varint(acked),
+        )
+    )
+
+
+def item_header(frame_id: int) -> bytes:
+    """An ITEM frame's serialized header."""
+    return _ITEM_KIND + _ID_TAG + _varint(frame_id)
 
 
 def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:
@@ -230,16 +377,41 @@ async def _read_buffer(read: Callable[[], Awaitable[object]], expected: int) -> 
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+# A segment this big is read on a worker thread, so the loop serves others meanwhile.
+_THREAD_READ_BYTES: Final = 4 * 1024 * 1024
+
+
+async def _take_segment(segments: SegmentLane | None, header: FrameHeader) -> list[bytes]:
+    number = header.shm_segment
+    if segments is None:
+        raise FrameError("A frame names a shared-memory segment on a stream without them.")
+    lengths = list(header.buffer_lengths)
+    try:
+        if sum(lengths) >= _THREAD_READ_BYTES:
+            return await asyncio.to_thread(segments.take, number, lengths)
+        return segments.take(number, lengths)
+    except SegmentError as exc:
+        raise FrameError(str(exc)) from exc
+    except asyncio.CancelledError:
+        segments.discard(number)
+        raise
+
+
 async def read_frames(
-    message: bytes, read: Callable[[], Awaitable[object]]
+    message: bytes,
+    read: Callable[[], Awaitable[object]],
+    segments: SegmentLane | None = None,
 ) -> list[tuple[FrameHeader, memoryview, list[bytes] | None]]:
-    """The frames of one Batch, each with its out-of-band buffers (read with ``read``)."""
+    """The frames of one Batch, each with its out-of-band buffers (read with ``read``, or
+    from the peer's shared-memory ``segments``)."""
     frames = list(iter_frames(message))
     out: list[tuple[FrameHeader, memoryview, list[bytes] | None]] = []
     last = len(frames) - 1
     for i, (header, body) in enumerate(frames):
         buffers: list[bytes] | None = None
-        if header.buffer_lengths:
+        if header.shm_segment:
+            buffers = await _take_segment(segments, header)
+        elif header.buffer_lengths:
             if i != last:
                 raise FrameError("A frame with out-of-band buffers must be the last of its batch.")
             buffers = []

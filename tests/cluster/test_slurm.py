@@ -180,7 +180,11 @@ def test_composition_across_nodes(slurm_controller: SlurmController) -> None:
         + textwrap.dedent(
             """
             handle = serve.run(Ingress.bind(Down.bind()), name="composed")
-            print(json.dumps([handle.remote(i).result() for i in range(5)]))
+            out = [handle.remote(i).result() for i in range(5)]
+            # Big buffers (out of band; through /dev/shm where the ends share one) both ways.
+            big = handle.remote(bytes(range(256)) * 8192).result()
+            assert big["down"]["x"] == bytes(range(256)) * 16384, len(big["down"]["x"])
+            print(json.dumps(out))
             """
         )
     )

@@ -112,3 +112,76 @@ async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
     assert header.id == 7
     assert bytes(body) == b"body"
     assert buffers == [b"small", big]
+
+
+async def test_buffers_over_the_threshold_go_in_a_segment_and_stay_in_the_batch() -> None:
+    """With a stream's segments set, a frame's buffers of min_bytes or more in all travel
+    in one shared-memory segment and the frame stays in its Batch; smaller ones as before."""
+    import secrets
+
+    from serve._rpc import shm
+
+    token = secrets.token_hex(16)
+    sender = shm.SegmentLane(token, router=True, min_bytes=100)
+    receiver = shm.SegmentLane(token, router=False, min_bytes=100)
+    writer = BatchWriter()
+    writer.segments = sender
+    try:
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1), b"a", buffers=[b"x" * 60, b"y" * 60])
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=2), b"b", buffers=[b"z" * 99])
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=3), b"c")
+        messages = writer.take()
+        assert len(messages) == 3  # frames 1 and 2 in one batch, 2's buffer raw, then 3
+        rest = iter(messages[1:])
+
+        async def read() -> object:
+            return next(rest)
+
+        frames = await read_frames(messages[0], read, receiver)
+        assert [(h.id, h.shm_segment, bufs) for h, _, bufs in frames] == [
+            (1, 1, [b"x" * 60, b"y" * 60]),
+            (2, 0, [b"z" * 99]),
+        ]
+        assert [h.id for h, _, _ in await read_frames(next(rest), read, receiver)] == [3]
+        assert shm.sweep(token) == 0  # the receiver removed the segment as it opened it
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=4), buffers=[b"q" * 200])
+        stray = writer.take()[0]
+        with pytest.raises(FrameError, match="without them"):  # a stream without a handshake
+            await read_frames(stray, read)
+    finally:
+        shm.sweep(token)
+
+
+def test_hand_serialized_headers_parse_as_the_frame_headers_they_stand_for() -> None:
+    from serve._proto.replica_pb2 import FRAME_KIND_END, FRAME_KIND_ITEM
+    from serve._rpc.frames import item_header, outcome_header, request_header
+
+    options = ("say_hi", 1, 2, "model-7", True, False, 64, 16 * 1024 * 1024)
+    for frame_id, extra in (
+        (1, {}),
+        (300, {"args_len": 17, "args_buffer_count": 2, "timeout_s": 1.5, "reserved": True}),
+        (2**40, {"args_len": 2**20, "trace_context": {"traceparent": "00-ab-cd-01"}}),
+    ):
+        fields = {"args_len": 0, **extra}
+        encoded = request_header(frame_id, options, request_id="r" * 32, **fields)
+        expected = FrameHeader(
+            kind=FRAME_KIND_REQUEST,
+            id=frame_id,
+            method="say_hi",
+            request_codec=1,
+            response_codec=2,
+            model_id="model-7",
+            stream=True,
+            stream_window=64,
+            stream_window_bytes=16 * 1024 * 1024,
+            request_id="r" * 32,
+            **fields,
+        )
+        assert FrameHeader.FromString(encoded) == expected
+    assert FrameHeader.FromString(outcome_header(5, 0, 5)) == FrameHeader(
+        kind=FRAME_KIND_RESULT, id=5, acked=5
+    )
+    assert FrameHeader.FromString(outcome_header(2**33, 900, 2**33, end=True)) == FrameHeader(
+        kind=FRAME_KIND_END, id=2**33, ongoing=900, acked=2**33
+    )
+    assert FrameHeader.FromString(item_header(129)) == FrameHeader(kind=FRAME_KIND_ITEM, id=129)
