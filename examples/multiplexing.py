@@ -67,5 +67,35 @@ while len({summary.remote("x").result()[1] for _ in range(5)}) != 1:
 frontend = serve.run(Frontend.bind(ModelServer.bind()), name="frontend", route_prefix="/frontend")
 assert frontend.remote("translate", "bonjour").result() == "translate(bonjour)"
 
+# --8<-- [start:batching]
+import asyncio
+
+
+@serve.deployment
+class BatchedModels:
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> FakeModel:
+        return FakeModel(model_id)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.1)
+    async def __call__(self, texts: list[str]) -> list[str]:
+        # Each model fills batches of its own: one model id per batch.
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        return [f"{model.predict(text)} in a batch of {len(texts)}" for text in texts]
+
+
+batched = serve.run(BatchedModels.bind(), name="batched", route_prefix="/batched")
+
+
+async def mixed() -> list[str]:
+    calls = [("a", "1"), ("b", "2"), ("a", "3"), ("b", "4")]
+    return await asyncio.gather(
+        *(batched.options(multiplexed_model_id=m).remote(text) for m, text in calls)
+    )
+
+
+print(asyncio.run(mixed()))
+# --8<-- [end:batching]
+
 serve.shutdown()
 print("multiplexing example OK")

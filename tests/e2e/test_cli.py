@@ -257,16 +257,16 @@ def test_start_and_status_link_the_dashboard(tmp_path: Path) -> None:
 def test_a_typed_builder_gets_validated_args_and_bad_args_are_reported_cleanly(
     cluster: dict[str, str],
 ) -> None:
-    target = "examples.app_builder:typed_app_builder"
-    started = serve_cmd("run", target, "message=Hi there", "--name", "typed", "--non-blocking",
-                        env=cluster)  # fmt: skip
+    target = "examples.app_builders:build_typed"
+    started = serve_cmd("run", target, "greeting=Hi there", "excited=true", "--name", "typed",
+                        "--non-blocking", env=cluster)  # fmt: skip
     assert started.returncode == 0, started.stderr
-    assert call(cluster, "typed", "") == "Hi there"
+    assert call(cluster, "typed", "Ada") == "Hi there, Ada!"  # "true" validated into a bool
 
     missing = serve_cmd("run", target, "--name", "typed2", "--non-blocking", env=cluster)
     assert missing.returncode == 1
-    assert "do not fit HelloWorldArgs" in missing.stderr
-    assert "message" in missing.stderr
+    assert "do not fit GreeterArgs" in missing.stderr
+    assert "greeting" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 

@@ -77,11 +77,6 @@ def test_the_multiplexing_and_streaming_examples_run(name: str) -> None:
     assert f"{name} example OK" in result.stdout
 
 
-def test_rays_typed_app_builder_example_runs_with_only_the_import_changed() -> None:
-    result = _run_example("app_builder.py", 120)
-    assert result.stdout.strip().splitlines()[-1] == "Hello from args"
-
-
 @contextlib.contextmanager
 def _driver(body: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
     """A driver process that prints one JSON line, then does whatever ``body`` says."""

@@ -235,9 +235,10 @@ def test_spans_reach_an_otlp_collector_over_grpc(tmp_path: Path) -> None:
     with OtlpCollector() as collector:
         controller = start_traced(
             tmp_path,
-            "tests.support.otlp_collector:otlp_exporter",
+            "examples.otlp_exporter:otlp",  # the docs' exporter
             "1.0",
             OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="200",  # ms between batches (default 5 s)
         )
         try:
             http, grpc_address = deploy(controller)

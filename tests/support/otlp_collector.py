@@ -17,15 +17,6 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
-def otlp_exporter() -> list[Any]:
-    """An exporter function (``exporter_import_path``): spans in batches to the collector that
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` names, through the standard OTLP/gRPC exporter."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    return [BatchSpanProcessor(OTLPSpanExporter(insecure=True), schedule_delay_millis=200)]
-
-
 def _value(any_value: Any) -> Any:
     kind = any_value.WhichOneof("value")
     return getattr(any_value, kind) if kind else None
