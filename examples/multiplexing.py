@@ -25,6 +25,7 @@ class FakeModel:
         return f"{self.model_id}({text})"
 
 
+# --8<-- [start:server]
 @serve.deployment(num_replicas=2)
 class ModelServer:
     def __init__(self) -> None:
@@ -40,6 +41,10 @@ class ModelServer:
         return model.predict(text), os.getpid()
 
 
+# --8<-- [end:server]
+
+
+# --8<-- [start:callers]
 @serve.deployment
 class Frontend:
     """Picks the model from the request, as an HTTP ingress would from a header."""
@@ -66,6 +71,7 @@ while len({summary.remote("x").result()[1] for _ in range(5)}) != 1:
 
 frontend = serve.run(Frontend.bind(ModelServer.bind()), name="frontend", route_prefix="/frontend")
 assert frontend.remote("translate", "bonjour").result() == "translate(bonjour)"
+# --8<-- [end:callers]
 
 # --8<-- [start:batching]
 import asyncio

@@ -150,11 +150,12 @@ def cli_page() -> str:
         "",
     ]
     sub = next(a for a in serve_cli._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
     for name, parser in sub.choices.items():
         lines += [
             f"### `serve {name}`",
             "",
-            parser.description or "",
+            parser.description or helps.get(name) or "",
             "",
             "```text",
             parser.format_usage().strip(),
@@ -375,8 +376,8 @@ APPLICATION = {
     "import_path": "`module:attribute`: an application, or a builder taking `args`",
     "args": "a mapping handed to a builder (validated first when its parameter is annotated "
     "with a pydantic model)",
-    "runtime_env": "accepted for Ray compatibility; set it per deployment in "
-    "`ray_actor_options` (see [Coming from Ray Serve](../ray-serve.md))",
+    "runtime_env": "accepted without effect (nor checked); a deployment's "
+    "`ray_actor_options.runtime_env` is applied (see [Coming from Ray Serve](../ray-serve.md))",
     "deployments": "per-deployment overrides, by `name`: any deployment option (below)",
     "logging_config": "the default `logging_config` of its deployments",
     "external_scaler_enabled": "accepted, as Ray's; no effect",

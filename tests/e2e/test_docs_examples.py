@@ -57,6 +57,7 @@ def test_the_observability_example(tmp_path: Path) -> None:
     env = python_env(
         SERVE_STATE_DIR=str(tmp_path / "state"),
         SERVE_PROXY_LOCATION="Disabled",
+        SERVE_LOG_LEVEL="INFO",  # the default a user has (the tests' is WARNING)
         SERVE_METRICS_INTERVAL_S="0.5",
         SERVE_TRACING_EXPORTER_IMPORT_PATH="serve._tracing:default_tracing_exporter",
         SERVE_TRACING_SAMPLING_RATIO="1.0",
