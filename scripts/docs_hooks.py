@@ -129,6 +129,12 @@ def options_table(parser: argparse.ArgumentParser) -> list[str]:
     return rows
 
 
+def command_section(heading: str, parser: argparse.ArgumentParser, description: str) -> list[str]:
+    """A command's heading, what it does, its usage line and its options."""
+    usage = parser.format_usage().strip()
+    return [heading, "", description, "", "```text", usage, "```", "", *options_table(parser), ""]
+
+
 def cli_page() -> str:
     from controller.cli import build_parser as controller_parser
     from serve._cli import build_parser as serve_parser
@@ -152,30 +158,11 @@ def cli_page() -> str:
     sub = next(a for a in serve_cli._actions if isinstance(a, argparse._SubParsersAction))
     helps = {choice.dest: choice.help for choice in sub._choices_actions}
     for name, parser in sub.choices.items():
-        lines += [
-            f"### `serve {name}`",
-            "",
-            parser.description or helps.get(name) or "",
-            "",
-            "```text",
-            parser.format_usage().strip(),
-            "```",
-            "",
-            *options_table(parser),
-            "",
-        ]
+        description = parser.description or helps.get(name) or ""
+        lines += command_section(f"### `serve {name}`", parser, description)
     parser = controller_parser()
     lines += [
-        "## `serve-controller`",
-        "",
-        parser.description or "",
-        "",
-        "```text",
-        parser.format_usage().strip(),
-        "```",
-        "",
-        *options_table(parser),
-        "",
+        *command_section("## `serve-controller`", parser, parser.description or ""),
         "`--config FILE` takes the same options by name from a YAML file (`slurm_option: [...]`,",
         "`proxy_location: HeadOnly`, ...); options given as flags too win.",
         "",
