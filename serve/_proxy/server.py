@@ -66,6 +66,7 @@ class ProxyServer:
         self._app = ProxyApp(self._routes, request_timeout_s=http.request_timeout_s)
         self._server: Any = None  # the uvicorn.Server
         self._have_routes = asyncio.Event()
+        self._grpc_ready = _Ready()
 
     @property
     def is_worker(self) -> bool:
@@ -96,7 +97,7 @@ class ProxyServer:
                 port=self._grpc.port,
                 servicer_functions=self._grpc.grpc_servicer_functions,
                 request_timeout_s=self._grpc.request_timeout_s,
-                ready=self._app,
+                ready=self._grpc_ready,
             )
             grpc_address = f"{host}:{grpc_port}"
         info = ProxyInfo(
@@ -211,7 +212,11 @@ class ProxyServer:
                 async with asyncio.timeout(clock.remaining_s()) as deadline:
                     async for routes in client.controller.watch_routes(info):
                         self._routes.update(routes)
+                        # As Ray's: ready once some application was exposed (then for good);
+                        # over HTTP only one with a route prefix counts.
                         if self._routes.routes:
+                            self._grpc_ready.ready = True
+                        if any(r.route_prefix for r in self._routes.routes):
                             self._app.ready = True
                         self._have_routes.set()
                         clock.linked()
@@ -222,6 +227,12 @@ class ProxyServer:
                 self._stop()
                 return
             await clock.pause()
+
+
+class _Ready:
+    """Whether the gRPC ingress has had an application to route to."""
+
+    ready = False
 
 
 def _stop_worker(child: subprocess.Popen[bytes]) -> None:
