@@ -57,14 +57,8 @@ def to_markdown(text: str) -> str:
 
 
 class RestToMarkdown(griffe.Extension):
-    """Applies :func:`to_markdown` to every docstring griffe loads, and drops the ``Any`` of
-    options that default to ``_UNSET`` (``serve.deployment``, ``.options()``): their docstrings
-    say what each takes, and a table column of ``Any`` says nothing."""
+    """Applies :func:`to_markdown` to every docstring griffe loads."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = to_markdown(obj.docstring.value)
-        if isinstance(obj, griffe.Function):
-            for parameter in obj.parameters:
-                if str(parameter.default) == "_UNSET" and str(parameter.annotation) == "Any":
-                    parameter.annotation = None
