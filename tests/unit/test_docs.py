@@ -44,6 +44,20 @@ def test_every_included_file_is_run_by_a_test() -> None:
         assert source is not None, f"{path}: no test {reference}"
         word = reference.partition("#")[2] or Path(path).stem
         assert word in source, f"{reference} does not mention {word!r} ({path})"
+        assert not _runs_only_in_make_test_slow(reference), f"{reference} is marked slow"
+
+
+def _runs_only_in_make_test_slow(reference: str) -> bool:
+    """`make test` skips tests marked slow: a docs example run only there would rot."""
+    file = reference.partition("::")[0]
+    module = ast.parse((ROOT / file).read_text())
+    marks = [
+        ast.unparse(node.value)
+        for node in module.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)
+    ]
+    return "mark.slow" in (source_of_test(reference) or "") + "".join(marks)
 
 
 def test_the_docs_examples_test_runs_what_is_left() -> None:
