@@ -57,7 +57,7 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def call(env: dict[str, str], app: str, arg: str) -> str:
     result = run_script(
-        f"import serve\nprint(serve.get_app_handle({app!r}).remote({arg!r}).result())\n", **env
+        f"import serve\nprint(serve.get_app_handle({app!r}).remote({arg!r}).result())\n", env=env
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -170,7 +170,7 @@ def _serve_run(name: str, tmp_path: Path) -> subprocess.Popen[str]:
 def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     with _serve_run("cli-run", tmp_path) as process:
         assert process.stdout is not None
-        lines = []
+        lines: list[str] = []
         while True:
             line = process.stdout.readline()
             assert line, f"serve run exited early: {lines}"

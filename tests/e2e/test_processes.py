@@ -236,7 +236,7 @@ def test_drivers_use_an_existing_controller(standalone: tuple[str, Path], how: s
         """
         )
     )
-    first = run_script(script, **env)
+    first = run_script(script, env=env)
     assert first.returncode == 0, first.stderr
     # The application outlives the driver that deployed it.
     second = run_script(
@@ -244,7 +244,7 @@ def test_drivers_use_an_existing_controller(standalone: tuple[str, Path], how: s
         + connect
         + "print(serve.get_app_handle('shared').remote().result())\n"
         + "serve.delete('shared')\n",
-        **env,
+        env=env,
     )
     assert second.returncode == 0, second.stderr
     assert int(second.stdout) in json.loads(first.stdout)  # same app, same replicas as before

@@ -22,7 +22,7 @@ def _value(any_value: Any) -> Any:
     return getattr(any_value, kind) if kind else None
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, collector: OtlpCollector) -> None:
         self._collector = collector
 
@@ -58,7 +58,8 @@ class OtlpCollector:
         self._lock = threading.Lock()
         self._spans: list[dict[str, Any]] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server  # generated, untyped
+        add(_TraceService(self), self._server)  # type: ignore[no-untyped-call]
         port = self._server.add_insecure_port("127.0.0.1:0")
         self.endpoint = f"http://127.0.0.1:{port}"
 

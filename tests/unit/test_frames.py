@@ -98,7 +98,7 @@ async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
 
     big = bytes(range(256)) * ((2 * CHUNK_BYTES + 1000) // 256)
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=1, id=7), b"body", buffers=[b"small", big])
+    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=7), b"body", buffers=[b"small", big])
     marked = writer.take_marked()
     assert [mark for _, mark in marked] == [0, 0, 0, 0, 7]  # the last chunk completes frame 7
     messages = [m if isinstance(m, bytes) else m.message() for m, _ in marked]
