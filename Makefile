@@ -49,8 +49,9 @@ fmt: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-TEST_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Itests/support=tests/support/protos \
-	--python_out=. --grpc_python_out=.
+TEST_PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc \
+	-Itests/support=tests/support/protos --python_out=. --grpc_python_out=. --mypy_out=. \
+	--mypy_grpc_out=.
 EXAMPLE_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Iexamples=examples/protos \
 	--python_out=. --grpc_python_out=.
 # Ray's public gRPC API (RayServeAPIService), importable as serve.generated.serve_pb2.
