@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc -Iserve/_proto=proto \
 	--python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=.
 
-.PHONY: install run test test-cluster test-fast test-slow lint fmt typecheck proto proto-check bench bench-hostile clean
+.PHONY: install run test test-cluster test-fast test-slow lint fmt typecheck proto proto-check bench bench-hostile docs docs-serve clean
 
 install: $(STAMP)
 
@@ -49,8 +49,9 @@ fmt: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-TEST_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Itests/support=tests/support/protos \
-	--python_out=. --grpc_python_out=.
+TEST_PROTOC := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) -m grpc_tools.protoc \
+	-Itests/support=tests/support/protos --python_out=. --grpc_python_out=. --mypy_out=. \
+	--mypy_grpc_out=.
 EXAMPLE_PROTOC := $(CURDIR)/$(PY) -m grpc_tools.protoc -Iexamples=examples/protos \
 	--python_out=. --grpc_python_out=.
 # Ray's public gRPC API (RayServeAPIService), importable as serve.generated.serve_pb2.
@@ -75,5 +76,14 @@ bench: install
 bench-hostile: install
 	$(PY) scripts/bench_hostile.py $(BENCH_ARGS)
 
+# The docs site (mkdocs.yml, docs/) into site/. --strict: a broken link, cross-reference or
+# include fails the build, and so does reference drift (scripts/docs_hooks.py).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The same site, rebuilt on every change, at http://127.0.0.1:8001/.
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8001
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -1,11 +1,12 @@
-"""The autoscaling decision, as pure functions and a small state machine. No I/O.
+"""Ray's default autoscaling rule and its delays, as arithmetic over numbers. No I/O.
 
-Load is the number of ongoing requests: running in replicas plus queued in handles, each
-source averaged over ``look_back_period_s``. Desired replicas = ceil(load / target), moved
-towards by ``upscaling_factor`` / ``downscaling_factor`` (or the smoothing factors they
-replace, as Ray's), clamped to [min, max]. A change is applied once it has been wanted for
-``upscale_delay_s`` (or ``downscale_delay_s``, or ``downscale_to_zero_delay_s`` for zero);
-scaling up from zero replicas is immediate.
+What this module knows is the rule, not who reports or who decides (that is ``controller.load``):
+load is the number of ongoing requests, running in replicas plus queued in handles, each source
+averaged over ``look_back_period_s``. Desired replicas = ceil(load / target), moved towards by
+``upscaling_factor`` / ``downscaling_factor`` (or the smoothing factors they replace, as Ray's),
+clamped to [min, max]. A change is applied once it has been wanted for ``upscale_delay_s`` (or
+``downscale_delay_s``, or ``downscale_to_zero_delay_s`` for zero); scaling up from zero replicas
+is immediate.
 """
 
 from __future__ import annotations

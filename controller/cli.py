@@ -11,7 +11,8 @@ from serve._settings import settings
 from serve.config import ProxyLocation
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``serve-controller`` (the docs' CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="serve-controller",
         description=(
@@ -114,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a YAML file of these options by name (launcher: slurm, slurm_partition: serve, "
         "slurm_option: [...], num_gpus: 2, http_port: 8000, ...); flags given too win",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     config_path = _config_path(argv)
     if config_path is not None:
         _apply_config_file(parser, config_path)

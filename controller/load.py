@@ -1,10 +1,11 @@
-"""Load reports from replicas and handles, and the autoscaling decisions built on them.
+"""The controller's load book: what replicas and handles report, and who decides each target.
 
-Each source (a replica, or one process's handles) keeps a window of what it reported; the
-deployment's load is the sum of their averages (``autoscale.total_load``) and
-``autoscale.ScaleDecider`` turns it into a replica count after the configured delays. A custom
-policy (a deployment's ``autoscaling_config.policy``, or its application's
-``autoscaling_policy``) decides instead, through ``controller.policies``.
+Each source (a replica, or one process's handles) keeps a window of what it reported
+(``LoadBook``). For each autoscaled deployment the book picks the decider: Ray's default rule
+(``controller.autoscale``: the arithmetic and its delays) over the sum of the sources' averages,
+or a custom policy (a deployment's ``autoscaling_config.policy``, or its application's
+``autoscaling_policy``) through ``controller.policies``. ``autoscale_all`` writes the decisions
+into the goals, with their reasons.
 """
 
 from __future__ import annotations

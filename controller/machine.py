@@ -248,21 +248,21 @@ class ControllerMachine:
             whole_gangs(goal)
         if self.recovered:  # until then, a gang's members may still be re-linking
             self._restart_broken_gangs(out)
-        for action in plan(goals, list(self.replicas.values())):
-            if isinstance(action, StartReplicas):
-                goal = goals[action.deployment_id]
+        for step in plan(goals, list(self.replicas.values())):
+            if isinstance(step, StartReplicas):
+                goal = goals[step.deployment_id]
                 if now_s < goal.retry_at_s:
                     continue  # backing off after repeated start failures
                 if goal.gang_size:
-                    for _ in range(action.count // goal.gang_size):
+                    for _ in range(step.count // goal.gang_size):
                         self._start_gang(goal, now_s, out)
                     continue
-                for _ in range(action.count):
-                    self._start(action.deployment_id, now_s, out)
-            elif isinstance(action, StopReplica):
-                self._begin_stop(self.replicas[action.replica_id], out)
-            elif isinstance(action, ReconfigureReplica):
-                self._begin_reconfigure(self.replicas[action.replica_id], goals, out)
+                for _ in range(step.count):
+                    self._start(step.deployment_id, now_s, out)
+            elif isinstance(step, StopReplica):
+                self._begin_stop(self.replicas[step.replica_id], out)
+            elif isinstance(step, ReconfigureReplica):
+                self._begin_reconfigure(self.replicas[step.replica_id], goals, out)
         for name, app in list(self.apps.items()):
             if app.deleting and not any(
                 r.deployment_id.app_name == name for r in self.replicas.values()

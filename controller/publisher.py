@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 from serve._models import DeploymentID, ReplicaSet
 
@@ -63,7 +63,7 @@ class Publisher:
         published = self._published.get(deployment_id)
         return published.version if published is not None else 0
 
-    async def watch(self, deployment_id: DeploymentID) -> AsyncIterator[ReplicaSet]:
+    async def watch(self, deployment_id: DeploymentID) -> AsyncGenerator[ReplicaSet, None]:
         """The deployment's replica set now, then every change, until cancelled."""
         await self._open.wait()
         last: ReplicaSet | None = None

@@ -1,7 +1,7 @@
 """The controller's pure core: goal state, replica records, and the plan between them.
 
 ``plan()`` compares what should run (one ``DeploymentGoal`` per deployment) with what runs (one
-``ReplicaRecord`` per replica) and returns actions; ``deployment_status()`` and
+``ReplicaRecord`` per replica) and returns the steps between them; ``deployment_status()`` and
 ``application_status()`` say how far along that is. No I/O and no asyncio here.
 """
 
@@ -186,7 +186,8 @@ class ReconfigureReplica:
     replica_id: str
 
 
-Action = StartReplicas | StopReplica | ReconfigureReplica
+# What plan() asks for; the state machine turns each step into actions (controller.events).
+PlanStep = StartReplicas | StopReplica | ReconfigureReplica
 
 
 def needs_reconfigure(goal: DeploymentGoal, record: ReplicaRecord) -> bool:
@@ -211,8 +212,8 @@ def _units(records: Iterable[ReplicaRecord]) -> list[list[ReplicaRecord]]:
 
 def plan(
     goals: Mapping[DeploymentID, DeploymentGoal], replicas: Iterable[ReplicaRecord]
-) -> list[Action]:
-    """The actions that move the replicas towards the goals.
+) -> list[PlanStep]:
+    """The steps that move the replicas towards the goals.
 
     Replicas of an old code version are replaced in waves of at most
     ``max(int(rolling_update_percentage * target), 1)``, as in Ray: with ``max_surge_percent``
@@ -226,21 +227,21 @@ def plan(
     """
     active: dict[DeploymentID, list[ReplicaRecord]] = {}
     stopping: dict[DeploymentID, int] = {}
-    actions: list[Action] = []
+    steps: list[PlanStep] = []
     for record in replicas:
         if record.deployment_id not in goals:
             if record.phase is not Phase.STOPPING:
-                actions.append(StopReplica(record.replica_id))
+                steps.append(StopReplica(record.replica_id))
         elif record.phase is Phase.STOPPING:
             if record.code_version != goals[record.deployment_id].version:
                 stopping[record.deployment_id] = stopping.get(record.deployment_id, 0) + 1
         else:
             active.setdefault(record.deployment_id, []).append(record)
     for deployment_id, goal in goals.items():
-        actions.extend(
+        steps.extend(
             _plan_deployment(goal, active.get(deployment_id, []), stopping.get(deployment_id, 0))
         )
-    return actions
+    return steps
 
 
 def rollout_size(goal: DeploymentGoal) -> int:
@@ -280,7 +281,7 @@ def _take(units: Iterable[list[ReplicaRecord]], limit: int, most: int) -> list[R
 
 def _plan_deployment(
     goal: DeploymentGoal, active: list[ReplicaRecord], old_stopping: int
-) -> list[Action]:
+) -> list[PlanStep]:
     target = goal.target_replicas
     gang = max(goal.gang_size, 1)
     new = [r for r in active if r.code_version == goal.version]
@@ -310,24 +311,24 @@ def _plan_deployment(
             unfillable = max(target - len(new) - len(old), 0) % gang  # as above
             pending = target - new_running - len(known_old) - unfillable
             to_stop = _take(units, wave - pending, most=wave)
-    actions: list[Action] = [StopReplica(r.replica_id) for r in to_stop]
+    steps: list[PlanStep] = [StopReplica(r.replica_id) for r in to_stop]
     kept_old = [r for r in old if r not in to_stop]
     live = len(new) + len(kept_old)
     rolling = bool(surge and kept_old)  # old ones stop as the new ones run, not now
     count = min(target - len(new), target + surge - live) if rolling else target - live
     count = count // gang * gang
     if count > 0 and not goal.failed:
-        actions.append(StartReplicas(goal.deployment_id, count))
+        steps.append(StartReplicas(goal.deployment_id, count))
     # Too many: old ones go first (an old gang at least), then those not serving yet, then
     # the newest; whole gangs only.
     excess = len(new) - target if rolling else live - target
     extra = [] if rolling else _take(_units(kept_old), excess, most=1)
     extra += _take(_units(new), excess - len(extra), most=0)
-    actions.extend(StopReplica(r.replica_id) for r in extra)
+    steps.extend(StopReplica(r.replica_id) for r in extra)
     for record in new:
         if record.phase is Phase.RUNNING and needs_reconfigure(goal, record):
-            actions.append(ReconfigureReplica(record.replica_id))
-    return actions
+            steps.append(ReconfigureReplica(record.replica_id))
+    return steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import serve
 from serve.handle import DeploymentHandle
 
 
+# --8<-- [start:basic]
 @serve.deployment
 class Doubler:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -28,8 +29,10 @@ class Doubler:
 doubler: DeploymentHandle = serve.run(Doubler.bind(), name="doubler")
 pending = [doubler.remote(i) for i in range(8)]
 assert [int(r.result()) for r in pending] == [2 * i for i in range(8)]
+# --8<-- [end:basic]
 
 
+# --8<-- [start:reconfigure]
 @serve.deployment(user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.2})
 class Tunable:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -47,8 +50,10 @@ class Tunable:
 tunable = serve.run(Tunable.bind(), name="tunable", route_prefix="/tunable")
 assert [r.result() for r in [tunable.remote(i) for i in range(3)]] == [1, 2, 3]
 assert tunable.limits.remote().result() == (4, 0.2)
+# --8<-- [end:reconfigure]
 
 
+# --8<-- [start:stream]
 @serve.deployment
 class Counter:
     @serve.batch(max_batch_size=5, batch_wait_timeout_s=0.1)
@@ -66,8 +71,10 @@ with ThreadPoolExecutor(max_workers=len(limits)) as pool:
     streams = list(pool.map(lambda n: list(counter.count_to.remote(n)), limits))
 for limit, items in zip(limits, streams, strict=True):
     assert items == [str(i) for i in range(limit)], (limit, items)
+# --8<-- [end:stream]
 
 
+# --8<-- [start:size_fn]
 class Document:
     def __init__(self, words: int) -> None:
         self.words = words
@@ -88,6 +95,7 @@ summarizer = serve.run(Summarizer.bind(), name="summarizer", route_prefix="/summ
 sizes = [600, 300, 300, 50]
 answers = [r.result() for r in [summarizer.summarize.remote(Document(n)) for n in sizes]]
 assert [a.split(" words")[0] for a in answers] == [str(n) for n in sizes]
+# --8<-- [end:size_fn]
 
 serve.shutdown()
 print("batching guide OK")

@@ -25,6 +25,7 @@ class FakeModel:
         return f"{self.model_id}({text})"
 
 
+# --8<-- [start:server]
 @serve.deployment(num_replicas=2)
 class ModelServer:
     def __init__(self) -> None:
@@ -40,6 +41,10 @@ class ModelServer:
         return model.predict(text), os.getpid()
 
 
+# --8<-- [end:server]
+
+
+# --8<-- [start:callers]
 @serve.deployment
 class Frontend:
     """Picks the model from the request, as an HTTP ingress would from a header."""
@@ -66,6 +71,37 @@ while len({summary.remote("x").result()[1] for _ in range(5)}) != 1:
 
 frontend = serve.run(Frontend.bind(ModelServer.bind()), name="frontend", route_prefix="/frontend")
 assert frontend.remote("translate", "bonjour").result() == "translate(bonjour)"
+# --8<-- [end:callers]
+
+# --8<-- [start:batching]
+import asyncio
+
+
+@serve.deployment
+class BatchedModels:
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> FakeModel:
+        return FakeModel(model_id)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.1)
+    async def __call__(self, texts: list[str]) -> list[str]:
+        # Each model fills batches of its own: one model id per batch.
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        return [f"{model.predict(text)} in a batch of {len(texts)}" for text in texts]
+
+
+batched = serve.run(BatchedModels.bind(), name="batched", route_prefix="/batched")
+
+
+async def mixed() -> list[str]:
+    calls = [("a", "1"), ("b", "2"), ("a", "3"), ("b", "4")]
+    return await asyncio.gather(
+        *(batched.options(multiplexed_model_id=m).remote(text) for m, text in calls)
+    )
+
+
+print(asyncio.run(mixed()))
+# --8<-- [end:batching]
 
 serve.shutdown()
 print("multiplexing example OK")

@@ -15,6 +15,7 @@ import serve
 from serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 
+# --8<-- [start:generators]
 @serve.deployment
 class Tokenizer:
     def tokens(self, text: str) -> Generator[str, None, None]:
@@ -26,6 +27,10 @@ class Tokenizer:
             await asyncio.sleep(0.01)
 
 
+# --8<-- [end:generators]
+
+
+# --8<-- [start:compose]
 @serve.deployment
 class Shouter:
     """Streams another deployment's stream, transformed item by item."""
@@ -39,6 +44,10 @@ class Shouter:
             yield token.upper()
 
 
+# --8<-- [end:compose]
+
+
+# --8<-- [start:consume]
 tokenizer = serve.run(Tokenizer.bind(), name="tokenizer").options(stream=True)
 assert list(tokenizer.tokens.remote("stream me these words")) == ["stream", "me", "these", "words"]
 
@@ -55,6 +64,7 @@ async def first_items() -> list[int]:
 started = time.monotonic()
 assert asyncio.run(first_items()) == [1000, 999, 998]
 assert time.monotonic() - started < 5  # it did not wait for 1000 items
+# --8<-- [end:consume]
 
 shouter = serve.run(
     Shouter.bind(Tokenizer.bind()), name="shouter", route_prefix="/shouter"

@@ -21,7 +21,7 @@ import contextvars
 import queue
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
 from serve._sync import mailbox
@@ -131,7 +131,7 @@ class SyncWorkers:
         for _ in self._threads:
             self._jobs.put(_STOP)
 
-    async def stream(self, generator: Generator[Any, Any, Any]) -> AsyncIterator[Any]:
+    async def stream(self, generator: Generator[Any, Any, Any]) -> AsyncGenerator[Any, None]:
         """Iterate a sync generator on a worker: it fills a bounded buffer the loop drains.
 
         Closing this async iterator (the consumer stopped, or the request was cancelled)

@@ -29,14 +29,14 @@ for f in "$scratch"/serve/generated/*; do
     status=1
   fi
 done
-for f in "$scratch"/tests/support/*_pb2*.py "$scratch"/examples/*_pb2*.py; do
+for f in "$scratch"/tests/support/*_pb2*.py* "$scratch"/examples/*_pb2*.py; do
   name=${f#"$scratch"/}
   if ! cmp -s "$f" "$name"; then
     echo "proto drift: $name differs from what its .proto generates; run 'make proto'." >&2
     status=1
   fi
 done
-for f in serve/_proto/*_pb2* serve/generated/*_pb2*; do
+for f in serve/_proto/*_pb2* serve/generated/*_pb2* tests/support/*_pb2*; do
   [ -e "$scratch/$f" ] || { echo "proto drift: stale $f" >&2; status=1; }
 done
 exit $status

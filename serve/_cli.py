@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     delete = add("delete", "Delete one application.")
-    delete.add_argument("name")
+    delete.add_argument("name", help="the application's name")
     delete.set_defaults(func=cmd_delete)
 
     shutdown = add("shutdown", "Delete every application and stop the controller.")
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build)
 
     start = commands.add_parser("start", help="Start a standalone controller in the background.")
-    start.add_argument("--host", default="127.0.0.1")
+    start.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
     start.add_argument(
         "--port",
         type=int,

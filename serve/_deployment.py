@@ -222,7 +222,8 @@ def deployment(
     """Turn a class or function into a ``Deployment``.
 
     Works bare (``@serve.deployment``) or with options (``@serve.deployment(num_replicas=2)``).
-    Options that do not exist, or bad values, raise at decoration time.
+    Options that do not exist, or bad values, raise at decoration time. The same options can be
+    changed later with ``Deployment.options()`` or in a config file's ``deployments:``.
 
     Example::
 
@@ -230,6 +231,59 @@ def deployment(
         class Echo:
             async def __call__(self, text: str) -> str:
                 return text
+
+    Args:
+        name: the deployment's name in its application (default: the class or function name).
+        version: a code version; while it stays the same, a redeploy keeps the running
+            replicas and applies config changes in place (default: none, so ``serve.run``
+            replaces them; a config file's deploy derives one from the code).
+        num_replicas: how many replicas run (default 1), or ``"auto"`` to autoscale with Ray's
+            defaults for ``autoscaling_config``.
+        route_prefix: accepted and checked, as Ray's older spelling; the application's
+            ``route_prefix`` (``serve.run``, the config file) decides where it is served.
+        ray_actor_options: Ray's actor options: ``num_cpus`` (default 1), ``num_gpus``,
+            ``memory`` and ``resources`` size and place the replica (a Slurm job's request);
+            ``runtime_env`` takes ``env_vars``, a local ``working_dir`` and ``py_modules``.
+        placement_group_bundles: validated and recorded; not enforced (no Ray placement groups).
+        placement_group_strategy: validated and recorded, as ``placement_group_bundles``.
+        max_replicas_per_node: at most this many of the deployment's replicas on one node
+            (default: no limit).
+        user_config: JSON-able data handed to the replicas' ``reconfigure(user_config)``; a
+            change alone is applied in place, without restarting replicas.
+        max_ongoing_requests: requests one replica runs at once; more wait in the callers'
+            queues (default 5).
+        max_queued_requests: requests one handle queues while no replica has room; more fail
+            at once with ``BackPressureError`` (default -1: no limit).
+        autoscaling_config: a dict or ``serve.config.AutoscalingConfig``: replicas follow the
+            load between ``min_replicas`` and ``max_replicas`` (default: a fixed count).
+        graceful_shutdown_wait_loop_s: accepted, as Ray's (default 2); a draining replica here
+            rejects new requests at once, to be retried elsewhere.
+        graceful_shutdown_timeout_s: how long a stopping replica may finish its requests
+            before it is killed (default 20).
+        health_check_period_s: how often the controller checks each replica (default 10).
+        health_check_timeout_s: a check not answered this long fails; three failures in a row
+            replace the replica (default 30).
+        logging_config: a dict or ``serve.schema.LoggingConfig``: the replicas' log level,
+            encoding (``TEXT`` or ``JSON``) and access log.
+        request_router_config: a dict or ``serve.config.RequestRouterConfig`` naming a custom
+            ``RequestRouter`` (default: power of two choices).
+        backpressure_config: a dict or ``serve.config.BackpressureConfig``: the HTTP status
+            (503 or 429) and ``Retry-After`` of a request dropped by ``max_queued_requests``.
+        request_router_class: Ray's older spelling of ``request_router_config``'s field.
+        request_router_kwargs: Ray's older spelling of ``request_router_config``'s field.
+        request_routing_stats_period_s: Ray's older spelling of ``request_router_config``'s
+            field.
+        request_routing_stats_timeout_s: Ray's older spelling of ``request_router_config``'s
+            field.
+        max_constructor_retry_count: failed replica starts tolerated before the deploy fails
+            (default 20; Ray's limit is ``min(3 * num_replicas, this)``).
+        rolling_update_percentage: the share of replicas a new version replaces at a time
+            (default 0.2, at least one replica).
+        max_surge_percent: with more than 0, replacements start first, up to this percentage
+            above the target, so capacity never dips (default 0: old replicas stop first).
+        placement_group_bundle_label_selector: validated and recorded, as placement groups.
+        gang_scheduling_config: a dict or ``serve.config.GangSchedulingConfig``: replicas
+            placed, started and restarted in gangs of ``gang_size``.
     """
     if isinstance(_func_or_class, str):  # @serve.deployment("name"), as Ray accepts
         if name is not _UNSET:

@@ -31,7 +31,12 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="answer 408 after this long; the deadline travels with nested calls",
     )
-    parser.add_argument("--http-keep-alive-timeout-s", type=float, default=90.0)
+    parser.add_argument(
+        "--http-keep-alive-timeout-s",
+        type=float,
+        default=90.0,
+        help="close an idle keep-alive connection after this long (default 90)",
+    )
     parser.add_argument(
         "--http-ssl-keyfile", default=None, help="serve HTTPS with this PEM key (and certfile)"
     )
@@ -51,7 +56,12 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="comma-separated import paths of add_XServicer_to_server functions; the gRPC "
         "proxy runs only when some are given",
     )
-    parser.add_argument("--grpc-request-timeout-s", type=float, default=None)
+    parser.add_argument(
+        "--grpc-request-timeout-s",
+        type=float,
+        default=None,
+        help="DEADLINE_EXCEEDED after this long; the deadline travels with nested calls",
+    )
     parser.add_argument(
         "--proxy-workers",
         type=int,

@@ -2,32 +2,37 @@
 
 | variable | meaning | default |
 |---|---|---|
-| SERVE_ADDRESS | controller to use instead of starting an embedded one | unset |
-| SERVE_STATE_DIR | where a standalone controller records itself, its token and state | ~/.serve |
+| SERVE_ADDRESS | the controller to use instead of an embedded one | unset |
+| SERVE_STATE_DIR | a standalone controller's address record, token, state and logs | ~/.serve |
 | SERVE_CLUSTER_TOKEN | the cluster token (else read from the state directory) | unset |
 | SERVE_LOG_LEVEL | log level of serve's own loggers | INFO |
-| SERVE_LOG_FORMAT | ``text`` or ``json`` | text |
-| SERVE_ORPHAN_TIMEOUT_S | a replica with no controller for this long exits | 30 |
-| SERVE_HEARTBEAT_PERIOD_S | each end of a long-lived stream says it is alive this often | 1 |
-| SERVE_HEARTBEAT_TIMEOUT_S | a stream silent this long is lost (a proxy is replaced) | 5 |
+| SERVE_LOG_FORMAT | ``text`` or ``json`` (one JSON object per line) | text |
+| SERVE_ORPHAN_TIMEOUT_S | a replica or proxy without a controller this long exits | 30 |
+| SERVE_HEARTBEAT_PERIOD_S | each end of a controller stream says it is alive this often | 1 |
+| SERVE_HEARTBEAT_TIMEOUT_S | a stream silent this long is lost (must exceed the period) | 5 |
+| SERVE_PROXY_LOCATION | the default ``proxy_location`` (the tests set ``Disabled``) | EveryNode |
+| SERVE_DEFAULT_HTTP_PORT | the default ``http_options.port`` | 8000 |
+| SERVE_DEFAULT_GRPC_PORT | the default ``grpc_options.port`` | 9000 |
+| SERVE_HTTP_SSL_KEYFILE_PASSWORD | ``ssl_keyfile_password``, kept off command lines | unset |
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
-| SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: enable TLS on every channel | unset |
+| SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: mutual TLS on all channels | unset |
 | SERVE_STREAM_WINDOW_BYTES | stream bytes a replica may send ahead of its consumer | 16 MiB |
-| SERVE_MAX_MESSAGE_BYTES | largest message a daemon receives (Deploy, a data message) | 500 MiB |
+| SERVE_SHM_MIN_BYTES | buffers this big go through /dev/shm between processes of one host (0: never) | 256 KiB |
+| SERVE_MAX_MESSAGE_BYTES | largest message a daemon takes: a call's arguments or result | 500 MiB |
 | SERVE_MAX_CONTROL_MESSAGE_BYTES | largest request of a control call (GetStatus, ...) | 4 MiB |
 | SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
 | SERVE_IDLE_CONNECTION_TIMEOUT_S | a connection that carries no call this long is closed | 120 |
 | SERVE_MAX_CONNECTIONS | incoming connections a daemon holds; more are closed on accept | fds/2 |
-| SERVE_NODE_ID | the node this process runs on (prefer-local routing, replica context) | hostname |
+| SERVE_NODE_ID | this process's node (prefer-local routing, replica context) | the hostname |
 | SERVE_CHOOSE_REPLICAS_TIMEOUT_S | a custom router's slower choose_replicas falls back | 10 |
 | SERVE_MAX_ROUTING_STATS_BYTES | largest record_routing_stats() JSON a replica sends | 64 KiB |
-| SERVE_ROTATION_MAX_BYTES | a daemon's log file is rotated at this size (as Ray's) | 512 MiB |
-| SERVE_ROTATION_BACKUP_COUNT | rotated log files kept | 5 |
+| SERVE_ROTATION_MAX_BYTES | a daemon's log file is rotated at this size (0: never) | 512 MiB |
+| SERVE_ROTATION_BACKUP_COUNT | rotated log files kept (0: no rotation) | 5 |
 | SERVE_MAX_REQUEST_ID_LENGTH | a longer client request id is replaced by a new one | 128 |
 | SERVE_TRACING_EXPORTER_IMPORT_PATH | tracing on, spans to this exporter function | unset: off |
 | SERVE_TRACING_SAMPLING_RATIO | share of traces sampled at their root | 0.01 |
 
-The HTTP proxy's bounds (see serve/_proxy/protocol.py):
+The HTTP proxy's bounds (see serve/_proxy/protocol.py), per proxy process:
 
 | variable | meaning | default |
 |---|---|---|
@@ -38,16 +43,19 @@ The HTTP proxy's bounds (see serve/_proxy/protocol.py):
 | SERVE_HTTP_MAX_BODY_BYTES | largest request body (413 over it) | 100 MiB |
 | SERVE_HTTP_BODY_BUFFER_BYTES | body read before the request is routed to a replica | 64 KiB |
 | SERVE_HTTP_MAX_CONNECTIONS | connections one proxy process holds (idle ones make room) | 10,000 |
-| SERVE_INGRESS_WINDOW_BYTES | body or WebSocket bytes sent ahead of the replica's reading | 1 MiB |
+| SERVE_INGRESS_WINDOW_BYTES | body, WebSocket or response bytes in flight, unread | 1 MiB |
 | SERVE_WEBSOCKET_MAX_QUEUE | WebSocket messages queued in each direction | 32 |
 | SERVE_WEBSOCKET_MAX_MESSAGE_BYTES | largest WebSocket message a client may send | 16 MiB |
 
-A message over SERVE_MAX_MESSAGE_BYTES is refused by gRPC's core from its length prefix, before
-its body is buffered. The control limit applies to requests made only of names and numbers; it
-is checked once the request has arrived (bounded by the first limit), before it is parsed. Both
-are at most 2 GiB - 1 (gRPC's own ceiling). Set these on the daemon that receives
-(serve-controller; replicas inherit its environment). A daemon raises its open-file limit
-(``ulimit -n``) to the hard limit when it starts; fds/2 is half of that.
+Limits and connection settings are read by the daemon that receives: set them where
+serve-controller runs (replicas and proxies inherit its environment) and, for the size limits,
+in the driver too (it refuses an oversized call before sending it). A call over a size limit
+fails alone, with an error naming the setting. A message over SERVE_MAX_MESSAGE_BYTES is refused
+by gRPC's core from its length prefix, before its body is buffered. The control limit applies to
+requests made only of names and numbers; it is checked once the request has arrived (bounded by
+the first limit), before it is parsed. Both are at most 2 GiB - 1 (gRPC's own ceiling). A call
+without the cluster token is refused from its metadata, before its body is read. A daemon raises
+its open-file limit (``ulimit -n``) to the hard limit when it starts; fds/2 is half of that.
 """
 
 from __future__ import annotations

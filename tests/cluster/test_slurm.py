@@ -270,7 +270,7 @@ def test_tls_across_nodes(
     assert out["down"]["x"] == 40
     assert out["node"] != out["down"]["node"]
     plain = {k: v for k, v in controller.driver_env().items() if not k.startswith("SERVE_TLS")}
-    refused = run_script("import serve\nserve.start()\n", timeout_s=60, **plain)
+    refused = run_script("import serve\nserve.start()\n", timeout_s=60, env=plain)
     assert refused.returncode != 0
     assert "ControllerUnavailableError" in refused.stderr
 

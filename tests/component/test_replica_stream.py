@@ -69,6 +69,7 @@ class Recorder:
         self.events: list[tuple[str, Any]] = []
         self.done = asyncio.Event()
         self.items: list[Any] = []
+        self.inputs_read: list[tuple[int, int]] = []
 
     def on_rejected(self, request: Any, draining: bool) -> None:
         self.events.append(("rejected", draining))
@@ -88,6 +89,9 @@ class Recorder:
 
     def on_item(self, request: Any, body: memoryview, buffers: list[bytes] | None) -> None:
         self.items.append(decode(CLOUDPICKLE, body, buffers))
+
+    def on_input_read(self, request: Any, count: int, nbytes: int) -> None:
+        self.inputs_read.append((count, nbytes))
 
     def on_end(self, request: Any) -> None:
         self.events.append(("end", None))
@@ -448,7 +452,10 @@ async def test_garbage_on_the_stream_ends_it_with_invalid_argument(
 ) -> None:
     _, address = replica
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.stream_stream("/serve.v1.Replica/Connect")(
+        connect: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            "/serve.v1.Replica/Connect"
+        )
+        call = connect(
             metadata=(("serve-token", TOKEN), ("serve-replica-id", "component#Target#t1"))
         )
         await call.write(b"\x0a\x03xyz")

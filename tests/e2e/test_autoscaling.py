@@ -38,7 +38,7 @@ def _replicas(app: str, deployment: str) -> dict[str, int]:
     status = serve.status().applications.get(app)
     if status is None:
         return {}
-    return dict(status.deployments[deployment].replica_states)
+    return {s.value: n for s, n in status.deployments[deployment].replica_states.items()}
 
 
 def _running(app: str, deployment: str) -> int:

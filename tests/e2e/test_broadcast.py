@@ -82,7 +82,7 @@ def test_broadcast_ignores_stream_and_works_inside_deployments() -> None:
             self._cache = cache
 
         async def reset_all(self) -> list[int]:
-            return await self._cache.broadcast("reset").results_async()  # type: ignore[no-any-return]
+            return await self._cache.broadcast("reset").results_async()
 
     admin = serve.run(Admin.bind(Cache.bind()), name="admin")
     assert admin.reset_all.remote().result() == [0, 0, 0]

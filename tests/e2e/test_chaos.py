@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.support.procs import ROOT, python_env
 pytestmark = pytest.mark.e2e
 
 
-def _chaos(seconds: float) -> dict[str, object]:
+def _chaos(seconds: float) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "scripts/chaos.py", "--seconds", str(seconds)],
         capture_output=True,

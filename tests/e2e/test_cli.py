@@ -57,7 +57,7 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def call(env: dict[str, str], app: str, arg: str) -> str:
     result = run_script(
-        f"import serve\nprint(serve.get_app_handle({app!r}).remote({arg!r}).result())\n", **env
+        f"import serve\nprint(serve.get_app_handle({app!r}).remote({arg!r}).result())\n", env=env
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -170,7 +170,7 @@ def _serve_run(name: str, tmp_path: Path) -> subprocess.Popen[str]:
 def test_serve_run_blocks_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     with _serve_run("cli-run", tmp_path) as process:
         assert process.stdout is not None
-        lines = []
+        lines: list[str] = []
         while True:
             line = process.stdout.readline()
             assert line, f"serve run exited early: {lines}"
@@ -257,16 +257,16 @@ def test_start_and_status_link_the_dashboard(tmp_path: Path) -> None:
 def test_a_typed_builder_gets_validated_args_and_bad_args_are_reported_cleanly(
     cluster: dict[str, str],
 ) -> None:
-    target = "examples.app_builder:typed_app_builder"
-    started = serve_cmd("run", target, "message=Hi there", "--name", "typed", "--non-blocking",
-                        env=cluster)  # fmt: skip
+    target = "examples.app_builders:build_typed"
+    started = serve_cmd("run", target, "greeting=Hi there", "excited=true", "--name", "typed",
+                        "--non-blocking", env=cluster)  # fmt: skip
     assert started.returncode == 0, started.stderr
-    assert call(cluster, "typed", "") == "Hi there"
+    assert call(cluster, "typed", "Ada") == "Hi there, Ada!"  # "true" validated into a bool
 
     missing = serve_cmd("run", target, "--name", "typed2", "--non-blocking", env=cluster)
     assert missing.returncode == 1
-    assert "do not fit HelloWorldArgs" in missing.stderr
-    assert "message" in missing.stderr
+    assert "do not fit GreeterArgs" in missing.stderr
+    assert "greeting" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 

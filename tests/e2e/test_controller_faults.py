@@ -201,7 +201,7 @@ def test_state_directory_and_database_are_private(tmp_path: Path) -> None:
             "@serve.deployment\n"
             "def f(secret): return 1\n"
             "serve.run(f.bind('sk-live-not-for-others'), name='private')\n",
-            **controller.driver_env(),
+            env=controller.driver_env(),
         )
         assert result.returncode == 0, result.stderr
 

@@ -141,7 +141,7 @@ def test_response_created_in_one_loop_awaited_in_another() -> None:
     h = serve.run(Echo.bind(), name="crossloop")
 
     async def make() -> DeploymentResponse[str]:
-        return h.upper.remote("z")  # type: ignore[no-any-return]
+        return h.upper.remote("z")
 
     response = asyncio.run(make())
     assert asyncio.run(_await(response)) == "Z"
@@ -329,7 +329,7 @@ def test_cancel_during_execution_cancels_the_user_coroutine() -> None:
 @serve.deployment
 class Forwarder:
     async def __call__(self, handle: DeploymentHandle[Any], text: str) -> str:
-        return await handle.upper.remote(text)  # type: ignore[no-any-return]
+        return await handle.upper.remote(text)
 
 
 def test_handles_are_picklable_and_can_be_passed_in_requests() -> None:
@@ -559,7 +559,7 @@ def test_handle_copies_share_one_router_and_init_is_once_and_first() -> None:
     assert h.handle_options.method_name == "__call__"
     with pytest.raises(RuntimeError, match="already initialized"):
         h._init(_prefer_local_routing=True)
-    fresh = DeploymentHandle("Echo", "router")
+    fresh: DeploymentHandle[Any] = DeploymentHandle("Echo", "router")
     fresh._init(_prefer_local_routing=True)
     assert fresh.is_initialized
     with pytest.raises(RuntimeError, match="already initialized"):

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import serve
+from serve.schema import ReplicaState
 from tests.support.extensions import JobQueue
 from tests.support.procs import (
     ROOT,
@@ -30,7 +31,7 @@ def _running(app: str, deployment: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    return status.deployments[deployment].replica_states.get("RUNNING", 0)
+    return status.deployments[deployment].replica_states.get(ReplicaState.RUNNING, 0)
 
 
 @pytest.mark.usefixtures("serve_instance")

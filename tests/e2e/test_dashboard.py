@@ -95,7 +95,7 @@ return svg ? [Number(svg.dataset.points), Number(svg.dataset.max)] : [0, 0];
 
 def rows(driver: Any) -> list[dict[str, str]]:
     """The replicas table as the page shows it."""
-    return driver.execute_script(ROWS)  # type: ignore[no-any-return]
+    return driver.execute_script(ROWS)
 
 
 def click(driver: Any, selector: str) -> None:
@@ -121,7 +121,7 @@ def test_the_dashboard_shows_the_graph_live_in_a_browser(
 ) -> None:
     url = controller.ready["dashboard"]
     assert url.startswith("http://127.0.0.1:")
-    result = run_script(LOAD, timeout_s=120, **controller.driver_env())
+    result = run_script(LOAD, timeout_s=120, env=controller.driver_env())
     assert result.returncode == 0, result.stderr
 
     with headless_chromium() as driver:

@@ -50,7 +50,7 @@ class Outer:
 
     async def __call__(self, marker: str) -> str:
         try:
-            return await self._inner.sleep.remote(marker)  # type: ignore[no-any-return]
+            return await self._inner.sleep.remote(marker)
         except BaseException as exc:
             _mark(marker + ".outer", type(exc).__name__)
             raise
@@ -84,7 +84,7 @@ class Outer:
             raise
 
     async def quick(self, marker: str) -> str:
-        return await self._inner.ping.remote(marker)  # type: ignore[no-any-return]
+        return await self._inner.ping.remote(marker)
 
 
 def test_a_nested_call_fails_with_the_timeout_and_the_inner_work_is_cancelled(

@@ -266,7 +266,7 @@ def test_controller_sigkill_under_load_fails_nothing_and_replicas_are_readopted(
         refused = run_script(
             "import serve\n@serve.deployment\ndef f(): return 1\nserve.run(f.bind(), name='new')\n",
             timeout_s=30,
-            **standalone_controller.driver_env(),
+            env=standalone_controller.driver_env(),
         )
         assert refused.returncode != 0
         assert "ControllerUnavailableError" in refused.stderr
@@ -290,7 +290,7 @@ def test_replicas_without_a_controller_exit_after_the_orphan_timeout(tmp_path: P
             "@serve.deployment(num_replicas=2)\n"
             "def f(): return 1\n"
             "serve.run(f.bind(), name='orphans')\n",
-            **controller.driver_env(),
+            env=controller.driver_env(),
         )
         assert result.returncode == 0, result.stderr
         replicas = controller.replica_pids()

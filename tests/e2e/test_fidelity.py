@@ -91,7 +91,7 @@ def test_runtime_env_vars_and_working_dir_reach_the_replica(tmp_path: Any) -> No
         def __call__(self) -> tuple[str, str, str]:
             import os
 
-            import local_helper  # found through working_dir
+            import local_helper  # type: ignore[import-not-found]  # found through working_dir
 
             return os.environ.get("SERVE_TEST_FLAG", ""), os.getcwd(), local_helper.VALUE
 

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -37,7 +38,9 @@ class Greeter:
             return greeter_pb2.HelloReply(message=context.request_id)
         return greeter_pb2.HelloReply(message=f"{self.greeting} {request.name} [{model}]")
 
-    async def CountTo(self, request: greeter_pb2.HelloRequest) -> Iterator[greeter_pb2.HelloReply]:
+    async def CountTo(
+        self, request: greeter_pb2.HelloRequest
+    ) -> AsyncIterator[greeter_pb2.HelloReply]:
         for i in range(request.count):
             yield greeter_pb2.HelloReply(message=f"{request.name} {i}")
             await asyncio.sleep(0)
@@ -63,7 +66,7 @@ class Inner:
 
 @serve.deployment
 class Relay:
-    def __init__(self, inner: DeploymentHandle) -> None:
+    def __init__(self, inner: DeploymentHandle[Any]) -> None:
         self.inner = inner
 
     async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
@@ -116,7 +119,7 @@ def test_application_metadata_picks_the_app_and_model_id_is_honoured(
     with pytest.raises(grpc.RpcError) as unknown:
         stub.SayHello(request, metadata=(("application", "de"),), timeout=10)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "'de'" in unknown.value.details()
+    assert "'de'" in str(unknown.value.details())
     with pytest.raises(grpc.RpcError) as ambiguous:
         stub.SayHello(request, timeout=10)  # two applications and no metadata
     assert ambiguous.value.code() == grpc.StatusCode.NOT_FOUND
@@ -156,20 +159,22 @@ def test_standard_health_service(channel: grpc.Channel) -> None:
 def test_unknown_method_is_unimplemented(channel: grpc.Channel, method: str) -> None:
     """As a gRPC server answers an unknown service or method: UNIMPLEMENTED, naming it."""
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
-    call = channel.unary_unary(method)
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
     with pytest.raises(grpc.RpcError) as error:
         call(b"", timeout=10)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert method in error.value.details()
+    assert method in str(error.value.details())
 
 
 def test_undecodable_message_is_invalid_argument(channel: grpc.Channel) -> None:
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
-    call = channel.unary_unary("/greeter.Greeter/SayHello")
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/greeter.Greeter/SayHello"
+    )
     with pytest.raises(grpc.RpcError) as error:
         call(b"\xff\xff\xff\xff garbage", timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "decode" in error.value.details()
+    assert "decode" in str(error.value.details())
     # The replica is unharmed.
     stub = greeter_pb2_grpc.GreeterStub(channel)
     reply = stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=10)
@@ -202,11 +207,15 @@ class Contextual:
             message=f"hello {metadata.get('x-user')} at {grpc_context.peer()}"
         )
 
-    async def JoinNames(self, requests: gRPCInputStream) -> greeter_pb2.HelloReply:
+    async def JoinNames(
+        self, requests: gRPCInputStream[greeter_pb2.HelloRequest]
+    ) -> greeter_pb2.HelloReply:
         names = [request.name async for request in requests]
         return greeter_pb2.HelloReply(message=",".join(names))
 
-    async def Echo(self, requests: gRPCInputStream) -> AsyncIterator[greeter_pb2.HelloReply]:
+    async def Echo(
+        self, requests: gRPCInputStream[greeter_pb2.HelloRequest]
+    ) -> AsyncIterator[greeter_pb2.HelloReply]:
         async for request in requests:
             yield greeter_pb2.HelloReply(message=request.name.upper())
 
@@ -230,7 +239,7 @@ def test_grpc_context_reads_metadata_and_sets_status_and_trailers(channel: grpc.
     with pytest.raises(grpc.RpcError) as denied:
         stub.SayHello(greeter_pb2.HelloRequest(name="raise"), metadata=metadata, timeout=10)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "not for you" in denied.value.details()
+    assert "not for you" in str(denied.value.details())
 
 
 def test_client_streaming_and_bidirectional_streaming(channel: grpc.Channel) -> None:
@@ -264,7 +273,7 @@ def test_bidirectional_streaming_answers_each_message_as_it_comes(
             heard = []
             for name in ("x", "y", "z"):
                 await call.write(greeter_pb2.HelloRequest(name=name))
-                heard.append((await call.read()).message)
+                heard.append(cast(greeter_pb2.HelloReply, await call.read()).message)
             await call.done_writing()
             assert await call.read() == grpc.aio.EOF
             return heard
@@ -294,4 +303,4 @@ def test_not_found_says_where_to_look(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as unset:
         stub.SayHello(request, timeout=10)
     assert unset.value.code() == grpc.StatusCode.NOT_FOUND
-    assert unset.value.details().startswith("Application metadata not set.")
+    assert str(unset.value.details()).startswith("Application metadata not set.")

@@ -71,9 +71,15 @@ async def _call(
     async with grpc.aio.insecure_channel(address) as channel:
         call: Any
         if kind == "unary":
-            call = channel.unary_unary(method)(payload, metadata=metadata, timeout=10)
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes | None, bytes] = channel.unary_unary(
+                method
+            )
+            call = unary(payload, metadata=metadata, timeout=10)
         elif kind == "server_stream":
-            call = channel.unary_stream(method)(payload, metadata=metadata, timeout=10)
+            streaming: grpc.aio.UnaryStreamMultiCallable[bytes | None, bytes] = (
+                channel.unary_stream(method)
+            )
+            call = streaming(payload, metadata=metadata, timeout=10)
         else:
             call = channel.stream_stream(method)(metadata=metadata, timeout=10)
             if payload is not None:

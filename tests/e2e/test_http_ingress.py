@@ -336,10 +336,10 @@ def test_killed_proxy_is_replaced(http_url: str) -> None:
     assert reply.json()["path"] == "/echo"
 
 
-def test_the_http_guide_examples_run(tmp_path: Path) -> None:
+def test_the_http_ingress_example_runs(tmp_path: Path) -> None:
     port = free_port()
-    result = run_example("examples/http_guide.py", tmp_path, port, SERVE_LOG_LEVEL="INFO")
+    result = run_example("examples/http_ingress.py", tmp_path, port, SERVE_LOG_LEVEL="INFO")
     assert result.returncode == 0, result.stderr
-    assert "HTTP guide OK" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "http ingress example OK"
     # serve.run says where each application is served.
-    assert f"Application 'default' is ready at http://127.0.0.1:{port}/hello." in result.stderr
+    assert f"Application 'notes' is ready at http://127.0.0.1:{port}/api." in result.stderr

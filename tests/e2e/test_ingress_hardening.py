@@ -189,7 +189,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         deployed = run_script(
             f"import sys; sys.argv = ['deploy', {str(markers)!r}]\n" + DEPLOY,
             timeout_s=120,
-            **controller.driver_env(),
+            env=controller.driver_env(),
         )
         assert deployed.returncode == 0, deployed.stderr
         yield Front(controller, markers)
@@ -663,7 +663,7 @@ def test_aborted_requests_leave_no_reference_cycles(front: Front) -> None:
         assert probe.stdout is not None
         probe.stdin.write("report\n")
         probe.stdin.flush()
-        return json.loads(probe.stdout.readline())  # type: ignore[no-any-return]
+        return json.loads(probe.stdout.readline())
 
     try:
         ready = json.loads(probe.stdout.readline())
@@ -701,7 +701,9 @@ def test_aborted_requests_leave_no_reference_cycles(front: Front) -> None:
             assert httpx.get(url, headers={"X-A": "a" * 70_000}, timeout=10).status_code == 431
             # gRPC calls that fail.
             with grpc.insecure_channel(ready["grpc"]) as channel:
-                unknown = channel.unary_unary("/greeter.Greeter/NoSuchMethod")
+                unknown: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    "/greeter.Greeter/NoSuchMethod"
+                )
                 with pytest.raises(grpc.RpcError) as error:
                     unknown(b"", metadata=(("application", "greeter"),), timeout=10)
                 assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED

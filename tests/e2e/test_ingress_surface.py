@@ -141,7 +141,7 @@ def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[Standalo
     )
     try:
         controller.start()
-        deployed = run_script(DRIVER, **controller.driver_env())
+        deployed = run_script(DRIVER, env=controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
         yield controller
     finally:
@@ -208,7 +208,7 @@ def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
         address = controller.healthy_proxy()["http_address"]  # up from the start
         early = httpx.get(f"http://{address}/-/healthz", timeout=10)
         assert (early.status_code, early.text) == (503, "Route table is not populated yet.")
-        deployed = run_script(DRIVER, **controller.driver_env())
+        deployed = run_script(DRIVER, env=controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
 
         def healthy() -> bool:
@@ -317,7 +317,7 @@ def _adder_app() -> FastAPI:
 
     @app.get("/add")
     async def add(a: int, handle: object = Depends(add_one)) -> int:
-        return await handle.remote(a)  # type: ignore[attr-defined, no-any-return]
+        return await handle.remote(a)  # type: ignore[attr-defined]
 
     return app
 
@@ -356,7 +356,7 @@ def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
 
         @app.get("/")
         async def root(self) -> str:
-            return await self.busy.remote()  # type: ignore[attr-defined, no-any-return]
+            return await self.busy.remote()  # type: ignore[attr-defined]
 
     busy = Busy.options(backpressure_config={"status_code": 429, "retry_after_s": 1}).bind(
         str(gate)

@@ -63,7 +63,7 @@ def test_gpus_are_assigned_and_cpus_capped(tmp_path: Path) -> None:
                 print(json.dumps([seen, gpu_wait, cpu_wait, handle.remote().result()]))
                 """
             ),
-            **controller.driver_env(),
+            env=controller.driver_env(),
         )
         assert result.returncode == 0, result.stderr
         seen, gpu_wait, cpu_wait, cpu_answer = json.loads(result.stdout.splitlines()[-1])
@@ -89,7 +89,7 @@ def test_max_replicas_per_node_holds_back_replicas_on_one_host(tmp_path: Path) -
                 print(json.dumps(wait_message("one", "pending")))
                 """
             ),
-            **controller.driver_env(),
+            env=controller.driver_env(),
         )
         assert result.returncode == 0, result.stderr
         status, message = json.loads(result.stdout.splitlines()[-1])
@@ -116,7 +116,7 @@ def test_a_config_file_sets_the_controller_options(tmp_path: Path) -> None:
                 print(json.dumps(wait_message("cpu", "pending")))
                 """
             ),
-            **controller.driver_env(),
+            env=controller.driver_env(),
         )
         assert result.returncode == 0, result.stderr
         status, message = json.loads(result.stdout.splitlines()[-1])

@@ -77,7 +77,7 @@ def total(samples: list[tuple[str, dict[str, str], float]], name: str) -> float:
 def test_metrics_count_what_happened(controller: StandaloneController) -> None:
     address = controller.ready["metrics"]
     assert address.startswith("127.0.0.1:")
-    result = run_script(DRIVER, **controller.driver_env())
+    result = run_script(DRIVER, env=controller.driver_env())
     assert result.returncode == 0, result.stderr
 
     def counted() -> dict[str, list[tuple[str, dict[str, str], float]]] | None:

@@ -102,7 +102,7 @@ def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
     )
     try:
         controller.start()
-        deployed = run_script(DEPLOY, **controller.driver_env())
+        deployed = run_script(DEPLOY, env=controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
         yield controller
     finally:
@@ -172,7 +172,7 @@ def heartbeating(tmp_path: Path) -> Iterator[StandaloneController]:
     )
     try:
         controller.start()
-        deployed = run_script(DEPLOY, **controller.driver_env())
+        deployed = run_script(DEPLOY, env=controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
         yield controller
     finally:
@@ -196,7 +196,7 @@ def test_a_stopped_proxy_falls_silent_and_is_replaced_within_seconds(
     took_s = time.monotonic() - stopped_at
     assert took_s < settings().heartbeat_timeout_s + 10, took_s  # was about 30 s
     assert not pids_alive([int(hung["pid"])])  # killed, not left stopped
-    url = f"http://{new['http_address']}/hello"  # type: ignore[index]
+    url = f"http://{new['http_address']}/hello"
     assert httpx.get(url, timeout=30).text == "hello"
 
 
@@ -230,7 +230,7 @@ def test_a_proxy_whose_public_port_takes_no_connection_is_kept(
         _starve_accept(pid, hard, url)
         kept_until = time.monotonic() + 2 * settings().heartbeat_timeout_s
         while time.monotonic() < kept_until:
-            (now,) = heartbeating.status()["proxies"].values()  # type: ignore[attr-defined]
+            (now,) = heartbeating.status()["proxies"].values()
             assert now["pid"] == proxy["pid"]
             assert now["status"] == "HEALTHY"
             time.sleep(0.5)
@@ -249,7 +249,7 @@ def test_proxy_location(tmp_path: Path, location: str, proxies: int) -> None:
         controller.start()
         if proxies:
             controller.healthy_proxy()
-        assert len(controller.status()["proxies"]) == proxies  # type: ignore[arg-type]
+        assert len(controller.status()["proxies"]) == proxies
         assert len(controller.proxy_pids()) == proxies
     finally:
         controller.cleanup()

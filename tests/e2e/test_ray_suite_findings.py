@@ -164,7 +164,7 @@ class Chain:
 
     async def __call__(self, value: int) -> int:
         upstream: DeploymentResponse[Any] = self._up.remote(value)
-        return await self._down.remote(upstream)  # type: ignore[no-any-return]
+        return await self._down.remote(upstream)
 
 
 def test_a_chained_call_whose_upstream_died_names_both_deployments() -> None:

@@ -26,7 +26,8 @@ def watch_rollout(app: str, **options: Any) -> list[dict[str, int]]:
         while not done.is_set():
             status = serve.status().applications.get(app)
             if status is not None:
-                samples.append(dict(status.deployments["SlowStart"].replica_states))
+                states = status.deployments["SlowStart"].replica_states
+                samples.append({s.value: n for s, n in states.items()})
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)

@@ -108,10 +108,11 @@ def test_max_ongoing_requests_holds_across_three_handle_processes() -> None:
     )
     results: list[Any] = []
 
+    assert client.token is not None
+    token = client.token
+
     def hammer() -> None:
-        results.append(
-            run_script(script, SERVE_ADDRESS=client.address, SERVE_CLUSTER_TOKEN=client.token)
-        )
+        results.append(run_script(script, SERVE_ADDRESS=client.address, SERVE_CLUSTER_TOKEN=token))
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
     for t in threads:

@@ -34,7 +34,7 @@ def test_state_directory_logs_and_files_are_private(tmp_path: Path) -> None:
     state_dir = tmp_path / "fresh" / "state"  # neither exists yet: the controller makes them
     controller = StandaloneController(state_dir).start()
     try:
-        result = run_script(DRIVER, **controller.driver_env())
+        result = run_script(DRIVER, env=controller.driver_env())
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "ok"
         directories = [state_dir, state_dir / "logs"]

@@ -54,7 +54,7 @@ def test_a_damaged_write_ahead_log_is_refused_not_silently_dropped(tmp_path: Pat
     state_dir = tmp_path / "state"
     controller = StandaloneController(state_dir).start()
     try:
-        result = run_script(DRIVER, **controller.driver_env())
+        result = run_script(DRIVER, env=controller.driver_env())
         assert result.returncode == 0, result.stderr
         assert controller.process is not None
         os.kill(controller.process.pid, signal.SIGKILL)  # the deploy is only in the WAL now
@@ -80,7 +80,7 @@ def test_an_unwritable_shared_memory_file_does_not_kill_the_controller(tmp_path:
     shm.chmod(0o400)
     controller = StandaloneController(state_dir).start()
     try:
-        result = run_script(DRIVER, **controller.driver_env())
+        result = run_script(DRIVER, env=controller.driver_env())
         assert result.returncode == 0, result.stderr
         assert controller.process is not None
         assert controller.process.poll() is None  # still serving after a deploy

@@ -44,11 +44,11 @@ def test_everything_speaks_tls_and_plaintext_clients_are_refused(tmp_path: Path)
     controller = StandaloneController(tmp_path / "state", **tls)
     controller.start()
     try:
-        result = run_script(APP, **controller.driver_env())
+        result = run_script(APP, env=controller.driver_env())
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == ["41", "['tls']"]
         plain = {k: v for k, v in controller.driver_env().items() if not k.startswith("SERVE_TLS")}
-        refused = run_script("import serve\nserve.start()\n", timeout_s=60, **plain)
+        refused = run_script("import serve\nserve.start()\n", timeout_s=60, env=plain)
         assert refused.returncode != 0
         assert "ControllerUnavailableError" in refused.stderr
     finally:

@@ -104,7 +104,7 @@ def start_traced(tmp_path: Path, exporter: str, ratio: str, **env: str) -> Stand
 
 def deploy(controller: StandaloneController) -> tuple[str, str]:
     """Deploy the graph and the Greeter; the proxy's HTTP and gRPC addresses."""
-    result = run_script(DEPLOY, timeout_s=120, **controller.driver_env())
+    result = run_script(DEPLOY, timeout_s=120, env=controller.driver_env())
     assert result.returncode == 0, result.stderr
     http, grpc_address = result.stdout.split()[-2:]
     return http, grpc_address
@@ -134,7 +134,11 @@ def trace_of(spans: list[dict[str, Any]], trace_id: str) -> list[dict[str, Any]]
 def children(spans: list[dict[str, Any]], parent: dict[str, Any]) -> list[dict[str, Any]]:
     """The spans whose parent is ``parent``, in the order they started."""
     found = [s for s in spans if s["parent_id"] == parent["context"]["span_id"]]
-    return sorted(found, key=lambda s: s.get("start_time") or s.get("start_time_unix_nano"))
+
+    def started(span: dict[str, Any]) -> Any:
+        return span.get("start_time") or span.get("start_time_unix_nano")
+
+    return sorted(found, key=started)
 
 
 def only(spans: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -235,9 +239,10 @@ def test_spans_reach_an_otlp_collector_over_grpc(tmp_path: Path) -> None:
     with OtlpCollector() as collector:
         controller = start_traced(
             tmp_path,
-            "tests.support.otlp_collector:otlp_exporter",
+            "examples.otlp_exporter:otlp",  # the docs' exporter
             "1.0",
             OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="200",  # ms between batches (default 5 s)
         )
         try:
             http, grpc_address = deploy(controller)

@@ -95,7 +95,8 @@ def _call(
     metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         try:
-            channel.unary_unary(method)(payload, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+            unary(payload, metadata=metadata, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
             return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, ""
@@ -106,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     """A standalone controller with default limits and one replica of a deployed app."""
     controller = StandaloneController(tmp_path_factory.mktemp("wire") / "state")
     with _running(controller):
-        deployed = run_script(DEPLOY_ONE.format(name="wire"), **controller.driver_env())
+        deployed = run_script(DEPLOY_ONE.format(name="wire"), env=controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
         (replica_pid,) = controller.replica_pids()
         assert controller.process is not None
@@ -159,7 +160,7 @@ def test_a_message_over_the_server_limit_is_refused_before_it_is_read(
     assert f"{DEFAULT_MAX_MESSAGE_BYTES + 1} vs. {DEFAULT_MAX_MESSAGE_BYTES}" in details
     assert rss.growth < RSS_GROWTH_LIMIT, f"RSS grew by {rss.growth / MiB:.0f} MiB"
     # A driver still deploys and calls.
-    deployed = run_script(DEPLOY_ONE.format(name="after"), **cluster["controller"].driver_env())
+    deployed = run_script(DEPLOY_ONE.format(name="after"), env=cluster["controller"].driver_env())
     assert deployed.returncode == 0, deployed.stderr
 
 
@@ -298,9 +299,8 @@ class Flood:
 def _authenticated_call(address: str, method: str, token: str, timeout_s: float) -> None:
     """One call on a fresh channel that waits (bounded) for its connection to be accepted."""
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        channel.unary_unary(method)(
-            b"", metadata=((TOKEN_METADATA_KEY, token),), timeout=timeout_s, wait_for_ready=True
-        )
+        unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+        unary(b"", metadata=((TOKEN_METADATA_KEY, token),), timeout=timeout_s, wait_for_ready=True)
 
 
 CALL_APP = (
@@ -337,7 +337,7 @@ def test_a_flood_over_the_fd_limit_is_closed_and_authenticated_callers_are_serve
             "/serve.v1.Controller/GetStatus",
         )
         if daemon == "replica":
-            deployed = run_script(DEPLOY_ONE.format(name="flooded"), **controller.driver_env())
+            deployed = run_script(DEPLOY_ONE.format(name="flooded"), env=controller.driver_env())
             assert deployed.returncode == 0, deployed.stderr
             (pid,) = controller.replica_pids()
             address, method = _listening_address(pid), "/serve.v1.Replica/QueueLength"
@@ -350,7 +350,7 @@ def test_a_flood_over_the_fd_limit_is_closed_and_authenticated_callers_are_serve
             wait_for(lambda: flood.open == 0, timeout_s=handshake_timeout_s + 30, interval_s=0.1)
         _authenticated_call(address, method, token, timeout_s=10)
         if daemon == "replica":  # a new driver reaches the replica
-            called = run_script(CALL_APP.format(name="flooded"), **controller.driver_env())
+            called = run_script(CALL_APP.format(name="flooded"), env=controller.driver_env())
             assert called.returncode == 0, called.stderr
 
 
@@ -411,7 +411,7 @@ def test_a_driver_deploys_and_calls_during_a_flood_below_the_raised_fd_limit(
                 controller.address, "/serve.v1.Controller/GetStatus", token, timeout_s=10
             )
             served = run_script(
-                DEPLOY_ONE.format(name="flooded"), timeout_s=90, **controller.driver_env()
+                DEPLOY_ONE.format(name="flooded"), timeout_s=90, env=controller.driver_env()
             )
             assert served.returncode == 0, served.stderr
             assert "served" in served.stdout

@@ -42,7 +42,7 @@ class StickyRouter(RequestRouter):
     the first time); when that replica is gone, the session moves to another and stays."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        self.pins: dict[str, Any] = {}
+        self.pins: dict[Any, Any] = {}
         self.routed = 0
 
     async def choose_replicas(
@@ -52,7 +52,8 @@ class StickyRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         session = session_of(pending_request)
         by_id = {r.replica_id: r for r in candidate_replicas}
-        pinned = by_id.get(self.pins.get(session))
+        pinned_id = self.pins.get(session)
+        pinned = None if pinned_id is None else by_id.get(pinned_id)
         if pinned is None:
             pinned = max(candidate_replicas, key=lambda r: _weight(session, r))
             self.pins[session] = pinned.replica_id

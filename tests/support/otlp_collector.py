@@ -17,21 +17,12 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
-def otlp_exporter() -> list[Any]:
-    """An exporter function (``exporter_import_path``): spans in batches to the collector that
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` names, through the standard OTLP/gRPC exporter."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    return [BatchSpanProcessor(OTLPSpanExporter(insecure=True), schedule_delay_millis=200)]
-
-
 def _value(any_value: Any) -> Any:
     kind = any_value.WhichOneof("value")
     return getattr(any_value, kind) if kind else None
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, collector: OtlpCollector) -> None:
         self._collector = collector
 
@@ -67,7 +58,8 @@ class OtlpCollector:
         self._lock = threading.Lock()
         self._spans: list[dict[str, Any]] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server  # generated, untyped
+        add(_TraceService(self), self._server)  # type: ignore[no-untyped-call]
         port = self._server.add_insecure_port("127.0.0.1:0")
         self.endpoint = f"http://127.0.0.1:{port}"
 

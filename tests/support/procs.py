@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -70,15 +70,23 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 def run_script(
-    code: str, *, timeout_s: float = 60.0, cwd: str | Path = ROOT, **env: str
+    code: str,
+    *,
+    timeout_s: float = 60.0,
+    cwd: str | Path = ROOT,
+    env: Mapping[str, str] | None = None,
+    **variables: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a Python driver script in its own process (in ``cwd``) and wait for it."""
+    """Run a Python driver script in its own process (in ``cwd``) and wait for it.
+
+    Its environment is ours plus ``env`` (a controller's ``driver_env()``) and ``variables``.
+    """
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=timeout_s,
-        env=python_env(**env),
+        env=python_env(**{**(env or {}), **variables}),
         cwd=cwd,
     )
 
@@ -121,7 +129,7 @@ class StandaloneController:
         self.address = ""
         self.port = 0
 
-    def start(self) -> StandaloneController:
+    def start(self) -> Self:
         import json
 
         self.process = subprocess.Popen(
@@ -189,7 +197,7 @@ class StandaloneController:
         """`serve status --json`."""
         import json
 
-        return json.loads(self.serve("status", "--json"))  # type: ignore[no-any-return]
+        return json.loads(self.serve("status", "--json"))
 
     def healthy_proxy(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """This controller's proxy, as `serve status --json` lists it, once it is HEALTHY."""
@@ -198,7 +206,7 @@ class StandaloneController:
             proxies = list(self.status()["proxies"].values())
             return proxies[0] if proxies and proxies[0]["status"] == "HEALTHY" else None
 
-        return wait_for(healthy, timeout_s=timeout_s, interval_s=0.2)  # type: ignore[no-any-return]
+        return wait_for(healthy, timeout_s=timeout_s, interval_s=0.2)
 
     def replica_pids(self) -> list[int]:
         """Replica processes launched by this controller, found by their command line."""

@@ -283,7 +283,7 @@ def test_three_failed_health_checks_kill_replace_and_mark_unhealthy_until_a_pass
 
 
 def autoscaled(**overrides: Any) -> DeploymentSpec:
-    auto = {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 1.0}
+    auto: dict[str, Any] = {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 1.0}
     auto.update(overrides)
     return spec(num_replicas=None, autoscaling_config=AutoscalingConfig(**auto))
 
@@ -481,7 +481,7 @@ def test_a_replica_that_ended_is_not_re_adopted_when_it_links_again() -> None:
     assert [v.verdict for v in verdicts] == [ev.Verdict.STOP]
 
 
-def gang_spec(replicas: int = 4, version: str = "v1", **config: Any) -> DeploymentSpec:
+def gang_spec(replicas: int | None = 4, version: str = "v1", **config: Any) -> DeploymentSpec:
     gang = {
         "gang_size": 2,
         "gang_timeout_s": 300.0,

@@ -72,12 +72,12 @@ def rollout_goal(
 def test_rolling_update_stops_a_wave_of_old_replicas_before_starting_new_ones() -> None:
     old = [record(f"o{i}", "v1", started=i) for i in range(5)]
     # max(int(0.4 * 5), 1) = 2 old replicas stop, then 2 new ones start in their place
-    actions = plan({DEP: rollout_goal(5, percentage=0.4)}, old)
-    assert [a for a in actions if isinstance(a, StopReplica)] == [
+    steps = plan({DEP: rollout_goal(5, percentage=0.4)}, old)
+    assert [a for a in steps if isinstance(a, StopReplica)] == [
         StopReplica("o4"),
         StopReplica("o3"),
     ]
-    assert [a for a in actions if isinstance(a, StartReplicas)] == [StartReplicas(DEP, 2)]
+    assert [a for a in steps if isinstance(a, StartReplicas)] == [StartReplicas(DEP, 2)]
 
 
 def test_rolling_update_with_a_surge_starts_new_before_stopping_old() -> None:
@@ -129,18 +129,18 @@ def simulate_rollout(goal: DeploymentGoal, old: int | list[int]) -> list[tuple[i
         for r in records:
             if r.phase is Phase.STARTING:
                 r.phase = Phase.RUNNING
-        actions = plan({DEP: goal}, records)
-        if not actions and all(r.code_version == "v2" for r in records):
+        steps = plan({DEP: goal}, records)
+        if not steps and all(r.code_version == "v2" for r in records):
             return seen
-        stopped = {a.replica_id for a in actions if isinstance(a, StopReplica)}
+        stopped = {a.replica_id for a in steps if isinstance(a, StopReplica)}
         for r in records:
             if r.replica_id in stopped:
                 assert set(r.gang_members) <= stopped, f"{r.replica_id} stopped without its gang"
                 r.phase = Phase.STOPPING
-        for action in actions:
-            if isinstance(action, StartReplicas):
-                assert action.count % size == 0, "a start of part of a gang"
-                for _ in range(action.count // size):
+        for step in steps:
+            if isinstance(step, StartReplicas):
+                assert step.count % size == 0, "a start of part of a gang"
+                for _ in range(step.count // size):
                     serial += 1
                     records += gangs(f"n{serial}.", "v2", [size], Phase.STARTING, 10 + serial)
         live = sum(1 for r in records if r.phase is not Phase.STOPPING)

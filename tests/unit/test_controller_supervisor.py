@@ -6,11 +6,11 @@ import asyncio
 import itertools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from controller.events import Verdict
 from controller.launcher import Exit
-from controller.resources import ResourceRequest
+from controller.resources import GangSpec, ResourceRequest
 from controller.store import GoalStore
 from controller.supervisor import Supervisor
 from serve._models import (
@@ -21,6 +21,7 @@ from serve._models import (
     DeploymentSpec,
     Failure,
 )
+from serve._rpc.replica_client import ReplicaClient
 
 DEP = DeploymentID("Model", "app")
 
@@ -67,6 +68,11 @@ class FakeLauncher:
         self.launched.put_nowait(replica_id)
         return process
 
+    async def launch_gang(
+        self, gang: GangSpec, request: ResourceRequest, on_pending: Callable[[str], None]
+    ) -> list[FakeProcess]:
+        raise AssertionError("these tests deploy no gang")
+
     async def adopt(
         self, replica_id: str, pid: int, request: ResourceRequest
     ) -> FakeProcess | None:
@@ -108,7 +114,8 @@ async def test_deploy_link_run_publish_delete(tmp_path: Path) -> None:
             launcher=launcher,
             token="token",
             tls=None,
-            connect=lambda address: FakeClient(launcher, address),
+            # A fake for the calls the supervisor makes of a ReplicaClient.
+            connect=lambda address: cast(ReplicaClient, FakeClient(launcher, address)),
         )
         async with supervisor:
             await supervisor.deploy(

@@ -6,11 +6,14 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
+from typing import Any
 
 from controller.spans import log_tail, read_spans, recent_traces, tail
 
 
-def span(trace: str, span_id: str, parent: str | None, start: str, end: str, name: str) -> dict:
+def span(
+    trace: str, span_id: str, parent: str | None, start: str, end: str, name: str
+) -> dict[str, Any]:
     return {
         "name": name,
         "context": {"trace_id": trace, "span_id": span_id},

@@ -1,7 +1,10 @@
 """Framing of the Connect stream: hand-written Batch wrapper, zero-copy bodies."""
 
+from typing import Any
+
 import pytest
 
+from serve._proto.common_pb2 import CODEC_MSGPACK, CODEC_PICKLE
 from serve._proto.replica_pb2 import FRAME_KIND_REQUEST, FRAME_KIND_RESULT, Batch, FrameHeader
 from serve._rpc.frames import BatchWriter, FrameError, iter_frames, read_frames
 
@@ -98,7 +101,7 @@ async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
 
     big = bytes(range(256)) * ((2 * CHUNK_BYTES + 1000) // 256)
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=1, id=7), b"body", buffers=[b"small", big])
+    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=7), b"body", buffers=[b"small", big])
     marked = writer.take_marked()
     assert [mark for _, mark in marked] == [0, 0, 0, 0, 7]  # the last chunk completes frame 7
     messages = [m if isinstance(m, bytes) else m.message() for m, _ in marked]
@@ -157,19 +160,20 @@ def test_hand_serialized_headers_parse_as_the_frame_headers_they_stand_for() -> 
     from serve._rpc.frames import item_header, outcome_header, request_header
 
     options = ("say_hi", 1, 2, "model-7", True, False, 64, 16 * 1024 * 1024)
-    for frame_id, extra in (
+    cases: list[tuple[int, dict[str, Any]]] = [
         (1, {}),
         (300, {"args_len": 17, "args_buffer_count": 2, "timeout_s": 1.5, "reserved": True}),
         (2**40, {"args_len": 2**20, "trace_context": {"traceparent": "00-ab-cd-01"}}),
-    ):
-        fields = {"args_len": 0, **extra}
+    ]
+    for frame_id, extra in cases:
+        fields: dict[str, Any] = {"args_len": 0, **extra}
         encoded = request_header(frame_id, options, request_id="r" * 32, **fields)
         expected = FrameHeader(
             kind=FRAME_KIND_REQUEST,
             id=frame_id,
             method="say_hi",
-            request_codec=1,
-            response_codec=2,
+            request_codec=CODEC_PICKLE,
+            response_codec=CODEC_MSGPACK,
             model_id="model-7",
             stream=True,
             stream_window=64,

@@ -61,7 +61,7 @@ async def test_concurrent_requests_for_one_id_load_once() -> None:
 async def test_model_ids_must_be_non_empty_strings() -> None:
     loader = Loader()
     with pytest.raises(TypeError, match="must be a string"):
-        await loader.get(3)  # type: ignore[arg-type]
+        await loader.get(3)
     with pytest.raises(ValueError, match="must not be empty"):
         await loader.get("")
 

@@ -134,7 +134,7 @@ def test_unknown_option_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_concurrency'"):
         serve.deployment(max_concurrency=3)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        serve.deployment(Model).options(num_replica=2)  # type: ignore[call-arg]
+        serve.deployment(Model).options(num_replica=2)
 
 
 def test_options_returns_a_copy() -> None:
@@ -183,7 +183,7 @@ def test_ray_only_options_are_accepted() -> None:
 
 def test_decorating_something_else_fails() -> None:
     with pytest.raises(TypeError, match="must decorate a class or a function"):
-        serve.deployment(42)  # type: ignore[call-overload]
+        serve.deployment(42)
 
 
 def test_deployment_cannot_be_called() -> None:
@@ -332,7 +332,8 @@ def test_extension_configs_become_plain_data_for_config_files() -> None:
 
     from serve.config import AutoscalingConfig, RequestRouterConfig
 
-    auto = AutoscalingConfig(max_replicas=3, policy={"policy_function": "math:floor"})
+    # A dict, as a config file gives it.
+    auto = AutoscalingConfig(max_replicas=3, policy={"policy_function": "math:floor"})  # type: ignore[arg-type]
     router = RequestRouterConfig(request_router_kwargs={"k": 1})
     text = yaml.safe_dump({"autoscaling_config": auto.to_dict(), "router": router.to_dict()})
     data = yaml.safe_load(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from serve._context import (
     set_current_request,
 )
 from serve._deployment_state import DeploymentState
-from serve._exchange import ConnectionLost, Envelope
+from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._request import Request, RequestState
@@ -33,14 +34,22 @@ DEP = DeploymentID("Model", "app")
 
 
 class FakeConnection:
-    """Records what is sent; tests play the replica's answers through ``answer``."""
+    """A ``Connection`` that records what is sent; tests play the replica's answers through
+    ``answer``."""
 
-    def __init__(self, replica: ReplicaInfo, on_load: Any, on_broken: Any) -> None:
+    def __init__(
+        self,
+        replica: ReplicaInfo,
+        on_load: Callable[[int, int], None],
+        on_broken: Callable[[Any, ConnectionLost], None],
+    ) -> None:
         self.replica_id = replica.replica_id
         self.on_load = on_load
         self.on_broken = on_broken
         self.broken: ConnectionLost | None = None
-        self.sent: dict[int, tuple[Any, Request, Envelope]] = {}
+        self.sent: dict[int, tuple[ReplyListener, Request, Envelope]] = {}
+        self.reservations: dict[int, tuple[ReplyListener, Request]] = {}
+        self.released: list[int] = []
         self.cancelled: list[int] = []
         self.fed: list[tuple[int, bytes]] = []
         self.probe_answer: tuple[int, bool] | None = (0, True)
@@ -48,13 +57,27 @@ class FakeConnection:
         self.history: list[Request] = []
         self._ids = itertools.count(1)
 
-    def send(self, envelope: Envelope, listener: Any, request: Request) -> int:
+    def send(
+        self, envelope: Envelope, listener: ReplyListener, request: Request, reserved: int = 0
+    ) -> int:
         if self.broken is not None:
             raise self.broken
-        frame_id = next(self._ids)
+        frame_id = reserved or next(self._ids)
+        self.reservations.pop(frame_id, None)
         self.sent[frame_id] = (listener, request, envelope)
         self.history.append(request)
         return frame_id
+
+    def reserve(self, listener: ReplyListener, request: Request) -> int:
+        if self.broken is not None:
+            raise self.broken
+        frame_id = next(self._ids)
+        self.reservations[frame_id] = (listener, request)
+        return frame_id
+
+    def release(self, frame_id: int) -> None:
+        self.reservations.pop(frame_id, None)
+        self.released.append(frame_id)
 
     def cancel(self, frame_id: int) -> None:
         self.cancelled.append(frame_id)
@@ -104,7 +127,12 @@ class Fixture:
         raise AssertionError("tests feed replica sets directly")
         yield
 
-    def _open(self, replica: ReplicaInfo, on_load: Any, on_broken: Any) -> FakeConnection:
+    def _open(
+        self,
+        replica: ReplicaInfo,
+        on_load: Callable[[int, int], None],
+        on_broken: Callable[[Any, ConnectionLost], None],
+    ) -> FakeConnection:
         conn = self.conns[replica.replica_id] = FakeConnection(replica, on_load, on_broken)
         return conn
 

@@ -89,7 +89,7 @@ def test_the_root_decides_sampling_and_its_decision_travels(spans: Any) -> None:
 def test_a_batch_runs_on_behalf_of_its_first_caller(spans: Any) -> None:
     first = serving({"traceparent": SAMPLED})
     # The batch's task context is made elsewhere (the batcher's own task): no span current.
-    token = _tracing._otel.attach(_tracing._otel.set_span_in_context(None))  # type: ignore[arg-type]
+    token = _tracing._otel.attach(_tracing._otel.set_span_in_context(None))
     try:
         batch_context = _context_with(first, (first,))
     finally:

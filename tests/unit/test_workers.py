@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import pytest
 
@@ -85,7 +85,7 @@ async def test_a_sync_generator_streams_through_a_bounded_buffer() -> None:
     produced = 0
     closed = threading.Event()
 
-    def numbers() -> Iterator[int]:
+    def numbers() -> Generator[int, None, None]:
         nonlocal produced
         try:
             for i in range(10_000):
@@ -107,7 +107,7 @@ async def test_a_sync_generator_streams_through_a_bounded_buffer() -> None:
 async def test_a_sync_generator_error_comes_after_its_items() -> None:
     workers = SyncWorkers(asyncio.get_running_loop(), 1)
 
-    def fails() -> Iterator[int]:
+    def fails() -> Generator[int, None, None]:
         yield 1
         yield 2
         raise ValueError("mid-stream")
