@@ -17,7 +17,7 @@
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: mutual TLS on all channels | unset |
 | SERVE_STREAM_WINDOW_BYTES | stream bytes a replica may send ahead of its consumer | 16 MiB |
-| SERVE_SHM_MIN_BYTES | buffers this big go through /dev/shm between processes of one host (0: never) | 256 KiB |
+| SERVE_SHM_MIN_BYTES | buffers this big use /dev/shm within a host (0: never) | 256 KiB |
 | SERVE_MAX_MESSAGE_BYTES | largest message a daemon takes: a call's arguments or result | 500 MiB |
 | SERVE_MAX_CONTROL_MESSAGE_BYTES | largest request of a control call (GetStatus, ...) | 4 MiB |
 | SERVE_HANDSHAKE_TIMEOUT_S | a connection still in its HTTP/2 or TLS handshake is closed | 10 |
