@@ -72,7 +72,7 @@ bench: install
 	-scripts/install_wrk.sh
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
-# The proxy's front door under attack, with its default limits (figures for the README).
+# The proxy's front door under attack, with its default limits (figures for docs/benchmarks.md).
 bench-hostile: install
 	$(PY) scripts/bench_hostile.py $(BENCH_ARGS)
 

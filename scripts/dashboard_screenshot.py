@@ -1,4 +1,4 @@
-"""The README's dashboard picture, and what the dashboard costs the controller.
+"""The docs' dashboard picture (docs/dashboard.png), and what the dashboard costs the controller.
 
 Starts a standalone controller (its own state directory, a proxy on a free port, tracing at a
 ratio of 0.2), deploys Ingress -> Preprocess -> Model (Model autoscaled), and sends HTTP load

@@ -5,7 +5,7 @@ bytes, memory, descriptors) through the real proxy on real sockets, and that a p
 keeps being served meanwhile.
 
 The proxy runs under a standalone controller with small limits, so each bound is reached in a
-test's time; the defaults are in the README's Settings table.
+test's time; the defaults are in serve/_settings.py (the docs' settings reference).
 """
 
 from __future__ import annotations
