@@ -38,8 +38,8 @@ class Envelope:
 class ConnectionLost(Exception):
     """The stream to a replica broke. ``retryable`` is False when retrying cannot help.
 
-    ``read_upto``: when the replica closed the stream itself, the highest request number it had
-    read; later requests never reached it.
+    ``read_upto``: when the replica closed the stream itself, the highest frame id it had read;
+    later requests never reached it.
     """
 
     def __init__(

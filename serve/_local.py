@@ -102,7 +102,7 @@ class LocalConnection:
         self.broken: ConnectionLost | None = None
         self._replica = replica
         self._on_load = on_load
-        self._next_id = 0
+        self._next_frame_id = 0
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._credits: dict[int, asyncio.Semaphore] = {}
         self._reserved: set[int] = set()  # slots held for handle.choose_replica()
@@ -115,8 +115,8 @@ class LocalConnection:
             self._reserved.discard(reserved)
             frame_id = reserved
         else:
-            self._next_id += 1
-            frame_id = self._next_id
+            self._next_frame_id += 1
+            frame_id = self._next_frame_id
             if replica.ongoing >= replica.config.max_ongoing_requests and not envelope.no_reject:
                 self._on_load(replica.ongoing, frame_id)
                 asyncio.get_running_loop().call_soon(listener.on_rejected, request, False)
@@ -215,8 +215,8 @@ class LocalConnection:
             )
 
     def reserve(self, listener: ReplyListener, request: Any) -> int:
-        self._next_id += 1
-        frame_id = self._next_id
+        self._next_frame_id += 1
+        frame_id = self._next_frame_id
         replica = self._replica
         loop = asyncio.get_running_loop()
         if replica.ongoing >= replica.config.max_ongoing_requests:
