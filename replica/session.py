@@ -67,7 +67,7 @@ from serve._rpc.frames import (
     read_frames,
 )
 from serve._rpc.status import error_info
-from serve._serialization import decode_args, encode_buffers
+from serve._serialization import Unencodable, decode_args, encode_buffers
 from serve._settings import settings
 from serve.exceptions import RemoteError, RequestTimeoutError, ServeError
 
@@ -90,10 +90,6 @@ _END = FrameHeader(kind=FRAME_KIND_END)
 
 class _SystemError(Exception):
     """The request could not be run at all (bad payload, unknown method)."""
-
-
-class _Unencodable(Exception):
-    """The user's value could not be encoded for the reply."""
 
 
 class StreamSession:
@@ -448,7 +444,7 @@ class StreamSession:
             return _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), []
         except _SystemError as exc:
             return _error(frame_id, ServeError(str(exc)), ERROR_KIND_SYSTEM), (), []
-        except _Unencodable as exc:
+        except Unencodable as exc:
             return _error(frame_id, TypeError(str(exc)), ERROR_KIND_USER), (), []
         except Exception as exc:
             return _error(frame_id, exc, ERROR_KIND_USER), (), []
@@ -508,7 +504,7 @@ class StreamSession:
             payload, item_buffers = _encode(codec, item, "stream item")
             size = len(payload) + sum(len(b) for b in item_buffers)
             if size > self._max_bytes:
-                raise _Unencodable(str(_too_big(header.method, "stream item", size)))
+                raise Unencodable(str(_too_big(header.method, "stream item", size)))
             while credit[0] <= 0 or credit[1] < min(size, window_bytes):
                 event.clear()
                 await event.wait()
@@ -534,13 +530,13 @@ class StreamSession:
 
 
 def _encode(codec: int, value: Any, what: str) -> tuple[bytes, list[bytes]]:
-    """Encode a user value; anything its own ``__reduce__`` raises becomes _Unencodable."""
+    """Encode a user value; anything its own ``__reduce__`` raises becomes Unencodable."""
     try:
         return encode_buffers(codec, value)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
-        raise _Unencodable(f"Could not encode the {what}: {_describe(exc)}") from exc
+        raise Unencodable(f"Could not encode the {what}: {_describe(exc)}") from exc
 
 
 def _too_big(method: str, what: str, size: int) -> ValueError:
