@@ -1,6 +1,6 @@
 """What the router core and a replica connection exchange: plain data and one listener protocol.
 
-The router core (``serve._router``, ``serve._deployment_state``) never sees protobuf or gRPC, and
+The router core (``serve._router``, ``serve._routing_state``) never sees protobuf or gRPC, and
 the wire edge (``serve._rpc.connection``) never sees routers: a request crosses as an
 :class:`Envelope`, and what the replica answers comes back to a :class:`ReplyListener` together
 with the caller's own token for the request.

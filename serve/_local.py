@@ -25,7 +25,6 @@ from serve._context import (
     set_current_request,
 )
 from serve._deployment import BuiltDeployment
-from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._models import (
     ApplicationStatus,
@@ -38,6 +37,7 @@ from serve._models import (
     ReplicaState,
 )
 from serve._router import Router
+from serve._routing_state import RoutingState
 from serve._serialization import decode_args, encode_buffers
 from serve._sync import run_sync
 from serve._user_methods import build_target, maybe_await, user_method
@@ -265,7 +265,7 @@ class LocalClient(ServeClient):
         self.replicas: dict[DeploymentID, LocalReplica] = {}
         self.apps: dict[str, str] = {}  # application -> ingress deployment
 
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState:
         state = self._states.get(deployment_id)
         if state is None:
             replica = self.replicas.get(deployment_id)
@@ -297,7 +297,7 @@ class LocalClient(ServeClient):
                 assert replica is not None
                 return LocalConnection(replica, on_load, on_broken)
 
-            state = DeploymentState(
+            state = RoutingState(
                 deployment_id, watch=watch, open_connection=open_connection, local_host=self.host
             )
             self._states[deployment_id] = state
@@ -363,5 +363,5 @@ class LocalClient(ServeClient):
         return ServeStatus(applications=applications)
 
 
-async def _close_all(states: list[DeploymentState]) -> None:
+async def _close_all(states: list[RoutingState]) -> None:
     await asyncio.gather(*(state.aclose() for state in states), return_exceptions=True)

@@ -1,7 +1,7 @@
 """Routers: queue requests per handle, pick replicas (power of two choices), retry safely.
 
 Every ``Router`` (one per handle and its ``options()`` copies) keeps its own FIFO queue and
-``max_queued_requests`` count on top of the process's ``DeploymentState`` of the deployment.
+``max_queued_requests`` count on top of the process's ``RoutingState`` of the deployment.
 Everything here runs on the home loop, except ``Router.make_request`` which any thread may call.
 
 Admission is implicit: a replica answers a request with REJECTED (full or draining, before any
@@ -30,13 +30,13 @@ from typing import Any, Protocol
 from serve import _tracing
 from serve._context import current_deadline, current_request
 from serve._custom_routing import pending_view
-from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost
 from serve._ingress import FED_METHODS
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._policy import candidate_tiers, choose
 from serve._request import Request, RequestState
+from serve._routing_state import RoutingState
 from serve._serialization import CODEC_NAMES, decode
 from serve._settings import settings
 from serve.config import BackpressureConfig
@@ -55,7 +55,7 @@ STREAM_WINDOW = 64  # stream items a replica may send ahead of the consumer
 
 
 class StateSource(Protocol):
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState: ...
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState: ...
 
 
 class ReplicaSkipped(ServeError):
@@ -73,7 +73,7 @@ class Router:
         self._source = source
         self.deployment_id = deployment_id
         self.prefer_local_routing = False
-        self._state: DeploymentState | None = None
+        self._state: RoutingState | None = None
         self._pending: list[tuple[int, Request]] = []
         self._lock = threading.Lock()
         self._num_queued = 0
@@ -184,9 +184,9 @@ class Router:
 
     # Home loop: the deployment's state, and what it tells its listeners.
 
-    def state(self) -> DeploymentState:
+    def state(self) -> RoutingState:
         if self._state is None:
-            self._state = self._source.deployment_state(self.deployment_id)
+            self._state = self._source.routing_state(self.deployment_id)
             self._state.subscribe(self)
         return self._state
 
@@ -270,7 +270,7 @@ class Router:
         for _, upstream in request.inputs:
             upstream.completion.add_done_callback(on_input_done)
 
-    def _enqueue(self, request: Request, state: DeploymentState) -> None:
+    def _enqueue(self, request: Request, state: RoutingState) -> None:
         if request.selection is not None:
             self._dispatch(request)
             return
@@ -350,7 +350,7 @@ class Router:
             self._send(request, chosen, state)
 
     def _choose_default(
-        self, request: Request, state: DeploymentState, probe: bool, now: float
+        self, request: Request, state: RoutingState, probe: bool, now: float
     ) -> ReplicaInfo | None:
         """Power of two choices, tier by tier; with ``probe``, ask the replicas it knows
         nothing of (or thinks full) for their load."""
@@ -375,7 +375,7 @@ class Router:
 
     # Home loop: a custom request router (request_router_config) picks the replicas.
 
-    def _route_custom(self, state: DeploymentState) -> None:
+    def _route_custom(self, state: RoutingState) -> None:
         """Let the routing task take the waiting requests, oldest first."""
         if self._custom_task is None and self._pending:
             self._custom_task = asyncio.get_running_loop().create_task(
@@ -407,7 +407,7 @@ class Router:
         self._pending = [entry for entry in self._pending if entry[1] is not request]
         heapq.heapify(self._pending)
 
-    async def _custom_loop(self, state: DeploymentState) -> None:
+    async def _custom_loop(self, state: RoutingState) -> None:
         """Route waiting requests one at a time through the custom router; a request whose
         routing failed goes by power of two choices (logged by the router's FallbackLog)."""
         self._custom_wake = wake = asyncio.Event()
@@ -487,7 +487,7 @@ class Router:
         if self._pending:
             self.pump(probe=True)
 
-    def _send(self, request: Request, replica: ReplicaInfo, state: DeploymentState) -> None:
+    def _send(self, request: Request, replica: ReplicaInfo, state: RoutingState) -> None:
         conn = state.connection(replica)
         envelope = request.envelope
         try:

@@ -1,9 +1,12 @@
 """What one process knows about one deployment: its replicas, their load, and connections.
 
-One ``DeploymentState`` per deployment per process, shared by every router (handle) of it, on
+One ``RoutingState`` per deployment per process, shared by every router (handle) of it, on
 the home loop. It follows the controller's replica sets, keeps queue-length estimates, owns the
 replica connections (dropping a replica whose connection breaks at once), probes on request,
 and reports this process's queued requests for autoscaling.
+
+Not the controller's records of a deployment (what Ray's ``deployment_state.py`` holds): those
+live in ``controller/state.py``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ OpenConnection = Callable[
 ]
 
 
-class DeploymentState:
+class RoutingState:
     """What one process knows about one deployment: replicas, their load, connections."""
 
     def __init__(
@@ -114,7 +117,7 @@ class DeploymentState:
 
     def __repr__(self) -> str:
         return (
-            f"DeploymentState({self.deployment_id}, routable={len(self.routable)}, "
+            f"RoutingState({self.deployment_id}, routable={len(self.routable)}, "
             f"connections={len(self._connections)})"
         )
 
