@@ -114,7 +114,7 @@ class StreamSession:
         self._holding: set[int] = set()
         # Slots held by RESERVE for a request to come (handle.choose_replica); released by the
         # REQUEST that uses it, by RELEASE, or when the stream ends.
-        self._reserved: set[int] = set()
+        self._reservations: set[int] = set()
         self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
@@ -146,9 +146,9 @@ class StreamSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for _ in self._reserved:
+            for _ in self._reservations:
                 self._executor.release()
-            self._reserved.clear()
+            self._reservations.clear()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             if self._segments is not None:  # the router's segments nobody will read now
@@ -204,8 +204,8 @@ class StreamSession:
                 self._acked = header.frame_id
             self._on_reserve(header.frame_id)
         elif kind == FRAME_KIND_RELEASE:
-            if header.frame_id in self._reserved:
-                self._reserved.discard(header.frame_id)
+            if header.frame_id in self._reservations:
+                self._reservations.discard(header.frame_id)
                 self._executor.release()
         else:
             raise FrameError(f"Unexpected frame kind {kind} from a router.")
@@ -215,9 +215,9 @@ class StreamSession:
     ) -> None:
         executor = self._executor
         frame_id = header.frame_id
-        if header.reserved and frame_id in self._reserved:
+        if header.reserved and frame_id in self._reservations:
             # Its slot is already held (even while draining: it was promised before).
-            self._reserved.discard(frame_id)
+            self._reservations.discard(frame_id)
             admitted = True
         elif executor.draining:
             self._reject(frame_id, REJECT_REASON_DRAINING)
@@ -274,10 +274,10 @@ class StreamSession:
     def _on_reserve(self, frame_id: int) -> None:
         if self._executor.draining:
             self._reject(frame_id, REJECT_REASON_DRAINING)
-        elif frame_id in self._reserved or frame_id in self._tasks:
+        elif frame_id in self._reservations or frame_id in self._tasks:
             raise FrameError(f"Frame id {frame_id} is already in use on this stream.")
         elif self._executor.admit():
-            self._reserved.add(frame_id)
+            self._reservations.add(frame_id)
             self._send(FrameHeader(kind=FRAME_KIND_RESERVED, frame_id=frame_id))
         else:
             self._reject(frame_id, REJECT_REASON_FULL)

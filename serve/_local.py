@@ -105,15 +105,19 @@ class LocalConnection:
         self._next_frame_id = 0
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._credits: dict[int, asyncio.Semaphore] = {}
-        self._reserved: set[int] = set()  # slots held for handle.choose_replica()
+        self._reservations: set[int] = set()  # slots held for handle.choose_replica()
 
     def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Any,
+        reservation_frame_id: int = 0,
     ) -> int:
         replica = self._replica
-        if reserved in self._reserved:  # its slot is held already
-            self._reserved.discard(reserved)
-            frame_id = reserved
+        if reservation_frame_id in self._reservations:  # its slot is held already
+            self._reservations.discard(reservation_frame_id)
+            frame_id = reservation_frame_id
         else:
             self._next_frame_id += 1
             frame_id = self._next_frame_id
@@ -223,14 +227,14 @@ class LocalConnection:
             loop.call_soon(listener.on_rejected, request, False)
         else:
             replica.ongoing += 1
-            self._reserved.add(frame_id)
+            self._reservations.add(frame_id)
             loop.call_soon(listener.on_reserved, request)
         self._on_load(replica.ongoing, frame_id)
         return frame_id
 
     def release(self, frame_id: int) -> None:
-        if frame_id in self._reserved:
-            self._reserved.discard(frame_id)
+        if frame_id in self._reservations:
+            self._reservations.discard(frame_id)
             self._replica.ongoing -= 1
 
     def cancel(self, frame_id: int) -> None:

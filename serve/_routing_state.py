@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from serve import _custom_routing
 from serve._custom_routing import CustomRouting
-from serve._exchange import ConnectionLost, Envelope, ReplyListener
+from serve._exchange import Connection, ConnectionLost
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._policy import QueueLengths, backoff_s, probe_deadline_s
 from serve.config import RequestRouterConfig
@@ -29,24 +29,6 @@ from serve.exceptions import ServeError
 logger = logging.getLogger(__name__)
 
 _WATCH_RETRY_MAX_S = 2.0
-
-
-class Connection(Protocol):
-    """What routers need of a replica connection (a ReplicaConnection, or a fake in tests)."""
-
-    replica_id: str
-    broken: ConnectionLost | None
-
-    def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
-    ) -> int: ...
-    def reserve(self, listener: ReplyListener, request: Any) -> int: ...
-    def release(self, frame_id: int) -> None: ...
-    def cancel(self, frame_id: int) -> None: ...
-    def credit(self, frame_id: int, count: int, nbytes: int) -> None: ...
-    def feed(self, frame_id: int, payload: bytes) -> None: ...
-    async def queue_length(self, timeout_s: float) -> tuple[int, bool]: ...
-    async def aclose(self) -> None: ...
 
 
 class StateListener(Protocol):

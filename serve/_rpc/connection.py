@@ -135,17 +135,22 @@ class ReplicaConnection:
             self._written_upto = upto
 
     def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Any,
+        reservation_frame_id: int = 0,
     ) -> int:
         """Queue a request frame; returns its frame id on this connection.
 
-        ``reserved``: the frame id of a slot held by :meth:`reserve`; the request runs in it.
+        ``reservation_frame_id``: the frame id of a slot held by :meth:`reserve`; the request runs
+        in it.
         """
         if self.broken is not None:
             raise self.broken
         lane = self._lane or self._start()
-        if reserved:
-            frame_id = reserved
+        if reservation_frame_id:
+            frame_id = reservation_frame_id
         else:
             self._next_frame_id += 1
             frame_id = self._next_frame_id
@@ -169,7 +174,7 @@ class ReplicaConnection:
             # The time left, never 0 (which means no deadline): a request whose deadline passed
             # meanwhile reaches a replica that answers RequestTimeoutError without running it.
             timeout_s=max(deadline_s - time.monotonic(), MIN_TIMEOUT_S) if deadline_s else 0.0,
-            reserved=bool(reserved),
+            reserved=bool(reservation_frame_id),
             trace_context=envelope.trace_context,
         )
         lane.send_encoded(

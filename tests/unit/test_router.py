@@ -58,11 +58,15 @@ class FakeConnection:
         self._ids = itertools.count(1)
 
     def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Request, reserved: int = 0
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Request,
+        reservation_frame_id: int = 0,
     ) -> int:
         if self.broken is not None:
             raise self.broken
-        frame_id = reserved or next(self._ids)
+        frame_id = reservation_frame_id or next(self._ids)
         self.reservations.pop(frame_id, None)
         self.sent[frame_id] = (listener, request, envelope)
         self.history.append(request)
