@@ -186,7 +186,7 @@ class Executor:
     async def _run_hook(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if _kind(method) == "async":
             return await method(*args, **kwargs)
-        return await maybe_await(await self.run_sync(method, *args, **kwargs))
+        return await maybe_await(await self.run_in_thread(method, *args, **kwargs))
 
     async def shutdown(self) -> None:
         """Unload multiplexed models, call the user's ``__del__`` (if any), stop the pool."""
@@ -263,7 +263,7 @@ class Executor:
                 args = (request,) if takes_request else ()
                 if kind == "async":
                     return await fn(*args)
-                return await maybe_await(await self.run_sync(fn, *args))
+                return await maybe_await(await self.run_in_thread(fn, *args))
 
             self._asgi = call_app(call)
         return self._asgi
@@ -303,8 +303,9 @@ class Executor:
             )
         return self._workers
 
-    async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a sync callable on a worker thread with the caller's context."""
+    async def run_in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Await a sync callable run on a worker thread, with the caller's context (the other
+        way round from ``serve._sync.run_sync``, which blocks a thread on a coroutine)."""
         workers = self.workers()
         job = workers.start(fn, args, kwargs)
         try:
@@ -335,7 +336,7 @@ class Executor:
         if kind == "async":
             result = await fn(*args, **kwargs)
         else:
-            result = await maybe_await(await self.run_sync(fn, *args, **kwargs))
+            result = await maybe_await(await self.run_in_thread(fn, *args, **kwargs))
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
             raise TypeError(
                 f"Method '{method}' returned a generator. You must use "
@@ -363,7 +364,7 @@ class Executor:
         elif kind == "gen":
             produced = fn(*args, **kwargs)
         else:
-            produced = await maybe_await(await self.run_sync(fn, *args, **kwargs))
+            produced = await maybe_await(await self.run_in_thread(fn, *args, **kwargs))
         if inspect.isasyncgen(produced):
             try:
                 async for item in produced:

@@ -1,8 +1,8 @@
 """The replica's gRPC servicer: the Connect data stream plus unary control calls.
 
-Each Connect stream is one :class:`~replica.session.StreamSession`; the control calls
-(Initialize, Reconfigure, CheckHealth, QueueLength, Stop) go to the executor. Nothing else in
-the replica sees protobuf.
+Each Connect stream is one :class:`~replica.session.StreamSession`, which reads and writes its
+frames (``FrameHeader``) itself; the control calls (Initialize, Reconfigure, CheckHealth,
+QueueLength, Stop) go to the executor, their messages converted here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaServicer:
-    """Every method of serve.v1.Replica; Connect and Results move raw frames."""
+    """Every method of serve.v1.Replica; Connect moves raw frames."""
 
     def __init__(
         self,

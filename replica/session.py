@@ -6,10 +6,10 @@ does (raise any ``BaseException``, cancel itself, return something that cannot b
 admitted request gets exactly one outcome, unless the stream itself is gone.
 
 A slot may be held ahead of its request (RESERVE, for ``handle.choose_replica()``): it counts as
-ongoing, and the REQUEST sent in it later (``reserved``, same number) is never rejected. An
+ongoing, and the REQUEST sent in it later (``reserved``, same frame id) is never rejected. An
 unused slot is given back by RELEASE, or when the stream ends.
 
-Every reply carries the replica's ongoing count and the highest request number read so far
+Every reply carries the replica's ongoing count and the highest frame id read so far
 (``acked``), which the router's queue-length estimate needs.
 
 A request may carry a time budget (``timeout_s``): its deadline is that much after it arrived,
@@ -67,7 +67,7 @@ from serve._rpc.frames import (
     read_frames,
 )
 from serve._rpc.status import error_info
-from serve._serialization import decode_args, encode_buffers
+from serve._serialization import Unencodable, decode_args, encode_buffers
 from serve._settings import settings
 from serve.exceptions import RemoteError, RequestTimeoutError, ServeError
 
@@ -83,17 +83,13 @@ Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts
 
 
 # The common outcomes, as markers: their headers are serialized by outcome_header(), with the
-# request's number and the replica's load (an error's header is a FrameHeader of its own).
+# request's frame id and the replica's load (an error's header is a FrameHeader of its own).
 _RESULT = FrameHeader(kind=FRAME_KIND_RESULT)
 _END = FrameHeader(kind=FRAME_KIND_END)
 
 
 class _SystemError(Exception):
     """The request could not be run at all (bad payload, unknown method)."""
-
-
-class _Unencodable(Exception):
-    """The user's value could not be encoded for the reply."""
 
 
 class StreamSession:
@@ -110,7 +106,7 @@ class StreamSession:
             self._segments = self._lane.writer.segments = shm.SegmentLane(
                 shm_token, router=False, min_bytes=settings().shm_min_bytes
             )
-        self._acked = 0  # the highest request number read
+        self._acked = 0  # the highest frame id read
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_requested: set[int] = set()
         # Requests holding an admission slot. The slot is released by the request's own code,
@@ -118,7 +114,7 @@ class StreamSession:
         self._holding: set[int] = set()
         # Slots held by RESERVE for a request to come (handle.choose_replica); released by the
         # REQUEST that uses it, by RELEASE, or when the stream ends.
-        self._reserved: set[int] = set()
+        self._reservations: set[int] = set()
         self._credits: dict[int, list[int]] = {}  # stream -> [items, bytes] it may still send
         self._credit_events: dict[int, asyncio.Event] = {}
         self._contexts: dict[int, RequestContext] = {}  # of the requests running now
@@ -150,9 +146,9 @@ class StreamSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for _ in self._reserved:
+            for _ in self._reservations:
                 self._executor.release()
-            self._reserved.clear()
+            self._reservations.clear()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             if self._segments is not None:  # the router's segments nobody will read now
@@ -160,7 +156,7 @@ class StreamSession:
 
     @property
     def acked(self) -> int:
-        """The highest request number read on this stream."""
+        """The highest frame id read on this stream."""
         return self._acked
 
     async def remove_segments(self, router_alive: bool) -> None:
@@ -188,28 +184,28 @@ class StreamSession:
     def _on_frame(self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None) -> None:
         kind = header.kind
         if kind == FRAME_KIND_REQUEST:
-            if header.id > self._acked:
-                self._acked = header.id
+            if header.frame_id > self._acked:
+                self._acked = header.frame_id
             self._on_request(header, body, buffers)
         elif kind == FRAME_KIND_CANCEL:
-            self._cancel(header.id)
+            self._cancel(header.frame_id)
         elif kind == FRAME_KIND_INPUT:
-            feed = self._feeds.get(header.id)
+            feed = self._feeds.get(header.frame_id)
             if feed is not None:  # else rejected or finished: the router re-feeds or is done
                 feed.put(body)
         elif kind == FRAME_KIND_CREDIT:
-            credit = self._credits.get(header.id)
+            credit = self._credits.get(header.frame_id)
             if credit is not None:
                 credit[0] += header.credit
                 credit[1] += header.credit_bytes
-                self._credit_events[header.id].set()
+                self._credit_events[header.frame_id].set()
         elif kind == FRAME_KIND_RESERVE:
-            if header.id > self._acked:
-                self._acked = header.id
-            self._on_reserve(header.id)
+            if header.frame_id > self._acked:
+                self._acked = header.frame_id
+            self._on_reserve(header.frame_id)
         elif kind == FRAME_KIND_RELEASE:
-            if header.id in self._reserved:
-                self._reserved.discard(header.id)
+            if header.frame_id in self._reservations:
+                self._reservations.discard(header.frame_id)
                 self._executor.release()
         else:
             raise FrameError(f"Unexpected frame kind {kind} from a router.")
@@ -218,10 +214,10 @@ class StreamSession:
         self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
     ) -> None:
         executor = self._executor
-        frame_id = header.id
-        if header.reserved and frame_id in self._reserved:
+        frame_id = header.frame_id
+        if header.reserved and frame_id in self._reservations:
             # Its slot is already held (even while draining: it was promised before).
-            self._reserved.discard(frame_id)
+            self._reservations.discard(frame_id)
             admitted = True
         elif executor.draining:
             self._reject(frame_id, REJECT_REASON_DRAINING)
@@ -268,18 +264,21 @@ class StreamSession:
         if not self._closing:
             self._send(
                 FrameHeader(
-                    kind=FRAME_KIND_INPUT_CREDIT, id=frame_id, credit=count, credit_bytes=nbytes
+                    kind=FRAME_KIND_INPUT_CREDIT,
+                    frame_id=frame_id,
+                    credit=count,
+                    credit_bytes=nbytes,
                 )
             )
 
     def _on_reserve(self, frame_id: int) -> None:
         if self._executor.draining:
             self._reject(frame_id, REJECT_REASON_DRAINING)
-        elif frame_id in self._reserved or frame_id in self._tasks:
-            raise FrameError(f"Request number {frame_id} is already in use on this stream.")
+        elif frame_id in self._reservations or frame_id in self._tasks:
+            raise FrameError(f"Frame id {frame_id} is already in use on this stream.")
         elif self._executor.admit():
-            self._reserved.add(frame_id)
-            self._send(FrameHeader(kind=FRAME_KIND_RESERVED, id=frame_id))
+            self._reservations.add(frame_id)
+            self._send(FrameHeader(kind=FRAME_KIND_RESERVED, frame_id=frame_id))
         else:
             self._reject(frame_id, REJECT_REASON_FULL)
 
@@ -287,7 +286,7 @@ class StreamSession:
         self._send(
             FrameHeader(
                 kind=FRAME_KIND_REJECTED,
-                id=frame_id,
+                frame_id=frame_id,
                 reject_reason=reason,  # type: ignore[arg-type]
             )
         )
@@ -322,7 +321,7 @@ class StreamSession:
     ) -> None:
         """Broadcast calls wait for a slot instead of being rejected."""
         await self._executor.wait_admitted()
-        self._holding.add(header.id)
+        self._holding.add(header.frame_id)
         await self._run(header, body, buffers, deadline_s)
 
     async def _run(
@@ -330,7 +329,7 @@ class StreamSession:
     ) -> None:
         """Run one admitted request and send its outcome; releases its slot exactly once."""
         executor = self._executor
-        frame_id = header.id
+        frame_id = header.frame_id
         request = RequestContext(
             request_id=header.request_id,
             app_name=executor.app_name,
@@ -401,7 +400,7 @@ class StreamSession:
         request: RequestContext,
     ) -> Reply:
         """The answer to one request, whatever its code does (cancellation aside)."""
-        frame_id = header.id
+        frame_id = header.frame_id
         executor = self._executor
         try:
             try:
@@ -445,7 +444,7 @@ class StreamSession:
             return _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), []
         except _SystemError as exc:
             return _error(frame_id, ServeError(str(exc)), ERROR_KIND_SYSTEM), (), []
-        except _Unencodable as exc:
+        except Unencodable as exc:
             return _error(frame_id, TypeError(str(exc)), ERROR_KIND_USER), (), []
         except Exception as exc:
             return _error(frame_id, exc, ERROR_KIND_USER), (), []
@@ -461,14 +460,16 @@ class StreamSession:
         for buffer in reply_buffers:
             size += len(buffer)
         if size > self._max_bytes:
-            header_out = _error(header.id, _too_big(header.method, "result", size), ERROR_KIND_USER)
+            header_out = _error(
+                header.frame_id, _too_big(header.method, "result", size), ERROR_KIND_USER
+            )
             body, reply_buffers = (), []
         if header_out is _RESULT or header_out is _END:  # the common answers, serialized here
             self._lane.send_encoded(
                 outcome_header(
-                    header.id, self._executor.ongoing, self._acked, end=header_out is _END
+                    header.frame_id, self._executor.ongoing, self._acked, end=header_out is _END
                 ),
-                header.id,
+                header.frame_id,
                 *body,
                 buffers=reply_buffers,
             )
@@ -490,7 +491,7 @@ class StreamSession:
         """Send each item as it is produced, while the router's credit covers it in items and in
         bytes, so what is in flight never exceeds the window; an item larger than the whole
         window goes alone, once nothing else is in flight."""
-        frame_id = header.id
+        frame_id = header.frame_id
         window_bytes = header.stream_window_bytes or DEFAULT_STREAM_WINDOW_BYTES
         credit = self._credits[frame_id] = [
             header.stream_window or DEFAULT_STREAM_WINDOW,
@@ -503,7 +504,7 @@ class StreamSession:
             payload, item_buffers = _encode(codec, item, "stream item")
             size = len(payload) + sum(len(b) for b in item_buffers)
             if size > self._max_bytes:
-                raise _Unencodable(str(_too_big(header.method, "stream item", size)))
+                raise Unencodable(str(_too_big(header.method, "stream item", size)))
             while credit[0] <= 0 or credit[1] < min(size, window_bytes):
                 event.clear()
                 await event.wait()
@@ -529,13 +530,13 @@ class StreamSession:
 
 
 def _encode(codec: int, value: Any, what: str) -> tuple[bytes, list[bytes]]:
-    """Encode a user value; anything its own ``__reduce__`` raises becomes _Unencodable."""
+    """Encode a user value; anything its own ``__reduce__`` raises becomes Unencodable."""
     try:
         return encode_buffers(codec, value)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
-        raise _Unencodable(f"Could not encode the {what}: {_describe(exc)}") from exc
+        raise Unencodable(f"Could not encode the {what}: {_describe(exc)}") from exc
 
 
 def _too_big(method: str, what: str, size: int) -> ValueError:
@@ -558,7 +559,7 @@ def _describe(exc: BaseException) -> str:
 def _error(frame_id: int, exc: BaseException, kind: int) -> FrameHeader:
     return FrameHeader(
         kind=FRAME_KIND_ERROR,
-        id=frame_id,
+        frame_id=frame_id,
         error_kind=kind,  # type: ignore[arg-type]
         error=error_info(exc, with_traceback=kind != ERROR_KIND_CANCELLED),
     )

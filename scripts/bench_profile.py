@@ -54,7 +54,7 @@ DRIVER_RULES: list[Rule] = [
     ("routing: queue, choice, bookkeeping", "serve/_router.py", "Router._"),
     ("routing: queue, choice, bookkeeping", "serve/_router.py", "Router.pump"),
     ("routing: queue, choice, bookkeeping", "serve/_policy.py", ""),
-    ("routing: queue, choice, bookkeeping", "serve/_deployment_state.py", ""),
+    ("routing: queue, choice, bookkeeping", "serve/_routing_state.py", ""),
     ("frame read and dispatch", "serve/_rpc/connection.py", ""),
     ("crossing between the caller's thread and the IO loop", "serve/_sync.py", "Mailbox"),
     ("crossing between the caller's thread and the IO loop", "serve/_sync.py", "post"),

@@ -1,6 +1,6 @@
 """Routing cost per request, with fake connections: does it grow with the number of replicas?
 
-Runs a real Router and DeploymentState in-process over N fake replicas (no network), keeping 64
+Runs a real Router and RoutingState in-process over N fake replicas (no network), keeping 64
 requests in flight, and reports microseconds of routing work per request (queueing, power of two
 choices, send, and completion bookkeeping).
 """
@@ -12,12 +12,12 @@ import collections
 import time
 from typing import Any
 
-from serve._deployment_state import DeploymentState
 from serve._exchange import Envelope
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._request import Request
 from serve._router import Router
+from serve._routing_state import RoutingState
 from serve._serialization import CLOUDPICKLE, encode
 
 DEP = DeploymentID("Bench", "bench")
@@ -58,14 +58,14 @@ async def _measure(replicas: int, requests: int) -> float:
         return
         yield
 
-    state = DeploymentState(
+    state = RoutingState(
         DEP,
         watch=no_watch,
         open_connection=lambda replica, on_load, on_broken: _FakeConnection(replica, on_load, sent),
     )
 
     class Source:
-        def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+        def routing_state(self, deployment_id: DeploymentID) -> RoutingState:
             return state
 
     router = Router(Source(), DEP)

@@ -1,9 +1,9 @@
 """`make bench`'s stream floor: what one multiplexed grpc.aio stream carries, bare.
 
 The data plane's method without the framework: one long-lived bidirectional stream on one
-channel, requests matched to replies by id, a writer task draining a queue into one message of
-length-prefixed frames (``u32 length | u64 id | payload``) whenever it is free, a reader task
-splitting the echoed messages and resolving each caller's future. The server (the floor
+channel, requests matched to replies by frame id, a writer task draining a queue into one message
+of length-prefixed frames (``u32 length | u64 frame_id | payload``) whenever it is free, a reader
+task splitting the echoed messages and resolving each caller's future. The server (the floor
 server's ``Mux``) echoes every message whole. Run in the bench process against the floor server
 in its own process: the layout of a driver and its replica. Every serve figure that carries a
 request (L1, T1) gets its ratio to this, as well as to the unary floor.
@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc.aio
 
-_FRAME = struct.Struct("<IQ")  # frame length (id + payload), request id
+_FRAME = struct.Struct("<IQ")  # frame length (frame id + payload), frame id
 
 
 class MuxClient:
@@ -29,18 +29,18 @@ class MuxClient:
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._queue: list[bytes] = []
         self._wakeup = asyncio.Event()
-        self._next_id = 0
+        self._next_frame_id = 0
         self._tasks = [
             asyncio.create_task(self._write(), name="floor:mux:write"),
             asyncio.create_task(self._read(), name="floor:mux:read"),
         ]
 
     async def call(self, payload: bytes) -> bytes:
-        self._next_id += 1
-        request_id = self._next_id
+        self._next_frame_id += 1
+        frame_id = self._next_frame_id
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        self._queue.append(_FRAME.pack(8 + len(payload), request_id) + payload)
+        self._pending[frame_id] = future
+        self._queue.append(_FRAME.pack(8 + len(payload), frame_id) + payload)
         self._wakeup.set()
         return await future
 
@@ -60,9 +60,9 @@ class MuxClient:
             view = memoryview(message)
             offset = 0
             while offset < len(view):
-                length, request_id = _FRAME.unpack_from(view, offset)
+                length, frame_id = _FRAME.unpack_from(view, offset)
                 end = offset + 4 + length
-                future = pending.pop(request_id)
+                future = pending.pop(frame_id)
                 if not future.done():
                     future.set_result(bytes(view[offset + 12 : end]))
                 offset = end

@@ -483,7 +483,7 @@ async def _wait_router_ready(
     Without this, a request sent right after ``serve.run`` could still go to a replica of the
     previous version that is about to drain.
     """
-    await client.deployment_state(deployment_id).wait_version(version)
+    await client.routing_state(deployment_id).wait_version(version)
 
 
 def delete(name: str, _blocking: bool = True) -> None:

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost
 from serve._models import DeploymentID, ReplicaInfo
+from serve._routing_state import RoutingState
 from serve._rpc.channel import TlsFiles, tls_from_settings
 from serve._rpc.connection import ReplicaConnection
 from serve._rpc.controller_client import ControllerClient
@@ -60,7 +60,7 @@ class ServeClient:
         self.controller = ControllerClient(address, token=token, tls=tls)
         self.host = settings().node_id
         self.load_source = f"handle:{self.host}:{os.getpid()}"
-        self._states: dict[DeploymentID, DeploymentState] = {}
+        self._states: dict[DeploymentID, RoutingState] = {}
         self._closed = False
 
     async def __aenter__(self) -> ServeClient:
@@ -69,10 +69,10 @@ class ServeClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState:
         state = self._states.get(deployment_id)
         if state is None:
-            state = DeploymentState(
+            state = RoutingState(
                 deployment_id,
                 watch=self.controller.watch,
                 open_connection=self._open_connection,

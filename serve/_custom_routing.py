@@ -1,6 +1,6 @@
 """A custom request router (``request_router_config``) at work in this process.
 
-One :class:`CustomRouting` per deployment per process, owned by its ``DeploymentState``: it
+One :class:`CustomRouting` per deployment per process, owned by its ``RoutingState``: it
 builds the user's ``RequestRouter`` from the class the replica set carries, keeps it told of
 the routable replicas (each a ``RunningReplica`` with the stats the controller published), and
 asks it, request by request, where to send. Anything the user's router does wrong (raising,

@@ -1,9 +1,9 @@
-"""What the router core and a replica connection exchange: plain data and one listener protocol.
+"""What the router core and a replica connection exchange: plain data and two protocols.
 
-The router core (``serve._router``, ``serve._deployment_state``) never sees protobuf or gRPC, and
+The router core (``serve._router``, ``serve._routing_state``) never sees protobuf or gRPC, and
 the wire edge (``serve._rpc.connection``) never sees routers: a request crosses as an
-:class:`Envelope`, and what the replica answers comes back to a :class:`ReplyListener` together
-with the caller's own token for the request.
+:class:`Envelope` through a :class:`Connection`, and what the replica answers comes back to a
+:class:`ReplyListener` together with the caller's own token for the request.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class Envelope:
 class ConnectionLost(Exception):
     """The stream to a replica broke. ``retryable`` is False when retrying cannot help.
 
-    ``read_upto``: when the replica closed the stream itself, the highest request number it had
-    read; later requests never reached it.
+    ``read_upto``: when the replica closed the stream itself, the highest frame id it had read;
+    later requests never reached it.
     """
 
     def __init__(
@@ -71,3 +71,25 @@ class ReplyListener(Protocol):
     def on_lost(self, request: Any, error: ConnectionLost, written: bool) -> None:
         """The connection broke first. ``written``: the request had been handed to gRPC, so
         the replica may have run it; otherwise it certainly did not."""
+
+
+class Connection(Protocol):
+    """What routers need of a replica connection (a ReplicaConnection, or a fake in tests)."""
+
+    replica_id: str
+    broken: ConnectionLost | None
+
+    def send(
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Any,
+        reservation_frame_id: int = 0,
+    ) -> int: ...
+    def reserve(self, listener: ReplyListener, request: Any) -> int: ...
+    def release(self, frame_id: int) -> None: ...
+    def cancel(self, frame_id: int) -> None: ...
+    def credit(self, frame_id: int, count: int, nbytes: int) -> None: ...
+    def feed(self, frame_id: int, payload: bytes) -> None: ...
+    async def queue_length(self, timeout_s: float) -> tuple[int, bool]: ...
+    async def aclose(self) -> None: ...

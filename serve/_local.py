@@ -25,7 +25,6 @@ from serve._context import (
     set_current_request,
 )
 from serve._deployment import BuiltDeployment
-from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._models import (
     ApplicationStatus,
@@ -38,6 +37,7 @@ from serve._models import (
     ReplicaState,
 )
 from serve._router import Router
+from serve._routing_state import RoutingState
 from serve._serialization import decode_args, encode_buffers
 from serve._sync import run_sync
 from serve._user_methods import build_target, maybe_await, user_method
@@ -102,21 +102,25 @@ class LocalConnection:
         self.broken: ConnectionLost | None = None
         self._replica = replica
         self._on_load = on_load
-        self._next_id = 0
+        self._next_frame_id = 0
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._credits: dict[int, asyncio.Semaphore] = {}
-        self._reserved: set[int] = set()  # slots held for handle.choose_replica()
+        self._reservations: set[int] = set()  # slots held for handle.choose_replica()
 
     def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Any,
+        reservation_frame_id: int = 0,
     ) -> int:
         replica = self._replica
-        if reserved in self._reserved:  # its slot is held already
-            self._reserved.discard(reserved)
-            frame_id = reserved
+        if reservation_frame_id in self._reservations:  # its slot is held already
+            self._reservations.discard(reservation_frame_id)
+            frame_id = reservation_frame_id
         else:
-            self._next_id += 1
-            frame_id = self._next_id
+            self._next_frame_id += 1
+            frame_id = self._next_frame_id
             if replica.ongoing >= replica.config.max_ongoing_requests and not envelope.no_reject:
                 self._on_load(replica.ongoing, frame_id)
                 asyncio.get_running_loop().call_soon(listener.on_rejected, request, False)
@@ -215,22 +219,22 @@ class LocalConnection:
             )
 
     def reserve(self, listener: ReplyListener, request: Any) -> int:
-        self._next_id += 1
-        frame_id = self._next_id
+        self._next_frame_id += 1
+        frame_id = self._next_frame_id
         replica = self._replica
         loop = asyncio.get_running_loop()
         if replica.ongoing >= replica.config.max_ongoing_requests:
             loop.call_soon(listener.on_rejected, request, False)
         else:
             replica.ongoing += 1
-            self._reserved.add(frame_id)
+            self._reservations.add(frame_id)
             loop.call_soon(listener.on_reserved, request)
         self._on_load(replica.ongoing, frame_id)
         return frame_id
 
     def release(self, frame_id: int) -> None:
-        if frame_id in self._reserved:
-            self._reserved.discard(frame_id)
+        if frame_id in self._reservations:
+            self._reservations.discard(frame_id)
             self._replica.ongoing -= 1
 
     def cancel(self, frame_id: int) -> None:
@@ -265,7 +269,7 @@ class LocalClient(ServeClient):
         self.replicas: dict[DeploymentID, LocalReplica] = {}
         self.apps: dict[str, str] = {}  # application -> ingress deployment
 
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState:
         state = self._states.get(deployment_id)
         if state is None:
             replica = self.replicas.get(deployment_id)
@@ -297,7 +301,7 @@ class LocalClient(ServeClient):
                 assert replica is not None
                 return LocalConnection(replica, on_load, on_broken)
 
-            state = DeploymentState(
+            state = RoutingState(
                 deployment_id, watch=watch, open_connection=open_connection, local_host=self.host
             )
             self._states[deployment_id] = state
@@ -363,5 +367,5 @@ class LocalClient(ServeClient):
         return ServeStatus(applications=applications)
 
 
-async def _close_all(states: list[DeploymentState]) -> None:
+async def _close_all(states: list[RoutingState]) -> None:
     await asyncio.gather(*(state.aclose() for state in states), return_exceptions=True)

@@ -55,10 +55,10 @@ class QueueLengths:
     """Estimated ongoing requests per replica: the count the replica reported last, plus the
     requests this process sent it that it had not read yet when it counted.
 
-    Requests are numbered per connection and the stream is ordered, so every reply says the
-    highest request number the replica had read (``acked``); requests numbered above it are
-    certainly not in its count yet. A probe's answer carries no such number and is counted as
-    if it had read nothing new (an overestimate, never an underestimate).
+    Frame ids grow per connection and the stream is ordered, so every reply says the highest
+    frame id the replica had read (``acked``); requests with a higher frame id are certainly not
+    in its count yet. A probe's answer carries no frame id and is counted as if it had read
+    nothing new (an overestimate, never an underestimate).
     """
 
     __slots__ = ("_acked", "_reported", "_sent", "_ttl_s")
@@ -66,8 +66,8 @@ class QueueLengths:
     def __init__(self, ttl_s: float = QUEUE_LENGTH_TTL_S) -> None:
         self._ttl_s = ttl_s
         self._reported: dict[str, tuple[int, float]] = {}
-        self._sent: dict[str, int] = {}  # the highest request number sent
-        self._acked: dict[str, int] = {}  # the highest request number the replica had read
+        self._sent: dict[str, int] = {}  # the highest frame id sent
+        self._acked: dict[str, int] = {}  # the highest frame id the replica had read
 
     def report(self, replica_id: str, ongoing: int, now: float, acked: int | None = None) -> None:
         """The replica said how many requests it runs (in a reply or a probe answer)."""
@@ -75,9 +75,9 @@ class QueueLengths:
         if acked is not None and acked > self._acked.get(replica_id, 0):
             self._acked[replica_id] = acked
 
-    def sent(self, replica_id: str, number: int) -> None:
-        if number > self._sent.get(replica_id, 0):
-            self._sent[replica_id] = number
+    def sent(self, replica_id: str, frame_id: int) -> None:
+        if frame_id > self._sent.get(replica_id, 0):
+            self._sent[replica_id] = frame_id
 
     def estimate(self, replica_id: str, now: float) -> int | None:
         """None when nothing fresh is known (the router should probe)."""

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from serve._context import RequestContext
-from serve._exchange import Envelope
+from serve._exchange import Connection, Envelope
+from serve._models import ReplicaInfo
 from serve._options import HandleOptions
 from serve._serialization import EncodedArgs, codec_id
 from serve._settings import settings
@@ -93,6 +94,18 @@ class InputWindow:
             await self._room.wait()
 
 
+class Reservation:
+    """A slot held on one replica for one request to come (``handle.choose_replica``): the
+    request later sent under its frame id, on its connection, is never rejected."""
+
+    __slots__ = ("conn", "frame_id", "replica")
+
+    def __init__(self, replica: ReplicaInfo, conn: Connection, frame_id: int) -> None:
+        self.replica = replica
+        self.conn = conn
+        self.frame_id = frame_id
+
+
 class Request:
     """A request, from ``handle.remote()`` to its outcome."""
 
@@ -113,9 +126,9 @@ class Request:
         "parent",
         "prefer_local",
         "replica_id",
-        "reserved_on",
-        "reserving",
-        "selection",
+        "reservation",
+        "reserve_only",
+        "reserved_replica",
         "seq",
         "span",
         "state",
@@ -159,11 +172,12 @@ class Request:
         self.span: Any = None  # its route_to_replica span, with tracing on (serve._tracing)
         self.conn: Any = None  # the connection it was sent on (a Connection)
         self.frame_id = 0
-        # handle.choose_replica(): a request that only holds a slot (``reserving``), and the
-        # replica it was sent to; handle.dispatch(): the selection whose slot the request uses.
-        self.reserving = False
-        self.reserved_on: Any = None
-        self.selection: Any = None
+        # handle.choose_replica(): a request that only makes a reservation (``reserve_only``),
+        # and the replica it was sent to; handle.dispatch(): the reservation whose slot the
+        # request is sent in.
+        self.reserve_only = False
+        self.reserved_replica: ReplicaInfo | None = None
+        self.reservation: Reservation | None = None
         # Inputs fed to the running request (the proxy's ASGI messages), kept until the replica
         # proves it admitted the request (its first item), so a rejected request is re-fed.
         self.fed: list[bytes] | tuple[()] | None = None

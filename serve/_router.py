@@ -1,7 +1,7 @@
 """Routers: queue requests per handle, pick replicas (power of two choices), retry safely.
 
 Every ``Router`` (one per handle and its ``options()`` copies) keeps its own FIFO queue and
-``max_queued_requests`` count on top of the process's ``DeploymentState`` of the deployment.
+``max_queued_requests`` count on top of the process's ``RoutingState`` of the deployment.
 Everything here runs on the home loop, except ``Router.make_request`` which any thread may call.
 
 Admission is implicit: a replica answers a request with REJECTED (full or draining, before any
@@ -30,13 +30,13 @@ from typing import Any, Protocol
 from serve import _tracing
 from serve._context import current_deadline, current_request
 from serve._custom_routing import pending_view
-from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost
 from serve._ingress import FED_METHODS
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._policy import candidate_tiers, choose
-from serve._request import Request, RequestState
+from serve._request import Request, RequestState, Reservation
+from serve._routing_state import RoutingState
 from serve._serialization import CODEC_NAMES, decode
 from serve._settings import settings
 from serve.config import BackpressureConfig
@@ -55,7 +55,7 @@ STREAM_WINDOW = 64  # stream items a replica may send ahead of the consumer
 
 
 class StateSource(Protocol):
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState: ...
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState: ...
 
 
 class ReplicaSkipped(ServeError):
@@ -73,7 +73,7 @@ class Router:
         self._source = source
         self.deployment_id = deployment_id
         self.prefer_local_routing = False
-        self._state: DeploymentState | None = None
+        self._state: RoutingState | None = None
         self._pending: list[tuple[int, Request]] = []
         self._lock = threading.Lock()
         self._num_queued = 0
@@ -184,9 +184,9 @@ class Router:
 
     # Home loop: the deployment's state, and what it tells its listeners.
 
-    def state(self) -> DeploymentState:
+    def state(self) -> RoutingState:
         if self._state is None:
-            self._state = self._source.deployment_state(self.deployment_id)
+            self._state = self._source.routing_state(self.deployment_id)
             self._state.subscribe(self)
         return self._state
 
@@ -270,9 +270,9 @@ class Router:
         for _, upstream in request.inputs:
             upstream.completion.add_done_callback(on_input_done)
 
-    def _enqueue(self, request: Request, state: DeploymentState) -> None:
-        if request.selection is not None:
-            self._dispatch(request)
+    def _enqueue(self, request: Request, state: RoutingState) -> None:
+        if request.reservation is not None:
+            self._dispatch(request, request.reservation)
             return
         replica_set = state.replica_set
         if replica_set is not None and (not replica_set.exists or replica_set.unavailable):
@@ -350,7 +350,7 @@ class Router:
             self._send(request, chosen, state)
 
     def _choose_default(
-        self, request: Request, state: DeploymentState, probe: bool, now: float
+        self, request: Request, state: RoutingState, probe: bool, now: float
     ) -> ReplicaInfo | None:
         """Power of two choices, tier by tier; with ``probe``, ask the replicas it knows
         nothing of (or thinks full) for their load."""
@@ -375,7 +375,7 @@ class Router:
 
     # Home loop: a custom request router (request_router_config) picks the replicas.
 
-    def _route_custom(self, state: DeploymentState) -> None:
+    def _route_custom(self, state: RoutingState) -> None:
         """Let the routing task take the waiting requests, oldest first."""
         if self._custom_task is None and self._pending:
             self._custom_task = asyncio.get_running_loop().create_task(
@@ -407,7 +407,7 @@ class Router:
         self._pending = [entry for entry in self._pending if entry[1] is not request]
         heapq.heapify(self._pending)
 
-    async def _custom_loop(self, state: DeploymentState) -> None:
+    async def _custom_loop(self, state: RoutingState) -> None:
         """Route waiting requests one at a time through the custom router; a request whose
         routing failed goes by power of two choices (logged by the router's FallbackLog)."""
         self._custom_wake = wake = asyncio.Event()
@@ -487,13 +487,13 @@ class Router:
         if self._pending:
             self.pump(probe=True)
 
-    def _send(self, request: Request, replica: ReplicaInfo, state: DeploymentState) -> None:
+    def _send(self, request: Request, replica: ReplicaInfo, state: RoutingState) -> None:
         conn = state.connection(replica)
         envelope = request.envelope
         try:
-            if request.reserving:
+            if request.reserve_only:
                 request.frame_id = conn.reserve(self, request)
-                request.reserved_on = replica
+                request.reserved_replica = replica
             else:
                 request.frame_id = conn.send(envelope, self, request)
         except ConnectionLost as exc:
@@ -513,23 +513,22 @@ class Router:
         self._release_slot(request)
         state.queue_lens.sent(replica.replica_id, request.frame_id)
 
-    def _dispatch(self, request: Request) -> None:
-        """Send a request in the slot its selection holds (``handle.dispatch``); no queue."""
-        selection = request.selection
-        conn = selection.conn
+    def _dispatch(self, request: Request, reservation: Reservation) -> None:
+        """Send a request in the slot its reservation holds (``handle.dispatch``); no queue."""
+        conn = reservation.conn
         try:
-            request.frame_id = conn.send(request.envelope, self, request, selection.frame_id)
+            request.frame_id = conn.send(request.envelope, self, request, reservation.frame_id)
         except ConnectionLost as exc:
-            self.finish(request, error=_unavailable(request, exc))
+            self.finish(request, error=_unavailable(reservation, exc))
             return
         request.state = RequestState.SENT
         request.replica_id = conn.replica_id
         request.conn = conn
         self._release_slot(request)
 
-    def release(self, selection: Any) -> None:
-        """Give back the slot of a selection that was never dispatched."""
-        selection.conn.release(selection.frame_id)
+    def release(self, reservation: Reservation) -> None:
+        """Give back the slot of a reservation that was never dispatched."""
+        reservation.conn.release(reservation.frame_id)
 
     def drop_reservation(self, request: Request) -> None:
         """Its chooser went away (cancelled): cancel it, or give back the slot it got."""
@@ -549,8 +548,8 @@ class Router:
         state = self.state()
         if draining:
             state.exclude(request.replica_id)
-        if request.selection is not None:  # its slot was not there: it cannot go elsewhere
-            self.finish(request, error=_unavailable(request, None))
+        if request.reservation is not None:  # its slot was not there: it cannot go elsewhere
+            self.finish(request, error=_unavailable(request.reservation, None))
         elif request.state == RequestState.SENT:
             self._requeue(request)
         state.wake()
@@ -559,7 +558,9 @@ class Router:
         if request.state != RequestState.SENT:  # cancelled meanwhile: the slot goes back
             request.conn.release(request.frame_id)
             return
-        self.finish(request, value=Reservation(request.reserved_on, request.conn, request.frame_id))
+        replica = request.reserved_replica
+        assert replica is not None  # set when its RESERVE was sent
+        self.finish(request, value=Reservation(replica, request.conn, request.frame_id))
 
     def on_result(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
         if request.state != RequestState.DONE:
@@ -596,7 +597,7 @@ class Router:
     def on_lost(self, request: Request, error: ConnectionLost, written: bool) -> None:
         if request.state != RequestState.SENT:
             return
-        if written and not request.reserving:
+        if written and not request.reserve_only:
             self.finish(
                 request,
                 error=ReplicaDiedError(
@@ -607,8 +608,8 @@ class Router:
             )
         elif request.envelope.no_reject:  # a broadcast call belongs to its replica
             self.finish(request, error=ReplicaSkipped(str(error)))
-        elif request.selection is not None:
-            self.finish(request, error=_unavailable(request, error))
+        elif request.reservation is not None:
+            self.finish(request, error=_unavailable(request.reservation, error))
         elif error.retryable:
             self._requeue(request)
             # the connection's owner wakes routers once it dropped the replica
@@ -624,8 +625,8 @@ class Router:
             return
         request.state = RequestState.DONE
         self._release_slot(request)
-        if request.selection is not None and request.conn is None:
-            self.release(request.selection)  # never sent: its held slot goes unused
+        if request.reservation is not None and request.conn is None:
+            self.release(request.reservation)  # never sent: its held slot goes unused
         timer = request.deadline_timer
         if timer is not None:
             request.deadline_timer = None
@@ -712,21 +713,10 @@ class Router:
 ADMITTED: tuple[()] = ()  # Request.fed once the replica admitted it
 
 
-class Reservation:
-    """A slot held on one replica for one request to come (``handle.choose_replica``)."""
-
-    __slots__ = ("conn", "frame_id", "replica")
-
-    def __init__(self, replica: ReplicaInfo, conn: Any, frame_id: int) -> None:
-        self.replica = replica
-        self.conn = conn
-        self.frame_id = frame_id
-
-
-def _unavailable(request: Request, error: BaseException | None) -> ReplicaUnavailableError:
+def _unavailable(reservation: Reservation, error: BaseException | None) -> ReplicaUnavailableError:
     why = f": {error}" if error is not None else " (it no longer holds the slot)"
     return ReplicaUnavailableError(
-        f"The replica chosen for this request ({request.selection.replica.replica_id}) is no "
+        f"The replica chosen for this request ({reservation.replica.replica_id}) is no "
         f"longer available{why}. The request did not run; choose a replica again."
     )
 

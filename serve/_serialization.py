@@ -59,12 +59,15 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-class _Unencodable(TypeError):
-    """Raised by msgpack's and orjson's ``default`` hook, remembering what it was given."""
+class Unencodable(TypeError):
+    """A value that could not be encoded: a type a codec cannot carry (raised by msgpack's and
+    orjson's ``default`` hook, with the type's name as ``kind``), or a reply a replica could not
+    encode. Whoever catches it reports a plain ``TypeError`` with its message.
+    """
 
-    def __init__(self, obj: Any) -> None:
-        super().__init__(f"no {type(obj).__name__} in this format")
-        self.kind = type(obj).__name__
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _not_serializable(obj: Any) -> Any:
@@ -73,7 +76,8 @@ def _not_serializable(obj: Any) -> Any:
     reason = getattr(type(obj), "__serve_unserializable__", None)
     if isinstance(reason, str):
         raise ServeError(reason)
-    raise _Unencodable(obj)
+    kind = type(obj).__name__
+    raise Unencodable(f"no {kind} in this format", kind)
 
 
 _PICKLE_TYPE = re.compile(r"(?:cannot pickle|Can't pickle) '?<?(?:class )?'?([\w.<>]+)")
@@ -82,7 +86,7 @@ _PICKLE_TYPE = re.compile(r"(?:cannot pickle|Can't pickle) '?<?(?:class )?'?([\w
 def _offending_type(value: Any, exc: BaseException) -> str:
     """The type that could not be encoded (often deep inside ``value``)."""
     for error in (exc, exc.__cause__, exc.__context__):
-        if isinstance(error, _Unencodable):
+        if isinstance(error, Unencodable) and error.kind:
             return error.kind
     found = _PICKLE_TYPE.search(str(exc))
     if found:

@@ -20,8 +20,8 @@ from serve import _client
 from serve._broadcast import gather_async, gather_sync, start_broadcast
 from serve._models import DeploymentID, ReplicaID
 from serve._options import DEFAULT, HandleOptions, validate_handle_options
-from serve._request import InputWindow, Request, RequestState, ResponseBase
-from serve._router import Reservation, Router
+from serve._request import InputWindow, Request, RequestState, Reservation, ResponseBase
+from serve._router import Router
 from serve._settings import settings
 from serve._sync import SYNC_IN_LOOP_MESSAGE, Completion, in_running_loop, post
 from serve.exceptions import BackPressureError, RequestTimeoutError, ServeError
@@ -208,7 +208,7 @@ class DeploymentHandle(Generic[T]):
         if options.stream:
             options = options.copy_and_update(stream=False)
         request = router.make_request(options, (), {})
-        request.reserving = True
+        request.reserve_only = True
         post(router.submit, request)
         try:
             reservation: Reservation = await request.completion.wait()
@@ -252,7 +252,7 @@ class DeploymentHandle(Generic[T]):
         except BaseException:
             post(router.release, selection._reservation)
             raise
-        request.selection = selection._reservation
+        request.reservation = selection._reservation
         post(router.submit, request)
         if request.stream:
             return DeploymentResponseGenerator(request, router)

@@ -51,14 +51,14 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     """
     FRAME_KIND_RESERVE: _FrameKind.ValueType  # 11
     """Choosing a replica before sending (`handle.choose_replica()`, then `dispatch()`):
-    router -> replica: hold an admission slot under request number `id`; answered by RESERVED
+    router -> replica: hold an admission slot under its `frame_id`; answered by RESERVED
     or REJECTED. A held slot counts as ongoing until a REQUEST with `reserved` and the same
-    `id` uses it, a RELEASE gives it back, or the stream ends.
+    `frame_id` uses it, a RELEASE gives it back, or the stream ends.
     """
     FRAME_KIND_RESERVED: _FrameKind.ValueType  # 12
     """replica -> router: the slot is held"""
     FRAME_KIND_RELEASE: _FrameKind.ValueType  # 13
-    """router -> replica: the slot held under `id` goes unused"""
+    """router -> replica: the slot held under `frame_id` goes unused"""
     FRAME_KIND_INPUT_CREDIT: _FrameKind.ValueType  # 14
     """replica -> router: the running request read `credit` more inputs (`credit_bytes` bytes of
     INPUT bodies), so the router may send that much more. A router keeps what it has sent and
@@ -94,14 +94,14 @@ A replica drops inputs for requests it is not running (rejected or finished).
 """
 FRAME_KIND_RESERVE: FrameKind.ValueType  # 11
 """Choosing a replica before sending (`handle.choose_replica()`, then `dispatch()`):
-router -> replica: hold an admission slot under request number `id`; answered by RESERVED
+router -> replica: hold an admission slot under its `frame_id`; answered by RESERVED
 or REJECTED. A held slot counts as ongoing until a REQUEST with `reserved` and the same
-`id` uses it, a RELEASE gives it back, or the stream ends.
+`frame_id` uses it, a RELEASE gives it back, or the stream ends.
 """
 FRAME_KIND_RESERVED: FrameKind.ValueType  # 12
 """replica -> router: the slot is held"""
 FRAME_KIND_RELEASE: FrameKind.ValueType  # 13
-"""router -> replica: the slot held under `id` goes unused"""
+"""router -> replica: the slot held under `frame_id` goes unused"""
 FRAME_KIND_INPUT_CREDIT: FrameKind.ValueType  # 14
 """replica -> router: the running request read `credit` more inputs (`credit_bytes` bytes of
 INPUT bodies), so the router may send that much more. A router keeps what it has sent and
@@ -201,7 +201,7 @@ class FrameHeader(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     KIND_FIELD_NUMBER: _builtins.int
-    ID_FIELD_NUMBER: _builtins.int
+    FRAME_ID_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     REQUEST_CODEC_FIELD_NUMBER: _builtins.int
     RESPONSE_CODEC_FIELD_NUMBER: _builtins.int
@@ -226,8 +226,8 @@ class FrameHeader(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     SHM_SEGMENT_FIELD_NUMBER: _builtins.int
     kind: Global___FrameKind.ValueType
-    id: _builtins.int
-    """per-connection request number, chosen by the router"""
+    frame_id: _builtins.int
+    """per-connection frame id, chosen by the router (not `request_id`)"""
     method: _builtins.str
     """REQUEST"""
     request_codec: _common_pb2.Codec.ValueType
@@ -246,7 +246,7 @@ class FrameHeader(_message.Message):
     the replica's ongoing request count after this event
     """
     acked: _builtins.int
-    """the highest request id this replica had read when it counted `ongoing`"""
+    """the highest frame id this replica had read when it counted `ongoing`"""
     reject_reason: Global___RejectReason.ValueType
     error_kind: Global___ErrorKind.ValueType
     credit: _builtins.int
@@ -266,7 +266,7 @@ class FrameHeader(_message.Message):
     its own monotonic clock on arrival.
     """
     reserved: _builtins.bool
-    """REQUEST: run in the slot held under this `id` by an earlier RESERVE (never rejected)."""
+    """REQUEST: run in the slot held under this `frame_id` by an earlier RESERVE (never rejected)."""
     shm_segment: _builtins.int
     """Its out-of-band buffers (`buffer_lengths`) are not on the stream but in the sender's
     shared-memory segment of this number (serve/_rpc/shm.py; only on a stream whose handshake
@@ -289,7 +289,7 @@ class FrameHeader(_message.Message):
         self,
         *,
         kind: Global___FrameKind.ValueType = ...,
-        id: _builtins.int = ...,
+        frame_id: _builtins.int = ...,
         method: _builtins.str = ...,
         request_codec: _common_pb2.Codec.ValueType = ...,
         response_codec: _common_pb2.Codec.ValueType = ...,
@@ -316,7 +316,7 @@ class FrameHeader(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "id", b"id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "reserved", b"reserved", "response_codec", b"response_codec", "shm_segment", b"shm_segment", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "args_buffer_count", b"args_buffer_count", "args_len", b"args_len", "buffer_lengths", b"buffer_lengths", "credit", b"credit", "credit_bytes", b"credit_bytes", "error", b"error", "error_kind", b"error_kind", "frame_id", b"frame_id", "kind", b"kind", "method", b"method", "model_id", b"model_id", "no_reject", b"no_reject", "ongoing", b"ongoing", "reject_reason", b"reject_reason", "request_codec", b"request_codec", "request_id", b"request_id", "reserved", b"reserved", "response_codec", b"response_codec", "shm_segment", b"shm_segment", "stream", b"stream", "stream_window", b"stream_window", "stream_window_bytes", b"stream_window_bytes", "timeout_s", b"timeout_s", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,10 +1,10 @@
 """The router side of a replica's multiplexed Connect stream.
 
 One ``ReplicaConnection`` per replica per process carries every request of every router in the
-process to that replica, over one bidirectional stream. Requests are numbered per connection;
-replies are matched by number and reported to the request's :class:`ReplyListener` as plain
-values (no protobuf leaves this module). Writes are coalesced: whatever is queued when the writer
-is free goes out as one message.
+process to that replica, over one bidirectional stream. Each request gets a frame id on its
+connection; replies are matched by frame id and reported to the request's :class:`ReplyListener`
+as plain values (no protobuf leaves this module). Writes are coalesced: whatever is queued when
+the writer is free goes out as one message.
 
 A request counts as *written* once its frame was taken for writing to gRPC: if the stream breaks
 before its answer, it may have run (the listener hears ``written=True``); a request still queued
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 CONNECT_METHOD = "/serve.v1.Replica/Connect"
 QUEUE_LENGTH_METHOD = "/serve.v1.Replica/QueueLength"
 
-# (ongoing, acked): the replica's ongoing count and the highest request id it had read then.
+# (ongoing, acked): the replica's ongoing count and the highest frame id it had read then.
 OnLoad = Callable[[int, int], None]
 
 MIN_TIMEOUT_S = 1e-6
@@ -87,8 +87,8 @@ class ReplicaConnection:
         self._lane: FrameLane | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[int, tuple[ReplyListener, Any]] = {}
-        self._next_id = 0
-        self._written_upto = 0  # request ids up to this one were taken for writing
+        self._next_frame_id = 0
+        self._written_upto = 0  # frame ids up to this one were taken for writing
         self.broken: ConnectionLost | None = None
         self._closed = False
         # Shared memory for big buffers, once the replica proved it shares our /dev/shm.
@@ -135,20 +135,25 @@ class ReplicaConnection:
             self._written_upto = upto
 
     def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Any,
+        reservation_frame_id: int = 0,
     ) -> int:
-        """Queue a request frame; returns its number on this connection.
+        """Queue a request frame; returns its frame id on this connection.
 
-        ``reserved``: the number of a slot held by :meth:`reserve`; the request runs in it.
+        ``reservation_frame_id``: the frame id of a slot held by :meth:`reserve`; the request runs
+        in it.
         """
         if self.broken is not None:
             raise self.broken
         lane = self._lane or self._start()
-        if reserved:
-            frame_id = reserved
+        if reservation_frame_id:
+            frame_id = reservation_frame_id
         else:
-            self._next_id += 1
-            frame_id = self._next_id
+            self._next_frame_id += 1
+            frame_id = self._next_frame_id
         self._pending[frame_id] = (listener, request)
         deadline_s = envelope.deadline_s
         encoded = request_header(
@@ -169,7 +174,7 @@ class ReplicaConnection:
             # The time left, never 0 (which means no deadline): a request whose deadline passed
             # meanwhile reaches a replica that answers RequestTimeoutError without running it.
             timeout_s=max(deadline_s - time.monotonic(), MIN_TIMEOUT_S) if deadline_s else 0.0,
-            reserved=bool(reserved),
+            reserved=bool(reservation_frame_id),
             trace_context=envelope.trace_context,
         )
         lane.send_encoded(
@@ -179,36 +184,38 @@ class ReplicaConnection:
 
     def reserve(self, listener: ReplyListener, request: Any) -> int:
         """Ask the replica to hold a slot; the listener hears ``on_reserved`` or
-        ``on_rejected``. Returns the number the request must be sent under."""
+        ``on_rejected``. Returns the frame id the request must be sent under."""
         if self.broken is not None:
             raise self.broken
         lane = self._lane or self._start()
-        self._next_id += 1
-        frame_id = self._next_id
+        self._next_frame_id += 1
+        frame_id = self._next_frame_id
         self._pending[frame_id] = (listener, request)
-        lane.send(FrameHeader(kind=FRAME_KIND_RESERVE, id=frame_id))
+        lane.send(FrameHeader(kind=FRAME_KIND_RESERVE, frame_id=frame_id))
         return frame_id
 
     def release(self, frame_id: int) -> None:
         """Give back a slot held by :meth:`reserve` and never used."""
         if self.broken is None and self._lane is not None:
-            self._lane.send(FrameHeader(kind=FRAME_KIND_RELEASE, id=frame_id))
+            self._lane.send(FrameHeader(kind=FRAME_KIND_RELEASE, frame_id=frame_id))
 
     def cancel(self, frame_id: int) -> None:
         """Ask the replica to cancel a request; its reply still arrives (ERROR, cancelled)."""
         if self.broken is None and self._lane is not None and frame_id in self._pending:
-            self._lane.send(FrameHeader(kind=FRAME_KIND_CANCEL, id=frame_id))
+            self._lane.send(FrameHeader(kind=FRAME_KIND_CANCEL, frame_id=frame_id))
 
     def credit(self, frame_id: int, count: int, nbytes: int) -> None:
         if self.broken is None and self._lane is not None and frame_id in self._pending:
             self._lane.send(
-                FrameHeader(kind=FRAME_KIND_CREDIT, id=frame_id, credit=count, credit_bytes=nbytes)
+                FrameHeader(
+                    kind=FRAME_KIND_CREDIT, frame_id=frame_id, credit=count, credit_bytes=nbytes
+                )
             )
 
     def feed(self, frame_id: int, payload: bytes) -> None:
         """One more input for a running request (see FRAME_KIND_INPUT)."""
         if self.broken is None and self._lane is not None and frame_id in self._pending:
-            self._lane.send(FrameHeader(kind=FRAME_KIND_INPUT, id=frame_id), payload)
+            self._lane.send(FrameHeader(kind=FRAME_KIND_INPUT, frame_id=frame_id), payload)
 
     async def _write_loop(self, call: Any, lane: FrameLane) -> None:
         """Write once the replica has confirmed, in its headers, that it is the replica this
@@ -260,11 +267,11 @@ class ReplicaConnection:
             kind = header.kind
             if kind != FRAME_KIND_ITEM and kind != FRAME_KIND_INPUT_CREDIT:
                 self._on_load(header.ongoing, header.acked)
-            entry = pending.get(header.id)
+            entry = pending.get(header.frame_id)
             if entry is None:
                 continue
             if kind in _TERMINAL:
-                del pending[header.id]
+                del pending[header.frame_id]
             listener, request = entry
             try:
                 if kind == FRAME_KIND_RESULT:

@@ -82,14 +82,22 @@ class BatchWriter:
     gRPC whole.
     """
 
-    __slots__ = ("_last_id", "_max_bytes", "_messages", "_parts", "_size", "count", "segments")
+    __slots__ = (
+        "_last_frame_id",
+        "_max_bytes",
+        "_messages",
+        "_parts",
+        "_size",
+        "count",
+        "segments",
+    )
 
     def __init__(self, max_bytes: int | None = None) -> None:
         # A Batch never grows past the receiver's message limit: one that would is closed first.
         self._max_bytes = settings().max_message_bytes if max_bytes is None else max_bytes
         self._parts: list[bytes | memoryview] = []
         self._size = 0
-        self._last_id = 0  # the highest frame id in the batch being built
+        self._last_frame_id = 0  # the highest frame id in the batch being built
         self._messages: list[tuple[bytes | _Chunk, int]] = []
         self.count = 0
         # Set once the stream's handshake proved a shared /dev/shm: big buffers go there.
@@ -114,9 +122,9 @@ class BatchWriter:
                         buffers = ()
         self._append(header.SerializeToString(), body)
         if buffers:
-            # The frame is complete only with its last buffer: that message carries its id.
-            last_id = max(self._last_id, header.id)
-            self._last_id = 0
+            # The frame is complete only with its last buffer: that message carries its frame id.
+            last_frame_id = max(self._last_frame_id, header.frame_id)
+            self._last_frame_id = 0
             self._close_batch(0)
             for buffer in buffers:
                 if len(buffer) <= CHUNK_BYTES:
@@ -125,9 +133,9 @@ class BatchWriter:
                 for start in range(0, len(buffer), CHUNK_BYTES):
                     end = min(start + CHUNK_BYTES, len(buffer))
                     self._messages.append((_Chunk(buffer, start, end), 0))
-            self._messages[-1] = (self._messages[-1][0], last_id)
-        elif header.id > self._last_id:
-            self._last_id = header.id
+            self._messages[-1] = (self._messages[-1][0], last_frame_id)
+        elif header.frame_id > self._last_frame_id:
+            self._last_frame_id = header.frame_id
 
     def add_encoded(
         self,
@@ -141,8 +149,8 @@ class BatchWriter:
             self.add(FrameHeader.FromString(encoded), *body, buffers=buffers)
             return
         self._append(encoded, body)
-        if frame_id > self._last_id:
-            self._last_id = frame_id
+        if frame_id > self._last_frame_id:
+            self._last_frame_id = frame_id
 
     def _append(self, encoded: bytes, body: tuple[bytes | memoryview, ...]) -> None:
         body_len = 0
@@ -162,8 +170,8 @@ class BatchWriter:
     def _close_batch(self, mark: int | None = None) -> None:
         if self._parts:
             message = b"".join([_BATCH_TAG, _varint(self._size), *self._parts])
-            self._messages.append((message, self._last_id if mark is None else mark))
-            self._parts, self._size, self._last_id = [], 0, 0
+            self._messages.append((message, self._last_frame_id if mark is None else mark))
+            self._parts, self._size, self._last_frame_id = [], 0, 0
 
     def take_marked(self) -> list[tuple[bytes | _Chunk, int]]:
         """The messages to write (a chunk becomes one when written), each with the highest
@@ -235,7 +243,7 @@ class FrameLane:
 # of (tag, value) pairs, and concatenated messages parse as one: a request's header is the
 # serialized fields its handle options fix (cached) followed by its own fields, written here.
 # tests/unit/test_frames.py checks them against FrameHeader's own serialization.
-_ID_TAG: Final = b"\x10"  # id = 2, varint
+_FRAME_ID_TAG: Final = b"\x10"  # frame_id = 2, varint
 _ARGS_LEN_TAG: Final = b"\x30"  # args_len = 6, varint
 _REQUEST_ID_TAG: Final = b"\x52"  # request_id = 10, length-delimited
 _ONGOING_TAG: Final = b"\x60"  # ongoing = 12, varint
@@ -282,7 +290,7 @@ def request_header(
             _prefixes.clear()
         _prefixes[options] = prefix
     rid = request_id.encode()
-    parts = [prefix, _ID_TAG, _varint(frame_id), _REQUEST_ID_TAG, _varint(len(rid)), rid]
+    parts = [prefix, _FRAME_ID_TAG, _varint(frame_id), _REQUEST_ID_TAG, _varint(len(rid)), rid]
     if args_len:
         parts += (_ARGS_LEN_TAG, _varint(args_len))
     if args_buffer_count:
@@ -306,7 +314,7 @@ def outcome_header(frame_id: int, ongoing: int, acked: int, *, end: bool = False
     return b"".join(
         (
             _END_KIND if end else _RESULT_KIND,
-            _ID_TAG,
+            _FRAME_ID_TAG,
             _varint(frame_id),
             _ONGOING_TAG,
             _varint(ongoing),
@@ -318,7 +326,7 @@ def outcome_header(frame_id: int, ongoing: int, acked: int, *, end: bool = False
 
 def item_header(frame_id: int) -> bytes:
     """An ITEM frame's serialized header."""
-    return _ITEM_KIND + _ID_TAG + _varint(frame_id)
+    return _ITEM_KIND + _FRAME_ID_TAG + _varint(frame_id)
 
 
 def iter_frames(message: bytes) -> Iterator[tuple[FrameHeader, memoryview]]:

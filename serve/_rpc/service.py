@@ -2,9 +2,8 @@
 
 gRPC's own path for an undecodable request is an UNKNOWN status and a logged traceback; here
 the caller gets INVALID_ARGUMENT naming the message type it should have sent, and the daemon logs
-nothing. Methods named in ``raw`` take and return bytes (the Connect stream); server-streaming
-methods named in ``raw_responses`` parse their request but return bytes (the Results lane).
-Other bidirectional methods get their requests parsed, one by one; the first malformed one ends
+nothing. Methods named in ``raw`` take and return bytes (the Connect stream). Other
+bidirectional methods get their requests parsed, one by one; the first malformed one ends
 the call with INVALID_ARGUMENT.
 
 A request made only of names and numbers (no ``bytes`` field anywhere in it: GetStatus,
@@ -133,12 +132,10 @@ def add_service(
     servicer: object,
     *,
     raw: Iterable[str] = (),
-    raw_responses: Iterable[str] = (),
 ) -> None:
     """Add every method of ``service_name`` (implemented by ``servicer``) to ``server``."""
     service = file_descriptor.services_by_name[service_name]
     raw_methods = set(raw)
-    raw_response_methods = set(raw_responses)
     handlers: dict[str, Handler] = {}
     for method in service.methods:
         fn = getattr(servicer, method.name)
@@ -148,9 +145,7 @@ def add_service(
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(fn)
             continue
         parse = _parser(method)
-        serialize: Any = GetMessageClass(method.output_type).SerializeToString
-        if method.name in raw_response_methods:
-            serialize = None
+        serialize = GetMessageClass(method.output_type).SerializeToString
         if method.client_streaming:
             if not method.server_streaming:
                 raise ValueError(f"{method.name}: client-streaming methods must be bidirectional")

@@ -49,7 +49,7 @@ def _targets() -> tuple[str, str, str]:
     client = _client.current()
     assert client is not None
     assert client.token
-    replica = client.deployment_state(handle.deployment_id).routable[0]
+    replica = client.routing_state(handle.deployment_id).routable[0]
     REPLICA_ID = replica.replica_id
     return client.address, replica.address, client.token
 

@@ -11,15 +11,20 @@ from serve._rpc.frames import BatchWriter, FrameError, iter_frames, read_frames
 
 def test_batch_is_valid_protobuf_and_round_trips() -> None:
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1, method="m", args_len=3), b"abc", b"de")
-    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=2, ongoing=4), b"x" * 300)
+    writer.add(
+        FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=1, method="m", args_len=3), b"abc", b"de"
+    )
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, frame_id=2, ongoing=4), b"x" * 300)
     assert writer.count == 2
     (message,) = writer.take()
     assert writer.count == 0
     parsed = Batch.FromString(message)  # what any protobuf peer would see
     assert len(parsed.frames) == len(message) - 3  # tag + 2-byte varint
     frames = list(iter_frames(message))
-    assert [(h.kind, h.id) for h, _ in frames] == [(FRAME_KIND_REQUEST, 1), (FRAME_KIND_RESULT, 2)]
+    assert [(h.kind, h.frame_id) for h, _ in frames] == [
+        (FRAME_KIND_REQUEST, 1),
+        (FRAME_KIND_RESULT, 2),
+    ]
     assert bytes(frames[0][1]) == b"abcde"
     assert frames[0][0].args_len == 3
     assert bytes(frames[1][1]) == b"x" * 300
@@ -28,9 +33,9 @@ def test_batch_is_valid_protobuf_and_round_trips() -> None:
 
 def test_protobuf_encoded_batch_is_accepted() -> None:
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=7), b"payload")
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, frame_id=7), b"payload")
     inner = Batch.FromString(writer.take()[0]).frames
-    assert [h.id for h, _ in iter_frames(Batch(frames=inner).SerializeToString())] == [7]
+    assert [h.frame_id for h, _ in iter_frames(Batch(frames=inner).SerializeToString())] == [7]
 
 
 def test_empty_message_has_no_frames() -> None:
@@ -59,9 +64,9 @@ def test_garbage_is_a_frame_error(message: bytes, text: str) -> None:
 async def test_out_of_band_buffers_follow_their_frame_as_raw_messages() -> None:
     big = b"b" * 1000
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1), b"small")
-    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=2), b"head", buffers=[big, b"cc"])
-    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=3), b"tail")
+    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=1), b"small")
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, frame_id=2), b"head", buffers=[big, b"cc"])
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, frame_id=3), b"tail")
     messages = writer.take()
     assert len(messages) == 4
     assert messages[1] is big  # sent as is, never copied into a batch
@@ -71,16 +76,16 @@ async def test_out_of_band_buffers_follow_their_frame_as_raw_messages() -> None:
         return next(queue)
 
     frames = await read_frames(messages[0], read)
-    assert [(h.id, bytes(b), bufs) for h, b, bufs in frames] == [
+    assert [(h.frame_id, bytes(b), bufs) for h, b, bufs in frames] == [
         (1, b"small", None),
         (2, b"head", [big, b"cc"]),
     ]
-    assert [h.id for h, _, _ in await read_frames(next(queue), read)] == [3]
+    assert [h.frame_id for h, _, _ in await read_frames(next(queue), read)] == [3]
 
 
 async def test_a_short_or_missing_buffer_is_a_frame_error() -> None:
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, id=2), b"head", buffers=[b"abc"])
+    writer.add(FrameHeader(kind=FRAME_KIND_RESULT, frame_id=2), b"head", buffers=[b"abc"])
     batch, _ = writer.take()
 
     async def wrong() -> object:
@@ -101,7 +106,7 @@ async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
 
     big = bytes(range(256)) * ((2 * CHUNK_BYTES + 1000) // 256)
     writer = BatchWriter()
-    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=7), b"body", buffers=[b"small", big])
+    writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=7), b"body", buffers=[b"small", big])
     marked = writer.take_marked()
     assert [mark for _, mark in marked] == [0, 0, 0, 0, 7]  # the last chunk completes frame 7
     messages = [m if isinstance(m, bytes) else m.message() for m, _ in marked]
@@ -112,7 +117,7 @@ async def test_big_out_of_band_buffers_travel_in_bounded_chunks() -> None:
         return next(rest)
 
     ((header, body, buffers),) = await read_frames(messages[0], read)
-    assert header.id == 7
+    assert header.frame_id == 7
     assert bytes(body) == b"body"
     assert buffers == [b"small", big]
 
@@ -130,9 +135,11 @@ async def test_buffers_over_the_threshold_go_in_a_segment_and_stay_in_the_batch(
     writer = BatchWriter()
     writer.segments = sender
     try:
-        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=1), b"a", buffers=[b"x" * 60, b"y" * 60])
-        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=2), b"b", buffers=[b"z" * 99])
-        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=3), b"c")
+        writer.add(
+            FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=1), b"a", buffers=[b"x" * 60, b"y" * 60]
+        )
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=2), b"b", buffers=[b"z" * 99])
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=3), b"c")
         messages = writer.take()
         assert len(messages) == 3  # frames 1 and 2 in one batch, 2's buffer raw, then 3
         rest = iter(messages[1:])
@@ -141,13 +148,13 @@ async def test_buffers_over_the_threshold_go_in_a_segment_and_stay_in_the_batch(
             return next(rest)
 
         frames = await read_frames(messages[0], read, receiver)
-        assert [(h.id, h.shm_segment, bufs) for h, _, bufs in frames] == [
+        assert [(h.frame_id, h.shm_segment, bufs) for h, _, bufs in frames] == [
             (1, 1, [b"x" * 60, b"y" * 60]),
             (2, 0, [b"z" * 99]),
         ]
-        assert [h.id for h, _, _ in await read_frames(next(rest), read, receiver)] == [3]
+        assert [h.frame_id for h, _, _ in await read_frames(next(rest), read, receiver)] == [3]
         assert shm.sweep(token) == 0  # the receiver removed the segment as it opened it
-        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, id=4), buffers=[b"q" * 200])
+        writer.add(FrameHeader(kind=FRAME_KIND_REQUEST, frame_id=4), buffers=[b"q" * 200])
         stray = writer.take()[0]
         with pytest.raises(FrameError, match="without them"):  # a stream without a handshake
             await read_frames(stray, read)
@@ -170,7 +177,7 @@ def test_hand_serialized_headers_parse_as_the_frame_headers_they_stand_for() -> 
         encoded = request_header(frame_id, options, request_id="r" * 32, **fields)
         expected = FrameHeader(
             kind=FRAME_KIND_REQUEST,
-            id=frame_id,
+            frame_id=frame_id,
             method="say_hi",
             request_codec=CODEC_PICKLE,
             response_codec=CODEC_MSGPACK,
@@ -183,9 +190,11 @@ def test_hand_serialized_headers_parse_as_the_frame_headers_they_stand_for() -> 
         )
         assert FrameHeader.FromString(encoded) == expected
     assert FrameHeader.FromString(outcome_header(5, 0, 5)) == FrameHeader(
-        kind=FRAME_KIND_RESULT, id=5, acked=5
+        kind=FRAME_KIND_RESULT, frame_id=5, acked=5
     )
     assert FrameHeader.FromString(outcome_header(2**33, 900, 2**33, end=True)) == FrameHeader(
-        kind=FRAME_KIND_END, id=2**33, ongoing=900, acked=2**33
+        kind=FRAME_KIND_END, frame_id=2**33, ongoing=900, acked=2**33
     )
-    assert FrameHeader.FromString(item_header(129)) == FrameHeader(kind=FRAME_KIND_ITEM, id=129)
+    assert FrameHeader.FromString(item_header(129)) == FrameHeader(
+        kind=FRAME_KIND_ITEM, frame_id=129
+    )

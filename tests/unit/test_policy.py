@@ -86,7 +86,7 @@ def test_queue_lengths_estimate_reported_plus_unread() -> None:
     assert lens.estimate("r", now=2) == 4
     lens.report("r", 1, now=3, acked=2)
     assert lens.estimate("r", now=3) == 1
-    lens.report("r", 5, now=4)  # a probe answer: reads no request numbers
+    lens.report("r", 5, now=4)  # a probe answer: carries no frame id
     assert lens.estimate("r", now=4) == 5
     lens.report("r", 0, now=5, acked=1)  # an older acknowledgement never moves it back
     assert lens.estimate("r", now=5) == 0

@@ -1,7 +1,7 @@
 """The proxy's route table (serve._proxy.routes): the longest matching prefix wins, as in Ray,
 and an application keeps its ingress handle across route updates.
 
-The handles' routers get their deployment state from a fake client (no controller); nothing
+The handles' routers get their routing state from a fake client (no controller); nothing
 here routes a request.
 """
 
@@ -13,21 +13,21 @@ from typing import Any
 import pytest
 
 from serve import _client
-from serve._deployment_state import DeploymentState
 from serve._ingress import ASGI_METHOD
 from serve._models import DeploymentID, ReplicaSet, Route
 from serve._proxy.routes import RouteTable
+from serve._routing_state import RoutingState
 
 
 class FakeClient:
-    """Hands out one deployment state per deployment, and remembers who asked."""
+    """Hands out one routing state per deployment, and remembers who asked."""
 
     def __init__(self) -> None:
-        self.states: dict[DeploymentID, DeploymentState] = {}
+        self.states: dict[DeploymentID, RoutingState] = {}
 
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState:
         if deployment_id not in self.states:
-            self.states[deployment_id] = DeploymentState(
+            self.states[deployment_id] = RoutingState(
                 deployment_id, watch=self._watch, open_connection=self._open
             )
         return self.states[deployment_id]

@@ -15,12 +15,12 @@ from serve._context import (
     reset_current_request,
     set_current_request,
 )
-from serve._deployment_state import DeploymentState
 from serve._exchange import ConnectionLost, Envelope, ReplyListener
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._request import Request, RequestState
 from serve._router import Router
+from serve._routing_state import RoutingState
 from serve._serialization import CLOUDPICKLE, encode
 from serve.exceptions import (
     BackPressureError,
@@ -58,11 +58,15 @@ class FakeConnection:
         self._ids = itertools.count(1)
 
     def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Request, reserved: int = 0
+        self,
+        envelope: Envelope,
+        listener: ReplyListener,
+        request: Request,
+        reservation_frame_id: int = 0,
     ) -> int:
         if self.broken is not None:
             raise self.broken
-        frame_id = reserved or next(self._ids)
+        frame_id = reservation_frame_id or next(self._ids)
         self.reservations.pop(frame_id, None)
         self.sent[frame_id] = (listener, request, envelope)
         self.history.append(request)
@@ -118,7 +122,7 @@ class FakeConnection:
 class Fixture:
     def __init__(self) -> None:
         self.conns: dict[str, FakeConnection] = {}
-        self.state = DeploymentState(
+        self.state = RoutingState(
             DEP, watch=self._no_watch, open_connection=self._open, local_host="me"
         )
         self.router = Router(self, DEP)
@@ -136,7 +140,7 @@ class Fixture:
         conn = self.conns[replica.replica_id] = FakeConnection(replica, on_load, on_broken)
         return conn
 
-    def deployment_state(self, deployment_id: DeploymentID) -> DeploymentState:
+    def routing_state(self, deployment_id: DeploymentID) -> RoutingState:
         return self.state
 
     def publish(self, *replicas: ReplicaInfo, max_queued: int = -1) -> None:

@@ -1,9 +1,12 @@
 """What one process knows about one deployment: its replicas, their load, and connections.
 
-One ``DeploymentState`` per deployment per process, shared by every router (handle) of it, on
+One ``RoutingState`` per deployment per process, shared by every router (handle) of it, on
 the home loop. It follows the controller's replica sets, keeps queue-length estimates, owns the
 replica connections (dropping a replica whose connection breaks at once), probes on request,
 and reports this process's queued requests for autoscaling.
+
+Not the controller's records of a deployment (what Ray's ``deployment_state.py`` holds): those
+live in ``controller/state.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Protocol
 
 from serve import _custom_routing
 from serve._custom_routing import CustomRouting
-from serve._exchange import ConnectionLost, Envelope, ReplyListener
+from serve._exchange import Connection, ConnectionLost
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._policy import QueueLengths, backoff_s, probe_deadline_s
 from serve.config import RequestRouterConfig
@@ -26,24 +29,6 @@ from serve.exceptions import ServeError
 logger = logging.getLogger(__name__)
 
 _WATCH_RETRY_MAX_S = 2.0
-
-
-class Connection(Protocol):
-    """What routers need of a replica connection (a ReplicaConnection, or a fake in tests)."""
-
-    replica_id: str
-    broken: ConnectionLost | None
-
-    def send(
-        self, envelope: Envelope, listener: ReplyListener, request: Any, reserved: int = 0
-    ) -> int: ...
-    def reserve(self, listener: ReplyListener, request: Any) -> int: ...
-    def release(self, frame_id: int) -> None: ...
-    def cancel(self, frame_id: int) -> None: ...
-    def credit(self, frame_id: int, count: int, nbytes: int) -> None: ...
-    def feed(self, frame_id: int, payload: bytes) -> None: ...
-    async def queue_length(self, timeout_s: float) -> tuple[int, bool]: ...
-    async def aclose(self) -> None: ...
 
 
 class StateListener(Protocol):
@@ -65,7 +50,7 @@ OpenConnection = Callable[
 ]
 
 
-class DeploymentState:
+class RoutingState:
     """What one process knows about one deployment: replicas, their load, connections."""
 
     def __init__(
@@ -114,7 +99,7 @@ class DeploymentState:
 
     def __repr__(self) -> str:
         return (
-            f"DeploymentState({self.deployment_id}, routable={len(self.routable)}, "
+            f"RoutingState({self.deployment_id}, routable={len(self.routable)}, "
             f"connections={len(self._connections)})"
         )
 
