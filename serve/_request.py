@@ -1,6 +1,13 @@
-"""One request in flight: its envelope, its place in the router, and its outcome.
+"""One call in flight, and its attempts: what the caller made, and where the router tried it.
 
-A ``Request`` is data. It does not know its router: the router that queued it hears about it
+A :class:`Request` is the call: its envelope, its arguments, its outcome (the completion the
+caller waits on) and its place in the router's queue. An :class:`Attempt` is one try of it on
+one replica: the connection it went on and its frame id there. A rejected attempt is followed
+by another; a written one that is lost is not (the replica may have run it). A
+:class:`Reservation` is an attempt whose slot is held for a call to come: the call sent in it
+makes that one attempt, never rejected and never tried elsewhere.
+
+Both are data. A request does not know its router: the router that queued it hears about it
 from connections (as their :class:`~serve._exchange.ReplyListener`), and whoever must cancel it
 (its caller, or the replica cancelling a parent request) calls :meth:`Request.cancel`, which
 runs the cancel callback the router gave it.
@@ -29,7 +36,7 @@ from serve.exceptions import ServeError
 class RequestState(enum.IntEnum):
     RESOLVING = 0  # waiting for DeploymentResponse arguments
     QUEUED = 1  # waiting for a replica
-    SENT = 2  # handed to a replica's connection; no answer yet
+    SENT = 2  # its attempt is on a replica's connection; no answer yet
     DONE = 3
 
 
@@ -94,9 +101,9 @@ class InputWindow:
             await self._room.wait()
 
 
-class Reservation:
-    """A slot held on one replica for one request to come (``handle.choose_replica``): the
-    request later sent under its frame id, on its connection, is never rejected."""
+class Attempt:
+    """One try of a request on one replica: the connection it was sent on and its frame id
+    there. A rejected attempt is followed by another; a written one that is lost is not."""
 
     __slots__ = ("conn", "frame_id", "replica")
 
@@ -105,6 +112,17 @@ class Reservation:
         self.conn = conn
         self.frame_id = frame_id
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.replica.replica_id}, frame_id={self.frame_id})"
+
+
+class Reservation(Attempt):
+    """A slot held on one replica for one request to come (``handle.choose_replica``): the
+    request later sent in it makes this attempt, under its frame id on its connection, and is
+    never rejected; if the slot is gone, the request fails instead of trying elsewhere."""
+
+    __slots__ = ()
+
 
 class Request:
     """A request, from ``handle.remote()`` to its outcome."""
@@ -112,23 +130,19 @@ class Request:
     __slots__ = (
         "_on_cancel",
         "args",
+        "attempt",
         "cancelled",
         "completion",
-        "conn",
         "created_s",
         "deadline_timer",
         "envelope",
         "fed",
-        "frame_id",
         "holds_queue_slot",
         "inputs",
         "kwargs",
         "parent",
         "prefer_local",
-        "replica_id",
-        "reservation",
         "reserve_only",
-        "reserved_replica",
         "seq",
         "span",
         "state",
@@ -168,16 +182,12 @@ class Request:
         self.holds_queue_slot = False
         self.completion = Completion()
         self.stream_buffer: ItemQueue | None = ItemQueue() if stream else None
-        self.replica_id = ""
         self.span: Any = None  # its route_to_replica span, with tracing on (serve._tracing)
-        self.conn: Any = None  # the connection it was sent on (a Connection)
-        self.frame_id = 0
-        # handle.choose_replica(): a request that only makes a reservation (``reserve_only``),
-        # and the replica it was sent to; handle.dispatch(): the reservation whose slot the
-        # request is sent in.
+        # Its current try on a replica (SENT), or its last one; None before the first. A request
+        # sent by handle.dispatch() comes with its one attempt: the Reservation it is sent in.
+        self.attempt: Attempt | None = None
+        # handle.choose_replica(): a request that only makes a reservation (its result).
         self.reserve_only = False
-        self.reserved_replica: ReplicaInfo | None = None
-        self.reservation: Reservation | None = None
         # Inputs fed to the running request (the proxy's ASGI messages), kept until the replica
         # proves it admitted the request (its first item), so a rejected request is re-fed.
         self.fed: list[bytes] | tuple[()] | None = None

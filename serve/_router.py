@@ -35,7 +35,7 @@ from serve._ingress import FED_METHODS
 from serve._models import DeploymentID, ReplicaInfo, ReplicaSet
 from serve._options import HandleOptions
 from serve._policy import candidate_tiers, choose
-from serve._request import Request, RequestState, Reservation
+from serve._request import Attempt, Request, RequestState, Reservation
 from serve._routing_state import RoutingState
 from serve._serialization import CODEC_NAMES, decode
 from serve._settings import settings
@@ -271,8 +271,8 @@ class Router:
             upstream.completion.add_done_callback(on_input_done)
 
     def _enqueue(self, request: Request, state: RoutingState) -> None:
-        if request.reservation is not None:
-            self._dispatch(request, request.reservation)
+        if isinstance(request.attempt, Reservation):  # handle.dispatch(): no queue, no choice
+            self._dispatch(request, request.attempt)
             return
         replica_set = state.replica_set
         if replica_set is not None and (not replica_set.exists or replica_set.unavailable):
@@ -292,7 +292,6 @@ class Router:
     def _requeue(self, request: Request) -> None:
         """(Back) into the queue, in its original place; it counts as queued again."""
         request.state = RequestState.QUEUED
-        request.conn = None
         if not request.holds_queue_slot:
             request.holds_queue_slot = True
             self._add_queued(1)
@@ -458,8 +457,7 @@ class Router:
                         continue
                 self._failed_passes = 0
                 self._take(request)
-                self._send(request, info, state)
-                if request.conn is not None:  # sent (not requeued after a broken connection)
+                if self._send(request, info, state):
                     custom.routed(pending, request, info)
         finally:
             self._custom_task = None
@@ -487,43 +485,41 @@ class Router:
         if self._pending:
             self.pump(probe=True)
 
-    def _send(self, request: Request, replica: ReplicaInfo, state: RoutingState) -> None:
+    def _send(self, request: Request, replica: ReplicaInfo, state: RoutingState) -> bool:
+        """Try ``request`` on ``replica``: False if its connection broke first (the request
+        is back in the queue, or skipped if a broadcast call)."""
         conn = state.connection(replica)
         envelope = request.envelope
         try:
             if request.reserve_only:
-                request.frame_id = conn.reserve(self, request)
-                request.reserved_replica = replica
+                frame_id = conn.reserve(self, request)
             else:
-                request.frame_id = conn.send(envelope, self, request)
+                frame_id = conn.send(envelope, self, request)
         except ConnectionLost as exc:
             state.exclude(replica.replica_id)
             if envelope.no_reject:
                 self.finish(request, error=ReplicaSkipped(str(exc)))
-                return
+                return False
             self._requeue(request)
             self._repump = True
-            return
+            return False
+        request.attempt = Attempt(replica, conn, frame_id)
         request.state = RequestState.SENT
-        request.replica_id = replica.replica_id
-        request.conn = conn
         if request.fed:
             for payload in request.fed:
-                conn.feed(request.frame_id, payload)
+                conn.feed(frame_id, payload)
         self._release_slot(request)
-        state.queue_lens.sent(replica.replica_id, request.frame_id)
+        state.queue_lens.sent(replica.replica_id, frame_id)
+        return True
 
     def _dispatch(self, request: Request, reservation: Reservation) -> None:
         """Send a request in the slot its reservation holds (``handle.dispatch``); no queue."""
-        conn = reservation.conn
         try:
-            request.frame_id = conn.send(request.envelope, self, request, reservation.frame_id)
+            reservation.conn.send(request.envelope, self, request, reservation.frame_id)
         except ConnectionLost as exc:
             self.finish(request, error=_unavailable(reservation, exc))
             return
         request.state = RequestState.SENT
-        request.replica_id = conn.replica_id
-        request.conn = conn
         self._release_slot(request)
 
     def release(self, reservation: Reservation) -> None:
@@ -546,21 +542,23 @@ class Router:
 
     def on_rejected(self, request: Request, draining: bool) -> None:
         state = self.state()
+        attempt = request.attempt
+        assert attempt is not None  # only an attempt is answered
         if draining:
-            state.exclude(request.replica_id)
-        if request.reservation is not None:  # its slot was not there: it cannot go elsewhere
-            self.finish(request, error=_unavailable(request.reservation, None))
+            state.exclude(attempt.replica.replica_id)
+        if isinstance(attempt, Reservation):  # its slot was not there: it cannot go elsewhere
+            self.finish(request, error=_unavailable(attempt, None))
         elif request.state == RequestState.SENT:
             self._requeue(request)
         state.wake()
 
     def on_reserved(self, request: Request) -> None:
+        attempt = request.attempt
+        assert attempt is not None  # only an attempt is answered
         if request.state != RequestState.SENT:  # cancelled meanwhile: the slot goes back
-            request.conn.release(request.frame_id)
+            attempt.conn.release(attempt.frame_id)
             return
-        replica = request.reserved_replica
-        assert replica is not None  # set when its RESERVE was sent
-        self.finish(request, value=Reservation(replica, request.conn, request.frame_id))
+        self.finish(request, value=Reservation(attempt.replica, attempt.conn, attempt.frame_id))
 
     def on_result(self, request: Request, body: memoryview, buffers: list[bytes] | None) -> None:
         if request.state != RequestState.DONE:
@@ -595,21 +593,22 @@ class Router:
         self.state().wake()
 
     def on_lost(self, request: Request, error: ConnectionLost, written: bool) -> None:
-        if request.state != RequestState.SENT:
+        attempt = request.attempt
+        if request.state != RequestState.SENT or attempt is None:
             return
-        if written and not request.reserve_only:
+        if written and not request.reserve_only:  # a RESERVE runs nothing: it may go elsewhere
             self.finish(
                 request,
                 error=ReplicaDiedError(
-                    f"Replica {request.replica_id} of {self.deployment_id} died while handling "
-                    f"request {request.request_id} ({request.method}): {error}. The request may "
-                    "have partly run; it was not retried."
+                    f"Replica {attempt.replica.replica_id} of {self.deployment_id} died while "
+                    f"handling request {request.request_id} ({request.method}): {error}. The "
+                    "request may have partly run; it was not retried."
                 ),
             )
         elif request.envelope.no_reject:  # a broadcast call belongs to its replica
             self.finish(request, error=ReplicaSkipped(str(error)))
-        elif request.reservation is not None:
-            self.finish(request, error=_unavailable(request.reservation, error))
+        elif isinstance(attempt, Reservation):  # the slot it was to run in is gone
+            self.finish(request, error=_unavailable(attempt, error))
         elif error.retryable:
             self._requeue(request)
             # the connection's owner wakes routers once it dropped the replica
@@ -623,10 +622,11 @@ class Router:
     ) -> None:
         if request.state == RequestState.DONE:
             return
+        attempt = request.attempt
+        if isinstance(attempt, Reservation) and request.state != RequestState.SENT:
+            self.release(attempt)  # never sent: its held slot goes unused
         request.state = RequestState.DONE
         self._release_slot(request)
-        if request.reservation is not None and request.conn is None:
-            self.release(request.reservation)  # never sent: its held slot goes unused
         timer = request.deadline_timer
         if timer is not None:
             request.deadline_timer = None
@@ -654,8 +654,9 @@ class Router:
         request.cancelled = True
         if request.state == RequestState.DONE:
             return
-        if request.state == RequestState.SENT and request.conn is not None:
-            request.conn.cancel(request.frame_id)
+        attempt = request.attempt
+        if request.state == RequestState.SENT and attempt is not None:
+            attempt.conn.cancel(attempt.frame_id)
         error = RequestCancelledError(request.request_id)
         if request.stream_buffer is not None:
             request.stream_buffer.close(error, drop=True)  # the next read raises, as in Ray
@@ -682,8 +683,9 @@ class Router:
     def credit(self, request: Request, count: int, nbytes: int) -> None:
         """The consumer of a stream read ``count`` items of ``nbytes``: the replica may send
         that much more."""
-        if request.conn is not None and request.state != RequestState.DONE:
-            request.conn.credit(request.frame_id, count, nbytes)
+        attempt = request.attempt
+        if request.state == RequestState.SENT and attempt is not None:
+            attempt.conn.credit(attempt.frame_id, count, nbytes)
 
     def feed(self, request: Request, payload: bytes) -> None:
         """One more input for a running streaming request (see ``FRAME_KIND_INPUT``)."""
@@ -693,8 +695,9 @@ class Router:
             if request.fed is None:
                 request.fed = []
             request.fed.append(payload)  # type: ignore[union-attr]
-        if request.state == RequestState.SENT and request.conn is not None:
-            request.conn.feed(request.frame_id, payload)
+        attempt = request.attempt
+        if request.state == RequestState.SENT and attempt is not None:
+            attempt.conn.feed(attempt.frame_id, payload)
 
     def decode_item(self, request: Request, item: tuple[memoryview, list[bytes] | None]) -> Any:
         try:

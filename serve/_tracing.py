@@ -450,8 +450,9 @@ def end_route(request: Any, error: BaseException | None) -> None:
     span = request.span
     if not span.is_recording():
         return
-    if request.replica_id:  # app#deployment#tag: the tag, as the replica's span has it
-        span.set_attribute("replica_id", request.replica_id.rsplit("#", 1)[-1])
+    attempt = request.attempt
+    if attempt is not None:  # app#deployment#tag: the tag, as the replica's span has it
+        span.set_attribute("replica_id", attempt.replica.replica_id.rsplit("#", 1)[-1])
     if error is not None:
         span.set_status(_otel.Status(_otel.error_code, f"{type(error).__name__}: {error}"))
     span.end()

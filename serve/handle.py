@@ -252,7 +252,7 @@ class DeploymentHandle(Generic[T]):
         except BaseException:
             post(router.release, selection._reservation)
             raise
-        request.reservation = selection._reservation
+        request.attempt = selection._reservation  # its one attempt: in the held slot
         post(router.submit, request)
         if request.stream:
             return DeploymentResponseGenerator(request, router)

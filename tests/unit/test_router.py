@@ -107,8 +107,8 @@ class FakeConnection:
 
     def answer(self, request: Request, ongoing: int, method: str, *args: Any) -> None:
         """The replica answers ``request`` having read every request sent so far."""
-        listener, _, _ = self.sent.pop(request.frame_id)
-        self.on_load(ongoing, max([request.frame_id, *self.sent]))
+        listener, _, _ = self.sent.pop(frame_of(request))
+        self.on_load(ongoing, max([frame_of(request), *self.sent]))
         getattr(listener, method)(request, *args)
 
     def break_(self, *, written: bool) -> None:
@@ -155,10 +155,22 @@ class Fixture:
 
     def result(self, request: Request, value: Any, ongoing: int = 0) -> None:
         body = memoryview(encode(CLOUDPICKLE, value))
-        self.conns[request.replica_id].answer(request, ongoing, "on_result", body, None)
+        self.conns[replica_of(request)].answer(request, ongoing, "on_result", body, None)
 
     def reject(self, request: Request, ongoing: int, draining: bool = False) -> None:
-        self.conns[request.replica_id].answer(request, ongoing, "on_rejected", draining)
+        self.conns[replica_of(request)].answer(request, ongoing, "on_rejected", draining)
+
+
+def replica_of(request: Request) -> str:
+    """The replica of the request's current (or last) attempt."""
+    assert request.attempt is not None
+    return request.attempt.replica.replica_id
+
+
+def frame_of(request: Request) -> int:
+    """The frame id of the request's current (or last) attempt."""
+    assert request.attempt is not None
+    return request.attempt.frame_id
 
 
 def replica(
@@ -196,15 +208,15 @@ async def test_a_rejected_request_keeps_its_place_in_the_queue(f: Fixture) -> No
     f.publish(replica("a", limit=1), replica("b", limit=1))
     first, second, third = f.call(1), f.call(2), f.call(3)
     assert third.state == RequestState.QUEUED
-    first_replica = first.replica_id
+    first_replica = replica_of(first)
     f.reject(first, 1)  # another router filled that replica first
     assert first.state == RequestState.QUEUED
-    other = second.replica_id
+    other = replica_of(second)
     assert other != first_replica
     f.result(second, "b")
     # The freed replica takes the rejected (older) request, not the third.
     assert first.state == RequestState.SENT
-    assert first.replica_id == other
+    assert replica_of(first) == other
     assert third.state == RequestState.QUEUED
 
 
@@ -227,8 +239,8 @@ async def test_the_shorter_queue_wins(f: Fixture) -> None:
     f.state.queue_lens.report("a", 4, now=_now())
     f.state.queue_lens.report("b", 0, now=_now())
     calls = [f.call(i) for i in range(4)]
-    assert [c.replica_id for c in calls] == ["b", "b", "b", "b"]  # b: 0,1,2,3 unanswered < 4
-    assert f.call(5).replica_id in ("a", "b")
+    assert [replica_of(c) for c in calls] == ["b", "b", "b", "b"]  # b: 0,1,2,3 unanswered < 4
+    assert replica_of(f.call(5)) in ("a", "b")
 
 
 async def test_unknown_load_is_probed_then_used(f: Fixture) -> None:
@@ -257,11 +269,11 @@ async def test_full_replicas_are_probed_with_backoff_until_one_frees(f: Fixture)
 async def test_loss_before_writing_retries_elsewhere(f: Fixture) -> None:
     f.publish(replica("a", limit=1), replica("b", limit=1))
     first, second = f.call(1), f.call(2)
-    lost = f.conns[first.replica_id]
-    survivor = "b" if first.replica_id == "a" else "a"
-    f.result(second, "ok") if second.replica_id == survivor else None
+    lost = f.conns[replica_of(first)]
+    survivor = "b" if replica_of(first) == "a" else "a"
+    f.result(second, "ok") if replica_of(second) == survivor else None
     lost.break_(written=False)
-    assert first.replica_id == survivor
+    assert replica_of(first) == survivor
     assert first.state == RequestState.SENT
     assert f.state.routable == [r for r in f.state.routable if r.replica_id == survivor]
 
@@ -269,7 +281,7 @@ async def test_loss_before_writing_retries_elsewhere(f: Fixture) -> None:
 async def test_loss_after_writing_is_replica_died_and_never_retried(f: Fixture) -> None:
     f.publish(replica("a"), replica("b"))
     call = f.call(1)
-    f.conns[call.replica_id].break_(written=True)
+    f.conns[replica_of(call)].break_(written=True)
     assert call.state == RequestState.DONE
     with pytest.raises(ReplicaDiedError, match="was not retried"):
         await call.completion.wait()
@@ -289,7 +301,7 @@ async def test_cancel_after_sending_tells_the_replica(f: Fixture) -> None:
     f.publish(replica("a"))
     call = f.call(1)
     f.router.cancel(call)
-    assert f.conns["a"].cancelled == [call.frame_id]
+    assert f.conns["a"].cancelled == [frame_of(call)]
     with pytest.raises(RequestCancelledError):
         await call.completion.wait()
     # the replica's late answer
@@ -300,10 +312,10 @@ async def test_cancel_after_sending_tells_the_replica(f: Fixture) -> None:
 async def test_a_draining_replica_is_skipped_at_once(f: Fixture) -> None:
     f.publish(replica("a"), replica("b"))
     call = f.call(1)
-    draining = call.replica_id
+    draining = replica_of(call)
     f.reject(call, 0, draining=True)
-    assert call.replica_id != draining
-    assert [r.replica_id for r in f.state.routable] == [call.replica_id]
+    assert replica_of(call) != draining
+    assert [r.replica_id for r in f.state.routable] == [replica_of(call)]
 
 
 async def test_a_deleted_deployment_fails_waiting_requests(f: Fixture) -> None:
@@ -318,9 +330,9 @@ async def test_a_deleted_deployment_fails_waiting_requests(f: Fixture) -> None:
 async def test_multiplexed_requests_go_to_replicas_holding_the_model(f: Fixture) -> None:
     f.publish(replica("a", models={"m1"}), replica("b", models={"m2"}), replica("c"))
     options = HandleOptions(multiplexed_model_id="m2")
-    assert {f.call(i, options=options).replica_id for i in range(4)} == {"b"}
+    assert {replica_of(f.call(i, options=options)) for i in range(4)} == {"b"}
     fresh = HandleOptions(multiplexed_model_id="new")
-    assert f.call(9, options=fresh).replica_id == "c"  # the replica with the fewest models
+    assert replica_of(f.call(9, options=fresh)) == "c"  # the replica with the fewest models
 
 
 async def test_busy_model_replicas_spill_to_the_fewest_models(f: Fixture) -> None:
@@ -331,13 +343,13 @@ async def test_busy_model_replicas_spill_to_the_fewest_models(f: Fixture) -> Non
     )
     options = HandleOptions(multiplexed_model_id="m")
     first, second = f.call(1, options=options), f.call(2, options=options)
-    assert (first.replica_id, second.replica_id) == ("a", "b")
+    assert (replica_of(first), replica_of(second)) == ("a", "b")
 
 
 async def test_prefer_local_routing(f: Fixture) -> None:
     f.publish(replica("far", host="other"), replica("near", host="me"))
     options = HandleOptions(prefer_local_routing=True)
-    assert {f.call(i, options=options).replica_id for i in range(5)} == {"near"}
+    assert {replica_of(f.call(i, options=options)) for i in range(5)} == {"near"}
 
 
 async def test_no_work_is_scheduled_when_idle(f: Fixture) -> None:
@@ -385,7 +397,7 @@ async def test_the_deadline_is_captured_when_the_request_is_made(f: Fixture) -> 
     plain = f.call(2)
     f.router.submit(request)  # later, outside the scope (as on the IO thread)
     assert request.envelope.deadline_s == deadline_s
-    assert f.conns["a"].sent[request.frame_id][2].deadline_s == deadline_s
+    assert f.conns["a"].sent[frame_of(request)][2].deadline_s == deadline_s
     assert plain.envelope.deadline_s == 0.0
     assert plain.deadline_timer is None
     f.result(request, "ok")
@@ -440,7 +452,7 @@ async def test_a_sent_request_fails_at_its_deadline_and_is_never_retried(f: Fixt
     with request_deadline(0.05):
         sent = f.call(1)
     assert sent.state == RequestState.SENT
-    conn = f.conns[sent.replica_id]
+    conn = f.conns[replica_of(sent)]
     with pytest.raises(RequestTimeoutError):
         await asyncio.wait_for(sent.completion.wait(), 5)
     # The replica ends the work itself (it got the time left): no CANCEL from here.

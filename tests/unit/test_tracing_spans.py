@@ -5,7 +5,7 @@ across real processes.)"""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -16,8 +16,10 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from serve import _tracing
 from serve._batch_queue import _context_with
 from serve._context import RequestContext
+from serve._exchange import Connection
+from serve._models import ReplicaInfo
 from serve._options import HandleOptions
-from serve._request import Request
+from serve._request import Attempt, Request
 from serve._serialization import CLOUDPICKLE, encode
 
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -58,7 +60,8 @@ def test_a_sampled_client_is_followed_and_nested_calls_are_children(spans: Any) 
     nested = call(ingress)
     assert nested.envelope.trace_context is not None
     assert int(nested.envelope.trace_context["traceparent"].rsplit("-", 1)[1], 16) & 0x01
-    nested.replica_id = "app#Model#tag2"
+    # Sent to that replica (the span reads only the attempt's replica, not its connection).
+    nested.attempt = Attempt(ReplicaInfo("app#Model#tag2", "addr"), cast(Connection, None), 1)
     _tracing.end_route(nested, None)
     _tracing.end_replica(ingress, None)
     route, replica = spans.get_finished_spans()
