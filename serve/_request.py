@@ -196,9 +196,11 @@ class Request:
         self.args = args
         self.kwargs = kwargs
         for position, value in enumerate(args):
-            self._note_input(position, value)
+            if isinstance(value, ResponseBase):
+                self._note_input(position, value._request)
         for key, value in kwargs.items():
-            self._note_input(key, value)
+            if isinstance(value, ResponseBase):
+                self._note_input(key, value._request)
         if self.inputs is None:
             self.encode(args, kwargs)
 
@@ -218,17 +220,16 @@ class Request:
     def stream(self) -> bool:
         return self.envelope.stream
 
-    def _note_input(self, where: int | str, value: Any) -> None:
-        if isinstance(value, ResponseBase):
-            upstream = value._request
-            if upstream.stream:
-                raise ServeError(
-                    "A DeploymentResponseGenerator (stream=True) cannot be passed to another "
-                    "call; iterate it and pass the items instead."
-                )
-            if self.inputs is None:
-                self.inputs = []
-            self.inputs.append((where, upstream))
+    def _note_input(self, where: int | str, upstream: Request) -> None:
+        """An argument is a DeploymentResponse: the request resolves it before it is queued."""
+        if upstream.stream:
+            raise ServeError(
+                "A DeploymentResponseGenerator (stream=True) cannot be passed to another "
+                "call; iterate it and pass the items instead."
+            )
+        if self.inputs is None:
+            self.inputs = []
+        self.inputs.append((where, upstream))
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         envelope = self.envelope
