@@ -125,7 +125,8 @@ class Reservation(Attempt):
 
 
 class Request:
-    """A request, from ``handle.remote()`` to its outcome."""
+    """A call, from ``handle.remote()`` to its outcome, and its place in its router (state,
+    queue slot, deadline timer) across its attempts."""
 
     __slots__ = (
         "_on_cancel",
