@@ -44,15 +44,16 @@ class TaskOwner:
         self._log = log
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
+        self._entered: asyncio.Future[None] | None = None
         self._closed = False
 
     async def start(self) -> None:
-        """Start the owner; returns once its group takes children."""
-        if self._task is not None:
-            return
-        entered = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._own(entered), name=self._name)
-        await asyncio.wait([entered, self._task], return_when=asyncio.FIRST_COMPLETED)
+        """Start the owner (once); returns once its group takes children."""
+        if self._task is None:
+            self._entered = asyncio.get_running_loop().create_future()
+            self._task = asyncio.create_task(self._own(self._entered), name=self._name)
+        assert self._entered is not None
+        await asyncio.wait([self._entered, self._task], return_when=asyncio.FIRST_COMPLETED)
 
     async def _own(self, entered: asyncio.Future[None]) -> None:
         async with asyncio.TaskGroup() as group:
