@@ -133,19 +133,21 @@ class Supervisor:
         """Restore the goal state and the last controller's replicas, then start ticking."""
         await self._tasks.start()
         try:
-            apps = await self._store.load()
-            previous = []
-            for replica_id, pid, code_version, request in await self._store.load_replicas():
-                request_ = ResourceRequest.from_json(request)
-                found = await self._launcher.adopt(replica_id, pid, request_)
-                if found is not None:
-                    self._watch(replica_id, found)
-                previous.append(PreviousReplica(replica_id, pid, code_version, found is not None))
-            self._feed(Restored(tuple(apps), tuple(previous)))
+            await self._restore()
         except BaseException:
             await self._tasks.aclose()
             raise
         self._spawn(self._tick_loop(), "controller:reconcile")
+
+    async def _restore(self) -> None:
+        apps = await self._store.load()
+        previous = []
+        for replica_id, pid, code_version, request in await self._store.load_replicas():
+            found = await self._launcher.adopt(replica_id, pid, ResourceRequest.from_json(request))
+            if found is not None:
+                self._watch(replica_id, found)
+            previous.append(PreviousReplica(replica_id, pid, code_version, found is not None))
+        self._feed(Restored(tuple(apps), tuple(previous)))
 
     async def aclose(self, *, stop_replicas: bool, timeout_s: float = 30.0) -> None:
         """Stop supervising; with ``stop_replicas``, stop every replica first. Idempotent."""
