@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from controller.launcher import Launched
 from controller.proxy_watch import ProxyState, ProxyWatch, keep_running
+from serve._task_owner import guarded
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ class NodeProxies:
         self._changed = changed
         self._proxies: dict[str, _NodeProxy] = {}
         self._watches: dict[str, ProxyWatch] = {}  # links are reported before adoption too
-        self._stopping: set[asyncio.Task[None]] = set()
+        # Each proxy's supervision and each stop is a child of the group _run enters.
+        self._group: asyncio.TaskGroup | None = None
+        self._following: asyncio.Task[None] | None = None  # adopting, then reconciling
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -94,9 +97,11 @@ class NodeProxies:
 
     async def aclose(self, *, stop_proxies: bool) -> None:
         """Stop supervising; with ``stop_proxies`` stop them too (else they re-link to the
-        next controller)."""
+        next controller). Stops already under way finish first."""
         tasks = [p.task for p in self._proxies.values() if p.task is not None]
-        if self._task is not None:
+        if self._following is not None:
+            tasks.append(self._following)
+        elif self._task is not None:  # started, not yet running: it never will
             tasks.append(self._task)
         for task in tasks:
             task.cancel()
@@ -104,7 +109,8 @@ class NodeProxies:
         if stop_proxies:
             jobs = [p.job for p in self._proxies.values() if p.job is not None]
             await asyncio.gather(*(job.stop(STOP_TIMEOUT_S) for job in jobs))
-        await asyncio.gather(*self._stopping, return_exceptions=True)
+        if self._task is not None:  # its group ends once the stops in it have finished
+            await asyncio.wait([self._task])
         self._proxies.clear()
 
     def statuses(self) -> list[ProxyState]:
@@ -116,6 +122,15 @@ class NodeProxies:
         return self._watches[node_id]
 
     async def _run(self) -> None:
+        """The owner: every proxy's task is a child of its group. Ends when ``aclose()``
+        cancels the following, after the stops under way."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            self._following = group.create_task(
+                guarded(self._follow(), logger), name="controller:node-proxies:follow"
+            )
+
+    async def _follow(self) -> None:
         try:
             adopted = await self._launcher.adopt_proxies()
         except Exception as exc:  # the cluster manager cannot say: start afresh where needed
@@ -143,16 +158,18 @@ class NodeProxies:
         watch = self.watch_of(node)
         assert watch is not None
         proxy = self._proxies[node] = _NodeProxy(watch, job, adopted=job is not None)
-        proxy.task = asyncio.create_task(
-            keep_running(lambda: self._run_once(node, proxy), proxy.watch),
+        assert self._group is not None  # called from _follow, a child of the group
+        proxy.task = self._group.create_task(
+            guarded(keep_running(lambda: self._run_once(node, proxy), proxy.watch), logger),
             name=f"controller:node-proxy:{node}",
         )
 
     def _end(self, node: str) -> None:
         proxy = self._proxies.pop(node)
-        task = asyncio.create_task(self._stop(proxy), name=f"controller:node-proxy-stop:{node}")
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        assert self._group is not None
+        self._group.create_task(
+            guarded(self._stop(proxy), logger), name=f"controller:node-proxy-stop:{node}"
+        )
 
     async def _stop(self, proxy: _NodeProxy) -> None:
         if proxy.task is not None:

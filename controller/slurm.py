@@ -47,6 +47,7 @@ from controller.slurm_cli import (
     sbatch_args,
 )
 from serve._settings import ADDRESS_ENV, NODE_ID_ENV, TOKEN_ENV
+from serve._task_owner import TaskOwner
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class SlurmLauncher:
         self._log_dir = log_dir
         self._instance = instance
         self._jobs: dict[str, SlurmJob] = {}  # by replica id
-        self._tasks: set[asyncio.Task[None]] = set()
+        # The poller, submissions and scancels: children of one TaskGroup, from the first job.
+        self._tasks = TaskOwner("launcher:slurm", logger)
         self._poller: asyncio.Task[None] | None = None
         self._placing: dict[str, asyncio.Lock] = {}  # per group, for max_replicas_per_node
         self._on_pending: dict[str, Callable[[str], None]] = {}  # by job id
@@ -171,13 +173,10 @@ class SlurmLauncher:
         return env
 
     def spawn(self, coro: object, name: str) -> None:
+        """Run ``coro`` as a child of the launcher's group (started by the first job: every
+        caller comes after one)."""
         assert asyncio.iscoroutine(coro)
-        if self._closed:
-            coro.close()
-            return
-        task = asyncio.get_running_loop().create_task(coro, name=f"launcher:slurm:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, f"launcher:slurm:{name}")
 
     async def scancel(self, job_id: str, *flags: str) -> None:
         await run_command(
@@ -189,7 +188,7 @@ class SlurmLauncher:
     ) -> SlurmJob:
         job = SlurmJob(replica_id, request, self)
         self._jobs[replica_id] = job
-        self._ensure_poller()
+        await self._ensure_poller()
         if request.max_replicas_per_node is None:
             self.spawn(self._submit_one(job, on_pending), f"submit:{replica_id}")
         else:  # placed one at a time: the next job must know where this one landed
@@ -237,7 +236,7 @@ class SlurmLauncher:
         all at once or keeps the job pending."""
         job = SlurmJob(gang_key(gang.gang_id), request, self)
         self._jobs[job.replica_id] = job
-        self._ensure_poller()
+        await self._ensure_poller()
         pg_name = job_name(self._instance, job.replica_id)
         commands = [
             replica_command(
@@ -264,7 +263,7 @@ class SlurmLauncher:
         """A serve-proxy on ``node``: a job like a replica's (1 CPU), pinned there."""
         job = SlurmJob(proxy_key(node), ResourceRequest(), self)
         self._jobs[job.replica_id] = job
-        self._ensure_poller()
+        await self._ensure_poller()
         self.spawn(self._submit_proxy(job, command, node, on_pending), f"submit:{job.replica_id}")
         return job
 
@@ -290,7 +289,7 @@ class SlurmLauncher:
                 self._jobs[job.replica_id] = job
                 found[node] = job
         if found:
-            self._ensure_poller()
+            await self._ensure_poller()
         return found
 
     async def _exclusions(
@@ -383,11 +382,12 @@ class SlurmLauncher:
             logger.info("Replica %s is Slurm job %s", job.replica_id, job_id)
             return
 
-    def _ensure_poller(self) -> None:
+    async def _ensure_poller(self) -> None:
+        """At the first job: start the owner of the launcher's tasks, and the poller."""
         if self._poller is None and not self._closed:
-            self._poller = asyncio.get_running_loop().create_task(
-                self._poll_loop(), name="launcher:slurm:poll"
-            )
+            await self._tasks.start()
+            if self._poller is None:
+                self._poller = self._tasks.spawn(self._poll_loop(), "launcher:slurm:poll")
 
     async def _poll_loop(self) -> None:
         while True:
@@ -493,16 +493,13 @@ class SlurmLauncher:
                 if state.state == "RUNNING":
                     job.started(state.node)
                 self._jobs[replica_id] = job
-                self._ensure_poller()
+                await self._ensure_poller()
                 return job
         return None
 
     async def aclose(self) -> None:
         """Stop following jobs; they keep running and re-link to the next controller."""
         self._closed = True
-        tasks = [*self._tasks, *([self._poller] if self._poller else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
         for job in self._jobs.values():
             job.ended(Exit(None, "the controller stopped following it"))

@@ -72,6 +72,7 @@ from serve._models import (
 )
 from serve._rpc.channel import TlsFiles
 from serve._rpc.replica_client import ReplicaClient, ReplicaUnreachable
+from serve._task_owner import TaskOwner
 from serve.config import AutoscalingPolicy
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ class Supervisor:
         self._saved: dict[str, asyncio.Future[None]] = {}  # each replica's last record write
         self._status_event = asyncio.Event()
         self._status_key: object = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._tick_task: asyncio.Task[None] | None = None
+        # Every task (replica calls, launches, watches, the reconcile ticks): one TaskGroup's.
+        self._tasks = TaskOwner("controller:tasks", logger)
         self._closed = False
         self.loop_duration_s = 0.0
         self.loops = 0
@@ -130,6 +131,15 @@ class Supervisor:
 
     async def start(self) -> None:
         """Restore the goal state and the last controller's replicas, then start ticking."""
+        await self._tasks.start()
+        try:
+            await self._restore()
+        except BaseException:
+            await self._tasks.aclose()
+            raise
+        self._spawn(self._tick_loop(), "controller:reconcile")
+
+    async def _restore(self) -> None:
         apps = await self._store.load()
         previous = []
         for replica_id, pid, code_version, request in await self._store.load_replicas():
@@ -138,7 +148,6 @@ class Supervisor:
                 self._watch(replica_id, found)
             previous.append(PreviousReplica(replica_id, pid, code_version, found is not None))
         self._feed(Restored(tuple(apps), tuple(previous)))
-        self._tick_task = asyncio.create_task(self._tick_loop(), name="controller:reconcile")
 
     async def aclose(self, *, stop_replicas: bool, timeout_s: float = 30.0) -> None:
         """Stop supervising; with ``stop_replicas``, stop every replica first. Idempotent."""
@@ -156,12 +165,7 @@ class Supervisor:
                 self._kill(record.replica_id, record.pid)
             await self._wait_killed(timeout_s=10.0)
         self._closed = True
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        if self._tick_task is not None:
-            tasks.append(self._tick_task)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
         for event in self._links.values():
             event.set()
         await asyncio.gather(*(c.aclose() for c in self._clients.values()), return_exceptions=True)
@@ -183,9 +187,7 @@ class Supervisor:
         if self._closed:  # nobody would cancel or await it
             coro.close()
             return
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name)
 
     async def _tick_loop(self) -> None:
         while True:

@@ -1,7 +1,8 @@
 """The replica's gRPC servicer: the Connect data stream plus unary control calls.
 
-Each Connect stream is one :class:`~replica.session.StreamSession`, which reads and writes its
-frames (``FrameHeader``) itself; the control calls (Initialize, Reconfigure, CheckHealth,
+Each Connect stream is one :class:`~replica.session.StreamSession` behind its
+:class:`~serve._rpc.replica_stream.ReplicaStream`, which reads and writes the frames; the control
+calls (Initialize, Reconfigure, CheckHealth,
 QueueLength, Stop) go to the executor, their messages converted here.
 """
 
@@ -21,6 +22,7 @@ from serve._proto import replica_pb2
 from serve._rpc import shm
 from serve._rpc.channel import Context
 from serve._rpc.convert import code_env_from_proto, config_from_proto, spec_from_proto
+from serve._rpc.replica_stream import ReplicaStream
 from serve._rpc.service import add_service
 from serve._rpc.status import error_info
 from serve._settings import ACKED_METADATA_KEY, REPLICA_ID_METADATA_KEY
@@ -69,7 +71,8 @@ class ReplicaServicer:
         task = asyncio.current_task()
         assert task is not None
         self._sessions.add(task)
-        session = StreamSession(self._executor, context, shm_token if proof is not None else "")
+        stream = ReplicaStream(context, shm_token if proof is not None else "")
+        session = StreamSession(self._executor, stream)
         self._live.add(session)
         router_alive = True  # unless the router broke the stream (it is gone, or gave up)
         try:

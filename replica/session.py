@@ -22,13 +22,11 @@ it passes, those still in flight fail with ``RequestTimeoutError``, the user's c
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import time
 from typing import Any
-
-import grpc
-import grpc.aio
 
 from replica.executor import Executor
 from replica.feed import InputFeed
@@ -36,37 +34,13 @@ from serve import _tracing
 from serve._context import RequestContext
 from serve._ingress import ASGI_METHOD, FED_METHODS
 from serve._logging import access_log
-from serve._proto.replica_pb2 import (
-    ERROR_KIND_CANCELLED,
-    ERROR_KIND_SYSTEM,
-    ERROR_KIND_USER,
-    FRAME_KIND_CANCEL,
-    FRAME_KIND_CREDIT,
-    FRAME_KIND_END,
-    FRAME_KIND_ERROR,
-    FRAME_KIND_INPUT,
-    FRAME_KIND_INPUT_CREDIT,
-    FRAME_KIND_ITEM,
-    FRAME_KIND_REJECTED,
-    FRAME_KIND_RELEASE,
-    FRAME_KIND_REQUEST,
-    FRAME_KIND_RESERVE,
-    FRAME_KIND_RESERVED,
-    FRAME_KIND_RESULT,
-    REJECT_REASON_DRAINING,
-    REJECT_REASON_FULL,
-    FrameHeader,
-)
-from serve._rpc import shm
-from serve._rpc.channel import Context
-from serve._rpc.frames import (
+from serve._rpc.replica_stream import (
+    ErrorKind,
+    ErrorReply,
     FrameError,
-    FrameLane,
-    item_header,
-    outcome_header,
-    read_frames,
+    IncomingRequest,
+    ReplicaStream,
 )
-from serve._rpc.status import error_info
 from serve._serialization import Unencodable, decode_args, encode_buffers
 from serve._settings import settings
 from serve.exceptions import RemoteError, RequestTimeoutError, ServeError
@@ -79,13 +53,15 @@ DEFAULT_STREAM_WINDOW_BYTES = 16 * 1024 * 1024
 # A budget above this (or not a positive number) is no deadline at all: timers cannot hold it.
 MAX_TIMEOUT_S = 1e7
 
-Reply = tuple[FrameHeader, tuple[bytes, ...], list[bytes]]  # header, body parts, buffers
+
+class _Done(enum.Enum):
+    """A request's answer when it is not an error: its result, or the end of its stream."""
+
+    RESULT = "result"
+    END = "end"
 
 
-# The common outcomes, as markers: their headers are serialized by outcome_header(), with the
-# request's frame id and the replica's load (an error's header is a FrameHeader of its own).
-_RESULT = FrameHeader(kind=FRAME_KIND_RESULT)
-_END = FrameHeader(kind=FRAME_KIND_END)
+Reply = tuple[_Done | ErrorReply, tuple[bytes, ...], list[bytes]]  # answer, body, buffers
 
 
 class _SystemError(Exception):
@@ -93,19 +69,16 @@ class _SystemError(Exception):
 
 
 class StreamSession:
-    """The requests of one Connect stream, their tasks, and the lane their answers go on."""
+    """The requests of one Connect stream, their tasks, and the answers they owe.
 
-    def __init__(self, executor: Executor, context: Context, shm_token: str = "") -> None:
-        """``shm_token``: the stream's shared-memory token, when the router proved it shares
-        this host's /dev/shm (serve/_rpc/shm.py); its segments are removed when it ends."""
+    Frames reach it as calls (a :class:`~serve._rpc.replica_stream.FrameListener`) from its
+    :class:`~serve._rpc.replica_stream.ReplicaStream`, the wire edge, which also writes the
+    answers: the session sees no protobuf.
+    """
+
+    def __init__(self, executor: Executor, stream: ReplicaStream) -> None:
         self._executor = executor
-        self._context = context
-        self._lane = FrameLane(context.write)
-        self._segments: shm.SegmentLane | None = None
-        if shm_token:
-            self._segments = self._lane.writer.segments = shm.SegmentLane(
-                shm_token, router=False, min_bytes=settings().shm_min_bytes
-            )
+        self._stream = stream
         self._acked = 0  # the highest frame id read
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancel_requested: set[int] = set()
@@ -125,21 +98,13 @@ class StreamSession:
         self._closing = False
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._lane.run(), name="replica:conn:write")
+        writer = asyncio.create_task(self._stream.write(), name="replica:conn:write")
         try:
-            while True:
-                message = await self._context.read()
-                if message is grpc.aio.EOF:
-                    break
-                frames = await read_frames(message, self._context.read, self._segments)
-                for header, body, buffers in frames:
-                    self._on_frame(header, body, buffers)
+            await self._stream.read(self)
             # The router half-closed: finish what it sent, then end the stream.
             while self._tasks:
                 await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            await self._lane.flush()
-        except FrameError as exc:
-            await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed batch: {exc}")
+            await self._stream.flush()
         finally:
             self._closing = True
             tasks = list(self._tasks.values())
@@ -151,8 +116,7 @@ class StreamSession:
             self._reservations.clear()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-            if self._segments is not None:  # the router's segments nobody will read now
-                self._segments.sweep(own=False)
+            self._stream.sweep_router_segments()
 
     @property
     def acked(self) -> int:
@@ -163,85 +127,69 @@ class StreamSession:
         """After :meth:`run`: remove this stream's shared-memory segments. A router still
         alive (the replica closed the stream, or the router half-closed it) may still read the
         last results: it gets a moment to take them first."""
-        segments = self._segments
-        if segments is not None:
-            if router_alive:
-                await segments.linger(SEGMENT_LINGER_S)
-            segments.sweep()
+        await self._stream.remove_segments(SEGMENT_LINGER_S if router_alive else 0.0)
 
     async def wait_flushed(self) -> None:
         """Until everything queued for the router has been written (before closing)."""
-        await self._lane.idle.wait()
+        await self._stream.idle.wait()
 
-    def _send(
-        self, header: FrameHeader, *body: bytes | memoryview, buffers: list[bytes] | None = None
-    ) -> None:
-        if header.kind != FRAME_KIND_ITEM and header.kind != FRAME_KIND_INPUT_CREDIT:
-            header.ongoing = self._executor.ongoing
-            header.acked = self._acked
-        self._lane.send(header, *body, buffers=buffers or ())
+    def _send_error(self, frame_id: int, error: ErrorReply) -> None:
+        self._stream.error(frame_id, error, self._executor.ongoing, self._acked)
 
-    def _on_frame(self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None) -> None:
-        kind = header.kind
-        if kind == FRAME_KIND_REQUEST:
-            if header.frame_id > self._acked:
-                self._acked = header.frame_id
-            self._on_request(header, body, buffers)
-        elif kind == FRAME_KIND_CANCEL:
-            self._cancel(header.frame_id)
-        elif kind == FRAME_KIND_INPUT:
-            feed = self._feeds.get(header.frame_id)
-            if feed is not None:  # else rejected or finished: the router re-feeds or is done
-                feed.put(body)
-        elif kind == FRAME_KIND_CREDIT:
-            credit = self._credits.get(header.frame_id)
-            if credit is not None:
-                credit[0] += header.credit
-                credit[1] += header.credit_bytes
-                self._credit_events[header.frame_id].set()
-        elif kind == FRAME_KIND_RESERVE:
-            if header.frame_id > self._acked:
-                self._acked = header.frame_id
-            self._on_reserve(header.frame_id)
-        elif kind == FRAME_KIND_RELEASE:
-            if header.frame_id in self._reservations:
-                self._reservations.discard(header.frame_id)
-                self._executor.release()
-        else:
-            raise FrameError(f"Unexpected frame kind {kind} from a router.")
+    # What the router sends (FrameListener).
 
-    def _on_request(
-        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None
-    ) -> None:
+    def on_input(self, frame_id: int, body: memoryview) -> None:
+        feed = self._feeds.get(frame_id)
+        if feed is not None:  # else rejected or finished: the router re-feeds or is done
+            feed.put(body)
+
+    def on_credit(self, frame_id: int, count: int, nbytes: int) -> None:
+        credit = self._credits.get(frame_id)
+        if credit is not None:
+            credit[0] += count
+            credit[1] += nbytes
+            self._credit_events[frame_id].set()
+
+    def on_release(self, frame_id: int) -> None:
+        if frame_id in self._reservations:
+            self._reservations.discard(frame_id)
+            self._executor.release()
+
+    def on_cancel(self, frame_id: int) -> None:
+        self._cancel(frame_id)
+
+    def on_request(self, incoming: IncomingRequest) -> None:
         executor = self._executor
-        frame_id = header.frame_id
-        if header.reserved and frame_id in self._reservations:
+        frame_id = incoming.frame_id
+        if frame_id > self._acked:
+            self._acked = frame_id
+        if incoming.reserved and frame_id in self._reservations:
             # Its slot is already held (even while draining: it was promised before).
             self._reservations.discard(frame_id)
             admitted = True
         elif executor.draining:
-            self._reject(frame_id, REJECT_REASON_DRAINING)
+            self._reject(frame_id, draining=True)
             return
         else:
-            admitted = header.no_reject or executor.admit()
+            admitted = incoming.no_reject or executor.admit()
         if not admitted:
-            self._reject(frame_id, REJECT_REASON_FULL)
+            self._reject(frame_id, draining=False)
             return
-        timeout_s = header.timeout_s
+        timeout_s = incoming.timeout_s
         deadline_s = 0.0
         if 0.0 < timeout_s <= MAX_TIMEOUT_S:  # False for NaN too
             deadline_s = time.monotonic() + timeout_s
-        if header.no_reject and not header.reserved:
+        if incoming.no_reject and not incoming.reserved:
             task = asyncio.create_task(
-                self._wait_then_run(header, body, buffers, deadline_s), name="replica:broadcast"
+                self._wait_then_run(incoming, deadline_s), name="replica:broadcast"
             )
         else:
             self._holding.add(frame_id)
             task = asyncio.create_task(
-                self._run(header, body, buffers, deadline_s), name=f"replica:{header.method}"
+                self._run(incoming, deadline_s), name=f"replica:{incoming.method}"
             )
         self._tasks[frame_id] = task
-        if header.method in FED_METHODS:
+        if incoming.method in FED_METHODS:
             self._feeds[frame_id] = InputFeed(
                 functools.partial(self._input_read, frame_id),
                 functools.partial(self._cancel, frame_id),
@@ -249,7 +197,7 @@ class StreamSession:
         task.add_done_callback(functools.partial(self._on_task_done, frame_id))
         if deadline_s:
             self._deadline_timers[frame_id] = asyncio.get_running_loop().call_later(
-                timeout_s, self._on_deadline, frame_id, header
+                timeout_s, self._on_deadline, frame_id, incoming
             )
 
     def _cancel(self, frame_id: int) -> None:
@@ -262,34 +210,23 @@ class StreamSession:
 
     def _input_read(self, frame_id: int, count: int, nbytes: int) -> None:
         if not self._closing:
-            self._send(
-                FrameHeader(
-                    kind=FRAME_KIND_INPUT_CREDIT,
-                    frame_id=frame_id,
-                    credit=count,
-                    credit_bytes=nbytes,
-                )
-            )
+            self._stream.input_credit(frame_id, count, nbytes)
 
-    def _on_reserve(self, frame_id: int) -> None:
+    def on_reserve(self, frame_id: int) -> None:
+        if frame_id > self._acked:
+            self._acked = frame_id
         if self._executor.draining:
-            self._reject(frame_id, REJECT_REASON_DRAINING)
+            self._reject(frame_id, draining=True)
         elif frame_id in self._reservations or frame_id in self._tasks:
             raise FrameError(f"Frame id {frame_id} is already in use on this stream.")
         elif self._executor.admit():
             self._reservations.add(frame_id)
-            self._send(FrameHeader(kind=FRAME_KIND_RESERVED, frame_id=frame_id))
+            self._stream.reserved(frame_id, self._executor.ongoing, self._acked)
         else:
-            self._reject(frame_id, REJECT_REASON_FULL)
+            self._reject(frame_id, draining=False)
 
-    def _reject(self, frame_id: int, reason: int) -> None:
-        self._send(
-            FrameHeader(
-                kind=FRAME_KIND_REJECTED,
-                frame_id=frame_id,
-                reject_reason=reason,  # type: ignore[arg-type]
-            )
-        )
+    def _reject(self, frame_id: int, *, draining: bool) -> None:
+        self._stream.rejected(frame_id, draining, self._executor.ongoing, self._acked)
 
     def _on_task_done(self, frame_id: int, task: asyncio.Task[None]) -> None:
         """Every request ends here, whether or not its coroutine ever ran."""
@@ -309,33 +246,29 @@ class StreamSession:
             self._holding.discard(frame_id)
             self._executor.release()
             if timed_out is not None and not self._closing:
-                self._send(_error(frame_id, timed_out, ERROR_KIND_SYSTEM))
+                self._send_error(frame_id, _error(timed_out, ErrorKind.SYSTEM))
             elif cancelled and not self._closing:
-                self._send(_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED))
+                self._send_error(frame_id, _error(asyncio.CancelledError(), ErrorKind.CANCELLED))
         elif cancelled and not self._closing and task.cancelled():
             # A broadcast call cancelled while it waited for a slot: it still gets an answer.
-            self._send(_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED))
+            self._send_error(frame_id, _error(asyncio.CancelledError(), ErrorKind.CANCELLED))
 
-    async def _wait_then_run(
-        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None, deadline_s: float
-    ) -> None:
+    async def _wait_then_run(self, incoming: IncomingRequest, deadline_s: float) -> None:
         """Broadcast calls wait for a slot instead of being rejected."""
         await self._executor.wait_admitted()
-        self._holding.add(header.frame_id)
-        await self._run(header, body, buffers, deadline_s)
+        self._holding.add(incoming.frame_id)
+        await self._run(incoming, deadline_s)
 
-    async def _run(
-        self, header: FrameHeader, body: memoryview, buffers: list[bytes] | None, deadline_s: float
-    ) -> None:
+    async def _run(self, incoming: IncomingRequest, deadline_s: float) -> None:
         """Run one admitted request and send its outcome; releases its slot exactly once."""
         executor = self._executor
-        frame_id = header.frame_id
+        frame_id = incoming.frame_id
         request = RequestContext(
-            request_id=header.request_id,
+            request_id=incoming.request_id,
             app_name=executor.app_name,
             deployment=executor.deployment,
-            method=header.method,
-            multiplexed_model_id=header.model_id,
+            method=incoming.method,
+            multiplexed_model_id=incoming.model_id,
             feed=self._feeds.get(frame_id),
             deadline_s=deadline_s,
         )
@@ -345,45 +278,46 @@ class StreamSession:
         try:
             if deadline_s and time.monotonic() >= deadline_s:
                 # Its budget was spent before it could start: no user code runs.
-                timed_out = self._timed_out.setdefault(frame_id, self._timeout_error(header))
-                reply = (_error(frame_id, timed_out, ERROR_KIND_SYSTEM), (), [])
+                timed_out = self._timed_out.setdefault(frame_id, self._timeout_error(incoming))
+                reply = (_error(timed_out, ErrorKind.SYSTEM), (), [])
             else:
-                reply = await self._outcome(header, body, buffers, request)
+                reply = await self._outcome(incoming, request)
         except asyncio.CancelledError:
             if self._closing or (
                 frame_id not in self._cancel_requested and frame_id not in self._timed_out
             ):
                 raise  # the stream is gone: nobody to answer
-            reply = (_error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), [])
+            reply = (_error(asyncio.CancelledError(), ErrorKind.CANCELLED), (), [])
         finally:
             self._contexts.pop(frame_id, None)
             self._holding.discard(frame_id)
             executor.release()
             self._cancel_requested.discard(frame_id)
             if request.trace is not None:
-                _tracing.end_replica(request, reply[0] if reply is not None else None)
+                error = reply[0] if reply is not None else None
+                _tracing.end_replica(request, error if isinstance(error, ErrorReply) else None)
             if reply is not None:
                 if deadline_s:
                     # Past its deadline the answer is the timeout, whatever the code did since.
                     expired = self._timed_out.get(frame_id)
                     if expired is not None:
-                        reply = (_error(frame_id, expired, ERROR_KIND_SYSTEM), (), [])
-                self._finish(header, reply, started)
+                        reply = (_error(expired, ErrorKind.SYSTEM), (), [])
+                self._finish(incoming, reply, started)
 
-    def _timeout_error(self, header: FrameHeader) -> RequestTimeoutError:
+    def _timeout_error(self, incoming: IncomingRequest) -> RequestTimeoutError:
         return RequestTimeoutError(
             deployment=str(self._executor.replica_id.deployment_id),
-            method=header.method,
-            timeout_s=header.timeout_s,
+            method=incoming.method,
+            timeout_s=incoming.timeout_s,
         )
 
-    def _on_deadline(self, frame_id: int, header: FrameHeader) -> None:
+    def _on_deadline(self, frame_id: int, incoming: IncomingRequest) -> None:
         """A request's deadline passed: its nested calls fail, then its code is cancelled."""
         self._deadline_timers.pop(frame_id, None)
         task = self._tasks.get(frame_id)
         if task is None or task.done():
             return
-        self._timed_out[frame_id] = self._timeout_error(header)
+        self._timed_out[frame_id] = self._timeout_error(incoming)
         request = self._contexts.get(frame_id)
         if request is not None:
             for child in list(request.children):
@@ -392,46 +326,41 @@ class StreamSession:
         # RequestTimeoutError (and may clean up) rather than a bare CancelledError.
         asyncio.get_running_loop().call_soon(task.cancel)
 
-    async def _outcome(
-        self,
-        header: FrameHeader,
-        body: memoryview,
-        buffers: list[bytes] | None,
-        request: RequestContext,
-    ) -> Reply:
+    async def _outcome(self, incoming: IncomingRequest, request: RequestContext) -> Reply:
         """The answer to one request, whatever its code does (cancellation aside)."""
-        frame_id = header.frame_id
+        frame_id = incoming.frame_id
         executor = self._executor
+        body = incoming.body
         try:
             try:
                 args, kwargs = decode_args(
-                    header.request_codec,
-                    body[: header.args_len],
-                    body[header.args_len :],
-                    buffers,
-                    header.args_buffer_count,
+                    incoming.request_codec,
+                    body[: incoming.args_len],
+                    body[incoming.args_len :],
+                    incoming.buffers,
+                    incoming.args_buffer_count,
                 )
             except Exception as exc:
                 raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
             if _tracing.enabled:
                 _tracing.start_replica(
                     request,
-                    header.trace_context,
-                    header.method,
+                    incoming.trace_context,
+                    incoming.method,
                     args,
                     executor.replica_id.unique_id,
-                    header.stream,
+                    incoming.stream,
                 )
             try:
-                executor.resolve(header.method)
+                executor.resolve(incoming.method)
             except ServeError as exc:
                 raise _SystemError(str(exc)) from exc
-            if header.stream:
-                await self._run_stream(header, args, kwargs, request)
-                return _END, (), []
-            value = await executor.call(header.method, args, kwargs, request)
-            payload, reply_buffers = _encode(header.response_codec, value, "result")
-            return _RESULT, (payload,), reply_buffers
+            if incoming.stream:
+                await self._run_stream(incoming, args, kwargs, request)
+                return _Done.END, (), []
+            value = await executor.call(incoming.method, args, kwargs, request)
+            payload, reply_buffers = _encode(incoming.response_codec, value, "result")
+            return _Done.RESULT, (payload,), reply_buffers
         except asyncio.CancelledError:
             if frame_id in self._cancel_requested or frame_id in self._timed_out or self._closing:
                 raise
@@ -441,82 +370,89 @@ class StreamSession:
             # User code let a CancelledError of its own escape (an inner task was cancelled, or
             # a sync method raised concurrent.futures.CancelledError): the request was
             # cancelled inside the replica, and its caller hears so.
-            return _error(frame_id, asyncio.CancelledError(), ERROR_KIND_CANCELLED), (), []
+            return _error(asyncio.CancelledError(), ErrorKind.CANCELLED), (), []
         except _SystemError as exc:
-            return _error(frame_id, ServeError(str(exc)), ERROR_KIND_SYSTEM), (), []
+            return _error(ServeError(str(exc)), ErrorKind.SYSTEM), (), []
         except Unencodable as exc:
-            return _error(frame_id, TypeError(str(exc)), ERROR_KIND_USER), (), []
+            return _error(TypeError(str(exc)), ErrorKind.USER), (), []
         except Exception as exc:
-            return _error(frame_id, exc, ERROR_KIND_USER), (), []
+            return _error(exc, ErrorKind.USER), (), []
         except BaseException as exc:  # SystemExit, KeyboardInterrupt, custom BaseExceptions
-            wrapped = RemoteError(type(exc).__name__, _describe(exc), error_info(exc).traceback)
-            return _error(frame_id, wrapped, ERROR_KIND_USER), (), []
+            traceback = _error(exc, ErrorKind.USER).traceback
+            wrapped = RemoteError(type(exc).__name__, _describe(exc), traceback)
+            return _error(wrapped, ErrorKind.USER), (), []
 
-    def _finish(self, header: FrameHeader, reply: Reply, started: float) -> None:
-        header_out, body, reply_buffers = reply
+    def _finish(self, incoming: IncomingRequest, reply: Reply, started: float) -> None:
+        answer, body, reply_buffers = reply
+        frame_id = incoming.frame_id
+        executor = self._executor
         size = 0
         for part in body:
             size += len(part)
         for buffer in reply_buffers:
             size += len(buffer)
         if size > self._max_bytes:
-            header_out = _error(
-                header.frame_id, _too_big(header.method, "result", size), ERROR_KIND_USER
-            )
+            answer = _error(_too_big(incoming.method, "result", size), ErrorKind.USER)
             body, reply_buffers = (), []
-        if header_out is _RESULT or header_out is _END:  # the common answers, serialized here
-            self._lane.send_encoded(
-                outcome_header(
-                    header.frame_id, self._executor.ongoing, self._acked, end=header_out is _END
-                ),
-                header.frame_id,
+        if isinstance(answer, ErrorReply):
+            failed = True
+            cancelled = answer.kind is ErrorKind.CANCELLED
+            self._send_error(frame_id, answer)
+        else:  # the common answers
+            failed = cancelled = False
+            self._stream.outcome(
+                frame_id,
+                executor.ongoing,
+                self._acked,
                 *body,
+                end=answer is _Done.END,
                 buffers=reply_buffers,
             )
-        else:
-            self._send(header_out, *body, buffers=reply_buffers)
-        executor = self._executor
         duration_ms = (time.perf_counter() - started) * 1000.0
-        failed = header_out.kind == FRAME_KIND_ERROR
-        cancelled = failed and header_out.error_kind == ERROR_KIND_CANCELLED
         executor.stats.record(duration_ms, error=failed and not cancelled)
         log = access_log()
         if log is not None and executor.access_log:
             outcome = "CANCELLED" if cancelled else "ERROR" if failed else "OK"
-            log.record(header.request_id, header.method, outcome, duration_ms)
+            log.record(incoming.request_id, incoming.method, outcome, duration_ms)
 
     async def _run_stream(
-        self, header: FrameHeader, args: Any, kwargs: dict[str, Any], request: RequestContext
+        self,
+        incoming: IncomingRequest,
+        args: Any,
+        kwargs: dict[str, Any],
+        request: RequestContext,
     ) -> None:
         """Send each item as it is produced, while the router's credit covers it in items and in
         bytes, so what is in flight never exceeds the window; an item larger than the whole
         window goes alone, once nothing else is in flight."""
-        frame_id = header.frame_id
-        window_bytes = header.stream_window_bytes or DEFAULT_STREAM_WINDOW_BYTES
+        frame_id = incoming.frame_id
+        method = incoming.method
+        window_bytes = incoming.stream_window_bytes or DEFAULT_STREAM_WINDOW_BYTES
         credit = self._credits[frame_id] = [
-            header.stream_window or DEFAULT_STREAM_WINDOW,
+            incoming.stream_window or DEFAULT_STREAM_WINDOW,
             window_bytes,
         ]
         event = self._credit_events[frame_id] = asyncio.Event()
-        codec = header.response_codec
+        codec = incoming.response_codec
+        stream = self._stream
 
         async def emit(item: Any) -> None:
             payload, item_buffers = _encode(codec, item, "stream item")
             size = len(payload) + sum(len(b) for b in item_buffers)
             if size > self._max_bytes:
-                raise Unencodable(str(_too_big(header.method, "stream item", size)))
+                raise Unencodable(str(_too_big(method, "stream item", size)))
             while credit[0] <= 0 or credit[1] < min(size, window_bytes):
                 event.clear()
                 await event.wait()
             credit[0] -= 1
             credit[1] -= size
-            self._lane.send_encoded(item_header(frame_id), frame_id, payload, buffers=item_buffers)
+            stream.item(frame_id, payload, item_buffers)
 
         try:
-            if header.method == ASGI_METHOD:  # the app pushes what it sends
+            if method == ASGI_METHOD:  # the app pushes what it sends
                 await self._executor.serve_asgi(args, kwargs, request, emit)
             else:
-                async for item in self._executor.stream(header.method, args, kwargs, request):
+                async for item in self._executor.stream(method, args, kwargs, request):
                     await emit(item)
         finally:
             del self._credits[frame_id]
@@ -556,10 +492,5 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _error(frame_id: int, exc: BaseException, kind: int) -> FrameHeader:
-    return FrameHeader(
-        kind=FRAME_KIND_ERROR,
-        frame_id=frame_id,
-        error_kind=kind,  # type: ignore[arg-type]
-        error=error_info(exc, with_traceback=kind != ERROR_KIND_CANCELLED),
-    )
+def _error(exc: BaseException, kind: ErrorKind) -> ErrorReply:
+    return ErrorReply.of(exc, kind)

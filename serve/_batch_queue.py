@@ -209,7 +209,7 @@ class _Queue:
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(self._batched.max_concurrent_batches)
         self._collector: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[_Run] = set()  # children of the collector's group
 
     def put(self, caller: Caller) -> None:
         self._waiting.append(caller)
@@ -221,23 +221,34 @@ class _Queue:
             )
 
     async def _collect(self) -> None:
+        """The queue's owner: forms batches while callers wait, each batch a child of its
+        group. Ends once nothing waits and no batch runs; then the queue is forgotten."""
         try:
-            while True:
-                self._drop_gone()
-                if not self._waiting:
-                    return
-                await self._slots.acquire()
-                try:
-                    batch = await self._next_batch()
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if batch:
-                    self._start(batch)
-                else:
-                    self._slots.release()
+            while self._waiting:  # a caller may arrive while the group waits for its last run
+                async with asyncio.TaskGroup() as runs:
+                    await self._form_batches(runs)
         finally:
             self._forget_if_idle()
+
+    async def _form_batches(self, runs: asyncio.TaskGroup) -> None:
+        while True:
+            self._drop_gone()
+            if not self._waiting:
+                if not self._running:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()  # a caller, or the end of a batch
+                continue
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if batch:
+                self._start(runs, batch)
+            else:
+                self._slots.release()
 
     def _drop_gone(self) -> None:
         if any(caller.gone for caller in self._waiting):
@@ -317,16 +328,8 @@ class _Queue:
         caller.fail(exc)
         self._waiting.remove(caller)
 
-    def _start(self, batch: list[Caller]) -> None:
+    def _start(self, runs: asyncio.TaskGroup, batch: list[Caller]) -> None:
         """Run the batch under the slot the collector holds for it."""
-
-        def finished(task: asyncio.Task[None]) -> None:
-            self._running.discard(task)
-            self._slots.release()
-            if not task.cancelled() and task.exception() is not None:
-                logger.error("A batch of %s failed", self._batched.name, exc_info=task.exception())
-            self._forget_if_idle()
-
         run = _Run(batch)
         first = batch[0].request
         # The batch runs on behalf of its first caller, with the model of all of them; the
@@ -338,15 +341,25 @@ class _Queue:
             else dataclasses.replace(first, children=set(), deadline_s=_latest_deadline(batch))
         )
         callers = tuple(c.request for c in batch if c.request is not None)
-        run.task = asyncio.get_running_loop().create_task(
-            self._run(run),
+        run.task = runs.create_task(
+            self._run_in_slot(run),
             name=f"batch:{self._batched.name}:run",
             context=_context_with(request, callers),
         )
-        self._running.add(run.task)
-        run.task.add_done_callback(finished)
+        self._running.add(run)
         for caller in batch:
             caller.watch(run.cancel_if_abandoned)
+
+    async def _run_in_slot(self, run: _Run) -> None:
+        """One child of the collector's group: a failed batch never cancels its siblings."""
+        try:
+            await self._run(run)
+        except Exception:
+            logger.exception("A batch of %s failed", self._batched.name)
+        finally:
+            self._running.discard(run)
+            self._slots.release()
+            self._arrived.set()  # the collector may wait for the last batch to end
 
     async def _run(self, run: _Run) -> None:
         batched = self._batched
@@ -396,12 +409,5 @@ class _Queue:
 
     def _forget_if_idle(self) -> None:
         """Drop this queue once it has nothing to do, so owners and loops are not kept alive."""
-        collector = self._collector
-        if (
-            collector is not None
-            and not collector.done()
-            and collector is not asyncio.current_task()
-        ):
-            return
         if not self._waiting and not self._running:
             self._lane.forget(self)

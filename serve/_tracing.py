@@ -503,14 +503,14 @@ def enter_request(request: Any) -> None:
     _otel.attach(_otel.set_span_in_context(request.trace[0]))
 
 
-def end_replica(request: Any, outcome: Any) -> None:
-    """The request's outcome (a FrameHeader; None: the stream is gone) is known. An error is
-    recorded as an exception event; the status stays unset, as Ray's."""
+def end_replica(request: Any, error: Any) -> None:
+    """The request's outcome is known: ``error`` describes an error answer (type_name, message,
+    traceback: a ``serve._rpc.replica_stream.ErrorReply``), else None (a result, or the stream
+    is gone). An error is recorded as an exception event; the status stays unset, as Ray's."""
     span, token = request.trace
     request.trace = None
     _otel.detach(token)
-    if outcome is not None and outcome.HasField("error"):
-        error = outcome.error
+    if error is not None:
         span.add_event(
             "exception",
             {

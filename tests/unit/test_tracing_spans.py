@@ -107,11 +107,10 @@ def test_a_batch_runs_on_behalf_of_its_first_caller(spans: Any) -> None:
 
 
 def test_a_user_error_is_an_exception_event(spans: Any) -> None:
-    from serve._proto.replica_pb2 import FRAME_KIND_ERROR, FrameHeader
-    from serve._rpc.status import error_info
+    from serve._rpc.replica_stream import ErrorKind, ErrorReply
 
     request = serving({"traceparent": SAMPLED})
-    outcome = FrameHeader(kind=FRAME_KIND_ERROR, error=error_info(ValueError("bad input")))
+    outcome = ErrorReply.of(ValueError("bad input"), ErrorKind.USER)
     _tracing.end_replica(request, outcome)
     (replica,) = spans.get_finished_spans()
     (event,) = replica.events
