@@ -267,8 +267,11 @@ class DirectIngress:
                 await self._fail(scope, cycle, RequestTimeoutError(deployment=self._deployment))
         except Exception as exc:
             outcome = "ERROR"
-            await self._fail(scope, cycle, exc)
-            if cycle.started and not isinstance(exc, BackPressureError):
+            if not cycle.started:
+                await self._fail(scope, cycle, exc)
+            elif cycle.complete:  # as FastAPI's 500 page: answered, then raised
+                logger.exception("The ASGI app raised after its response was sent")
+            else:
                 raise  # uvicorn logs it and closes the connection: the response is cut
         finally:
             cycle.done = True
@@ -311,7 +314,7 @@ class DirectIngress:
 
     async def _fail(self, scope: Scope, cycle: _Cycle, exc: BaseException) -> None:
         if cycle.started:
-            return  # too late to answer
+            return  # too late to answer: the client sees the connection end
         found = error_answer(exc, self._app_name, self._timeout_s)
         if found is not None:
             cycle.started = True
@@ -343,29 +346,33 @@ class DirectIngress:
 class _Cycle:
     """One request in progress: its task, and whether (and why) it was ended early."""
 
-    __slots__ = ("done", "ended", "raw_send", "request", "started", "task")
+    __slots__ = ("complete", "done", "ended", "raw_send", "request", "started", "task")
 
     def __init__(self, task: asyncio.Task[Any], request: RequestContext, send: Send) -> None:
         self.task = task
         self.request = request
         self.raw_send = send
         self.started = False  # the response started: errors can no longer be answered
+        self.complete = False  # the whole response went out
         self.done = False
         self.ended: str | None = None  # "gone" (the client left) or "deadline"
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.start":
             self.started = True
             headers = list(message.get("headers", ()))
             headers.append((b"x-request-id", self.request.request_id.encode()))
             message["headers"] = headers
-        elif message["type"] in ("websocket.accept", "websocket.close"):
+        elif kind == "http.response.body":
+            self.complete = not message.get("more_body", False)
+        elif kind in ("websocket.accept", "websocket.close"):
             self.started = True
         await self.raw_send(message)
 
     def client_gone(self) -> None:
         """The connection closed: the request and its nested calls are cancelled."""
-        if self.done or self.ended is not None:
+        if self.done or self.complete or self.ended is not None:
             return
         self.ended = "gone"
         for child in list(self.request.children):

@@ -75,9 +75,10 @@ class HAProxyFront:
         self._front: cfg.Frontend | None = None
         self._routes: list[Route] = []
         self._names: dict[tuple[str, str], str] = {}  # (app, ingress) -> backend name
-        self._servers: dict[str, dict[str, str]] = {}  # backend -> server name -> address
+        self._servers: dict[str, dict[str, str]] = {}  # backend -> replica -> its address
+        self._books: dict[str, cfg.SlotBook] = {}  # backend -> which replica holds which slot
         self._watches: dict[str, asyncio.Task[None]] = {}  # backend -> its replica-set watch
-        self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}  # (backend, replica)
         self._rendered: object = None  # what the running configuration was made from
         self._changed = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
@@ -201,6 +202,7 @@ class HAProxyFront:
             live.add(name)
             if name not in self._watches:
                 self._servers.setdefault(name, {})
+                self._books.setdefault(name, cfg.SlotBook())
                 self._watches[name] = asyncio.create_task(
                     self._watch_replicas(name, route), name=f"proxy:haproxy:watch:{name}"
                 )
@@ -208,6 +210,7 @@ class HAProxyFront:
             if name not in live:
                 self._watches.pop(name).cancel()
                 self._servers.pop(name, None)
+                self._books.pop(name, None)  # its slots go with the next reload
         self._changed.set()
 
     def _backend_name(self, route: Route) -> str:
@@ -235,13 +238,15 @@ class HAProxyFront:
             cfg.Backend(
                 name=(name := self._backend_name(route)),
                 route=route,
-                servers=tuple(sorted(self._servers.get(name, {}).items())),
+                slots=self._books.setdefault(name, cfg.SlotBook()).layout(),
             )
             for route in self._routes
         ]
 
     def _render_key(self) -> object:
-        return tuple((self._backend_name(r), r.route_prefix, r.app_name) for r in self._routes)
+        routes = tuple((self._backend_name(r), r.route_prefix, r.app_name) for r in self._routes)
+        slots = tuple(len(self._books[self._backend_name(r)].addresses) for r in self._routes)
+        return routes, slots
 
     # Making it so.
 
@@ -259,37 +264,53 @@ class HAProxyFront:
                 self._changed.set()
 
     async def _sync(self) -> None:
-        """Reload if the routes changed; then add, ready and drain replicas to match."""
-        key = self._render_key()
-        if key != self._rendered:
+        """Reload if the routes changed or an application needs more slots; then fill, ready
+        and drain slots through the runtime API to match the replica sets."""
+        backends = [self._backend_name(r) for r in self._routes]
+        for backend in backends:
+            book = self._books[backend]
+            wanted = self._servers.get(backend, {})
+            if not book.fits(wanted):
+                book.grow(sum(1 for r in wanted if r not in book.holders))
+        if self._render_key() != self._rendered:
+            # New slots and routes need a reload: the configuration carries the replicas
+            # known now; draining ones finish in the old process.
+            for backend in backends:
+                book = self._books[backend]
+                for replica in list(book.draining):
+                    book.release(replica)
+                for replica, address in self._servers.get(backend, {}).items():
+                    if replica not in book.holders:
+                        book.take(replica, address)
             await self._reload()
-            self._rendered = key
-        stats = cfg.servers_in_use(await self._command("show stat -1 4 -1"))
-        wanted = {b.name: dict(b.servers) for b in self._backends()}
-        for backend, servers in wanted.items():
-            for name, address in servers.items():
-                draining = self._draining.pop((backend, name), None)
-                if draining is not None:
-                    draining.cancel()
-                found = stats.get((backend, name))
-                if found is None:
-                    for command in cfg.add_server(backend, name, address, self.tls):
-                        await self._command(command)
-                elif found[1].startswith(("DRAIN", "MAINT")):
-                    await self._command(cfg.ready_server(backend, name))
-        for backend, name in stats:
-            if (
-                name != cfg.FALLBACK
-                and backend in wanted
-                and name not in wanted[backend]
-                and (backend, name) not in self._draining
-            ):
-                self._draining[(backend, name)] = asyncio.create_task(
-                    self._drain(backend, name), name=f"proxy:haproxy:drain:{backend}/{name}"
+            self._rendered = self._render_key()
+        for backend in backends:
+            await self._apply(backend, self._books[backend], self._servers.get(backend, {}))
+
+    async def _apply(self, backend: str, book: cfg.SlotBook, wanted: dict[str, str]) -> None:
+        for replica, address in wanted.items():
+            if replica not in book.holders:
+                slot = book.take(replica, address)
+                for command in cfg.fill_slot(backend, slot, address):
+                    await self._command(command)
+            elif replica in book.draining:  # back in the set before it left
+                book.draining.discard(replica)
+                task = self._draining.pop((backend, replica), None)
+                if task is not None:
+                    task.cancel()
+                slot_name = cfg.slot_name(book.holders[replica])
+                await self._command(cfg.ready_server(backend, slot_name))
+        for replica in list(book.holders):
+            if replica not in wanted and replica not in book.draining:
+                book.draining.add(replica)
+                self._draining[(backend, replica)] = asyncio.create_task(
+                    self._drain(backend, book, replica),
+                    name=f"proxy:haproxy:drain:{backend}/{replica}",
                 )
 
-    async def _drain(self, backend: str, name: str) -> None:
-        """No new request for it; removed once it holds none (or it is gone)."""
+    async def _drain(self, backend: str, book: cfg.SlotBook, replica: str) -> None:
+        """No new request for it; its slot is freed once it holds none (or it is gone)."""
+        name = cfg.slot_name(book.holders[replica])
         await self._command(cfg.drain_server(backend, name))
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
@@ -301,19 +322,21 @@ class HAProxyFront:
                     await asyncio.sleep(DRAIN_POLL_S)
         except TimeoutError:
             logger.warning(
-                "Replica %s/%s still busy after %ss; removing it", backend, name, DRAIN_TIMEOUT_S
+                "Replica %s still busy after %gs of draining; freeing its slot",
+                replica,
+                DRAIN_TIMEOUT_S,
             )
-        for command in cfg.remove_server(backend, name):
-            answer = await self._command(command)
-            if command.startswith("del") and "deleted" not in answer:
-                # Idle connections HAProxy keeps to it are closed in a moment: a reload (or
-                # the next attempt) removes it; in maintenance it gets no request meanwhile.
-                logger.debug("HAProxy kept %s/%s for now: %s", backend, name, answer.strip())
-        self._draining.pop((backend, name), None)
+        await self._command(cfg.free_slot(backend, name))
+        self._draining.pop((backend, replica), None)
+        book.release(replica)
 
     async def _reload(self) -> None:
-        """New routes: rewrite the configuration (with the replicas known now) and reload."""
+        """Rewrite the configuration and reload HAProxy (the old process finishes its
+        requests; the listening socket is never closed)."""
         assert self._process is not None
+        for task in self._draining.values():
+            task.cancel()
+        self._draining.clear()
         old = await self._worker_pid()
         self._write_config(self._backends())
         self._process.send_signal(signal.SIGUSR2)
@@ -325,10 +348,6 @@ class HAProxyFront:
                 if self._process.returncode is not None:
                     raise HAProxyExited(f"HAProxy exited with code {self._process.returncode}")
                 await asyncio.sleep(0.02)
-        # The servers draining in the old worker are gone with it.
-        for task in self._draining.values():
-            task.cancel()
-        self._draining.clear()
 
     def _write_config(self, backends: list[cfg.Backend]) -> None:
         assert self._front is not None
@@ -390,9 +409,7 @@ class HAProxyFront:
 
 def _servers_of(replica_set: ReplicaSet) -> dict[str, str]:
     return {
-        cfg.server_name(r.replica_id): r.ingress_http_address
-        for r in replica_set.replicas
-        if r.ingress_http_address
+        r.replica_id: r.ingress_http_address for r in replica_set.replicas if r.ingress_http_address
     }
 
 

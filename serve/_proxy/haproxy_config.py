@@ -12,8 +12,10 @@ replicas' own HTTP servers keep every bound of the proxy (chunked bodies, slow b
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
+from collections.abc import Iterable
 
 import orjson
 
@@ -29,6 +31,13 @@ SERVER_OPTIONS = (
     "observe layer4 error-limit 1 on-error mark-down"
 )
 FALLBACK = "fallback"  # the serve-proxy's server name in every backend
+MIN_SLOTS = 8
+REPLICA_GONE = (
+    "ReplicaDiedError: the replica serving this request closed its connection before it "
+    "answered (it died, or its answer was cut). The request may have partly run; it was not "
+    "retried."
+)
+PARKED = "0.0.0.0:1"  # a free slot's address (in maintenance: never used)
 TIMEOUT_SERVER_S = 3600  # a replica silent this long in a response (a long stream) is cut
 TIMEOUT_TUNNEL_S = 3600  # WebSockets
 
@@ -55,20 +64,77 @@ class Frontend:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One application: its route, its backend's name, and its replicas (name -> host:port)."""
+    """One application: its route, its backend's name, and its server slots, each the
+    address (host:port) of the replica it holds or None (free)."""
 
     name: str
     route: Route
-    servers: tuple[tuple[str, str], ...] = ()
+    slots: tuple[str | None, ...] = ()
 
 
 def backend_name(index: int) -> str:
     return f"app-{index}"
 
 
-def server_name(replica_id: str) -> str:
-    """A replica's server name in its backend: ``app#deployment#tag`` -> ``r-tag``."""
-    return "r-" + re.sub(r"[^A-Za-z0-9_.-]", "_", replica_id.rsplit("#", 1)[-1])
+def slot_name(index: int) -> str:
+    return f"r{index}"
+
+
+def slot_count(replicas: int, current: int = 0) -> int:
+    """Server slots for this many replicas: room to grow without a reload (a runtime API
+    command fills a slot), doubling when they run out."""
+    count = max(current, MIN_SLOTS)
+    while count < replicas:
+        count *= 2
+    return count
+
+
+class SlotBook:
+    """One backend's server slots: which replica holds which. A freed slot is reused last,
+    so the connections HAProxy still holds to the replica that left are gone by then."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str | None] = [None] * MIN_SLOTS  # of the replica in each slot
+        self.holders: dict[str, int] = {}  # replica -> its slot
+        self.draining: set[str] = set()  # replicas that get no new request
+        self._free: collections.deque[int] = collections.deque(range(MIN_SLOTS))
+
+    def fits(self, replicas: Iterable[str]) -> bool:
+        """Whether the free slots can take these replicas (those not in one yet)."""
+        return sum(1 for r in replicas if r not in self.holders) <= len(self._free)
+
+    def grow(self, replicas: int) -> None:
+        """Enough slots for ``replicas`` more than held now (a reload applies it)."""
+        old = len(self.addresses)
+        new = slot_count(len(self.holders) + replicas, old)
+        self.addresses += [None] * (new - old)
+        self._free.extend(range(old, new))
+
+    def take(self, replica: str, address: str) -> int:
+        slot = self._free.popleft()
+        self.holders[replica] = slot
+        self.addresses[slot] = address
+        return slot
+
+    def release(self, replica: str) -> None:
+        slot = self.holders.pop(replica)
+        self.draining.discard(replica)
+        self.addresses[slot] = None
+        self._free.append(slot)
+
+    def layout(self) -> tuple[str | None, ...]:
+        """What a reload renders: the replicas that get requests (a draining one finishes in
+        the old process, which keeps its connections)."""
+        out = list(self.addresses)
+        for replica in self.draining:
+            out[self.holders[replica]] = None
+        return tuple(out)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> host, port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def admin_socket(run_dir: str) -> str:
@@ -86,7 +152,9 @@ def files(backends: list[Backend]) -> dict[str, bytes]:
     out = {
         "routes.json": orjson.dumps(
             {b.route.route_prefix: b.route.app_name for b in backends if b.route.route_prefix}
-        )
+        ),
+        "502.http": _error_response(500, REPLICA_GONE),
+        "504.http": _error_response(500, REPLICA_GONE),
     }
     for backend in backends:
         prefix = backend.route.route_prefix
@@ -94,6 +162,17 @@ def files(backends: list[Backend]) -> dict[str, bytes]:
             out[f"{backend.name}.path"] = prefix.encode() + b"\n"
             out[f"{backend.name}.beg"] = prefix.encode() + b"/\n"
     return out
+
+
+def _error_response(status: int, text: str) -> bytes:
+    body = text.encode()
+    head = (
+        f"HTTP/1.1 {status} Internal Server Error\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def render(front: Frontend, backends: list[Backend]) -> str:
@@ -126,6 +205,9 @@ def render(front: Frontend, backends: list[Backend]) -> str:
         "    retry-on conn-failure",
         "    retries 3",
         "    option redispatch 1",
+        # A replica that closed the connection without an answer: 500, as the proxy answers.
+        f"    errorfile 502 {d}/502.http",
+        f"    errorfile 504 {d}/504.http",
         "frontend serve",
         f"    bind {front.bind}" + (f" ssl crt {front.tls_pem}" if front.tls_pem else ""),
         f"    maxconn {front.max_connections}",
@@ -173,9 +255,12 @@ def render(front: Frontend, backends: list[Backend]) -> str:
             f"    option httpchk GET {HEALTH_PATH}",
             "    http-check expect status 200",
         ]
+        # Static servers, which HAProxy 2.6 keeps idle connections to (not to servers added
+        # at run time): free ones wait in maintenance for a replica's address.
         lines += [
-            f"    server {name} {address} {SERVER_OPTIONS}{tls}"
-            for name, address in backend.servers
+            f"    server {slot_name(i)} {address or PARKED} {SERVER_OPTIONS}{tls}"
+            + ("" if address else " disabled")
+            for i, address in enumerate(backend.slots)
         ]
         lines.append(f"    server {FALLBACK} {front.fallback}{tls} backup")
     return "\n".join(lines) + "\n"
@@ -184,15 +269,12 @@ def render(front: Frontend, backends: list[Backend]) -> str:
 # The runtime API (HAProxy's "stats socket", level admin).
 
 
-def add_server(backend: str, name: str, address: str, tls: bool) -> list[str]:
-    """Commands that add a replica and start sending to it (the controller publishes only
-    replicas that run and passed its health check; HAProxy keeps checking them)."""
-    return [
-        f"add server {backend}/{name} {address} {SERVER_OPTIONS}"
-        + (" ssl verify none" if tls else ""),
-        f"enable health {backend}/{name}",
-        ready_server(backend, name),
-    ]
+def fill_slot(backend: str, index: int, address: str) -> list[str]:
+    """Commands that put a replica in a free slot and start sending to it (the controller
+    publishes only replicas that run and passed its health check; HAProxy keeps checking)."""
+    host, port = split_address(address)
+    name = slot_name(index)
+    return [f"set server {backend}/{name} addr {host} port {port}", ready_server(backend, name)]
 
 
 def ready_server(backend: str, name: str) -> str:
@@ -204,8 +286,9 @@ def drain_server(backend: str, name: str) -> str:
     return f"set server {backend}/{name} state drain"
 
 
-def remove_server(backend: str, name: str) -> list[str]:
-    return [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
+def free_slot(backend: str, name: str) -> str:
+    """Maintenance: it gets nothing until a replica fills it again."""
+    return f"set server {backend}/{name} state maint"
 
 
 def servers_in_use(stat_csv: str) -> dict[tuple[str, str], tuple[int, str]]:
