@@ -112,6 +112,15 @@ def http_url(serve_instance: None) -> str:
     return f"http://{proxy_details().http_address}"
 
 
+@pytest.fixture
+def haproxy(serve_instance: None) -> Ingress:
+    """HTTP ingress through HAProxy (SERVE_ENABLE_HA_PROXY=1) alone."""
+    if shutil.which("haproxy") is None:
+        pytest.fail("HAProxy is not installed: run scripts/install_haproxy.sh (as root)")
+    _use_mode("haproxy")
+    return Ingress("haproxy")
+
+
 @pytest.fixture(scope="session", params=MODES)
 def ingress_mode(request: pytest.FixtureRequest) -> str:
     mode: str = request.param

@@ -56,6 +56,10 @@ class HAProxyExited(Exception):
     """HAProxy stopped: the serve-proxy that ran it exits, and the controller starts another."""
 
 
+class HAProxyCommandError(Exception):
+    """HAProxy refused a runtime API command (its state is not what this process thinks)."""
+
+
 class HAProxyFront:
     """HAProxy on ``sock`` (the proxy's listening socket), kept current by this process.
 
@@ -259,7 +263,9 @@ class HAProxyFront:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("Could not bring HAProxy up to date; trying again")
+                # What HAProxy holds is not known now: a reload makes it what the books say.
+                logger.exception("Could not bring HAProxy up to date; reloading it")
+                self._rendered = None
                 await asyncio.sleep(WATCH_RETRY_S)
                 self._changed.set()
 
@@ -272,7 +278,8 @@ class HAProxyFront:
             wanted = self._servers.get(backend, {})
             if not book.fits(wanted):
                 book.grow(sum(1 for r in wanted if r not in book.holders))
-        if self._render_key() != self._rendered:
+        key = self._render_key()  # routes may change while HAProxy reloads: the next round
+        if key != self._rendered:
             # New slots and routes need a reload: the configuration carries the replicas
             # known now; draining ones finish in the old process.
             for backend in backends:
@@ -283,7 +290,7 @@ class HAProxyFront:
                     if replica not in book.holders:
                         book.take(replica, address)
             await self._reload()
-            self._rendered = self._render_key()
+            self._rendered = key
         for backend in backends:
             await self._apply(backend, self._books[backend], self._servers.get(backend, {}))
 
@@ -311,24 +318,32 @@ class HAProxyFront:
     async def _drain(self, backend: str, book: cfg.SlotBook, replica: str) -> None:
         """No new request for it; its slot is freed once it holds none (or it is gone)."""
         name = cfg.slot_name(book.holders[replica])
-        await self._command(cfg.drain_server(backend, name))
         try:
-            async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                while True:
-                    stats = cfg.servers_in_use(await self._command("show stat -1 4 -1"))
-                    current = stats.get((backend, name))
-                    if current is None or current[0] == 0:
-                        break
-                    await asyncio.sleep(DRAIN_POLL_S)
-        except TimeoutError:
-            logger.warning(
-                "Replica %s still busy after %gs of draining; freeing its slot",
-                replica,
-                DRAIN_TIMEOUT_S,
-            )
-        await self._command(cfg.free_slot(backend, name))
-        self._draining.pop((backend, replica), None)
-        book.release(replica)
+            await self._command(cfg.drain_server(backend, name))
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    while True:
+                        stats = cfg.servers_in_use(await self._command("show stat -1 4 -1"))
+                        current = stats.get((backend, name))
+                        if current is None or current[0] == 0:
+                            break
+                        await asyncio.sleep(DRAIN_POLL_S)
+            except TimeoutError:
+                logger.warning(
+                    "Replica %s still busy after %gs of draining; freeing its slot",
+                    replica,
+                    DRAIN_TIMEOUT_S,
+                )
+            await self._command(cfg.free_slot(backend, name))
+        except (OSError, TimeoutError, HAProxyCommandError) as exc:
+            logger.warning("Could not drain replica %s (%s); reloading HAProxy", replica, exc)
+            self._rendered = None  # the reload leaves it out
+            self._changed.set()
+        finally:
+            # Unless it was called off (the replica came back, or a reload took it out).
+            if self._draining.get((backend, replica)) is asyncio.current_task():
+                del self._draining[(backend, replica)]
+                book.release(replica)
 
     async def _reload(self) -> None:
         """Rewrite the configuration and reload HAProxy (the old process finishes its
@@ -400,10 +415,8 @@ class HAProxyFront:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-        changes = command.startswith(("add", "enable", "set"))
-        # Those answer nothing when they work ("add server": "New server registered.").
-        if changes and answer.strip() and not answer.startswith("New server"):
-            logger.warning("HAProxy answered %r to %r", answer.strip(), command)
+        if command.startswith("set ") and not cfg.command_worked(command, answer):
+            raise HAProxyCommandError(f"HAProxy answered {answer.strip()!r} to {command!r}")
         return answer
 
 

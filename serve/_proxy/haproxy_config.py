@@ -199,6 +199,10 @@ def render(front: Frontend, backends: list[Backend]) -> str:
         f"    timeout tunnel {TIMEOUT_TUNNEL_S}s",
         "    timeout queue 30s",
         "    option abortonclose",
+        # After a reload the old process answers the next request of an idle keep-alive
+        # connection (with "connection: close") instead of closing it under a client that
+        # may be sending one: reloads fail no request.
+        "    option idle-close-on-response",
         "    option http-no-delay",
         "    http-reuse always",
         # Only a request no replica read is sent again, to another replica: at most once.
@@ -289,6 +293,15 @@ def drain_server(backend: str, name: str) -> str:
 def free_slot(backend: str, name: str) -> str:
     """Maintenance: it gets nothing until a replica fills it again."""
     return f"set server {backend}/{name} state maint"
+
+
+def command_worked(command: str, answer: str) -> bool:
+    """Whether a ``set server`` command worked: a state change answers nothing, an address
+    change says what changed (or that nothing needed to)."""
+    text = answer.strip()
+    if " addr " in command:
+        return "changed" in text or "no need" in text
+    return not text
 
 
 def servers_in_use(stat_csv: str) -> dict[tuple[str, str], tuple[int, str]]:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 import serve
 import serve.exceptions
 from serve.config import BackpressureConfig, HTTPOptions
+from tests.support.ingress import Ingress
 from tests.support.procs import StandaloneController, run_script, wait_for
 from tests.support.tls import make_certs
 
@@ -52,23 +53,25 @@ async def _dropped(url: str, gate: Path) -> tuple[httpx.Response, list[int]]:
     return dropped, statuses
 
 
-def test_backpressure_config_sets_the_status_and_retry_after(http_url: str, tmp_path: Path) -> None:
+def test_backpressure_config_sets_the_status_and_retry_after(
+    ingress: Ingress, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
     app = Gate.options(
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=2.5)
     ).bind(str(gate))
     serve.run(app, name="shed", route_prefix="/shed")
-    dropped, held = asyncio.run(_dropped(f"{http_url}/shed", gate))
+    dropped, held = asyncio.run(_dropped(ingress.url("/shed"), gate))
     assert held == [200, 200]
     assert dropped.status_code == 429
     assert dropped.headers["retry-after"] == "3"  # rounded up to whole seconds
     assert dropped.text.startswith("Request dropped due to backpressure")
 
 
-def test_backpressure_defaults_to_503_without_retry_after(http_url: str, tmp_path: Path) -> None:
+def test_backpressure_defaults_to_503_without_retry_after(ingress: Ingress, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     serve.run(Gate.bind(str(gate)), name="shed", route_prefix="/shed")
-    dropped, held = asyncio.run(_dropped(f"{http_url}/shed", gate))
+    dropped, held = asyncio.run(_dropped(ingress.url("/shed"), gate))
     assert held == [200, 200]
     assert dropped.status_code == 503
     assert "retry-after" not in dropped.headers
@@ -226,7 +229,7 @@ def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
 # FastAPI rules, as Ray's.
 
 
-def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
+def test_an_ingress_app_is_frozen_when_it_decorates(ingress: Ingress) -> None:
     """Two classes decorated with one FastAPI app each serve their own routes; a route added
     to the app afterwards is served by neither; an included router (FastAPI keeps a lock in
     it) travels."""
@@ -252,10 +255,10 @@ def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
 
     serve.run(First.bind(), name="first", route_prefix="/v1")
     serve.run(Second.bind(), name="second", route_prefix="/v2")
-    assert httpx.get(f"{http_url}/v1", follow_redirects=True).json() == "first"
-    assert httpx.get(f"{http_url}/v2", follow_redirects=True).json() == "second"
+    assert httpx.get(ingress.url("/v1"), follow_redirects=True).json() == "first"
+    assert httpx.get(ingress.url("/v2"), follow_redirects=True).json() == "second"
     for prefix in ("/v1", "/v2"):
-        assert httpx.get(f"{http_url}{prefix}/late").status_code == 404
+        assert httpx.get(ingress.url(f"{prefix}/late")).status_code == 404
 
     routed = FastAPI()
     router = APIRouter(prefix="/sub")
@@ -266,7 +269,7 @@ def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
 
     routed.include_router(router)
     serve.run(serve.deployment(serve.ingress(routed)()).bind(), name="routed", route_prefix="/r")
-    assert httpx.get(f"{http_url}/r/sub/path").json() == "included"
+    assert httpx.get(ingress.url("/r/sub/path")).json() == "included"
 
 
 def test_one_fastapi_ingress_per_application(serve_instance: None) -> None:
@@ -322,11 +325,11 @@ def _adder_app() -> FastAPI:
     return app
 
 
-def test_a_builder_ingress_without_a_class_takes_arguments(http_url: str) -> None:
+def test_a_builder_ingress_without_a_class_takes_arguments(ingress: Ingress) -> None:
     deployment = serve.deployment(serve.ingress(_adder_app)())
     assert deployment.name == "ASGIIngressDeployment"  # Ray's name for it
     serve.run(deployment.bind(AddOne.bind()), name="built", route_prefix="/built")
-    assert httpx.get(f"{http_url}/built/add", params={"a": 2}, timeout=10).json() == 3
+    assert httpx.get(ingress.url("/built/add"), params={"a": 2}, timeout=10).json() == 3
 
 
 @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
@@ -341,7 +344,7 @@ class Busy:
 
 
 def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
-    http_url: str, tmp_path: Path
+    ingress: Ingress, tmp_path: Path
 ) -> None:
     """A FastAPI route whose nested call is dropped answers the child's backpressure status
     (429 and Retry-After here), not FastAPI's 500, as Ray answers it."""
@@ -362,7 +365,7 @@ def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
         str(gate)
     )
     serve.run(Front.bind(busy), name="front", route_prefix="/front")
-    dropped, held = asyncio.run(_dropped(f"{http_url}/front/", gate))
+    dropped, held = asyncio.run(_dropped(ingress.url("/front/"), gate))
     assert held == [200, 200]
     assert (dropped.status_code, dropped.headers.get("retry-after")) == (429, "1")
     assert dropped.text.startswith("Request dropped due to backpressure")

@@ -30,16 +30,17 @@ class Ingress:
     def __repr__(self) -> str:
         return f"Ingress({self.mode!r})"
 
-    def url(self, path: str = "/", *, app: str | None = None) -> str:
+    def url(self, path: str = "/", *, app: str | None = None, replicas: bool = True) -> str:
         """The URL of ``path`` (route prefix included). Direct: the address of a replica of
         the application the path routes to (or of ``app``); HAProxy: its port, once it sends
-        the application's requests to its replicas (not to the proxy behind it)."""
+        the application's requests to its replicas (not to the proxy behind it), unless
+        ``replicas`` is False (the application has none)."""
         if self.mode == "direct":
             app = app or _route_of(path)
             assert app is not None
             return f"http://{replica_addresses(app)[0]}{path}"
         address = proxy_details().http_address
-        if self.mode == "haproxy":
+        if self.mode == "haproxy" and replicas:
             app = app or _route_of(path, required=False)
             if app is not None:
                 routed = app
@@ -131,6 +132,18 @@ def haproxy_servers() -> dict[str, str]:
         if row.get("svname", "").startswith("r") and row.get("status") != "MAINT":
             out[row["addr"]] = row["status"]
     return out
+
+
+def haproxy_requests() -> int:
+    """Requests HAProxy has sent to replicas so far (every application)."""
+    lines = haproxy_command("show stat -1 4 -1").splitlines()
+    header = lines[0].removeprefix("# ").split(",")
+    total = 0
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(","), strict=False))
+        if row.get("svname", "").startswith("r") and (row.get("stot") or "").isdigit():
+            total += int(row["stot"])
+    return total
 
 
 def haproxy_serves(app_name: str) -> bool:
