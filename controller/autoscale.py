@@ -2,9 +2,10 @@
 
 Load is the number of ongoing requests: running in replicas plus queued in handles, each
 source averaged over ``look_back_period_s``. Desired replicas = ceil(load / target), moved
-towards by ``upscaling_factor`` / ``downscaling_factor``, clamped to [min, max]. A change is
-applied once it has been wanted for ``upscale_delay_s`` (or ``downscale_delay_s``, or
-``downscale_to_zero_delay_s`` for zero); scaling up from zero replicas is immediate.
+towards by ``upscaling_factor`` / ``downscaling_factor`` (or the smoothing factors they
+replace, as Ray's), clamped to [min, max]. A change is applied once it has been wanted for
+``upscale_delay_s`` (or ``downscale_delay_s``, or ``downscale_to_zero_delay_s`` for zero);
+scaling up from zero replicas is immediate.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from serve.metrics import Sample
 def desired_replicas(config: AutoscalingConfig, current: int, load: float) -> int:
     """The replica count this load calls for (before any delay)."""
     raw = math.ceil(load / config.target_ongoing_requests) if load > 0 else 0
-    if raw > current and config.upscaling_factor is not None:
-        raw = current + math.ceil(config.upscaling_factor * (raw - current))
-    elif raw < current and config.downscaling_factor is not None:
-        raw = current - math.floor(config.downscaling_factor * (current - raw))
+    if raw > current:
+        raw = current + math.ceil(config.get_upscaling_factor() * (raw - current))
+    elif raw < current:
+        raw = current - math.floor(config.get_downscaling_factor() * (current - raw))
     desired = min(max(raw, config.min_replicas), config.max_replicas)
     if load > 0 and desired == 0:
         desired = 1  # someone is waiting: never stay at zero

@@ -60,13 +60,9 @@ def new_gang_id() -> str:
 
 
 def whole_gangs(goal: DeploymentGoal) -> None:
-    """An autoscaled gang deployment scales by whole gangs, as Ray's: up to the next multiple
-    of gang_size, down to the one below (never under one gang)."""
-    size = goal.gang_size
-    if not size or goal.target_replicas % size == 0:
-        return
-    whole = goal.target_replicas // size + (1 if goal.scaling > 0 else 0)
-    goal.target_replicas = max(whole, 1) * size
+    """A gang deployment's target in whole gangs, whoever set it (its policy's decisions are
+    already rounded when applied)."""
+    goal.target_replicas = goal.whole_gangs(goal.target_replicas)
 
 
 def free_rank(records: Iterable[ReplicaRecord], deployment_id: DeploymentID) -> int:

@@ -253,6 +253,14 @@ MAX_DECISIONS_KEPT = 10
 
 def _apply(goal: DeploymentGoal, decision: Decision) -> None:
     previous = goal.target_replicas
+    target = goal.whole_gangs(decision.target)
+    if target != decision.target:
+        decision = dataclasses.replace(
+            decision,
+            target=target,
+            reason=f"{decision.reason}; {decision.target} rounded up to whole gangs of "
+            f"{goal.gang_size}",
+        )
     if decision.target == previous:
         return
     logger.info(

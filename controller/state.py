@@ -101,6 +101,15 @@ class DeploymentGoal:
         gang = self.spec.config.gang_scheduling_config
         return int(gang["gang_size"]) if gang else 0
 
+    def whole_gangs(self, replicas: int) -> int:
+        """``replicas`` rounded up to whole gangs, at least one (as Ray's gang autoscaling: the
+        same count always gives the same result, so the target never oscillates between the
+        gangs either side of it); unchanged without gangs."""
+        size = self.gang_size
+        if not size:
+            return replicas
+        return max(-(-replicas // size), 1) * size
+
     @property
     def max_ongoing_requests(self) -> int:
         return self.spec.config.max_ongoing_requests

@@ -59,6 +59,7 @@ logger = logging.getLogger("serve")
 
 _PROGRESS_EVERY_S = 5.0
 PROXY_START_TIMEOUT_S = 30.0
+PROXY_READY_TIMEOUT_S = 60.0  # as Ray's HTTP_PROXY_TIMEOUT: serve.start waits this long
 _MAX_CACHED_HANDLES = 100
 _handles: dict[tuple[str, str], DeploymentHandle[Any]] = {}
 _handles_lock = threading.Lock()
@@ -117,6 +118,9 @@ def start(
     turns on OpenTelemetry tracing in the proxies and replicas (see ``TracingConfig``); its
     exporter is imported here first, so a wrong path fails now. Other Ray cluster options
     (``detached``, ``dedicated_cpu`` ...) are accepted and ignored.
+
+    As Ray's, it returns once every proxy is serving (``TimeoutError`` after
+    ``PROXY_READY_TIMEOUT_S``, naming why a proxy is not).
     """
     given = (proxy_location, http_options, grpc_options) != (None, None, None)
     flags = controller_flags(proxy_location, http_options, grpc_options) if given else None
@@ -124,7 +128,25 @@ def start(
         **(controller_env(logging_config, controller_options, tracing_config) or {}),
         **secret_env(http_options),
     }
-    _connect(address, controller_args=flags, controller_env=env or None)
+    client = _connect(address, controller_args=flags, controller_env=env or None)
+    run_sync(_wait_proxies_serving(client, PROXY_READY_TIMEOUT_S))
+
+
+async def _wait_proxies_serving(client: ServeClient, timeout_s: float) -> None:
+    """Until every proxy is HEALTHY (none: at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proxies = (await client.controller.status()).proxy_details
+        if all(p.status == "HEALTHY" for p in proxies.values()):
+            return
+        if time.monotonic() > deadline:
+            reasons = "; ".join(
+                f"{node}: {p.status}{f' ({p.message})' if p.message else ''}"
+                for node, p in sorted(proxies.items())
+                if p.status != "HEALTHY"
+            )
+            raise TimeoutError(f"HTTP proxies not available after {timeout_s:g}s: {reasons}.")
+        await asyncio.sleep(0.05)
 
 
 def controller_env(

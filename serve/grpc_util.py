@@ -125,6 +125,29 @@ class RayServegRPCContext:
         """The metadata the client sent."""
         return self._invocation_metadata
 
+    def _metadata(self, key: str) -> str | None:
+        return next((v for k, v in self._invocation_metadata if k == key), None)
+
+    def request_id(self) -> str | None:
+        """The ``request_id`` metadata the client sent, if any."""
+        return self._metadata("request_id")
+
+    def application(self) -> str | None:
+        """The ``application`` metadata (the application the call targets), if any."""
+        return self._metadata("application")
+
+    def multiplexed_model_id(self) -> str | None:
+        """The ``multiplexed_model_id`` metadata, if any."""
+        return self._metadata("multiplexed_model_id")
+
+    def traceparent(self) -> str | None:
+        """The W3C ``traceparent`` metadata, if any."""
+        return self._metadata("traceparent")
+
+    def tracestate(self) -> str | None:
+        """The W3C ``tracestate`` metadata, if any."""
+        return self._metadata("tracestate")
+
     def peer(self) -> str:
         """The client's address, as gRPC spells it (``ipv4:127.0.0.1:5555``)."""
         return self._peer

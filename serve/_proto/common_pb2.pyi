@@ -117,6 +117,9 @@ class AutoscalingConfig(_message.Message):
     DOWNSCALE_TO_ZERO_DELAY_S_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     AGGREGATION_FUNCTION_FIELD_NUMBER: _builtins.int
+    SMOOTHING_FACTOR_FIELD_NUMBER: _builtins.int
+    UPSCALE_SMOOTHING_FACTOR_FIELD_NUMBER: _builtins.int
+    DOWNSCALE_SMOOTHING_FACTOR_FIELD_NUMBER: _builtins.int
     min_replicas: _builtins.int
     max_replicas: _builtins.int
     initial_replicas: _builtins.int
@@ -130,6 +133,10 @@ class AutoscalingConfig(_message.Message):
     downscale_to_zero_delay_s: _builtins.float
     aggregation_function: _builtins.str
     """mean (default), max or min"""
+    smoothing_factor: _builtins.float
+    """unset: 1.0"""
+    upscale_smoothing_factor: _builtins.float
+    downscale_smoothing_factor: _builtins.float
     @_builtins.property
     def policy(self) -> Global___AutoscalingPolicy:
         """unset: the default (request-based) policy"""
@@ -150,25 +157,40 @@ class AutoscalingConfig(_message.Message):
         downscale_to_zero_delay_s: _builtins.float | None = ...,
         policy: Global___AutoscalingPolicy | None = ...,
         aggregation_function: _builtins.str = ...,
+        smoothing_factor: _builtins.float | None = ...,
+        upscale_smoothing_factor: _builtins.float | None = ...,
+        downscale_smoothing_factor: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_upscaling_factor", b"_upscaling_factor", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "policy", b"policy", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_downscale_smoothing_factor", b"_downscale_smoothing_factor", "_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_smoothing_factor", b"_smoothing_factor", "_upscale_smoothing_factor", b"_upscale_smoothing_factor", "_upscaling_factor", b"_upscaling_factor", "downscale_smoothing_factor", b"downscale_smoothing_factor", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "policy", b"policy", "smoothing_factor", b"smoothing_factor", "upscale_smoothing_factor", b"upscale_smoothing_factor", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_upscaling_factor", b"_upscaling_factor", "aggregation_function", b"aggregation_function", "downscale_delay_s", b"downscale_delay_s", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "look_back_period_s", b"look_back_period_s", "max_replicas", b"max_replicas", "metrics_interval_s", b"metrics_interval_s", "min_replicas", b"min_replicas", "policy", b"policy", "target_ongoing_requests", b"target_ongoing_requests", "upscale_delay_s", b"upscale_delay_s", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_downscale_smoothing_factor", b"_downscale_smoothing_factor", "_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s", "_downscaling_factor", b"_downscaling_factor", "_initial_replicas", b"_initial_replicas", "_smoothing_factor", b"_smoothing_factor", "_upscale_smoothing_factor", b"_upscale_smoothing_factor", "_upscaling_factor", b"_upscaling_factor", "aggregation_function", b"aggregation_function", "downscale_delay_s", b"downscale_delay_s", "downscale_smoothing_factor", b"downscale_smoothing_factor", "downscale_to_zero_delay_s", b"downscale_to_zero_delay_s", "downscaling_factor", b"downscaling_factor", "initial_replicas", b"initial_replicas", "look_back_period_s", b"look_back_period_s", "max_replicas", b"max_replicas", "metrics_interval_s", b"metrics_interval_s", "min_replicas", b"min_replicas", "policy", b"policy", "smoothing_factor", b"smoothing_factor", "target_ongoing_requests", b"target_ongoing_requests", "upscale_delay_s", b"upscale_delay_s", "upscale_smoothing_factor", b"upscale_smoothing_factor", "upscaling_factor", b"upscaling_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__downscale_smoothing_factor: _TypeAlias = _typing.Literal["downscale_smoothing_factor"]  # noqa: Y015
+    _WhichOneofArgType__downscale_smoothing_factor: _TypeAlias = _typing.Literal["_downscale_smoothing_factor", b"_downscale_smoothing_factor"]  # noqa: Y015
     _WhichOneofReturnType__downscale_to_zero_delay_s: _TypeAlias = _typing.Literal["downscale_to_zero_delay_s"]  # noqa: Y015
     _WhichOneofArgType__downscale_to_zero_delay_s: _TypeAlias = _typing.Literal["_downscale_to_zero_delay_s", b"_downscale_to_zero_delay_s"]  # noqa: Y015
     _WhichOneofReturnType__downscaling_factor: _TypeAlias = _typing.Literal["downscaling_factor"]  # noqa: Y015
     _WhichOneofArgType__downscaling_factor: _TypeAlias = _typing.Literal["_downscaling_factor", b"_downscaling_factor"]  # noqa: Y015
     _WhichOneofReturnType__initial_replicas: _TypeAlias = _typing.Literal["initial_replicas"]  # noqa: Y015
     _WhichOneofArgType__initial_replicas: _TypeAlias = _typing.Literal["_initial_replicas", b"_initial_replicas"]  # noqa: Y015
+    _WhichOneofReturnType__smoothing_factor: _TypeAlias = _typing.Literal["smoothing_factor"]  # noqa: Y015
+    _WhichOneofArgType__smoothing_factor: _TypeAlias = _typing.Literal["_smoothing_factor", b"_smoothing_factor"]  # noqa: Y015
+    _WhichOneofReturnType__upscale_smoothing_factor: _TypeAlias = _typing.Literal["upscale_smoothing_factor"]  # noqa: Y015
+    _WhichOneofArgType__upscale_smoothing_factor: _TypeAlias = _typing.Literal["_upscale_smoothing_factor", b"_upscale_smoothing_factor"]  # noqa: Y015
     _WhichOneofReturnType__upscaling_factor: _TypeAlias = _typing.Literal["upscaling_factor"]  # noqa: Y015
     _WhichOneofArgType__upscaling_factor: _TypeAlias = _typing.Literal["_upscaling_factor", b"_upscaling_factor"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__downscale_smoothing_factor) -> _WhichOneofReturnType__downscale_smoothing_factor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__downscale_to_zero_delay_s) -> _WhichOneofReturnType__downscale_to_zero_delay_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__downscaling_factor) -> _WhichOneofReturnType__downscaling_factor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__initial_replicas) -> _WhichOneofReturnType__initial_replicas | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__smoothing_factor) -> _WhichOneofReturnType__smoothing_factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upscale_smoothing_factor) -> _WhichOneofReturnType__upscale_smoothing_factor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__upscaling_factor) -> _WhichOneofReturnType__upscaling_factor | None: ...
 

@@ -71,6 +71,7 @@ class ProxyServer:
         self._front: HAProxyFront | None = None  # HAProxy in front (SERVE_ENABLE_HA_PROXY)
         self._exit_code = 0
         self._have_routes = asyncio.Event()
+        self._grpc_ready = _Ready()
 
     @property
     def is_worker(self) -> bool:
@@ -101,7 +102,7 @@ class ProxyServer:
                 port=self._grpc.port,
                 servicer_functions=self._grpc.grpc_servicer_functions,
                 request_timeout_s=self._grpc.request_timeout_s,
-                ready=self._app,
+                ready=self._grpc_ready,
             )
             grpc_address = f"{host}:{grpc_port}"
         info = ProxyInfo(
@@ -230,7 +231,11 @@ class ProxyServer:
                         self._routes.update(routes)
                         if self._front is not None:
                             self._front.update_routes(routes)
+                        # As Ray's: ready once some application was exposed (then for good);
+                        # over HTTP only one with a route prefix counts.
                         if self._routes.routes:
+                            self._grpc_ready.ready = True
+                        if any(r.route_prefix for r in self._routes.routes):
                             self._app.ready = True
                         self._have_routes.set()
                         clock.linked()
@@ -241,6 +246,12 @@ class ProxyServer:
                 self._stop()
                 return
             await clock.pause()
+
+
+class _Ready:
+    """Whether the gRPC ingress has had an application to route to."""
+
+    ready = False
 
 
 def _stop_worker(child: subprocess.Popen[bytes]) -> None:

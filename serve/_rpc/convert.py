@@ -75,6 +75,9 @@ def config_to_proto(config: DeploymentConfig) -> common_pb2.DeploymentConfig:
             "upscaling_factor",
             "downscaling_factor",
             "downscale_to_zero_delay_s",
+            "smoothing_factor",
+            "upscale_smoothing_factor",
+            "downscale_smoothing_factor",
         ):
             value = getattr(auto, name)
             if value is not None:
@@ -167,6 +170,13 @@ def config_from_proto(msg: common_pb2.DeploymentConfig) -> DeploymentConfig:
             downscaling_factor=a.downscaling_factor if a.HasField("downscaling_factor") else None,
             downscale_to_zero_delay_s=(
                 a.downscale_to_zero_delay_s if a.HasField("downscale_to_zero_delay_s") else None
+            ),
+            smoothing_factor=a.smoothing_factor if a.HasField("smoothing_factor") else 1.0,
+            upscale_smoothing_factor=(
+                a.upscale_smoothing_factor if a.HasField("upscale_smoothing_factor") else None
+            ),
+            downscale_smoothing_factor=(
+                a.downscale_smoothing_factor if a.HasField("downscale_smoothing_factor") else None
             ),
             aggregation_function=AggregationFunction(a.aggregation_function or "mean"),
             policy=policy_from_proto(a.policy) if a.HasField("policy") else AutoscalingPolicy(),

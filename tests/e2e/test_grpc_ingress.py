@@ -191,7 +191,13 @@ class Contextual:
         if request.name == "raise":  # the code set before raising is the call's status
             grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
             raise ValueError("not for you")
-        grpc_context.set_trailing_metadata([("x-seen", metadata.get("x-user", "?"))])
+        grpc_context.set_trailing_metadata(
+            [
+                ("x-seen", metadata.get("x-user", "?")),
+                ("x-app", grpc_context.application() or "?"),
+                ("x-rid", grpc_context.request_id() or "?"),
+            ]
+        )
         return greeter_pb2.HelloReply(
             message=f"hello {metadata.get('x-user')} at {grpc_context.peer()}"
         )
@@ -215,6 +221,7 @@ def test_grpc_context_reads_metadata_and_sets_status_and_trailers(channel: grpc.
     assert reply.message.startswith("hello ada at ipv")
     trailers = dict(call.trailing_metadata())
     assert trailers["x-seen"] == "ada"
+    assert (trailers["x-app"], trailers["x-rid"]) == ("ctx", "rid-9")
     assert trailers["request_id"] == "rid-9"  # as Ray, the request id comes back
     with pytest.raises(grpc.RpcError) as teapot:
         stub.SayHello(greeter_pb2.HelloRequest(name="teapot"), metadata=metadata, timeout=10)

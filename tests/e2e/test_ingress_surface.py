@@ -369,3 +369,56 @@ def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
     assert held == [200, 200]
     assert (dropped.status_code, dropped.headers.get("retry-after")) == (429, "1")
     assert dropped.text.startswith("Request dropped due to backpressure")
+
+
+READY_DRIVER = """
+import json, sys
+import grpc, httpx
+import serve
+from serve.generated import serve_pb2, serve_pb2_grpc
+from tests.support.greeter_pb2 import HelloReply
+
+serve.start(
+    proxy_location="EveryNode",
+    http_options={"port": 0},
+    grpc_options={"port": 0, "grpc_servicer_functions": [sys.argv[1]]},
+)
+# serve.start returned: the proxy serves both ports already, as Ray's does.
+proxy = next(iter(serve.status().proxy_details.values()))
+out = {"status": proxy.status}
+stub = serve_pb2_grpc.RayServeAPIServiceStub(grpc.insecure_channel(proxy.grpc_address))
+try:
+    stub.Healthz(serve_pb2.HealthzRequest(), timeout=10)
+except grpc.RpcError as error:
+    out["grpc_before"] = [error.code().name, error.details()]
+
+@serve.deployment
+class GrpcOnly:
+    def SayHello(self, request):
+        return HelloReply(message="hi")
+
+serve.run(GrpcOnly.bind(), name="grpc-only", route_prefix=None)
+out["grpc_after"] = stub.Healthz(serve_pb2.HealthzRequest(), timeout=10).message
+out["http_after"] = httpx.get(f"http://{proxy.http_address}/-/healthz", timeout=10).status_code
+print(json.dumps(out))
+serve.shutdown()
+"""
+
+
+def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import GREETER_SERVICER
+
+    result = run_script(
+        f"import sys; sys.argv = ['driver', {GREETER_SERVICER!r}]\n" + READY_DRIVER,
+        timeout_s=120,
+        SERVE_STATE_DIR=str(tmp_path / "state"),
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["status"] == "HEALTHY"
+    assert out["grpc_before"] == ["UNAVAILABLE", "Route table is not populated yet."]
+    # An application without a route prefix is served over gRPC, not HTTP (as Ray's).
+    assert out["grpc_after"] == "success"
+    assert out["http_after"] == 503

@@ -3,6 +3,8 @@
 import pytest
 
 from controller.autoscale import LoadWindow, ScaleDecider, desired_replicas, total_load
+from serve._models import DeploymentConfig
+from serve._rpc import convert
 from serve.config import AutoscalingConfig
 
 
@@ -33,6 +35,25 @@ def test_fifty_blocked_requests_with_target_ten_is_five_replicas() -> None:
 def test_factors_damp_the_move() -> None:
     assert desired_replicas(config(upscaling_factor=0.5), 2, 20) == 6  # 2 + ceil(0.5 * 8)
     assert desired_replicas(config(downscaling_factor=0.5), 8, 2) == 5  # 8 - floor(0.5 * 7)
+
+
+def test_the_smoothing_factors_ray_deprecated_still_damp_the_move() -> None:
+    assert desired_replicas(config(smoothing_factor=0.5), 2, 20) == 6
+    assert desired_replicas(config(upscale_smoothing_factor=0.5), 2, 20) == 6
+    assert desired_replicas(config(downscale_smoothing_factor=0.5), 8, 2) == 5
+    both = config(smoothing_factor=0.5, upscaling_factor=0.25)  # the newer name wins
+    assert desired_replicas(both, 2, 20) == 4  # 2 + ceil(0.25 * 8)
+
+
+def test_the_smoothing_factors_reach_the_controller() -> None:
+    auto = AutoscalingConfig(
+        max_replicas=4,
+        smoothing_factor=0.5,
+        upscale_smoothing_factor=0.7,
+        downscale_smoothing_factor=0.3,
+    )
+    wire = convert.config_to_proto(DeploymentConfig(num_replicas=None, autoscaling_config=auto))
+    assert convert.config_from_proto(wire).autoscaling_config == auto
 
 
 def test_scale_to_zero_and_never_zero_with_load() -> None:

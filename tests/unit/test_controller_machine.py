@@ -548,12 +548,37 @@ def test_gangs_scale_down_whole_and_autoscale_by_whole_gangs() -> None:
     assert len(stopped) == 2
     assert len({h.machine.replicas[r].gang_id for r in stopped}) == 1  # one whole gang
     goal = h.machine.goals()[DEP]
-    goal.target_replicas, goal.scaling = 3, 1
-    whole_gangs(goal)
-    assert goal.target_replicas == 4  # up: the next whole gang
-    goal.target_replicas, goal.scaling = 3, -1
-    whole_gangs(goal)
-    assert goal.target_replicas == 2  # down: the gang below
+    for scaling in (1, -1):  # rounded up either way: a count always gives the same target
+        goal.target_replicas, goal.scaling = 3, scaling
+        whole_gangs(goal)
+        assert goal.target_replicas == 4
+    assert [goal.whole_gangs(n) for n in (0, 1, 2, 5)] == [2, 2, 2, 6]
+
+
+def test_a_gang_deployment_does_not_oscillate_around_a_count_between_gangs() -> None:
+    """The default policy wants 3 replicas, in gangs of two: the target becomes 4 and, with
+    the load unchanged, stays 4 (rounding down on the way back used to drop it to 2, then up
+    to 4 again, forever); the recorded decision shows the rounded target and why."""
+    h = Harness()
+    auto = AutoscalingConfig(
+        min_replicas=2,
+        max_replicas=6,
+        target_ongoing_requests=1.0,
+        upscale_delay_s=0.0,
+        downscale_delay_s=0.0,
+    )
+    h.deploy(gang_spec(replicas=None, autoscaling_config=auto))
+    goal = h.machine.goals()[DEP]
+    targets = []
+    for _ in range(6):
+        h.feed(handle_load(3.0))
+        h.now += 1.0
+        h.feed(ev.Tick())
+        targets.append(goal.target_replicas)
+    assert targets == [4] * 6
+    (decision,) = goal.scaling_decisions
+    assert (decision.prev_num_replicas, decision.curr_num_replicas) == (2, 4)
+    assert "3 rounded up to whole gangs of 2" in decision.reason
 
 
 def three_each(contexts: dict[Any, AutoscalingContext]) -> Any:
