@@ -84,6 +84,7 @@ class HAProxyFront:
         self._watches: dict[str, asyncio.Task[None]] = {}  # backend -> its replica-set watch
         self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}  # (backend, replica)
         self._rendered: object = None  # what the running configuration was made from
+        self._exposed = False  # an application was routed: healthy from then on
         self._changed = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
@@ -200,6 +201,7 @@ class HAProxyFront:
     def update_routes(self, routes: list[Route]) -> None:
         """A new route table: follow each routed application's ingress replicas."""
         self._routes = [r for r in routes if r.route_prefix]
+        self._exposed = self._exposed or bool(self._routes)
         live = set()
         for route in self._routes:
             name = self._backend_name(route)
@@ -250,7 +252,7 @@ class HAProxyFront:
     def _render_key(self) -> object:
         routes = tuple((self._backend_name(r), r.route_prefix, r.app_name) for r in self._routes)
         slots = tuple(len(self._books[self._backend_name(r)].addresses) for r in self._routes)
-        return routes, slots
+        return routes, slots, self._exposed
 
     # Making it so.
 
@@ -369,7 +371,10 @@ class HAProxyFront:
         run_dir = Path(self._run_dir)
         for name, content in cfg.files(backends).items():
             _write_private(run_dir / name, content)
-        _write_private(run_dir / "haproxy.cfg", cfg.render(self._front, backends).encode())
+        _write_private(
+            run_dir / "haproxy.cfg",
+            cfg.render(self._front, backends, exposed=self._exposed).encode(),
+        )
 
     def _tls_pem(self) -> str:
         """HTTPS: HAProxy wants the certificate and its key in one file."""

@@ -175,10 +175,12 @@ def _error_response(status: int, text: str) -> bytes:
     return head.encode() + body
 
 
-def render(front: Frontend, backends: list[Backend]) -> str:
+def render(front: Frontend, backends: list[Backend], *, exposed: bool = False) -> str:
     """The whole configuration: routes longest prefix first (as the proxy matches them), each
     application's replicas, and the serve-proxy as every application's backup (it answers while
-    no replica is up: queueing until one is, or 503 for a failed deploy)."""
+    no replica is up: queueing until one is, or 503 for a failed deploy). ``/-/healthz`` is
+    200 once an application was ``exposed`` (routed) by this proxy, and stays so (as the
+    proxy's)."""
     d = front.run_dir
     lines = [
         "global",
@@ -219,7 +221,7 @@ def render(front: Frontend, backends: list[Backend]) -> str:
         "    acl routes path /-/routes",
     ]
     routed = [b for b in backends if b.route.route_prefix]
-    if routed:
+    if routed or exposed:
         lines.append(
             "    http-request return status 200 content-type text/plain string success if healthz"
         )

@@ -18,7 +18,7 @@ from starlette.requests import Request
 import serve
 import serve.exceptions
 from serve.config import BackpressureConfig, HTTPOptions
-from tests.support.ingress import Ingress
+from tests.support.ingress import MODE_ENV, Ingress
 from tests.support.procs import StandaloneController, run_script, wait_for
 from tests.support.tls import make_certs
 
@@ -127,9 +127,17 @@ serve.run(Hello.bind(), name="hello", route_prefix="/")
 """
 
 
-@pytest.fixture
-def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[StandaloneController]:
-    key = _encrypted_copy(certs["key"], "s3cret")
+@pytest.fixture(params=["proxy", "haproxy"])
+def https_controller(
+    request: pytest.FixtureRequest, tmp_path: Path, certs: dict[str, str]
+) -> Iterator[StandaloneController]:
+    """HTTPS from the proxy (a key with a password) or from HAProxy in front of the ingress
+    replicas, which serve HTTPS too (HAProxy reads no password: its key has none)."""
+    if request.param == "proxy":
+        key = _encrypted_copy(certs["key"], "s3cret")
+        env = {"SERVE_HTTP_SSL_KEYFILE_PASSWORD": "s3cret"}  # never on a command line
+    else:
+        key, env = certs["key"], MODE_ENV["haproxy"]
     controller = StandaloneController(
         tmp_path / "state",
         "--proxy-location",
@@ -140,7 +148,7 @@ def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[Standalo
         key,
         "--http-ssl-certfile",
         certs["cert"],
-        SERVE_HTTP_SSL_KEYFILE_PASSWORD="s3cret",  # never on a command line
+        **env,
     )
     try:
         controller.start()
@@ -151,9 +159,7 @@ def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[Standalo
         controller.cleanup()
 
 
-def test_https_with_a_password_protected_key(
-    https_controller: StandaloneController, certs: dict[str, str]
-) -> None:
+def test_https(https_controller: StandaloneController, certs: dict[str, str]) -> None:
     address = https_controller.healthy_proxy()["http_address"]
     trust = ssl.create_default_context(cafile=certs["ca"])
     reply = httpx.get(f"https://{address}/", verify=trust, timeout=10)
@@ -199,12 +205,40 @@ def test_a_bad_key_is_reported_in_status(tmp_path: Path, certs: dict[str, str]) 
         controller.cleanup()
 
 
+def test_haproxy_refuses_a_password_protected_key(tmp_path: Path, certs: dict[str, str]) -> None:
+    controller = StandaloneController(
+        tmp_path / "state",
+        "--proxy-location",
+        "EveryNode",
+        "--http-port",
+        "0",
+        "--http-ssl-keyfile",
+        _encrypted_copy(certs["key"], "s3cret"),
+        "--http-ssl-certfile",
+        certs["cert"],
+        SERVE_HTTP_SSL_KEYFILE_PASSWORD="s3cret",
+        **MODE_ENV["haproxy"],
+    )
+    try:
+        controller.start()
+
+        def unhealthy() -> str:
+            proxies = list(controller.status()["proxies"].values())
+            return proxies[0]["message"] if proxies and proxies[0]["status"] == "UNHEALTHY" else ""
+
+        message = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
+        assert "cannot use a key protected by a password" in message
+    finally:
+        controller.cleanup()
+
+
 # Health before any application.
 
 
-def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])  # direct: the proxy's port is the proxy's
+def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path, mode: str) -> None:
     controller = StandaloneController(
-        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0"
+        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0", **MODE_ENV[mode]
     )
     try:
         controller.start()
@@ -405,7 +439,8 @@ serve.shutdown()
 """
 
 
-def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])
+def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path, mode: str) -> None:
     import json
 
     from tests.conftest import GREETER_SERVICER
@@ -414,6 +449,7 @@ def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path) -> None:
         f"import sys; sys.argv = ['driver', {GREETER_SERVICER!r}]\n" + READY_DRIVER,
         timeout_s=120,
         SERVE_STATE_DIR=str(tmp_path / "state"),
+        **MODE_ENV[mode],
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])

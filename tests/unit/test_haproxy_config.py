@@ -122,6 +122,8 @@ def test_healthz_is_503_until_an_application_is_routed() -> None:
     assert "status 503" in cfg.render(_front("/run"), [])
     routed = cfg.render(_front("/run"), [cfg.Backend("app-0", Route("/a", "a", "A"))])
     assert "string success if healthz" in routed
+    # Once exposed, healthy for good (as the proxy): all applications deleted is still 200.
+    assert "string success if healthz" in cfg.render(_front("/run"), [], exposed=True)
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="HAProxy is not installed")
