@@ -145,7 +145,7 @@ def bind_class_routes(app: Any, cls: type) -> Any:
     if not isinstance(app, FastAPI):
         return app
 
-    def servable_object() -> Any:
+    async def servable_object() -> Any:  # async: FastAPI runs a sync one in a thread
         return get_replica_context().servable_object
 
     ours: list[Any] = []
