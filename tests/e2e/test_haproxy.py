@@ -5,12 +5,14 @@ and the direct ingress replicas' own behaviour (backpressure, deadlines) behind 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -76,30 +78,33 @@ def served_versions(url: str, count: int) -> set[str]:
         return {client.get(url).text.split()[0] for _ in range(count)}
 
 
-def test_a_rolling_update_under_load_fails_no_request(haproxy: Ingress) -> None:
+@contextlib.contextmanager
+def none_failing(haproxy: Ingress, seconds: int) -> Iterator[str]:
+    """Versioned "v1" at /ver under wrk load for ``seconds`` (its URL); afterwards, not one
+    request may have failed."""
     serve.run(Versioned.bind("v1"), name="ver", route_prefix="/ver")
     url = haproxy.url("/ver")
-    load = wrk(url, 10)
+    load = wrk(url, seconds)
     wait_for(lambda: served_versions(url, 4) == {"v1"}, timeout_s=10)
-    serve.run(Versioned.options(version="2").bind("v2"), name="ver", route_prefix="/ver")
-    wait_for(lambda: served_versions(url, 4) == {"v2"}, timeout_s=30, interval_s=0.2)
-    total, failed, output = wrk_result(load, 10)
+    yield url
+    total, failed, output = wrk_result(load, seconds)
     assert total > 100, output
     assert failed == 0, output
+
+
+def test_a_rolling_update_under_load_fails_no_request(haproxy: Ingress) -> None:
+    with none_failing(haproxy, 10) as url:
+        serve.run(Versioned.options(version="2").bind("v2"), name="ver", route_prefix="/ver")
+        wait_for(lambda: served_versions(url, 4) == {"v2"}, timeout_s=30, interval_s=0.2)
 
 
 def test_a_reload_under_load_fails_no_request(haproxy: Ingress) -> None:
     """A new route reloads HAProxy; the old process finishes its connections' requests."""
-    serve.run(Versioned.bind("v1"), name="ver", route_prefix="/ver")
-    url = haproxy.url("/ver")
-    load = wrk(url, 8)
-    wait_for(lambda: served_versions(url, 4) == {"v1"}, timeout_s=10)
-    for index in range(3):
-        serve.run(Versioned.bind("other"), name=f"other{index}", route_prefix=f"/other{index}")
-        assert httpx.get(haproxy.url(f"/other{index}"), timeout=10).text.startswith("other")
-    total, failed, output = wrk_result(load, 8)
-    assert total > 100, output
-    assert failed == 0, output
+    with none_failing(haproxy, 8):
+        for index in range(3):
+            name = f"other{index}"
+            serve.run(Versioned.bind("other"), name=name, route_prefix=f"/{name}")
+            assert httpx.get(haproxy.url(f"/{name}"), timeout=10).text.startswith("other")
 
 
 def test_a_killed_replica_fails_only_the_requests_it_held(haproxy: Ingress) -> None:

@@ -178,58 +178,45 @@ def test_https_options_are_checked() -> None:
         serve.start(http_options={"ssl_certfile": "cert.pem"})
 
 
+def _unhealthy_message(state: Path, key: str, cert: str, **env: str) -> str:
+    """Why the proxy of a controller started with this key and certificate is UNHEALTHY."""
+    controller = StandaloneController(
+        state,
+        "--proxy-location",
+        "EveryNode",
+        "--http-port",
+        "0",
+        "--http-ssl-keyfile",
+        key,
+        "--http-ssl-certfile",
+        cert,
+        **env,
+    )
+    try:
+        controller.start()
+
+        def unhealthy() -> str:
+            proxies = list(controller.status()["proxies"].values())
+            return proxies[0]["message"] if proxies and proxies[0]["status"] == "UNHEALTHY" else ""
+
+        message: str = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
+        return message
+    finally:
+        controller.cleanup()
+
+
 def test_a_bad_key_is_reported_in_status(tmp_path: Path, certs: dict[str, str]) -> None:
     bad = tmp_path / "bad.key"
     bad.write_text("not a key")
-    controller = StandaloneController(
-        tmp_path / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
-        "--http-ssl-keyfile",
-        str(bad),
-        "--http-ssl-certfile",
-        certs["cert"],
-    )
-    try:
-        controller.start()
-
-        def unhealthy() -> str:
-            proxies = list(controller.status()["proxies"].values())
-            return proxies[0]["message"] if proxies and proxies[0]["status"] == "UNHEALTHY" else ""
-
-        message = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
-        assert "cannot serve HTTPS" in message
-    finally:
-        controller.cleanup()
+    message = _unhealthy_message(tmp_path / "state", str(bad), certs["cert"])
+    assert "cannot serve HTTPS" in message
 
 
 def test_haproxy_refuses_a_password_protected_key(tmp_path: Path, certs: dict[str, str]) -> None:
-    controller = StandaloneController(
-        tmp_path / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
-        "--http-ssl-keyfile",
-        _encrypted_copy(certs["key"], "s3cret"),
-        "--http-ssl-certfile",
-        certs["cert"],
-        SERVE_HTTP_SSL_KEYFILE_PASSWORD="s3cret",
-        **MODE_ENV["haproxy"],
-    )
-    try:
-        controller.start()
-
-        def unhealthy() -> str:
-            proxies = list(controller.status()["proxies"].values())
-            return proxies[0]["message"] if proxies and proxies[0]["status"] == "UNHEALTHY" else ""
-
-        message = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
-        assert "cannot use a key protected by a password" in message
-    finally:
-        controller.cleanup()
+    key = _encrypted_copy(certs["key"], "s3cret")
+    env = {"SERVE_HTTP_SSL_KEYFILE_PASSWORD": "s3cret", **MODE_ENV["haproxy"]}
+    message = _unhealthy_message(tmp_path / "state", key, certs["cert"], **env)
+    assert "cannot use a key protected by a password" in message
 
 
 # Health before any application.
