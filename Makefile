@@ -19,9 +19,11 @@ run: install
 	$(PY) examples/hello.py
 
 # The Slurm cluster tests run too when Slurm is installed and we are root; else one line says so.
-# The dashboard's browser test needs Debian's chromium and chromium-driver (installed as root).
+# The dashboard's browser test needs Debian's chromium and chromium-driver (installed as root);
+# the HAProxy tests need Debian's haproxy and wrk (installed as root).
 test: install
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || scripts/install_chromium.sh
+	@scripts/install_haproxy.sh && scripts/install_wrk.sh
 	$(PY) -m pytest -q -m "not slow" --ignore=tests/cluster
 	@scripts/cluster_tests.sh $(PY)
 

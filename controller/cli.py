@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from serve._proxy_flags import add_proxy_options, options_from_args, proxy_flags
-from serve._settings import settings
+from serve._settings import DIRECT_INGRESS_ENV, HA_PROXY_ENV, INGRESS_FLAGS_ENV, settings
 from serve.config import ProxyLocation
 
 
@@ -140,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.slurm_poll_s <= 0:
         parser.error(f"--slurm-poll-s must be > 0, got {args.slurm_poll_s}")
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else settings().state_dir
+    # The ingress mode and the proxy options reach the proxies and replicas through the
+    # environment they inherit from this process.
+    if args.direct_ingress:
+        os.environ[DIRECT_INGRESS_ENV] = "1"
+    if args.ha_proxy:
+        os.environ[HA_PROXY_ENV] = "1"
+    os.environ[INGRESS_FLAGS_ENV] = json.dumps(proxy_flags(http, grpc))
     exporter = settings().tracing_exporter_import_path
     if exporter:  # proxies and replicas trace with it: a wrong one fails here, not in each
         from serve._tracing import check_exporter

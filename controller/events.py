@@ -102,6 +102,7 @@ class ReplicaLinked:
     gang_id: str = ""
     gang_rank: int = -1
     gang_members: tuple[str, ...] = ()
+    ingress_http_address: str = ""  # direct ingress: where it serves HTTP itself
 
 
 @dataclasses.dataclass(frozen=True)

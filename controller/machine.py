@@ -472,6 +472,7 @@ class ControllerMachine:
                 self._check_recovery(now_s, out)  # the last one the restart waited for
             return
         record.address, record.pid, record.host = event.address, event.pid, event.host
+        record.ingress_http_address = event.ingress_http_address
         out.append(ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED))
         if record.phase is not Phase.STARTING:
             return
@@ -530,6 +531,7 @@ class ControllerMachine:
             gang_id=event.gang_id,
             gang_rank=event.gang_rank,
             gang_members=event.gang_members,
+            ingress_http_address=event.ingress_http_address,
         )
         out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version, request))
         goal.ever_running = goal.ever_running or current

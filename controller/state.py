@@ -168,6 +168,7 @@ class ReplicaRecord:
     gang_id: str = ""  # a gang member: its gang, its rank in it, and all members by rank
     gang_rank: int = -1
     gang_members: tuple[str, ...] = ()
+    ingress_http_address: str = ""  # direct ingress: where it serves HTTP itself
 
 
 @dataclasses.dataclass(frozen=True)

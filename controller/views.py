@@ -63,6 +63,7 @@ def replica_sets(
                     max_ongoing_requests=r.max_ongoing_requests,
                     model_ids=r.model_ids,
                     routing_stats_json=r.routing_stats_json,
+                    ingress_http_address=r.ingress_http_address,
                 )
                 for r in running
             ),

@@ -243,7 +243,7 @@ class Executor:
             raise ServeError(f"Replica {self.replica_id} is not initialized.")
         found: tuple[Callable[..., Any], Kind]
         if method_name == ASGI_METHOD:  # run by serve_asgi(), which the session calls
-            found = (self._asgi_app(), "asyncgen")
+            found = (self.asgi_app(), "asyncgen")
         elif method_name == GRPC_METHOD:
             found = (self._serve_grpc, "asyncgen")
         else:
@@ -252,7 +252,7 @@ class Executor:
         self._methods[method_name] = found
         return found
 
-    def _asgi_app(self) -> Any:
+    def asgi_app(self) -> Any:
         """The app HTTP requests run: @serve.ingress's, else one around ``__call__``."""
         if self._asgi is None:
             fn, kind = self.resolve("__call__")
@@ -279,7 +279,7 @@ class Executor:
         set_current_request(request)
         if request.deadline_s:  # the HTTP request_timeout_s, for nested calls
             set_current_deadline(request.deadline_s)
-        await serve_asgi(self._asgi_app(), *args, **kwargs, feed=request.feed, emit=emit)
+        await serve_asgi(self.asgi_app(), *args, **kwargs, feed=request.feed, emit=emit)
 
     async def _serve_grpc(
         self,

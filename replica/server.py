@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from replica import stats
+from replica.direct_ingress import DirectIngress
 from replica.executor import Executor
 from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
@@ -27,6 +28,7 @@ from serve._daemon import OrphanClock
 from serve._logging import access_log, configure
 from serve._models import ReplicaID
 from serve._multiplex import registry as multiplex_registry
+from serve._proxy_flags import inherited_ingress_options
 from serve._rpc.channel import TlsFiles, new_server
 from serve._rpc.controller_client import ControllerClient, LinkInfo, ReplicaLoad
 from serve._settings import settings
@@ -69,6 +71,7 @@ class ReplicaServer:
         self._controller: ControllerClient | None = None
         self._report: asyncio.Task[None] | None = None
         self._reported_models: frozenset[str] = frozenset()
+        self._ingress: DirectIngress | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -81,7 +84,7 @@ class ReplicaServer:
         self._controller = client.controller  # one channel to the controller, shared
         executor = self._executor = Executor(self.replica_id)
         servicer = self._servicer = ReplicaServicer(
-            executor, on_stop=self.drain, on_initialized=self._apply_logging_config
+            executor, on_stop=self.drain, on_initialized=self._initialized
         )
         server, port = new_server(self._token, self._tls, self._host, self._port)
         register(server, servicer)
@@ -103,7 +106,12 @@ class ReplicaServer:
         sys.stdout.flush()
         capture_user_output(self.replica_id, self._log_file)
         multiplex_registry.set_listener(self._models_changed)
-        link = asyncio.create_task(self._link_loop(address), name="replica:link")
+        ingress_address = ""
+        if settings().direct_ingress:
+            http, _ = inherited_ingress_options()
+            self._ingress = DirectIngress(executor, http, self._host)
+            ingress_address = await self._ingress.discover(client.controller)
+        link = asyncio.create_task(self._link_loop(address, ingress_address), name="replica:link")
         reporter = asyncio.create_task(self._report_loop(), name="replica:report-load")
         routing_stats = asyncio.create_task(
             stats.routing_stats_loop(executor, self._report_routing_stats),
@@ -117,6 +125,8 @@ class ReplicaServer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._ingress is not None:
+                await self._ingress.aclose()
             await servicer.close_sessions()
             await server.stop(STOP_GRACE_S)
             await executor.shutdown()
@@ -125,6 +135,12 @@ class ReplicaServer:
                 log.flush()  # the last requests' lines, before the process exits
             await client.aclose()
         return 0
+
+    def _initialized(self) -> None:
+        """The constructor ran: logging as the deployment says, and HTTP served if direct."""
+        self._apply_logging_config()
+        if self._ingress is not None:
+            self._ingress.start()
 
     def _apply_logging_config(self) -> None:
         """The deployment's logging_config (Ray's fields) takes over once it is known."""
@@ -156,6 +172,8 @@ class ReplicaServer:
         executor.draining = True
         try:
             async with asyncio.timeout(timeout_s):
+                if self._ingress is not None:  # a load balancer stops sending first
+                    await self._ingress.drain()
                 await executor.wait_idle()
         except TimeoutError:
             logger.warning(
@@ -240,7 +258,7 @@ class ReplicaServer:
         members = tuple(str(ReplicaID(tag, deployment_id)) for tag in gang.member_replica_ids)
         return {"gang_id": gang.gang_id, "gang_rank": gang.rank, "gang_members": members}
 
-    async def _link_loop(self, address: str) -> None:
+    async def _link_loop(self, address: str, ingress_http_address: str = "") -> None:
         """Hold the Link stream; re-link after a loss; exit after orphan_timeout_s alone."""
         assert self._executor is not None
         assert self._controller is not None
@@ -257,6 +275,7 @@ class ReplicaServer:
                 user_config_json=executor.user_config_json or b"",
                 model_ids=tuple(sorted(multiplex_registry.model_ids())),
                 draining=executor.draining,
+                ingress_http_address=ingress_http_address,
                 **self._gang_fields(),
             )
             try:

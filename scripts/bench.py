@@ -5,7 +5,9 @@ writes bench/results.json (``--out``). ``--quick`` shortens every measurement.
 
 Ingress (scripts/bench_ingress.py): HTTP through serve-proxy beside a bare uvicorn floor, both
 loaded by ``wrk`` (skipped, with one line, when wrk is missing), and gRPC through the proxy beside
-the grpc.aio floor. ``--no-ingress`` leaves them out.
+the grpc.aio floor. ``--no-ingress`` leaves them out. Then (scripts/bench_fast_ingress.py)
+direct ingress behind HAProxy against the default proxy, bare uvicorn and the FastAPI app on
+uvicorn alone, in interleaved rounds (3; ``--quick``: 1), and HAProxy's balance algorithms.
 
 Tracing (scripts/bench_tracing.py): L1, C1 and T1 again with every request traced (sampling
 1.0, the default exporter), beside this run's untraced figures. ``--no-tracing`` leaves it out.
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import serve  # noqa: E402
+from scripts.bench_fast_ingress import fast_ingress_rows, measure_fast_ingress  # noqa: E402
 from scripts.bench_ingress import have_wrk, measure_http_floor, measure_ingress  # noqa: E402
 from scripts.bench_profile import measure_profile, print_profile  # noqa: E402
 from scripts.bench_routing import routing_cost_us  # noqa: E402
@@ -629,7 +632,7 @@ def main() -> None:
             rate=closed_loop,
             cpu_s=cpu_s,
         )
-    http_floor = ingress = None
+    http_floor = ingress = fast = None
     if not args.no_ingress:
         http = have_wrk()
         http_floor = measure_http_floor(s.seconds) if http else None
@@ -641,7 +644,10 @@ def main() -> None:
             rate=closed_loop,
             http=http,
         )
+        if http:  # direct ingress behind HAProxy against the default proxy, in rounds
+            fast = measure_fast_ingress(s.seconds, 1 if args.quick else 3)
     rows = table(floor, ours, routing, http_floor, ingress, traced)
+    rows += fast_ingress_rows(fast) if fast else []
     print_table(rows)
     http_runs = {"http_floor": http_floor or {}}
     http_runs.update((k, v) for k, v in (ingress or {}).items() if k.startswith("http_"))
@@ -662,6 +668,7 @@ def main() -> None:
             http_floor["c1"]["p50_us"] + 1.2 * ours["L1"]["p50_us"] if http_floor else None
         ),
         "ingress": ingress,
+        "fast_ingress": fast,
         "tracing": traced,
         "rows": rows,
     }

@@ -137,10 +137,11 @@ def http_pair(url: str, seconds: float) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def http_floor_server() -> Iterator[str]:
-    """The bare uvicorn floor in its own process; stopped (killed if need be) on the way out."""
+def http_floor_server(*args: str) -> Iterator[str]:
+    """The bare uvicorn floor in its own process (``"fastapi"``: the FastAPI noop app on
+    uvicorn alone); stopped (killed if need be) on the way out."""
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "bench_http_floor.py")],
+        [sys.executable, str(ROOT / "scripts" / "bench_http_floor.py"), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -204,6 +205,29 @@ async def _grpc_client(
         }
 
 
+@contextlib.contextmanager
+def serve_session(env: dict[str, str] | None = None, **options: Any) -> Iterator[None]:
+    """A serve session of its own with a proxy on ephemeral ports (``env`` in every daemon's
+    environment; ``options`` more of serve.start's); shut down after."""
+    # The proxy imports the servicer function, and replicas the stubs, from this checkout.
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    serve.start(
+        proxy_location="EveryNode",
+        http_options={"host": "127.0.0.1", "port": 0},
+        controller_options={"runtime_env": {"env_vars": env or {}}},
+        **options,
+    )
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        if path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path
+
+
 def measure_ingress(
     seconds: float,
     latency_n: int,
@@ -216,15 +240,8 @@ def measure_ingress(
     """Ours, in a serve session of its own with a proxy on ephemeral ports; shut down after.
     ``latency`` and ``rate`` are bench.py's measures (async_latency, closed_loop)."""
     out: dict[str, Any] = {}
-    # The proxy imports the servicer function, and replicas the stubs, from this checkout.
-    path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
-    serve.start(
-        proxy_location="EveryNode",
-        http_options={"host": "127.0.0.1", "port": 0},
-        grpc_options={"port": 0, "grpc_servicer_functions": [GREETER_SERVICER]},
-    )
-    try:
+    grpc_options = {"port": 0, "grpc_servicer_functions": [GREETER_SERVICER]}
+    with serve_session(grpc_options=grpc_options):
         if http:
             targets: list[tuple[str, Any]] = [("async", HttpNoop)]
             if variants:
@@ -238,12 +255,6 @@ def measure_ingress(
         out["grpc"] = uvloop.run(
             _grpc_client(_proxy().grpc_address, latency_n, warmup_n, seconds, latency, rate)
         )
-    finally:
-        serve.shutdown()
-        if path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = path
     return out
 
 

@@ -1,18 +1,14 @@
-#!/bin/sh
-# `make bench` load generator: wrk (Debian package). Installs it when missing and we are root
-# with apt-get; otherwise says how, and the bench skips its HTTP rows. Never fails the build.
-if command -v wrk >/dev/null 2>&1; then
+#!/usr/bin/env bash
+# wrk (Debian package), the load generator of `make bench` and of the HAProxy tests under load.
+# Installs it as root (scripts/apt_install.sh: apt-get update first, no service started);
+# otherwise says how and fails (`make bench` goes on without its HTTP rows).
+set -euo pipefail
+if command -v wrk >/dev/null; then
     exit 0
 fi
-if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "install_wrk: installing wrk with apt-get" >&2
-    if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 \
-        || { apt-get update -qq >/dev/null 2>&1 \
-             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1; }; then
-        exit 0
-    fi
-    echo "install_wrk: apt-get could not install wrk" >&2
+if [ "$(id -u)" != 0 ]; then
+    echo "install_wrk.sh: wrk is not installed; install it as root: sudo scripts/install_wrk.sh" >&2
+    exit 1
 fi
-echo "install_wrk: wrk is not installed; the HTTP ingress benchmarks will be skipped." >&2
-echo "install_wrk: install it with: sudo apt-get install -y wrk" >&2
-exit 0
+"$(dirname "$0")/apt_install.sh" wrk
+echo "install_wrk.sh: $(command -v wrk) installed"

@@ -17,7 +17,13 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from serve._proxy_flags import add_proxy_options, options_from_args, proxy_flags, secret_env
+from serve._proxy_flags import (
+    add_proxy_options,
+    ingress_mode_flags,
+    options_from_args,
+    proxy_flags,
+    secret_env,
+)
 from serve.config import ProxyLocation
 from serve.exceptions import ControllerUnavailableError, ServeError
 
@@ -455,7 +461,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         location = ProxyLocation.from_value(args.proxy_location) if args.proxy_location else None
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
-    command += proxy_flags(http, grpc, args.proxy_workers)
+    command += proxy_flags(http, grpc, args.proxy_workers) + ingress_mode_flags(args)
     if location is not None:
         command += ["--proxy-location", location.value]
     env = dict(os.environ)

@@ -179,16 +179,24 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def write_lines(self, text: str) -> None:
-        """Append already formatted lines (the access log's batches), rotating first if
-        they would pass the size limit."""
+        """Append already formatted lines (the access log's batches), rotating whenever the
+        next ones would pass the size limit: a busy replica's batch may fill several files."""
         self.acquire()
         try:
             if self.stream is None:
                 return  # closed: late access lines are dropped
-            rotates = self.maxBytes > 0 and self.backupCount > 0
-            if rotates and self.stream.tell() + len(text) >= self.maxBytes:
-                self.doRollover()
-            self.stream.write(text)
+            if not (self.maxBytes > 0 and self.backupCount > 0):
+                self.stream.write(text)
+            while self.maxBytes > 0 and self.backupCount > 0 and text:
+                room = self.maxBytes - self.stream.tell()
+                cut = len(text) if len(text) < room else text.rfind("\n", 0, max(room, 0)) + 1
+                if cut == 0:  # not one more whole line fits
+                    if self.stream.tell() > 0:
+                        self.doRollover()
+                        continue
+                    cut = text.find("\n") + 1 or len(text)  # one line longer than a file
+                self.stream.write(text[:cut])
+                text = text[cut:]
             self.stream.flush()
         finally:
             self.release()

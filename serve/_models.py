@@ -82,6 +82,7 @@ class ReplicaInfo:
     max_ongoing_requests: int = 5
     model_ids: frozenset[str] = frozenset()
     routing_stats_json: bytes = b""  # what record_routing_stats() last returned, as JSON
+    ingress_http_address: str = ""  # where it serves HTTP itself (direct ingress), or ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -4,8 +4,10 @@ and the flags that hand ``HTTPOptions`` / ``gRPCOptions`` from a driver to its c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
+from serve._settings import INGRESS_FLAGS_ENV
 from serve.config import HTTPOptions, ProxyLocation, gRPCOptions
 
 # The key's password never goes on a command line (any user can read those): it travels in
@@ -68,6 +70,18 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="HTTP worker processes sharing the port (default 1)",
     )
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="ingress replicas serve HTTP themselves, each on a port of its own "
+        "(SERVE_ENABLE_DIRECT_INGRESS=1)",
+    )
+    parser.add_argument(
+        "--ha-proxy",
+        action="store_true",
+        help="HAProxy on the proxy's port, balancing onto ingress replicas that serve HTTP "
+        "themselves (SERVE_ENABLE_HA_PROXY=1; implies --direct-ingress)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[HTTPOptions, gRPCOptions]:
@@ -90,6 +104,24 @@ def options_from_args(args: argparse.Namespace) -> tuple[HTTPOptions, gRPCOption
     if args.proxy_workers < 1:
         raise ValueError(f"--proxy-workers must be >= 1, got {args.proxy_workers}")
     return http, grpc
+
+
+def inherited_ingress_options() -> tuple[HTTPOptions, gRPCOptions]:
+    """The controller's proxy options, for an ingress replica serving HTTP itself: the
+    controller puts them in the environment its replicas inherit (``_SERVE_INGRESS_FLAGS``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_proxy_options(parser)
+    flags = json.loads(os.environ.get(INGRESS_FLAGS_ENV) or "[]")
+    return options_from_args(parser.parse_args(flags))
+
+
+def ingress_mode_flags(args: argparse.Namespace) -> list[str]:
+    """The --direct-ingress / --ha-proxy flags given, to pass on to serve-controller."""
+    return [
+        flag
+        for flag, on in (("--direct-ingress", args.direct_ingress), ("--ha-proxy", args.ha_proxy))
+        if on
+    ]
 
 
 def proxy_flags(http: HTTPOptions, grpc: gRPCOptions, workers: int = 1) -> list[str]:

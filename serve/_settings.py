@@ -47,6 +47,18 @@ The HTTP proxy's bounds (see serve/_proxy/protocol.py), per proxy process:
 | SERVE_WEBSOCKET_MAX_QUEUE | WebSocket messages queued in each direction | 32 |
 | SERVE_WEBSOCKET_MAX_MESSAGE_BYTES | largest WebSocket message a client may send | 16 MiB |
 
+Direct ingress and HAProxy (Ray's RAY_SERVE_ENABLE_DIRECT_INGRESS and RAY_SERVE_ENABLE_HA_PROXY;
+see replica/direct_ingress.py and serve/_proxy/haproxy.py):
+
+| variable | meaning | default |
+|---|---|---|
+| SERVE_ENABLE_DIRECT_INGRESS | ingress replicas serve HTTP themselves, on their own port | unset |
+| SERVE_ENABLE_HA_PROXY | HAProxy on the proxy's port, onto those replicas (implies it) | unset |
+| SERVE_HAPROXY_BINARY_PATH | the haproxy executable | haproxy on PATH |
+| SERVE_HAPROXY_BALANCE_ALGORITHM | HAProxy's ``balance`` for the replicas | leastconn |
+| SERVE_HAPROXY_NBTHREAD | HAProxy threads | 1 |
+| SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S | a stopping ingress replica stays open this long | 2 |
+
 Limits and connection settings are read by the daemon that receives: set them where
 serve-controller runs (replicas and proxies inherit its environment) and, for the size limits,
 in the driver too (it refuses an oversized call before sending it). A call over a size limit
@@ -73,6 +85,11 @@ TOKEN_ENV = "SERVE_CLUSTER_TOKEN"
 ADDRESS_ENV = "SERVE_ADDRESS"
 STATE_DIR_ENV = "SERVE_STATE_DIR"
 NODE_ID_ENV = "SERVE_NODE_ID"
+DIRECT_INGRESS_ENV = "SERVE_ENABLE_DIRECT_INGRESS"
+HA_PROXY_ENV = "SERVE_ENABLE_HA_PROXY"
+# The controller's proxy options (serve-proxy's flags, as JSON), for ingress replicas serving
+# HTTP themselves: set by the controller in its own environment, which replicas inherit.
+INGRESS_FLAGS_ENV = "_SERVE_INGRESS_FLAGS"
 _GRPC_MAX = 2**31 - 1  # gRPC's message limits are C ints: at most 2 GiB - 1
 
 
@@ -119,6 +136,12 @@ class Settings:
     # when both ends of its stream share /dev/shm (serve/_rpc/shm.py); 0: never. Measured: from
     # 256 KiB up (where buffers go out of band at all) a segment beats the gRPC messages.
     shm_min_bytes: int = 256 * 2**10
+    direct_ingress: bool = False
+    ha_proxy: bool = False
+    haproxy_binary: str = "haproxy"
+    haproxy_balance: str = "leastconn"
+    haproxy_nbthread: int = 1
+    direct_ingress_min_draining_period_s: float = 2.0
 
 
 def _float_env(name: str, default: float) -> float:
@@ -159,10 +182,32 @@ def _count_env(name: str, default: int) -> int:
     return value
 
 
+def _flag_env(name: str) -> bool:
+    """``1`` (on) or ``0`` (off, the default), as Ray's feature flags."""
+    raw = os.environ.get(name, "").strip()
+    if raw in ("", "0"):
+        return False
+    if raw == "1":
+        return True
+    raise ValueError(f"{name}={raw!r}: use 1 (on) or 0 (off).")
+
+
+# HAProxy's algorithms that its runtime API can add servers to (power of two choices is
+# random(2)); see the README's "Direct ingress behind HAProxy" for the measurement.
+HAPROXY_BALANCE_ALGORITHMS = ("leastconn", "random(2)", "roundrobin", "random")
+
+
 def _ratio_env(name: str, default: float) -> float:
     value = _float_env(name, default)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}={value!r} must be between 0.0 and 1.0.")
+    return value
+
+
+def _non_negative_float_env(name: str, default: float) -> float:
+    value = _float_env(name, default)
+    if not value >= 0:
+        raise ValueError(f"{name}={value!r} must be 0 or more.")
     return value
 
 
@@ -185,6 +230,13 @@ def settings() -> Settings:
             f"SERVE_HEARTBEAT_TIMEOUT_S={heartbeat_timeout_s:g} must be greater than "
             f"SERVE_HEARTBEAT_PERIOD_S={heartbeat_period_s:g} (a few periods: one late "
             "heartbeat must not end a stream)."
+        )
+    ha_proxy = _flag_env(HA_PROXY_ENV)
+    balance = os.environ.get("SERVE_HAPROXY_BALANCE_ALGORITHM") or "leastconn"
+    if balance not in HAPROXY_BALANCE_ALGORITHMS:
+        raise ValueError(
+            f"SERVE_HAPROXY_BALANCE_ALGORITHM={balance!r}: use one of "
+            f"{', '.join(HAPROXY_BALANCE_ALGORITHMS)}."
         )
     if log_format not in ("text", "json"):
         raise ValueError(f"SERVE_LOG_FORMAT={log_format!r}: use 'text' or 'json'.")
@@ -236,4 +288,13 @@ def settings() -> Settings:
         tracing_exporter_import_path=os.environ.get("SERVE_TRACING_EXPORTER_IMPORT_PATH", ""),
         tracing_sampling_ratio=_ratio_env("SERVE_TRACING_SAMPLING_RATIO", 0.01),
         shm_min_bytes=_count_env("SERVE_SHM_MIN_BYTES", 256 * 2**10),
+        # As Ray's: HAProxy needs the replicas to serve HTTP themselves.
+        direct_ingress=ha_proxy or _flag_env(DIRECT_INGRESS_ENV),
+        ha_proxy=ha_proxy,
+        haproxy_binary=os.environ.get("SERVE_HAPROXY_BINARY_PATH") or "haproxy",
+        haproxy_balance=balance,
+        haproxy_nbthread=_positive_int_env("SERVE_HAPROXY_NBTHREAD", 64) or 1,
+        direct_ingress_min_draining_period_s=_non_negative_float_env(
+            "SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", 2.0
+        ),
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ingress import MODE_ENV, MODES, Ingress
 from tests.support.procs import (
     StandaloneController,
     kill_tree,
@@ -47,18 +48,31 @@ def state_dir() -> Path:
     return Path(_STATE_DIR)
 
 
-@pytest.fixture(scope="session")
-def serve_session() -> Iterator[None]:
-    """One embedded controller for the e2e tests of this pytest process, with a proxy serving
-    HTTP and the test Greeter service over gRPC on ephemeral ports."""
+# The ingress mode of the shared controller (tests/support/ingress.py), once one is running.
+_mode: list[str] = []
+
+
+def _use_mode(mode: str) -> None:
+    """The shared controller, in this ingress mode (restarted in it if it ran in another)."""
     import serve
 
+    if _mode == [mode]:
+        return
+    if _mode:
+        _stop_serve()
     serve.start(
         proxy_location="EveryNode",
         http_options={"port": 0},
         grpc_options={"port": 0, "grpc_servicer_functions": [GREETER_SERVICER]},
+        controller_options={"runtime_env": {"env_vars": MODE_ENV[mode]}},
     )
-    yield
+    _mode[:] = [mode]
+
+
+def _stop_serve() -> None:
+    import serve
+
+    _mode.clear()
     serve.shutdown()
     try:
         wait_for(lambda: not serve_processes(), timeout_s=30)
@@ -67,11 +81,24 @@ def serve_session() -> Iterator[None]:
             kill_tree(proc.pid)
 
 
+@pytest.fixture(scope="session")
+def serve_session() -> Iterator[None]:
+    """One embedded controller for the e2e tests of this pytest process, with a proxy serving
+    HTTP and the test Greeter service over gRPC on ephemeral ports (in the ingress mode the
+    tests ask for; the default proxy unless one does)."""
+    yield
+    if _mode:
+        _stop_serve()
+
+
 @pytest.fixture
 def serve_instance(serve_session: None) -> Iterator[None]:
-    """The shared controller, with every application deleted after the test."""
+    """The shared controller (in any ingress mode), with every application deleted after the
+    test."""
     import serve
 
+    if not _mode:
+        _use_mode("proxy")
     yield
     for name in list(serve.status().applications):
         serve.delete(name)
@@ -79,8 +106,34 @@ def serve_instance(serve_session: None) -> Iterator[None]:
 
 @pytest.fixture
 def http_url(serve_instance: None) -> str:
-    """The shared proxy's HTTP base URL (it may have been replaced by an earlier test)."""
+    """The shared proxy's HTTP base URL (it may have been replaced by an earlier test), with the
+    default proxy (no direct ingress)."""
+    _use_mode("proxy")
     return f"http://{proxy_details().http_address}"
+
+
+@pytest.fixture
+def haproxy(serve_instance: None) -> Ingress:
+    """HTTP ingress through HAProxy (SERVE_ENABLE_HA_PROXY=1) alone."""
+    if shutil.which("haproxy") is None:
+        pytest.fail("HAProxy is not installed: run scripts/install_haproxy.sh (as root)")
+    _use_mode("haproxy")
+    return Ingress("haproxy")
+
+
+@pytest.fixture(scope="session", params=MODES)
+def ingress_mode(request: pytest.FixtureRequest) -> str:
+    mode: str = request.param
+    return mode
+
+
+@pytest.fixture
+def ingress(serve_instance: None, ingress_mode: str) -> Ingress:
+    """HTTP ingress in each mode: the default proxy, direct ingress, HAProxy in front."""
+    if ingress_mode == "haproxy" and shutil.which("haproxy") is None:
+        pytest.fail("HAProxy is not installed: run scripts/install_haproxy.sh (as root)")
+    _use_mode(ingress_mode)
+    return Ingress(ingress_mode)
 
 
 @pytest.fixture

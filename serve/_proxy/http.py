@@ -12,34 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import pickle
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from serve import _tracing
 from serve._context import RequestContext, request_deadline, set_current_request
-from serve._ingress import body_messages
+from serve._proxy.answers import (
+    NO_ROUTES_MESSAGE,
+    Headers,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    answer,
+    error_answer,
+    lifespan,
+    not_found,
+    send_body,
+)
 from serve._proxy.protocol import CONNECTION_KEY, ConnectionWatch
 from serve._proxy.routes import RouteTable
 from serve._settings import settings
-from serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    RequestCancelledError,
-    RequestTimeoutError,
-)
 
 logger = logging.getLogger(__name__)
-
-Message = dict[str, Any]
-Scope = dict[str, Any]
-Headers = tuple[tuple[bytes, bytes], ...]
-_Answer = tuple[int, str, Headers]  # status, body text, extra headers
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # The scope keys a replica needs (uvicorn adds its own objects, which do not pickle).
 SCOPE_KEYS = (
@@ -59,7 +56,6 @@ SCOPE_KEYS = (
     "extensions",
 )
 STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
-NO_ROUTES_MESSAGE = "Route table is not populated yet."
 PUMP_AFTER_S = 0.05  # a request answered within this needs no task watching for a disconnect
 DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
@@ -78,7 +74,7 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         path = scope["path"]
         if kind == "http" and path.startswith("/-/"):
@@ -86,11 +82,11 @@ class ProxyApp:
             return
         route = self._routes.match(path)
         if route is None:
-            await _answer(
+            await answer(
                 scope,
                 send,
                 404,
-                f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
+                not_found(path),
             )
             return
         if _tracing.enabled and _tracing.TRACED_KEY not in scope:  # again, in its span
@@ -137,24 +133,9 @@ class ProxyApp:
             # hold the request) would make a cycle that keeps the request and its body alive
             # until the cyclic collector happens to run.
             exc.__traceback__ = None
-            answer = self._error_answer(exc, route.app_name)
-            if answer is not None:
-                await _fail(scope, send, state, *answer)
-
-    def _error_answer(self, exc: Exception, app_name: str) -> _Answer | None:
-        """The HTTP answer to a failed request, as Ray answers (None: the client left)."""
-        if isinstance(exc, RequestTimeoutError):  # not a TimeoutError of the user's: a 500
-            return 408, f"Request timed out after {self._timeout_s}s (request_timeout_s).", ()
-        if isinstance(exc, BackPressureError):  # the deployment's backpressure_config
-            retry = exc.retry_after_s
-            headers = () if retry is None else ((b"retry-after", b"%d" % max(0, math.ceil(retry))),)
-            return exc.status_code, str(exc), headers
-        if isinstance(exc, DeploymentUnavailableError):
-            return 503, str(exc), ()
-        if isinstance(exc, RequestCancelledError):
-            return None  # the client went away
-        logger.warning("Request to %s failed: %s", app_name, exc)
-        return 500, f"{type(exc).__name__}: {exc}", ()
+            found = error_answer(exc, route.app_name, self._timeout_s)
+            if found is not None:
+                await _fail(scope, send, state, *found)
 
     async def _forward(
         self,
@@ -213,14 +194,14 @@ class ProxyApp:
     async def _builtin(self, path: str, send: Send) -> None:
         if path == "/-/healthz":
             if self.ready:
-                await _send_body(send, 200, b"success", b"text/plain")
+                await send_body(send, 200, b"success", b"text/plain")
             else:  # as Ray answers until an application is exposed
-                await _send_body(send, 503, NO_ROUTES_MESSAGE.encode(), b"text/plain")
+                await send_body(send, 503, NO_ROUTES_MESSAGE.encode(), b"text/plain")
         elif path == "/-/routes":
             table = {r.route_prefix: r.app_name for r in self._routes.routes if r.route_prefix}
-            await _send_body(send, 200, orjson.dumps(table), b"application/json")
+            await send_body(send, 200, orjson.dumps(table), b"application/json")
         else:
-            await _send_body(send, 404, f"Path '{path}' not found.".encode(), b"text/plain")
+            await send_body(send, 404, f"Path '{path}' not found.".encode(), b"text/plain")
 
 
 class _Forward:
@@ -279,29 +260,4 @@ async def _fail(
     if state.started:
         return  # too late to answer: the client sees the connection end
     state.started = True
-    await _answer(scope, send, status, text, headers)
-
-
-async def _answer(scope: Scope, send: Send, status: int, text: str, headers: Headers = ()) -> None:
-    if scope["type"] == "websocket":
-        # Before accept, closing answers the handshake with 403; 1011 after it.
-        await send({"type": "websocket.close", "code": 1011, "reason": text[:120]})
-        return
-    await _send_body(send, status, text.encode(), b"text/plain; charset=utf-8", headers)
-
-
-async def _send_body(
-    send: Send, status: int, body: bytes, content_type: bytes, headers: Headers = ()
-) -> None:
-    for message in body_messages(status, body, content_type, headers):
-        await send(message)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    await answer(scope, send, status, text, headers)

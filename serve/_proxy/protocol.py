@@ -30,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_impl import WebSocketProtocol
 
+from serve._rpc.channel import fd_connection_share, raise_open_file_limit
 from serve._settings import settings
+from serve.config import HTTPOptions
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +48,24 @@ _IDLE, _HEAD, _BODY = 0, 1, 2  # no request in progress; its head arriving; its 
 
 
 class ConnectionWatch:
-    """Whether a client connection has ended, for the app serving a request on it."""
+    """Whether a client connection has ended, for the app serving a request on it: ask
+    (``closed``), wait (``wait_closed()``), or be called (``on_close``, set by the request in
+    progress: HTTP/1.1 serves one request at a time on a connection)."""
 
-    __slots__ = ("_gone", "closed")
+    __slots__ = ("_gone", "closed", "on_close")
 
     def __init__(self) -> None:
         self.closed = False
         self._gone: asyncio.Event | None = None
+        self.on_close: Callable[[], None] | None = None
 
     def close(self) -> None:
         self.closed = True
         if self._gone is not None:
             self._gone.set()
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback()
 
     async def wait_closed(self) -> None:
         if self.closed:
@@ -395,3 +404,40 @@ def protocol_classes(max_connections: int) -> tuple[type[BoundedHttpProtocol], t
     limits = Limits(max_connections)
     http = type("ProxyHttpProtocol", (BoundedHttpProtocol,), {"limits": limits})
     return http, BoundedWebSocketProtocol
+
+
+def server_config(app: Any, http: HTTPOptions) -> Any:
+    """A loaded ``uvicorn.Config`` serving ``app`` with these bounds and ``http``'s options
+    (keep-alive, TLS), for the proxy and for ingress replicas that serve HTTP themselves.
+    Raises ``SystemExit`` naming the files when the TLS key or certificate cannot be loaded."""
+    import uvicorn
+
+    s = settings()
+    # Connections beyond the cap would exhaust the descriptors the process needs.
+    max_connections = min(s.http_max_connections, fd_connection_share(raise_open_file_limit()))
+    http_protocol, ws_protocol = protocol_classes(max_connections)
+    config = uvicorn.Config(
+        app,
+        http=http_protocol,
+        ws=ws_protocol,
+        ws_max_size=s.websocket_max_message_bytes,
+        ws_max_queue=s.websocket_max_queue,
+        lifespan="off",
+        access_log=False,
+        proxy_headers=False,  # the server faces its clients: the peer is the client
+        log_config=None,
+        timeout_keep_alive=max(1, round(http.keep_alive_timeout_s)),
+        ssl_keyfile=http.ssl_keyfile,
+        ssl_certfile=http.ssl_certfile,
+        ssl_keyfile_password=http.ssl_keyfile_password,
+        ssl_ca_certs=http.ssl_ca_certs,
+    )
+    try:
+        config.load()  # the TLS files are read here: a bad one is reported, not retried
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise SystemExit(
+            f"cannot serve HTTPS with ssl_keyfile={http.ssl_keyfile!r} and "
+            f"ssl_certfile={http.ssl_certfile!r}: {exc}. Check the files (PEM) and the key's "
+            "password (ssl_keyfile_password)."
+        ) from exc
+    return config

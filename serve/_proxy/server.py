@@ -19,18 +19,21 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve import _client
 from serve._daemon import OrphanClock, on_stdin_closed, route_address
 from serve._models import ProxyInfo
 from serve._proxy.http import ProxyApp
-from serve._proxy.protocol import protocol_classes
+from serve._proxy.protocol import server_config
 from serve._proxy.routes import RouteTable
-from serve._rpc.channel import TlsFiles, fd_connection_share, raise_open_file_limit
+from serve._rpc.channel import TlsFiles
 from serve._settings import settings
 from serve._sync import set_home_loop
 from serve.config import HTTPOptions, gRPCOptions
+
+if TYPE_CHECKING:
+    from serve._proxy.haproxy import HAProxyFront
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class ProxyServer:
         self._routes = RouteTable()
         self._app = ProxyApp(self._routes, request_timeout_s=http.request_timeout_s)
         self._server: Any = None  # the uvicorn.Server
+        self._front: HAProxyFront | None = None  # HAProxy in front (SERVE_ENABLE_HA_PROXY)
+        self._exit_code = 0
         self._have_routes = asyncio.Event()
         self._grpc_ready = _Ready()
 
@@ -106,43 +111,34 @@ class ProxyServer:
             http_address=http_address,
             grpc_address=grpc_address,
         )
-        s = settings()
-        # Connections beyond the cap would exhaust the descriptors the proxy needs.
-        max_connections = min(s.http_max_connections, fd_connection_share(raise_open_file_limit()))
-        http_protocol, ws_protocol = protocol_classes(max_connections)
-        config = uvicorn.Config(
-            self._app,
-            http=http_protocol,
-            ws=ws_protocol,
-            ws_max_size=s.websocket_max_message_bytes,
-            ws_max_queue=s.websocket_max_queue,
-            lifespan="off",
-            access_log=False,
-            proxy_headers=False,  # the proxy faces its clients: the peer is the client
-            log_config=None,
-            timeout_keep_alive=max(1, round(self._http.keep_alive_timeout_s)),
-            ssl_keyfile=self._http.ssl_keyfile,
-            ssl_certfile=self._http.ssl_certfile,
-            ssl_keyfile_password=self._http.ssl_keyfile_password,
-            ssl_ca_certs=self._http.ssl_ca_certs,
-        )
         try:
-            config.load()  # the TLS files are read here: a bad one is reported, not retried
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise SystemExit(
-                f"serve-proxy: cannot serve HTTPS with ssl_keyfile={self._http.ssl_keyfile!r} "
-                f"and ssl_certfile={self._http.ssl_certfile!r}: {exc}. Check the files (PEM) "
-                "and the key's password (ssl_keyfile_password)."
-            ) from exc
+            config = server_config(self._app, self._http)
+        except SystemExit as exc:
+            raise SystemExit(f"serve-proxy: {exc}") from exc
         server = self._server = uvicorn.Server(config)
+        serve_sock = sock
+        if settings().ha_proxy and not self.is_worker:
+            # HAProxy takes the port; this proxy serves behind it, as every route's backup.
+            from serve._proxy.haproxy import HAProxyFront, address_of, fallback_socket
+
+            serve_sock = fallback_socket(self._http.host)
+            self._front = HAProxyFront(
+                client, http=self._http, sock=sock, fallback=address_of(serve_sock)
+            )
         watch = asyncio.create_task(self._watch_routes(client, info), name="proxy:routes")
         children: list[subprocess.Popen[bytes]] = []
+        exited: asyncio.Task[None] | None = None
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(10.0):
                     await self._have_routes.wait()
+            if self._front is not None:
+                await self._start_front(self._front)
+                exited = asyncio.create_task(
+                    self._stop_when_front_exits(self._front), name="proxy:haproxy:exit"
+                )
             if not self.is_worker:
-                children = [self._start_worker(sock) for _ in range(self._workers - 1)]
+                children = [self._start_worker(serve_sock) for _ in range(self._workers - 1)]
                 ready = {
                     "event": "ready",
                     "address": http_address,
@@ -159,8 +155,13 @@ class ProxyServer:
                 )
             else:
                 on_stdin_closed(loop, self._stop)  # the first worker is gone
-            await server.serve(sockets=[sock])
+            await server.serve(sockets=[serve_sock])
         finally:
+            if exited is not None:
+                exited.cancel()
+                await asyncio.gather(exited, return_exceptions=True)
+            if self._front is not None:
+                await self._front.aclose()
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
             for child in children:
@@ -169,7 +170,23 @@ class ProxyServer:
                 await grpc_server.stop(1.0)
             await client.aclose()
             sock.close()
-        return 0
+            serve_sock.close()
+        return self._exit_code
+
+    async def _start_front(self, front: HAProxyFront) -> None:
+        from serve._proxy.haproxy import HAProxyExited
+
+        try:
+            await front.start()
+        except HAProxyExited as exc:
+            raise SystemExit(f"serve-proxy: {exc}") from exc
+
+    async def _stop_when_front_exits(self, front: HAProxyFront) -> None:
+        """HAProxy died: this proxy exits too, and the controller starts both again."""
+        code = await front.wait_exited()
+        logger.error("HAProxy exited (code %d): stopping, to be started again", code)
+        self._exit_code = 1
+        self._stop()
 
     def _socket(self) -> socket.socket:
         if self._worker_fd is not None:
@@ -212,6 +229,8 @@ class ProxyServer:
                 async with asyncio.timeout(clock.remaining_s()) as deadline:
                     async for routes in client.controller.watch_routes(info):
                         self._routes.update(routes)
+                        if self._front is not None:
+                            self._front.update_routes(routes)
                         # As Ray's: ready once some application was exposed (then for good);
                         # over HTTP only one with a route prefix counts.
                         if self._routes.routes:

@@ -50,6 +50,7 @@ class LinkInfo:
     gang_id: str = ""
     gang_rank: int = -1
     gang_members: tuple[str, ...] = ()  # replica ids, by rank
+    ingress_http_address: str = ""  # where it serves HTTP itself (direct ingress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +295,7 @@ class ControllerClient:
                 gang_id=info.gang_id,
                 gang_rank=info.gang_rank,
                 gang_members=list(info.gang_members),
+                ingress_http_address=info.ingress_http_address,
             )
         )
         heartbeat = controller_pb2.LinkMessage(heartbeat=_HEARTBEAT)

@@ -294,6 +294,7 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
                 max_ongoing_requests=r.max_ongoing_requests,
                 model_ids=sorted(r.model_ids),
                 routing_stats_json=r.routing_stats_json,
+                ingress_http_address=r.ingress_http_address,
             )
             for r in rs.replicas
         ],
@@ -323,6 +324,7 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
                 max_ongoing_requests=r.max_ongoing_requests,
                 model_ids=frozenset(r.model_ids),
                 routing_stats_json=r.routing_stats_json,
+                ingress_http_address=r.ingress_http_address,
             )
             for r in msg.replicas
         ),

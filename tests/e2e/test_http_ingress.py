@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 import serve
+from tests.support.ingress import Ingress
 from tests.support.procs import free_port, proxy_details, run_example, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -139,10 +140,10 @@ class Versioned:
         return self.version
 
 
-def test_plain_deployment_receives_a_starlette_request(http_url: str) -> None:
+def test_plain_deployment_receives_a_starlette_request(ingress: Ingress) -> None:
     serve.run(Echo.bind(), name="echo", route_prefix="/echo")
     reply = httpx.post(
-        f"{http_url}/echo/a/b?x=1",
+        ingress.url("/echo/a/b?x=1"),
         content=b"payload",
         headers={"x-test": "yes", "x-request-id": "my-id-1"},
         timeout=10,
@@ -158,25 +159,25 @@ def test_plain_deployment_receives_a_starlette_request(http_url: str) -> None:
         "header": "yes",
     }
     serve.run(Text.bind(), name="text", route_prefix="/text")
-    reply = httpx.get(f"{http_url}/text", timeout=10)
+    reply = httpx.get(ingress.url("/text"), timeout=10)
     assert (reply.text, reply.headers["content-type"]) == (
         "plain text",
         "text/plain; charset=utf-8",
     )
 
 
-def test_the_multiplexed_model_id_header_picks_the_model(http_url: str) -> None:
+def test_the_multiplexed_model_id_header_picks_the_model(ingress: Ingress) -> None:
     serve.run(Models.bind(), name="models", route_prefix="/models")
     for model in ("a", "b", "a"):
         reply = httpx.get(
-            f"{http_url}/models", headers={"serve_multiplexed_model_id": model}, timeout=30
+            ingress.url("/models"), headers={"serve_multiplexed_model_id": model}, timeout=30
         )
         assert reply.text == f"model {model}"
 
 
-def test_fastapi_ingress_runs_the_users_app_in_the_replica(http_url: str) -> None:
+def test_fastapi_ingress_runs_the_users_app_in_the_replica(ingress: Ingress) -> None:
     serve.run(Shop.bind("Howdy"), name="shop", route_prefix="/shop")
-    with httpx.Client(base_url=f"{http_url}/shop", timeout=10) as client:
+    with httpx.Client(base_url=ingress.url("/shop"), timeout=10) as client:
         assert client.get("/").json() == "Howdy, world!"
         assert client.get("/items/7", params={"q": "red"}).json() == {"item_id": 7, "q": "red"}
         missing = client.get("/items/404")
@@ -195,13 +196,13 @@ def test_fastapi_ingress_runs_the_users_app_in_the_replica(http_url: str) -> Non
 
 
 def test_streaming_response_arrives_before_the_generator_ends(
-    http_url: str, tmp_path: Path
+    ingress: Ingress, tmp_path: Path
 ) -> None:
     serve.run(Shop.bind(), name="shop", route_prefix="/shop")
     release = tmp_path / "release"
     with (
         httpx.Client(timeout=30) as client,
-        client.stream("GET", f"{http_url}/shop/stream", params={"path": str(release)}) as reply,
+        client.stream("GET", ingress.url("/shop/stream"), params={"path": str(release)}) as reply,
     ):
         lines = reply.iter_lines()
         assert next(lines) == "first"  # while the generator waits for the file
@@ -209,9 +210,9 @@ def test_streaming_response_arrives_before_the_generator_ends(
         assert next(lines) == "second"
 
 
-def test_websocket_echo(http_url: str) -> None:
+def test_websocket_echo(ingress: Ingress) -> None:
     serve.run(Shop.bind("Echo"), name="shop", route_prefix="/shop")
-    ws_url = http_url.replace("http://", "ws://") + "/shop/ws"
+    ws_url = ingress.url("/shop/ws").replace("http://", "ws://")
     with websockets.sync.client.connect(ws_url, open_timeout=10) as ws:
         for text in ("one", "two", "three"):
             ws.send(text)
@@ -219,22 +220,21 @@ def test_websocket_echo(http_url: str) -> None:
 
 
 def test_client_disconnect_cancels_the_request_in_the_replica(
-    http_url: str, tmp_path: Path
+    ingress: Ingress, tmp_path: Path
 ) -> None:
     serve.run(Slow.bind(), name="slow", route_prefix="/slow")
     marker = tmp_path / "cancelled"
-    host, port = http_url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection(ingress.host_port("/slow"), timeout=10) as sock:
         sock.sendall(f"GET /slow?path={marker} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         wait_for(Path(f"{marker}.started").exists, timeout_s=10)
     wait_for(marker.exists, timeout_s=10)
     assert marker.read_text() == "cancelled"
 
 
-def test_backpressure_is_503(http_url: str, tmp_path: Path) -> None:
+def test_backpressure_is_503(ingress: Ingress, tmp_path: Path) -> None:
     serve.run(Slow.bind(), name="slow", route_prefix="/slow")
     marker = tmp_path / "x"
-    url = f"{http_url}/slow?path={marker}"
+    url = ingress.url(f"/slow?path={marker}")
 
     async def main() -> set[int]:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -257,38 +257,53 @@ def test_backpressure_is_503(http_url: str, tmp_path: Path) -> None:
     assert asyncio.run(main()) == {503}
 
 
-def test_no_route_is_404_and_builtin_routes(http_url: str) -> None:
+def test_no_route_is_404_and_builtin_routes(ingress: Ingress) -> None:
     serve.run(Echo.bind(), name="echo", route_prefix="/echo")
-    missing = httpx.get(f"{http_url}/nothing-here", timeout=10)
+    # Direct: the echo replica itself answers all of it (Ray's direct ingress answers so).
+    missing = httpx.get(ingress.url("/nothing-here", app="echo"), timeout=10)
     assert missing.status_code == 404
     assert "/-/routes" in missing.text
-    assert httpx.get(f"{http_url}/-/healthz", timeout=10).text == "success"
-    assert httpx.get(f"{http_url}/-/routes", timeout=10).json() == {"/echo": "echo"}
+    assert httpx.get(ingress.url("/-/healthz", app="echo"), timeout=10).text == "success"
+    routes = httpx.get(ingress.url("/-/routes", app="echo"), timeout=10)
+    assert routes.json() == {"/echo": "echo"}
 
 
-def test_replica_death_is_500_with_a_clear_body(http_url: str) -> None:
+def test_replica_death_is_500_with_a_clear_body(ingress: Ingress) -> None:
     serve.run(Dies.bind(), name="dies", route_prefix="/dies")
-    reply = httpx.get(f"{http_url}/dies", timeout=10)
+    url = ingress.url("/dies")
+    if ingress.mode == "direct":  # nobody between the client and the replica to answer
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(url, timeout=10)
+        return
+    reply = httpx.get(url, timeout=10)
     assert reply.status_code == 500
     assert "ReplicaDiedError" in reply.text
     assert "it was not retried" in reply.text
 
 
-def test_two_applications_on_two_prefixes_longest_prefix_wins(http_url: str) -> None:
+def test_two_applications_on_two_prefixes_longest_prefix_wins(ingress: Ingress) -> None:
     serve.run(Shop.bind(), name="shop", route_prefix="/shop")
     serve.run(Echo.bind(), name="root", route_prefix="/")
-    with httpx.Client(base_url=http_url, timeout=10) as client:
-        assert client.get("/shop/").json() == "Hello, world!"
-        assert client.get("/shopping").json()["path"] == "/shopping"  # not under /shop
-        assert client.get("/other/x").json()["path"] == "/other/x"
-        assert client.get("/-/routes").json() == {"/": "root", "/shop": "shop"}
+    with httpx.Client(timeout=10) as client:
+        assert client.get(ingress.url("/shop/")).json() == "Hello, world!"
+        # Not under /shop: the root application's (direct: its replica's).
+        assert client.get(ingress.url("/shopping")).json()["path"] == "/shopping"
+        assert client.get(ingress.url("/other/x")).json()["path"] == "/other/x"
+        routes = client.get(ingress.url("/-/routes")).json()
+        if ingress.mode == "direct":  # a replica knows its own route, as Ray's
+            assert routes == {"/": "root"}
+        else:
+            assert routes == {"/": "root", "/shop": "shop"}
     serve.delete("shop")
-    wait_for(lambda: httpx.get(f"{http_url}/shop/", timeout=10).status_code == 200, timeout_s=10)
-    assert httpx.get(f"{http_url}/shop/", timeout=10).json()["path"] == "/shop/"
+    wait_for(lambda: httpx.get(ingress.url("/shop/"), timeout=10).status_code == 200, timeout_s=10)
+    assert httpx.get(ingress.url("/shop/"), timeout=10).json()["path"] == "/shop/"
 
 
-def test_redeploy_under_http_load_fails_no_request(http_url: str) -> None:
+def test_redeploy_under_http_load_fails_no_request(ingress: Ingress) -> None:
+    if ingress.mode == "direct":
+        pytest.skip("a rolling update needs a load balancer in front of the replicas")
     serve.run(Versioned.options(num_replicas=2).bind("v1"), name="ver", route_prefix="/ver")
+    url = ingress.url("/ver")
     stop = threading.Event()
     seen: dict[str, int] = {}
     failures: list[str] = []
@@ -299,7 +314,7 @@ def test_redeploy_under_http_load_fails_no_request(http_url: str) -> None:
                 if stop.is_set():
                     return
                 try:
-                    reply = client.get(f"{http_url}/ver")
+                    reply = client.get(url)
                 except httpx.HTTPError as exc:
                     failures.append(repr(exc))
                     continue

@@ -18,6 +18,7 @@ from starlette.requests import Request
 import serve
 import serve.exceptions
 from serve.config import BackpressureConfig, HTTPOptions
+from tests.support.ingress import MODE_ENV, Ingress
 from tests.support.procs import StandaloneController, run_script, wait_for
 from tests.support.tls import make_certs
 
@@ -52,23 +53,25 @@ async def _dropped(url: str, gate: Path) -> tuple[httpx.Response, list[int]]:
     return dropped, statuses
 
 
-def test_backpressure_config_sets_the_status_and_retry_after(http_url: str, tmp_path: Path) -> None:
+def test_backpressure_config_sets_the_status_and_retry_after(
+    ingress: Ingress, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
     app = Gate.options(
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=2.5)
     ).bind(str(gate))
     serve.run(app, name="shed", route_prefix="/shed")
-    dropped, held = asyncio.run(_dropped(f"{http_url}/shed", gate))
+    dropped, held = asyncio.run(_dropped(ingress.url("/shed"), gate))
     assert held == [200, 200]
     assert dropped.status_code == 429
     assert dropped.headers["retry-after"] == "3"  # rounded up to whole seconds
     assert dropped.text.startswith("Request dropped due to backpressure")
 
 
-def test_backpressure_defaults_to_503_without_retry_after(http_url: str, tmp_path: Path) -> None:
+def test_backpressure_defaults_to_503_without_retry_after(ingress: Ingress, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     serve.run(Gate.bind(str(gate)), name="shed", route_prefix="/shed")
-    dropped, held = asyncio.run(_dropped(f"{http_url}/shed", gate))
+    dropped, held = asyncio.run(_dropped(ingress.url("/shed"), gate))
     assert held == [200, 200]
     assert dropped.status_code == 503
     assert "retry-after" not in dropped.headers
@@ -124,9 +127,17 @@ serve.run(Hello.bind(), name="hello", route_prefix="/")
 """
 
 
-@pytest.fixture
-def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[StandaloneController]:
-    key = _encrypted_copy(certs["key"], "s3cret")
+@pytest.fixture(params=["proxy", "haproxy"])
+def https_controller(
+    request: pytest.FixtureRequest, tmp_path: Path, certs: dict[str, str]
+) -> Iterator[StandaloneController]:
+    """HTTPS from the proxy (a key with a password) or from HAProxy in front of the ingress
+    replicas, which serve HTTPS too (HAProxy reads no password: its key has none)."""
+    if request.param == "proxy":
+        key = _encrypted_copy(certs["key"], "s3cret")
+        env = {"SERVE_HTTP_SSL_KEYFILE_PASSWORD": "s3cret"}  # never on a command line
+    else:
+        key, env = certs["key"], MODE_ENV["haproxy"]
     controller = StandaloneController(
         tmp_path / "state",
         "--proxy-location",
@@ -137,7 +148,7 @@ def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[Standalo
         key,
         "--http-ssl-certfile",
         certs["cert"],
-        SERVE_HTTP_SSL_KEYFILE_PASSWORD="s3cret",  # never on a command line
+        **env,
     )
     try:
         controller.start()
@@ -148,9 +159,7 @@ def https_controller(tmp_path: Path, certs: dict[str, str]) -> Iterator[Standalo
         controller.cleanup()
 
 
-def test_https_with_a_password_protected_key(
-    https_controller: StandaloneController, certs: dict[str, str]
-) -> None:
+def test_https(https_controller: StandaloneController, certs: dict[str, str]) -> None:
     address = https_controller.healthy_proxy()["http_address"]
     trust = ssl.create_default_context(cafile=certs["ca"])
     reply = httpx.get(f"https://{address}/", verify=trust, timeout=10)
@@ -169,19 +178,19 @@ def test_https_options_are_checked() -> None:
         serve.start(http_options={"ssl_certfile": "cert.pem"})
 
 
-def test_a_bad_key_is_reported_in_status(tmp_path: Path, certs: dict[str, str]) -> None:
-    bad = tmp_path / "bad.key"
-    bad.write_text("not a key")
+def _unhealthy_message(state: Path, key: str, cert: str, **env: str) -> str:
+    """Why the proxy of a controller started with this key and certificate is UNHEALTHY."""
     controller = StandaloneController(
-        tmp_path / "state",
+        state,
         "--proxy-location",
         "EveryNode",
         "--http-port",
         "0",
         "--http-ssl-keyfile",
-        str(bad),
+        key,
         "--http-ssl-certfile",
-        certs["cert"],
+        cert,
+        **env,
     )
     try:
         controller.start()
@@ -190,18 +199,33 @@ def test_a_bad_key_is_reported_in_status(tmp_path: Path, certs: dict[str, str]) 
             proxies = list(controller.status()["proxies"].values())
             return proxies[0]["message"] if proxies and proxies[0]["status"] == "UNHEALTHY" else ""
 
-        message = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
-        assert "cannot serve HTTPS" in message
+        message: str = wait_for(unhealthy, timeout_s=30, interval_s=0.2)
+        return message
     finally:
         controller.cleanup()
+
+
+def test_a_bad_key_is_reported_in_status(tmp_path: Path, certs: dict[str, str]) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    message = _unhealthy_message(tmp_path / "state", str(bad), certs["cert"])
+    assert "cannot serve HTTPS" in message
+
+
+def test_haproxy_refuses_a_password_protected_key(tmp_path: Path, certs: dict[str, str]) -> None:
+    key = _encrypted_copy(certs["key"], "s3cret")
+    env = {"SERVE_HTTP_SSL_KEYFILE_PASSWORD": "s3cret", **MODE_ENV["haproxy"]}
+    message = _unhealthy_message(tmp_path / "state", key, certs["cert"], **env)
+    assert "cannot use a key protected by a password" in message
 
 
 # Health before any application.
 
 
-def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])  # direct: the proxy's port is the proxy's
+def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path, mode: str) -> None:
     controller = StandaloneController(
-        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0"
+        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0", **MODE_ENV[mode]
     )
     try:
         controller.start()
@@ -226,7 +250,7 @@ def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path) -> None:
 # FastAPI rules, as Ray's.
 
 
-def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
+def test_an_ingress_app_is_frozen_when_it_decorates(ingress: Ingress) -> None:
     """Two classes decorated with one FastAPI app each serve their own routes; a route added
     to the app afterwards is served by neither; an included router (FastAPI keeps a lock in
     it) travels."""
@@ -252,10 +276,10 @@ def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
 
     serve.run(First.bind(), name="first", route_prefix="/v1")
     serve.run(Second.bind(), name="second", route_prefix="/v2")
-    assert httpx.get(f"{http_url}/v1", follow_redirects=True).json() == "first"
-    assert httpx.get(f"{http_url}/v2", follow_redirects=True).json() == "second"
+    assert httpx.get(ingress.url("/v1"), follow_redirects=True).json() == "first"
+    assert httpx.get(ingress.url("/v2"), follow_redirects=True).json() == "second"
     for prefix in ("/v1", "/v2"):
-        assert httpx.get(f"{http_url}{prefix}/late").status_code == 404
+        assert httpx.get(ingress.url(f"{prefix}/late")).status_code == 404
 
     routed = FastAPI()
     router = APIRouter(prefix="/sub")
@@ -266,7 +290,7 @@ def test_an_ingress_app_is_frozen_when_it_decorates(http_url: str) -> None:
 
     routed.include_router(router)
     serve.run(serve.deployment(serve.ingress(routed)()).bind(), name="routed", route_prefix="/r")
-    assert httpx.get(f"{http_url}/r/sub/path").json() == "included"
+    assert httpx.get(ingress.url("/r/sub/path")).json() == "included"
 
 
 def test_one_fastapi_ingress_per_application(serve_instance: None) -> None:
@@ -322,11 +346,11 @@ def _adder_app() -> FastAPI:
     return app
 
 
-def test_a_builder_ingress_without_a_class_takes_arguments(http_url: str) -> None:
+def test_a_builder_ingress_without_a_class_takes_arguments(ingress: Ingress) -> None:
     deployment = serve.deployment(serve.ingress(_adder_app)())
     assert deployment.name == "ASGIIngressDeployment"  # Ray's name for it
     serve.run(deployment.bind(AddOne.bind()), name="built", route_prefix="/built")
-    assert httpx.get(f"{http_url}/built/add", params={"a": 2}, timeout=10).json() == 3
+    assert httpx.get(ingress.url("/built/add"), params={"a": 2}, timeout=10).json() == 3
 
 
 @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
@@ -341,7 +365,7 @@ class Busy:
 
 
 def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
-    http_url: str, tmp_path: Path
+    ingress: Ingress, tmp_path: Path
 ) -> None:
     """A FastAPI route whose nested call is dropped answers the child's backpressure status
     (429 and Retry-After here), not FastAPI's 500, as Ray answers it."""
@@ -362,7 +386,7 @@ def test_a_nested_call_dropped_by_backpressure_is_answered_as_the_proxy_would(
         str(gate)
     )
     serve.run(Front.bind(busy), name="front", route_prefix="/front")
-    dropped, held = asyncio.run(_dropped(f"{http_url}/front/", gate))
+    dropped, held = asyncio.run(_dropped(ingress.url("/front/"), gate))
     assert held == [200, 200]
     assert (dropped.status_code, dropped.headers.get("retry-after")) == (429, "1")
     assert dropped.text.startswith("Request dropped due to backpressure")
@@ -402,7 +426,8 @@ serve.shutdown()
 """
 
 
-def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])
+def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path, mode: str) -> None:
     import json
 
     from tests.conftest import GREETER_SERVICER
@@ -410,7 +435,7 @@ def test_serve_start_returns_once_the_proxy_serves(tmp_path: Path) -> None:
     result = run_script(
         f"import sys; sys.argv = ['driver', {GREETER_SERVICER!r}]\n" + READY_DRIVER,
         timeout_s=120,
-        SERVE_STATE_DIR=str(tmp_path / "state"),
+        env={"SERVE_STATE_DIR": str(tmp_path / "state"), **MODE_ENV[mode]},
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])

@@ -31,8 +31,8 @@ def wait_for(
 
 
 def serve_processes(root_pid: int | None = None) -> list[psutil.Process]:
-    """serve-controller / serve-replica / serve-proxy processes descended from ``root_pid``
-    (default: us)."""
+    """serve-controller / serve-replica / serve-proxy (and HAProxy) processes descended from
+    ``root_pid`` (default: us)."""
     try:
         root = psutil.Process(root_pid or os.getpid())
         children = root.children(recursive=True)
@@ -44,7 +44,8 @@ def serve_processes(root_pid: int | None = None) -> list[psutil.Process]:
             cmdline = " ".join(child.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if any(f"-m {m}" in cmdline for m in ("controller", "replica", "serve._proxy")):
+        daemon = any(f"-m {m}" in cmdline for m in ("controller", "replica", "serve._proxy"))
+        if daemon or "/serve-haproxy-" in cmdline:  # HAProxy, run by a serve-proxy
             found.append(child)
     return found
 
