@@ -184,10 +184,7 @@ class Supervisor:
             logger.warning("%d replica(s) not confirmed gone at shutdown", len(ending))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        if self._closed:  # nobody would cancel or await it
-            coro.close()
-            return
-        self._tasks.spawn(coro, name)
+        self._tasks.spawn(coro, name)  # closed unrun once aclose() began: nobody would await it
 
     async def _tick_loop(self) -> None:
         while True:
