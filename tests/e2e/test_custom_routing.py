@@ -35,7 +35,7 @@ def spread_pins(call: Any, rounds: int = 10) -> dict[str, set[int]]:
     session names each round until the sessions land on more than one replica."""
     seen: dict[str, set[int]] = {}
     for n in range(rounds):
-        seen = {s: {call(f"{s}-{n}") for _ in range(6)} for s in SESSIONS}
+        seen = pins(lambda s, n=n: call(f"{s}-{n}"))
         assert all(len(pids) == 1 for pids in seen.values()), seen
         if len(set().union(*seen.values())) > 1:
             break
