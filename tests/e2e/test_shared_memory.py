@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -46,7 +48,13 @@ class Blobs:
     def rotate(self, data: bytes) -> bytes:
         return data[1:] + data[:1]
 
-    def make(self, size: int) -> bytes:
+    def make(self, size: int, started: str = "", go: str = "") -> bytes:
+        """``size`` bytes; with marker paths, says it started and waits (bounded) for ``go``."""
+        if started:
+            Path(started).touch()
+            deadline = time.monotonic() + 30
+            while not Path(go).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         return b"r" * size
 
     def pid(self) -> int:
@@ -94,14 +102,13 @@ import serve
 
 handle = serve.get_deployment_handle("Blobs", "shm-driver")
 handle.pid.remote().result()
-response = handle.make.remote(100 * 1000 * 1000)
-print("called", flush=True)
+response = handle.make.remote(100 * 1000 * 1000, sys.argv[1], sys.argv[2])
 response.result()
 """
 
 
 def test_a_driver_killed_before_it_read_a_segment_leaves_none(
-    standalone_controller: StandaloneController,
+    standalone_controller: StandaloneController, tmp_path: Path
 ) -> None:
     """The replica outlives its driver (a standalone controller keeps it) and removes the
     result it wrote that the driver never took."""
@@ -117,13 +124,14 @@ def test_a_driver_killed_before_it_read_a_segment_leaves_none(
     assert deploy.returncode == 0, deploy.stderr
     replica_pid = int(deploy.stdout.split()[-1])
     before = _segments("r")
+    started, go = tmp_path / "started", tmp_path / "go"
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        [sys.executable, "-c", DRIVER, str(started), str(go)], cwd=ROOT, env=env
     )
     try:
-        assert driver.stdout is not None
-        assert driver.stdout.readline().strip() == "called"
+        wait_for(started.exists, timeout_s=30)  # the call reached the replica
         driver.send_signal(signal.SIGSTOP)  # it takes nothing now: the result's segment waits
+        go.touch()  # only now does the replica answer
         wait_for(lambda: _segments("r") - before, timeout_s=30)
         driver.kill()
         driver.wait(10)
@@ -131,8 +139,6 @@ def test_a_driver_killed_before_it_read_a_segment_leaves_none(
         if driver.poll() is None:
             driver.kill()
             driver.wait(10)
-        if driver.stdout is not None:
-            driver.stdout.close()
     # The replica saw the stream end and removed its result (asserted on teardown too).
     wait_for(lambda: not (_segments("r") - before), timeout_s=10)
     assert psutil.pid_exists(replica_pid)  # and it serves on
