@@ -78,6 +78,7 @@ class ProxyManager:
         self.watch = ProxyWatch(node_id)
         self._process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False  # aclose() began: the proxy is stopped by it, or outlives us
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=5)
 
     @property
@@ -98,6 +99,7 @@ class ProxyManager:
         """Stop supervising; with ``stop_proxy`` stop the proxies too (else they outlive us)."""
         if self._others is not None:
             await self._others.aclose(stop_proxies=stop_proxy)
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -203,12 +205,13 @@ class ProxyManager:
             await asyncio.wait_for(asyncio.shield(drain), 1.0)
             self.watch.unhealthy(f"{killed}; killed" if killed else self._exit_reason(code))
         finally:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
             drain.cancel()
-            self._process = None
+            if not self._closing:  # else aclose() stops it gently (its cleanup runs) or not
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
+                self._process = None
 
     async def _read_ready(self, process: asyncio.subprocess.Process) -> dict[str, object] | None:
         assert process.stdout is not None

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,8 @@ class ProxyServer:
 
         loop = asyncio.get_running_loop()
         set_home_loop(loop)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stop as one would, cleaning up below
+            loop.add_signal_handler(signum, self._stop)
         client = _client.ServeClient(
             self._controller_address, token=self._token, tls=self._tls, owner=None
         )
@@ -155,7 +158,9 @@ class ProxyServer:
                 )
             else:
                 on_stdin_closed(loop, self._stop)  # the first worker is gone
-            await server.serve(sockets=[serve_sock])
+            # Not serve(): it would take SIGTERM, then raise it again once the server stopped,
+            # killing this process before the cleanup below (HAProxy's files were left behind).
+            await server._serve(sockets=[serve_sock])
         finally:
             if exited is not None:
                 exited.cancel()
@@ -171,6 +176,7 @@ class ProxyServer:
             await client.aclose()
             sock.close()
             serve_sock.close()
+        logger.info("serve-proxy (pid %d) stopped", os.getpid())
         return self._exit_code
 
     async def _start_front(self, front: HAProxyFront) -> None:

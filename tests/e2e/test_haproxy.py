@@ -149,6 +149,24 @@ def test_haproxy_killed_is_started_again_by_the_controller(haproxy: Ingress) -> 
     assert not master.is_running()
 
 
+def test_a_proxy_stopped_takes_haproxy_and_its_files_with_it(haproxy: Ingress) -> None:
+    """SIGTERM, as the controller stops a proxy: HAProxy stops and its run directory (its
+    configuration, error pages and admin socket) is removed; the controller starts another."""
+    serve.run(Versioned.bind("v1"), name="ver", route_prefix="/ver")
+    before = proxy_details()
+    master = _haproxy_master(before.pid)
+    command = master.cmdline()
+    run_dir = Path(command[command.index("-f") + 1]).parent
+    assert (run_dir / "haproxy.cfg").is_file()
+    proxy = psutil.Process(before.pid)
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait(timeout=20)
+    assert not run_dir.exists()
+    assert not master.is_running()
+    wait_for(lambda: proxy_details().pid != before.pid, timeout_s=30, interval_s=0.1)
+    assert httpx.get(haproxy.url("/ver"), timeout=10).text.startswith("v1")
+
+
 def _haproxy_master(proxy_pid: int) -> psutil.Process:
     haproxy_admin_socket()  # started (its socket answers)
     for child in psutil.Process(proxy_pid).children():

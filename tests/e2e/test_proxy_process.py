@@ -99,6 +99,7 @@ def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
         "--proxy-workers",
         "2",
         SERVE_ORPHAN_TIMEOUT_S="60",
+        SERVE_LOG_LEVEL="INFO",  # the proxy's last line says it stopped (not killed)
     )
     try:
         controller.start()
@@ -149,12 +150,18 @@ def test_status_shows_the_proxy(proxied: StandaloneController) -> None:
     assert f"HEALTHY (http {proxy['http_address']})" in proxied.serve("status")
 
 
-def test_proxy_outlives_a_controller_crash_and_is_readopted(
-    proxied: StandaloneController,
+@pytest.mark.parametrize("how", ["crash", "stop"])
+def test_proxy_outlives_its_controller_and_is_readopted(
+    proxied: StandaloneController, how: str
 ) -> None:
+    """SIGKILL (no chance to stop anything) or SIGTERM (the controller stops alone, as its
+    replicas keep serving): the proxy keeps serving, and the next controller adopts it."""
     proxy = proxied.healthy_proxy()
     url = f"http://{proxy['http_address']}/hello"
-    proxied.kill()  # SIGKILL: no chance to stop anything
+    if how == "crash":
+        proxied.kill()
+    else:
+        proxied.stop()
     assert httpx.get(url, timeout=30).text == "hello"  # served on the last route table
     proxied.start()  # same port, same state directory
     readopted = proxied.healthy_proxy()
@@ -258,8 +265,12 @@ def test_proxy_location(tmp_path: Path, location: str, proxies: int) -> None:
 def test_shutdown_stops_the_proxy(proxied: StandaloneController) -> None:
     pids = proxied.proxy_pids()
     assert pids
+    proxy = proxied.healthy_proxy()["pid"]
     proxied.serve("shutdown")
     wait_for(lambda: not pids_alive(pids), timeout_s=30)
+    # Stopped, not killed: its own cleanup ran (HAProxy's files removed, in that mode).
+    (log,) = proxied.state_dir.glob("logs/proxy.log")
+    assert f"serve-proxy (pid {proxy}) stopped" in log.read_text()
 
 
 def test_serve_run_prints_where_the_app_is_served(tmp_path: Path) -> None:
