@@ -141,6 +141,8 @@ class EmbeddedController:
         # session under SERVE_STATE_DIR/logs (as Ray keeps /tmp/ray/session_*/logs).
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         log_dir = settings().state_dir / "logs" / f"session_{stamp}_{os.getpid()}"
+        port = settings().dashboard_port  # on loopback: it answers only this machine
+        dashboard_args = [] if port is None else ["--metrics-port", str(port)]
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -152,6 +154,7 @@ class EmbeddedController:
                 "--embedded",
                 "--log-dir",
                 str(log_dir),
+                *dashboard_args,
                 *(extra_args or []),
             ],
             stdin=subprocess.PIPE,

@@ -15,6 +15,7 @@
 | SERVE_DEFAULT_GRPC_PORT | the default ``grpc_options.port`` | 9000 |
 | SERVE_HTTP_SSL_KEYFILE_PASSWORD | ``ssl_keyfile_password``, kept off command lines | unset |
 | SERVE_METRICS_INTERVAL_S | how often replicas and handles report load and counters | 10 |
+| SERVE_DASHBOARD_PORT | an embedded controller's dashboard port, loopback (off: none) | 0: any |
 | SERVE_TLS_CERT / SERVE_TLS_KEY / SERVE_TLS_CA | PEM files: mutual TLS on all channels | unset |
 | SERVE_STREAM_WINDOW_BYTES | stream bytes a replica may send ahead of its consumer | 16 MiB |
 | SERVE_SHM_MIN_BYTES | buffers this big use /dev/shm within a host (0: never) | 256 KiB |
@@ -102,6 +103,7 @@ class Settings:
     log_format: str
     orphan_timeout_s: float
     metrics_interval_s: float
+    dashboard_port: int | None
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
@@ -182,6 +184,18 @@ def _count_env(name: str, default: int) -> int:
     return value
 
 
+def _port_or_off_env(name: str, default: int) -> int | None:
+    """A TCP port (0: a free one), or None for ``off``."""
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
+    if raw.lower() == "off":
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"{name}={raw!r}: use a port from 0 (a free one) to 65535, or off.")
+    return int(raw)
+
+
 def _flag_env(name: str) -> bool:
     """``1`` (on) or ``0`` (off, the default), as Ray's feature flags."""
     raw = os.environ.get(name, "").strip()
@@ -248,6 +262,7 @@ def settings() -> Settings:
         log_format=log_format,
         orphan_timeout_s=_float_env("SERVE_ORPHAN_TIMEOUT_S", 30.0),
         metrics_interval_s=_float_env("SERVE_METRICS_INTERVAL_S", 10.0),
+        dashboard_port=_port_or_off_env("SERVE_DASHBOARD_PORT", 0),
         tls_cert=os.environ.get("SERVE_TLS_CERT") or None,
         tls_key=os.environ.get("SERVE_TLS_KEY") or None,
         tls_ca=os.environ.get("SERVE_TLS_CA") or None,

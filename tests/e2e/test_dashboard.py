@@ -239,3 +239,37 @@ def test_beyond_loopback_the_dashboard_needs_the_cluster_token(tmp_path: Path) -
         assert _get(base + "?token=wrong")[0] == 401
     finally:
         c.cleanup()
+
+
+EMBEDDED = textwrap.dedent(
+    """
+    import json, urllib.request
+    import serve
+
+    @serve.deployment
+    def hello() -> str:
+        return "hello"
+
+    serve.run(hello.bind(), name="embedded", route_prefix=None)
+    url = serve.status().dashboard_url
+    state = ""
+    if url:
+        with urllib.request.urlopen(url + "api/state", timeout=10) as response:
+            state = [a["name"] for a in json.loads(response.read())["applications"]]
+    print(json.dumps({"url": url, "apps": state}))
+    """
+)
+
+
+@pytest.mark.parametrize("port", ["0", "off"])
+def test_a_program_with_an_embedded_controller_gets_a_dashboard(port: str) -> None:
+    """serve.run alone (no `serve start`): the embedded controller serves the dashboard on a
+    free loopback port, unless SERVE_DASHBOARD_PORT=off."""
+    result = run_script(EMBEDDED, env={"SERVE_DASHBOARD_PORT": port})
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    if port == "off":
+        assert seen == {"url": "", "apps": ""}
+    else:
+        assert seen["url"].startswith("http://127.0.0.1:")
+        assert seen["apps"] == ["embedded"]
