@@ -94,13 +94,13 @@ class ProxyServer:
         grpc_server = None
         grpc_address = ""
         if self._grpc.grpc_servicer_functions and not self.is_worker:
-            from serve._rpc.grpc_ingress import start_grpc_ingress
+            from serve._rpc.grpc_ingress import start_grpc_ingress, via_handles
 
             grpc_server, grpc_port = await start_grpc_ingress(
                 self._routes,
+                via_handles(self._routes, self._grpc.grpc_servicer_functions),
                 host=self._http.host,
                 port=self._grpc.port,
-                servicer_functions=self._grpc.grpc_servicer_functions,
                 request_timeout_s=self._grpc.request_timeout_s,
                 ready=self._grpc_ready,
             )
