@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import pickle
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol, cast
 
@@ -121,7 +122,7 @@ class Dispatch(Protocol):
 class _HandleCall:
     """A call forwarded through a handle to a replica (the serve-proxy's way)."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("__weakref__", "_stream")
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -300,9 +301,10 @@ class _Ingress(grpc.GenericRpcHandler):
             yield _Failed(*_status_of(exc, timeout_s))
             return
         del first
-        # However the call ends, even while this generator waits outside its own code.
-        # (The stubs type the callback as a class of their own: any callable is taken.)
-        context.add_done_callback(lambda _: stream.close())  # type: ignore[arg-type]
+        # However the call ends, even while this generator waits outside its own code. Weakly:
+        # a handle's stream dropped with this generator cancels its request by itself. (The
+        # stubs type the callback as a class of their own: any callable is taken.)
+        context.add_done_callback(functools.partial(_close, weakref.ref(stream)))  # type: ignore[arg-type]
         pump: asyncio.Task[None] | None = None
         end: GrpcCallEnd | None = None
         try:
@@ -338,6 +340,12 @@ class _Ingress(grpc.GenericRpcHandler):
             return self._routes.by_app(app_name)
         routes = self._routes.routes
         return routes[0] if len(routes) == 1 else None
+
+
+def _close(stream: weakref.ref[Forwarded], _: object) -> None:
+    found = stream()
+    if found is not None:
+        found.close()
 
 
 class _Failed:
