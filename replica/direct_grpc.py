@@ -34,12 +34,16 @@ from serve._ingress import GRPC_END_INPUT, GRPC_METHOD, GrpcCall, GrpcStatusErro
 from serve._logging import access_log
 from serve._models import Route
 from serve._request import new_request_id
-from serve._rpc.grpc_ingress import DEADLINE_SLACK_S, GrpcIngressServer, start_grpc_ingress
+from serve._rpc.grpc_ingress import GrpcIngressServer, start_grpc_ingress
 from serve._settings import settings
 from serve.config import gRPCOptions
 from serve.exceptions import RequestTimeoutError
 
 STOP_GRACE_S = 5.0  # calls in progress when the replica stops finish within this
+# A client's gRPC library cancels the call at its deadline, which reaches this replica (through
+# HAProxy, say) before the deadline this replica counts from the call's arrival: a cancel this
+# close to the deadline is the deadline's, and the work ends by it (at most this much later).
+NEAR_DEADLINE_S = 0.25
 
 
 class DirectGrpc:
@@ -212,7 +216,16 @@ class LocalCall:
     """One gRPC call run in this replica: the gRPC ingress reads its items and feeds it the
     client's further messages (both within the ingress window)."""
 
-    __slots__ = ("_detached", "_expired", "_inputs", "_outputs", "request", "request_id", "task")
+    __slots__ = (
+        "__weakref__",
+        "_detached",
+        "_expired",
+        "_inputs",
+        "_outputs",
+        "request",
+        "request_id",
+        "task",
+    )
 
     def __init__(self, request: RequestContext, window_bytes: int) -> None:
         self.request = request
@@ -329,7 +342,7 @@ class LocalCall:
         if task is None or task.done():
             return
         deadline_s = self.request.deadline_s
-        if deadline_s and time.monotonic() >= deadline_s - DEADLINE_SLACK_S:
+        if deadline_s and time.monotonic() >= deadline_s - NEAR_DEADLINE_S:
             return
         for child in list(self.request.children):
             child.cancel()
