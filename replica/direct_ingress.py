@@ -105,14 +105,21 @@ class DirectIngress:
         """Whether this replica is its application's ingress, by the controller's route table;
         if so bind its HTTP port and follow the table from now on. Returns the address ("":
         not an ingress replica, or the route table did not come)."""
-        routes = _watch(controller)
-        try:
-            async with asyncio.timeout(ROUTES_TIMEOUT_S):
-                first = await anext(routes)
-        except (Exception, TimeoutError) as exc:
-            await routes.aclose()
-            logger.warning("No route table from the controller (%s): not serving HTTP", exc)
-            return ""
+        # A connection refused or cut (the controller is busy) is tried again, within the bound.
+        deadline_s = time.monotonic() + ROUTES_TIMEOUT_S
+        while True:
+            routes = _watch(controller)
+            try:
+                async with asyncio.timeout(max(deadline_s - time.monotonic(), 0.0)):
+                    first = await anext(routes)
+                break
+            except (Exception, TimeoutError) as exc:
+                await routes.aclose()
+                if isinstance(exc, TimeoutError) or time.monotonic() >= deadline_s:
+                    logger.warning("No route table from the controller (%s): not serving HTTP", exc)
+                    return ""
+                logger.debug("Route table not read (%s); trying again", exc)
+            await asyncio.sleep(min(ROUTES_RETRY_S, max(deadline_s - time.monotonic(), 0.0)))
         if not self._apply(first):
             await routes.aclose()
             return ""
