@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from replica.direct_ingress import DirectIngress
@@ -136,7 +136,13 @@ class DirectGrpc:
             multiplexed_model_id=model_id,
         )
         local = LocalCall(request, self._window_bytes)
-        work = local.run(self, method, first, call, timeout_s)
+        work = local.run(
+            self._http.admission.enter,
+            self._serve(method, first, call, request),
+            self._finished,
+            str(executor.replica_id.deployment_id),
+            timeout_s,
+        )
         task = asyncio.create_task(work, name=f"replica:grpc:{request.request_id}")
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
@@ -145,7 +151,7 @@ class DirectGrpc:
 
     async def _serve(
         self, method: str, first: list[bytes], call: GrpcCall, request: RequestContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         async for item in serve_grpc_call(
             self._executor,
             self._executor.deployment,
@@ -157,8 +163,10 @@ class DirectGrpc:
         ):
             yield item
 
-    def _record(self, request: RequestContext, outcome: str, started: float) -> None:
+    def _finished(self, request: RequestContext, outcome: str, started: float) -> None:
+        """An admitted call ended: its slot is freed, its outcome counted and logged."""
         executor = self._executor
+        executor.release()
         duration_ms = (time.perf_counter() - started) * 1000.0
         executor.stats.record(duration_ms, error=outcome == "ERROR")
         log = access_log()
@@ -278,15 +286,15 @@ class LocalCall:
 
     async def run(
         self,
-        owner: DirectGrpc,
-        method: str,
-        first: list[bytes],
-        call: GrpcCall,
+        admit: Callable[[], Awaitable[None]],
+        work: AsyncGenerator[Any, None],
+        finished: Callable[[RequestContext, str, float], None],
+        deployment: str,
         timeout_s: float | None,
     ) -> None:
-        """Take a slot, run the method, pass on its items; every end is an item."""
+        """Take a slot (``admit``), pass on the items of ``work``, and say how it ``finished``
+        once admitted; every end is an item for the reader."""
         request = self.request
-        executor = owner._executor
         outputs = self._outputs
         timer = None
         if timeout_s is not None:
@@ -297,10 +305,10 @@ class LocalCall:
         started = time.perf_counter()
         outcome = "OK"
         try:
-            await owner._http.admission.enter()
+            await admit()
             admitted = True
             started = time.perf_counter()
-            async for item in owner._serve(method, first, call, request):
+            async for item in work:
                 await outputs.put(item, len(item) if type(item) is bytes else 0)
             outputs.put_last(_END)
         except asyncio.CancelledError:
@@ -308,7 +316,7 @@ class LocalCall:
             if not self._expired:
                 raise  # the client left, or the replica stops: nobody to answer
             timed_out = RequestTimeoutError(
-                deployment=str(executor.replica_id.deployment_id),
+                deployment=deployment,
                 method=GRPC_METHOD,
                 timeout_s=timeout_s or 0.0,
             )
@@ -320,9 +328,11 @@ class LocalCall:
         finally:
             if timer is not None:
                 timer.cancel()
-            if admitted:
-                executor.release()
-                owner._record(request, outcome, started)
+            try:
+                await work.aclose()  # the method's own cleanup runs now, not when collected
+            finally:
+                if admitted:
+                    finished(request, outcome, started)
 
     def _deadline_passed(self) -> None:
         """Nested calls fail with RequestTimeoutError, then (a loop turn later, so code
