@@ -103,6 +103,7 @@ class ReplicaLinked:
     gang_rank: int = -1
     gang_members: tuple[str, ...] = ()
     ingress_http_address: str = ""  # direct ingress: where it serves HTTP itself
+    ingress_grpc_address: str = ""  # and gRPC
 
 
 @dataclasses.dataclass(frozen=True)

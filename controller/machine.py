@@ -473,6 +473,7 @@ class ControllerMachine:
             return
         record.address, record.pid, record.host = event.address, event.pid, event.host
         record.ingress_http_address = event.ingress_http_address
+        record.ingress_grpc_address = event.ingress_grpc_address
         out.append(ev.LinkVerdict(replica_id, ev.Verdict.ACCEPTED))
         if record.phase is not Phase.STARTING:
             return
@@ -532,6 +533,7 @@ class ControllerMachine:
             gang_rank=event.gang_rank,
             gang_members=event.gang_members,
             ingress_http_address=event.ingress_http_address,
+            ingress_grpc_address=event.ingress_grpc_address,
         )
         out.append(ev.SaveReplica(event.replica_id, event.pid, event.code_version, request))
         goal.ever_running = goal.ever_running or current

@@ -313,6 +313,7 @@ class ControllerServicer:
             gang_rank=request.gang_rank if request.gang_id else -1,
             gang_members=tuple(request.gang_members),
             ingress_http_address=request.ingress_http_address,
+            ingress_grpc_address=request.ingress_grpc_address,
         )
         if verdict is Verdict.STOP or ended is None:
             yield controller_pb2.LinkResponse(action=controller_pb2.LinkResponse.ACTION_STOP)

@@ -169,6 +169,7 @@ class ReplicaRecord:
     gang_rank: int = -1
     gang_members: tuple[str, ...] = ()
     ingress_http_address: str = ""  # direct ingress: where it serves HTTP itself
+    ingress_grpc_address: str = ""  # and gRPC
 
 
 @dataclasses.dataclass(frozen=True)

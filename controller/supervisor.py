@@ -519,6 +519,7 @@ class Supervisor:
         gang_rank: int = -1,
         gang_members: tuple[str, ...] = (),
         ingress_http_address: str = "",
+        ingress_grpc_address: str = "",
     ) -> tuple[Verdict, asyncio.Event | None]:
         """A replica linked (or re-linked; a gang member says its gang, so a restarted
         controller keeps gangs whole). Returns the verdict and an event ending the link."""
@@ -535,6 +536,7 @@ class Supervisor:
             gang_rank,
             gang_members,
             ingress_http_address,
+            ingress_grpc_address,
         )
         actions, _ = self._feed(event)
         verdict = next((a.verdict for a in actions if isinstance(a, LinkVerdict)), Verdict.STOP)

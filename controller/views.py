@@ -64,6 +64,7 @@ def replica_sets(
                     model_ids=r.model_ids,
                     routing_stats_json=r.routing_stats_json,
                     ingress_http_address=r.ingress_http_address,
+                    ingress_grpc_address=r.ingress_grpc_address,
                 )
                 for r in running
             ),

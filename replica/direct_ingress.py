@@ -37,6 +37,7 @@ from typing import Any, cast
 
 import orjson
 
+from replica.admission import Admission
 from replica.executor import Executor
 from serve import _tracing
 from serve._context import (
@@ -65,7 +66,7 @@ from serve._request import new_request_id
 from serve._rpc.controller_client import ControllerClient
 from serve._settings import settings
 from serve.config import HTTPOptions
-from serve.exceptions import BackPressureError, RequestTimeoutError
+from serve.exceptions import RequestTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,13 @@ class DirectIngress:
         s = settings()
         self._max_request_id_length = s.max_request_id_length
         self._min_draining_period_s = s.direct_ingress_min_draining_period_s
-        self.route_prefix: str | None = None  # None: this replica is not its app's ingress
+        self.route_prefix: str | None = None  # None: not its app's ingress, or gRPC only
+        self.routes: list[Route] = []
+        self.is_ingress = False
         self.address = ""  # host:port, once bound
         self.serving = False  # initialized, and not stopping: /-/healthz answers 200
         self._draining_since = 0.0
-        self._queued = 0
+        self.admission = Admission(executor)  # shared with the replica's gRPC ingress
         self._sock: socket.socket | None = None
         self._server: Any = None  # the uvicorn.Server
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,14 +105,21 @@ class DirectIngress:
         """Whether this replica is its application's ingress, by the controller's route table;
         if so bind its HTTP port and follow the table from now on. Returns the address ("":
         not an ingress replica, or the route table did not come)."""
-        routes = _watch(controller)
-        try:
-            async with asyncio.timeout(ROUTES_TIMEOUT_S):
-                first = await anext(routes)
-        except (Exception, TimeoutError) as exc:
-            await routes.aclose()
-            logger.warning("No route table from the controller (%s): not serving HTTP", exc)
-            return ""
+        # A connection refused or cut (the controller is busy) is tried again, within the bound.
+        deadline_s = time.monotonic() + ROUTES_TIMEOUT_S
+        while True:
+            routes = _watch(controller)
+            try:
+                async with asyncio.timeout(max(deadline_s - time.monotonic(), 0.0)):
+                    first = await anext(routes)
+                break
+            except (Exception, TimeoutError) as exc:
+                await routes.aclose()
+                if isinstance(exc, TimeoutError) or time.monotonic() >= deadline_s:
+                    logger.warning("No route table from the controller (%s): not serving HTTP", exc)
+                    return ""
+                logger.debug("Route table not read (%s); trying again", exc)
+            await asyncio.sleep(min(ROUTES_RETRY_S, max(deadline_s - time.monotonic(), 0.0)))
         if not self._apply(first):
             await routes.aclose()
             return ""
@@ -128,6 +138,8 @@ class DirectIngress:
             None,
         )
         self.route_prefix = ours.route_prefix if ours is not None else None
+        self.routes = routes  # the whole table: the replica's gRPC ingress routes by it
+        self.is_ingress = ours is not None  # also with no route prefix (gRPC only)
         return ours is not None
 
     async def _follow_routes(
@@ -255,9 +267,9 @@ class DirectIngress:
         deadline_token = set_current_deadline(request.deadline_s) if request.deadline_s else None
         try:
             if not admitted:
-                admitted = await self._wait_for_slot()
+                admitted = await self.admission.wait()
                 if not admitted:
-                    raise self._backpressure()
+                    raise self.admission.refused()
             await executor.asgi_app()(scope, receive, cycle.send)
         except asyncio.CancelledError:
             outcome = "CANCELLED"
@@ -288,30 +300,6 @@ class DirectIngress:
                 executor.release()
                 self._record(request, outcome, started)
 
-    async def _wait_for_slot(self) -> bool:
-        """Wait for a slot, if fewer than max_queued_requests already wait (True: admitted)."""
-        executor = self._executor
-        limit = executor.config.max_queued_requests
-        if limit != -1 and self._queued >= limit:
-            return False
-        self._queued += 1
-        try:
-            await executor.wait_admitted()
-        finally:
-            self._queued -= 1
-        return True
-
-    def _backpressure(self) -> BackPressureError:
-        config = self._executor.config
-        backpressure = config.backpressure_config
-        return BackPressureError(
-            self._queued,
-            config.max_queued_requests,
-            backpressure.status_code if backpressure is not None else 503,
-            backpressure.retry_after_s if backpressure is not None else None,
-            deployment=str(self._executor.replica_id.deployment_id),
-        )
-
     async def _fail(self, scope: Scope, cycle: _Cycle, exc: BaseException) -> None:
         if cycle.started:
             return  # too late to answer: the client sees the connection end
@@ -330,9 +318,9 @@ class DirectIngress:
 
     async def _builtin(self, path: str, send: Send) -> None:
         if path == "/-/healthz":
-            if self.serving and self.route_prefix is not None:
+            if self.serving and self.is_ingress:
                 await send_body(send, 200, b"success", b"text/plain")
-            elif self.route_prefix is None:
+            elif not self.is_ingress:
                 await send_body(send, 503, NO_ROUTES_MESSAGE.encode(), b"text/plain")
             else:
                 await send_body(send, 503, b"This replica is not serving.", b"text/plain")

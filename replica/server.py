@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from replica import stats
+from replica.direct_grpc import DirectGrpc
 from replica.direct_ingress import DirectIngress
 from replica.executor import Executor
 from replica.output import capture_user_output
@@ -72,6 +73,7 @@ class ReplicaServer:
         self._report: asyncio.Task[None] | None = None
         self._reported_models: frozenset[str] = frozenset()
         self._ingress: DirectIngress | None = None
+        self._grpc_ingress: DirectGrpc | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -106,12 +108,17 @@ class ReplicaServer:
         sys.stdout.flush()
         capture_user_output(self.replica_id, self._log_file)
         multiplex_registry.set_listener(self._models_changed)
-        ingress_address = ""
+        ingress_address = grpc_address = ""
         if settings().direct_ingress:
-            http, _ = inherited_ingress_options()
+            http, grpc_options = inherited_ingress_options()
             self._ingress = DirectIngress(executor, http, self._host)
             ingress_address = await self._ingress.discover(client.controller)
-        link = asyncio.create_task(self._link_loop(address, ingress_address), name="replica:link")
+            if ingress_address and grpc_options.grpc_servicer_functions:
+                self._grpc_ingress = DirectGrpc(executor, self._ingress, grpc_options, self._host)
+                grpc_address = await self._grpc_ingress.start()
+        link = asyncio.create_task(
+            self._link_loop(address, ingress_address, grpc_address), name="replica:link"
+        )
         reporter = asyncio.create_task(self._report_loop(), name="replica:report-load")
         routing_stats = asyncio.create_task(
             stats.routing_stats_loop(executor, self._report_routing_stats),
@@ -125,6 +132,8 @@ class ReplicaServer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._grpc_ingress is not None:
+                await self._grpc_ingress.aclose()
             if self._ingress is not None:
                 await self._ingress.aclose()
             await servicer.close_sessions()
@@ -258,7 +267,9 @@ class ReplicaServer:
         members = tuple(str(ReplicaID(tag, deployment_id)) for tag in gang.member_replica_ids)
         return {"gang_id": gang.gang_id, "gang_rank": gang.rank, "gang_members": members}
 
-    async def _link_loop(self, address: str, ingress_http_address: str = "") -> None:
+    async def _link_loop(
+        self, address: str, ingress_http_address: str = "", ingress_grpc_address: str = ""
+    ) -> None:
         """Hold the Link stream; re-link after a loss; exit after orphan_timeout_s alone."""
         assert self._executor is not None
         assert self._controller is not None
@@ -276,6 +287,7 @@ class ReplicaServer:
                 model_ids=tuple(sorted(multiplex_registry.model_ids())),
                 draining=executor.draining,
                 ingress_http_address=ingress_http_address,
+                ingress_grpc_address=ingress_grpc_address,
                 **self._gang_fields(),
             )
             try:

@@ -19,7 +19,6 @@ from typing import Any, NoReturn
 
 from serve._proxy_flags import (
     add_proxy_options,
-    ingress_mode_flags,
     options_from_args,
     proxy_flags,
     secret_env,
@@ -461,7 +460,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         location = ProxyLocation.from_value(args.proxy_location) if args.proxy_location else None
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
-    command += proxy_flags(http, grpc, args.proxy_workers) + ingress_mode_flags(args)
+    command += proxy_flags(http, grpc, args.proxy_workers)
     if location is not None:
         command += ["--proxy-location", location.value]
     env = dict(os.environ)

@@ -83,6 +83,7 @@ class ReplicaInfo:
     model_ids: frozenset[str] = frozenset()
     routing_stats_json: bytes = b""  # what record_routing_stats() last returned, as JSON
     ingress_http_address: str = ""  # where it serves HTTP itself (direct ingress), or ""
+    ingress_grpc_address: str = ""  # where it serves gRPC itself (direct ingress), or ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -94,6 +94,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[HTTPOptions, gRPCOption
         ssl_certfile=args.http_ssl_certfile,
         ssl_ca_certs=args.http_ssl_ca_certs,
         ssl_keyfile_password=os.environ.get(SSL_KEYFILE_PASSWORD_ENV) or None,
+        direct_ingress=args.direct_ingress,
+        ha_proxy=args.ha_proxy,
     )
     functions = tuple(f.strip() for f in args.grpc_servicer_functions.split(",") if f.strip())
     grpc = gRPCOptions(
@@ -113,15 +115,6 @@ def inherited_ingress_options() -> tuple[HTTPOptions, gRPCOptions]:
     add_proxy_options(parser)
     flags = json.loads(os.environ.get(INGRESS_FLAGS_ENV) or "[]")
     return options_from_args(parser.parse_args(flags))
-
-
-def ingress_mode_flags(args: argparse.Namespace) -> list[str]:
-    """The --direct-ingress / --ha-proxy flags given, to pass on to serve-controller."""
-    return [
-        flag
-        for flag, on in (("--direct-ingress", args.direct_ingress), ("--ha-proxy", args.ha_proxy))
-        if on
-    ]
 
 
 def proxy_flags(http: HTTPOptions, grpc: gRPCOptions, workers: int = 1) -> list[str]:
@@ -144,6 +137,9 @@ def proxy_flags(http: HTTPOptions, grpc: gRPCOptions, workers: int = 1) -> list[
         flags += ["--grpc-request-timeout-s", str(grpc.request_timeout_s)]
     if grpc.grpc_servicer_functions:
         flags += ["--grpc-servicer-functions", ",".join(grpc.grpc_servicer_functions)]
+    for flag, on in (("--direct-ingress", http.direct_ingress), ("--ha-proxy", http.ha_proxy)):
+        if on:
+            flags.append(flag)
     for flag, value in (
         ("--http-ssl-keyfile", http.ssl_keyfile),
         ("--http-ssl-certfile", http.ssl_certfile),

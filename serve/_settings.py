@@ -53,12 +53,15 @@ see replica/direct_ingress.py and serve/_proxy/haproxy.py):
 
 | variable | meaning | default |
 |---|---|---|
-| SERVE_ENABLE_DIRECT_INGRESS | ingress replicas serve HTTP themselves, on their own port | unset |
-| SERVE_ENABLE_HA_PROXY | HAProxy on the proxy's port, onto those replicas (implies it) | unset |
+| SERVE_ENABLE_DIRECT_INGRESS | ingress replicas serve HTTP and gRPC on ports of their own | unset |
+| SERVE_ENABLE_HA_PROXY | HAProxy on the proxy's ports, onto those replicas (implies it) | unset |
 | SERVE_HAPROXY_BINARY_PATH | the haproxy executable | haproxy on PATH |
 | SERVE_HAPROXY_BALANCE_ALGORITHM | HAProxy's ``balance`` for the replicas | leastconn |
 | SERVE_HAPROXY_NBTHREAD | HAProxy threads | 1 |
 | SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S | a stopping ingress replica stays open this long | 2 |
+
+The two switches are also ``http_options`` fields (``direct_ingress``, ``ha_proxy``) of the
+config file and ``serve.start``, and ``serve start --direct-ingress`` / ``--ha-proxy``.
 
 Limits and connection settings are read by the daemon that receives: set them where
 serve-controller runs (replicas and proxies inherit its environment) and, for the size limits,

@@ -263,7 +263,13 @@ class HTTPOptions:
     """The HTTP proxy's options (Ray's ``http_options``): where it listens, how long a request
     may take before it is answered 408 (``None``: no limit), and, with ``ssl_keyfile`` and
     ``ssl_certfile`` (PEM files), HTTPS instead of HTTP; ``ssl_ca_certs`` names the CA file
-    for client certificates, ``ssl_keyfile_password`` the key's password."""
+    for client certificates, ``ssl_keyfile_password`` the key's password.
+
+    ``direct_ingress`` has ingress replicas serve HTTP (and gRPC) themselves, each on a port of
+    its own; ``ha_proxy`` puts HAProxy on this port (and the gRPC port) in front of them, and
+    implies ``direct_ingress``. They are the config-file and ``serve.start`` spelling of
+    ``SERVE_ENABLE_DIRECT_INGRESS`` / ``SERVE_ENABLE_HA_PROXY`` (Ray's
+    ``RAY_SERVE_ENABLE_DIRECT_INGRESS`` / ``RAY_SERVE_ENABLE_HA_PROXY``)."""
 
     host: str = "127.0.0.1"
     port: int = dataclasses.field(
@@ -276,9 +282,16 @@ class HTTPOptions:
     ssl_certfile: str | None = None
     ssl_keyfile_password: str | None = dataclasses.field(default=None, repr=False)
     ssl_ca_certs: str | None = None
+    direct_ingress: bool = False
+    ha_proxy: bool = False
 
     def __post_init__(self) -> None:
         _check_port(self.port, "http_options")
+        for name in ("direct_ingress", "ha_proxy"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"http_options.{name} must be true or false, got {getattr(self, name)!r}."
+                )
         _check_timeout(self.request_timeout_s, "http_options.request_timeout_s")
         _check_timeout(self.keep_alive_timeout_s, "http_options.keep_alive_timeout_s")
         if self.root_path and not self.root_path.startswith("/"):

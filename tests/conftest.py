@@ -121,6 +121,13 @@ def haproxy(serve_instance: None) -> Ingress:
     return Ingress("haproxy")
 
 
+@pytest.fixture
+def direct(serve_instance: None) -> Ingress:
+    """Ingress replicas serving HTTP and gRPC themselves (SERVE_ENABLE_DIRECT_INGRESS=1)."""
+    _use_mode("direct")
+    return Ingress("direct")
+
+
 @pytest.fixture(scope="session", params=MODES)
 def ingress_mode(request: pytest.FixtureRequest) -> str:
     mode: str = request.param

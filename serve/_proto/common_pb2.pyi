@@ -470,6 +470,7 @@ class ReplicaInfo(_message.Message):
     MODEL_IDS_FIELD_NUMBER: _builtins.int
     ROUTING_STATS_JSON_FIELD_NUMBER: _builtins.int
     INGRESS_HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    INGRESS_GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     """host:port of the replica's gRPC server"""
@@ -480,6 +481,8 @@ class ReplicaInfo(_message.Message):
     """what the replica's record_routing_stats() last returned"""
     ingress_http_address: _builtins.str
     """where it serves HTTP itself (direct ingress), or empty"""
+    ingress_grpc_address: _builtins.str
+    """where it serves gRPC itself (direct ingress), or empty"""
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """multiplexed models loaded or loading"""
@@ -494,10 +497,11 @@ class ReplicaInfo(_message.Message):
         model_ids: _abc.Iterable[_builtins.str] | None = ...,
         routing_stats_json: _builtins.bytes = ...,
         ingress_http_address: _builtins.str = ...,
+        ingress_grpc_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "host", b"host", "ingress_http_address", b"ingress_http_address", "max_ongoing_requests", b"max_ongoing_requests", "model_ids", b"model_ids", "replica_id", b"replica_id", "routing_stats_json", b"routing_stats_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "host", b"host", "ingress_grpc_address", b"ingress_grpc_address", "ingress_http_address", b"ingress_http_address", "max_ongoing_requests", b"max_ongoing_requests", "model_ids", b"model_ids", "replica_id", b"replica_id", "routing_stats_json", b"routing_stats_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -751,6 +751,7 @@ class LinkRequest(_message.Message):
     GANG_RANK_FIELD_NUMBER: _builtins.int
     GANG_MEMBERS_FIELD_NUMBER: _builtins.int
     INGRESS_HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    INGRESS_GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     pid: _builtins.int
@@ -768,6 +769,8 @@ class LinkRequest(_message.Message):
     """With direct ingress (SERVE_ENABLE_DIRECT_INGRESS): where an ingress replica serves HTTP
     itself (host:port; empty for others).
     """
+    ingress_grpc_address: _builtins.str
+    """and gRPC (with grpc_servicer_functions), or empty"""
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -790,10 +793,11 @@ class LinkRequest(_message.Message):
         gang_rank: _builtins.int = ...,
         gang_members: _abc.Iterable[_builtins.str] | None = ...,
         ingress_http_address: _builtins.str = ...,
+        ingress_grpc_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "gang_id", b"gang_id", "gang_members", b"gang_members", "gang_rank", b"gang_rank", "host", b"host", "ingress_http_address", b"ingress_http_address", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code_version", b"code_version", "draining", b"draining", "gang_id", b"gang_id", "gang_members", b"gang_members", "gang_rank", b"gang_rank", "host", b"host", "ingress_grpc_address", b"ingress_grpc_address", "ingress_http_address", b"ingress_http_address", "initialized", b"initialized", "model_ids", b"model_ids", "pid", b"pid", "replica_id", b"replica_id", "user_config_json", b"user_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

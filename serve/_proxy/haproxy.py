@@ -18,6 +18,10 @@ on the proxy's port and keeps it current; the ingress replicas serve HTTP themse
 - **The serve-proxy beside it** is every application's backup server: while no replica of an
   application is up, requests go the proxy's way (they wait for a replica, or get 503 with the
   reason when the deploy failed).
+- **gRPC**, when the serve-proxy serves it: HAProxy takes the gRPC port too and sends each
+  call, by its ``application`` metadata, to that application's replicas' own gRPC ports
+  (``replica/direct_grpc.py``), kept current the same way; the serve-proxy's gRPC ingress
+  beside it answers the rest (see ``haproxy_config.py``).
 - **HAProxy's death** ends this process (``HAProxyExited``), which the controller replaces like
   any proxy that dies, HAProxy with it. HAProxy dies with this process (parent-death signal).
 """
@@ -68,18 +72,29 @@ class HAProxyFront:
     """
 
     def __init__(
-        self, client: ServeClient, *, http: HTTPOptions, sock: socket.socket, fallback: str
+        self,
+        client: ServeClient,
+        *,
+        http: HTTPOptions,
+        sock: socket.socket,
+        fallback: str,
+        grpc_sock: socket.socket | None = None,
+        grpc_fallback: str = "",
     ) -> None:
         self._client = client
         self._http = http
         self._sock = sock
         self._fallback = fallback
+        self._grpc_sock = grpc_sock  # the gRPC port, or None: no gRPC
+        self._grpc_fallback = grpc_fallback  # the serve-proxy's gRPC ingress
         self._run_dir = ""
         self._process: asyncio.subprocess.Process | None = None
         self._front: cfg.Frontend | None = None
         self._routes: list[Route] = []
-        self._names: dict[tuple[str, str], str] = {}  # (app, ingress) -> backend name
+        self._grpc_routes: list[Route] = []  # every application, when gRPC is served
+        self._names: dict[tuple[str, str, bool], str] = {}  # (app, ingress, grpc) -> backend
         self._servers: dict[str, dict[str, str]] = {}  # backend -> replica -> its address
+        self._check_ports: dict[str, dict[str, int]] = {}  # gRPC backend -> replica -> port
         self._books: dict[str, cfg.SlotBook] = {}  # backend -> which replica holds which slot
         self._watches: dict[str, asyncio.Task[None]] = {}  # backend -> its replica-set watch
         self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}  # (backend, replica)
@@ -115,6 +130,8 @@ class HAProxyFront:
             balance=s.haproxy_balance,
             nbthread=s.haproxy_nbthread,
             tls_pem=self._tls_pem(),
+            grpc_bind=f"fd@{self._grpc_sock.fileno()}" if self._grpc_sock is not None else "",
+            grpc_fallback=self._grpc_fallback,
         )
         self._write_config(self._backends())
         binary = shutil.which(s.haproxy_binary)
@@ -128,13 +145,17 @@ class HAProxyFront:
         setpriv = shutil.which("setpriv")
         if setpriv is not None:  # HAProxy dies with this process, however it ends
             command = [setpriv, "--pdeathsig", "KILL", *command]
-        self._sock.set_inheritable(True)
+        fds = [self._sock.fileno()]
+        if self._grpc_sock is not None:
+            fds.append(self._grpc_sock.fileno())
+        for fd in fds:
+            os.set_inheritable(fd, True)
         self._process = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            pass_fds=[self._sock.fileno()],
+            pass_fds=fds,
         )
         self._log_task = asyncio.create_task(
             self._log_messages(self._process), name="proxy:haproxy:log"
@@ -201,37 +222,47 @@ class HAProxyFront:
     def update_routes(self, routes: list[Route]) -> None:
         """A new route table: follow each routed application's ingress replicas."""
         self._routes = [r for r in routes if r.route_prefix]
+        self._grpc_routes = list(routes) if self._grpc_sock is not None else []
         self._exposed = self._exposed or bool(self._routes)
         live = set()
-        for route in self._routes:
-            name = self._backend_name(route)
+        wanted = [(r, False) for r in self._routes] + [(r, True) for r in self._grpc_routes]
+        for route, grpc in wanted:
+            name = self._backend_name(route, grpc)
             live.add(name)
             if name not in self._watches:
                 self._servers.setdefault(name, {})
                 self._books.setdefault(name, cfg.SlotBook())
                 self._watches[name] = asyncio.create_task(
-                    self._watch_replicas(name, route), name=f"proxy:haproxy:watch:{name}"
+                    self._watch_replicas(name, route, grpc), name=f"proxy:haproxy:watch:{name}"
                 )
         for name in list(self._watches):
             if name not in live:
                 self._watches.pop(name).cancel()
                 self._servers.pop(name, None)
+                self._check_ports.pop(name, None)
                 self._books.pop(name, None)  # its slots go with the next reload
         self._changed.set()
 
-    def _backend_name(self, route: Route) -> str:
-        key = (route.app_name, route.ingress)
+    def _backend_name(self, route: Route, grpc: bool = False) -> str:
+        key = (route.app_name, route.ingress, grpc)
         if key not in self._names:
-            self._names[key] = cfg.backend_name(len(self._names))
+            name = cfg.grpc_backend_name if grpc else cfg.backend_name
+            self._names[key] = name(len(self._names))
         return self._names[key]
 
-    async def _watch_replicas(self, backend: str, route: Route) -> None:
-        """The application's ingress replicas that serve HTTP, as the controller publishes them."""
+    async def _watch_replicas(self, backend: str, route: Route, grpc: bool = False) -> None:
+        """The application's ingress replicas that serve HTTP (or gRPC), as the controller
+        publishes them."""
         deployment = DeploymentID(route.ingress, route.app_name)
         while True:
             try:
                 async for replica_set in self._client.controller.watch(deployment):
-                    self._servers[backend] = _servers_of(replica_set)
+                    if grpc:
+                        self._servers[backend], self._check_ports[backend] = _grpc_servers_of(
+                            replica_set
+                        )
+                    else:
+                        self._servers[backend] = _servers_of(replica_set)
                     self._changed.set()
             except asyncio.CancelledError:
                 raise
@@ -240,18 +271,29 @@ class HAProxyFront:
             await asyncio.sleep(WATCH_RETRY_S)
 
     def _backends(self) -> list[cfg.Backend]:
-        return [
-            cfg.Backend(
-                name=(name := self._backend_name(route)),
-                route=route,
-                slots=self._books.setdefault(name, cfg.SlotBook()).layout(),
-            )
-            for route in self._routes
-        ]
+        out = []
+        for route, grpc in self._wanted():
+            name = self._backend_name(route, grpc)
+            book = self._books.setdefault(name, cfg.SlotBook())
+            slots = book.layout()
+            ports: tuple[int | None, ...] = ()
+            if grpc:
+                by_slot = {slot: r for r, slot in book.holders.items()}
+                known = self._check_ports.get(name, {})
+                ports = tuple(
+                    known.get(by_slot[i]) if i in by_slot else None for i in range(len(slots))
+                )
+            out.append(cfg.Backend(name, route, slots, grpc=grpc, check_ports=ports))
+        return out
+
+    def _wanted(self) -> list[tuple[Route, bool]]:
+        """The backends: each routed application's HTTP one, and each application's gRPC one."""
+        return [(r, False) for r in self._routes] + [(r, True) for r in self._grpc_routes]
 
     def _render_key(self) -> object:
-        routes = tuple((self._backend_name(r), r.route_prefix, r.app_name) for r in self._routes)
-        slots = tuple(len(self._books[self._backend_name(r)].addresses) for r in self._routes)
+        wanted = self._wanted()
+        routes = tuple((self._backend_name(r, g), r.route_prefix, r.app_name) for r, g in wanted)
+        slots = tuple(len(self._books[self._backend_name(r, g)].addresses) for r, g in wanted)
         return routes, slots, self._exposed
 
     # Making it so.
@@ -274,7 +316,7 @@ class HAProxyFront:
     async def _sync(self) -> None:
         """Reload if the routes changed or an application needs more slots; then fill, ready
         and drain slots through the runtime API to match the replica sets."""
-        backends = [self._backend_name(r) for r in self._routes]
+        backends = [self._backend_name(r, grpc) for r, grpc in self._wanted()]
         for backend in backends:
             book = self._books[backend]
             wanted = self._servers.get(backend, {})
@@ -297,10 +339,11 @@ class HAProxyFront:
             await self._apply(backend, self._books[backend], self._servers.get(backend, {}))
 
     async def _apply(self, backend: str, book: cfg.SlotBook, wanted: dict[str, str]) -> None:
+        check_ports = self._check_ports.get(backend, {})
         for replica, address in wanted.items():
             if replica not in book.holders:
                 slot = book.take(replica, address)
-                for command in cfg.fill_slot(backend, slot, address):
+                for command in cfg.fill_slot(backend, slot, address, check_ports.get(replica)):
                     await self._command(command)
             elif replica in book.draining:  # back in the set before it left
                 book.draining.discard(replica)
@@ -429,6 +472,15 @@ def _servers_of(replica_set: ReplicaSet) -> dict[str, str]:
     return {
         r.replica_id: r.ingress_http_address for r in replica_set.replicas if r.ingress_http_address
     }
+
+
+def _grpc_servers_of(replica_set: ReplicaSet) -> tuple[dict[str, str], dict[str, int]]:
+    """The replicas' gRPC addresses, and the HTTP ports their health is checked on."""
+    serving = [r for r in replica_set.replicas if r.ingress_grpc_address and r.ingress_http_address]
+    return (
+        {r.replica_id: r.ingress_grpc_address for r in serving},
+        {r.replica_id: cfg.split_address(r.ingress_http_address)[1] for r in serving},
+    )
 
 
 def _write_private(path: Path, content: bytes) -> None:

@@ -8,6 +8,15 @@ HAProxy's answer) with at most ``tune.http.maxhdr`` fields and arrive within ``t
 http-request`` (408); ``maxconn`` connections at most (more wait in the kernel's accept queue);
 a declared body over the limit is refused with 413 before any of it is forwarded. Behind it the
 replicas' own HTTP servers keep every bound of the proxy (chunked bodies, slow bodies).
+
+gRPC (when the serve-proxy serves it): a second frontend on the gRPC port speaks HTTP/2
+(``proto h2``) and sends each call by its ``application`` metadata (or, with one application,
+without it) to that application's replicas' own gRPC ports, over HTTP/2 too; their health is
+checked on their HTTP port (``/-/healthz``, the replica's own, which fails once it stops). What
+no replica serves goes to the serve-proxy's gRPC ingress beside HAProxy, which answers as
+without HAProxy: Ray's ``RayServeAPIService`` and ``grpc.health.v1.Health``, NOT_FOUND for an
+unknown or unset application, and an application's calls while none of its replicas is up.
+Message sizes are bounded by the replicas' servers (HAProxy streams HTTP/2 bodies through).
 """
 
 from __future__ import annotations
@@ -31,12 +40,17 @@ SERVER_OPTIONS = (
     "observe layer4 error-limit 1 on-error mark-down"
 )
 FALLBACK = "fallback"  # the serve-proxy's server name in every backend
+GRPC_FALLBACK = "grpc-fallback"  # the backend of calls the serve-proxy answers
+# The services the serve-proxy answers for every application (no replica has the whole view).
+GRPC_SERVE_SERVICES = ("/ray.serve.RayServeAPIService/", "/grpc.health.v1.Health/")
 MIN_SLOTS = 8
 REPLICA_GONE = (
     "ReplicaDiedError: the replica serving this request closed its connection before it "
     "answered (it died, or its answer was cut). The request may have partly run; it was not "
     "retried."
 )
+# A gRPC replica is sent HTTP/2 (cleartext) and checked over HTTP/1.1 on its HTTP port.
+GRPC_SERVER = "proto h2 check-proto h1"
 PARKED = "0.0.0.0:1"  # a free slot's address (in maintenance: never used)
 TIMEOUT_SERVER_S = 3600  # a replica silent this long in a response (a long stream) is cut
 TIMEOUT_TUNNEL_S = 3600  # WebSockets
@@ -60,20 +74,29 @@ class Frontend:
     nbthread: int
     tls_pem: str = ""  # cert and key in one PEM (HTTPS), or "" for HTTP
     hard_stop_after_s: float = 60.0  # an old process (after a reload) finishes within this
+    grpc_bind: str = ""  # where gRPC is served ("fd@4"), or "" for none
+    grpc_fallback: str = ""  # host:port of the serve-proxy's gRPC ingress
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """One application: its route, its backend's name, and its server slots, each the
-    address (host:port) of the replica it holds or None (free)."""
+    address (host:port) of the replica it holds or None (free). A gRPC backend's slots are
+    the replicas' gRPC addresses, and ``check_ports`` their HTTP ports (health checks)."""
 
     name: str
     route: Route
     slots: tuple[str | None, ...] = ()
+    grpc: bool = False
+    check_ports: tuple[int | None, ...] = ()
 
 
 def backend_name(index: int) -> str:
     return f"app-{index}"
+
+
+def grpc_backend_name(index: int) -> str:
+    return f"grpc-{index}"
 
 
 def slot_name(index: int) -> str:
@@ -151,12 +174,19 @@ def files(backends: list[Backend]) -> dict[str, bytes]:
     answer of /-/routes."""
     out = {
         "routes.json": orjson.dumps(
-            {b.route.route_prefix: b.route.app_name for b in backends if b.route.route_prefix}
+            {
+                b.route.route_prefix: b.route.app_name
+                for b in backends
+                if b.route.route_prefix and not b.grpc
+            }
         ),
         "502.http": _error_response(500, REPLICA_GONE),
         "504.http": _error_response(500, REPLICA_GONE),
     }
     for backend in backends:
+        if backend.grpc:  # the application's name, matched against the call's metadata
+            out[f"{backend.name}.app"] = backend.route.app_name.encode() + b"\n"
+            continue
         prefix = backend.route.route_prefix
         if prefix and prefix != "/":
             out[f"{backend.name}.path"] = prefix.encode() + b"\n"
@@ -220,7 +250,7 @@ def render(front: Frontend, backends: list[Backend], *, exposed: bool = False) -
         f"    acl healthz path {HEALTH_PATH}",
         "    acl routes path /-/routes",
     ]
-    routed = [b for b in backends if b.route.route_prefix]
+    routed = [b for b in backends if b.route.route_prefix and not b.grpc]
     if routed or exposed:
         lines.append(
             "    http-request return status 200 content-type text/plain string success if healthz"
@@ -269,18 +299,66 @@ def render(front: Frontend, backends: list[Backend], *, exposed: bool = False) -
             for i, address in enumerate(backend.slots)
         ]
         lines.append(f"    server {FALLBACK} {front.fallback}{tls} backup")
+    if front.grpc_bind:
+        lines += _render_grpc(front, [b for b in backends if b.grpc])
     return "\n".join(lines) + "\n"
+
+
+def _render_grpc(front: Frontend, backends: list[Backend]) -> list[str]:
+    """The gRPC frontend and backends (HTTP/2 on both sides)."""
+    d = front.run_dir
+    lines = [
+        "frontend serve-grpc",
+        f"    bind {front.grpc_bind} proto h2",
+        f"    maxconn {front.max_connections}",
+        # A call may stream for long with a silent client; an idle connection is closed
+        # after the keep-alive timeout (HTTP/2: between streams).
+        f"    timeout client {TIMEOUT_SERVER_S}s",
+        "    acl serve_services path_beg " + " ".join(GRPC_SERVE_SERVICES),
+        f"    use_backend {GRPC_FALLBACK} if serve_services",
+    ]
+    for backend in backends:
+        lines.append(
+            f"    use_backend {backend.name} if {{ req.hdr(application) -m str -f "
+            f"{d}/{backend.name}.app }}"
+        )
+    if len(backends) == 1:  # one application: the metadata may be left out
+        lines.append(f"    use_backend {backends[0].name} if !{{ req.hdr(application) -m found }}")
+    lines += [
+        f"    default_backend {GRPC_FALLBACK}",  # NOT_FOUND, in the serve-proxy's words
+        f"backend {GRPC_FALLBACK}",
+        f"    server {FALLBACK} {front.grpc_fallback} proto h2",
+    ]
+    for backend in backends:
+        lines += [
+            f"backend {backend.name}",
+            f"    balance {front.balance}",
+            f"    option httpchk GET {HEALTH_PATH}",
+            "    http-check expect status 200",
+        ]
+        ports = backend.check_ports or (None,) * len(backend.slots)
+        for i, (address, port) in enumerate(zip(backend.slots, ports, strict=True)):
+            line = f"    server {slot_name(i)} {address or PARKED} {SERVER_OPTIONS} {GRPC_SERVER}"
+            if address and port:
+                line += f" port {port}"
+            lines.append(line + ("" if address else " disabled"))
+        lines.append(f"    server {FALLBACK} {front.grpc_fallback} proto h2 backup")
+    return lines
 
 
 # The runtime API (HAProxy's "stats socket", level admin).
 
 
-def fill_slot(backend: str, index: int, address: str) -> list[str]:
+def fill_slot(backend: str, index: int, address: str, check_port: int | None = None) -> list[str]:
     """Commands that put a replica in a free slot and start sending to it (the controller
-    publishes only replicas that run and passed its health check; HAProxy keeps checking)."""
+    publishes only replicas that run and passed its health check; HAProxy keeps checking,
+    on ``check_port`` if given: a gRPC backend checks the replica's HTTP port)."""
     host, port = split_address(address)
     name = slot_name(index)
-    return [f"set server {backend}/{name} addr {host} port {port}", ready_server(backend, name)]
+    commands = [f"set server {backend}/{name} addr {host} port {port}"]
+    if check_port is not None:
+        commands.append(f"set server {backend}/{name} check-port {check_port}")
+    return [*commands, ready_server(backend, name)]
 
 
 def ready_server(backend: str, name: str) -> str:

@@ -95,18 +95,27 @@ class ProxyServer:
             host = route_address(self._controller_address)
         http_address = f"{host}:{port}"
         grpc_server = None
-        grpc_address = ""
+        grpc_address = grpc_fallback = ""
+        grpc_sock: socket.socket | None = None  # the gRPC port HAProxy takes
         if self._grpc.grpc_servicer_functions and not self.is_worker:
-            from serve._rpc.grpc_ingress import start_grpc_ingress
+            from serve._rpc.grpc_ingress import start_grpc_ingress, via_handles
 
+            grpc_host, grpc_port = self._http.host, self._grpc.port
+            if settings().ha_proxy:  # this proxy's gRPC ingress serves behind HAProxy
+                grpc_sock = self._grpc_socket()
+                grpc_host, grpc_port = _loopback(self._http.host), 0
             grpc_server, grpc_port = await start_grpc_ingress(
                 self._routes,
-                host=self._http.host,
-                port=self._grpc.port,
-                servicer_functions=self._grpc.grpc_servicer_functions,
+                via_handles(self._routes, self._grpc.grpc_servicer_functions),
+                host=grpc_host,
+                port=grpc_port,
                 request_timeout_s=self._grpc.request_timeout_s,
                 ready=self._grpc_ready,
             )
+            if grpc_sock is not None:
+                v6 = ":" in grpc_host
+                grpc_fallback = f"[{grpc_host}]:{grpc_port}" if v6 else f"{grpc_host}:{grpc_port}"
+                grpc_port = grpc_sock.getsockname()[1]
             grpc_address = f"{host}:{grpc_port}"
         info = ProxyInfo(
             node_id="" if self.is_worker else self._node_id,
@@ -126,7 +135,12 @@ class ProxyServer:
 
             serve_sock = fallback_socket(self._http.host)
             self._front = HAProxyFront(
-                client, http=self._http, sock=sock, fallback=address_of(serve_sock)
+                client,
+                http=self._http,
+                sock=sock,
+                fallback=address_of(serve_sock),
+                grpc_sock=grpc_sock,
+                grpc_fallback=grpc_fallback,
             )
         watch = asyncio.create_task(self._watch_routes(client, info), name="proxy:routes")
         children: list[subprocess.Popen[bytes]] = []
@@ -176,6 +190,8 @@ class ProxyServer:
             await client.aclose()
             sock.close()
             serve_sock.close()
+            if grpc_sock is not None:
+                grpc_sock.close()
         logger.info("serve-proxy (pid %d) stopped", os.getpid())
         return self._exit_code
 
@@ -211,6 +227,24 @@ class ProxyServer:
             ) from exc
         sock.listen(2048)
         sock.set_inheritable(True)
+        return sock
+
+    def _grpc_socket(self) -> socket.socket:
+        """The gRPC port, for HAProxy to serve on."""
+        host, port = self._http.host, self._grpc.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise SystemExit(
+                f"serve-proxy: cannot listen for gRPC on {host}:{port}: {exc.strerror}. Free "
+                "the port or choose another with grpc_options={'port': ...} (serve start "
+                "--grpc-port)."
+            ) from exc
+        sock.listen(2048)
         return sock
 
     def _start_worker(self, sock: socket.socket) -> subprocess.Popen[bytes]:
@@ -252,6 +286,10 @@ class ProxyServer:
                 self._stop()
                 return
             await clock.pause()
+
+
+def _loopback(host: str) -> str:
+    return "::1" if ":" in host else "127.0.0.1"
 
 
 class _Ready:

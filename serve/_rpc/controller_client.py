@@ -51,6 +51,7 @@ class LinkInfo:
     gang_rank: int = -1
     gang_members: tuple[str, ...] = ()  # replica ids, by rank
     ingress_http_address: str = ""  # where it serves HTTP itself (direct ingress)
+    ingress_grpc_address: str = ""  # where it serves gRPC itself (direct ingress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +297,7 @@ class ControllerClient:
                 gang_rank=info.gang_rank,
                 gang_members=list(info.gang_members),
                 ingress_http_address=info.ingress_http_address,
+                ingress_grpc_address=info.ingress_grpc_address,
             )
         )
         heartbeat = controller_pb2.LinkMessage(heartbeat=_HEARTBEAT)

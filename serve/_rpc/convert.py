@@ -295,6 +295,7 @@ def replica_set_to_proto(rs: ReplicaSet) -> common_pb2.ReplicaSet:
                 model_ids=sorted(r.model_ids),
                 routing_stats_json=r.routing_stats_json,
                 ingress_http_address=r.ingress_http_address,
+                ingress_grpc_address=r.ingress_grpc_address,
             )
             for r in rs.replicas
         ],
@@ -325,6 +326,7 @@ def replica_set_from_proto(msg: common_pb2.ReplicaSet) -> ReplicaSet:
                 model_ids=frozenset(r.model_ids),
                 routing_stats_json=r.routing_stats_json,
                 ingress_http_address=r.ingress_http_address,
+                ingress_grpc_address=r.ingress_grpc_address,
             )
             for r in msg.replicas
         ),

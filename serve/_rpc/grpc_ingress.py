@@ -13,6 +13,10 @@ the request id comes back in the trailing metadata. What the method set on its
 ``grpc_context`` (code, details, trailing metadata, compression) is applied to the call.
 Ray's ``RayServeAPIService`` (``ListApplications``, ``Healthz``) and the standard
 ``grpc.health.v1.Health`` service are answered here.
+
+The same server runs in a direct-ingress replica (``replica/direct_grpc.py``): there the call
+is dispatched to the replica's own deployment in process instead of through a handle; the
+choice of application, the statuses and the request id are decided here for both.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import asyncio
 import contextlib
 import functools
 import pickle
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 import grpc.aio
@@ -61,23 +66,129 @@ class Routes(Protocol):
     @property
     def routes(self) -> list[Route]: ...
     def by_app(self, app_name: str) -> Route | None: ...
+
+
+class ProxyRoutes(Routes, Protocol):
     def handle(self, route: Route) -> Any: ...
 
 
 class Readiness(Protocol):
-    ready: bool
+    @property
+    def ready(self) -> bool: ...
+
+
+GrpcIngressServer = grpc.aio.Server  # for owners that do not import grpc themselves
+
+
+class Forwarded(Protocol):
+    """One dispatched call: its stream items (see ``serve/_ingress.py``), and its inputs."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+    async def send_input(self, message: bytes) -> None:
+        """One more request message of the client (waits while the ingress window is full)."""
+
+    def end_input(self) -> None:
+        """The client half-closed: no more request messages."""
+
+    def detach(self) -> None:
+        """The call ended at its deadline here: its work ends at the same deadline by itself
+        (failing nested calls with RequestTimeoutError first), so it is not cancelled."""
+
+    def close(self) -> None:
+        """The gRPC call is over, however it ended: work still running (and not detached)
+        is cancelled."""
+
+
+class Dispatch(Protocol):
+    """Start a call of ``method`` on the route's ingress deployment. ``request_id`` is the
+    client's ("" for a new one); ``timeout_s`` bounds the call and its nested calls."""
+
+    def __call__(
+        self,
+        route: Route,
+        method: str,
+        first: list[bytes],
+        call: GrpcCall,
+        *,
+        model_id: str,
+        request_id: str,
+        timeout_s: float | None,
+    ) -> Forwarded: ...
+
+
+class _HandleCall:
+    """A call forwarded through a handle to a replica (the serve-proxy's way)."""
+
+    __slots__ = ("__weakref__", "_stream")
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    @property
+    def request_id(self) -> str:
+        return str(self._stream.request_id)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return cast(AsyncIterator[Any], self._stream.__aiter__())
+
+    async def send_input(self, message: bytes) -> None:
+        stream = self._stream
+        if stream._input_full():
+            await stream._input_room()
+        stream._feed(pickle.dumps({"type": "grpc.message", "body": message}, protocol=5))
+
+    def end_input(self) -> None:
+        self._stream._feed(pickle.dumps(GRPC_END_INPUT, protocol=5))
+
+    def detach(self) -> None:
+        self._stream._detach()
+
+    def close(self) -> None:
+        pass  # a stream dropped before its end cancels its request (DeploymentResponseGenerator)
+
+
+def via_handles(routes: ProxyRoutes, servicer_functions: Sequence[str]) -> Dispatch:
+    """Dispatch through the routes' handles: the call runs in some ingress replica."""
+    functions = tuple(servicer_functions)
+
+    def dispatch(
+        route: Route,
+        method: str,
+        first: list[bytes],
+        call: GrpcCall,
+        *,
+        model_id: str,
+        request_id: str,
+        timeout_s: float | None,
+    ) -> Forwarded:
+        handle = routes.handle(route).options(
+            method_name=GRPC_METHOD,
+            stream=True,
+            multiplexed_model_id=model_id,
+            request_serialization="pickle",
+            response_serialization="pickle",
+        )
+        if request_id:
+            set_current_request(RequestContext(request_id=request_id))
+        with request_deadline(timeout_s):  # enforced by the router and the replicas
+            return _HandleCall(handle.remote(method, first, functions, call))
+
+    return dispatch
 
 
 class _Ingress(grpc.GenericRpcHandler):
     def __init__(
         self,
         routes: Routes,
-        servicer_functions: Sequence[str],
+        dispatch: Dispatch,
         request_timeout_s: float | None,
         readiness: Readiness,
     ) -> None:
         self._routes = routes
-        self._functions = tuple(servicer_functions)
+        self._dispatch = dispatch
         self._timeout_s = request_timeout_s
         self._readiness = readiness
         self._max_request_id_length = settings().max_request_id_length
@@ -165,16 +276,9 @@ class _Ingress(grpc.GenericRpcHandler):
                 f"{which} Ping {LIST_APPLICATIONS} for available applications.",
             )
             return
-        handle = self._routes.handle(route).options(
-            method_name=GRPC_METHOD,
-            stream=True,
-            multiplexed_model_id=metadata.get("multiplexed_model_id", ""),
-            request_serialization="pickle",
-            response_serialization="pickle",
-        )
         request_id = metadata.get("request_id", "")
-        if request_id and len(request_id) <= self._max_request_id_length:
-            set_current_request(RequestContext(request_id=request_id))
+        if len(request_id) > self._max_request_id_length:
+            request_id = ""  # a new one, as for HTTP
         remaining = context.time_remaining()
         limits = [t for t in (remaining, self._timeout_s) if t is not None]
         timeout_s = min(limits) if limits else None
@@ -183,9 +287,24 @@ class _Ingress(grpc.GenericRpcHandler):
         except StopAsyncIteration:
             first = []
         call = GrpcCall(invocation_metadata=invocation, peer=context.peer())
-        with request_deadline(timeout_s):  # enforced by the router and the replicas
-            stream = handle.remote(method, first, self._functions, call)
+        try:
+            stream = self._dispatch(
+                route,
+                method,
+                first,
+                call,
+                model_id=metadata.get("multiplexed_model_id", ""),
+                request_id=request_id,
+                timeout_s=timeout_s,
+            )
+        except GrpcStatusError as exc:
+            yield _Failed(*_status_of(exc, timeout_s))
+            return
         del first
+        # However the call ends, even while this generator waits outside its own code. Weakly:
+        # a handle's stream dropped with this generator cancels its request by itself. (The
+        # stubs type the callback as a class of their own: any callable is taken.)
+        context.add_done_callback(functools.partial(_close, weakref.ref(stream)))  # type: ignore[arg-type]
         pump: asyncio.Task[None] | None = None
         end: GrpcCallEnd | None = None
         try:
@@ -203,7 +322,7 @@ class _Ingress(grpc.GenericRpcHandler):
                 # gRPC ended the call at its deadline. The replica has the same deadline and
                 # ends the work itself, failing nested calls with RequestTimeoutError first;
                 # a cancel sent now would race it.
-                stream._detach()
+                stream.detach()
             raise
         except Exception as exc:
             # Also the ended request's outcome: its traceback (this frame holds the request)
@@ -223,6 +342,12 @@ class _Ingress(grpc.GenericRpcHandler):
         return routes[0] if len(routes) == 1 else None
 
 
+def _close(stream: weakref.ref[Forwarded], _: object) -> None:
+    found = stream()
+    if found is not None:
+        found.close()
+
+
 class _Failed:
     """How a forwarded call failed: the status it ends with."""
 
@@ -233,14 +358,12 @@ class _Failed:
         self.details = details
 
 
-async def _pump(requests: AsyncIterator[bytes], stream: Any) -> None:
-    """Feed the client's further request messages to the replica, within the ingress window
+async def _pump(requests: AsyncIterator[bytes], stream: Forwarded) -> None:
+    """Feed the client's further request messages to the call, within the ingress window
     (the client is not read meanwhile: HTTP/2 flow control holds it back), then the end."""
     async for message in requests:
-        if stream._input_full():
-            await stream._input_room()
-        stream._feed(pickle.dumps({"type": "grpc.message", "body": message}, protocol=5))
-    stream._feed(pickle.dumps(GRPC_END_INPUT, protocol=5))
+        await stream.send_input(message)
+    stream.end_input()
 
 
 def _finish(context: grpc.aio.ServicerContext[Any, Any], end: GrpcCallEnd | None, rid: str) -> None:
@@ -296,24 +419,23 @@ def _truncated(text: str) -> str:
 
 async def start_grpc_ingress(
     routes: Routes,
+    dispatch: Dispatch,
     *,
     host: str,
     port: int,
-    servicer_functions: Sequence[str],
     request_timeout_s: float | None,
     ready: Readiness,
+    who: str = "serve-proxy",
 ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC ingress server; returns it and the port it took."""
     # The bounds of the daemons' own servers: message size (SERVE_MAX_MESSAGE_BYTES), handshake
     # and idle timeouts, and the connection cap.
     server = grpc.aio.server(options=server_options(raise_open_file_limit()))
-    server.add_generic_rpc_handlers(
-        (_Ingress(routes, servicer_functions, request_timeout_s, ready),)
-    )
+    server.add_generic_rpc_handlers((_Ingress(routes, dispatch, request_timeout_s, ready),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(
-            f"serve-proxy: cannot listen for gRPC on {host}:{port}. Free the port or choose "
+            f"{who}: cannot listen for gRPC on {host}:{port}. Free the port or choose "
             "another with grpc_options={'port': ...} (serve start --grpc-port)."
         )
     await server.start()

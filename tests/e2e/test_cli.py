@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -332,3 +333,96 @@ def test_shutdown_with_a_driver_watching_logs_no_traceback(cluster: dict[str, st
     logs += (state_dir / "controller.out").read_text()
     assert "Traceback" not in logs
     assert "CancelledError" not in logs + stderr
+
+
+def served_by_a_replica_itself(root_pid: int) -> str:
+    """What the first echo replica under ``root_pid`` answers to ``GET /echo`` on a port of
+    its own (direct ingress): "200 echo:"; "" while none does."""
+    import psutil
+
+    for process in psutil.Process(root_pid).children(recursive=True):
+        try:
+            command = process.cmdline()
+            if "--replica-id" not in command or not command[
+                command.index("--replica-id") + 1
+            ].startswith("echo#"):
+                continue
+            ports = [c.laddr.port for c in process.net_connections("tcp") if c.status == "LISTEN"]
+        except psutil.Error:
+            continue
+        for port in ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo", timeout=5) as reply:
+                    return f"{reply.status} {reply.read().decode()[:5]}"
+            except (OSError, http.client.HTTPException):  # its internal gRPC port
+                continue
+    return ""
+
+
+ECHO_APP = """
+applications:
+  - name: echo
+    route_prefix: /echo
+    import_path: examples.apps:build_echo
+    args: {prefix: "echo: "}
+"""
+
+
+def test_the_config_files_http_options_switch_direct_ingress_on(tmp_path: Path) -> None:
+    """``http_options: {direct_ingress: true}`` in the file `serve run` starts a controller
+    with: the ingress replica serves HTTP itself, on its own port."""
+    config = tmp_path / "direct.yaml"
+    config.write_text("http_options:\n  port: 0\n  direct_ingress: true\n" + ECHO_APP)
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    with subprocess.Popen(
+        [*SERVE, "run", str(config)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    ) as process:
+        try:
+            assert process.stdout is not None
+            lines: list[str] = []
+            while not lines or not lines[-1].startswith("Running"):
+                line = process.stdout.readline()
+                assert line, f"serve run exited early: {lines}"
+                lines.append(line)
+            assert wait_for(lambda: served_by_a_replica_itself(process.pid)) == "200 echo:"
+        finally:
+            process.send_signal(signal.SIGINT)
+            assert process.wait(60) == 0
+
+
+def test_serve_start_direct_ingress_flag_switches_it_on(tmp_path: Path) -> None:
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    started = serve_cmd("start", "--direct-ingress", env=env)
+    assert started.returncode == 0, started.stderr
+    record = json.loads((tmp_path / "state" / "controller.json").read_text())
+    try:
+        config = tmp_path / "echo.yaml"
+        config.write_text(ECHO_APP)
+        deployed = serve_cmd("deploy", str(config), "--wait", env=env)
+        assert deployed.returncode == 0, deployed.stderr
+        assert wait_for(lambda: served_by_a_replica_itself(record["pid"])) == "200 echo:"
+    finally:
+        serve_cmd("shutdown", env=env)
+        wait_for(lambda: not pids_alive([record["pid"]]), timeout_s=30)
+        kill_tree(record["pid"])
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ("direct_ingress: yes please", "http_options.direct_ingress must be true or false"),
+        ("ha_proxy: 1", "http_options.ha_proxy must be true or false, got 1."),
+        ("direct_ingres: true", "Unknown http_options field(s) ['direct_ingres']"),
+    ],
+)
+def test_a_bad_ingress_mode_in_the_config_file_is_refused(
+    tmp_path: Path, options: str, error: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"http_options:\n  {options}\n" + ECHO_APP)
+    env = python_env(SERVE_STATE_DIR=str(tmp_path / "state"))
+    result = serve_cmd("run", str(config), env=env, timeout_s=60)
+    assert result.returncode == 1
+    assert error in result.stderr, result.stderr
+    assert str(config) in result.stderr
+    assert not (tmp_path / "state" / "controller.json").exists()  # nothing was started

@@ -1,5 +1,7 @@
 """gRPC ingress through real daemons: the proxy forwards user-defined gRPC methods (it has no
-copy of the protos) to the ingress deployment's methods; a grpc client with generated stubs."""
+copy of the protos) to the ingress deployment's methods; a grpc client with generated stubs.
+Every test runs in the three ingress modes (tests/support/ingress.py): through the proxy, at
+an ingress replica's own gRPC port (direct ingress), and through HAProxy in front of those."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,6 +23,7 @@ from serve.generated import serve_pb2, serve_pb2_grpc
 from serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from serve.handle import DeploymentHandle
 from tests.support import greeter_pb2, greeter_pb2_grpc
+from tests.support.ingress import Ingress, haproxy_sent_to, haproxy_serves, replica_addresses
 from tests.support.procs import proxy_details, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -77,17 +81,34 @@ class Relay:
             raise
 
 
+class Channels:
+    """gRPC channels to where a test's calls for an application go, in its ingress mode
+    (``channels("greet")``), closed after the test."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+        self._open: list[grpc.Channel] = []
+
+    def __call__(self, app: str | None = None) -> grpc.Channel:
+        channel = grpc.insecure_channel(self.ingress.grpc_address(app))
+        self._open.append(channel)
+        return channel
+
+    def close(self) -> None:
+        for channel in self._open:
+            channel.close()
+
+
 @pytest.fixture
-def channel(serve_instance: None) -> Iterator[grpc.Channel]:
-    address = proxy_details().grpc_address
-    assert address, "the shared proxy serves gRPC (see conftest.serve_session)"
-    with grpc.insecure_channel(address) as channel:
-        yield channel
+def channels(ingress: Ingress) -> Iterator[Channels]:
+    opened = Channels(ingress)
+    yield opened
+    opened.close()
 
 
-def test_unary_and_server_streaming_methods(channel: grpc.Channel) -> None:
+def test_unary_and_server_streaming_methods(channels: Channels) -> None:
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channels("greet"))
     app = (("application", "greet"),)
     reply = stub.SayHello(greeter_pb2.HelloRequest(name="Ada"), metadata=app, timeout=10)
     assert reply.message == "Hello Ada [-]"
@@ -103,17 +124,19 @@ def test_unary_and_server_streaming_methods(channel: grpc.Channel) -> None:
 
 
 def test_application_metadata_picks_the_app_and_model_id_is_honoured(
-    channel: grpc.Channel,
+    channels: Channels,
 ) -> None:
     serve.run(Greeter.bind("Hello"), name="en", route_prefix="/en")
     serve.run(Greeter.bind("Bonjour"), name="fr", route_prefix="/fr")
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    # Direct: each application's calls go to one of its own replicas.
+    stub = greeter_pb2_grpc.GreeterStub(channels("fr"))
     request = greeter_pb2.HelloRequest(name="Ada")
     fr = stub.SayHello(
         request, metadata=(("application", "fr"), ("multiplexed_model_id", "m7")), timeout=10
     )
     assert fr.message == "Bonjour Ada [m7]"
-    assert stub.SayHello(request, metadata=(("application", "en"),), timeout=10).message == (
+    en = greeter_pb2_grpc.GreeterStub(channels("en"))
+    assert en.SayHello(request, metadata=(("application", "en"),), timeout=10).message == (
         "Hello Ada [-]"
     )
     with pytest.raises(grpc.RpcError) as unknown:
@@ -125,9 +148,9 @@ def test_application_metadata_picks_the_app_and_model_id_is_honoured(
     assert ambiguous.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_client_deadline_is_deadline_exceeded(channel: grpc.Channel) -> None:
+def test_client_deadline_is_deadline_exceeded(channels: Channels) -> None:
     serve.run(SlowGreeter.bind(), name="slow", route_prefix="/slow")
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channels("slow"))
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as late:
         stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=0.5)
@@ -135,10 +158,10 @@ def test_client_deadline_is_deadline_exceeded(channel: grpc.Channel) -> None:
     assert time.monotonic() - started < 10
 
 
-def test_the_client_deadline_travels_to_nested_calls(channel: grpc.Channel, tmp_path: Path) -> None:
+def test_the_client_deadline_travels_to_nested_calls(channels: Channels, tmp_path: Path) -> None:
     serve.run(Relay.bind(Inner.bind()), name="relay", route_prefix="/relay")
     marker = tmp_path / "inner"
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channels("relay"))
     with pytest.raises(grpc.RpcError) as late:
         stub.SayHello(greeter_pb2.HelloRequest(name=str(marker)), timeout=1.0)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -149,16 +172,18 @@ def test_the_client_deadline_travels_to_nested_calls(channel: grpc.Channel, tmp_
     assert relay.read_text() == "RequestTimeoutError"
 
 
-def test_standard_health_service(channel: grpc.Channel) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
+def test_standard_health_service(channels: Channels) -> None:
+    serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    stub = health_pb2_grpc.HealthStub(channels("greet"))
     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.mark.parametrize("method", ["/greeter.Greeter/NoSuchMethod", "/no.such.Service/SayHello"])
-def test_unknown_method_is_unimplemented(channel: grpc.Channel, method: str) -> None:
+def test_unknown_method_is_unimplemented(channels: Channels, method: str) -> None:
     """As a gRPC server answers an unknown service or method: UNIMPLEMENTED, naming it."""
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    channel = channels("greet")
     call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
     with pytest.raises(grpc.RpcError) as error:
         call(b"", timeout=10)
@@ -166,8 +191,9 @@ def test_unknown_method_is_unimplemented(channel: grpc.Channel, method: str) -> 
     assert method in str(error.value.details())
 
 
-def test_undecodable_message_is_invalid_argument(channel: grpc.Channel) -> None:
+def test_undecodable_message_is_invalid_argument(channels: Channels) -> None:
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
+    channel = channels("greet")
     call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
         "/greeter.Greeter/SayHello"
     )
@@ -220,9 +246,9 @@ class Contextual:
             yield greeter_pb2.HelloReply(message=request.name.upper())
 
 
-def test_grpc_context_reads_metadata_and_sets_status_and_trailers(channel: grpc.Channel) -> None:
+def test_grpc_context_reads_metadata_and_sets_status_and_trailers(channels: Channels) -> None:
     serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channels("ctx"))
     metadata = (("application", "ctx"), ("x-user", "ada"), ("request_id", "rid-9"))
     reply, call = stub.SayHello.with_call(
         greeter_pb2.HelloRequest(name="x"), metadata=metadata, timeout=10
@@ -242,9 +268,9 @@ def test_grpc_context_reads_metadata_and_sets_status_and_trailers(channel: grpc.
     assert "not for you" in str(denied.value.details())
 
 
-def test_client_streaming_and_bidirectional_streaming(channel: grpc.Channel) -> None:
+def test_client_streaming_and_bidirectional_streaming(channels: Channels) -> None:
     serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channels("ctx"))
     metadata = (("application", "ctx"),)
     names = [f"n{i}" for i in range(300)]  # more than the ingress window holds at once
     joined = stub.JoinNames(
@@ -259,12 +285,10 @@ def test_client_streaming_and_bidirectional_streaming(channel: grpc.Channel) -> 
     assert [r.message for r in echoed] == ["A", "B", "C"]
 
 
-def test_bidirectional_streaming_answers_each_message_as_it_comes(
-    serve_instance: None,
-) -> None:
+def test_bidirectional_streaming_answers_each_message_as_it_comes(ingress: Ingress) -> None:
     """A reply arrives before the client sends its next message: the call really streams."""
     serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
-    address = proxy_details().grpc_address
+    address = ingress.grpc_address("ctx")
 
     async def talk() -> list[str]:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -281,18 +305,18 @@ def test_bidirectional_streaming_answers_each_message_as_it_comes(
     assert asyncio.run(talk()) == ["X", "Y", "Z"]
 
 
-def test_ray_serve_api_service(channel: grpc.Channel) -> None:
+def test_ray_serve_api_service(channels: Channels) -> None:
     serve.run(Greeter.bind("Hello"), name="greet", route_prefix="/greet")
-    stub = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+    stub = serve_pb2_grpc.RayServeAPIServiceStub(channels("greet"))
     listed = stub.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10)
     assert "greet" in listed.application_names
     assert stub.Healthz(serve_pb2.HealthzRequest(), timeout=10).message == "success"
 
 
-def test_not_found_says_where_to_look(channel: grpc.Channel) -> None:
+def test_not_found_says_where_to_look(channels: Channels) -> None:
     serve.run(Greeter.bind("Hello"), name="en", route_prefix="/en")
     serve.run(Greeter.bind("Bonjour"), name="fr", route_prefix="/fr")
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channels("en"))
     request = greeter_pb2.HelloRequest(name="Ada")
     with pytest.raises(grpc.RpcError) as unknown:
         stub.SayHello(request, metadata=(("application", "de"),), timeout=10)
@@ -304,3 +328,124 @@ def test_not_found_says_where_to_look(channel: grpc.Channel) -> None:
         stub.SayHello(request, timeout=10)
     assert unset.value.code() == grpc.StatusCode.NOT_FOUND
     assert str(unset.value.details()).startswith("Application metadata not set.")
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class Busy:
+    """Holds each call until the file its request names exists."""
+
+    async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
+        Path(f"{request.name}.started").touch()  # noqa: ASYNC240 - a test marker
+        async with asyncio.timeout(30):
+            while not Path(request.name).exists():  # noqa: ASYNC240, ASYNC110 - a test marker
+                await asyncio.sleep(0.02)
+        return greeter_pb2.HelloReply(message="done")
+
+
+def test_backpressure_is_resource_exhausted(ingress: Ingress, tmp_path: Path) -> None:
+    """One call runs (max_ongoing_requests=1), one may wait (max_queued_requests=1): of five
+    more, the others are refused at once with RESOURCE_EXHAUSTED, naming the limit."""
+    serve.run(Busy.bind(), name="busy", route_prefix="/busy")
+    marker = tmp_path / "release"
+    address = ingress.grpc_address("busy")
+
+    async def main() -> list[grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = greeter_pb2_grpc.GreeterStub(channel)
+            request = greeter_pb2.HelloRequest(name=str(marker))
+            running = asyncio.ensure_future(stub.SayHello(request, timeout=30))
+            started = Path(f"{marker}.started")
+            await asyncio.to_thread(wait_for, started.exists, 10.0)
+            more = [asyncio.ensure_future(stub.SayHello(request, timeout=30)) for _ in range(5)]
+            refused: list[grpc.aio.AioRpcError] = []
+            pending: set[asyncio.Future[Any]] = set(more)
+            while pending and not refused:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                refused += [e for f in done if isinstance(e := f.exception(), grpc.aio.AioRpcError)]
+            marker.touch()  # the held calls finish
+            replies = await asyncio.gather(running, *more, return_exceptions=True)
+            assert cast(greeter_pb2.HelloReply, replies[0]).message == "done"
+            return refused
+
+    refused = asyncio.run(main())
+    assert refused, "no call was refused"
+    assert {error.code() for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "max_queued_requests" in str(refused[0].details())
+
+
+def test_direct_calls_reach_the_replicas_own_grpc_port(direct: Ingress) -> None:
+    """Direct ingress: the ingress replica listens for gRPC itself, on a port of its own that
+    the controller publishes, and answers there; the serve-proxy is not in the path."""
+    serve.run(Contextual.bind(), name="ctx", route_prefix="/ctx")
+    address = direct.grpc_address("ctx")
+    port = address.rsplit(":", 1)[1]
+    assert address != proxy_details().grpc_address
+    owners = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == int(port)}
+    assert owners, f"nothing listens on {address}"
+    for pid in owners:
+        command = psutil.Process(pid).cmdline()
+        assert command[command.index("-m") + 1] == "replica", command
+        assert pid != proxy_details().pid
+    with grpc.insecure_channel(address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        metadata = (("x-user", "ada"), ("request_id", "rid-direct"))
+        reply, call = stub.SayHello.with_call(
+            greeter_pb2.HelloRequest(name="x"), metadata=metadata, timeout=10
+        )
+        assert reply.message.startswith("hello ada at ipv")
+        assert dict(call.trailing_metadata())["request_id"] == "rid-direct"
+        # Another application's calls are not this replica's: NOT_FOUND, saying where to go.
+        with pytest.raises(grpc.RpcError) as other:
+            stub.SayHello(
+                greeter_pb2.HelloRequest(name="x"), metadata=(("application", "nope"),), timeout=10
+            )
+        assert other.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_haproxy_balances_calls_onto_the_replicas_grpc_ports(haproxy: Ingress) -> None:
+    """Behind HAProxy, calls (with the application metadata, or without it when there is one
+    application) go to the replicas' own gRPC ports, spread over them, not to the proxy."""
+    serve.run(Greeter.options(num_replicas=2).bind("Hello"), name="greet", route_prefix="/greet")
+    address = haproxy.grpc_address("greet")
+    wait_for(lambda: len(replica_addresses("greet", grpc=True)) == 2, timeout_s=30)
+    replicas = replica_addresses("greet", grpc=True)
+    wait_for(lambda: haproxy_serves("greet", grpc=True), timeout_s=30)
+    before = haproxy_sent_to(replicas)
+    with grpc.insecure_channel(address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for metadata in ((("application", "greet"),), ()):
+            for _ in range(20):
+                reply = stub.SayHello(
+                    greeter_pb2.HelloRequest(name="x"), metadata=metadata, timeout=10
+                )
+                assert reply.message == "Hello x [-]"
+    after = haproxy_sent_to(replicas)
+    sent = {a: after[a] - before[a] for a in replicas}
+    assert sum(sent.values()) == 40, sent
+    assert all(sent.values()), f"one replica got no call: {sent}"
+
+
+@serve.deployment
+class Abandoned:
+    async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
+        Path(f"{request.name}.started").touch()  # noqa: ASYNC240 - a test marker
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            Path(request.name).write_text("cancelled")  # noqa: ASYNC240 - a test marker
+            raise
+        return greeter_pb2.HelloReply(message="late")
+
+
+def test_a_client_that_cancels_cancels_the_call_in_the_replica(
+    ingress: Ingress, tmp_path: Path
+) -> None:
+    serve.run(Abandoned.bind(), name="gone", route_prefix="/gone")
+    marker = tmp_path / "gone"
+    with grpc.insecure_channel(ingress.grpc_address("gone")) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        future = stub.SayHello.future(greeter_pb2.HelloRequest(name=str(marker)), timeout=60)
+        wait_for(Path(f"{marker}.started").exists, timeout_s=10)
+        future.cancel()
+        wait_for(marker.exists, timeout_s=10)
+    assert marker.read_text() == "cancelled"

@@ -610,7 +610,12 @@ def test_grpc_messages_over_the_limit_are_refused(front: Front) -> None:
                 metadata=metadata,
                 timeout=30,
             )
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        if front.mode == "haproxy":
+            # A gap: the replica's server refuses the message mid-upload and resets its stream;
+            # HAProxy resets the client's stream in turn (CANCELLED), its status unseen.
+            assert error.value.code() == grpc.StatusCode.CANCELLED
+        else:
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         reply = stub.SayHello(greeter_pb2.HelloRequest(name="y"), metadata=metadata, timeout=30)
         assert reply.message == "Hello y"
 

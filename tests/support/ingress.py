@@ -1,6 +1,6 @@
-"""HTTP ingress in its three modes, for tests that must hold in each: the default proxy, direct
-ingress (the request goes to the application's ingress replica itself, as a load balancer in
-front of it would send it) and HAProxy in front of direct ingress.
+"""HTTP and gRPC ingress in their three modes, for tests that must hold in each: the default
+proxy, direct ingress (the request goes to the application's ingress replica itself, as a load
+balancer in front of it would send it) and HAProxy in front of direct ingress.
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ class Ingress:
                 wait_for(lambda: haproxy_serves(routed), timeout_s=30, interval_s=0.05)
         return f"http://{address}{path}"
 
+    def grpc_address(self, app: str | None = None) -> str:
+        """Where a test's gRPC calls for ``app`` go: the proxy's gRPC port, HAProxy's (once it
+        sends the application's calls to its replicas), or a replica of ``app`` (direct;
+        without ``app``, the proxy's: nothing to call directly)."""
+        if self.mode == "direct" and app is not None:
+            return replica_addresses(app, grpc=True)[0]
+        if self.mode == "haproxy" and app is not None:
+            wait_for(lambda: haproxy_serves(app, grpc=True), timeout_s=30, interval_s=0.05)
+        address: str = proxy_details().grpc_address
+        return address
+
     def host_port(self, path: str = "/") -> tuple[str, int]:
         """Where a raw socket connects to reach ``path``."""
         url = self.url(path).removeprefix("http://")
@@ -74,8 +85,9 @@ def _route_of(path: str, *, required: bool = True) -> str | None:
     return found[1]
 
 
-def replica_addresses(app_name: str, timeout_s: float = 30.0) -> list[str]:
-    """Where the ingress replicas of ``app_name`` serve HTTP (direct ingress), once some do."""
+def replica_addresses(app_name: str, timeout_s: float = 30.0, *, grpc: bool = False) -> list[str]:
+    """Where the ingress replicas of ``app_name`` serve HTTP (or gRPC) themselves (direct
+    ingress), once some do."""
     from serve import _client
     from serve._models import DeploymentID
     from serve._sync import run_sync
@@ -89,7 +101,10 @@ def replica_addresses(app_name: str, timeout_s: float = 30.0) -> list[str]:
             return []
         async with asyncio.timeout(5.0):
             async for replica_set in client.controller.watch(DeploymentID(found[0], app_name)):
-                return [r.ingress_http_address for r in replica_set.replicas]
+                return [
+                    r.ingress_grpc_address if grpc else r.ingress_http_address
+                    for r in replica_set.replicas
+                ]
         return []
 
     def some() -> list[str]:
@@ -146,9 +161,22 @@ def haproxy_requests() -> int:
     return total
 
 
-def haproxy_serves(app_name: str) -> bool:
-    """Whether HAProxy sends the application's requests to each of its ingress replicas."""
-    wanted = replica_addresses(app_name)
+def haproxy_sent_to(addresses: list[str]) -> dict[str, int]:
+    """Requests HAProxy has sent so far to the servers at these addresses."""
+    lines = haproxy_command("show stat -1 4 -1").splitlines()
+    header = lines[0].removeprefix("# ").split(",")
+    out = dict.fromkeys(addresses, 0)
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(","), strict=False))
+        if row.get("addr") in out and (row.get("stot") or "").isdigit():
+            out[row["addr"]] += int(row["stot"])
+    return out
+
+
+def haproxy_serves(app_name: str, *, grpc: bool = False) -> bool:
+    """Whether HAProxy sends the application's requests (gRPC calls) to each of its ingress
+    replicas."""
+    wanted = replica_addresses(app_name, grpc=grpc)
     try:
         servers = haproxy_servers()
     except (OSError, AssertionError):  # HAProxy is still starting

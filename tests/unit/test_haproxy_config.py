@@ -118,6 +118,43 @@ def test_routes_longest_prefix_first_from_files() -> None:
     assert b'"/api":"api"' in files["routes.json"]
 
 
+def test_grpc_calls_go_by_application_metadata_to_the_replicas_grpc_ports() -> None:
+    front = _front("/run", grpc_bind="fd@4", grpc_fallback="127.0.0.1:9")
+    http = cfg.Backend("app-0", Route("/a", "a", "A"), ("127.0.0.1:1",))
+    grpc_a = cfg.Backend("grpc-1", Route("/a", "a", "A"), ("127.0.0.1:2", None), True, (1, None))
+    text = cfg.render(front, [http, grpc_a])
+    grpc_part = text[text.index("frontend serve-grpc") :]
+    assert "bind fd@4 proto h2" in grpc_part
+    assert "use_backend grpc-1 if { req.hdr(application) -m str -f /run/grpc-1.app }" in grpc_part
+    # One application: a call without the metadata goes to it too.
+    assert "use_backend grpc-1 if !{ req.hdr(application) -m found }" in grpc_part
+    # Ray's API and health services, and unknown applications: the serve-proxy answers.
+    assert f"use_backend {cfg.GRPC_FALLBACK} if serve_services" in grpc_part
+    assert f"default_backend {cfg.GRPC_FALLBACK}" in grpc_part
+    # HTTP/2 to the replica's gRPC port, checked on its HTTP port over HTTP/1.1.
+    assert "server r0 127.0.0.1:2 " in grpc_part
+    assert "proto h2 check-proto h1 port 1" in grpc_part
+    assert "server fallback 127.0.0.1:9 proto h2 backup" in grpc_part
+    assert "grpc-1" not in text[: text.index("frontend serve-grpc")]  # not an HTTP route
+    files = cfg.files([http, grpc_a])
+    assert files["grpc-1.app"] == b"a\n"
+    assert b"grpc" not in files["routes.json"]
+    # Two applications: no default one.
+    grpc_b = cfg.Backend("grpc-2", Route("", "b", "B"), (None,), True)
+    assert "!{ req.hdr(application) -m found }" not in cfg.render(front, [grpc_a, grpc_b])
+    # No gRPC port: no gRPC frontend.
+    assert "serve-grpc" not in cfg.render(_front("/run"), [http])
+
+
+def test_a_grpc_slot_is_filled_with_its_check_port() -> None:
+    assert cfg.fill_slot("grpc-1", 0, "127.0.0.1:2", 1) == [
+        "set server grpc-1/r0 addr 127.0.0.1 port 2",
+        "set server grpc-1/r0 check-port 1",
+        "set server grpc-1/r0 state ready",
+    ]
+    assert cfg.command_worked("set server grpc-1/r0 check-port 1", "\n")
+
+
 def test_healthz_is_503_until_an_application_is_routed() -> None:
     assert "status 503" in cfg.render(_front("/run"), [])
     routed = cfg.render(_front("/run"), [cfg.Backend("app-0", Route("/a", "a", "A"))])
@@ -138,11 +175,17 @@ def test_haproxy_accepts_the_configuration(tmp_path: Path, tls: bool) -> None:
     backends = [
         cfg.Backend("app-0", Route("/", "root", "Root"), ("127.0.0.1:1", None)),
         cfg.Backend("app-1", Route("/api", "api", "Api"), ("[::1]:2",)),
+        cfg.Backend("grpc-2", Route("", "rpc", "Rpc"), ("127.0.0.1:3", None), True, (4, None)),
     ]
     for name, content in cfg.files(backends).items():
         (tmp_path / name).write_bytes(content)
     config = tmp_path / "haproxy.cfg"
-    front = _front(str(tmp_path), tls_pem=str(pem) if tls else "")
+    front = _front(
+        str(tmp_path),
+        tls_pem=str(pem) if tls else "",
+        grpc_bind="127.0.0.1:18082",
+        grpc_fallback="127.0.0.1:18083",
+    )
     config.write_text(cfg.render(front, backends))
     checked = subprocess.run(
         ["haproxy", "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
