@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -74,9 +76,18 @@ def _serve_pair(mode: str, seconds: float) -> dict[str, dict[str, Any]]:
     return out
 
 
-def measure_fast_ingress(seconds: float, rounds: int) -> dict[str, Any]:
-    """Per target, each round's figures (``c64`` req/s, ``c1`` p50) and their medians."""
+PeersRound = Callable[[float], dict[str, dict[str, Any]]]
+
+
+def measure_fast_ingress(
+    seconds: float, rounds: int, peers: PeersRound | None = None
+) -> dict[str, Any]:
+    """Per target, each round's figures (``c64`` req/s, ``c1`` p50) and their medians.
+    ``peers`` (scripts/bench_peers.py) measures other frameworks once per round, after ours:
+    its rounds are in ``peer_runs``, the time they took in ``peers_s``."""
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in TARGETS}
+    peer_runs: list[dict[str, dict[str, Any]]] = []
+    peers_s = 0.0
     for _ in range(rounds):
         with http_floor_server() as url:
             runs["floor"].append(http_pair(url, seconds))
@@ -85,6 +96,10 @@ def measure_fast_ingress(seconds: float, rounds: int) -> dict[str, Any]:
         for mode in ("proxy", "haproxy"):
             for key, figures in _serve_pair(mode, seconds).items():
                 runs[key].append(figures)
+        if peers is not None:
+            started = time.monotonic()
+            peer_runs.append(peers(seconds))
+            peers_s += time.monotonic() - started
     summary: dict[str, Any] = {}
     for key, _, versus in TARGETS:
         rps = [r["c64"]["rps"] for r in runs[key]]
@@ -100,7 +115,14 @@ def measure_fast_ingress(seconds: float, rounds: int) -> dict[str, Any]:
             ),
             "errors": sum(r["c64"]["errors"] + r["c1"]["errors"] for r in runs[key]),
         }
-    return {"rounds": rounds, "runs": runs, "summary": summary, "balance": _balances(seconds)}
+    return {
+        "rounds": rounds,
+        "runs": runs,
+        "summary": summary,
+        "balance": _balances(seconds),
+        "peer_runs": peer_runs,
+        "peers_s": peers_s,
+    }
 
 
 def _median_ratio(values: list[float], floors: list[float]) -> float:

@@ -69,7 +69,7 @@ PEERS = (
     Peer("ray", "Ray Serve 2.60, default proxy", "ray", stop_by_stdin=True, stop_timeout_s=60),
     Peer(
         RAY_HAPROXY,
-        "Ray Serve 2.60, RAY_SERVE_ENABLE_HA_PROXY=1",
+        "Ray Serve 2.60, HAProxy mode",
         "ray",
         stop_by_stdin=True,
         stop_timeout_s=60,

@@ -90,7 +90,7 @@ def test_rows_say_how_far_ours_are_ahead_of_rays_haproxy_mode() -> None:
         "peers": summarize_peers([{RAY_HAPROXY: _figures(5_000, 500)}], [_figures(40_000, 100)]),
     }
     rows = {r["name"]: r for r in peer_rows(fast)}
-    anchor = rows["Ray Serve 2.60, RAY_SERVE_ENABLE_HA_PROXY=1, 64 conn (1 rounds)"]
+    anchor = rows["Ray Serve 2.60, HAProxy mode, 64 conn (1 rounds)"]
     assert anchor["ratio"] == pytest.approx(0.125)
     assert rows["HAProxy + direct noop / Ray HAProxy mode, req/s"]["value"] == 4.0
     assert rows["HAProxy + direct noop / Ray HAProxy mode, p50"]["value"] == 0.4
