@@ -46,6 +46,7 @@ from scripts.bench_peers import (  # noqa: E402
     available_peers,
     measure_peers_round,
     peer_rows,
+    peers_table,
     summarize_peers,
 )
 from scripts.bench_profile import measure_profile, print_profile  # noqa: E402
@@ -670,7 +671,9 @@ def main() -> None:
     rows += fast_ingress_rows(fast) + peer_rows(fast) if fast else []
     print_table(rows)
     if fast and fast["peer_runs"]:
-        print(f"\npeers: {fast['peers_s']:.0f}s of this run (--no-peers leaves them out)")
+        print(f"\nHTTP noop, {fast['rounds']} interleaved rounds (medians)")
+        print("\n".join(peers_table(fast)))
+        print(f"peers: {fast['peers_s']:.0f}s of this run (--no-peers leaves them out)")
     http_runs = {"http_floor": http_floor or {}}
     http_runs.update((k, v) for k, v in (ingress or {}).items() if k.startswith("http_"))
     for key, figures in http_runs.items():

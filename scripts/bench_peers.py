@@ -366,3 +366,34 @@ def peer_rows(fast: dict[str, Any]) -> list[dict[str, Any]]:
                 "< 1",
             )
     return rows
+
+
+# The issue's table: ours (scripts/bench_fast_ingress.py's targets) and then the peers.
+OURS = (
+    ("floor", "bare uvicorn, raw ASGI"),
+    ("fastapi_alone", "plain FastAPI app on uvicorn"),
+    ("proxy_noop", "ours, default proxy, plain __call__"),
+    ("proxy_fastapi", "ours, default proxy, @serve.ingress(FastAPI)"),
+    ("haproxy_noop", "ours, HAProxy + direct, plain __call__"),
+    ("haproxy_fastapi", "ours, HAProxy + direct, @serve.ingress(FastAPI)"),
+)
+
+
+def peers_table(fast: dict[str, Any]) -> list[str]:
+    """Ours and the peers in one table, every ratio to the same round's bare uvicorn."""
+    floors = [r["c64"]["rps"] for r in fast["runs"]["floor"]]
+    lines = [f"{'system':<48} {'req/s, 64 conn':>14} {'x uvicorn':>9} {'p50, 1 conn':>12}"]
+
+    def line(label: str, rps: float, ratio: float, p50_us: float) -> None:
+        lines.append(f"{label:<48} {rps:>14,.0f} {ratio:>9.2f} {p50_us:>9,.0f} us")
+
+    for key, label in OURS:
+        runs = fast["runs"][key]
+        rps = [r["c64"]["rps"] for r in runs]
+        ratio = statistics.median(v / f for v, f in zip(rps, floors, strict=True))
+        line(
+            label, statistics.median(rps), ratio, statistics.median(r["c1"]["p50_us"] for r in runs)
+        )
+    for figures in fast.get("peers", {}).values():
+        line(figures["label"], figures["rps_64"], figures["rps_ratio"], figures["p50_us_1"])
+    return lines

