@@ -142,6 +142,22 @@ def _balances(seconds: float) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ratio_row(
+    name: str, value: float, unit: str, ratio: float | None, target: str = ""
+) -> dict[str, Any]:
+    """A bench table row given its ratio (a median of same-round ratios, so the floor shown
+    is the one that ratio implies)."""
+    floor = value / ratio if ratio else None
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "floor": floor,
+        "ratio": ratio,
+        "target": target,
+    }
+
+
 def fast_ingress_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The bench table's rows: each target's req/s at 64 connections beside its same-round
     ratio (to bare uvicorn, or for FastAPI to the app on uvicorn alone), and its p50 at one
@@ -149,17 +165,7 @@ def fast_ingress_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(name: str, value: float, unit: str, ratio: float | None, target: str) -> None:
-        floor = value / ratio if ratio else None
-        rows.append(
-            {
-                "name": name,
-                "value": value,
-                "unit": unit,
-                "floor": floor,
-                "ratio": ratio,
-                "target": target,
-            }
-        )
+        rows.append(ratio_row(name, value, unit, ratio, target))
 
     summary = result["summary"]
     floor_p50 = summary["floor"]["p50_us_1"]

@@ -38,6 +38,7 @@ from typing import Any
 
 import psutil
 
+from scripts.bench_fast_ingress import ratio_row
 from scripts.bench_ingress import wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,17 +324,7 @@ def peer_rows(fast: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(name: str, value: float, unit: str, ratio: float | None, target: str = "") -> None:
-        floor = value / ratio if ratio else None
-        rows.append(
-            {
-                "name": name,
-                "value": value,
-                "unit": unit,
-                "floor": floor,
-                "ratio": ratio,
-                "target": target,
-            }
-        )
+        rows.append(ratio_row(name, value, unit, ratio, target))
 
     peers = fast.get("peers", {})
     ours = fast["summary"]
