@@ -375,16 +375,16 @@ def peers_table(fast: dict[str, Any]) -> list[str]:
     floors = [r["c64"]["rps"] for r in fast["runs"]["floor"]]
     lines = [f"{'system':<48} {'req/s, 64 conn':>14} {'x uvicorn':>9} {'p50, 1 conn':>12}"]
 
-    def line(label: str, rps: float, ratio: float, p50_us: float) -> None:
-        lines.append(f"{label:<48} {rps:>14,.0f} {ratio:>9.2f} {p50_us:>9,.0f} us")
+    def line(label: str, rps: float, ratio: float, p50_us: float, errors: int) -> None:
+        failed = f"  ({errors:,} requests failed)" if errors else ""
+        lines.append(f"{label:<48} {rps:>14,.0f} {ratio:>9.2f} {p50_us:>9,.0f} us{failed}")
 
     for key, label in OURS:
         runs = fast["runs"][key]
         rps = [r["c64"]["rps"] for r in runs]
         ratio = statistics.median(v / f for v, f in zip(rps, floors, strict=True))
-        line(
-            label, statistics.median(rps), ratio, statistics.median(r["c1"]["p50_us"] for r in runs)
-        )
-    for figures in fast.get("peers", {}).values():
-        line(figures["label"], figures["rps_64"], figures["rps_ratio"], figures["p50_us_1"])
+        p50 = statistics.median(r["c1"]["p50_us"] for r in runs)
+        line(label, statistics.median(rps), ratio, p50, fast["summary"][key]["errors"])
+    for f in fast.get("peers", {}).values():
+        line(f["label"], f["rps_64"], f["rps_ratio"], f["p50_us_1"], f["errors"])
     return lines

@@ -142,13 +142,15 @@ def test_a_peer_server_leaves_no_process_behind(tmp_path: Path) -> None:
 def test_the_table_has_ours_then_the_peers_each_against_its_rounds_uvicorn() -> None:
     floors = [_figures(10_000, 80), _figures(20_000, 90)]
     ours = {key: [_figures(5_000, 100), _figures(5_000, 300)] for key, _ in OURS}
+    failed = {"c64": {"rps": 2_000, "errors": 7}, "c1": {"p50_us": 900, "errors": 0}}
     fast = {
         "runs": {**ours, "floor": floors},
-        "peers": summarize_peers([{"ray": _figures(2_000, 900)}] * 2, floors),
+        "summary": {key: {"errors": 0} for key, _ in OURS},
+        "peers": summarize_peers([{"ray": {**failed, "total_s": 1.0}}] * 2, floors),
     }
     lines = peers_table(fast)
     assert len(lines) == 1 + len(OURS) + 1
     assert lines[3].startswith("ours, default proxy, plain __call__ ")
     assert lines[3].split()[-4:] == ["5,000", "0.38", "200", "us"]  # 0.38: of 0.5 and 0.25
     assert lines[-1].startswith("Ray Serve 2.60, default proxy ")
-    assert lines[-1].split()[-4:] == ["2,000", "0.15", "900", "us"]
+    assert lines[-1].endswith(" 2,000      0.15       900 us  (14 requests failed)")
