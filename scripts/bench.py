@@ -673,7 +673,9 @@ def main() -> None:
     if fast and fast["peer_runs"]:
         print(f"\nHTTP noop, {fast['rounds']} interleaved rounds (medians)")
         print("\n".join(peers_table(fast)))
-        print(f"peers: {fast['peers_s']:.0f}s of this run (--no-peers leaves them out)")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"peers: {fast['peers_s']:.0f}s of this run (--no-peers leaves them out); ", end="")
+        print(f"load average now {load}")
     http_runs = {"http_floor": http_floor or {}}
     http_runs.update((k, v) for k, v in (ingress or {}).items() if k.startswith("http_"))
     for key, figures in http_runs.items():

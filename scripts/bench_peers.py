@@ -276,7 +276,7 @@ def measure_peer(peer: Peer, seconds: float, script: Path) -> dict[str, Any]:
                 "c64": wrk(server.url, 64, seconds, post),
                 "c1": wrk(server.url, 1, seconds, post),
             }
-            figures.update(listener=server.listener, ready_s=ready_s)
+            figures.update(listener=server.listener, ready_s=ready_s, loadavg_1m=os.getloadavg()[0])
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         print(f"bench peers: {peer.label} failed this round: {exc}", file=sys.stderr)
         return {"error": str(exc)}
@@ -327,8 +327,7 @@ def peer_rows(fast: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(ratio_row(name, value, unit, ratio, target))
 
     peers = fast.get("peers", {})
-    ours = fast["summary"]
-    floor_p50 = ours["floor"]["p50_us_1"]
+    floor_p50 = fast["summary"]["floor"]["p50_us_1"]
     for figures in peers.values():
         rounds = f"{figures['rounds']} rounds"
         row(
@@ -339,23 +338,25 @@ def peer_rows(fast: dict[str, Any]) -> list[dict[str, Any]]:
         )
         p50 = figures["p50_us_1"]
         row(f"{figures['label']} p50, 1 conn", p50, "us", p50 / floor_p50)
-    anchor = peers.get(RAY_HAPROXY)
-    if anchor is not None:
-        for key, label in (("haproxy_noop", "HAProxy + direct"), ("proxy_noop", "default proxy")):
-            row(
-                f"{label} noop / Ray HAProxy mode, req/s",
-                ours[key]["rps_64"] / anchor["rps_64"],
-                "x",
-                None,
-                "> 1",
+    # Ours against the anchor round by round (the median of same-round ratios), over the
+    # rounds the anchor completed.
+    rounds = [
+        (i, run[RAY_HAPROXY])
+        for i, run in enumerate(fast.get("peer_runs", []))
+        if "c64" in run.get(RAY_HAPROXY, {})
+    ]
+    for key, label in (("haproxy_noop", "HAProxy + direct"), ("proxy_noop", "default proxy")):
+        if not rounds:
+            break
+        mine = fast["runs"][key]
+        for load, figure, unit, target in (
+            ("c64", "rps", "req/s", "> 1"),
+            ("c1", "p50_us", "p50", "< 1"),
+        ):
+            ratio = statistics.median(
+                mine[i][load][figure] / ray[load][figure] for i, ray in rounds
             )
-            row(
-                f"{label} noop / Ray HAProxy mode, p50",
-                ours[key]["p50_us_1"] / anchor["p50_us_1"],
-                "x",
-                None,
-                "< 1",
-            )
+            row(f"{label} noop / Ray HAProxy mode, {unit}", ratio, "x", None, target)
     return rows
 
 

@@ -83,21 +83,29 @@ def test_summary_is_medians_of_same_round_ratios_over_completed_rounds() -> None
 
 
 def test_rows_say_how_far_ours_are_ahead_of_rays_haproxy_mode() -> None:
+    floors = [_figures(40_000, 100)] * 3
+    peer_runs = [
+        {RAY_HAPROXY: _figures(5_000, 500)},
+        {RAY_HAPROXY: {"error": "did not answer"}},
+        {RAY_HAPROXY: _figures(2_000, 1_000)},
+    ]
     fast = {
-        "summary": {
-            "floor": {"rps_64": 40_000, "p50_us_1": 100},
-            "haproxy_noop": {"rps_64": 20_000, "p50_us_1": 200},
-            "proxy_noop": {"rps_64": 10_000, "p50_us_1": 800},
+        "summary": {"floor": {"rps_64": 40_000, "p50_us_1": 100}},
+        "runs": {
+            "haproxy_noop": [_figures(20_000, 200), _figures(1, 1), _figures(20_000, 200)],
+            "proxy_noop": [_figures(10_000, 800), _figures(1, 1), _figures(10_000, 800)],
         },
-        "peers": summarize_peers([{RAY_HAPROXY: _figures(5_000, 500)}], [_figures(40_000, 100)]),
+        "peer_runs": peer_runs,
+        "peers": summarize_peers(peer_runs, floors),
     }
     rows = {r["name"]: r for r in peer_rows(fast)}
-    anchor = rows["Ray Serve 2.60, HAProxy mode, 64 conn (1 rounds)"]
-    assert anchor["ratio"] == pytest.approx(0.125)
-    assert rows["HAProxy + direct noop / Ray HAProxy mode, req/s"]["value"] == 4.0
-    assert rows["HAProxy + direct noop / Ray HAProxy mode, p50"]["value"] == 0.4
-    assert rows["default proxy noop / Ray HAProxy mode, req/s"]["value"] == 2.0
-    assert rows["default proxy noop / Ray HAProxy mode, p50"]["value"] == 1.6
+    anchor = rows["Ray Serve 2.60, HAProxy mode, 64 conn (2 rounds)"]
+    assert anchor["ratio"] == pytest.approx(0.0875)  # of 0.125 and 0.05
+    # Same-round ratios (4 and 10, 0.4 and 0.2, ...), the round Ray failed left out.
+    assert rows["HAProxy + direct noop / Ray HAProxy mode, req/s"]["value"] == 7.0
+    assert rows["HAProxy + direct noop / Ray HAProxy mode, p50"]["value"] == pytest.approx(0.3)
+    assert rows["default proxy noop / Ray HAProxy mode, req/s"]["value"] == 3.5
+    assert rows["default proxy noop / Ray HAProxy mode, p50"]["value"] == pytest.approx(1.2)
 
 
 # A peer stand-in: it answers "ok" from a grandchild in a session of its own (as Ray's actors
