@@ -194,26 +194,38 @@ class PeerServer:
         self.url = f"http://127.0.0.1:{self.port}{peer.path}"
         self.log_path = scratch / "server.txt"
         self.listener = ""
+        # Every process seen in its tree: one whose parent died early is still ours to stop.
+        self._seen: dict[int, psutil.Process] = {}
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [str(venvs / peer.venv / "bin" / "python"), str(server), peer.name, str(self.port)],
-            cwd=scratch,
-            env=_env(peer, scratch),
-            stdin=subprocess.PIPE,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [str(venvs / peer.venv / "bin" / "python"), str(server), peer.name, str(self.port)],
+                cwd=scratch,
+                env=_env(peer, scratch),
+                stdin=subprocess.PIPE,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError:
+            self._log.close()
+            raise
+
+    def _note_tree(self) -> list[psutil.Process]:
+        tree = _tree(self.proc.pid)
+        self._seen.update((p.pid, p) for p in tree)
+        return tree
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.peer.start_timeout_s
         while time.monotonic() < deadline:
+            self._note_tree()
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exited with {self.proc.returncode} before answering")
             if _answers_ok(self.url, self.peer.post) and (
                 self.peer.name != RAY_HAPROXY or _haproxy_replica_up(self.scratch)
             ):
-                self.listener = _listener(_tree(self.proc.pid), self.port)
+                self.listener = _listener(self._note_tree(), self.port)
                 if self.peer.name == RAY_HAPROXY and self.listener != "haproxy":
                     raise RuntimeError(f"port {self.port} is served by {self.listener!r}")
                 return
@@ -222,7 +234,8 @@ class PeerServer:
 
     def stop(self) -> int:
         """Stops every process the server started; returns how many had to be killed."""
-        seen = _tree(self.proc.pid)  # Ray's actors and HAProxy leave its group: note them now
+        self._note_tree()  # Ray's actors and HAProxy leave its group: note them now
+        seen = list(self._seen.values())
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -250,7 +263,11 @@ def peer_server(peer: Peer, venvs: Path = VENVS, script: Path = SERVER) -> Itera
     ``venvs``/``peer.venv``); its scratch folder (Ray's session, HAProxy's files, the log) is
     removed after; on a failure the log's tail is printed first."""
     scratch = Path(tempfile.mkdtemp(prefix="bp"))  # short: Ray's socket paths have a limit
-    server = PeerServer(peer, scratch, venvs, script)
+    try:
+        server = PeerServer(peer, scratch, venvs, script)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         server.wait_ready()
         yield server

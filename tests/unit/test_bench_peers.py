@@ -144,6 +144,8 @@ def test_a_peer_server_leaves_no_process_behind(tmp_path: Path) -> None:
         with urllib.request.urlopen(server.url, timeout=5) as response:
             assert response.read() == b"ok"
     _, alive = psutil.wait_procs(tree, timeout=5)
+    for process in alive:  # a failing harness must not leak the stand-in either
+        process.kill()
     assert alive == []
 
 
