@@ -70,8 +70,11 @@ proto-check: install
 	PROTOC='$(PROTOC)' API_PROTOC='$(API_PROTOC)' TEST_PROTOC='$(TEST_PROTOC)' \
 		EXAMPLE_PROTOC='$(EXAMPLE_PROTOC)' scripts/check_proto.sh
 
+# The peers (Ray Serve 2.60 and its HAProxy mode, LitServe, BentoML) go into .venv-peers/ once,
+# from PyPI (about 1.5 minutes the first time); BENCH_ARGS=--no-peers leaves them out.
 bench: install
 	-scripts/install_wrk.sh
+	$(if $(filter --no-peers --no-ingress --profile,$(BENCH_ARGS)),,scripts/bench_peers_setup.sh)
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 # The proxy's front door under attack, with its default limits (figures for docs/benchmarks.md).

@@ -8,6 +8,9 @@ loaded by ``wrk`` (skipped, with one line, when wrk is missing), and gRPC throug
 the grpc.aio floor. ``--no-ingress`` leaves them out. Then (scripts/bench_fast_ingress.py)
 direct ingress behind HAProxy against the default proxy, bare uvicorn and the FastAPI app on
 uvicorn alone, in interleaved rounds (3; ``--quick``: 1), and HAProxy's balance algorithms.
+Each round ends with the peers (scripts/bench_peers.py: Ray Serve 2.60 with its default proxy
+and its HAProxy mode, LitServe, BentoML; from .venv-peers, made once by `make bench`), about
+a minute a round; ``--no-peers`` leaves them out.
 
 Tracing (scripts/bench_tracing.py): L1, C1 and T1 again with every request traced (sampling
 1.0, the default exporter), beside this run's untraced figures. ``--no-tracing`` leaves it out.
@@ -39,6 +42,13 @@ sys.path.insert(0, str(ROOT))
 import serve  # noqa: E402
 from scripts.bench_fast_ingress import fast_ingress_rows, measure_fast_ingress  # noqa: E402
 from scripts.bench_ingress import have_wrk, measure_http_floor, measure_ingress  # noqa: E402
+from scripts.bench_peers import (  # noqa: E402
+    available_peers,
+    measure_peers_round,
+    peer_rows,
+    peers_table,
+    summarize_peers,
+)
 from scripts.bench_profile import measure_profile, print_profile  # noqa: E402
 from scripts.bench_routing import routing_cost_us  # noqa: E402
 from scripts.bench_stream_floor import measure_stream_floor  # noqa: E402
@@ -596,6 +606,11 @@ def main() -> None:
     parser.add_argument("--no-ingress", action="store_true", help="skip the HTTP/gRPC ingress")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing rows")
     parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip Ray Serve, LitServe and BentoML (about a minute a fast-ingress round)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="only the per-stage CPU table: T1 under py-spy (scripts/bench_profile.py)",
@@ -645,10 +660,22 @@ def main() -> None:
             http=http,
         )
         if http:  # direct ingress behind HAProxy against the default proxy, in rounds
-            fast = measure_fast_ingress(s.seconds, 1 if args.quick else 3)
+            peers = [] if args.no_peers else available_peers()
+            fast = measure_fast_ingress(
+                s.seconds,
+                1 if args.quick else 3,
+                (lambda seconds: measure_peers_round(peers, seconds)) if peers else None,
+            )
+            fast["peers"] = summarize_peers(fast["peer_runs"], fast["runs"]["floor"])
     rows = table(floor, ours, routing, http_floor, ingress, traced)
-    rows += fast_ingress_rows(fast) if fast else []
+    rows += fast_ingress_rows(fast) + peer_rows(fast) if fast else []
     print_table(rows)
+    if fast and fast["peer_runs"]:
+        print(f"\nHTTP noop, {fast['rounds']} interleaved rounds (medians)")
+        print("\n".join(peers_table(fast)))
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"peers: {fast['peers_s']:.0f}s of this run (--no-peers leaves them out); ", end="")
+        print(f"load average now {load}")
     http_runs = {"http_floor": http_floor or {}}
     http_runs.update((k, v) for k, v in (ingress or {}).items() if k.startswith("http_"))
     for key, figures in http_runs.items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -74,9 +76,18 @@ def _serve_pair(mode: str, seconds: float) -> dict[str, dict[str, Any]]:
     return out
 
 
-def measure_fast_ingress(seconds: float, rounds: int) -> dict[str, Any]:
-    """Per target, each round's figures (``c64`` req/s, ``c1`` p50) and their medians."""
+PeersRound = Callable[[float], dict[str, dict[str, Any]]]
+
+
+def measure_fast_ingress(
+    seconds: float, rounds: int, peers: PeersRound | None = None
+) -> dict[str, Any]:
+    """Per target, each round's figures (``c64`` req/s, ``c1`` p50) and their medians.
+    ``peers`` (scripts/bench_peers.py) measures other frameworks once per round, after ours:
+    its rounds are in ``peer_runs``, the time they took in ``peers_s``."""
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in TARGETS}
+    peer_runs: list[dict[str, dict[str, Any]]] = []
+    peers_s = 0.0
     for _ in range(rounds):
         with http_floor_server() as url:
             runs["floor"].append(http_pair(url, seconds))
@@ -85,6 +96,10 @@ def measure_fast_ingress(seconds: float, rounds: int) -> dict[str, Any]:
         for mode in ("proxy", "haproxy"):
             for key, figures in _serve_pair(mode, seconds).items():
                 runs[key].append(figures)
+        if peers is not None:
+            started = time.monotonic()
+            peer_runs.append(peers(seconds))
+            peers_s += time.monotonic() - started
     summary: dict[str, Any] = {}
     for key, _, versus in TARGETS:
         rps = [r["c64"]["rps"] for r in runs[key]]
@@ -100,7 +115,14 @@ def measure_fast_ingress(seconds: float, rounds: int) -> dict[str, Any]:
             ),
             "errors": sum(r["c64"]["errors"] + r["c1"]["errors"] for r in runs[key]),
         }
-    return {"rounds": rounds, "runs": runs, "summary": summary, "balance": _balances(seconds)}
+    return {
+        "rounds": rounds,
+        "runs": runs,
+        "summary": summary,
+        "balance": _balances(seconds),
+        "peer_runs": peer_runs,
+        "peers_s": peers_s,
+    }
 
 
 def _median_ratio(values: list[float], floors: list[float]) -> float:
@@ -120,6 +142,22 @@ def _balances(seconds: float) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ratio_row(
+    name: str, value: float, unit: str, ratio: float | None, target: str = ""
+) -> dict[str, Any]:
+    """A bench table row given its ratio (a median of same-round ratios, so the floor shown
+    is the one that ratio implies)."""
+    floor = value / ratio if ratio else None
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "floor": floor,
+        "ratio": ratio,
+        "target": target,
+    }
+
+
 def fast_ingress_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The bench table's rows: each target's req/s at 64 connections beside its same-round
     ratio (to bare uvicorn, or for FastAPI to the app on uvicorn alone), and its p50 at one
@@ -127,17 +165,7 @@ def fast_ingress_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(name: str, value: float, unit: str, ratio: float | None, target: str) -> None:
-        floor = value / ratio if ratio else None
-        rows.append(
-            {
-                "name": name,
-                "value": value,
-                "unit": unit,
-                "floor": floor,
-                "ratio": ratio,
-                "target": target,
-            }
-        )
+        rows.append(ratio_row(name, value, unit, ratio, target))
 
     summary = result["summary"]
     floor_p50 = summary["floor"]["p50_us_1"]

@@ -100,9 +100,12 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
-def wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict[str, Any]:
+    """``script``: a wrk Lua script (e.g. one making every request a POST)."""
     duration = max(1, round(seconds))
     command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    if script is not None:
+        command[-1:-1] = ["-s", str(script)]
     # subprocess.run kills wrk if it overruns.
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30)
     if done.returncode != 0:
