@@ -32,7 +32,7 @@ from replica.executor import Executor
 from replica.feed import InputFeed
 from serve import _tracing
 from serve._context import RequestContext
-from serve._ingress import ASGI_METHOD, FED_METHODS
+from serve._ingress import ASGI_METHOD, FED_METHODS, unpack_asgi_args
 from serve._logging import access_log
 from serve._rpc.replica_stream import (
     ErrorKind,
@@ -340,6 +340,8 @@ class StreamSession:
                     incoming.buffers,
                     incoming.args_buffer_count,
                 )
+                if incoming.method == ASGI_METHOD:
+                    args = unpack_asgi_args(args)
             except Exception as exc:
                 raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
             if _tracing.enabled:

@@ -19,6 +19,7 @@ import orjson
 
 from serve import _tracing
 from serve._context import RequestContext, request_deadline, set_current_request
+from serve._ingress import pack_http
 from serve._proxy.answers import (
     NO_ROUTES_MESSAGE,
     Headers,
@@ -93,9 +94,9 @@ class ProxyApp:
             await _tracing.traced_http(self, scope, receive, send, route.app_name, route.ingress)
             return
         handle = self._routes.forwarder(route)
-        forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+        root_path = scope.get("root_path", "")
         if route.route_prefix != "/":
-            forwarded["root_path"] = scope.get("root_path", "") + route.route_prefix
+            root_path += route.route_prefix
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":  # the caller's request id, as in Ray
                 # A longer one is not the caller's to impose on every log line: a new id.
@@ -117,6 +118,11 @@ class ProxyApp:
                 buffered += len(message.get("body", b""))
                 if not message.get("more_body") or buffered >= self._body_buffer_bytes:
                     break
+            args = pack_http(scope, first, root_path)
+        else:
+            forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+            forwarded["root_path"] = root_path
+            args = (forwarded, first)
         state = _Forward(kind == "websocket")
         watch = scope.get(CONNECTION_KEY)
         try:
@@ -124,10 +130,10 @@ class ProxyApp:
             # the router fails it with RequestTimeoutError when it passes, the replicas cancel
             # the work.
             if self._timeout_s is None:
-                await self._forward(handle, forwarded, first, receive, send, state, watch)
+                await self._forward(handle, args, first, receive, send, state, watch)
             else:
                 with request_deadline(self._timeout_s):
-                    await self._forward(handle, forwarded, first, receive, send, state, watch)
+                    await self._forward(handle, args, first, receive, send, state, watch)
         except Exception as exc:
             # The error is also the ended request's outcome: its traceback (our frames, which
             # hold the request) would make a cycle that keeps the request and its body alive
@@ -140,14 +146,14 @@ class ProxyApp:
     async def _forward(
         self,
         handle: Any,
-        scope: Scope,
+        args: tuple[Any, ...],
         first: list[Message],
         receive: Receive,
         send: Send,
         state: _Forward,
         watch: ConnectionWatch | None,
     ) -> None:
-        stream = handle.remote(scope, first)
+        stream = handle.remote(*args)
         pump: asyncio.Task[None] | None = None
         timer: asyncio.TimerHandle | None = None
 
