@@ -161,12 +161,16 @@ class ProxyApp:
             nonlocal pump
             pump = asyncio.create_task(_pump(receive, stream, state, watch), name="proxy:receive")
 
-        if first and not first[-1].get("more_body"):
-            # The whole body came with the call: until the response is slow, nothing more can
-            # arrive but a disconnect, so most requests finish before any pump task exists.
-            timer = asyncio.get_running_loop().call_later(PUMP_AFTER_S, start_pump)
-        else:
+        if not first or first[-1].get("more_body"):
             start_pump()  # more body to come, or a WebSocket
+        elif watch is not None:
+            # The whole body came with the call: nothing more can arrive but a disconnect,
+            # which the connection announces itself. No task, no timer.
+            watch.on_close = stream.cancel
+        else:
+            # Under another server (no ConnectionWatch): until the response is slow, most
+            # requests finish before any pump task exists.
+            timer = asyncio.get_running_loop().call_later(PUMP_AFTER_S, start_pump)
         try:
             request_id = stream.request_id.encode()
             async for batch in stream:
@@ -175,9 +179,14 @@ class ProxyApp:
                     if kind in STARTS:
                         state.started = True
                         if kind == "http.response.start":  # the request's id, as Ray answers
-                            headers = list(message.get("headers", ()))
-                            headers.append((b"x-request-id", request_id))
-                            message["headers"] = headers
+                            headers = message.get("headers")
+                            if type(headers) is list:  # decoded here: ours to change
+                                headers.append((b"x-request-id", request_id))
+                            else:
+                                message["headers"] = [
+                                    *(headers or ()),
+                                    (b"x-request-id", request_id),
+                                ]
                     await send(message)
                     if kind == "http.response.body" and not message.get("more_body"):
                         state.complete = True
@@ -188,6 +197,8 @@ class ProxyApp:
             if not state.started:
                 raise RuntimeError("The deployment ended the request without a response.")
         finally:
+            if watch is not None:
+                watch.on_close = None
             if timer is not None:
                 timer.cancel()
             if pump is not None:
