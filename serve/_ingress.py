@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -95,8 +96,8 @@ def body_messages(
 
 
 # A forwarded HTTP request (not a WebSocket) travels as one tuple rather than as its scope dict
-# and receive messages: pickling fourteen string keys, and making them again when unpickling,
-# was the largest part of encoding and decoding the request at each end.
+# and receive messages: unpickling fourteen string keys, making each again, was most of the
+# replica's decoding of a request.
 _HTTP_FIELDS = (
     "asgi",
     "http_version",
@@ -110,6 +111,8 @@ _HTTP_FIELDS = (
     "client",
     "server",
 )
+_http_fields = operator.itemgetter(*_HTTP_FIELDS)
+_ROOT_PATH = _HTTP_FIELDS.index("root_path")
 
 
 def pack_http(
@@ -118,15 +121,18 @@ def pack_http(
     """The arguments of an :data:`ASGI_METHOD` call for an HTTP request: the scope's fields a
     replica needs (``root_path`` in place of its own) and the body chunks read so far, as
     :func:`unpack_asgi_args` takes them."""
-    values = [scope.get(key) for key in _HTTP_FIELDS]
+    try:
+        values = list(_http_fields(scope))
+    except KeyError:  # a server that leaves an optional field out (uvicorn sets them all)
+        values = [scope.get(key) for key in _HTTP_FIELDS]
     values[_ROOT_PATH] = root_path
-    extra = {key: scope[key] for key in _OPTIONAL_FIELDS if key in scope}
+    extensions = scope.get("extensions")
+    if len(first) == 1:
+        message = first[0]
+        return ((*values, extensions, message.get("body", b""), bool(message.get("more_body"))),)
+    bodies = [message.get("body", b"") for message in first]
     more_body = bool(first[-1].get("more_body")) if first else True
-    return ((tuple(values), extra, [m.get("body", b"") for m in first], more_body),)
-
-
-_ROOT_PATH = _HTTP_FIELDS.index("root_path")
-_OPTIONAL_FIELDS = ("extensions",)
+    return ((*values, extensions, bodies, more_body),)
 
 
 def unpack_asgi_args(args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...] | list[Any]:
@@ -134,15 +140,44 @@ def unpack_asgi_args(args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...] | lis
     sent (a WebSocket's scope dict and receive messages)."""
     if len(args) != 1:
         return args
-    values, extra, bodies, more_body = args[0]
-    scope = dict(zip(_HTTP_FIELDS, values, strict=True))
-    scope["type"] = "http"
-    if extra:
-        scope.update(extra)
-    last = len(bodies) - 1
+    (
+        asgi,
+        http_version,
+        scheme,
+        method,
+        path,
+        raw_path,
+        query_string,
+        root_path,
+        headers,
+        client,
+        server,
+        extensions,
+        body,
+        more_body,
+    ) = args[0]
+    scope = {
+        "type": "http",
+        "asgi": asgi,
+        "http_version": http_version,
+        "scheme": scheme,
+        "method": method,
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query_string,
+        "root_path": root_path,
+        "headers": headers,
+        "client": client,
+        "server": server,
+    }
+    if extensions is not None:
+        scope["extensions"] = extensions
+    if type(body) is not list:  # the common request: its whole body, or one chunk of it
+        return scope, [{"type": "http.request", "body": body, "more_body": more_body}]
+    last = len(body) - 1
     first = [
-        {"type": "http.request", "body": body, "more_body": more_body or i < last}
-        for i, body in enumerate(bodies)
+        {"type": "http.request", "body": chunk, "more_body": more_body or i < last}
+        for i, chunk in enumerate(body)
     ]
     return scope, first
 
