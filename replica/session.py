@@ -148,7 +148,9 @@ class StreamSession:
         if credit is not None:
             credit[0] += count
             credit[1] += nbytes
-            self._credit_events[frame_id].set()
+            event = self._credit_events.get(frame_id)
+            if event is not None:
+                event.set()
 
     def on_release(self, frame_id: int) -> None:
         if frame_id in self._reservations:
@@ -434,16 +436,21 @@ class StreamSession:
             incoming.stream_window or DEFAULT_STREAM_WINDOW,
             window_bytes,
         ]
-        event = self._credit_events[frame_id] = asyncio.Event()
         codec = incoming.response_codec
         stream = self._stream
 
         async def emit(item: Any) -> None:
             payload, item_buffers = _encode(codec, item, "stream item")
-            size = len(payload) + sum(len(b) for b in item_buffers)
+            size = len(payload)
+            for buffer in item_buffers:
+                size += len(buffer)
             if size > self._max_bytes:
                 raise Unencodable(str(_too_big(method, "stream item", size)))
             while credit[0] <= 0 or credit[1] < min(size, window_bytes):
+                # Made when first needed: most streams (an HTTP response) never wait.
+                event = self._credit_events.get(frame_id)
+                if event is None:
+                    event = self._credit_events[frame_id] = asyncio.Event()
                 event.clear()
                 await event.wait()
             credit[0] -= 1
@@ -458,7 +465,7 @@ class StreamSession:
                     await emit(item)
         finally:
             del self._credits[frame_id]
-            del self._credit_events[frame_id]
+            self._credit_events.pop(frame_id, None)
 
     def _cancel_children(self, frame_id: int) -> None:
         request = self._contexts.get(frame_id)
