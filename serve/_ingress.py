@@ -98,7 +98,7 @@ def body_messages(
 # A forwarded HTTP request (not a WebSocket) travels as one tuple rather than as its scope dict
 # and receive messages: unpickling fourteen string keys, making each again, was most of the
 # replica's decoding of a request.
-_HTTP_FIELDS = (
+HTTP_SCOPE_FIELDS = (
     "asgi",
     "http_version",
     "scheme",
@@ -111,8 +111,8 @@ _HTTP_FIELDS = (
     "client",
     "server",
 )
-_http_fields = operator.itemgetter(*_HTTP_FIELDS)
-_ROOT_PATH = _HTTP_FIELDS.index("root_path")
+_http_fields = operator.itemgetter(*HTTP_SCOPE_FIELDS)
+_ROOT_PATH = HTTP_SCOPE_FIELDS.index("root_path")
 
 
 def pack_http(
@@ -124,7 +124,7 @@ def pack_http(
     try:
         values = list(_http_fields(scope))
     except KeyError:  # a server that leaves an optional field out (uvicorn sets them all)
-        values = [scope.get(key) for key in _HTTP_FIELDS]
+        values = [scope.get(key) for key in HTTP_SCOPE_FIELDS]
     values[_ROOT_PATH] = root_path
     extensions = scope.get("extensions")
     if len(first) == 1:

@@ -19,7 +19,7 @@ import orjson
 
 from serve import _tracing
 from serve._context import RequestContext, request_deadline, set_current_request
-from serve._ingress import pack_http
+from serve._ingress import HTTP_SCOPE_FIELDS, pack_http
 from serve._proxy.answers import (
     NO_ROUTES_MESSAGE,
     Headers,
@@ -40,22 +40,7 @@ from serve._settings import settings
 logger = logging.getLogger(__name__)
 
 # The scope keys a replica needs (uvicorn adds its own objects, which do not pickle).
-SCOPE_KEYS = (
-    "type",
-    "asgi",
-    "http_version",
-    "scheme",
-    "method",
-    "path",
-    "raw_path",
-    "query_string",
-    "root_path",
-    "headers",
-    "client",
-    "server",
-    "subprotocols",
-    "extensions",
-)
+SCOPE_KEYS = ("type", *HTTP_SCOPE_FIELDS, "subprotocols", "extensions")
 STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
 PUMP_AFTER_S = 0.05  # a request answered within this needs no task watching for a disconnect
 DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
