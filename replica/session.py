@@ -32,7 +32,7 @@ from replica.executor import Executor
 from replica.feed import InputFeed
 from serve import _tracing
 from serve._context import RequestContext
-from serve._ingress import ASGI_METHOD, FED_METHODS
+from serve._ingress import ASGI_METHOD, FED_METHODS, unpack_asgi_args
 from serve._logging import access_log
 from serve._rpc.replica_stream import (
     ErrorKind,
@@ -148,7 +148,9 @@ class StreamSession:
         if credit is not None:
             credit[0] += count
             credit[1] += nbytes
-            self._credit_events[frame_id].set()
+            event = self._credit_events.get(frame_id)
+            if event is not None:
+                event.set()
 
     def on_release(self, frame_id: int) -> None:
         if frame_id in self._reservations:
@@ -340,6 +342,8 @@ class StreamSession:
                     incoming.buffers,
                     incoming.args_buffer_count,
                 )
+                if incoming.method == ASGI_METHOD:
+                    args = unpack_asgi_args(args)
             except Exception as exc:
                 raise _SystemError(f"Could not decode the request arguments: {exc}") from exc
             if _tracing.enabled:
@@ -432,16 +436,21 @@ class StreamSession:
             incoming.stream_window or DEFAULT_STREAM_WINDOW,
             window_bytes,
         ]
-        event = self._credit_events[frame_id] = asyncio.Event()
         codec = incoming.response_codec
         stream = self._stream
 
         async def emit(item: Any) -> None:
             payload, item_buffers = _encode(codec, item, "stream item")
-            size = len(payload) + sum(len(b) for b in item_buffers)
+            size = len(payload)
+            for buffer in item_buffers:
+                size += len(buffer)
             if size > self._max_bytes:
                 raise Unencodable(str(_too_big(method, "stream item", size)))
             while credit[0] <= 0 or credit[1] < min(size, window_bytes):
+                # Made when first needed: most streams (an HTTP response) never wait.
+                event = self._credit_events.get(frame_id)
+                if event is None:
+                    event = self._credit_events[frame_id] = asyncio.Event()
                 event.clear()
                 await event.wait()
             credit[0] -= 1
@@ -456,7 +465,7 @@ class StreamSession:
                     await emit(item)
         finally:
             del self._credits[frame_id]
-            del self._credit_events[frame_id]
+            self._credit_events.pop(frame_id, None)
 
     def _cancel_children(self, frame_id: int) -> None:
         request = self._contexts.get(frame_id)

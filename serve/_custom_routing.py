@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from serve._exchange import Envelope
+from serve._ingress import ASGI_METHOD, unpack_asgi_args
 from serve._models import DeploymentID, ReplicaID, ReplicaInfo
 from serve._policy import QueueLengths
 from serve._serialization import decode_args
@@ -196,6 +197,8 @@ def pending_view(request: Routed, app_name: str) -> PendingRequest:
             envelope.buffers,
             envelope.args_buffer_count,
         )
+        if envelope.method == ASGI_METHOD:  # a proxied HTTP request: the router sees its scope
+            args = unpack_asgi_args(args)
         return tuple(args), kwargs
 
     return PendingRequest(

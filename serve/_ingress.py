@@ -2,7 +2,8 @@
 
 The proxy (``serve/_proxy``) forwards each HTTP or WebSocket connection to its application's
 ingress deployment as one streaming call of :data:`ASGI_METHOD`: the arguments are the ASGI
-scope and the receive messages already read; further receive messages follow as inputs
+scope and the receive messages already read (for HTTP, packed in one tuple by
+:func:`pack_http`); further receive messages follow as inputs
 (``DeploymentResponseGenerator._feed``); each stream item is a list of ASGI send messages.
 The replica (``replica/ingress.py``) runs the user's ASGI app, or wraps ``__call__`` for a
 plain deployment, which receives a Starlette ``Request`` as in Ray. Nothing here imports an
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -91,6 +93,93 @@ def body_messages(
         },
         {"type": "http.response.body", "body": body, "more_body": False},
     ]
+
+
+# A forwarded HTTP request (not a WebSocket) travels as one tuple rather than as its scope dict
+# and receive messages: unpickling fourteen string keys, making each again, was most of the
+# replica's decoding of a request.
+HTTP_SCOPE_FIELDS = (
+    "asgi",
+    "http_version",
+    "scheme",
+    "method",
+    "path",
+    "raw_path",
+    "query_string",
+    "root_path",
+    "headers",
+    "client",
+    "server",
+)
+_http_fields = operator.itemgetter(*HTTP_SCOPE_FIELDS)
+_ROOT_PATH = HTTP_SCOPE_FIELDS.index("root_path")
+
+
+def pack_http(
+    scope: dict[str, Any], first: list[dict[str, Any]], root_path: str
+) -> tuple[Any, ...]:
+    """The arguments of an :data:`ASGI_METHOD` call for an HTTP request: the scope's fields a
+    replica needs (``root_path`` in place of its own) and the body chunks read so far, as
+    :func:`unpack_asgi_args` takes them."""
+    try:
+        values = list(_http_fields(scope))
+    except KeyError:  # a server that leaves an optional field out (uvicorn sets them all)
+        values = [scope.get(key) for key in HTTP_SCOPE_FIELDS]
+    values[_ROOT_PATH] = root_path
+    extensions = scope.get("extensions")
+    if len(first) == 1:
+        message = first[0]
+        return ((*values, extensions, message.get("body", b""), bool(message.get("more_body"))),)
+    bodies = [message.get("body", b"") for message in first]
+    more_body = bool(first[-1].get("more_body")) if first else True
+    return ((*values, extensions, bodies, more_body),)
+
+
+def unpack_asgi_args(args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...] | list[Any]:
+    """An :data:`ASGI_METHOD` call's ``(scope, first)``, from :func:`pack_http`'s form or as
+    sent (a WebSocket's scope dict and receive messages)."""
+    if len(args) != 1:
+        return args
+    (
+        asgi,
+        http_version,
+        scheme,
+        method,
+        path,
+        raw_path,
+        query_string,
+        root_path,
+        headers,
+        client,
+        server,
+        extensions,
+        body,
+        more_body,
+    ) = args[0]
+    scope = {
+        "type": "http",
+        "asgi": asgi,
+        "http_version": http_version,
+        "scheme": scheme,
+        "method": method,
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query_string,
+        "root_path": root_path,
+        "headers": headers,
+        "client": client,
+        "server": server,
+    }
+    if extensions is not None:
+        scope["extensions"] = extensions
+    if type(body) is not list:  # the common request: its whole body, or one chunk of it
+        return scope, [{"type": "http.request", "body": body, "more_body": more_body}]
+    last = len(body) - 1
+    first = [
+        {"type": "http.request", "body": chunk, "more_body": more_body or i < last}
+        for i, chunk in enumerate(body)
+    ]
+    return scope, first
 
 
 def ingress(app: Any) -> Callable[..., Any]:

@@ -19,6 +19,7 @@ import orjson
 
 from serve import _tracing
 from serve._context import RequestContext, request_deadline, set_current_request
+from serve._ingress import HTTP_SCOPE_FIELDS, pack_http
 from serve._proxy.answers import (
     NO_ROUTES_MESSAGE,
     Headers,
@@ -39,22 +40,7 @@ from serve._settings import settings
 logger = logging.getLogger(__name__)
 
 # The scope keys a replica needs (uvicorn adds its own objects, which do not pickle).
-SCOPE_KEYS = (
-    "type",
-    "asgi",
-    "http_version",
-    "scheme",
-    "method",
-    "path",
-    "raw_path",
-    "query_string",
-    "root_path",
-    "headers",
-    "client",
-    "server",
-    "subprotocols",
-    "extensions",
-)
+SCOPE_KEYS = ("type", *HTTP_SCOPE_FIELDS, "subprotocols", "extensions")
 STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
 PUMP_AFTER_S = 0.05  # a request answered within this needs no task watching for a disconnect
 DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
@@ -93,9 +79,9 @@ class ProxyApp:
             await _tracing.traced_http(self, scope, receive, send, route.app_name, route.ingress)
             return
         handle = self._routes.forwarder(route)
-        forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+        root_path = scope.get("root_path", "")
         if route.route_prefix != "/":
-            forwarded["root_path"] = scope.get("root_path", "") + route.route_prefix
+            root_path += route.route_prefix
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":  # the caller's request id, as in Ray
                 # A longer one is not the caller's to impose on every log line: a new id.
@@ -117,6 +103,11 @@ class ProxyApp:
                 buffered += len(message.get("body", b""))
                 if not message.get("more_body") or buffered >= self._body_buffer_bytes:
                     break
+            args = pack_http(scope, first, root_path)
+        else:
+            forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+            forwarded["root_path"] = root_path
+            args = (forwarded, first)
         state = _Forward(kind == "websocket")
         watch = scope.get(CONNECTION_KEY)
         try:
@@ -124,10 +115,10 @@ class ProxyApp:
             # the router fails it with RequestTimeoutError when it passes, the replicas cancel
             # the work.
             if self._timeout_s is None:
-                await self._forward(handle, forwarded, first, receive, send, state, watch)
+                await self._forward(handle, args, first, receive, send, state, watch)
             else:
                 with request_deadline(self._timeout_s):
-                    await self._forward(handle, forwarded, first, receive, send, state, watch)
+                    await self._forward(handle, args, first, receive, send, state, watch)
         except Exception as exc:
             # The error is also the ended request's outcome: its traceback (our frames, which
             # hold the request) would make a cycle that keeps the request and its body alive
@@ -140,14 +131,14 @@ class ProxyApp:
     async def _forward(
         self,
         handle: Any,
-        scope: Scope,
+        args: tuple[Any, ...],
         first: list[Message],
         receive: Receive,
         send: Send,
         state: _Forward,
         watch: ConnectionWatch | None,
     ) -> None:
-        stream = handle.remote(scope, first)
+        stream = handle.remote(*args)
         pump: asyncio.Task[None] | None = None
         timer: asyncio.TimerHandle | None = None
 
@@ -155,12 +146,16 @@ class ProxyApp:
             nonlocal pump
             pump = asyncio.create_task(_pump(receive, stream, state, watch), name="proxy:receive")
 
-        if first and not first[-1].get("more_body"):
-            # The whole body came with the call: until the response is slow, nothing more can
-            # arrive but a disconnect, so most requests finish before any pump task exists.
-            timer = asyncio.get_running_loop().call_later(PUMP_AFTER_S, start_pump)
-        else:
+        if not first or first[-1].get("more_body"):
             start_pump()  # more body to come, or a WebSocket
+        elif watch is not None:
+            # The whole body came with the call: nothing more can arrive but a disconnect,
+            # which the connection announces itself. No task, no timer.
+            watch.on_close = stream.cancel
+        else:
+            # Under another server (no ConnectionWatch): until the response is slow, most
+            # requests finish before any pump task exists.
+            timer = asyncio.get_running_loop().call_later(PUMP_AFTER_S, start_pump)
         try:
             request_id = stream.request_id.encode()
             async for batch in stream:
@@ -169,9 +164,14 @@ class ProxyApp:
                     if kind in STARTS:
                         state.started = True
                         if kind == "http.response.start":  # the request's id, as Ray answers
-                            headers = list(message.get("headers", ()))
-                            headers.append((b"x-request-id", request_id))
-                            message["headers"] = headers
+                            headers = message.get("headers")
+                            if type(headers) is list:  # decoded here: ours to change
+                                headers.append((b"x-request-id", request_id))
+                            else:
+                                message["headers"] = [
+                                    *(headers or ()),
+                                    (b"x-request-id", request_id),
+                                ]
                     await send(message)
                     if kind == "http.response.body" and not message.get("more_body"):
                         state.complete = True
@@ -182,6 +182,8 @@ class ProxyApp:
             if not state.started:
                 raise RuntimeError("The deployment ended the request without a response.")
         finally:
+            if watch is not None:
+                watch.on_close = None
             if timer is not None:
                 timer.cancel()
             if pump is not None:

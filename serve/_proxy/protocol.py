@@ -75,6 +75,58 @@ class ConnectionWatch:
         await self._gone.wait()
 
 
+class HeadCoalescer:
+    """The transport one request's uvicorn cycle writes to: its first write, the response's
+    head (status line and headers), is held until the next one, its first body, so a whole
+    small response costs one ``send()`` syscall instead of two (on loopback each also wakes
+    the client). An app that sends its head and then waits is not held back: the head goes
+    at the end of the loop turn it was written in."""
+
+    __slots__ = ("_first", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._first = True
+        self._held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._first:
+            self._first = False
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        held = self._held
+        if held is None:
+            self._transport.write(data)
+            return
+        self._held = None
+        if len(data) <= _JOIN_MAX_BYTES:
+            self._transport.write(held + data)
+        else:  # one writev, no copy of a big body
+            self._transport.writelines((held, data))
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+_JOIN_MAX_BYTES = 16 * 1024  # a body up to this is copied after the head: one plain write
+
+
 class IdleConnections:
     """The connections of this process with no request in progress, idle longest first."""
 
@@ -257,8 +309,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         length = self.parser.get_method() != b"HEAD" and _content_length(self.headers)
         if length and length > self.limits.max_body_bytes:
             raise self._refusal(413, self._too_large_body())
+        previous = self.cycle
         super().on_headers_complete()
-        self._request_cycle = self.cycle
+        self._request_cycle = cycle = self.cycle
+        if cycle is not None and cycle is not previous:  # a request, not a WebSocket upgrade
+            cycle.transport = HeadCoalescer(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

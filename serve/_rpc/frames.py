@@ -185,16 +185,20 @@ class BatchWriter:
         return [_message(item) for item, _ in self.take_marked()]
 
 
+BUSY_FRAMES: Final = 2  # a batch of more frames than this means requests overlap: coalesce
+
+
 class FrameLane:
     """The frames going one way on one gRPC stream, coalesced: whatever is queued when the
     writer is free goes out together. Used by both ends of the Connect stream."""
 
-    __slots__ = ("_wakeup", "_write", "idle", "on_written", "writer")
+    __slots__ = ("_busy", "_wakeup", "_write", "idle", "on_written", "writer")
 
     def __init__(self, write: Callable[[bytes], Awaitable[Any]]) -> None:
         self._write = write
         self.writer = BatchWriter()
         self._wakeup = asyncio.Event()
+        self._busy = False  # the last message carried several frames
         self.idle = asyncio.Event()  # nothing queued and nothing being written
         self.idle.set()
         # Called with the highest frame id whose frame gRPC accepted whole: a frame whose write
@@ -223,15 +227,22 @@ class FrameLane:
             self._wakeup.set()
 
     async def run(self) -> None:
-        """Write until cancelled (or until a write fails, which raises)."""
+        """Write until cancelled (or until a write fails, which raises).
+
+        Under load (the last message carried several frames) the writer lets one more loop
+        turn pass before it takes the batch: the requests whose tasks run in that turn join
+        it, and a gRPC message costs far more than a frame. A lone request is never held."""
         while True:
             await self._wakeup.wait()
+            if self._busy:
+                await asyncio.sleep(0)
             self._wakeup.clear()
             await self.flush()
 
     async def flush(self) -> None:
         writer = self.writer
         while writer.count:
+            self._busy = writer.count > BUSY_FRAMES
             for item, completes in writer.take_marked():
                 await self._write(_message(item))
                 if completes and self.on_written is not None:
