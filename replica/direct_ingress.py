@@ -7,7 +7,9 @@ and no hop. It gives what the proxy path gives:
 
 - the proxy's front-door bounds: uvicorn (httptools, uvloop) with the protocol classes of
   ``serve/_proxy/protocol.py`` (head and body limits and timeouts, the connection cap where
-  idle connections make room, WebSocket limits);
+  idle connections make room, WebSocket limits), and the body read up to
+  ``SERVE_HTTP_BODY_BUFFER_BYTES`` before the request takes a slot, as the proxy reads it
+  before routing (a client that dribbles its body holds a connection, not a slot);
 - the route prefix (the application is mounted there, as ``root_path``), 404 elsewhere;
   ``/-/healthz`` (503 until the replica serves and once it stops, so a load balancer stops
   sending to it) and ``/-/routes``;
@@ -28,6 +30,7 @@ its link, and from there into the replica set that HAProxy follows.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -87,6 +90,7 @@ class DirectIngress:
         self._timeout_s = http.request_timeout_s
         s = settings()
         self._max_request_id_length = s.max_request_id_length
+        self._body_buffer_bytes = s.http_body_buffer_bytes
         self._min_draining_period_s = s.direct_ingress_min_draining_period_s
         self.route_prefix: str | None = None  # None: not its app's ingress, or gRPC only
         self.routes: list[Route] = []
@@ -236,12 +240,20 @@ class DirectIngress:
     async def _serve_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = ""
         model_id = ""
+        body = False
         for name, value in scope["headers"]:
             if name == b"x-request-id":  # the caller's, as in Ray (a longer one: a new id)
                 if len(value) <= self._max_request_id_length:
                     request_id = value.decode("latin-1")
             elif name == b"serve_multiplexed_model_id":
                 model_id = value.decode("latin-1")
+            elif name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                body = True
+        if body and scope["type"] == "http":
+            first = await self._read_body_start(receive)
+            if first is None:
+                return  # the client left, or its body stalled (answered 408), before admission
+            receive = _Replay(first, receive)
         request = RequestContext(
             request_id=request_id or new_request_id(),
             app_name=self._app_name,
@@ -299,6 +311,22 @@ class DirectIngress:
             if admitted:
                 executor.release()
                 self._record(request, outcome, started)
+
+    async def _read_body_start(self, receive: Receive) -> list[Message] | None:
+        """The body, up to SERVE_HTTP_BODY_BUFFER_BYTES, read before the request takes a slot,
+        as the proxy reads it before routing: a client that sends its body slowly holds a
+        connection, never one of the max_ongoing_requests slots, and one whose body stalls is
+        cut by the connection's body timeout (408). None: the client is gone."""
+        first: list[Message] = []
+        buffered = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            first.append(message)
+            buffered += len(message.get("body", b""))
+            if not message.get("more_body") or buffered >= self._body_buffer_bytes:
+                return first
 
     async def _fail(self, scope: Scope, cycle: _Cycle, exc: BaseException) -> None:
         if cycle.started:
@@ -382,6 +410,21 @@ class _Cycle:
             self.task.cancel()
         else:
             self.ended = None
+
+
+class _Replay:
+    """The app's ``receive``: the body messages read before admission, then the connection's."""
+
+    __slots__ = ("_first", "_receive")
+
+    def __init__(self, first: list[Message], receive: Receive) -> None:
+        self._first = collections.deque(first)
+        self._receive = receive
+
+    async def __call__(self) -> Message:
+        if self._first:
+            return self._first.popleft()
+        return await self._receive()
 
 
 def _watch(controller: ControllerClient) -> AsyncGenerator[list[Route], None]:

@@ -15,14 +15,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
+from replica.class_routes import bind_class_routes
 from replica.grpc_methods import serve_grpc_call
-from replica.ingress import (
-    Lifespan,
-    answer_serve_errors,
-    bind_class_routes,
-    call_app,
-    serve_asgi,
-)
+from replica.ingress import Lifespan, answer_serve_errors, call_app, serve_asgi
 from replica.loader import apply_code_env, apply_runtime_env, load_callable, load_init_args
 from replica.workers import SyncWorkers
 from serve._context import (
@@ -126,7 +121,7 @@ class Executor:
         if app is not None:  # @serve.ingress: its routes, then its lifespan startup, as Ray
             if inspect.isfunction(app):
                 app = app()
-            self._asgi = bind_class_routes(app, type(self._target))
+            self._asgi = bind_class_routes(app, self._target)
             answer_serve_errors(self._asgi)
             self._lifespan = Lifespan(self._asgi)
             await self._lifespan.startup()

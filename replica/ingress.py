@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serve._context import Feed, get_replica_context
+from serve._context import Feed
 from serve._ingress import body_messages
 from serve.exceptions import BackPressureError, DeploymentUnavailableError, ServeError
 
@@ -130,89 +128,6 @@ def response_messages(value: Any, status: int = 200) -> list[Message]:
     return body_messages(status, body, content_type)
 
 
-def bind_class_routes(app: Any, cls: type) -> Any:
-    """Make the FastAPI routes declared on ``cls``'s methods run on the replica's instance.
-
-    ``@app.get("/") def root(self)`` registered ``self`` as a parameter; each such route is
-    re-added with ``self`` filled by a dependency on the servable object, its other parameters
-    keyword-only (FastAPI reads them by name). Routes of other classes are dropped: one app
-    may serve several deployments, each its own routes.
-    """
-    try:
-        from fastapi import APIRouter, Depends, FastAPI
-        from fastapi.routing import APIRoute, APIWebSocketRoute
-    except ImportError:
-        return app
-    if not isinstance(app, FastAPI):
-        return app
-
-    async def servable_object() -> Any:  # async: FastAPI runs a sync one in a thread
-        return get_replica_context().servable_object
-
-    ours: list[Any] = []
-    keep: list[Any] = []
-    for route in app.router.routes:
-        endpoint = getattr(route, "endpoint", None)
-        qualname = getattr(endpoint, "__qualname__", "")
-        owner = qualname.rsplit(".", 1)[0] if "." in qualname else ""
-        is_method = isinstance(route, APIRoute | APIWebSocketRoute) and not owner.endswith(
-            "<locals>"
-        )
-        name = getattr(endpoint, "__name__", "")
-        if is_method and owner.endswith(cls.__qualname__) and hasattr(cls, name):
-            ours.append(route)
-        elif is_method and owner and _defined_in_class(endpoint):
-            continue  # another deployment's route
-        else:
-            keep.append(route)
-    app.router.routes[:] = keep
-    router = APIRouter()
-    for route in ours:
-        signature = inspect.signature(route.endpoint)
-        parameters = list(signature.parameters.values())
-        if not parameters:
-            raise ServeError(
-                f"Route {route.path} of {cls.__name__}: methods of a FastAPI class-based view "
-                "take `self` as their first parameter."
-            )
-        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters[1:]]
-        endpoint = route.endpoint
-        if inspect.iscoroutinefunction(endpoint) or _plain_function(endpoint):
-            route.endpoint = _with_self(endpoint, signature.replace(parameters=rest))
-        else:  # a generator: FastAPI's own machinery fills `self`
-            first = parameters[0].replace(default=Depends(servable_object))
-            endpoint.__signature__ = signature.replace(parameters=[first, *rest])
-        router.routes.append(route)
-    app.include_router(router)  # re-reads each endpoint's signature
-    return app
-
-
-def _plain_function(endpoint: Any) -> bool:
-    return inspect.isfunction(endpoint) and not (
-        inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint)
-    )
-
-
-def _with_self(endpoint: Any, signature: inspect.Signature) -> Any:
-    """The method as a function of its other parameters, called on the replica's instance.
-    (A dependency giving ``self`` costs FastAPI a dependency solve per request: a fifth of a
-    noop route's time.)"""
-    if inspect.iscoroutinefunction(endpoint):
-
-        @functools.wraps(endpoint)
-        async def bound(**kwargs: Any) -> Any:
-            return await endpoint(get_replica_context().servable_object, **kwargs)
-
-    else:
-
-        @functools.wraps(endpoint)
-        def bound(**kwargs: Any) -> Any:  # FastAPI runs it in a thread, as the method
-            return endpoint(get_replica_context().servable_object, **kwargs)
-
-    bound.__signature__ = signature  # type: ignore[attr-defined]
-    return bound
-
-
 def answer_serve_errors(app: Any) -> None:
     """Make an app with exception handlers (FastAPI, Starlette) answer a nested call's
     BackPressureError (its status: 503 or 429, with Retry-After) and DeploymentUnavailableError
@@ -233,15 +148,6 @@ def answer_serve_errors(app: Any) -> None:
 
     for kind in (BackPressureError, DeploymentUnavailableError):
         add(kind, answer)
-
-
-def _defined_in_class(endpoint: Any) -> bool:
-    """Whether a route's endpoint is a method (its first parameter is ``self``)."""
-    try:
-        parameters = list(inspect.signature(endpoint).parameters)
-    except (TypeError, ValueError):
-        return False
-    return bool(parameters) and parameters[0] == "self"
 
 
 class Lifespan:

@@ -42,7 +42,7 @@ The HTTP proxy's bounds (see serve/_proxy/protocol.py), per proxy process:
 | SERVE_HTTP_HEADER_TIMEOUT_S | a request head must be complete this long after it began | 10 |
 | SERVE_HTTP_BODY_TIMEOUT_S | a request body that sends nothing this long is cut (408) | 60 |
 | SERVE_HTTP_MAX_BODY_BYTES | largest request body (413 over it) | 100 MiB |
-| SERVE_HTTP_BODY_BUFFER_BYTES | body read before the request is routed to a replica | 64 KiB |
+| SERVE_HTTP_BODY_BUFFER_BYTES | body read before a request is routed (or takes a slot) | 64 KiB |
 | SERVE_HTTP_MAX_CONNECTIONS | connections one proxy process holds (idle ones make room) | 10,000 |
 | SERVE_INGRESS_WINDOW_BYTES | body, WebSocket or response bytes in flight, unread | 1 MiB |
 | SERVE_WEBSOCKET_MAX_QUEUE | WebSocket messages queued in each direction | 32 |

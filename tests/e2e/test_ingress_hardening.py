@@ -158,6 +158,16 @@ class Front:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
+    def replica_http(self, app: str) -> str:
+        """Where the application's ingress replica serves HTTP itself (behind HAProxy)."""
+        found = run_script(
+            "import serve\nfrom tests.support.ingress import replica_addresses\n"
+            f"serve.status()\nprint(replica_addresses({app!r})[0])\n",
+            env=self.controller.driver_env(),
+        )
+        assert found.returncode == 0, found.stderr
+        return found.stdout.split()[-1]
+
     def replica(self, app: str) -> psutil.Process:
         pids = [
             p
@@ -478,25 +488,40 @@ def test_a_big_upload_read_normally_streams_in_bounded_memory(front: Front) -> N
     assert proxy_rss.growth_mb < 48, proxy_rss.peak_mb
 
 
-def test_slow_bodies_hold_no_replica_slot(front: Front) -> None:
-    """Five clients dribbling their bodies (the deployment's max_ongoing_requests): the proxy
-    reads each body before routing it, so every other request is still answered."""
-    front.only_through_the_proxy(
-        "HAProxy forwards a request head at once, so a dribbled body holds a replica slot (a gap)"
-    )
+@pytest.mark.parametrize("door", ["front", "replica"])
+def test_slow_bodies_hold_no_replica_slot(front: Front, door: str) -> None:
+    """Five clients dribbling their bodies (the deployment's max_ongoing_requests): the body is
+    read before the request takes a slot (by the proxy before routing, by a replica serving
+    HTTP itself before admission: behind HAProxy, or sent to straight), so every other request
+    is answered meanwhile, and the slow ones once their bodies are complete."""
+    if door == "replica" and front.mode == "proxy":
+        pytest.skip("Behind the default proxy, replicas serve no HTTP of their own")
+    address = front.http if door == "front" else front.replica_http("limited")
+    host, port = address.rsplit(":", 1)
+    size = 100
     slow = []
     try:
-        for _ in range(5):
-            sock = front.connect()
-            sock.sendall(b"POST /limited HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
-            slow.append(sock)
-        answered = []
-        with httpx.Client(timeout=10) as client:
-            for i in range(7):
-                for sock in slow:
-                    sock.sendall(b"z")  # one byte each, now and then
-                answered.append(client.post(f"{front.url}/limited", content=b"q" * i).text)
-        assert answered == [f"read {i}" for i in range(7)]
+        with Polite(front.url) as polite:
+            for _ in range(5):
+                sock = socket.create_connection((host, int(port)), timeout=10)
+                sock.sendall(
+                    b"POST /limited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n" % size
+                )
+                slow.append(sock)
+            answered = []
+            with httpx.Client(timeout=10) as client:
+                for i in range(7):
+                    for sock in slow:
+                        sock.sendall(b"z")  # one byte each, now and then
+                    answered.append(client.post(f"http://{address}/limited", content=b"q" * i))
+            assert [a.text for a in answered] == [f"read {i}" for i in range(7)]
+            for sock in slow:  # the rest: each is served now, none was cut meanwhile
+                sock.sendall(b"z" * (size - 7))
+            answers = [read_response(sock) for sock in slow]
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers
+        assert all(a.endswith(b"read %d" % size) for a in answers), answers
+        polite.check()
     finally:
         for sock in slow:
             sock.close()
