@@ -145,9 +145,13 @@ def http_floor_server(*args: str) -> Iterator[str]:
     uvicorn alone); stopped (killed if need be) on the way out."""
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "bench_http_floor.py"), *args],
-        stdin=subprocess.PIPE,
+        stdin=subprocess.PIPE,  # it exits when this closes, however the bench ends
         stdout=subprocess.PIPE,
         text=True,
+        # A session of its own, as every replica, proxy and HAProxy has: with the kernel's
+        # autogroup scheduling, sharing wrk's session would give it a larger share of a loaded
+        # machine than the servers it is compared with.
+        start_new_session=True,
     )
     try:
         assert server.stdout is not None
