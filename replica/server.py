@@ -15,11 +15,9 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from replica import stats
-from replica.direct_grpc import DirectGrpc
-from replica.direct_ingress import DirectIngress
 from replica.executor import Executor
 from replica.output import capture_user_output
 from replica.servicer import ReplicaServicer, register
@@ -36,6 +34,10 @@ from serve._settings import settings
 from serve._sync import set_home_loop
 from serve.exceptions import ServeError
 from serve.metrics import snapshot as user_metrics_snapshot
+
+if TYPE_CHECKING:
+    from replica.direct_grpc import DirectGrpc
+    from replica.direct_ingress import DirectIngress
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,10 @@ class ReplicaServer:
         multiplex_registry.set_listener(self._models_changed)
         ingress_address = grpc_address = ""
         if settings().direct_ingress:
+            # Imported only here: uvicorn, httptools and websockets cost an idle replica MBs.
+            from replica.direct_grpc import DirectGrpc
+            from replica.direct_ingress import DirectIngress
+
             http, grpc_options = inherited_ingress_options()
             self._ingress = DirectIngress(executor, http, self._host)
             ingress_address = await self._ingress.discover(client.controller)

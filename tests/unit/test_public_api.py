@@ -107,6 +107,16 @@ def test_import_serve_does_not_load_opentelemetry() -> None:
     assert _run(code) == "[]"
 
 
+def test_a_replica_loads_no_http_server_unless_it_serves_http_itself() -> None:
+    # uvicorn, httptools and websockets cost an idle replica about 6 MB: direct ingress imports
+    # them when it is switched on, never the replica's module alone.
+    code = (
+        "import sys, replica.server; "
+        "print(sorted(m for m in ('uvicorn', 'httptools', 'websockets') if m in sys.modules))"
+    )
+    assert _run(code) == "[]"
+
+
 def test_starlette_requests_is_reachable_after_a_bare_import_starlette_as_under_ray() -> None:
     # `import serve` alone does not load Starlette (it stays light)...
     assert _run("import sys, serve; print('starlette' in sys.modules)") == "False"
