@@ -30,11 +30,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.config import UvicornDeprecationWarning
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.websockets.websockets_impl import WebSocketProtocol
+
+with warnings.catch_warnings():
+    # uvicorn 0.55 deprecates its websockets (legacy) protocol in favour of the sans-I/O one,
+    # and websockets 14 its legacy module; the bounds below extend the legacy protocol, so
+    # every proxy would log the warnings at start.
+    warnings.simplefilter("ignore", UvicornDeprecationWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from uvicorn.protocols.websockets.websockets_impl import WebSocketProtocol
 
 from serve._rpc.channel import fd_connection_share, raise_open_file_limit
 from serve._settings import settings

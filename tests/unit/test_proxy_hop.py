@@ -4,7 +4,6 @@ and frames of overlapping requests sharing a gRPC message."""
 from __future__ import annotations
 
 import asyncio
-import warnings
 from typing import Any
 
 from serve._ingress import pack_http, unpack_asgi_args
@@ -34,9 +33,8 @@ class _Transport:
 
 
 def _coalescer(transport: _Transport) -> Any:
-    with warnings.catch_warnings():  # uvicorn's websockets protocol, imported beside it
-        warnings.simplefilter("ignore")
-        from serve._proxy.protocol import HeadCoalescer
+    from serve._proxy.protocol import HeadCoalescer
+
     return HeadCoalescer(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
 
 
