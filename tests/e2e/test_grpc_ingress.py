@@ -6,6 +6,8 @@ an ingress replica's own gRPC port (direct ingress), and through HAProxy in fron
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -449,3 +451,56 @@ def test_a_client_that_cancels_cancels_the_call_in_the_replica(
         future.cancel()
         wait_for(marker.exists, timeout_s=10)
     assert marker.read_text() == "cancelled"
+
+
+@serve.deployment
+class Pid:
+    async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
+        await asyncio.sleep(0.005)
+        return greeter_pb2.HelloReply(message=str(os.getpid()))
+
+
+def test_a_killed_replica_fails_only_the_grpc_calls_it_held(haproxy: Ingress) -> None:
+    """Behind HAProxy, under load from 8 concurrent callers, one of two replicas is SIGKILLed:
+    only calls it held fail (UNAVAILABLE, at most one per caller), and the calls go on to the
+    other replica, then to the replacement."""
+    callers = 8
+    serve.run(Pid.options(num_replicas=2).bind(), name="pid", route_prefix="/pid")
+    address = haproxy.grpc_address("pid")
+    wait_for(lambda: len(replica_addresses("pid", grpc=True)) == 2, timeout_s=30)
+    wait_for(lambda: haproxy_serves("pid", grpc=True), timeout_s=30)
+
+    killed: list[int] = []
+
+    async def load(seconds: float, kill_after: int) -> tuple[list[str], list[grpc.StatusCode]]:
+        served: list[str] = []
+        failed: list[grpc.StatusCode] = []
+        stop = time.monotonic() + seconds
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = greeter_pb2_grpc.GreeterStub(channel)
+
+            async def caller() -> None:
+                while time.monotonic() < stop:  # bounded in time
+                    try:
+                        reply = await stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=10)
+                        served.append(reply.message)
+                        if len(served) == kill_after:
+                            killed.append(min({int(p) for p in served}))
+                            os.kill(killed[0], signal.SIGKILL)
+                    except grpc.aio.AioRpcError as exc:
+                        failed.append(exc.code())
+
+            await asyncio.gather(*(caller() for _ in range(callers)))
+        return served, failed
+
+    served, failed = asyncio.run(load(6.0, kill_after=200))
+    pids = {int(p) for p in served}
+    assert len(served) > 400, len(served)
+    assert len(pids) >= 2, pids  # both replicas served before the kill
+    assert len(failed) <= callers, failed
+    assert set(failed) <= {grpc.StatusCode.UNAVAILABLE}, failed
+    wait_for(lambda: len(replica_addresses("pid", grpc=True)) == 2, timeout_s=30)
+    wait_for(lambda: haproxy_serves("pid", grpc=True), timeout_s=30)
+    after, failed_after = asyncio.run(load(2.0, kill_after=-1))
+    assert not failed_after, failed_after
+    assert killed[0] not in {int(p) for p in after}
