@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -455,52 +456,95 @@ def test_a_client_that_cancels_cancels_the_call_in_the_replica(
 
 @serve.deployment
 class Pid:
+    def __init__(self, label: str = "v1") -> None:
+        self.label = label
+
     async def SayHello(self, request: greeter_pb2.HelloRequest) -> greeter_pb2.HelloReply:
         await asyncio.sleep(0.005)
-        return greeter_pb2.HelloReply(message=str(os.getpid()))
+        return greeter_pb2.HelloReply(message=f"{self.label} {os.getpid()}")
+
+
+CALLERS = 8
+
+
+async def _grpc_load(
+    address: str,
+    seconds: float,
+    on_reply: Callable[[list[str]], None] = lambda served: None,
+    longer: Callable[[], bool] = lambda: False,
+) -> tuple[list[str], list[grpc.StatusCode]]:
+    """``CALLERS`` callers of SayHello in a closed loop for ``seconds``, or while ``longer()``
+    holds (at most 60 s): the replies ("version pid") and the codes of the calls that failed."""
+    served: list[str] = []
+    failed: list[grpc.StatusCode] = []
+    start = time.monotonic()
+    stop = start + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+
+        async def caller() -> None:
+            while (now := time.monotonic()) < stop or (longer() and now < start + 60):
+                try:
+                    reply = await stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    failed.append(exc.code())
+                else:
+                    served.append(reply.message)
+                    on_reply(served)
+
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return served, failed
+
+
+def _pids(served: list[str]) -> set[int]:
+    return {int(reply.split()[1]) for reply in served}
+
+
+def _grpc_served(haproxy: Ingress, app: str) -> str:
+    address = haproxy.grpc_address(app)
+    wait_for(lambda: len(replica_addresses(app, grpc=True)) == 2, timeout_s=30)
+    wait_for(lambda: haproxy_serves(app, grpc=True), timeout_s=30)
+    return address
 
 
 def test_a_killed_replica_fails_only_the_grpc_calls_it_held(haproxy: Ingress) -> None:
     """Behind HAProxy, under load from 8 concurrent callers, one of two replicas is SIGKILLed:
     only calls it held fail (UNAVAILABLE, at most one per caller), and the calls go on to the
     other replica, then to the replacement."""
-    callers = 8
     serve.run(Pid.options(num_replicas=2).bind(), name="pid", route_prefix="/pid")
-    address = haproxy.grpc_address("pid")
-    wait_for(lambda: len(replica_addresses("pid", grpc=True)) == 2, timeout_s=30)
-    wait_for(lambda: haproxy_serves("pid", grpc=True), timeout_s=30)
-
+    address = _grpc_served(haproxy, "pid")
     killed: list[int] = []
 
-    async def load(seconds: float, kill_after: int) -> tuple[list[str], list[grpc.StatusCode]]:
-        served: list[str] = []
-        failed: list[grpc.StatusCode] = []
-        stop = time.monotonic() + seconds
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = greeter_pb2_grpc.GreeterStub(channel)
+    def kill_one(served: list[str]) -> None:
+        if len(served) == 200:
+            killed.append(min(_pids(served)))
+            os.kill(killed[0], signal.SIGKILL)
 
-            async def caller() -> None:
-                while time.monotonic() < stop:  # bounded in time
-                    try:
-                        reply = await stub.SayHello(greeter_pb2.HelloRequest(name="x"), timeout=10)
-                        served.append(reply.message)
-                        if len(served) == kill_after:
-                            killed.append(min({int(p) for p in served}))
-                            os.kill(killed[0], signal.SIGKILL)
-                    except grpc.aio.AioRpcError as exc:
-                        failed.append(exc.code())
-
-            await asyncio.gather(*(caller() for _ in range(callers)))
-        return served, failed
-
-    served, failed = asyncio.run(load(6.0, kill_after=200))
-    pids = {int(p) for p in served}
+    served, failed = asyncio.run(_grpc_load(address, 6.0, kill_one))
     assert len(served) > 400, len(served)
-    assert len(pids) >= 2, pids  # both replicas served before the kill
-    assert len(failed) <= callers, failed
+    assert len(_pids(served)) >= 2, served[:10]  # both replicas served before the kill
+    assert len(failed) <= CALLERS, failed
     assert set(failed) <= {grpc.StatusCode.UNAVAILABLE}, failed
-    wait_for(lambda: len(replica_addresses("pid", grpc=True)) == 2, timeout_s=30)
-    wait_for(lambda: haproxy_serves("pid", grpc=True), timeout_s=30)
-    after, failed_after = asyncio.run(load(2.0, kill_after=-1))
+    _grpc_served(haproxy, "pid")  # replaced
+    after, failed_after = asyncio.run(_grpc_load(address, 2.0))
     assert not failed_after, failed_after
-    assert killed[0] not in {int(p) for p in after}
+    assert killed[0] not in _pids(after)
+
+
+def test_a_rolling_update_under_grpc_load_fails_no_call(haproxy: Ingress) -> None:
+    """Behind HAProxy, a new version rolled out while 8 callers call: not one call fails, and
+    the new version serves them all by the end."""
+    serve.run(Pid.options(num_replicas=2).bind("v1"), name="pid", route_prefix="/pid")
+    address = _grpc_served(haproxy, "pid")
+
+    def update() -> None:
+        time.sleep(1.0)  # under load first
+        serve.run(Pid.options(num_replicas=2, version="2").bind("v2"), name="pid")
+
+    updated = threading.Thread(target=update)
+    updated.start()
+    # At least 3 s, and until the update is done (serve.run returned).
+    served, failed = asyncio.run(_grpc_load(address, 3.0, longer=updated.is_alive))
+    updated.join(timeout=60)
+    assert not failed, failed
+    assert {reply.split()[0] for reply in served} == {"v1", "v2"}
