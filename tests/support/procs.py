@@ -115,7 +115,11 @@ def kill_tree(pid: int) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=5)
+    # Dead once gone or a zombie, as pids_alive() counts: an orphan's zombie waits for init to
+    # reap it, which here takes over a second, and psutil.wait_procs() would wait for that.
+    deadline = time.monotonic() + 5.0
+    while pids_alive([proc.pid for proc in procs]) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class StandaloneController:
