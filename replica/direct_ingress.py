@@ -62,6 +62,7 @@ from serve._proxy.answers import (
     error_answer,
     lifespan,
     not_found,
+    read_body_start,
     send_body,
 )
 from serve._proxy.protocol import CONNECTION_KEY, server_config
@@ -250,7 +251,7 @@ class DirectIngress:
             elif name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
                 body = True
         if body and scope["type"] == "http":
-            first = await self._read_body_start(receive)
+            first = await read_body_start(receive, self._body_buffer_bytes)
             if first is None:
                 return  # the client left, or its body stalled (answered 408), before admission
             receive = _Replay(first, receive)
@@ -311,22 +312,6 @@ class DirectIngress:
             if admitted:
                 executor.release()
                 self._record(request, outcome, started)
-
-    async def _read_body_start(self, receive: Receive) -> list[Message] | None:
-        """The body, up to SERVE_HTTP_BODY_BUFFER_BYTES, read before the request takes a slot,
-        as the proxy reads it before routing: a client that sends its body slowly holds a
-        connection, never one of the max_ongoing_requests slots, and one whose body stalls is
-        cut by the connection's body timeout (408). None: the client is gone."""
-        first: list[Message] = []
-        buffered = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            first.append(message)
-            buffered += len(message.get("body", b""))
-            if not message.get("more_body") or buffered >= self._body_buffer_bytes:
-                return first
 
     async def _fail(self, scope: Scope, cycle: _Cycle, exc: BaseException) -> None:
         if cycle.started:

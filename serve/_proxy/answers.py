@@ -79,3 +79,20 @@ async def lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def read_body_start(receive: Receive, limit_bytes: int) -> list[Message] | None:
+    """A request's body, up to ``limit_bytes`` (SERVE_HTTP_BODY_BUFFER_BYTES), read before it
+    takes a replica's slot (the proxy: before routing; direct ingress: before admission), so a
+    client that sends it slowly holds a connection, never a slot; one whose body stalls is cut
+    by the connection's body timeout (408). None: the client left first."""
+    first: list[Message] = []
+    buffered = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        first.append(message)
+        buffered += len(message.get("body", b""))
+        if not message.get("more_body") or buffered >= limit_bytes:
+            return first

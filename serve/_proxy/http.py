@@ -31,6 +31,7 @@ from serve._proxy.answers import (
     error_answer,
     lifespan,
     not_found,
+    read_body_start,
     send_body,
 )
 from serve._proxy.protocol import CONNECTION_KEY, ConnectionWatch
@@ -91,18 +92,12 @@ class ProxyApp:
                 handle = handle.options(multiplexed_model_id=value.decode("latin-1"))
         first: list[Message] = []
         if kind == "http":
-            # The body, up to the buffer size, is read before the request is routed, so a
-            # client that sends it slowly holds a connection, never a replica's slot. It
-            # travels with the call; the rest follows as inputs, as fast as the app reads.
-            buffered = 0
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # the client left before its request could be routed
-                first.append(message)
-                buffered += len(message.get("body", b""))
-                if not message.get("more_body") or buffered >= self._body_buffer_bytes:
-                    break
+            # The body read before routing travels with the call; the rest follows as inputs,
+            # as fast as the app reads.
+            read = await read_body_start(receive, self._body_buffer_bytes)
+            if read is None:
+                return  # the client left before its request could be routed
+            first = read
             args = pack_http(scope, first, root_path)
         else:
             forwarded = {k: scope[k] for k in SCOPE_KEYS if k in scope}
