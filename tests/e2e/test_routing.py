@@ -154,8 +154,12 @@ def test_backpressure_exactly_when_the_queue_is_full() -> None:
 
 @serve.deployment(num_replicas=3, max_ongoing_requests=4, health_check_period_s=0.5)
 class Victim:
+    def __init__(self, gate: Any) -> None:
+        self._gate = gate
+
     async def __call__(self) -> int:
-        await asyncio.sleep(0.05)
+        await self._gate.wait.remote()  # holds every call until the test opens the gate
+        await asyncio.sleep(0.01)
         return os.getpid()
 
     def pid(self) -> int:
@@ -163,12 +167,13 @@ class Victim:
 
 
 def test_sigkill_of_one_of_three_replicas_fails_only_what_it_had_admitted() -> None:
-    h = serve.run(Victim.bind(), name="victim")
-    pids = {h.remote().result() for _ in range(60)}
+    h = serve.run(Victim.bind(Signal.bind()), name="victim")
+    gate = serve.get_deployment_handle("Signal", "victim")
+    pids = {h.pid.remote().result() for _ in range(60)}
     assert len(pids) == 3
     victim = sorted(pids)[0]
     outcomes: list[Any] = []
-    stop_at = time.monotonic() + 4.0
+    stop_at = time.monotonic() + 3.0
 
     async def client() -> None:
         while time.monotonic() < stop_at:
@@ -179,18 +184,24 @@ def test_sigkill_of_one_of_three_replicas_fails_only_what_it_had_admitted() -> N
 
     async def main() -> None:
         tasks = [asyncio.ensure_future(client()) for _ in range(12)]
-        await asyncio.sleep(1.0)
+        # Twelve calls fill the three replicas' max_ongoing_requests: the victim holds four
+        # when it dies, whatever the machine's load (no race with calls finishing first).
+        while await gate.num_waiters.remote() < 12:
+            await asyncio.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        await gate.send.remote()  # the survivors' calls finish; the load goes on, ungated
         await asyncio.gather(*tasks)
 
     asyncio.run(main())
     failures = [o for o in outcomes if isinstance(o, BaseException)]
-    assert 1 <= len(failures) <= 4, failures  # at most max_ongoing_requests were admitted there
+    assert len(failures) == 4, failures  # exactly what the victim had admitted
     assert all(isinstance(f, ReplicaDiedError) for f in failures)
     successes = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert victim not in successes
     assert len(successes) > 100
     # The replacement serves too (controller noticed the exit at once).
-    wait_for(lambda: len({h.remote().result() for _ in range(30)} - {victim}) == 3, timeout_s=20)
+    wait_for(lambda: len({h.pid.remote().result() for _ in range(30)} - {victim}) == 3, timeout_s=20)
 
 
 def test_scaling_by_redeploy_is_seen_by_existing_handles() -> None:
