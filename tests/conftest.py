@@ -100,8 +100,11 @@ def serve_instance(serve_session: None) -> Iterator[None]:
     if not _mode:
         _use_mode("proxy")
     yield
-    for name in list(serve.status().applications):
-        serve.delete(name)
+    names = list(serve.status().applications)
+    for name in names:  # all at once: each waits for its replicas' draining periods
+        serve.delete(name, _blocking=False)
+    if names:
+        wait_for(lambda: not serve.status().applications, timeout_s=60, interval_s=0.05)
 
 
 @pytest.fixture

@@ -186,8 +186,12 @@ def test_sigkill_of_one_of_three_replicas_fails_only_what_it_had_admitted() -> N
         tasks = [asyncio.ensure_future(client()) for _ in range(12)]
         # Twelve calls fill the three replicas' max_ongoing_requests: the victim holds four
         # when it dies, whatever the machine's load (no race with calls finishing first).
-        while await gate.num_waiters.remote() < 12:
+        for _ in range(1000):  # at most 20 s
+            if await gate.num_waiters.remote() == 12:
+                break
             await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("twelve calls never reached the gate")
         os.kill(victim, signal.SIGKILL)
         await asyncio.sleep(0.3)
         await gate.send.remote()  # the survivors' calls finish; the load goes on, ungated
@@ -201,7 +205,9 @@ def test_sigkill_of_one_of_three_replicas_fails_only_what_it_had_admitted() -> N
     assert victim not in successes
     assert len(successes) > 100
     # The replacement serves too (controller noticed the exit at once).
-    wait_for(lambda: len({h.pid.remote().result() for _ in range(30)} - {victim}) == 3, timeout_s=20)
+    wait_for(
+        lambda: len({h.pid.remote().result() for _ in range(30)} - {victim}) == 3, timeout_s=20
+    )
 
 
 def test_scaling_by_redeploy_is_seen_by_existing_handles() -> None:

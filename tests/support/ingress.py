@@ -16,7 +16,11 @@ from tests.support.procs import proxy_details, wait_for
 MODES = ("proxy", "direct", "haproxy")
 MODE_ENV = {
     "proxy": {},
-    "direct": {"SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    # Tests call direct-ingress replicas themselves: no load balancer needs the draining period.
+    "direct": {
+        "SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    },
     "haproxy": {"SERVE_ENABLE_HA_PROXY": "1"},
 }
 
