@@ -24,7 +24,12 @@ pytestmark = pytest.mark.e2e
 
 @serve.deployment(num_replicas=3, max_ongoing_requests=4)
 class Busy:
+    def __init__(self, gate: Any = None) -> None:
+        self._gate = gate
+
     async def __call__(self) -> int:
+        if self._gate is not None:
+            await self._gate.wait.remote()  # held until the test opens the gate
         await asyncio.sleep(0.05)
         return os.getpid()
 
@@ -70,12 +75,18 @@ class Load:
 
 @pytest.mark.usefixtures("serve_instance")
 def test_sigkill_under_load_fails_only_admitted_requests_and_is_replaced_quickly() -> None:
-    h = serve.run(Busy.bind(), name="kill")
+    h = serve.run(Busy.bind(Signal.bind()), name="kill")
+    gate = serve.get_deployment_handle("Signal", "kill")
+    gate.send.remote().result()
     pids = _running_pids(h, 3)
     victim = min(pids)
+    gate.send.remote(clear=True).result()  # closed again
     with Load(h) as load:
-        time.sleep(0.5)
+        # Twelve callers fill the replicas' max_ongoing_requests: the victim holds four.
+        wait_for(lambda: gate.num_waiters.remote().result() == 12, timeout_s=20)
         os.kill(victim, signal.SIGKILL)
+        time.sleep(0.3)
+        gate.send.remote().result()
         killed_at = time.monotonic()
         wait_for(
             lambda: (
@@ -88,7 +99,7 @@ def test_sigkill_under_load_fails_only_admitted_requests_and_is_replaced_quickly
         time.sleep(0.5)
     assert replaced_in_s < 5.0
     failures = load.failures
-    assert 1 <= len(failures) <= 4  # at most the victim's max_ongoing_requests
+    assert len(failures) == 4, failures  # what the victim had admitted, no more
     assert all(isinstance(f, ReplicaDiedError) for f in failures)
     successes = len(load.outcomes) - len(failures)
     assert successes > 50
