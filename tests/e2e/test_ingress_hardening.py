@@ -29,7 +29,7 @@ import websockets.exceptions
 from tests.conftest import GREETER_SERVICER
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.ingress import MODE_ENV
-from tests.support.procs import StandaloneController, run_script, wait_for
+from tests.support.procs import PROXY_ARGS, StandaloneController, run_script, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -187,10 +187,7 @@ def front(
     markers.mkdir()
     controller = StandaloneController(
         tmp / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
+        *PROXY_ARGS,
         "--grpc-port",
         "0",
         "--grpc-servicer-functions",

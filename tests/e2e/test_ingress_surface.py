@@ -19,7 +19,7 @@ import serve
 import serve.exceptions
 from serve.config import BackpressureConfig, HTTPOptions
 from tests.support.ingress import MODE_ENV, Ingress
-from tests.support.procs import StandaloneController, run_script, wait_for
+from tests.support.procs import PROXY_ARGS, StandaloneController, run_script, wait_for
 from tests.support.tls import make_certs
 
 pytestmark = pytest.mark.e2e
@@ -140,10 +140,7 @@ def https_controller(
         key, env = certs["key"], MODE_ENV["haproxy"]
     controller = StandaloneController(
         tmp_path / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
+        *PROXY_ARGS,
         "--http-ssl-keyfile",
         key,
         "--http-ssl-certfile",
@@ -182,10 +179,7 @@ def _unhealthy_message(state: Path, key: str, cert: str, **env: str) -> str:
     """Why the proxy of a controller started with this key and certificate is UNHEALTHY."""
     controller = StandaloneController(
         state,
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
+        *PROXY_ARGS,
         "--http-ssl-keyfile",
         key,
         "--http-ssl-certfile",
@@ -224,9 +218,7 @@ def test_haproxy_refuses_a_password_protected_key(tmp_path: Path, certs: dict[st
 
 @pytest.mark.parametrize("mode", ["proxy", "haproxy"])  # direct: the proxy's port is the proxy's
 def test_healthz_is_503_until_an_application_is_exposed(tmp_path: Path, mode: str) -> None:
-    controller = StandaloneController(
-        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0", **MODE_ENV[mode]
-    )
+    controller = StandaloneController(tmp_path / "state", *PROXY_ARGS, **MODE_ENV[mode])
     try:
         controller.start()
         address = controller.healthy_proxy()["http_address"]  # up from the start

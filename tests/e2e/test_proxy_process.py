@@ -20,6 +20,7 @@ from starlette.requests import Request
 import serve
 from serve._settings import settings
 from tests.support.procs import (
+    PROXY_ARGS,
     ROOT,
     StandaloneController,
     free_port,
@@ -90,10 +91,7 @@ def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
     """A standalone controller with a proxy (2 HTTP workers, a request timeout) and an app."""
     controller = StandaloneController(
         tmp_path / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
+        *PROXY_ARGS,
         "--http-request-timeout-s",
         str(TIMEOUT_S),
         "--proxy-workers",
@@ -174,9 +172,7 @@ def test_proxy_outlives_its_controller_and_is_readopted(
 @pytest.fixture
 def heartbeating(tmp_path: Path) -> Iterator[StandaloneController]:
     """A controller with a proxy and an app, at the default heartbeat settings."""
-    controller = StandaloneController(
-        tmp_path / "state", "--proxy-location", "EveryNode", "--http-port", "0"
-    )
+    controller = StandaloneController(tmp_path / "state", *PROXY_ARGS)
     try:
         controller.start()
         deployed = run_script(DEPLOY, env=controller.driver_env())

@@ -20,7 +20,7 @@ import pytest
 import serve
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.otlp_collector import OtlpCollector
-from tests.support.procs import StandaloneController, python_env, run_script, wait_for
+from tests.support.procs import PROXY_ARGS, StandaloneController, python_env, run_script, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -87,10 +87,7 @@ DEPLOY = textwrap.dedent(
 def start_traced(tmp_path: Path, exporter: str, ratio: str, **env: str) -> StandaloneController:
     controller = StandaloneController(
         tmp_path / "state",
-        "--proxy-location",
-        "EveryNode",
-        "--http-port",
-        "0",
+        *PROXY_ARGS,
         "--grpc-port",
         "0",
         "--grpc-servicer-functions",

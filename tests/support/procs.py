@@ -122,6 +122,10 @@ def kill_tree(pid: int) -> None:
         time.sleep(0.02)
 
 
+# A standalone controller's flags for a proxy on its node, on an ephemeral HTTP port.
+PROXY_ARGS = ("--proxy-location", "EveryNode", "--http-port", "0")
+
+
 class StandaloneController:
     """A serve-controller started like an operator would, which a test can kill and restart."""
 
