@@ -85,9 +85,9 @@ def test_sigkill_under_load_fails_only_admitted_requests_and_is_replaced_quickly
         # Twelve callers fill the replicas' max_ongoing_requests: the victim holds four.
         wait_for(lambda: gate.num_waiters.remote().result() == 12, timeout_s=20)
         os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
         time.sleep(0.3)
         gate.send.remote().result()
-        killed_at = time.monotonic()
         wait_for(
             lambda: (
                 serve.status().applications["kill"].deployments["Busy"].replica_states

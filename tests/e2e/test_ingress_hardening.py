@@ -29,7 +29,7 @@ import websockets.exceptions
 from tests.conftest import GREETER_SERVICER
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.ingress import MODE_ENV
-from tests.support.procs import PROXY_ARGS, StandaloneController, run_script, wait_for
+from tests.support.procs import PROXY_ARGS, StandaloneController, answers, run_script, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -213,7 +213,9 @@ def front(
             env=controller.driver_env(),
         )
         assert deployed.returncode == 0, deployed.stderr
-        yield Front(controller, markers, request.param)
+        front = Front(controller, markers, request.param)
+        wait_for(lambda: answers(front.url), timeout_s=30, interval_s=0.1)
+        yield front
     finally:
         controller.cleanup()
 

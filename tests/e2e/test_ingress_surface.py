@@ -19,7 +19,7 @@ import serve
 import serve.exceptions
 from serve.config import BackpressureConfig, HTTPOptions
 from tests.support.ingress import MODE_ENV, Ingress
-from tests.support.procs import PROXY_ARGS, StandaloneController, run_script, wait_for
+from tests.support.procs import PROXY_ARGS, StandaloneController, answers, run_script, wait_for
 from tests.support.tls import make_certs
 
 pytestmark = pytest.mark.e2e
@@ -159,8 +159,11 @@ def https_controller(
 def test_https(https_controller: StandaloneController, certs: dict[str, str]) -> None:
     address = https_controller.healthy_proxy()["http_address"]
     trust = ssl.create_default_context(cafile=certs["ca"])
-    reply = httpx.get(f"https://{address}/", verify=trust, timeout=10)
-    assert reply.text == "hello over https"
+    wait_for(
+        lambda: answers(f"https://{address}/", "hello over https", verify=trust),
+        timeout_s=30,
+        interval_s=0.1,
+    )
     with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on that port
         httpx.get(f"http://{address}/", timeout=10)
     # The password is in no process's command line.

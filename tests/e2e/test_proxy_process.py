@@ -23,6 +23,7 @@ from tests.support.procs import (
     PROXY_ARGS,
     ROOT,
     StandaloneController,
+    answers,
     free_port,
     pids_alive,
     python_env,
@@ -103,6 +104,8 @@ def proxied(tmp_path: Path) -> Iterator[StandaloneController]:
         controller.start()
         deployed = run_script(DEPLOY, env=controller.driver_env())
         assert deployed.returncode == 0, deployed.stderr
+        url = f"http://{controller.healthy_proxy()['http_address']}/hello"
+        wait_for(lambda: answers(url, "hello"), timeout_s=30, interval_s=0.1)
         yield controller
     finally:
         controller.cleanup()

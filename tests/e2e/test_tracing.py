@@ -20,7 +20,14 @@ import pytest
 import serve
 from tests.support import greeter_pb2, greeter_pb2_grpc
 from tests.support.otlp_collector import OtlpCollector
-from tests.support.procs import PROXY_ARGS, StandaloneController, python_env, run_script, wait_for
+from tests.support.procs import (
+    PROXY_ARGS,
+    StandaloneController,
+    python_env,
+    run_script,
+    wait_for,
+    wait_routed,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -104,6 +111,7 @@ def deploy(controller: StandaloneController) -> tuple[str, str]:
     result = run_script(DEPLOY, timeout_s=120, env=controller.driver_env())
     assert result.returncode == 0, result.stderr
     http, grpc_address = result.stdout.split()[-2:]
+    wait_routed(http, "/", "/greet")  # the proxy learns routes a moment after serve.run returns
     return http, grpc_address
 
 

@@ -241,6 +241,33 @@ def running_controller(state_dir: Path, **env: str) -> Iterator[StandaloneContro
         controller.cleanup()
 
 
+def answers(url: str, text: str | None = None, **options: Any) -> bool:
+    """Whether GET ``url`` answers 200 (with ``text``, if given) now. A route reaches the
+    proxies (and HAProxy) a moment after ``serve.run`` returns, as in Ray: poll this."""
+    import httpx
+
+    try:
+        reply = httpx.get(url, timeout=10, **options)
+    except httpx.HTTPError:
+        return False
+    return reply.status_code == 200 and (text is None or reply.text == text)
+
+
+def wait_routed(http_address: str, *prefixes: str, timeout_s: float = 30.0) -> None:
+    """Wait until the proxy at ``http_address`` lists these route prefixes in ``/-/routes``,
+    without calling an application (a test may count its requests or their spans)."""
+    import httpx
+
+    def routed() -> bool:
+        try:
+            table = httpx.get(f"http://{http_address}/-/routes", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return all(prefix in table for prefix in prefixes)
+
+    wait_for(routed, timeout_s=timeout_s, interval_s=0.1)
+
+
 def proxy_details(timeout_s: float = 30.0) -> Any:
     """This process's serve proxy (``serve.status().proxy_details``), once it is HEALTHY."""
     import serve
