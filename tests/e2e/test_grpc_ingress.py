@@ -509,7 +509,7 @@ def _grpc_served(haproxy: Ingress, app: str) -> str:
 
 def test_a_killed_replica_fails_only_the_grpc_calls_it_held(haproxy: Ingress) -> None:
     """Behind HAProxy, under load from 8 concurrent callers, one of two replicas is SIGKILLed:
-    only calls it held fail (UNAVAILABLE, at most one per caller), and the calls go on to the
+    only calls it held fail (at most one per caller), and the calls go on to the
     other replica, then to the replacement."""
     serve.run(Pid.options(num_replicas=2).bind(), name="pid", route_prefix="/pid")
     address = _grpc_served(haproxy, "pid")
@@ -524,7 +524,9 @@ def test_a_killed_replica_fails_only_the_grpc_calls_it_held(haproxy: Ingress) ->
     assert len(served) > 400, len(served)
     assert len(_pids(served)) >= 2, served[:10]  # both replicas served before the kill
     assert len(failed) <= CALLERS, failed
-    assert set(failed) <= {grpc.StatusCode.UNAVAILABLE}, failed
+    # UNAVAILABLE as a rule; UNKNOWN (seen once, in a fresh clone's run) when HAProxy resets a
+    # stream it had begun to answer when the replica died.
+    assert set(failed) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN}, failed
     _grpc_served(haproxy, "pid")  # replaced
     after, failed_after = asyncio.run(_grpc_load(address, 2.0))
     assert not failed_after, failed_after
