@@ -517,9 +517,9 @@ def test_slow_bodies_hold_no_replica_slot(front: Front, door: str) -> None:
             assert [a.text for a in answered] == [f"read {i}" for i in range(7)]
             for sock in slow:  # the rest: each is served now, none was cut meanwhile
                 sock.sendall(b"z" * (size - 7))
-            answers = [read_response(sock) for sock in slow]
-        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers
-        assert all(a.endswith(b"read %d" % size) for a in answers), answers
+            replies = [read_response(sock) for sock in slow]
+        assert all(r.startswith(b"HTTP/1.1 200 ") for r in replies), replies
+        assert all(r.endswith(b"read %d" % size) for r in replies), replies
         polite.check()
     finally:
         for sock in slow:
